@@ -1,0 +1,217 @@
+"""Memory-linear softmax attention in plain JAX: blockwise online softmax over key blocks.
+
+The forward pass scans over key/value blocks of ``block_kv`` keys and keeps running row
+maxima, normalizers and output accumulators, so nothing of size T x S is ever live. The custom
+VJP recomputes each block's probabilities from the saved log-sum-exp instead of storing them.
+This is the CPU default and the fallback everywhere; it also defines the backward pass that the
+kernels' custom VJPs implement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, visible
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class XlaConfig:
+    """Block size of the XLA path (keys per scan step)."""
+
+    block_kv: int = 512
+
+    def __post_init__(self) -> None:
+        if self.block_kv <= 0:
+            raise ValueError(f"block_kv must be positive, got {self.block_kv}")
+
+    @classmethod
+    def get_default(cls) -> XlaConfig:
+        return cls()
+
+
+def _pad_axis(x: jax.Array, axis: int, pad: int, value=0) -> jax.Array:
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _blocks(x: jax.Array, axis: int, block: int) -> jax.Array:
+    """Splits ``axis`` (a multiple of block) into [n_blocks, ...] leading the array."""
+    n = x.shape[axis] // block
+    x = x.reshape(*x.shape[:axis], n, block, *x.shape[axis + 1 :])
+    return jnp.moveaxis(x, axis, 0)
+
+
+def _bias_blocks(bias: jax.Array | None, s_pad: int, block: int, k: int) -> jax.Array | None:
+    """Bias [B|1, N|1, T|1, S|1] -> per-block [nb, B|1, K|1, G|1, T|1, block|1]."""
+    if bias is None:
+        return None
+    b, n, t, s = bias.shape
+    g = n // k if n > 1 else 1
+    kk = k if n > 1 else 1
+    bias = bias.reshape(b, kk, g, t, s)
+    nb = s_pad // block
+    if s == 1:
+        return jnp.broadcast_to(bias[None], (nb, b, kk, g, t, 1))
+    bias = _pad_axis(bias, 4, s_pad - s)
+    return _blocks(bias, 4, block)
+
+
+def _logits(qg, kb, bias_b, scale, soft_cap):
+    """Scaled (soft-capped) logits [B, K, G, T, bk] in f32, plus the pre-cap values."""
+    s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, kb, preferred_element_type=jnp.float32) * scale
+    raw = s
+    if soft_cap is not None:
+        s = soft_cap * jnp.tanh(s / soft_cap)
+    if bias_b is not None:
+        s = s + bias_b.astype(jnp.float32)
+    return s, raw
+
+
+def _block_mask(spec, q_pos, kp_b, valid_b, q_seg, ks_b):
+    """Visibility [B|1, 1, 1, T, bk] for one key block."""
+    mask = visible(
+        spec,
+        q_pos[:, None],
+        kp_b[None, :],
+        None if q_seg is None else q_seg[:, None, None, :, None],
+        None if ks_b is None else ks_b[:, None, None, None, :],
+    )
+    valid = valid_b[None, None, None, None, :]
+    return valid if mask is None else jnp.logical_and(mask, valid)
+
+
+def _prepare(q, k, v, bias, kv_pos, q_seg, kv_seg, block_kv):
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    bk = min(block_kv, s)
+    s_pad = -(-s // bk) * bk
+    pad = s_pad - s
+    kb = _blocks(_pad_axis(k, 1, pad), 1, bk)
+    vb = _blocks(_pad_axis(v, 1, pad), 1, bk)
+    kp = _blocks(_pad_axis(kv_pos, 0, pad), 0, bk)
+    valid = _blocks(jnp.arange(s_pad) < s, 0, bk)
+    ks = None if kv_seg is None else _blocks(_pad_axis(kv_seg, 1, pad, -1), 1, bk)
+    bb = _bias_blocks(bias, s_pad, bk, kh)
+    qg = q.reshape(b, t, kh, n // kh, h)
+    return qg, kb, vb, kp, valid, ks, bb
+
+
+def _forward(q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap, block_kv):
+    b, t, n, _ = q.shape
+    kh, hv = k.shape[2], v.shape[-1]
+    g = n // kh
+    qg, kb, vb, kp, valid, ks, bb = _prepare(q, k, v, bias, kv_pos, q_seg, kv_seg, block_kv)
+
+    def step(carry, xs):
+        m, l, acc = carry
+        k_b, v_b, kp_b, valid_b, ks_b, bias_b = xs
+        z, _ = _logits(qg, k_b, bias_b, scale, soft_cap)
+        mask = _block_mask(spec, q_pos, kp_b, valid_b, q_seg, ks_b)
+        z = jnp.where(mask, z, MASK_VALUE)
+        m_new = jnp.maximum(m, z.max(-1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.where(mask, jnp.exp(z - m_new[..., None]), 0.0)
+        l = alpha * l + p.sum(-1)
+        pv = jnp.einsum(
+            "BKGTS,BSKH->BKGTH", p.astype(v.dtype), v_b, preferred_element_type=jnp.float32
+        )
+        acc = alpha[..., None] * acc + pv
+        return (m_new, l, acc), None
+
+    init = (
+        jnp.full((b, kh, g, t), MASK_VALUE, jnp.float32),
+        jnp.zeros((b, kh, g, t), jnp.float32),
+        jnp.zeros((b, kh, g, t, hv), jnp.float32),
+    )
+    (m, l, acc), _ = jax.lax.scan(step, init, (kb, vb, kp, valid, ks, bb))
+    seen = l > 0
+    out = acc / jnp.where(seen, l, 1.0)[..., None]
+    out = jnp.moveaxis(out, 3, 1).reshape(b, t, n, hv).astype(q.dtype)  # BKGTH -> BTKGH
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+    lse = jnp.moveaxis(lse, 3, 1).reshape(b, t, n)
+    return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+def flash_attention_xla(
+    q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, spec: MaskSpec, scale, soft_cap, block_kv
+):
+    """Blockwise attention. Returns (out [B, T, N, Hv] q.dtype, lse [B, T, N] f32)."""
+    return _forward(q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap, block_kv)
+
+
+def _fwd(q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap, block_kv):
+    out, lse = _forward(
+        q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap, block_kv
+    )
+    return (out, lse), (q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, out, lse)
+
+
+def _bwd(spec, scale, soft_cap, block_kv, res, cts):
+    q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, out, lse = res
+    d_out, d_lse = cts
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    g = n // kh
+    qg, kb, vb, kp, valid, ks, bb = _prepare(q, k, v, bias, kv_pos, q_seg, kv_seg, block_kv)
+    dog = d_out.reshape(b, t, kh, g, -1)
+
+    def to_bkgt(x):  # [B, T, N] -> [B, K, G, T]
+        return jnp.moveaxis(x.reshape(b, t, kh, g), 1, 3)
+
+    # d lse / d z = p, so the lse cotangent folds into delta: ds = p * (dp - (delta - d_lse)).
+    delta = to_bkgt(jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1))
+    delta = delta - to_bkgt(d_lse.astype(jnp.float32))
+    lse_g = to_bkgt(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+    def step(dq, xs):
+        k_b, v_b, kp_b, valid_b, ks_b, bias_b = xs
+        z, raw = _logits(qg, k_b, bias_b, scale, soft_cap)
+        mask = _block_mask(spec, q_pos, kp_b, valid_b, q_seg, ks_b)
+        p = jnp.where(mask, jnp.exp(z - lse_g[..., None]), 0.0)
+        dv_b = jnp.einsum(
+            "BKGTS,BTKGH->BSKH", p.astype(d_out.dtype), dog, preferred_element_type=jnp.float32
+        )
+        dp = jnp.einsum("BTKGH,BSKH->BKGTS", dog, v_b, preferred_element_type=jnp.float32)
+        dz = p * (dp - delta[..., None])
+        dbias_b = None
+        if bias_b is not None:
+            dbias_b = dz.sum(
+                axis=tuple(i for i in range(5) if bias_b.shape[i] == 1), keepdims=True
+            )
+        draw = dz
+        if soft_cap is not None:
+            draw = dz * (1.0 - jnp.square(jnp.tanh(raw / soft_cap)))
+        draw = (draw * scale).astype(q.dtype)
+        dq = dq + jnp.einsum("BKGTS,BSKH->BTKGH", draw, k_b, preferred_element_type=jnp.float32)
+        dk_b = jnp.einsum("BKGTS,BTKGH->BSKH", draw, qg, preferred_element_type=jnp.float32)
+        return dq, (dk_b, dv_b, dbias_b)
+
+    dq0 = jnp.zeros(qg.shape, jnp.float32)
+    dq, (dk, dv, dbias) = jax.lax.scan(step, dq0, (kb, vb, kp, valid, ks, bb))
+
+    def unblock(x):  # [nb, B, bk, ...] -> [B, S, ...]
+        x = jnp.moveaxis(x, 0, 1)
+        return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :s]
+
+    dk = unblock(dk).astype(k.dtype)
+    dv = unblock(dv).astype(v.dtype)
+    if bias is not None:
+        # dbias: [nb, B|1, K|1, G|1, T|1, bk|1] -> bias shape
+        dbias = jnp.moveaxis(dbias, 0, 4)  # [B, K, G, T, nb, bk]
+        if bias.shape[3] == 1:
+            dbias = dbias.sum(axis=(4, 5))
+        else:
+            dbias = dbias.reshape(*dbias.shape[:4], -1)[..., :s]
+        dbias = dbias.reshape(bias.shape).astype(bias.dtype)
+    return (dq.reshape(q.shape).astype(q.dtype), dk, dv, dbias, None, None, None, None)
+
+
+flash_attention_xla.defvjp(_fwd, _bwd)

@@ -1,0 +1,459 @@
+"""Softmax attention: the definition (``reference``) and the dispatching op (``attention``).
+
+Shapes (letters used everywhere in attnlab): B batch, T queries, S keys, N query heads,
+K key/value heads (N must be a multiple of K: GQA/MQA), H head dim (Hv for values).
+
+    out = softmax(cap(scale * q k^T) + bias, masked) v
+    lse = log sum_j exp(logits_ij)       (per query row; -inf for a row that sees no key)
+
+Every implementation registered here computes exactly this function; ``impl="auto"`` picks
+the fastest one that supports the call on the current platform, and never a different
+function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from attnlab.ops._xla_flash import XlaConfig, flash_attention_xla
+from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, SegmentIds, visible
+
+_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
+
+
+class AttentionArgs(NamedTuple):
+    """Normalized, validated arguments handed to every implementation."""
+
+    spec: MaskSpec
+    q_positions: jax.Array  # [T] int32
+    kv_positions: jax.Array  # [S] int32
+    segment_ids: SegmentIds | None
+    bias: jax.Array | None  # [B|1, N|1, T|1, S|1]
+    scale: float
+    logits_soft_cap: float | None
+    positions_are_default: bool  # positions were 0..T-1 / 0..S-1 (no offsets given)
+    config: Any
+    return_residuals: bool = False
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    is_causal: bool = False,
+    local_window_size: int | tuple[int, int] | None = None,
+    segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
+    q_offset: int | jax.Array = 0,
+    kv_offset: int | jax.Array = 0,
+    q_positions: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
+    logits_soft_cap: float | None = None,
+    scale: float | None = None,
+    return_residuals: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """The definition of softmax attention, in plain ``jnp`` (materializes [B, N, T, S]).
+
+    Same arguments and return values as :func:`attention`.
+    """
+    a = _normalize(
+        q, k, v, bias, is_causal, local_window_size, segment_ids, q_offset, kv_offset,
+        q_positions, kv_positions, logits_soft_cap, scale, None,
+    )
+    out, lse = _reference(q, k, v, a)
+    return (out, lse) if return_residuals else out
+
+
+def _reference(q, k, v, a: AttentionArgs) -> tuple[jax.Array, jax.Array]:
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, t, kh, n // kh, h).astype(jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+    z = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32), precision=hi) * a.scale
+    if a.logits_soft_cap is not None:
+        z = a.logits_soft_cap * jnp.tanh(z / a.logits_soft_cap)
+    if a.bias is not None:
+        z = z + _bias_bkgts(a.bias, kh).astype(jnp.float32)
+    seg = a.segment_ids
+    mask = visible(
+        a.spec,
+        a.q_positions[:, None],
+        a.kv_positions[None, :],
+        None if seg is None else seg.q[:, None, None, :, None],
+        None if seg is None else seg.kv[:, None, None, None, :],
+    )
+    if mask is None:
+        mask = jnp.ones((1, 1, 1, t, k.shape[1]), bool)
+    z = jnp.where(mask, z, MASK_VALUE)
+    lse = jax.nn.logsumexp(z, axis=-1)
+    p = jnp.where(mask, jnp.exp(z - lse[..., None]), 0.0)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", p, v.astype(jnp.float32), precision=hi)
+    lse = jnp.where(mask.any(-1), lse, -jnp.inf)
+    out = out.reshape(b, t, n, v.shape[-1]).astype(q.dtype)
+    return out, jnp.moveaxis(lse, 3, 1).reshape(b, t, n)
+
+
+def _bias_bkgts(bias: jax.Array, kh: int) -> jax.Array:
+    b, n, t, s = bias.shape
+    return bias.reshape(b, kh, n // kh, t, s) if n > 1 else bias[:, :, None]
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Implementation:
+    """One way of computing attention.
+
+    fn(q, k, v, args) -> (out, lse). ``unsupported(q, k, v, args, platform)`` returns None if
+    the call is supported, else a sentence naming the argument that is not.
+    """
+
+    name: str
+    fn: Callable[..., tuple[jax.Array, jax.Array]]
+    unsupported: Callable[..., str | None]
+    description: str
+    returns_lse: bool = True
+
+
+_REGISTRY: dict[str, Implementation] = {}
+
+# Fastest first; "auto" takes the first that supports the call.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "gpu": ("pallas_triton", "cudnn", "xla"),
+    "tpu": ("pallas_tpu", "xla"),
+    "cpu": ("xla",),
+}
+# "pallas" names the platform's own Pallas kernel.
+_PALLAS_BY_PLATFORM = {"gpu": "pallas_triton", "tpu": "pallas_tpu", "cpu": "pallas_triton"}
+
+
+def register(impl: Implementation) -> None:
+    """Adds an implementation to the registry (kernels register themselves on import)."""
+    _REGISTRY[impl.name] = impl
+
+
+def implementations() -> dict[str, Implementation]:
+    """All registered implementations by name."""
+    _load_kernels()
+    return dict(_REGISTRY)
+
+
+def platform() -> str:
+    """The platform attention dispatches for: 'cpu', 'gpu' or 'tpu'."""
+    p = jax.default_backend()
+    return "gpu" if p in ("cuda", "rocm", "gpu") else p
+
+
+def choose(q, k, v, a: AttentionArgs, impl: str, plat: str | None = None) -> Implementation:
+    """Resolves ``impl`` (possibly "auto" or "pallas") to a registered implementation."""
+    _load_kernels()
+    plat = plat or platform()
+    if impl == "pallas":
+        impl = _PALLAS_BY_PLATFORM.get(plat, "pallas_triton")
+    if impl == "auto":
+        reasons = []
+        for name in AUTO_ORDER.get(plat, ("xla",)):
+            cand = _REGISTRY.get(name)
+            if cand is None:
+                continue
+            why = cand.unsupported(q, k, v, a, plat)
+            if why is None:
+                return cand
+            reasons.append(f"{name}: {why}")
+        raise ValueError("no attention implementation supports this call: " + "; ".join(reasons))
+    if impl not in _REGISTRY:
+        raise ValueError(
+            f"unknown impl {impl!r}; expected 'auto', 'pallas' or one of {sorted(_REGISTRY)}"
+        )
+    cand = _REGISTRY[impl]
+    why = cand.unsupported(q, k, v, a, plat)
+    if why is not None:
+        raise NotImplementedError(f"impl={impl!r} does not support this call: {why}")
+    return cand
+
+
+def explain(q, k, v, *, impl_names: tuple[str, ...] | None = None, plat: str | None = None,
+            **kwargs) -> dict[str, str | None]:
+    """For each implementation, None if it supports ``attention(q, k, v, **kwargs)``, else why not.
+
+    Arrays may be ``jax.ShapeDtypeStruct``s. ``attnlab info`` prints this for a typical call.
+    """
+    _load_kernels()
+    plat = plat or platform()
+    return_residuals = kwargs.pop("return_residuals", False)
+    a = _normalize(
+        q, k, v, kwargs.pop("bias", None), kwargs.pop("is_causal", False),
+        kwargs.pop("local_window_size", None), kwargs.pop("segment_ids", None),
+        kwargs.pop("q_offset", 0), kwargs.pop("kv_offset", 0), kwargs.pop("q_positions", None),
+        kwargs.pop("kv_positions", None), kwargs.pop("logits_soft_cap", None),
+        kwargs.pop("scale", None), kwargs.pop("config", None),
+    )._replace(return_residuals=return_residuals)
+    if kwargs:
+        raise ValueError(f"unknown arguments {sorted(kwargs)}")
+    names = impl_names or tuple(_REGISTRY)
+    return {n: _REGISTRY[n].unsupported(q, k, v, a, plat) for n in names if n in _REGISTRY}
+
+
+def auto_choice(q, k, v, *, plat: str | None = None, **kwargs) -> str:
+    """The name ``impl="auto"`` resolves to for this call on ``plat``."""
+    plat = plat or platform()
+    why = explain(q, k, v, plat=plat, **kwargs)
+    for name in AUTO_ORDER.get(plat, ("xla",)):
+        if name in why and why[name] is None:
+            return name
+    raise ValueError(f"no implementation supports this call on {plat}: {why}")
+
+
+_KERNELS_LOADED = False
+
+
+def _load_kernels() -> None:
+    """Imports optional kernel implementations (each registers itself)."""
+    global _KERNELS_LOADED
+    if _KERNELS_LOADED:
+        return
+    _KERNELS_LOADED = True
+    import importlib
+
+    for mod in ("attnlab.ops._attention_triton", "attnlab.ops._attention_tpu"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:  # a kernel module that is not there yet
+            if e.name != mod:
+                raise
+
+
+# ----------------------------------------------------------------------------- public op
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    is_causal: bool = False,
+    local_window_size: int | tuple[int, int] | None = None,
+    segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
+    q_offset: int | jax.Array = 0,
+    kv_offset: int | jax.Array = 0,
+    q_positions: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
+    logits_soft_cap: float | None = None,
+    scale: float | None = None,
+    return_residuals: bool = False,
+    impl: str = "auto",
+    config: Any = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Softmax attention with masks, GQA, soft-cap and an exact log-sum-exp.
+
+    Args:
+      q: [B, T, N, H] queries.
+      k: [B, S, K, H] keys; N must be a multiple of K (GQA/MQA, never repeated in memory).
+      v: [B, S, K, Hv] values.
+      bias: optional additive logits bias, shape broadcastable as [B|1, N|1, T|1, S|1].
+      is_causal: query at position p sees keys at positions <= p.
+      local_window_size: int w or (left, right): query at p sees keys in [p - left, p + right].
+        A side given as None is unbounded.
+      segment_ids: [B, T] ids (self-attention, T == S) or a pair ([B, T], [B, S]); queries see
+        only keys with the same id (packed documents).
+      q_offset, kv_offset: global position of the first query / key (int or traced scalar),
+        so a block of a longer sequence gets the right mask.
+      q_positions, kv_positions: [T] / [S] int32 global positions (instead of offsets), for
+        permuted layouts such as striped or zigzag sequence parallelism.
+      logits_soft_cap: c: logits become c * tanh(logits / c) (Gemma 2 style), before the bias.
+      scale: logits scale, default 1 / sqrt(H).
+      return_residuals: also return lse [B, T, N] float32, the natural log-sum-exp of each
+        row's logits (-inf for a row that sees no key).
+      impl: "auto", "reference", "xla", "cudnn", "pallas", "pallas_triton", "pallas_tpu".
+      config: block-size config of the chosen implementation (e.g. ``XlaConfig``).
+
+    Returns:
+      out [B, T, N, Hv] in q's dtype, or (out, lse) when ``return_residuals``. Rows that see
+      no key give 0 output (never NaN).
+
+    Raises:
+      ValueError: bad shapes, dtypes or arguments, unknown impl.
+      NotImplementedError: the named impl cannot compute this call (the message says why).
+
+    Example:
+      >>> out = attention(q, k, v, is_causal=True)
+    """
+    a = _normalize(
+        q, k, v, bias, is_causal, local_window_size, segment_ids, q_offset, kv_offset,
+        q_positions, kv_positions, logits_soft_cap, scale, config,
+    )._replace(return_residuals=return_residuals)
+    chosen = choose(q, k, v, a, impl)
+    out, lse = chosen.fn(q, k, v, a)
+    return (out, lse) if return_residuals else out
+
+
+def _normalize(
+    q, k, v, bias, is_causal, local_window_size, segment_ids, q_offset, kv_offset,
+    q_positions, kv_positions, logits_soft_cap, scale, config,
+) -> AttentionArgs:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if jnp.ndim(x) != 4:
+            raise ValueError(
+                f"{name} must have shape [batch, seq, heads, head_dim], got shape {jnp.shape(x)}"
+            )
+    b, t, n, h = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"batch sizes differ: q {q.shape}, k {k.shape}, v {v.shape}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v must agree in [batch, seq, heads], got {k.shape} and {v.shape}")
+    if k.shape[3] != h:
+        raise ValueError(f"q has head_dim {h} but k has {k.shape[3]}; they must be equal")
+    kh, s = k.shape[2], k.shape[1]
+    if kh == 0 or n % kh:
+        raise ValueError(
+            f"q has {n} heads but k has {kh}; the number of q heads must be a multiple of the "
+            "number of kv heads (GQA/MQA)"
+        )
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"q, k, v dtypes must match, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"unsupported dtype {q.dtype}; use float32, bfloat16 or float16")
+    spec = MaskSpec.from_jax_nn(is_causal=is_causal, local_window_size=local_window_size)
+
+    default_pos = q_positions is None and kv_positions is None
+    if q_positions is not None or kv_positions is not None:
+        if not (_is_zero(q_offset) and _is_zero(kv_offset)):
+            raise ValueError("give either q_offset/kv_offset or q_positions/kv_positions, not both")
+        if q_positions is None or kv_positions is None:
+            raise ValueError("q_positions and kv_positions must be given together")
+        if jnp.shape(q_positions) != (t,) or jnp.shape(kv_positions) != (s,):
+            raise ValueError(
+                f"q_positions must have shape ({t},) and kv_positions ({s},), got "
+                f"{jnp.shape(q_positions)} and {jnp.shape(kv_positions)}"
+            )
+        q_pos = jnp.asarray(q_positions, jnp.int32)
+        kv_pos = jnp.asarray(kv_positions, jnp.int32)
+    else:
+        for name, off in (("q_offset", q_offset), ("kv_offset", kv_offset)):
+            if jnp.ndim(off) != 0:
+                raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(off)}")
+        default_pos = _is_zero(q_offset) and _is_zero(kv_offset)
+        q_pos = jnp.asarray(q_offset, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
+        kv_pos = jnp.asarray(kv_offset, jnp.int32) + jnp.arange(s, dtype=jnp.int32)
+
+    seg = None
+    if segment_ids is not None:
+        if isinstance(segment_ids, (tuple, list)):
+            if len(segment_ids) != 2:
+                raise ValueError("segment_ids must be an array or a (q_ids, kv_ids) pair")
+            qs, ks = segment_ids
+        else:
+            if t != s:
+                raise ValueError(
+                    f"a single segment_ids array needs T == S (got T={t}, S={s}); pass a "
+                    "(q_segment_ids, kv_segment_ids) pair"
+                )
+            qs = ks = segment_ids
+        if jnp.shape(qs) != (b, t) or jnp.shape(ks) != (b, s):
+            raise ValueError(
+                f"segment ids must have shapes ({b}, {t}) and ({b}, {s}), got "
+                f"{jnp.shape(qs)} and {jnp.shape(ks)}"
+            )
+        seg = SegmentIds(jnp.asarray(qs, jnp.int32), jnp.asarray(ks, jnp.int32))
+
+    if bias is not None:
+        want = (b, n, t, s)
+        if jnp.ndim(bias) != 4 or any(d not in (1, w) for d, w in zip(bias.shape, want)):
+            raise ValueError(
+                f"bias must be broadcastable as [B|1, N|1, T|1, S|1] = {want}, got {bias.shape}"
+            )
+    if logits_soft_cap is not None and not logits_soft_cap > 0:
+        raise ValueError(f"logits_soft_cap must be positive, got {logits_soft_cap}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(h)
+    return AttentionArgs(
+        spec, q_pos, kv_pos, seg, bias, float(scale),
+        None if logits_soft_cap is None else float(logits_soft_cap), default_pos, config,
+    )
+
+
+def _is_zero(x) -> bool:
+    return isinstance(x, (int, float)) and x == 0
+
+
+# ----------------------------------------------------------------------------- built-ins
+
+
+def _never(q, k, v, a, plat) -> str | None:
+    return None
+
+
+def _xla_fn(q, k, v, a: AttentionArgs):
+    cfg = a.config if isinstance(a.config, XlaConfig) else XlaConfig.get_default()
+    seg = a.segment_ids
+    return flash_attention_xla(
+        q, k, v, a.bias, a.q_positions, a.kv_positions,
+        None if seg is None else seg.q, None if seg is None else seg.kv,
+        a.spec, a.scale, a.logits_soft_cap, cfg.block_kv,
+    )
+
+
+def _cudnn_unsupported(q, k, v, a: AttentionArgs, plat: str) -> str | None:
+    if plat != "gpu":
+        return f"cuDNN needs a CUDA GPU (platform is {plat})"
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"cuDNN attention needs bfloat16 or float16 inputs, got {q.dtype}"
+    if not a.positions_are_default:
+        return "cuDNN (through jax.nn) takes no q_offset/kv_offset or position arrays"
+    if a.segment_ids is not None:
+        return "cuDNN (through jax.nn) takes no segment_ids"
+    if a.logits_soft_cap is not None:
+        return "cuDNN (through jax.nn) takes no logits_soft_cap"
+    if v.shape[-1] != q.shape[-1]:
+        return "cuDNN (through jax.nn) needs equal q/k and v head dims"
+    if q.shape[-1] % 8 or q.shape[-1] > 256:
+        return f"cuDNN needs head_dim a multiple of 8 and <= 256, got {q.shape[-1]}"
+    if a.config is not None:
+        return "cuDNN takes no config"
+    if a.return_residuals:
+        return "cuDNN (through jax.nn) cannot return the log-sum-exp (return_residuals=True)"
+    return None
+
+
+def _cudnn_fn(q, k, v, a: AttentionArgs):
+    sp = a.spec
+    window = None
+    if sp.window_left is not None or sp.window_right is not None:
+        far = max(q.shape[1], k.shape[1])
+        right = sp.window_right if sp.window_right is not None else (0 if sp.causal else far)
+        window = (far if sp.window_left is None else sp.window_left, right)
+    out = jax.nn.dot_product_attention(
+        q, k, v, bias=a.bias, is_causal=sp.causal, scale=a.scale, local_window_size=window,
+        implementation="cudnn",
+    )
+    return out, None
+
+
+register(
+    Implementation(
+        "reference", _reference, _never, "plain jnp definition; materializes [B, N, T, S]"
+    )
+)
+register(
+    Implementation(
+        "xla", _xla_fn, _never, "blockwise online softmax in JAX; memory linear in sequence"
+    )
+)
+register(
+    Implementation(
+        "cudnn", _cudnn_fn, _cudnn_unsupported,
+        "cuDNN flash attention via jax.nn.dot_product_attention", returns_lse=False,
+    )
+)

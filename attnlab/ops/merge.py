@@ -1,0 +1,79 @@
+"""Exact combination of partial attention results by their log-sum-exp.
+
+If attention over keys A gives (o_a, lse_a) and over keys B gives (o_b, lse_b), attention over
+A ∪ B is
+
+    lse = log(exp(lse_a) + exp(lse_b))
+    o   = exp(lse_a - lse) * o_a + exp(lse_b - lse) * o_b
+
+Ring attention, star attention's second phase and split-K decoding are all this merge. A part
+with lse = -inf (it saw no key) gets weight 0; if every part is -inf the result is o = 0 and
+lse = -inf, never NaN, and gradients stay finite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def merge_n(
+    outs: jax.Array | Sequence[jax.Array], lses: jax.Array | Sequence[jax.Array]
+) -> tuple[jax.Array, jax.Array]:
+    """Merges P partial results.
+
+    Args:
+      outs: [P, B, T, N, H] stacked partial outputs (or a sequence of [B, T, N, H]).
+      lses: [P, B, T, N] matching log-sum-exps (or a sequence of [B, T, N]).
+
+    Returns:
+      (out [B, T, N, H] in the outputs' dtype, lse [B, T, N] float32).
+
+    Raises:
+      ValueError: if shapes do not line up.
+
+    Example:
+      >>> o, lse = merge_n([o1, o2, o3], [l1, l2, l3])
+    """
+    if not isinstance(outs, jax.Array):
+        outs = jnp.stack(list(outs))
+    if not isinstance(lses, jax.Array):
+        lses = jnp.stack(list(lses))
+    if outs.shape[:-1] != lses.shape:
+        raise ValueError(
+            f"outs must be lses' shape plus a head_dim axis, got outs {outs.shape} and "
+            f"lses {lses.shape}"
+        )
+    lses = lses.astype(jnp.float32)
+    m = jnp.max(lses, axis=0)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp(lses - m)  # -inf parts -> 0
+    total = jnp.sum(w, axis=0)
+    seen = total > 0
+    safe_total = jnp.where(seen, total, 1.0)
+    lse = jnp.where(seen, m + jnp.log(safe_total), -jnp.inf)
+    weights = w / safe_total
+    out = jnp.sum(weights[..., None] * outs.astype(jnp.float32), axis=0)
+    return out.astype(outs.dtype), lse
+
+
+def merge(
+    o_a: jax.Array, lse_a: jax.Array, o_b: jax.Array, lse_b: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Merges two partial attention results exactly (see module docstring).
+
+    Args:
+      o_a, o_b: [B, T, N, H] partial outputs over disjoint key sets.
+      lse_a, lse_b: [B, T, N] their log-sum-exps.
+
+    Returns:
+      (out [B, T, N, H], lse [B, T, N] float32).
+    """
+    if o_a.shape != o_b.shape or lse_a.shape != lse_b.shape:
+        raise ValueError(
+            f"parts must have equal shapes, got {o_a.shape}/{o_b.shape} and "
+            f"{lse_a.shape}/{lse_b.shape}"
+        )
+    return merge_n(jnp.stack([o_a, o_b]), jnp.stack([lse_a, lse_b]))

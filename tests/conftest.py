@@ -1,0 +1,39 @@
+"""Test harness: 8 simulated CPU devices, markers, tolerances, random inputs.
+
+XLA_FLAGS must be set before JAX is imported anywhere, so this file does it first.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from tests.helpers import HAS_CUDA  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; run scripts/gpu_check.sh on the device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def key(request: pytest.FixtureRequest) -> jax.Array:
+    """A fresh PRNG key per test case, derived from the test's id (reproducible, distinct)."""
+    import zlib
+
+    return jax.random.key(zlib.crc32(request.node.nodeid.encode()))

@@ -1,0 +1,152 @@
+"""Shared test utilities: tolerance tables, random inputs, the float64 NumPy oracle.
+
+Every implementation's tests use the same case grid (``ATTENTION_CASES``) and the same
+tolerances, keyed by dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+HAS_CUDA = any(d.platform == "gpu" for d in jax.devices()) if jax.default_backend() != "cpu" else False
+
+# Max abs error allowed against the float32 reference, by input dtype. Outputs are O(1).
+FWD_TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2, jnp.float16: 5e-3}
+# Gradients: dq and dk are looser than dv in low precision (they go through ds = p*(dp-delta)).
+GRAD_TOL = {
+    jnp.float32: {"dq": 1e-4, "dk": 1e-4, "dv": 5e-5},
+    jnp.bfloat16: {"dq": 8e-2, "dk": 8e-2, "dv": 5e-2},
+    jnp.float16: {"dq": 1e-2, "dk": 1e-2, "dv": 8e-3},
+}
+# Relative-to-scale tolerance for TF32/bf16 MXU-style kernels compiled on GPU.
+LSE_TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
+
+
+def fwd_tol(dtype) -> float:
+    return FWD_TOL[jnp.dtype(dtype).type]
+
+
+def grad_tol(dtype, name: str) -> float:
+    return GRAD_TOL[jnp.dtype(dtype).type][name]
+
+
+def lse_tol(dtype) -> float:
+    return LSE_TOL[jnp.dtype(dtype).type]
+
+
+def random_qkv(key, b, t, s, n, kh, h, dtype=jnp.float32, hv=None):
+    """Random normal q [B,T,N,H], k [B,S,K,H], v [B,S,K,Hv] (never zeros or ones)."""
+    kq, kk, kv = jax.random.split(key, 3)
+    q = jax.random.normal(kq, (b, t, n, h), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (b, s, kh, h), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (b, s, kh, hv or h), jnp.float32).astype(dtype)
+    return q, k, v
+
+
+def random_segments(key, b, length, n_docs) -> jax.Array:
+    """Sorted random document ids [B, length] (packed documents)."""
+    return jnp.sort(jax.random.randint(key, (b, length), 0, n_docs), axis=-1).astype(jnp.int32)
+
+
+def numpy_oracle(
+    q, k, v, *, causal=False, window=(None, None), q_pos=None, kv_pos=None, q_seg=None,
+    kv_seg=None, bias=None, soft_cap=None, scale=None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 NumPy attention, written independently of attnlab. Returns (out, lse)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    g = n // kh
+    scale = 1.0 / np.sqrt(h) if scale is None else scale
+    q_pos = np.arange(t) if q_pos is None else np.asarray(q_pos)
+    kv_pos = np.arange(s) if kv_pos is None else np.asarray(kv_pos)
+    out = np.zeros((b, t, n, v.shape[-1]))
+    lse = np.full((b, t, n), -np.inf)
+    for bi in range(b):
+        for ni in range(n):
+            z = q[bi, :, ni] @ k[bi, :, ni // g].T * scale
+            if soft_cap is not None:
+                z = soft_cap * np.tanh(z / soft_cap)
+            if bias is not None:
+                bb = np.asarray(bias, np.float64)
+                z = z + np.broadcast_to(bb[min(bi, bb.shape[0] - 1), min(ni, bb.shape[1] - 1)], z.shape)
+            ok = np.ones((t, s), bool)
+            qp, kp = q_pos[:, None], kv_pos[None, :]
+            if causal:
+                ok &= kp <= qp
+            if window[0] is not None:
+                ok &= kp >= qp - window[0]
+            if window[1] is not None:
+                ok &= kp <= qp + window[1]
+            if q_seg is not None:
+                ok &= np.asarray(q_seg)[bi][:, None] == np.asarray(kv_seg)[bi][None, :]
+            for ti in range(t):
+                if not ok[ti].any():
+                    continue
+                zi = z[ti][ok[ti]]
+                m = zi.max()
+                e = np.exp(zi - m)
+                lse[bi, ti, ni] = m + np.log(e.sum())
+                out[bi, ti, ni] = (e / e.sum()) @ v[bi, ok[ti], ni // g]
+    return out, lse
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One attention test case of the shared grid."""
+
+    name: str
+    b: int = 2
+    t: int = 40
+    s: int = 40
+    n: int = 4
+    kh: int = 2
+    h: int = 32
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    segments: int = 0  # >0: random packed documents with this many ids
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+ATTENTION_CASES = [
+    Case("full"),
+    Case("causal", kwargs=dict(is_causal=True)),
+    Case("causal_mqa", n=4, kh=1, kwargs=dict(is_causal=True)),
+    Case("mha_cross", t=24, s=72, kh=4, kwargs=dict()),
+    Case("window", kwargs=dict(local_window_size=(7, 5))),
+    Case("causal_window", kwargs=dict(is_causal=True, local_window_size=(9, 0))),
+    Case("offsets", t=24, s=64, kwargs=dict(is_causal=True, q_offset=40, kv_offset=0)),
+    Case("segments", segments=3, kwargs=dict(is_causal=True)),
+    Case("segments_full", segments=4),
+    Case("softcap", kwargs=dict(is_causal=True, logits_soft_cap=3.0)),
+    Case("all_masked_rows", t=16, s=32, kwargs=dict(is_causal=True, q_offset=0, kv_offset=8)),
+    Case("ragged", t=33, s=45, n=6, kh=3, kwargs=dict(is_causal=True)),
+]
+
+
+def case_inputs(case: Case, key, dtype=jnp.float32):
+    """(q, k, v, kwargs) for a case, with fresh random segment ids where asked."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    q, k, v = random_qkv(k1, case.b, case.t, case.s, case.n, case.kh, case.h, dtype)
+    kwargs = dict(case.kwargs)
+    if case.segments:
+        qs = random_segments(k2, case.b, case.t, case.segments)
+        if case.t == case.s:
+            kwargs["segment_ids"] = qs
+        else:
+            kwargs["segment_ids"] = (qs, random_segments(k3, case.b, case.s, case.segments))
+    return q, k, v, kwargs
+
+
+def loss_with_lse(attn_fn, q, k, v, kwargs):
+    """A scalar that depends on out and lse with non-trivial weights (for gradient checks)."""
+    out, lse = attn_fn(q, k, v, return_residuals=True, **kwargs)
+    w = jnp.cos(jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape))
+    lse_part = jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * 0.25)
+    return jnp.sum(out.astype(jnp.float32) * w) + lse_part
