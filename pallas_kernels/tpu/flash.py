@@ -1,0 +1,480 @@
+"""Flash attention for TPU as Mosaic TPU Pallas kernels: forward kernel, config, custom VJP.
+
+**Verified in TPU interpret mode only.** No TPU is available to the project, so these kernels
+are run on CPU through ``interpret=pltpu.InterpretParams()`` (which simulates TPU memory
+spaces, scalar prefetch and the grid) and compared there with the reference. They have never
+been lowered by Mosaic for a real chip or timed; the block shapes follow the TPU tiling rules
+but that is all that can be said.
+
+Layout: the public ``[B, T, N, H]`` arrays are transposed inside the wrapper to heads-major
+``[B, N, T, H]`` (K/V ``[B, K, S, H]``), and sequence lengths are padded up to a whole number
+of blocks (padded keys are masked, padded query rows are sliced off). GQA/MQA never repeats
+K/V: the index map sends query head ``n`` to KV head ``n // G``.
+
+Masks are data: :func:`pallas_kernels.common.masks.block_metadata` classifies every
+(query block, key block) tile as EMPTY, PARTIAL or FULL from the positions and segment ids;
+the flags and per-block loop bounds reach the kernel through scalar prefetch (SMEM). EMPTY
+tiles are skipped (and their K/V copies elided, because the index map clamps the key block
+into the non-empty range), FULL tiles run without the elementwise mask, and only PARTIAL
+tiles evaluate :func:`~pallas_kernels.common.masks.visible`. Masked logits use the finite
+``MASK_VALUE``; a row that sees no key gives 0 output and an LSE of ``-inf``.
+
+The backward kernels are in :mod:`pallas_kernels.tpu.flash_bwd`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.common.masks import (
+    FULL,
+    MASK_VALUE,
+    PARTIAL,
+    BlockMetadata,
+    MaskSpec,
+    SegmentIds,
+    block_metadata,
+)
+from pallas_kernels.tpu.flash_bwd import (
+    NN,
+    NUM_LANES,
+    NUM_SUBLANES,
+    ROW_SEMANTICS,
+    clamp_block,
+    compiler_params,
+    flash_dkv,
+    flash_dq,
+    tile_logits,
+    tile_mask,
+)
+
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class TpuFlashConfig:
+    """Block sizes of the TPU flash attention kernels (untuned: no TPU to tune on).
+
+    A block is the number of queries (``block_q*``) or keys (``block_kv*``) in one tile.
+    Blocks that lie on the lane (minor) axis of some tile must be multiples of 128; the
+    others multiples of 8 (the sublane count). A sequence shorter than a block is handled
+    as one block covering the whole (padded) sequence, which TPUs always accept.
+
+    Attributes:
+      block_q, block_kv: forward tiles; logits [block_q, block_kv] (keys on lanes).
+      block_q_dq, block_kv_dq: dQ kernel tiles (keys on lanes; the LSE row puts queries on
+        lanes too).
+      block_q_dkv, block_kv_dkv: dK/dV kernel tiles, transposed: logits [block_kv_dkv,
+        block_q_dkv] (queries on lanes).
+    """
+
+    block_q: int = 512
+    block_kv: int = 512
+    block_q_dq: int = 512
+    block_kv_dq: int = 512
+    block_q_dkv: int = 512
+    block_kv_dkv: int = 512
+
+    _LANE_FIELDS = ("block_kv", "block_q_dq", "block_kv_dq", "block_q_dkv")
+    _SUBLANE_FIELDS = ("block_q", "block_kv_dkv")
+
+    def __post_init__(self) -> None:
+        for name in self._LANE_FIELDS + self._SUBLANE_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            multiple = NUM_LANES if name in self._LANE_FIELDS else NUM_SUBLANES
+            if value % multiple:
+                what = "lane width" if multiple == NUM_LANES else "sublane count"
+                raise ValueError(
+                    f"{name}={value} is not legal on TPU: it must be a multiple of {multiple} "
+                    f"(the {what}); try {name}={_round_up(value, multiple)}"
+                )
+
+    @classmethod
+    def get_default(cls) -> TpuFlashConfig:
+        return cls()
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _fit(block: int, length: int) -> int:
+    """The block used for an axis of ``length``: ``block``, or the whole 8-padded axis if
+    shorter (a block equal to the array dim is legal whatever its size)."""
+    return min(block, _round_up(length, NUM_SUBLANES))
+
+
+def _pad(x: jax.Array, axis: int, length: int, mode: str = "constant") -> jax.Array:
+    pad = length - x.shape[axis]
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths, mode=mode)
+
+
+def _heads_major(x: jax.Array, length: int) -> jax.Array:
+    """[B, T, N, H] -> [B, N, T_pad, H], zero-padded along T."""
+    return _pad(jnp.swapaxes(x, 1, 2), 2, length)
+
+
+def _lane_column(x: jax.Array, length: int) -> jax.Array:
+    """[..., T] int -> [..., T_pad, NUM_LANES]: one value per sublane row, repeated on lanes."""
+    x = _pad(x, x.ndim - 1, length, mode="edge")
+    return jnp.broadcast_to(x[..., None], (*x.shape, NUM_LANES))
+
+
+def _sublane_row(x: jax.Array, length: int) -> jax.Array:
+    """[..., T] -> [..., 1, T_pad]: values along lanes."""
+    return _pad(x, x.ndim - 1, length, mode="edge")[..., None, :]
+
+
+def _row_bnt(x: jax.Array, length: int) -> jax.Array:
+    """[B, T, N] f32 -> [B, N, 1, T_pad] (zero-padded)."""
+    return _pad(jnp.swapaxes(x, 1, 2), 2, length)[:, :, None, :]
+
+
+def _metadata(
+    spec: MaskSpec,
+    q_pos: jax.Array,
+    kv_pos: jax.Array,
+    q_seg: jax.Array | None,
+    kv_seg: jax.Array | None,
+    block_q: int,
+    block_kv: int,
+) -> BlockMetadata:
+    """Tile metadata flattened to 1-D int32 arrays, the form scalar prefetch (SMEM) takes."""
+    seg = None if q_seg is None else SegmentIds(q_seg, kv_seg)
+    md = block_metadata(
+        spec, q_pos, kv_pos, block_q=block_q, block_kv=block_kv, segment_ids=seg
+    )
+    return BlockMetadata(*(x.reshape(-1).astype(jnp.int32) for x in md))
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _fwd_kernel(
+    kind_ref,  # [Bm * nq * nk] int32 (SMEM): EMPTY / PARTIAL / FULL per tile
+    kv_lo_ref,  # [Bm * nq] int32 (SMEM): first non-empty kv block of each q block
+    kv_hi_ref,  # [Bm * nq] int32 (SMEM): one past the last non-empty kv block
+    q_ref,  # [bq, H]
+    k_ref,  # [bkv, H]
+    v_ref,  # [bkv, Hv]
+    q_pos_ref,  # [bq, NUM_LANES] int32, lane-broadcast
+    kv_pos_ref,  # [1, bkv] int32
+    q_seg_ref,  # [bq, NUM_LANES] int32, lane-broadcast, or None
+    kv_seg_ref,  # [1, bkv] int32, or None
+    out_ref,  # [bq, Hv]
+    lse_ref,  # [bq, NUM_LANES] f32, lane-broadcast
+    m_ref,  # [bq, NUM_LANES] f32 scratch: running row max (lane-broadcast)
+    l_ref,  # [bq, NUM_LANES] f32 scratch: running row sum of exp (lane-broadcast)
+    acc_ref,  # [bq, Hv] f32 scratch: unnormalized output
+    *,
+    spec: MaskSpec,
+    scale: float,
+    soft_cap: float | None,
+    kv_len: int,
+    bkv: int,
+    nq: int,
+    nk: int,
+    per_batch: bool,
+):
+    del kv_lo_ref, kv_hi_ref  # used by the index maps only
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    row = b if per_batch else 0
+    kind = kind_ref[(row * nq + i) * nk + j]
+
+    @pl.when(j == 0)
+    def _init():
+        m_ref[...] = jnp.full_like(m_ref, MASK_VALUE)
+        l_ref[...] = jnp.zeros_like(l_ref)
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    def step(masked: bool):
+        z, _ = tile_logits(q_ref[...], k_ref[...], scale=scale, soft_cap=soft_cap)  # [bq, bkv]
+        mask = None
+        if masked:
+            k_index = j * bkv + lax.broadcasted_iota(jnp.int32, (1, bkv), 1)
+            mask = tile_mask(
+                spec,
+                q_pos_ref[:, :1],
+                kv_pos_ref[...],
+                None if q_seg_ref is None else q_seg_ref[:, :1],
+                None if kv_seg_ref is None else kv_seg_ref[...],
+                k_index,
+                None if kv_len % bkv == 0 else kv_len,
+            )
+        if mask is not None:
+            z = jnp.where(mask, z, MASK_VALUE)
+        m_prev = m_ref[...]
+        m_next = jnp.maximum(m_prev, jnp.max(z, axis=-1, keepdims=True))  # [bq, NUM_LANES]
+        p = jnp.exp(z - m_next[:, :1])
+        if mask is not None:
+            # A row with nothing visible so far has m_next == MASK_VALUE == z, so exp gives 1:
+            # zero it explicitly.
+            p = jnp.where(mask, p, 0.0)
+        alpha = jnp.exp(m_prev - m_next)  # [bq, NUM_LANES]
+        l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=-1, keepdims=True)
+        m_ref[...] = m_next
+        v = v_ref[...]
+        pv = lax.dot_general(p.astype(v.dtype), v, NN, preferred_element_type=jnp.float32)
+        acc_ref[...] = alpha[:, :1] * acc_ref[...] + pv
+
+    pl.when(kind == FULL)(lambda: step(False))
+    pl.when(kind == PARTIAL)(lambda: step(True))
+
+    @pl.when(j == nk - 1)
+    def _finish():
+        row_sum = l_ref[...]
+        seen = row_sum > 0.0
+        l_safe = jnp.where(seen, row_sum, 1.0)
+        out_ref[...] = (acc_ref[...] / l_safe[:, :1]).astype(out_ref.dtype)
+        # -inf here is the public contract for a row that sees no key, not a logit.
+        lse_ref[...] = jnp.where(seen, m_ref[...] + jnp.log(l_safe), -jnp.inf)
+
+
+def _forward(
+    q, k, v, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap, config, interpret
+) -> tuple[jax.Array, jax.Array]:
+    b, t, n, h = q.shape
+    s, kh, hv = k.shape[1], k.shape[2], v.shape[3]
+    g = n // kh
+    bq, bkv = _fit(config.block_q, t), _fit(config.block_kv, s)
+    t_pad, s_pad = _round_up(t, bq), _round_up(s, bkv)
+    nq, nk = t_pad // bq, s_pad // bkv
+    per_batch = q_seg is not None
+    md = _metadata(spec, q_pos, kv_pos, q_seg, kv_seg, bq, bkv)
+
+    def kv_j(bi, i, j, lo_ref, hi_ref):
+        r = (bi if per_batch else 0) * nq + i
+        return clamp_block(j, lo_ref[r], hi_ref[r])
+
+    def q_map(bi, ni, i, j, kind_ref, lo_ref, hi_ref):
+        return bi, ni, i, 0
+
+    def kv_map(bi, ni, i, j, kind_ref, lo_ref, hi_ref):
+        return bi, ni // g, kv_j(bi, i, j, lo_ref, hi_ref), 0
+
+    in_specs = [
+        pl.BlockSpec((None, None, bq, h), q_map),
+        pl.BlockSpec((None, None, bkv, h), kv_map),
+        pl.BlockSpec((None, None, bkv, hv), kv_map),
+        pl.BlockSpec((bq, NUM_LANES), lambda bi, ni, i, j, *_: (i, 0)),
+        pl.BlockSpec((1, bkv), lambda bi, ni, i, j, kd, lo, hi: (0, kv_j(bi, i, j, lo, hi))),
+    ]
+    if q_seg is None:
+        in_specs += [None, None]
+        q_seg_c = kv_seg_r = None
+    else:
+        in_specs += [
+            pl.BlockSpec((None, bq, NUM_LANES), lambda bi, ni, i, j, *_: (bi, i, 0)),
+            pl.BlockSpec(
+                (None, 1, bkv), lambda bi, ni, i, j, kd, lo, hi: (bi, 0, kv_j(bi, i, j, lo, hi))
+            ),
+        ]
+        q_seg_c, kv_seg_r = _lane_column(q_seg, t_pad), _sublane_row(kv_seg, s_pad)
+    kernel = functools.partial(
+        _fwd_kernel, spec=spec, scale=scale, soft_cap=soft_cap, kv_len=s, bkv=bkv, nq=nq,
+        nk=nk, per_batch=per_batch,
+    )
+    out, lse = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3,
+            grid=(b, n, nq, nk),
+            in_specs=in_specs,
+            out_specs=[
+                pl.BlockSpec((None, None, bq, hv), q_map),
+                pl.BlockSpec((None, None, bq, NUM_LANES), q_map),
+            ],
+            scratch_shapes=[
+                pltpu.VMEM((bq, NUM_LANES), jnp.float32),
+                pltpu.VMEM((bq, NUM_LANES), jnp.float32),
+                pltpu.VMEM((bq, hv), jnp.float32),
+            ],
+        ),
+        out_shape=[
+            jax.ShapeDtypeStruct((b, n, t_pad, hv), q.dtype),
+            jax.ShapeDtypeStruct((b, n, t_pad, NUM_LANES), jnp.float32),
+        ],
+        compiler_params=compiler_params(ROW_SEMANTICS, interpret),
+        interpret=interpret,
+        name="attnlab_tpu_flash_fwd",
+    )(
+        md.kind, md.kv_start, md.kv_stop,
+        _heads_major(q, t_pad), _heads_major(k, s_pad), _heads_major(v, s_pad),
+        _lane_column(q_pos, t_pad), _sublane_row(kv_pos, s_pad), q_seg_c, kv_seg_r,
+    )
+    out = jnp.swapaxes(out[:, :, :t], 1, 2)  # [B, T, N, Hv]
+    lse = jnp.swapaxes(lse[:, :, :t, 0], 1, 2)  # [B, T, N]
+    return out, lse
+
+
+# ----------------------------------------------------------------------------- custom VJP
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
+def _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap, config, interpret):
+    return _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap, config,
+                    interpret)
+
+
+def _flash_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap, config, interpret):
+    out, lse = _forward(
+        q, k, v, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap, config, interpret
+    )
+    return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
+
+
+def _flash_bwd(spec, scale, soft_cap, config, interpret, res, cts):
+    q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = res
+    d_out, d_lse = cts
+    t, s = q.shape[1], k.shape[1]
+    per_batch = q_seg is not None
+    # d lse / d z = p, so the LSE cotangent folds into delta: ds = p * (dp - (delta - d_lse)).
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    delta = delta - d_lse.astype(jnp.float32)  # [B, T, N]
+    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # rows that see no key get p = 0 by mask
+    common = dict(spec=spec, scale=scale, soft_cap=soft_cap, kv_len=s, per_batch=per_batch,
+                  interpret=interpret)
+
+    bq, bkv = _fit(config.block_q_dq, t), _fit(config.block_kv_dq, s)
+    t_pad, s_pad = _round_up(t, bq), _round_up(s, bkv)
+    md = _metadata(spec, q_pos, kv_pos, q_seg, kv_seg, bq, bkv)
+    dq = flash_dq(
+        _heads_major(q, t_pad), _heads_major(k, s_pad), _heads_major(v, s_pad),
+        _heads_major(d_out, t_pad), _row_bnt(lse, t_pad), _row_bnt(delta, t_pad),
+        _lane_column(q_pos, t_pad), _sublane_row(kv_pos, s_pad),
+        None if q_seg is None else _lane_column(q_seg, t_pad),
+        None if kv_seg is None else _sublane_row(kv_seg, s_pad),
+        (md.kind, md.kv_start, md.kv_stop), block_q=bq, block_kv=bkv, **common,
+    )
+
+    bq, bkv = _fit(config.block_q_dkv, t), _fit(config.block_kv_dkv, s)
+    t_pad, s_pad = _round_up(t, bq), _round_up(s, bkv)
+    md = _metadata(spec, q_pos, kv_pos, q_seg, kv_seg, bq, bkv)
+    dk, dv = flash_dkv(
+        _heads_major(q, t_pad), _heads_major(k, s_pad), _heads_major(v, s_pad),
+        _heads_major(d_out, t_pad), _row_bnt(lse, t_pad), _row_bnt(delta, t_pad),
+        _sublane_row(q_pos, t_pad), _lane_column(kv_pos, s_pad),
+        None if q_seg is None else _sublane_row(q_seg, t_pad),
+        None if kv_seg is None else _lane_column(kv_seg, s_pad),
+        (md.kind, md.q_start, md.q_stop), block_q=bq, block_kv=bkv, **common,
+    )
+    dq = jnp.swapaxes(dq[:, :, :t], 1, 2)
+    dk = jnp.swapaxes(dk[:, :, :s], 1, 2)
+    dv = jnp.swapaxes(dv[:, :, :s], 1, 2)
+    return dq, dk, dv, None, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    *,
+    spec: MaskSpec,
+    scale: float,
+    soft_cap: float | None = None,
+    config: TpuFlashConfig | None = None,
+    interpret: bool | pltpu.InterpretParams = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Flash attention on TPU (Mosaic Pallas), with a kernel backward pass.
+
+    Args:
+      q: [B, T, N, H] queries, float32 or bfloat16.
+      k: [B, S, K, H] keys; N must be a multiple of K (GQA/MQA).
+      v: [B, S, K, Hv] values.
+      q_positions: [T] int32 global query positions; kv_positions: [S] int32.
+      q_segment_ids, kv_segment_ids: [B, T] / [B, S] int32 packed-document ids, or both None.
+      spec: the static mask (causal, window).
+      scale: logits scale.
+      soft_cap: c: logits become c * tanh(logits / c); None for no cap.
+      config: block sizes; :meth:`TpuFlashConfig.get_default` if None.
+      interpret: False to compile with Mosaic (TPU only); an ``InterpretParams`` (or True for
+        the default one) to run in TPU interpret mode on CPU, the only mode verified so far.
+
+    Returns:
+      (out [B, T, N, Hv] in q's dtype, lse [B, T, N] float32). A row that sees no key gives
+      0 output and lse -inf.
+
+    Raises:
+      ValueError: shapes, head counts, dtypes or arguments that do not fit.
+
+    Example:
+      >>> out, lse = flash_attention(q, k, v, jnp.arange(T), jnp.arange(S),
+      ...     spec=MaskSpec(causal=True), scale=H ** -0.5, interpret=True)
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if jnp.ndim(x) != 4:
+            raise ValueError(
+                f"{name} must have shape [batch, seq, heads, head_dim], got {jnp.shape(x)}"
+            )
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    if k.shape[0] != b or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"q {q.shape}, k {k.shape} and v {v.shape} do not agree")
+    if k.shape[3] != h:
+        raise ValueError(f"q has head_dim {h} but k has {k.shape[3]}; they must be equal")
+    if kh == 0 or n % kh:
+        raise ValueError(
+            f"q has {n} heads but k has {kh}; n must be a multiple of k (GQA/MQA)"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"q, k, v must share a dtype among float32 and bfloat16, got {q.dtype}, {k.dtype}, "
+            f"{v.dtype}"
+        )
+    if jnp.shape(q_positions) != (t,) or jnp.shape(kv_positions) != (s,):
+        raise ValueError(
+            f"q_positions must have shape ({t},) and kv_positions ({s},), got "
+            f"{jnp.shape(q_positions)} and {jnp.shape(kv_positions)}"
+        )
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+    if q_segment_ids is not None and (
+        jnp.shape(q_segment_ids) != (b, t) or jnp.shape(kv_segment_ids) != (b, s)
+    ):
+        raise ValueError(
+            f"segment ids must have shapes ({b}, {t}) and ({b}, {s}), got "
+            f"{jnp.shape(q_segment_ids)} and {jnp.shape(kv_segment_ids)}"
+        )
+    if soft_cap is not None and not soft_cap > 0:
+        raise ValueError(f"soft_cap must be positive or None, got {soft_cap}")
+    if config is None:
+        config = TpuFlashConfig.get_default()
+    elif not isinstance(config, TpuFlashConfig):
+        raise ValueError(f"config must be a TpuFlashConfig, got {type(config).__name__}")
+    if interpret is True:
+        interpret = pltpu.InterpretParams()
+
+    def ids(x: Any) -> jax.Array | None:
+        return None if x is None else jnp.asarray(x, jnp.int32)
+
+    return _flash(
+        q, k, v, ids(q_positions), ids(kv_positions), ids(q_segment_ids), ids(kv_segment_ids),
+        spec, float(scale), None if soft_cap is None else float(soft_cap), config, interpret,
+    )

@@ -1,0 +1,442 @@
+"""Flash attention backward as Mosaic TPU Pallas kernels: one for dQ, one for dK/dV.
+
+Verified in TPU interpret mode only (``interpret=pltpu.InterpretParams()`` on CPU): no TPU is
+available to the project, so these kernels have never been compiled by Mosaic or timed on a
+chip. Block shapes follow the TPU tiling rules (last two block dims multiples of (8, 128) or
+equal to the array's), but lowering on real hardware is unconfirmed.
+
+Both kernels recompute the probabilities of a tile from the log-sum-exp saved by the forward
+pass, ``p = exp(z - lse)``, and use ``delta = rowsum(dO * O) - dLSE`` computed in JAX, so the
+cotangent of the returned LSE is folded in exactly as in :mod:`attnlab.ops._xla_flash`:
+
+    ds = p * (dO v^T - delta),   dz/draw = 1 - tanh(raw / cap)^2 (soft-cap),
+    dq = scale * ds k,   dk = scale * ds^T q,   dv = p^T dO.
+
+The dQ kernel walks a query block's key blocks as its reduction axis; the dK/dV kernel walks
+the query blocks of every query head of a KV head group (GQA/MQA), so K/V are never repeated.
+It works in the transposed orientation (keys on sublanes, queries on lanes), so no tile is
+transposed inside the kernel.
+
+This module also holds the tile helpers shared with the forward kernel in
+:mod:`pallas_kernels.tpu.flash` (the dependency runs forward -> backward, never back).
+Arrays arrive here already in kernel layout; :mod:`pallas_kernels.tpu.flash` does the layout.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.common.masks import FULL, PARTIAL, MaskSpec, visible
+
+NUM_LANES = 128
+NUM_SUBLANES = 8
+
+# Grid (B, N, q blocks, kv blocks): the kv axis is the reduction (forward and dQ).
+ROW_SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
+
+# dot_general dimension numbers: A @ B and A @ B^T.
+NN = (((1,), (0,)), ((), ()))
+NT = (((1,), (1,)), ((), ()))
+
+
+# ----------------------------------------------------------------------------- tile helpers
+
+
+def tile_logits(
+    a: jax.Array, b: jax.Array, *, scale: float, soft_cap: float | None
+) -> tuple[jax.Array, jax.Array]:
+    """(capped, raw) f32 logits ``a @ b^T * scale`` of one tile; raw is what the cap saw."""
+    raw = lax.dot_general(a, b, NT, preferred_element_type=jnp.float32) * scale
+    if soft_cap is None:
+        return raw, raw
+    return soft_cap * jnp.tanh(raw / soft_cap), raw
+
+
+def tile_mask(
+    spec: MaskSpec,
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    q_seg: jax.Array | None,
+    k_seg: jax.Array | None,
+    k_index: jax.Array,
+    kv_len: int | None,
+) -> jax.Array | None:
+    """Visibility of one tile, or None when every pair is visible.
+
+    Any orientation: the arguments broadcast against each other. ``k_index`` holds the keys'
+    indices into the padded key axis; keys at or past ``kv_len`` are padding and never
+    visible (``kv_len=None``: the key axis has no padding).
+    """
+    mask = visible(spec, q_pos, k_pos, q_seg, k_seg)
+    if kv_len is not None:
+        valid = k_index < kv_len
+        mask = valid if mask is None else jnp.logical_and(mask, valid)
+    return mask
+
+
+def soft_cap_grad(dz: jax.Array, raw: jax.Array, soft_cap: float | None) -> jax.Array:
+    """Chain rule through ``cap * tanh(raw / cap)``."""
+    if soft_cap is None:
+        return dz
+    t = jnp.tanh(raw / soft_cap)
+    return dz * (1.0 - t * t)
+
+
+def compiler_params(semantics: tuple[str, ...], interpret: Any) -> pltpu.CompilerParams | None:
+    """Mosaic parameters: grid dimension semantics, compiled runs only.
+
+    TPU interpret mode in JAX 0.10.2 does not account for the grid axis that ``vmap`` adds
+    (it zips the user's semantics with the batched grid and fails), so interpreted calls
+    leave the semantics out; the interpreter then runs every axis in order.
+    """
+    if interpret:
+        return None
+    return pltpu.CompilerParams(dimension_semantics=semantics)
+
+
+def clamp_block(j: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """Block index ``j`` clamped into the non-empty range ``[lo, hi)``.
+
+    Used by index maps: grid steps outside the range (whose tiles are EMPTY) ask for the
+    block already in VMEM, so the pipeline issues no copy for them.
+    """
+    return jnp.minimum(jnp.maximum(j, lo), jnp.maximum(hi - 1, 0))
+
+
+# ----------------------------------------------------------------------------- dQ kernel
+
+
+def _dq_kernel(
+    kind_ref,  # [Bm * nq * nk] int32 (SMEM): EMPTY / PARTIAL / FULL per tile
+    kv_lo_ref,  # [Bm * nq] int32 (SMEM): first non-empty kv block of each q block
+    kv_hi_ref,  # [Bm * nq] int32 (SMEM): one past the last non-empty kv block
+    q_ref,  # [bq, H]
+    k_ref,  # [bkv, H]
+    v_ref,  # [bkv, Hv]
+    do_ref,  # [bq, Hv]
+    lse_ref,  # [1, bq] f32 (0 for rows that see no key)
+    delta_ref,  # [1, bq] f32: rowsum(dO * O) - dLSE
+    q_pos_ref,  # [bq, NUM_LANES] int32, lane-broadcast
+    kv_pos_ref,  # [1, bkv] int32
+    q_seg_ref,  # [bq, NUM_LANES] int32, lane-broadcast, or None
+    kv_seg_ref,  # [1, bkv] int32, or None
+    dq_ref,  # [bq, H] out
+    dq_acc_ref,  # [bq, H] f32 scratch
+    *,
+    spec: MaskSpec,
+    scale: float,
+    soft_cap: float | None,
+    kv_len: int,
+    bkv: int,
+    nq: int,
+    nk: int,
+    per_batch: bool,
+):
+    del kv_lo_ref, kv_hi_ref  # used by the index maps only
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    row = b if per_batch else 0
+    kind = kind_ref[(row * nq + i) * nk + j]
+
+    @pl.when(j == 0)
+    def _init():
+        dq_acc_ref[...] = jnp.zeros_like(dq_acc_ref)
+
+    def step(masked: bool):
+        q = q_ref[...]
+        k = k_ref[...]
+        z, raw = tile_logits(q, k, scale=scale, soft_cap=soft_cap)  # [bq, bkv]
+        lse = jnp.expand_dims(lse_ref[0], -1)  # [bq, 1]
+        delta = jnp.expand_dims(delta_ref[0], -1)  # [bq, 1]
+        p = jnp.exp(z - lse)
+        if masked:
+            k_index = j * bkv + lax.broadcasted_iota(jnp.int32, (1, bkv), 1)
+            mask = tile_mask(
+                spec,
+                q_pos_ref[:, :1],
+                kv_pos_ref[...],
+                None if q_seg_ref is None else q_seg_ref[:, :1],
+                None if kv_seg_ref is None else kv_seg_ref[...],
+                k_index,
+                None if kv_len % bkv == 0 else kv_len,
+            )
+            if mask is not None:
+                p = jnp.where(mask, p, 0.0)
+        do = do_ref[...]
+        dp = lax.dot_general(do, v_ref[...], NT, preferred_element_type=jnp.float32)
+        ds = soft_cap_grad(p * (dp - delta), raw, soft_cap) * scale
+        dq_acc_ref[...] += lax.dot_general(
+            ds.astype(k.dtype), k, NN, preferred_element_type=jnp.float32
+        )
+
+    pl.when(kind == FULL)(lambda: step(False))
+    pl.when(kind == PARTIAL)(lambda: step(True))
+
+    @pl.when(j == nk - 1)
+    def _finish():
+        dq_ref[...] = dq_acc_ref[...].astype(dq_ref.dtype)
+
+
+def flash_dq(
+    q: jax.Array,  # [B, N, T_pad, H]
+    k: jax.Array,  # [B, K, S_pad, H]
+    v: jax.Array,  # [B, K, S_pad, Hv]
+    do: jax.Array,  # [B, N, T_pad, Hv]
+    lse: jax.Array,  # [B, N, 1, T_pad] f32
+    delta: jax.Array,  # [B, N, 1, T_pad] f32
+    q_pos: jax.Array,  # [T_pad, NUM_LANES] int32
+    kv_pos: jax.Array,  # [1, S_pad] int32
+    q_seg: jax.Array | None,  # [B, T_pad, NUM_LANES] int32
+    kv_seg: jax.Array | None,  # [B, 1, S_pad] int32
+    meta: tuple[jax.Array, jax.Array, jax.Array],  # flat (kind, kv_lo, kv_hi)
+    *,
+    spec: MaskSpec,
+    scale: float,
+    soft_cap: float | None,
+    kv_len: int,
+    block_q: int,
+    block_kv: int,
+    per_batch: bool,
+    interpret: Any,
+) -> jax.Array:
+    """dQ [B, N, T_pad, H] in q's dtype, in kernel layout (the caller slices off padding)."""
+    b, n, t_pad, h = q.shape
+    kh, s_pad = k.shape[1], k.shape[2]
+    g = n // kh
+    nq, nk = t_pad // block_q, s_pad // block_kv
+
+    def kv_j(bi, i, j, kv_lo_ref, kv_hi_ref):
+        r = (bi if per_batch else 0) * nq + i
+        return clamp_block(j, kv_lo_ref[r], kv_hi_ref[r])
+
+    def q_map(bi, ni, i, j, kind_ref, lo_ref, hi_ref):
+        return bi, ni, i, 0
+
+    def kv_map(bi, ni, i, j, kind_ref, lo_ref, hi_ref):
+        return bi, ni // g, kv_j(bi, i, j, lo_ref, hi_ref), 0
+
+    def row_map(bi, ni, i, j, kind_ref, lo_ref, hi_ref):
+        return bi, ni, 0, i
+
+    in_specs = [
+        pl.BlockSpec((None, None, block_q, h), q_map),
+        pl.BlockSpec((None, None, block_kv, h), kv_map),
+        pl.BlockSpec((None, None, block_kv, h), kv_map),
+        pl.BlockSpec((None, None, block_q, h), q_map),
+        pl.BlockSpec((None, None, 1, block_q), row_map),
+        pl.BlockSpec((None, None, 1, block_q), row_map),
+        pl.BlockSpec((block_q, NUM_LANES), lambda bi, ni, i, j, *_: (i, 0)),
+        pl.BlockSpec(
+            (1, block_kv), lambda bi, ni, i, j, kd, lo, hi: (0, kv_j(bi, i, j, lo, hi))
+        ),
+    ]
+    if q_seg is None:
+        in_specs += [None, None]
+    else:
+        in_specs += [
+            pl.BlockSpec((None, block_q, NUM_LANES), lambda bi, ni, i, j, *_: (bi, i, 0)),
+            pl.BlockSpec(
+                (None, 1, block_kv),
+                lambda bi, ni, i, j, kd, lo, hi: (bi, 0, kv_j(bi, i, j, lo, hi)),
+            ),
+        ]
+    kernel = functools.partial(
+        _dq_kernel, spec=spec, scale=scale, soft_cap=soft_cap, kv_len=kv_len, bkv=block_kv,
+        nq=nq, nk=nk, per_batch=per_batch,
+    )
+    return pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3,
+            grid=(b, n, nq, nk),
+            in_specs=in_specs,
+            out_specs=pl.BlockSpec((None, None, block_q, h), q_map),
+            scratch_shapes=[pltpu.VMEM((block_q, h), jnp.float32)],
+        ),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=compiler_params(ROW_SEMANTICS, interpret),
+        interpret=interpret,
+        name="attnlab_tpu_flash_dq",
+    )(*meta, q, k, v, do, lse, delta, q_pos, kv_pos, q_seg, kv_seg)
+
+
+# ----------------------------------------------------------------------------- dK/dV kernel
+
+
+def _dkv_kernel(
+    kind_ref,  # [Bm * nq * nk] int32 (SMEM): EMPTY / PARTIAL / FULL per tile
+    q_lo_ref,  # [Bm * nk] int32 (SMEM): first non-empty q block of each kv block
+    q_hi_ref,  # [Bm * nk] int32 (SMEM): one past the last non-empty q block
+    q_ref,  # [bq, H]
+    k_ref,  # [bkv, H]
+    v_ref,  # [bkv, Hv]
+    do_ref,  # [bq, Hv]
+    lse_ref,  # [1, bq] f32 (0 for rows that see no key)
+    delta_ref,  # [1, bq] f32: rowsum(dO * O) - dLSE
+    q_pos_ref,  # [1, bq] int32
+    kv_pos_ref,  # [bkv, NUM_LANES] int32, lane-broadcast
+    q_seg_ref,  # [1, bq] int32, or None
+    kv_seg_ref,  # [bkv, NUM_LANES] int32, lane-broadcast, or None
+    dk_ref,  # [bkv, H] out
+    dv_ref,  # [bkv, Hv] out
+    dk_acc_ref,  # [bkv, H] f32 scratch
+    dv_acc_ref,  # [bkv, Hv] f32 scratch
+    *,
+    spec: MaskSpec,
+    scale: float,
+    soft_cap: float | None,
+    kv_len: int,
+    bkv: int,
+    nq: int,
+    nk: int,
+    groups: int,
+    per_batch: bool,
+):
+    del q_lo_ref, q_hi_ref  # used by the index maps only
+    b, j, g, i = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
+    row = b if per_batch else 0
+    kind = kind_ref[(row * nq + i) * nk + j]
+
+    @pl.when(jnp.logical_and(g == 0, i == 0))
+    def _init():
+        dk_acc_ref[...] = jnp.zeros_like(dk_acc_ref)
+        dv_acc_ref[...] = jnp.zeros_like(dv_acc_ref)
+
+    def step(masked: bool):
+        q = q_ref[...]
+        do = do_ref[...]
+        # Transposed orientation: keys on sublanes, queries on lanes; [bkv, bq] tiles.
+        z, raw = tile_logits(k_ref[...], q, scale=scale, soft_cap=soft_cap)
+        p = jnp.exp(z - lse_ref[...])
+        if masked:
+            k_index = j * bkv + lax.broadcasted_iota(jnp.int32, (bkv, 1), 0)
+            mask = tile_mask(
+                spec,
+                q_pos_ref[...],
+                kv_pos_ref[:, :1],
+                None if q_seg_ref is None else q_seg_ref[...],
+                None if kv_seg_ref is None else kv_seg_ref[:, :1],
+                k_index,
+                None if kv_len % bkv == 0 else kv_len,
+            )
+            if mask is not None:
+                p = jnp.where(mask, p, 0.0)
+        dv_acc_ref[...] += lax.dot_general(
+            p.astype(do.dtype), do, NN, preferred_element_type=jnp.float32
+        )
+        dp = lax.dot_general(v_ref[...], do, NT, preferred_element_type=jnp.float32)
+        ds = soft_cap_grad(p * (dp - delta_ref[...]), raw, soft_cap) * scale
+        dk_acc_ref[...] += lax.dot_general(
+            ds.astype(q.dtype), q, NN, preferred_element_type=jnp.float32
+        )
+
+    pl.when(kind == FULL)(lambda: step(False))
+    pl.when(kind == PARTIAL)(lambda: step(True))
+
+    @pl.when(jnp.logical_and(g == groups - 1, i == nq - 1))
+    def _finish():
+        dk_ref[...] = dk_acc_ref[...].astype(dk_ref.dtype)
+        dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
+
+
+def flash_dkv(
+    q: jax.Array,  # [B, N, T_pad, H]
+    k: jax.Array,  # [B, K, S_pad, H]
+    v: jax.Array,  # [B, K, S_pad, Hv]
+    do: jax.Array,  # [B, N, T_pad, Hv]
+    lse: jax.Array,  # [B, N, 1, T_pad] f32
+    delta: jax.Array,  # [B, N, 1, T_pad] f32
+    q_pos: jax.Array,  # [1, T_pad] int32
+    kv_pos: jax.Array,  # [S_pad, NUM_LANES] int32
+    q_seg: jax.Array | None,  # [B, 1, T_pad] int32
+    kv_seg: jax.Array | None,  # [B, S_pad, NUM_LANES] int32
+    meta: tuple[jax.Array, jax.Array, jax.Array],  # flat (kind, q_lo, q_hi)
+    *,
+    spec: MaskSpec,
+    scale: float,
+    soft_cap: float | None,
+    kv_len: int,
+    block_q: int,
+    block_kv: int,
+    per_batch: bool,
+    interpret: Any,
+) -> tuple[jax.Array, jax.Array]:
+    """(dK [B, K, S_pad, H], dV [B, K, S_pad, Hv]) in k's / v's dtype, in kernel layout.
+
+    The grid is (B, K, kv blocks, G, q blocks); the last two axes are the reduction, so the
+    G query heads that share a KV head accumulate into one dK/dV block.
+    """
+    b, n, t_pad, h = q.shape
+    kh, s_pad, hv = k.shape[1], k.shape[2], v.shape[3]
+    g = n // kh
+    nq, nk = t_pad // block_q, s_pad // block_kv
+
+    def q_i(bi, i, j, q_lo_ref, q_hi_ref):
+        r = (bi if per_batch else 0) * nk + j
+        return clamp_block(i, q_lo_ref[r], q_hi_ref[r])
+
+    def q_map(bi, ki, j, gi, i, kind_ref, lo_ref, hi_ref):
+        return bi, ki * g + gi, q_i(bi, i, j, lo_ref, hi_ref), 0
+
+    def row_map(bi, ki, j, gi, i, kind_ref, lo_ref, hi_ref):
+        return bi, ki * g + gi, 0, q_i(bi, i, j, lo_ref, hi_ref)
+
+    def kv_map(bi, ki, j, gi, i, *_):
+        return bi, ki, j, 0
+
+    in_specs = [
+        pl.BlockSpec((None, None, block_q, h), q_map),
+        pl.BlockSpec((None, None, block_kv, h), kv_map),
+        pl.BlockSpec((None, None, block_kv, hv), kv_map),
+        pl.BlockSpec((None, None, block_q, hv), q_map),
+        pl.BlockSpec((None, None, 1, block_q), row_map),
+        pl.BlockSpec((None, None, 1, block_q), row_map),
+        pl.BlockSpec(
+            (1, block_q), lambda bi, ki, j, gi, i, kd, lo, hi: (0, q_i(bi, i, j, lo, hi))
+        ),
+        pl.BlockSpec((block_kv, NUM_LANES), lambda bi, ki, j, gi, i, *_: (j, 0)),
+    ]
+    if q_seg is None:
+        in_specs += [None, None]
+    else:
+        in_specs += [
+            pl.BlockSpec(
+                (None, 1, block_q),
+                lambda bi, ki, j, gi, i, kd, lo, hi: (bi, 0, q_i(bi, i, j, lo, hi)),
+            ),
+            pl.BlockSpec((None, block_kv, NUM_LANES), lambda bi, ki, j, gi, i, *_: (bi, j, 0)),
+        ]
+    kernel = functools.partial(
+        _dkv_kernel, spec=spec, scale=scale, soft_cap=soft_cap, kv_len=kv_len, bkv=block_kv,
+        nq=nq, nk=nk, groups=g, per_batch=per_batch,
+    )
+    return pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3,
+            grid=(b, kh, nk, g, nq),
+            in_specs=in_specs,
+            out_specs=[
+                pl.BlockSpec((None, None, block_kv, h), kv_map),
+                pl.BlockSpec((None, None, block_kv, hv), kv_map),
+            ],
+            scratch_shapes=[
+                pltpu.VMEM((block_kv, h), jnp.float32),
+                pltpu.VMEM((block_kv, hv), jnp.float32),
+            ],
+        ),
+        out_shape=[
+            jax.ShapeDtypeStruct(k.shape, k.dtype),
+            jax.ShapeDtypeStruct(v.shape, v.dtype),
+        ],
+        compiler_params=compiler_params(("parallel",) * 3 + ("arbitrary",) * 2, interpret),
+        interpret=interpret,
+        name="attnlab_tpu_flash_dkv",
+    )(*meta, q, k, v, do, lse, delta, q_pos, kv_pos, q_seg, kv_seg)
+
