@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: GPU tests, `attnlab info`, and the attention benchmark against
+# the anchors (cuDNN and XLA through jax.nn, tokamax when its wheels are carried).
+#
+# Run from the repo root there (the device tool's working tree):
+#   bash scripts/gpu_check.sh                 # carry [".whl"] as well to time tokamax
+# The package is not installed on that machine (JAX 0.11.2, Python 3.12, no network), so it
+# runs from the tree through PYTHONPATH. Results land in $OUT (the tool's output folder).
+# Budget: about 9 minutes in all; each step has its own timeout so a slow one cannot eat the
+# next one's share, and no step's failure stops the others.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/.device_out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD
+export PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0  # the machine's rule: NVLink multicast stays off
+status=0
+
+# Optional tokamax (BENCHMARKS.md): wheels carried in .whl/, installed off-line into /tmp/site.
+if compgen -G ".whl/*.whl" > /dev/null; then
+  if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl; then
+    # tokamax imports xprof's kernel-stats tool at import time but only uses it to profile.
+    mkdir -p /tmp/site/xprof/cli/tools
+    touch /tmp/site/xprof/__init__.py /tmp/site/xprof/cli/__init__.py \
+      /tmp/site/xprof/cli/tools/__init__.py
+    cat > /tmp/site/xprof/cli/tools/get_kernel_stats_tool.py <<'PY'
+"""Stub so that tokamax imports without xprof; profiling through it is not available."""
+def compute_kernel_stats(*args, **kwargs):
+    raise NotImplementedError("xprof is not installed (stub for tokamax's import)")
+PY
+    export PYTHONPATH=$PWD:/tmp/site
+  else
+    echo "gpu_check: installing .whl/*.whl failed; going on without tokamax" >&2
+  fi
+fi
+
+echo "== devices"
+nvidia-smi -L
+python3 -c 'import jax, jaxlib; print("jax", jax.__version__, "jaxlib", jaxlib.__version__, jax.devices())'
+python3 -c 'import tokamax; print("tokamax", getattr(tokamax, "__version__", "?"))' 2>/dev/null \
+  || echo "tokamax: not importable (carry .whl to time it)"
+
+echo "== GPU tests"
+set -o pipefail
+timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log"
+rc=$?
+set +o pipefail
+echo "gpu tests exit status: $rc"
+[ "$rc" -ne 0 ] && [ "$rc" -ne 5 ] && status=1  # 5: no test collected
+
+echo "== attnlab info"
+timeout 120 python3 -m attnlab.cli info --json > "$OUT/info.json" || status=1
+timeout 120 python3 -m attnlab.cli info || true
+
+echo "== bench attention (H=16, D=128, B*S=32768, bf16; fwd both masks, fwd+bwd causal)"
+# The bench rewrites its JSON after every (S, causal, pass) group, so a timeout keeps what ran.
+timeout 330 python3 -m attnlab.cli bench attention --shapes 2048,8192,32768 \
+  --batch-tokens 32768 --heads 16 --head-dim 128 --dtype bfloat16 \
+  --causal both --passes fwd,fwdbwd --bwd-causal-only --repeats 20 \
+  --out "$OUT/bench_attention_h100.json" 2>&1 | tee "$OUT/bench_attention.log"
+[ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+
+echo "gpu_check: done (status $status)"
+exit $status
