@@ -667,21 +667,27 @@ def bench_record(cfg: BenchConfig, rows: Sequence[Row], argv: Sequence[str]) -> 
 
 
 def write_json(path: str | Path, record: Mapping[str, Any]) -> Path:
-    """Writes ``record`` as indented JSON, creating parent folders; returns the path."""
+    """Writes ``record`` as indented, strict JSON (a non-finite float, e.g. the error of a NaN
+    output, becomes the string "inf"/"nan"), creating parent folders; returns the path."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
+    text = json.dumps(_jsonable(record), indent=2, allow_nan=False, default=str)
+    tmp.write_text(text + "\n")
     tmp.replace(p)  # atomic: a run killed mid-write leaves the last complete file
     return p
 
 
-def _json_default(x: Any) -> Any:
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer, np.bool_)):
+        x = x.item()
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
-    return str(x)
+    return x
 
 
 # ----------------------------------------------------------------------------- correctness grid
