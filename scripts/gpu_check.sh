@@ -7,8 +7,8 @@
 # The package is not installed on that machine (JAX 0.11.2, Python 3.12, no network), so it
 # runs from the tree through PYTHONPATH. Results land in $OUT (the tool's output folder).
 # Budget: under 10 minutes in all (tests 210 s, info 60 s, bench 310 s at most); each step has
-# its own timeout so a slow one cannot eat the
-# next one's share, and no step's failure stops the others.
+# its own timeout so a slow one cannot eat the next one's share, and no step's failure stops
+# the others.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/.device_out}
