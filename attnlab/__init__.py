@@ -1,4 +1,4 @@
-"""attnlab: attention mechanisms as pure JAX functions, Pallas kernels, sharding and Flax modules."""
+"""attnlab: attention as pure JAX functions, Pallas kernels, sharding and Flax modules."""
 
 from attnlab.ops import MaskSpec, SegmentIds, attention, merge, merge_n
 

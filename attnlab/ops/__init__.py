@@ -3,12 +3,13 @@
 from attnlab.ops import masks
 from attnlab.ops._xla_flash import XlaConfig
 from attnlab.ops.attention import (
+    AUTO_ORDER,
     AttentionArgs,
     Implementation,
     attention,
     auto_choice,
-    explain,
     choose,
+    explain,
     implementations,
     platform,
     reference,
@@ -17,6 +18,7 @@ from attnlab.ops.masks import MaskSpec, SegmentIds
 from attnlab.ops.merge import merge, merge_n
 
 __all__ = [
-    "AttentionArgs", "Implementation", "MaskSpec", "SegmentIds", "XlaConfig", "attention", "auto_choice", "explain",
-    "choose", "implementations", "masks", "merge", "merge_n", "platform", "reference",
+    "AUTO_ORDER", "AttentionArgs", "Implementation", "MaskSpec", "SegmentIds", "XlaConfig",
+    "attention", "auto_choice", "choose", "explain", "implementations", "masks", "merge",
+    "merge_n", "platform", "reference",
 ]

@@ -110,7 +110,7 @@ def _forward(q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap,
     qg, kb, vb, kp, valid, ks, bb = _prepare(q, k, v, bias, kv_pos, q_seg, kv_seg, block_kv)
 
     def step(carry, xs):
-        m, l, acc = carry
+        m, den, acc = carry
         k_b, v_b, kp_b, valid_b, ks_b, bias_b = xs
         z, _ = _logits(qg, k_b, bias_b, scale, soft_cap)
         mask = _block_mask(spec, q_pos, kp_b, valid_b, q_seg, ks_b)
@@ -118,23 +118,23 @@ def _forward(q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap,
         m_new = jnp.maximum(m, z.max(-1))
         alpha = jnp.exp(m - m_new)
         p = jnp.where(mask, jnp.exp(z - m_new[..., None]), 0.0)
-        l = alpha * l + p.sum(-1)
+        den = alpha * den + p.sum(-1)
         pv = jnp.einsum(
             "BKGTS,BSKH->BKGTH", p.astype(v.dtype), v_b, preferred_element_type=jnp.float32
         )
         acc = alpha[..., None] * acc + pv
-        return (m_new, l, acc), None
+        return (m_new, den, acc), None
 
     init = (
         jnp.full((b, kh, g, t), MASK_VALUE, jnp.float32),
         jnp.zeros((b, kh, g, t), jnp.float32),
         jnp.zeros((b, kh, g, t, hv), jnp.float32),
     )
-    (m, l, acc), _ = jax.lax.scan(step, init, (kb, vb, kp, valid, ks, bb))
-    seen = l > 0
-    out = acc / jnp.where(seen, l, 1.0)[..., None]
+    (m, den, acc), _ = jax.lax.scan(step, init, (kb, vb, kp, valid, ks, bb))
+    seen = den > 0
+    out = acc / jnp.where(seen, den, 1.0)[..., None]
     out = jnp.moveaxis(out, 3, 1).reshape(b, t, n, hv).astype(q.dtype)  # BKGTH -> BTKGH
-    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, den, 1.0)), -jnp.inf)
     lse = jnp.moveaxis(lse, 3, 1).reshape(b, t, n)
     return out, lse
 

@@ -218,7 +218,9 @@ def block_metadata(
       :class:`BlockMetadata`.
     """
     if block_q <= 0 or block_kv <= 0:
-        raise ValueError(f"block sizes must be positive, got block_q={block_q}, block_kv={block_kv}")
+        raise ValueError(
+            f"block sizes must be positive, got block_q={block_q}, block_kv={block_kv}"
+        )
     t, s = q_positions.shape[-1], kv_positions.shape[-1]
     qp = _tile_ranges(q_positions, block_q)
     kp = _tile_ranges(kv_positions, block_kv)
