@@ -1,0 +1,63 @@
+"""Registers the Pallas/Triton flash-attention kernel as attention implementation
+``"pallas_triton"`` (compiled on a CUDA GPU; Pallas interpret mode on CPU, for tests)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from attnlab.ops.attention import AttentionArgs, Implementation, platform, register
+from pallas_kernels.gpu.flash_fwd import FlashConfig, flash_attention
+
+_GPU_HEAD_DIMS = (64, 128, 256)
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _unsupported(q, k, v, a: AttentionArgs, plat: str) -> str | None:
+    if plat not in ("gpu", "cpu"):
+        return (
+            f"the Triton kernel runs on CUDA GPUs (and interpreted on CPU), not on {plat}; "
+            "use impl='pallas_tpu' or 'xla'"
+        )
+    if a.bias is not None:
+        return "pallas_triton takes no bias; use impl='xla' or 'reference' for a logits bias"
+    if q.dtype not in _DTYPES:
+        return f"pallas_triton needs float32, bfloat16 or float16 inputs, got {q.dtype}"
+    h, hv = q.shape[-1], v.shape[-1]
+    if hv != h:
+        return f"pallas_triton needs the v head dim ({hv}) to equal the q head dim ({h})"
+    if plat == "gpu" and h not in _GPU_HEAD_DIMS:
+        return (
+            f"pallas_triton supports head dims {_GPU_HEAD_DIMS} on GPU, got {h}; pad the head "
+            "dim or use impl='xla'"
+        )
+    if plat == "cpu" and (h % 16 or h > 256):
+        return (
+            f"pallas_triton (interpreted on CPU) needs a head dim that is a multiple of 16 and "
+            f"at most 256, got {h}"
+        )
+    return None
+
+
+def _fn(q, k, v, a: AttentionArgs):
+    config = a.config if isinstance(a.config, FlashConfig) else None
+    seg = a.segment_ids
+    q_pos, kv_pos = a.q_positions, a.kv_positions
+    if a.positions_are_default:  # static: the kernel builds its tile metadata at trace time
+        q_pos = np.arange(q.shape[1], dtype=np.int32)
+        kv_pos = np.arange(k.shape[1], dtype=np.int32)
+    return flash_attention(
+        q, k, v, q_pos, kv_pos,
+        None if seg is None else seg.q, None if seg is None else seg.kv,
+        spec=a.spec, scale=a.scale, soft_cap=a.logits_soft_cap, config=config,
+        interpret=platform() == "cpu",
+    )
+
+
+register(
+    Implementation(
+        "pallas_triton", _fn, _unsupported,
+        "Pallas flash attention lowered to Triton (GPU); masks as block metadata, GQA, "
+        "soft-cap, LSE; Pallas-interpreted on CPU",
+    )
+)

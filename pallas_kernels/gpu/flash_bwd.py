@@ -1,0 +1,285 @@
+"""Flash attention backward on GPU: dQ and dK/dV Pallas kernels lowered to Triton.
+
+Both kernels recompute the probabilities of a tile from the saved log-sum-exp,
+``p = exp2(s - lse2)``, instead of storing them, and use the same per-tile mask metadata as
+the forward pass (loops bounded by the non-empty range, an unmasked run of FULL tiles,
+EMPTY tiles skipped). With ``delta = rowsum(dO * O) - dLSE`` (computed in JAX; the LSE
+cotangent folds in because d lse / d z = p)::
+
+    dp = dO V^T            dz = p * (dp - delta)       (times 1 - tanh^2 under a soft cap)
+    dV = p^T dO            dK = scale * dz^T Q          dQ = scale * dz K
+
+* dK/dV: one program per (kv block, batch, kv head); it loops over the G query heads of its
+  group and over the query blocks that see the kv block, so GQA needs no atomics and no
+  repeated K/V. It works on transposed tiles (s^T = K Q^T, [block_kv, block_q]) so that no
+  accumulator is ever transposed.
+* dQ: one program per (q block, batch, q head), looping over kv blocks.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.common.masks import MASK_VALUE, MaskSpec
+from pallas_kernels.gpu.flash_fwd import (
+    LOG2E,
+    FlashConfig,
+    TilePlan,
+    dot,
+    dot_precision,
+    log2_logits,
+    pad_axis,
+    pad_inputs,
+    tile_loops,
+    tile_mask,
+    tiling,
+)
+
+# ----------------------------------------------------------------------------- dQ kernel
+
+
+def _dq_kernel(
+    bounds_ref,  # [4] int32: kv_start, run_start, run_stop, kv_stop of this q block
+    kind_ref,  # [nk] int8: EMPTY / PARTIAL / FULL of each kv tile for this q block
+    q_pos_ref,  # [bq] int32 global query positions
+    kv_pos_ref,  # [Sp] int32 global key positions
+    q_seg_ref,  # [bq] int32 query segment ids, or None
+    kv_seg_ref,  # [Sp] int32 key segment ids, or None
+    q_ref,  # [bq, H] queries of one (batch, q head)
+    k_ref,  # [Sp, H] keys of kv head n // G
+    v_ref,  # [Sp, Hv] values of kv head n // G
+    do_ref,  # [bq, Hv] output cotangent
+    lse_ref,  # [bq] f32 log2-domain LSE (0 for rows that see no key)
+    delta_ref,  # [bq] f32 rowsum(dO * O) - dLSE
+    dq_ref,  # [bq, H] out
+    *,
+    spec: MaskSpec,
+    scale: float,
+    soft_cap: float | None,
+    block_kv: int,
+    kv_len: int | None,
+    precision,
+):
+    q = q_ref[...]
+    do = do_ref[...]
+    lse = lse_ref[...][:, None]
+    delta = delta_ref[...][:, None]
+    q_pos = q_pos_ref[...][:, None]
+    q_seg = None if q_seg_ref is None else q_seg_ref[...][:, None]
+
+    def step(j, _head, dq, *, masked: bool):
+        start = pl.multiple_of(j * block_kv, block_kv)
+        k = k_ref[pl.ds(start, block_kv), :]
+        v = v_ref[pl.ds(start, block_kv), :]
+        s, t = log2_logits(dot(q, k, tb=True, precision=precision), scale, soft_cap)
+        if masked:
+            kv_pos = kv_pos_ref[pl.ds(start, block_kv)][None, :]
+            kv_seg = None if kv_seg_ref is None else kv_seg_ref[pl.ds(start, block_kv)][None, :]
+            kv_idx = (start + jnp.arange(block_kv, dtype=jnp.int32))[None, :]
+            mask = tile_mask(spec, q_pos, kv_pos, q_seg, kv_seg, kv_idx, kv_len)
+            if mask is not None:
+                s = jnp.where(mask, s, MASK_VALUE)
+        p = jnp.exp2(s - lse)
+        dp = dot(do, v, tb=True, precision=precision)
+        ds = p * (dp - delta)
+        if t is not None:
+            ds = ds * (1.0 - t * t)
+        return dq + dot(ds.astype(k.dtype), k, precision=precision)
+
+    dq = tile_loops(
+        bounds_ref, kind_ref, functools.partial(step, masked=True),
+        functools.partial(step, masked=False), jnp.zeros(q.shape, jnp.float32),
+    )
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+# ----------------------------------------------------------------------------- dK/dV kernel
+
+
+def _dkv_kernel(
+    bounds_ref,  # [4] int32: q_start, run_start, run_stop, q_stop of this kv block
+    kind_ref,  # [nq] int8: EMPTY / PARTIAL / FULL of each q tile for this kv block
+    q_pos_ref,  # [Tp] int32 global query positions
+    kv_pos_ref,  # [bk] int32 global key positions
+    q_seg_ref,  # [Tp] int32 query segment ids, or None
+    kv_seg_ref,  # [bk] int32 key segment ids, or None
+    q_ref,  # [Tp, G, H] queries of the G q heads that share this kv head
+    k_ref,  # [bk, H] keys
+    v_ref,  # [bk, Hv] values
+    do_ref,  # [Tp, G, Hv] output cotangent of the G q heads
+    lse_ref,  # [G, Tp] f32 log2-domain LSE (0 for rows that see no key)
+    delta_ref,  # [G, Tp] f32 rowsum(dO * O) - dLSE
+    dk_ref,  # [bk, H] out
+    dv_ref,  # [bk, Hv] out
+    *,
+    spec: MaskSpec,
+    scale: float,
+    soft_cap: float | None,
+    block_q: int,
+    kv_len: int | None,
+    precision,
+):
+    bk = k_ref.shape[0]
+    groups = q_ref.shape[1]
+    k = k_ref[...]
+    v = v_ref[...]
+    kv_pos = kv_pos_ref[...][:, None]
+    kv_seg = None if kv_seg_ref is None else kv_seg_ref[...][:, None]
+    kv_idx = (pl.program_id(0) * bk + jnp.arange(bk, dtype=jnp.int32))[:, None]
+
+    def step(i, gi, carry, *, masked: bool):
+        dk, dv = carry
+        start = pl.multiple_of(i * block_q, block_q)
+        q = q_ref[pl.ds(start, block_q), gi, :]
+        do = do_ref[pl.ds(start, block_q), gi, :]
+        lse = lse_ref[gi, pl.ds(start, block_q)][None, :]
+        delta = delta_ref[gi, pl.ds(start, block_q)][None, :]
+        s_t, t_t = log2_logits(dot(k, q, tb=True, precision=precision), scale, soft_cap)
+        if masked:
+            q_pos = q_pos_ref[pl.ds(start, block_q)][None, :]
+            q_seg = None if q_seg_ref is None else q_seg_ref[pl.ds(start, block_q)][None, :]
+            mask = tile_mask(spec, q_pos, kv_pos, q_seg, kv_seg, kv_idx, kv_len)
+            if mask is not None:
+                s_t = jnp.where(mask, s_t, MASK_VALUE)
+        p_t = jnp.exp2(s_t - lse)  # [bk, bq]
+        dv = dv + dot(p_t.astype(do.dtype), do, precision=precision)
+        dp_t = dot(v, do, tb=True, precision=precision)
+        ds_t = p_t * (dp_t - delta)
+        if t_t is not None:
+            ds_t = ds_t * (1.0 - t_t * t_t)
+        dk = dk + dot(ds_t.astype(q.dtype), q, precision=precision)
+        return dk, dv
+
+    # Every q block of every head in the group; one flat loop per kind of tile.
+    dk, dv = tile_loops(
+        bounds_ref, kind_ref, functools.partial(step, masked=True),
+        functools.partial(step, masked=False),
+        (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)), fold=groups,
+    )
+    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ----------------------------------------------------------------------------- wrapper
+
+
+def flash_backward(
+    q, k, v, q_pos, kv_pos, q_seg, kv_seg, plan: TilePlan, out, lse, d_out, d_lse, *,
+    spec: MaskSpec, scale: float, soft_cap: float | None, config: FlashConfig, interpret: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Gradients of ``flash_attention`` with respect to q, k, v.
+
+    Args:
+      q, k, v, q_pos, kv_pos, q_seg, kv_seg: the forward inputs (unpadded).
+      plan: the forward's :class:`TilePlan` (its dq / dkv parts are used here).
+      out: [B, T, N, Hv] and lse: [B, T, N] f32, the forward outputs.
+      d_out, d_lse: their cotangents.
+
+    Returns:
+      (dq [B, T, N, H], dk [B, S, K, H], dv [B, S, K, Hv]) in the input dtypes.
+    """
+    b, t, n, h = q.shape
+    s, kh, hv = k.shape[1], k.shape[2], v.shape[-1]
+    g = n // kh
+    tiles = tiling(config, t, s)
+    (bq_dq, bk_dq), (bq_kv, bk_kv) = tiles.dq, tiles.dkv
+    tp, sp = tiles.bwd_tp, tiles.bwd_sp
+    kv_len = None if sp == s else s
+    precision = dot_precision(q.dtype)
+    params = plgpu.CompilerParams(
+        num_warps=config.num_warps_bwd, num_stages=config.num_stages_bwd
+    )
+
+    # Per-row terms, laid out [B, N, Tp] so kernels read them contiguously. Padded rows get
+    # delta = 0 and dO = 0, so they contribute nothing; lse2 = 0 keeps their p finite.
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    delta = delta - d_lse.astype(jnp.float32)
+    lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, 0.0)
+    delta = pad_axis(jnp.swapaxes(delta, 1, 2), 2, tp)
+    lse2 = pad_axis(jnp.swapaxes(lse2, 1, 2), 2, tp)
+    qp, kp, vp, q_pos, kv_pos, q_seg, kv_seg = pad_inputs(
+        q, k, v, q_pos, kv_pos, q_seg, kv_seg, tp, sp
+    )
+    do = pad_axis(d_out, 1, tp)
+    common = dict(spec=spec, scale=scale, soft_cap=soft_cap, kv_len=kv_len, precision=precision)
+
+    # dQ: grid over (q block, batch, q head), last q blocks first (they are the longest).
+    bm, nq, nk = plan.dq_kind.shape
+
+    def qi(i):
+        return nq - 1 - i
+
+    def dq_meta_map(i, bi, ni):
+        return (bi if bm > 1 else 0, qi(i), 0)
+
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, block_kv=bk_dq, **common),
+        grid=(nq, b, n),
+        in_specs=[
+            pl.BlockSpec((None, None, 4), dq_meta_map),
+            pl.BlockSpec((None, None, nk), dq_meta_map),
+            pl.BlockSpec((bq_dq,), lambda i, bi, ni: (qi(i),)),
+            pl.BlockSpec((sp,), lambda i, bi, ni: (0,)),
+            None if q_seg is None else pl.BlockSpec((None, bq_dq), lambda i, bi, ni: (bi, qi(i))),
+            None if kv_seg is None else pl.BlockSpec((None, sp), lambda i, bi, ni: (bi, 0)),
+            pl.BlockSpec((None, bq_dq, None, h), lambda i, bi, ni: (bi, qi(i), ni, 0)),
+            pl.BlockSpec((None, sp, None, h), lambda i, bi, ni: (bi, 0, ni // g, 0)),
+            pl.BlockSpec((None, sp, None, hv), lambda i, bi, ni: (bi, 0, ni // g, 0)),
+            pl.BlockSpec((None, bq_dq, None, hv), lambda i, bi, ni: (bi, qi(i), ni, 0)),
+            pl.BlockSpec((None, None, bq_dq), lambda i, bi, ni: (bi, ni, qi(i))),
+            pl.BlockSpec((None, None, bq_dq), lambda i, bi, ni: (bi, ni, qi(i))),
+        ],
+        out_specs=pl.BlockSpec((None, bq_dq, None, h), lambda i, bi, ni: (bi, qi(i), ni, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, tp, n, h), q.dtype),
+        compiler_params=params,
+        interpret=interpret,
+        name="flash_attention_bwd_dq",
+    )(
+        plan.dq_bounds, plan.dq_kind,
+        q_pos, kv_pos, q_seg, kv_seg, qp, kp, vp, do, lse2, delta,
+    )
+
+    # dK/dV: grid over (kv block, batch, kv head); each program covers its G q heads.
+    bm, nk, nq = plan.dkv_kind.shape
+
+    def kv_meta_map(j, bi, ki):
+        return (bi if bm > 1 else 0, j, 0)
+
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, block_q=bq_kv, **common),
+        grid=(nk, b, kh),
+        in_specs=[
+            pl.BlockSpec((None, None, 4), kv_meta_map),
+            pl.BlockSpec((None, None, nq), kv_meta_map),
+            pl.BlockSpec((tp,), lambda j, bi, ki: (0,)),
+            pl.BlockSpec((bk_kv,), lambda j, bi, ki: (j,)),
+            None if q_seg is None else pl.BlockSpec((None, tp), lambda j, bi, ki: (bi, 0)),
+            None if kv_seg is None else pl.BlockSpec((None, bk_kv), lambda j, bi, ki: (bi, j)),
+            pl.BlockSpec((None, tp, g, h), lambda j, bi, ki: (bi, 0, ki, 0)),
+            pl.BlockSpec((None, bk_kv, None, h), lambda j, bi, ki: (bi, j, ki, 0)),
+            pl.BlockSpec((None, bk_kv, None, hv), lambda j, bi, ki: (bi, j, ki, 0)),
+            pl.BlockSpec((None, tp, g, hv), lambda j, bi, ki: (bi, 0, ki, 0)),
+            pl.BlockSpec((None, g, tp), lambda j, bi, ki: (bi, ki, 0)),
+            pl.BlockSpec((None, g, tp), lambda j, bi, ki: (bi, ki, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, bk_kv, None, h), lambda j, bi, ki: (bi, j, ki, 0)),
+            pl.BlockSpec((None, bk_kv, None, hv), lambda j, bi, ki: (bi, j, ki, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, sp, kh, h), k.dtype),
+            jax.ShapeDtypeStruct((b, sp, kh, hv), v.dtype),
+        ],
+        compiler_params=params,
+        interpret=interpret,
+        name="flash_attention_bwd_dkv",
+    )(
+        plan.dkv_bounds, plan.dkv_kind,
+        q_pos, kv_pos, q_seg, kv_seg, qp, kp, vp, do, lse2, delta,
+    )
+    return dq[:, :t], dk[:, :s], dv[:, :s]
