@@ -42,6 +42,7 @@ from pallas_kernels.common.masks import (
     block_metadata,
     visible,
 )
+from pallas_kernels.gpu.tuned import tuned_fields
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -112,13 +113,26 @@ class FlashConfig:
                 raise ValueError(f"{name} must be a positive int, got {st!r}")
 
     @classmethod
-    def get_default(cls, *, head_dim: int | None = None) -> FlashConfig:
-        """Starting points for an H100 by head dim, not yet tuned on one.
+    def get_default(
+        cls, *, head_dim: int | None = None, causal: bool | None = None,
+        device_kind: str | None = None,
+    ) -> FlashConfig:
+        """Tuned sizes for this GPU if ``tuned_configs.json`` has them, else hand-picked ones.
 
-        Tiles shrink and warps grow with the head dim so that the f32 accumulators (the
-        forward's [block_q, H] output, the dK/dV kernel's two [block_kv_dkv, H]) stay at about
-        64 registers per thread. The class defaults are the head-dim-128 ones.
+        The tuned table (``pallas_kernels/gpu/tuned.py``) is keyed by device kind, head dim
+        and causal/full; it is written by ``python -m attnlab.autotune`` on the device.
+        Hand-picked fallbacks: tiles shrink and warps grow with the head dim so that the f32
+        accumulators (the forward's [block_q, H] output, the dK/dV kernel's two
+        [block_kv_dkv, H]) stay at about 64 registers per thread.
         """
+        base = cls._hand_picked(head_dim)
+        if head_dim is None or causal is None:
+            return base
+        fields = tuned_fields(head_dim, causal, device_kind)
+        return dataclasses.replace(base, **fields) if fields else base
+
+    @classmethod
+    def _hand_picked(cls, head_dim: int | None) -> FlashConfig:
         if head_dim is not None and head_dim > 128:
             return cls(
                 block_q=64, block_kv=32, num_warps=8, num_stages=2,
@@ -577,7 +591,7 @@ def flash_attention(
             f"{q_segment_ids.shape} and {kv_segment_ids.shape}"
         )
     if config is None:
-        config = FlashConfig.get_default(head_dim=h)
+        config = FlashConfig.get_default(head_dim=h, causal=spec.causal)
     q_seg = None if q_segment_ids is None else jnp.asarray(q_segment_ids, jnp.int32)
     kv_seg = None if kv_segment_ids is None else jnp.asarray(kv_segment_ids, jnp.int32)
     plan = None
