@@ -103,14 +103,16 @@ def _prepare(q, k, v, bias, kv_pos, q_seg, kv_seg, block_kv):
     return qg, kb, vb, kp, valid, ks, bb
 
 
-def _forward(q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap, block_kv):
+def _forward(
+    q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap, block_kv, with_entropy
+):
     b, t, n, _ = q.shape
     kh, hv = k.shape[2], v.shape[-1]
     g = n // kh
     qg, kb, vb, kp, valid, ks, bb = _prepare(q, k, v, bias, kv_pos, q_seg, kv_seg, block_kv)
 
     def step(carry, xs):
-        m, den, acc = carry
+        m, den, pz, acc = carry
         k_b, v_b, kp_b, valid_b, ks_b, bias_b = xs
         z, _ = _logits(qg, k_b, bias_b, scale, soft_cap)
         mask = _block_mask(spec, q_pos, kp_b, valid_b, q_seg, ks_b)
@@ -119,44 +121,63 @@ def _forward(q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap,
         alpha = jnp.exp(m - m_new)
         p = jnp.where(mask, jnp.exp(z - m_new[..., None]), 0.0)
         den = alpha * den + p.sum(-1)
+        if with_entropy:  # running sum_j exp(z_j - m) z_j, rescaled like den
+            pz = alpha * pz + jnp.sum(p * jnp.where(mask, z, 0.0), axis=-1)
         pv = jnp.einsum(
             "BKGTS,BSKH->BKGTH", p.astype(v.dtype), v_b, preferred_element_type=jnp.float32
         )
         acc = alpha[..., None] * acc + pv
-        return (m_new, den, acc), None
+        return (m_new, den, pz, acc), None
 
     init = (
         jnp.full((b, kh, g, t), MASK_VALUE, jnp.float32),
         jnp.zeros((b, kh, g, t), jnp.float32),
+        jnp.zeros((b, kh, g, t), jnp.float32),
         jnp.zeros((b, kh, g, t, hv), jnp.float32),
     )
-    (m, den, acc), _ = jax.lax.scan(step, init, (kb, vb, kp, valid, ks, bb))
+    (m, den, pz, acc), _ = jax.lax.scan(step, init, (kb, vb, kp, valid, ks, bb))
     seen = den > 0
-    out = acc / jnp.where(seen, den, 1.0)[..., None]
+    safe_den = jnp.where(seen, den, 1.0)
+    out = acc / safe_den[..., None]
     out = jnp.moveaxis(out, 3, 1).reshape(b, t, n, hv).astype(q.dtype)  # BKGTH -> BTKGH
-    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, den, 1.0)), -jnp.inf)
-    lse = jnp.moveaxis(lse, 3, 1).reshape(b, t, n)
-    return out, lse
+    lse = jnp.where(seen, m + jnp.log(safe_den), -jnp.inf)
+    # entropy = lse - sum_j p_j z_j (0 for rows that see nothing); zeros when not asked for.
+    ent = jnp.where(seen, lse - pz / safe_den, 0.0) if with_entropy else jnp.zeros_like(den)
+
+    def to_btn(x):  # [B, K, G, T] -> [B, T, N]
+        return jnp.moveaxis(x, 3, 1).reshape(b, t, n)
+
+    return out, to_btn(lse), to_btn(ent)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11, 12))
 def flash_attention_xla(
-    q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, spec: MaskSpec, scale, soft_cap, block_kv
+    q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, spec: MaskSpec, scale, soft_cap, block_kv,
+    with_entropy=False,
 ):
-    """Blockwise attention. Returns (out [B, T, N, Hv] q.dtype, lse [B, T, N] f32)."""
-    return _forward(q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap, block_kv)
+    """Blockwise attention.
 
-
-def _fwd(q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap, block_kv):
-    out, lse = _forward(
-        q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap, block_kv
+    Returns (out [B, T, N, Hv] q.dtype, lse [B, T, N] f32, entropy [B, T, N] f32); the entropy
+    is computed only when ``with_entropy`` (zeros otherwise). All three are differentiable.
+    """
+    return _forward(
+        q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap, block_kv,
+        with_entropy,
     )
-    return (out, lse), (q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, out, lse)
 
 
-def _bwd(spec, scale, soft_cap, block_kv, res, cts):
-    q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, out, lse = res
-    d_out, d_lse = cts
+def _fwd(q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap, block_kv,
+         with_entropy):
+    out, lse, ent = _forward(
+        q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap, block_kv,
+        with_entropy,
+    )
+    return (out, lse, ent), (q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, out, lse, ent)
+
+
+def _bwd(spec, scale, soft_cap, block_kv, with_entropy, res, cts):
+    q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, out, lse, ent = res
+    d_out, d_lse, d_ent = cts
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
@@ -170,6 +191,10 @@ def _bwd(spec, scale, soft_cap, block_kv, res, cts):
     delta = to_bkgt(jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1))
     delta = delta - to_bkgt(d_lse.astype(jnp.float32))
     lse_g = to_bkgt(jnp.where(jnp.isfinite(lse), lse, 0.0))
+    # Entropy H = lse - sum_j p_j z_j has dH/dz_j = -p_j (z_j - c) with c = sum_j p_j z_j
+    # = lse - H, so its cotangent adds -d_ent * p * (z - c) to dz.
+    d_ent_g = to_bkgt(d_ent.astype(jnp.float32)) if with_entropy else None
+    c_g = lse_g - to_bkgt(ent) if with_entropy else None
 
     def step(dq, xs):
         k_b, v_b, kp_b, valid_b, ks_b, bias_b = xs
@@ -181,6 +206,8 @@ def _bwd(spec, scale, soft_cap, block_kv, res, cts):
         )
         dp = jnp.einsum("BTKGH,BSKH->BKGTS", dog, v_b, preferred_element_type=jnp.float32)
         dz = p * (dp - delta[..., None])
+        if with_entropy:
+            dz = dz - d_ent_g[..., None] * p * jnp.where(mask, z - c_g[..., None], 0.0)
         dbias_b = None
         if bias_b is not None:
             dbias_b = dz.sum(

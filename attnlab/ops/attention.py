@@ -5,6 +5,7 @@ K key/value heads (N must be a multiple of K: GQA/MQA), H head dim (Hv for value
 
     out = softmax(cap(scale * q k^T) + bias, masked) v
     lse = log sum_j exp(logits_ij)       (per query row; -inf for a row that sees no key)
+    entropy = -sum_j p_ij log p_ij = lse - sum_j p_ij logits_ij   (0 for a row that sees no key)
 
 Every implementation registered here computes exactly this function; ``impl="auto"`` picks
 the fastest one that supports the call on the current platform, and never a different
@@ -40,6 +41,7 @@ class AttentionArgs(NamedTuple):
     positions_are_default: bool  # positions were 0..T-1 / 0..S-1 (no offsets given)
     config: Any
     return_residuals: bool = False
+    return_entropy: bool = False
 
 
 # ----------------------------------------------------------------------------- reference
@@ -61,7 +63,8 @@ def reference(
     logits_soft_cap: float | None = None,
     scale: float | None = None,
     return_residuals: bool = False,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+    return_entropy: bool = False,
+) -> jax.Array | tuple[jax.Array, ...]:
     """The definition of softmax attention, in plain ``jnp`` (materializes [B, N, T, S]).
 
     Same arguments and return values as :func:`attention`.
@@ -69,12 +72,18 @@ def reference(
     a = _normalize(
         q, k, v, bias, is_causal, local_window_size, segment_ids, q_offset, kv_offset,
         q_positions, kv_positions, logits_soft_cap, scale, None,
-    )
-    out, lse = _reference(q, k, v, a)
-    return (out, lse) if return_residuals else out
+    )._replace(return_entropy=return_entropy)
+    return _assemble(_reference(q, k, v, a), return_residuals, return_entropy)
 
 
-def _reference(q, k, v, a: AttentionArgs) -> tuple[jax.Array, jax.Array]:
+def _assemble(res: tuple[jax.Array, ...], return_residuals: bool, return_entropy: bool):
+    """(out, lse[, entropy]) -> out, (out, lse), (out, entropy) or (out, lse, entropy)."""
+    out, lse = res[0], res[1]
+    extra = ([lse] if return_residuals else []) + ([res[2]] if return_entropy else [])
+    return (out, *extra) if extra else out
+
+
+def _reference(q, k, v, a: AttentionArgs) -> tuple[jax.Array, ...]:
     b, t, n, h = q.shape
     kh = k.shape[2]
     qg = q.reshape(b, t, kh, n // kh, h).astype(jnp.float32)
@@ -98,9 +107,17 @@ def _reference(q, k, v, a: AttentionArgs) -> tuple[jax.Array, jax.Array]:
     lse = jax.nn.logsumexp(z, axis=-1)
     p = jnp.where(mask, jnp.exp(z - lse[..., None]), 0.0)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", p, v.astype(jnp.float32), precision=hi)
-    lse = jnp.where(mask.any(-1), lse, -jnp.inf)
+    seen = mask.any(-1)
     out = out.reshape(b, t, n, v.shape[-1]).astype(q.dtype)
-    return out, jnp.moveaxis(lse, 3, 1).reshape(b, t, n)
+
+    def to_btn(x):  # [B, K, G, T] -> [B, T, N]
+        return jnp.moveaxis(x, 3, 1).reshape(b, t, n)
+
+    result = (out, to_btn(jnp.where(seen, lse, -jnp.inf)))
+    if a.return_entropy:
+        entropy = jnp.where(seen, lse - jnp.sum(p * z, axis=-1), 0.0)
+        result += (to_btn(entropy),)
+    return result
 
 
 def _bias_bkgts(bias: jax.Array, kh: int) -> jax.Array:
@@ -115,8 +132,9 @@ def _bias_bkgts(bias: jax.Array, kh: int) -> jax.Array:
 class Implementation:
     """One way of computing attention.
 
-    fn(q, k, v, args) -> (out, lse). ``unsupported(q, k, v, args, platform)`` returns None if
-    the call is supported, else a sentence naming the argument that is not.
+    fn(q, k, v, args) -> (out, lse), or (out, lse, entropy) when ``args.return_entropy`` (only
+    for implementations with ``returns_entropy``). ``unsupported(q, k, v, args, platform)``
+    returns None if the call is supported, else a sentence naming the argument that is not.
     """
 
     name: str
@@ -124,13 +142,23 @@ class Implementation:
     unsupported: Callable[..., str | None]
     description: str
     returns_lse: bool = True
+    returns_entropy: bool = False
+
+    def why_not(self, q, k, v, a: AttentionArgs, plat: str) -> str | None:
+        """None if this implementation computes the call, else the reason (capabilities first)."""
+        if a.return_entropy and not self.returns_entropy:
+            return f"{self.name} does not compute the attention entropy (return_entropy=True)"
+        return self.unsupported(q, k, v, a, plat)
 
 
 _REGISTRY: dict[str, Implementation] = {}
 
-# Fastest first; "auto" takes the first that supports the call.
+# Fastest first; "auto" takes the first that supports the call. On GPU cuDNN is measured
+# faster than our Triton kernel (experiments/results/bench_attention_h100_*.json), so it goes
+# first where it applies; the Triton kernel takes what cuDNN cannot (offsets, position arrays,
+# segment ids, soft-cap, the LSE, entropy).
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "gpu": ("pallas_triton", "cudnn", "xla"),
+    "gpu": ("cudnn", "pallas_triton", "xla"),
     "tpu": ("pallas_tpu", "xla"),
     "cpu": ("xla",),
 }
@@ -167,7 +195,7 @@ def choose(q, k, v, a: AttentionArgs, impl: str, plat: str | None = None) -> Imp
             cand = _REGISTRY.get(name)
             if cand is None:
                 continue
-            why = cand.unsupported(q, k, v, a, plat)
+            why = cand.why_not(q, k, v, a, plat)
             if why is None:
                 return cand
             reasons.append(f"{name}: {why}")
@@ -177,7 +205,7 @@ def choose(q, k, v, a: AttentionArgs, impl: str, plat: str | None = None) -> Imp
             f"unknown impl {impl!r}; expected 'auto', 'pallas' or one of {sorted(_REGISTRY)}"
         )
     cand = _REGISTRY[impl]
-    why = cand.unsupported(q, k, v, a, plat)
+    why = cand.why_not(q, k, v, a, plat)
     if why is not None:
         raise NotImplementedError(f"impl={impl!r} does not support this call: {why}")
     return cand
@@ -192,17 +220,18 @@ def explain(q, k, v, *, impl_names: tuple[str, ...] | None = None, plat: str | N
     _load_kernels()
     plat = plat or platform()
     return_residuals = kwargs.pop("return_residuals", False)
+    return_entropy = kwargs.pop("return_entropy", False)
     a = _normalize(
         q, k, v, kwargs.pop("bias", None), kwargs.pop("is_causal", False),
         kwargs.pop("local_window_size", None), kwargs.pop("segment_ids", None),
         kwargs.pop("q_offset", 0), kwargs.pop("kv_offset", 0), kwargs.pop("q_positions", None),
         kwargs.pop("kv_positions", None), kwargs.pop("logits_soft_cap", None),
         kwargs.pop("scale", None), kwargs.pop("config", None),
-    )._replace(return_residuals=return_residuals)
+    )._replace(return_residuals=return_residuals, return_entropy=return_entropy)
     if kwargs:
         raise ValueError(f"unknown arguments {sorted(kwargs)}")
     names = impl_names or tuple(_REGISTRY)
-    return {n: _REGISTRY[n].unsupported(q, k, v, a, plat) for n in names if n in _REGISTRY}
+    return {n: _REGISTRY[n].why_not(q, k, v, a, plat) for n in names if n in _REGISTRY}
 
 
 def auto_choice(q, k, v, *, plat: str | None = None, **kwargs) -> str:
@@ -253,9 +282,10 @@ def attention(
     logits_soft_cap: float | None = None,
     scale: float | None = None,
     return_residuals: bool = False,
+    return_entropy: bool = False,
     impl: str = "auto",
     config: Any = None,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+) -> jax.Array | tuple[jax.Array, ...]:
     """Softmax attention with masks, GQA, soft-cap and an exact log-sum-exp.
 
     Args:
@@ -276,12 +306,16 @@ def attention(
       scale: logits scale, default 1 / sqrt(H).
       return_residuals: also return lse [B, T, N] float32, the natural log-sum-exp of each
         row's logits (-inf for a row that sees no key).
+      return_entropy: also return the attention entropy of each row, [B, T, N] float32,
+        -sum_j p_ij log p_ij (0 for a row that sees no key), computed from the same pass
+        (lse - sum_j p_ij z_ij) and differentiable (entropy-regularized training).
       impl: "auto", "reference", "xla", "cudnn", "pallas", "pallas_triton", "pallas_tpu".
       config: block-size config of the chosen implementation (e.g. ``XlaConfig``).
 
     Returns:
-      out [B, T, N, Hv] in q's dtype, or (out, lse) when ``return_residuals``. Rows that see
-      no key give 0 output (never NaN).
+      out [B, T, N, Hv] in q's dtype; with ``return_residuals`` and/or ``return_entropy`` a
+      tuple (out, lse) / (out, entropy) / (out, lse, entropy). Rows that see no key give 0
+      output (never NaN).
 
     Raises:
       ValueError: bad shapes, dtypes or arguments, unknown impl.
@@ -293,10 +327,9 @@ def attention(
     a = _normalize(
         q, k, v, bias, is_causal, local_window_size, segment_ids, q_offset, kv_offset,
         q_positions, kv_positions, logits_soft_cap, scale, config,
-    )._replace(return_residuals=return_residuals)
+    )._replace(return_residuals=return_residuals, return_entropy=return_entropy)
     chosen = choose(q, k, v, a, impl)
-    out, lse = chosen.fn(q, k, v, a)
-    return (out, lse) if return_residuals else out
+    return _assemble(chosen.fn(q, k, v, a), return_residuals, return_entropy)
 
 
 def _normalize(
@@ -398,11 +431,12 @@ def _never(q, k, v, a, plat) -> str | None:
 def _xla_fn(q, k, v, a: AttentionArgs):
     cfg = a.config if isinstance(a.config, XlaConfig) else XlaConfig.get_default()
     seg = a.segment_ids
-    return flash_attention_xla(
+    out, lse, ent = flash_attention_xla(
         q, k, v, a.bias, a.q_positions, a.kv_positions,
         None if seg is None else seg.q, None if seg is None else seg.kv,
-        a.spec, a.scale, a.logits_soft_cap, cfg.block_kv,
+        a.spec, a.scale, a.logits_soft_cap, cfg.block_kv, a.return_entropy,
     )
+    return (out, lse, ent) if a.return_entropy else (out, lse)
 
 
 def _cudnn_unsupported(q, k, v, a: AttentionArgs, plat: str) -> str | None:
@@ -424,6 +458,8 @@ def _cudnn_unsupported(q, k, v, a: AttentionArgs, plat: str) -> str | None:
         return "cuDNN takes no config"
     if a.return_residuals:
         return "cuDNN (through jax.nn) cannot return the log-sum-exp (return_residuals=True)"
+    if a.return_entropy:
+        return "cuDNN (through jax.nn) cannot return the attention entropy (return_entropy=True)"
     return None
 
 
@@ -443,12 +479,14 @@ def _cudnn_fn(q, k, v, a: AttentionArgs):
 
 register(
     Implementation(
-        "reference", _reference, _never, "plain jnp definition; materializes [B, N, T, S]"
+        "reference", _reference, _never, "plain jnp definition; materializes [B, N, T, S]",
+        returns_entropy=True,
     )
 )
 register(
     Implementation(
-        "xla", _xla_fn, _never, "blockwise online softmax in JAX; memory linear in sequence"
+        "xla", _xla_fn, _never, "blockwise online softmax in JAX; memory linear in sequence",
+        returns_entropy=True,
     )
 )
 register(

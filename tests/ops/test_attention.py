@@ -329,3 +329,83 @@ def test_single_segment_array_needs_equal_lengths():
 def test_xla_config_rejects_bad_block():
     with pytest.raises(ValueError, match="block_kv must be positive"):
         XlaConfig(block_kv=0)
+
+
+# ----------------------------------------------------------------------------- entropy
+
+
+def _numpy_entropy(q, k, v, kwargs, t, s):
+    """Row entropy -sum p log p from the float64 oracle's probabilities."""
+    out, lse = numpy_oracle(q, k, v, **_oracle_kwargs(kwargs, t, s))
+    # Recover p from the oracle by recomputing logits in float64 (same definition).
+    kw = _oracle_kwargs(kwargs, t, s)
+    qf, kf = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    b, _, n, h = qf.shape
+    g = n // kf.shape[2]
+    ent = np.zeros((b, t, n))
+    for bi in range(b):
+        for ni in range(n):
+            z = qf[bi, :, ni] @ kf[bi, :, ni // g].T / np.sqrt(h)
+            if kw["soft_cap"] is not None:
+                z = kw["soft_cap"] * np.tanh(z / kw["soft_cap"])
+            ok = np.ones((t, s), bool)
+            qp, kp = kw["q_pos"][:, None], kw["kv_pos"][None, :]
+            if kw["causal"]:
+                ok &= kp <= qp
+            if kw["window"][0] is not None:
+                ok &= kp >= qp - kw["window"][0]
+            if kw["window"][1] is not None:
+                ok &= kp <= qp + kw["window"][1]
+            if kw["q_seg"] is not None:
+                ok &= np.asarray(kw["q_seg"])[bi][:, None] == np.asarray(kw["kv_seg"])[bi][None]
+            for ti in range(t):
+                if ok[ti].any():
+                    p = np.exp(z[ti][ok[ti]] - lse[bi, ti, ni])
+                    ent[bi, ti, ni] = -np.sum(p * np.log(p))
+    return ent
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES[:2] + ATTENTION_CASES[7:], ids=repr)
+def test_entropy_reference_matches_oracle(case, key):
+    q, k, v, kwargs = case_inputs(case, key)
+    _, ent = reference(q, k, v, return_entropy=True, **kwargs)
+    np.testing.assert_allclose(ent, _numpy_entropy(q, k, v, kwargs, case.t, case.s), atol=3e-5)
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=repr)
+def test_xla_entropy_values_and_gradients(case, key):
+    q, k, v, kwargs = case_inputs(case, key)
+    cfg = XlaConfig(block_kv=16)
+
+    def loss(impl, **extra):
+        def f(q, k, v):
+            out, lse, ent = attention(q, k, v, impl=impl, return_residuals=True,
+                                      return_entropy=True, **extra, **kwargs)
+            w = jnp.sin(jnp.arange(ent.size, dtype=jnp.float32).reshape(ent.shape))
+            return jnp.sum(out * jnp.cos(out)) + jnp.sum(ent * w) + 0.1 * jnp.sum(
+                jnp.where(jnp.isfinite(lse), lse, 0.0))
+        return f
+
+    _, ent = attention(q, k, v, impl="xla", config=cfg, return_entropy=True, **kwargs)
+    _, ref_ent = reference(q, k, v, return_entropy=True, **kwargs)
+    np.testing.assert_allclose(ent, ref_ent, atol=2e-5)
+    assert (np.asarray(ent) >= -1e-5).all()
+    g = jax.jit(jax.grad(loss("xla", config=cfg), argnums=(0, 1, 2)))(q, k, v)
+    r = jax.jit(jax.grad(loss("reference"), argnums=(0, 1, 2)))(q, k, v)
+    for a_, r_ in zip(g, r):
+        assert np.isfinite(np.asarray(a_)).all()
+        np.testing.assert_allclose(a_, r_, atol=1e-4)
+
+
+def test_entropy_return_shapes_and_refusals(key):
+    q, k, v = random_qkv(key, 1, 8, 8, 2, 2, 16)
+    out, ent = attention(q, k, v, return_entropy=True)
+    assert out.shape == q.shape and ent.shape == (1, 8, 2)
+    out, lse, ent2 = attention(q, k, v, return_residuals=True, return_entropy=True)
+    np.testing.assert_array_equal(ent, ent2)
+    x = jax.ShapeDtypeStruct((1, 128, 4, 64), jnp.bfloat16)
+    assert "entropy" in explain(x, x, x, plat="gpu", return_entropy=True)["cudnn"]
+    # Identical keys give uniform attention over the n keys: entropy log(n).
+    same = jnp.broadcast_to(k[:, :1], k.shape)
+    _, ent = attention(q, same, v, return_entropy=True)
+    np.testing.assert_allclose(ent, np.log(8), atol=1e-5)
