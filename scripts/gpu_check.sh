@@ -3,10 +3,12 @@
 # the anchors (cuDNN and XLA through jax.nn, tokamax when its wheels are carried).
 #
 # Run from the repo root there (the device tool's working tree):
-#   bash scripts/gpu_check.sh                 # carry [".whl"] as well to time tokamax
+#   bash scripts/gpu_check.sh [steps]         # carry [".whl"] as well to time tokamax
+# steps: any of tests, info, bench, decode, memory (default: all of them). Each step fits
+# the budget given below; split them over two calls when all do not fit one 10-minute call.
 # The package is not installed on that machine (JAX 0.11.2, Python 3.12, no network), so it
 # runs from the tree through PYTHONPATH. Results land in $OUT (the tool's output folder).
-# Budget: under 10 minutes in all (tests 210 s, info 60 s, bench 310 s at most); each step has
+# Budget per step: tests 280 s, info 60 s, bench 310 s, decode 120 s, memory 90 s; each step has
 # its own timeout so a slow one cannot eat the next one's share, and no step's failure stops
 # the others.
 set -u
@@ -43,17 +45,25 @@ python3 -c 'import jax, jaxlib; print("jax", jax.__version__, "jaxlib", jaxlib._
 python3 -c 'import tokamax; print("tokamax", getattr(tokamax, "__version__", "?"))' 2>/dev/null \
   || echo "tokamax: not importable (carry .whl to time it)"
 
+STEPS=${*:-tests info bench decode memory}
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+
+if want tests; then
 echo "== GPU tests"
 set -o pipefail
-timeout 210 python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log"
+timeout ${GPU_TEST_TIMEOUT:-280} python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log"
 rc=$?
 set +o pipefail
 echo "gpu tests exit status: $rc"
 [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ] && status=1  # 5: no test collected
+fi
 
+if want info; then
 echo "== attnlab info"
 timeout 60 python3 -m attnlab.cli info --json > "$OUT/info.json" || status=1
+fi
 
+if want bench; then
 echo "== bench attention (H=16, D=128, B*S=32768, bf16; fwd both masks, fwd+bwd causal)"
 # The bench rewrites its JSON after every (S, causal, pass) group, so a timeout keeps what ran.
 timeout 310 python3 -m attnlab.cli bench attention --shapes 2048,8192,32768 \
@@ -61,6 +71,19 @@ timeout 310 python3 -m attnlab.cli bench attention --shapes 2048,8192,32768 \
   --causal both --passes fwd,fwdbwd --bwd-causal-only --repeats 20 \
   --out "$OUT/bench_attention_h100.json" 2>&1 | tee "$OUT/bench_attention.log"
 [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+fi
+
+if want decode && [ -f attnlab/bench_decode.py ]; then
+echo "== bench decode (T=1, GQA 8, bf16, KV 32K-128K)"
+timeout 120 python3 -m attnlab.bench_decode --out "$OUT/bench_decode_h100.json" 2>&1 \
+  | tee "$OUT/bench_decode.log" || status=1
+fi
+
+if want memory; then
+echo "== peak temp memory at 32K vs 64K (compiled, causal, bf16, H=16, D=128)"
+timeout 90 python3 scripts/memory_check.py --lengths 32768,65536 \
+  --out "$OUT/memory_h100.json" || status=1
+fi
 
 echo "gpu_check: done (status $status)"
 exit $status
