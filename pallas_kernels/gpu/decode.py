@@ -1,0 +1,373 @@
+"""Split-K decode attention on GPU: a Pallas kernel lowered to Triton (CPU-interpretable).
+
+Decoding asks few queries (T = 1..64 per sequence) against a long K/V cache, so the work is a
+streaming read of the cache and the kernel's only job is to read every K/V byte once, with
+enough programs in flight to saturate memory bandwidth:
+
+* The grid is ``(B, K * row_blocks, P)``: one program per (sequence, kv head, split of the key
+  axis). A split covers ``keys_per_split`` consecutive cache entries and walks them in tiles
+  of ``block_kv`` keys.
+* GQA/MQA is packed: the G = N / K query heads of a kv head and the T queries form the
+  ``G * T`` rows of one query tile (row ``r`` is query ``r // G`` of head ``r % G`` of the
+  group), padded to at least 16 rows for ``tl.dot``. Each K/V tile is therefore loaded once for
+  all of them. Only when ``G * T`` exceeds ``block_rows`` are the rows split over several
+  programs (each then re-reads its K/V).
+* Ragged batches: a sequence's valid length ``kv_lengths[b]`` bounds the tile loop (tiles past
+  it are never loaded), and with a local window tiles before the window are skipped too.
+* The cache is never padded or copied: the last tile of the key axis is shifted back to end
+  at ``S`` and its keys already seen by the previous tile are masked out, so no load is out of
+  bounds for any ``S >= 16``.
+
+Each program writes its split's partial result: the output normalized within the split and
+the split's log-sum-exp (``-inf`` if it saw no key). The caller combines the P partials
+exactly by their LSE (``attnlab.ops.merge_n``); kernels never import ops, so the merge is not
+here. Forward only: there is no VJP (decoding is inference).
+
+Semantics of the mask: query ``t`` of sequence ``b`` sits at position
+``kv_lengths[b] - T + t`` (the T queries are the sequence's last T tokens) and sees cache key
+``j`` iff ``j < kv_lengths[b]`` and :func:`~pallas_kernels.common.masks.visible` allows the
+pair (causal, optional window). Masked logits use the finite ``MASK_VALUE``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, visible
+from pallas_kernels.gpu.flash_fwd import (
+    LN2,
+    M_INIT,
+    MIN_BLOCK,
+    dot,
+    dot_precision,
+    log2_logits,
+    pad_axis,
+)
+
+CAUSAL = MaskSpec(causal=True)
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# Splits are sized so that about this many programs run (several waves on an H100's 132 SMs,
+# so the last wave's tail is short), within [MIN_SPLIT, MAX_SPLIT] keys per program.
+TARGET_PROGRAMS = 512
+MIN_SPLIT = 512
+MAX_SPLIT = 8192
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and not x & (x - 1)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class DecodeConfig:
+    """Tiling and launch parameters of the Triton decode kernel (untuned starting points).
+
+    Attributes:
+      block_kv: keys per inner step; a power of two, at least 16. Shrunk to fit short caches.
+      keys_per_split: keys per program (the split-K chunk), a multiple of ``block_kv``; None
+        picks it from the shape (about ``TARGET_PROGRAMS`` programs, within
+        [``MIN_SPLIT``, ``MAX_SPLIT``] keys), see :meth:`split_size`.
+      block_rows: most query rows (G * T) per program; a power of two, at least 16. Larger
+        groups are split over several programs.
+      num_warps, num_stages: Triton warps per program and software-pipelining depth of the
+        key loop.
+    """
+
+    block_kv: int = 64
+    keys_per_split: int | None = None
+    block_rows: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_kv", "block_rows"):
+            b = getattr(self, name)
+            if not isinstance(b, int) or isinstance(b, bool) or not _is_pow2(b):
+                raise ValueError(f"{name} must be a power of two, got {b!r}")
+            if b < MIN_BLOCK:
+                raise ValueError(
+                    f"{name} must be at least {MIN_BLOCK} (the smallest tile Triton's dot "
+                    f"accepts), got {b}"
+                )
+        kps = self.keys_per_split
+        if kps is not None:
+            if not isinstance(kps, int) or isinstance(kps, bool) or kps <= 0:
+                raise ValueError(f"keys_per_split must be a positive int or None, got {kps!r}")
+            if kps % self.block_kv:
+                raise ValueError(
+                    f"keys_per_split={kps} must be a multiple of block_kv={self.block_kv}; try "
+                    f"{-(-kps // self.block_kv) * self.block_kv}"
+                )
+        w = self.num_warps
+        if not isinstance(w, int) or not _is_pow2(w) or w > 32:
+            raise ValueError(f"num_warps must be a power of two in [1, 32], got {w!r}")
+        if not isinstance(self.num_stages, int) or self.num_stages <= 0:
+            raise ValueError(f"num_stages must be a positive int, got {self.num_stages!r}")
+
+    @classmethod
+    def get_default(cls) -> DecodeConfig:
+        """Defaults for an H100-class GPU (not yet tuned on one)."""
+        return cls()
+
+    def split_size(self, programs_per_split: int, s: int, block_kv: int) -> int:
+        """Keys per split for a cache of ``s`` keys, ``programs_per_split`` = B * K * row
+        blocks, tiles of ``block_kv``: the configured value, or about ``TARGET_PROGRAMS``
+        programs in all, as a power-of-two multiple of the tile."""
+        if self.keys_per_split is not None:
+            return max(block_kv, min(self.keys_per_split, _round_up(s, block_kv)))
+        want = -(-programs_per_split * s // TARGET_PROGRAMS)
+        kps = min(max(pl.next_power_of_2(want), MIN_SPLIT), MAX_SPLIT)
+        return max(block_kv, min(kps, _round_up(s, block_kv)))
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+class Tiling(NamedTuple):
+    """Static tiling of one call (see :func:`tiling`)."""
+
+    n_rows: int  # G * T query rows per kv head
+    block_rows: int  # rows per program (power of two >= 16)
+    row_blocks: int  # programs per kv head along the rows
+    s_eff: int  # cache length the kernel sees (S, or 16 when S < 16: padded)
+    block_kv: int  # keys per tile
+    keys_per_split: int  # keys per program
+    num_splits: int  # P, programs along the key axis
+
+
+def tiling(config: DecodeConfig, b: int, t: int, n: int, kh: int, s: int) -> Tiling:
+    """The :class:`Tiling` of a call with q [b, t, n, H] and a [b, s, kh, H] cache."""
+    n_rows = (n // kh) * t
+    if n_rows > config.block_rows:
+        block_rows = config.block_rows
+    else:
+        block_rows = max(MIN_BLOCK, pl.next_power_of_2(n_rows))
+    row_blocks = -(-n_rows // block_rows)
+    # Short caches get the largest power-of-two tile that fits; only a cache shorter than 16
+    # keys is padded (a copy of at most 15 keys per head).
+    s_eff = max(s, MIN_BLOCK)
+    block_kv = min(config.block_kv, 1 << (s_eff.bit_length() - 1))
+    kps = config.split_size(b * kh * row_blocks, s, block_kv)
+    return Tiling(n_rows, block_rows, row_blocks, s_eff, block_kv, kps, -(-s // kps))
+
+
+# ----------------------------------------------------------------------------- kernel
+
+
+def _decode_kernel(
+    len_ref,  # [] int32: valid cache length of this sequence
+    q_ref,  # [Rb, H] query rows of one (batch, kv head, row block); row r = (t, g) t-major
+    k_ref,  # [S_eff, H] keys of this (batch, kv head); S_eff = max(S, 16)
+    v_ref,  # [S_eff, H] values of this (batch, kv head)
+    o_ref,  # [Rb, H] f32 out: partial output of this split, normalized within the split
+    lse_ref,  # [Rb] f32 out: natural-log LSE of this split, -inf for rows that saw no key
+    *,
+    spec: MaskSpec,
+    scale: float,
+    soft_cap: float | None,
+    t: int,
+    g: int,
+    s: int,
+    s_eff: int,
+    n_rows: int,
+    row_blocks: int,
+    block_kv: int,
+    keys_per_split: int,
+    precision,
+):
+    rb_size = q_ref.shape[0]
+    rb = pl.program_id(1) % row_blocks
+    split = pl.program_id(2)
+    length = len_ref[()]
+
+    split_lo = split * keys_per_split
+    split_hi = jnp.minimum(jnp.minimum(split_lo + keys_per_split, length), s)  # real S
+    first = jnp.int32(0)
+    if spec.window_left is not None:
+        # The earliest query (position length - T) sees nothing before this key.
+        lo = length - t - spec.window_left
+        first = lax.div(jnp.maximum(lo - split_lo, 0), block_kv)
+    n_tiles = lax.div(jnp.maximum(split_hi - split_lo, 0) + block_kv - 1, block_kv)
+
+    rows = rb * rb_size + jnp.arange(rb_size, dtype=jnp.int32)
+    # Rows past G * T (the group padded to a power of two) are neither loaded nor stored.
+    row_mask = None if n_rows % rb_size == 0 else (rows < n_rows)
+    tile_mask = None if row_mask is None else row_mask[:, None]
+    q = plgpu.load(q_ref, mask=tile_mask, other=None if row_mask is None else 0.0)
+    q_pos = (length - t + lax.div(rows, g))[:, None]  # [Rb, 1]
+
+    def step(i, carry):
+        m, row_sum, acc = carry
+        start = split_lo + i * block_kv
+        # The cache's last tile is shifted back to end at S (no out-of-bounds load); keys it
+        # shares with the previous tile are masked by `kv_idx >= start`.
+        start_c = jnp.minimum(start, s_eff - block_kv)
+        k = k_ref[pl.ds(start_c, block_kv), :]
+        v = v_ref[pl.ds(start_c, block_kv), :]
+        z, _ = log2_logits(dot(q, k, tb=True, precision=precision), scale, soft_cap)
+        kv_idx = (start_c + jnp.arange(block_kv, dtype=jnp.int32))[None, :]
+        mask = (kv_idx >= start) & (kv_idx < split_hi)
+        pos_mask = visible(spec, q_pos, kv_idx)
+        if pos_mask is not None:
+            mask = mask & pos_mask
+        z = jnp.where(mask, z, MASK_VALUE)
+        m_new = jnp.maximum(m, z.max(axis=-1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(z - m_new[:, None])
+        row_sum = alpha * row_sum + p.sum(axis=-1)
+        acc = alpha[:, None] * acc + dot(p.astype(v.dtype), v, precision=precision)
+        return m_new, row_sum, acc
+
+    carry = (
+        jnp.full((rb_size,), M_INIT, jnp.float32),
+        jnp.zeros((rb_size,), jnp.float32),
+        jnp.zeros((rb_size, v_ref.shape[-1]), jnp.float32),
+    )
+    m, row_sum, acc = lax.fori_loop(first, n_tiles, step, carry)
+
+    seen = row_sum > 0.0
+    l_safe = jnp.where(seen, row_sum, 1.0)
+    o = acc / l_safe[:, None]
+    # -inf is the public contract for "saw no key", not a logit.
+    lse = jnp.where(seen, (m + jnp.log2(l_safe)) * LN2, -jnp.inf)
+    plgpu.store(o_ref, o, mask=tile_mask)
+    plgpu.store(lse_ref, lse, mask=row_mask)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("spec", "scale", "soft_cap", "config", "interpret")
+)
+def _partials(q, k, v, kv_lengths, *, spec, scale, soft_cap, config, interpret):
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    g = n // kh
+    til = tiling(config, b, t, n, kh, s)
+    rows, rb = til.n_rows, til.block_rows
+    # [B, T, K, G, H] -> [B, K, T*G, H]: the rows of a kv head's group, t-major.
+    q_rows = jnp.swapaxes(q.reshape(b, t, kh, g, h), 1, 2).reshape(b, kh, rows, h)
+    k = pad_axis(k, 1, til.s_eff)
+    v = pad_axis(v, 1, til.s_eff)
+    nr, p = til.row_blocks, til.num_splits
+
+    kernel = functools.partial(
+        _decode_kernel, spec=spec, scale=scale, soft_cap=soft_cap, t=t, g=g, s=s, s_eff=til.s_eff,
+        n_rows=rows, row_blocks=nr, block_kv=til.block_kv, keys_per_split=til.keys_per_split,
+        precision=dot_precision(q.dtype),
+    )
+    o, lse = pl.pallas_call(
+        kernel,
+        grid=(b, kh * nr, p),
+        in_specs=[
+            pl.BlockSpec((None,), lambda bi, j, si: (bi,)),
+            pl.BlockSpec((None, None, rb, h), lambda bi, j, si: (bi, j // nr, j % nr, 0)),
+            pl.BlockSpec((None, til.s_eff, None, h), lambda bi, j, si: (bi, 0, j // nr, 0)),
+            pl.BlockSpec((None, til.s_eff, None, h), lambda bi, j, si: (bi, 0, j // nr, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, rb, h), lambda bi, j, si: (si, bi, j // nr, j % nr, 0)),
+            pl.BlockSpec((None, None, None, rb), lambda bi, j, si: (si, bi, j // nr, j % nr)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((p, b, kh, rows, h), jnp.float32),
+            jax.ShapeDtypeStruct((p, b, kh, rows), jnp.float32),
+        ],
+        compiler_params=plgpu.CompilerParams(
+            num_warps=config.num_warps, num_stages=config.num_stages
+        ),
+        interpret=interpret,
+        name="decode_attention_splitk",
+    )(kv_lengths, q_rows, k, v)
+    # [P, B, K, T*G, ...] -> [P, B, T, N, ...]
+    o = jnp.swapaxes(o.reshape(p, b, kh, t, g, h), 2, 3).reshape(p, b, t, n, h)
+    lse = jnp.swapaxes(lse.reshape(p, b, kh, t, g), 2, 3).reshape(p, b, t, n)
+    return o, lse
+
+
+def decode_partials(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kv_lengths: jax.Array | None,
+    *,
+    spec: MaskSpec = CAUSAL,
+    scale: float,
+    soft_cap: float | None = None,
+    config: DecodeConfig | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Split-K partial decode attention (Pallas, Triton lowering). Forward only.
+
+    Args:
+      q: [B, T, N, H] the last T tokens' queries of each sequence (T small: 1..64).
+      k: [B, S, K, H] key cache; v: [B, S, K, H] value cache. N a multiple of K (GQA/MQA);
+        one float dtype (float32, bfloat16 or float16); H a power of two >= 16 (64, 128, 256
+        on GPU).
+      kv_lengths: [B] int32 valid cache length per sequence (None: all S). Query t of
+        sequence b sits at position kv_lengths[b] - T + t.
+      spec: the static position mask; decode uses causal, optionally with a left window.
+      scale: logits scale; soft_cap: c for c * tanh(logits / c), or None.
+      config: :class:`DecodeConfig`, default ``DecodeConfig.get_default()``.
+      interpret: run in the Pallas interpreter (CPU tests).
+
+    Returns:
+      (o_parts [P, B, T, N, H] float32, lse_parts [P, B, T, N] float32): per split of the key
+      axis, the output normalized within the split and its natural-log LSE (-inf and 0
+      output for a split in which the row sees no key). Combine with ``attnlab.ops.merge_n``.
+
+    Raises:
+      ValueError: inconsistent shapes, dtypes or kv_lengths.
+
+    Example:
+      >>> o_parts, lse_parts = decode_partials(q, k, v, lengths, scale=0.125)
+      >>> out, lse = merge_n(o_parts, lse_parts)
+    """
+    _check(q, k, v, kv_lengths)
+    b, s = q.shape[0], k.shape[1]
+    if config is None:
+        config = DecodeConfig.get_default()
+    elif not isinstance(config, DecodeConfig):
+        raise ValueError(f"config must be a DecodeConfig, got {type(config).__name__}")
+    lengths = (
+        jnp.full((b,), s, jnp.int32) if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
+    )
+    return _partials(
+        q, k, v, lengths, spec=spec, scale=float(scale),
+        soft_cap=None if soft_cap is None else float(soft_cap), config=config,
+        interpret=bool(interpret),
+    )
+
+
+def _check(q, k, v, kv_lengths) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"q, k, v must be [batch, seq, heads, head_dim], got {q.shape}, {k.shape}, {v.shape}"
+        )
+    b, _, n, h = q.shape
+    kh = k.shape[2]
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != h:
+        raise ValueError(
+            f"k and v must both be [B, S, K, H] = [{b}, S, K, {h}] for q {q.shape}; got k "
+            f"{k.shape}, v {v.shape}"
+        )
+    if kh == 0 or n % kh:
+        raise ValueError(
+            f"q has {n} heads but k has {kh}; the number of q heads must be a multiple of the "
+            "number of kv heads (GQA/MQA)"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"q, k, v must share one of float32, bfloat16, float16; got {q.dtype}, {k.dtype}, "
+            f"{v.dtype}"
+        )
+    if not _is_pow2(h) or h < MIN_BLOCK:
+        raise ValueError(f"head_dim must be a power of two >= {MIN_BLOCK}, got {h}")
+    if kv_lengths is not None and jnp.shape(kv_lengths) != (b,):
+        raise ValueError(f"kv_lengths must have shape ({b},), got {jnp.shape(kv_lengths)}")

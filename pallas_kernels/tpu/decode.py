@@ -1,0 +1,330 @@
+"""Split-K decode attention for TPU as a Mosaic TPU Pallas kernel.
+
+**Verified in TPU interpret mode only.** No TPU is available to the project: the kernel is
+run on CPU through ``interpret=pltpu.InterpretParams()`` and compared there with the
+reference, and its Mosaic lowering (which checks block shapes) is exercised without a chip.
+It has never been compiled for or timed on a real TPU.
+
+Layout, chosen so the K/V cache is never copied: the public ``[B, S, K, H]`` cache is viewed
+(a free reshape) as ``[B, S, K * H]``, and one kv head's tile is the block
+``[block_kv, H]`` at column block ``kh``: its last two dims are (a multiple of 8, H), legal on
+TPU when H is a multiple of 128 (or K == 1, where H is the full last dim). The DMA engine does
+the strided gather. The G = N / K query heads of a kv head and its T queries are packed into
+the ``G * T`` rows of one query tile (padded to a multiple of 8), so each K/V tile is read once
+for all of them.
+
+Grid ``(B, K, P, tiles_per_split)``: P splits of the key axis (parallel) and the tiles of a
+split (the reduction, last). Per-sequence lengths arrive by scalar prefetch (SMEM); the
+index map clamps the key block into the range a sequence can see (its length, and its window
+if any), so tiles past a sequence's end issue no DMA and are skipped by ``pl.when``. Each
+split writes its partial result (output normalized within the split, natural-log LSE, ``-inf``
+where the row saw no key); the caller merges them with ``attnlab.ops.merge_n``. Masked logits
+use the finite ``MASK_VALUE``. Forward only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, visible
+from pallas_kernels.tpu.flash_bwd import (
+    NN,
+    NUM_LANES,
+    NUM_SUBLANES,
+    clamp_block,
+    compiler_params,
+    tile_logits,
+)
+
+CAUSAL = MaskSpec(causal=True)
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
+# Grid (B, K, splits, tiles of a split): the last axis is the reduction.
+DECODE_SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class TpuDecodeConfig:
+    """Tiling of the TPU decode kernel (untuned: no TPU to tune on).
+
+    Attributes:
+      block_kv: keys per tile, a multiple of 8 (the sublane count: keys are the tile's
+        second-minor axis). A cache shorter than a tile is one tile.
+      keys_per_split: keys per split of the key axis (each split is a parallel grid row
+        and writes one partial result), a multiple of ``block_kv``.
+    """
+
+    block_kv: int = 512
+    keys_per_split: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("block_kv", "keys_per_split"):
+            x = getattr(self, name)
+            if not isinstance(x, int) or isinstance(x, bool) or x <= 0:
+                raise ValueError(f"{name} must be a positive int, got {x!r}")
+        if self.block_kv % NUM_SUBLANES:
+            raise ValueError(
+                f"block_kv={self.block_kv} is not legal on TPU: it must be a multiple of "
+                f"{NUM_SUBLANES} (the sublane count); try {_round_up(self.block_kv, NUM_SUBLANES)}"
+            )
+        if self.keys_per_split % self.block_kv:
+            raise ValueError(
+                f"keys_per_split={self.keys_per_split} must be a multiple of block_kv="
+                f"{self.block_kv}; try {_round_up(self.keys_per_split, self.block_kv)}"
+            )
+
+    @classmethod
+    def get_default(cls) -> TpuDecodeConfig:
+        return cls()
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def unsupported_shape(kv_shape: tuple[int, ...]) -> str | None:
+    """Why a [B, S, K, H] cache cannot be tiled legally on TPU, or None if it can."""
+    kh, h = kv_shape[2], kv_shape[3]
+    if kh > 1 and h % NUM_LANES:
+        return (
+            f"the TPU decode kernel reads [block_kv, H] tiles of the [B, S, K*H] cache, so H "
+            f"must be a multiple of {NUM_LANES} (the lane width) when K > 1; got H={h}, K={kh}"
+        )
+    return None
+
+
+# ----------------------------------------------------------------------------- kernel
+
+
+def _decode_kernel(
+    len_ref,  # [B] int32 (SMEM, scalar prefetch): valid cache length per sequence
+    q_ref,  # [Rp, H] query rows of one (batch, kv head); row r = (t, g), t-major
+    row_t_ref,  # [Rp, NUM_LANES] int32: query index t of each row, lane-broadcast
+    k_ref,  # [bkv, H] key tile of kv head kh
+    v_ref,  # [bkv, H] value tile of kv head kh
+    o_ref,  # [Rp, H] f32 out: this split's output, normalized within the split
+    lse_ref,  # [Rp, NUM_LANES] f32 out: this split's LSE (-inf: saw no key), lane-broadcast
+    m_ref,  # [Rp, NUM_LANES] f32 scratch: running row max
+    l_ref,  # [Rp, NUM_LANES] f32 scratch: running row sum of exp
+    acc_ref,  # [Rp, H] f32 scratch: unnormalized output
+    *,
+    spec: MaskSpec,
+    scale: float,
+    soft_cap: float | None,
+    t: int,
+    s: int,
+    bkv: int,
+    tiles_per_split: int,
+):
+    bi, split, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    length = len_ref[bi]
+    start = (split * tiles_per_split + i) * bkv
+    hi = jnp.minimum(length, s)
+
+    @pl.when(i == 0)
+    def _init():
+        m_ref[...] = jnp.full_like(m_ref, MASK_VALUE)
+        l_ref[...] = jnp.zeros_like(l_ref)
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    needed = start < hi
+    if spec.window_left is not None:
+        needed = jnp.logical_and(needed, start + bkv > length - t - spec.window_left)
+
+    @pl.when(needed)
+    def _step():
+        z, _ = tile_logits(q_ref[...], k_ref[...], scale=scale, soft_cap=soft_cap)  # [Rp, bkv]
+        kv_idx = start + lax.broadcasted_iota(jnp.int32, (1, bkv), 1)
+        q_pos = length - t + row_t_ref[:, :1]  # [Rp, 1]
+        mask = kv_idx < hi
+        pos_mask = visible(spec, q_pos, kv_idx)
+        if pos_mask is not None:
+            mask = jnp.logical_and(mask, pos_mask)
+        z = jnp.where(mask, z, MASK_VALUE)
+        m_prev = m_ref[...]
+        m_next = jnp.maximum(m_prev, jnp.max(z, axis=-1, keepdims=True))  # [Rp, NUM_LANES]
+        # A row with nothing visible so far has m_next == MASK_VALUE == z: zero p explicitly.
+        p = jnp.where(mask, jnp.exp(z - m_next[:, :1]), 0.0)
+        alpha = jnp.exp(m_prev - m_next)
+        l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=-1, keepdims=True)
+        m_ref[...] = m_next
+        v = v_ref[...]
+        if s % bkv:
+            # The last tile overhangs the cache: those rows are not data (NaN in interpret
+            # mode), and 0 * NaN would poison the product.
+            rows = start + lax.broadcasted_iota(jnp.int32, (bkv, 1), 0)
+            v = jnp.where(rows < s, v, jnp.zeros_like(v))
+        pv = lax.dot_general(p.astype(v.dtype), v, NN, preferred_element_type=jnp.float32)
+        acc_ref[...] = alpha[:, :1] * acc_ref[...] + pv
+
+    @pl.when(i == tiles_per_split - 1)
+    def _finish():
+        row_sum = l_ref[...]
+        seen = row_sum > 0.0
+        l_safe = jnp.where(seen, row_sum, 1.0)
+        o_ref[...] = acc_ref[...] / l_safe[:, :1]
+        # -inf here is the public contract for a row that sees no key, not a logit.
+        lse_ref[...] = jnp.where(seen, m_ref[...] + jnp.log(l_safe), -jnp.inf)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("spec", "scale", "soft_cap", "config", "interpret")
+)
+def _partials(q, k, v, kv_lengths, *, spec, scale, soft_cap, config, interpret):
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    g = n // kh
+    rows = g * t
+    rp = _round_up(rows, NUM_SUBLANES)
+    bkv = min(config.block_kv, _round_up(s, NUM_SUBLANES))
+    n_tiles = -(-s // bkv)
+    tiles_per_split = max(1, min(config.keys_per_split // bkv, n_tiles))
+    p = -(-n_tiles // tiles_per_split)
+
+    # [B, T, K, G, H] -> [B, K, T*G, H] (t-major rows), padded to Rp rows: a small copy of q.
+    q_rows = jnp.swapaxes(q.reshape(b, t, kh, g, h), 1, 2).reshape(b, kh, rows, h)
+    q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rp - rows), (0, 0)))
+    row_t = jnp.minimum(jnp.arange(rp, dtype=jnp.int32) // g, t - 1)
+    row_t = jnp.broadcast_to(row_t[:, None], (rp, NUM_LANES))
+    # A free view: kv head kh is the column block kh of width H.
+    k2 = k.reshape(b, s, kh * h)
+    v2 = v.reshape(b, s, kh * h)
+
+    def kv_map(bi, hi_, si, i, len_ref):
+        length = len_ref[bi]
+        hi_blk = lax.div(jnp.minimum(length, s) + bkv - 1, bkv)
+        lo_blk = jnp.int32(0)
+        if spec.window_left is not None:
+            lo_blk = lax.div(jnp.maximum(length - t - spec.window_left, 0), bkv)
+        return bi, clamp_block(si * tiles_per_split + i, lo_blk, hi_blk), hi_
+
+    def row_map(bi, hi_, si, i, len_ref):
+        return bi, hi_, 0, 0
+
+    def out_map(bi, hi_, si, i, len_ref):
+        return si, bi, hi_, 0, 0
+
+    kernel = functools.partial(
+        _decode_kernel, spec=spec, scale=scale, soft_cap=soft_cap, t=t, s=s, bkv=bkv,
+        tiles_per_split=tiles_per_split,
+    )
+    o, lse = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(b, kh, p, tiles_per_split),
+            in_specs=[
+                pl.BlockSpec((None, None, rp, h), row_map),
+                pl.BlockSpec((rp, NUM_LANES), lambda *_: (0, 0)),
+                pl.BlockSpec((None, bkv, h), kv_map),
+                pl.BlockSpec((None, bkv, h), kv_map),
+            ],
+            out_specs=[
+                pl.BlockSpec((None, None, None, rp, h), out_map),
+                pl.BlockSpec((None, None, None, rp, NUM_LANES), out_map),
+            ],
+            scratch_shapes=[
+                pltpu.VMEM((rp, NUM_LANES), jnp.float32),
+                pltpu.VMEM((rp, NUM_LANES), jnp.float32),
+                pltpu.VMEM((rp, h), jnp.float32),
+            ],
+        ),
+        out_shape=[
+            jax.ShapeDtypeStruct((p, b, kh, rp, h), jnp.float32),
+            jax.ShapeDtypeStruct((p, b, kh, rp, NUM_LANES), jnp.float32),
+        ],
+        compiler_params=compiler_params(DECODE_SEMANTICS, interpret),
+        interpret=interpret,
+        name="attnlab_tpu_decode_splitk",
+    )(kv_lengths, q_rows, row_t, k2, v2)
+    # [P, B, K, T*G, ...] -> [P, B, T, N, ...]
+    o = jnp.swapaxes(o[:, :, :, :rows].reshape(p, b, kh, t, g, h), 2, 3).reshape(p, b, t, n, h)
+    lse = lse[:, :, :, :rows, 0].reshape(p, b, kh, t, g)
+    lse = jnp.swapaxes(lse, 2, 3).reshape(p, b, t, n)
+    return o, lse
+
+
+def decode_partials(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kv_lengths: jax.Array | None,
+    *,
+    spec: MaskSpec = CAUSAL,
+    scale: float,
+    soft_cap: float | None = None,
+    config: TpuDecodeConfig | None = None,
+    interpret: bool | Any = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Split-K partial decode attention on TPU (Mosaic Pallas). Forward only.
+
+    Args:
+      q: [B, T, N, H] the last T tokens' queries of each sequence (float32 or bfloat16).
+      k: [B, S, K, H] key cache; v: [B, S, K, H] value cache; N a multiple of K. H must be a
+        multiple of 128 unless K == 1.
+      kv_lengths: [B] int32 valid cache length per sequence (None: all S). Query t of
+        sequence b sits at position kv_lengths[b] - T + t.
+      spec: the static position mask; decode uses causal, optionally with a left window.
+      scale: logits scale; soft_cap: c for c * tanh(logits / c), or None.
+      config: :class:`TpuDecodeConfig`, default ``TpuDecodeConfig.get_default()``.
+      interpret: False to compile with Mosaic (TPU only); an ``InterpretParams`` (or True for
+        the default one) for TPU interpret mode on CPU, the only mode verified so far.
+
+    Returns:
+      (o_parts [P, B, T, N, H] float32, lse_parts [P, B, T, N] float32): per split of the key
+      axis, the output normalized within the split and its natural-log LSE (-inf, output 0,
+      where the row sees no key in the split). Combine with ``attnlab.ops.merge_n``.
+
+    Raises:
+      ValueError: inconsistent shapes, dtypes, kv_lengths, or a cache that cannot be tiled.
+
+    Example:
+      >>> o_parts, lse_parts = decode_partials(q, k, v, lengths, scale=0.125, interpret=True)
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"q, k, v must be [batch, seq, heads, head_dim], got {q.shape}, {k.shape}, {v.shape}"
+        )
+    b, _, n, h = q.shape
+    kh = k.shape[2]
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != h:
+        raise ValueError(
+            f"k and v must both be [B, S, K, H] = [{b}, S, K, {h}] for q {q.shape}; got k "
+            f"{k.shape}, v {v.shape}"
+        )
+    if kh == 0 or n % kh:
+        raise ValueError(
+            f"q has {n} heads but k has {kh}; n must be a multiple of k (GQA/MQA)"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"q, k, v must share a dtype among float32 and bfloat16, got {q.dtype}, {k.dtype}, "
+            f"{v.dtype}"
+        )
+    why = unsupported_shape(k.shape)
+    if why is not None:
+        raise ValueError(why)
+    if kv_lengths is not None and jnp.shape(kv_lengths) != (b,):
+        raise ValueError(f"kv_lengths must have shape ({b},), got {jnp.shape(kv_lengths)}")
+    if config is None:
+        config = TpuDecodeConfig.get_default()
+    elif not isinstance(config, TpuDecodeConfig):
+        raise ValueError(f"config must be a TpuDecodeConfig, got {type(config).__name__}")
+    if interpret is True:
+        interpret = pltpu.InterpretParams()
+    s = k.shape[1]
+    lengths = (
+        jnp.full((b,), s, jnp.int32) if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
+    )
+    return _partials(
+        q, k, v, lengths, spec=spec, scale=float(scale),
+        soft_cap=None if soft_cap is None else float(soft_cap), config=config,
+        interpret=interpret,
+    )
