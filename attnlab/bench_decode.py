@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -116,7 +117,10 @@ def _interpreted(impl: str, plat: str) -> bool:
     return plat == "cpu" and impl.startswith("pallas")
 
 
+@functools.lru_cache(maxsize=64)
 def _jitted(impl: str, config: Any) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """One jitted ``(q, k, v, lengths) -> (out, lse)`` per (impl, config): the check's call
+    and the timed calls share one compilation."""
     def fn(q, k, v, lengths):
         return _decode.decode_attention(
             q, k, v, kv_lengths=lengths, impl=impl, config=config, return_residuals=True
