@@ -1,6 +1,6 @@
 """Pure functional attention ops: one module per mechanism, each with a ``reference``."""
 
-from attnlab.ops import masks
+from attnlab.ops import decode, masks
 from attnlab.ops._xla_flash import XlaConfig
 from attnlab.ops.attention import (
     AUTO_ORDER,
@@ -14,11 +14,12 @@ from attnlab.ops.attention import (
     platform,
     reference,
 )
+from attnlab.ops.decode import XlaDecodeConfig, decode_attention
 from attnlab.ops.masks import MaskSpec, SegmentIds
 from attnlab.ops.merge import merge, merge_n
 
 __all__ = [
     "AUTO_ORDER", "AttentionArgs", "Implementation", "MaskSpec", "SegmentIds", "XlaConfig",
-    "attention", "auto_choice", "choose", "explain", "implementations", "masks", "merge",
-    "merge_n", "platform", "reference",
+    "XlaDecodeConfig", "attention", "auto_choice", "choose", "decode", "decode_attention",
+    "explain", "implementations", "masks", "merge", "merge_n", "platform", "reference",
 ]
