@@ -107,11 +107,9 @@ def collect_info() -> dict[str, Any]:
 
 
 def _auto_order(plat: str) -> list[str]:
-    import importlib
+    from attnlab.ops import AUTO_ORDER
 
-    # The module, not the function `attnlab.ops.attention` that shadows it in the package.
-    mod = importlib.import_module("attnlab.ops.attention")
-    return list(mod.AUTO_ORDER.get(plat, ()))
+    return list(AUTO_ORDER.get(plat, ()))
 
 
 def _print_info(info: dict[str, Any], console: Console, *, short: bool = False) -> None:

@@ -14,14 +14,13 @@ function.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from attnlab.ops._registry import Implementation, Registry, platform  # noqa: F401 (re-export)
 from attnlab.ops._xla_flash import XlaConfig, flash_attention_xla
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, SegmentIds, visible
 
@@ -128,31 +127,6 @@ def _bias_bkgts(bias: jax.Array, kh: int) -> jax.Array:
 # ----------------------------------------------------------------------------- registry
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Implementation:
-    """One way of computing attention.
-
-    fn(q, k, v, args) -> (out, lse), or (out, lse, entropy) when ``args.return_entropy`` (only
-    for implementations with ``returns_entropy``). ``unsupported(q, k, v, args, platform)``
-    returns None if the call is supported, else a sentence naming the argument that is not.
-    """
-
-    name: str
-    fn: Callable[..., tuple[jax.Array, jax.Array]]
-    unsupported: Callable[..., str | None]
-    description: str
-    returns_lse: bool = True
-    returns_entropy: bool = False
-
-    def why_not(self, q, k, v, a: AttentionArgs, plat: str) -> str | None:
-        """None if this implementation computes the call, else the reason (capabilities first)."""
-        if a.return_entropy and not self.returns_entropy:
-            return f"{self.name} does not compute the attention entropy (return_entropy=True)"
-        return self.unsupported(q, k, v, a, plat)
-
-
-_REGISTRY: dict[str, Implementation] = {}
-
 # Fastest first; "auto" takes the first that supports the call. On GPU cuDNN is measured
 # faster than our Triton kernel (experiments/results/bench_attention_h100_*.json), so it goes
 # first where it applies; the Triton kernel takes what cuDNN cannot (offsets, position arrays,
@@ -162,53 +136,28 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "tpu": ("pallas_tpu", "xla"),
     "cpu": ("xla",),
 }
-# "pallas" names the platform's own Pallas kernel.
-_PALLAS_BY_PLATFORM = {"gpu": "pallas_triton", "tpu": "pallas_tpu", "cpu": "pallas_triton"}
+_KERNEL_MODULES = ("attnlab.ops._attention_triton", "attnlab.ops._attention_tpu")
 
 
-def register(impl: Implementation) -> None:
-    """Adds an implementation to the registry (kernels register themselves on import)."""
-    _REGISTRY[impl.name] = impl
+def _load_kernels() -> None:
+    """Imports the optional kernel implementations once (each registers itself)."""
+    import importlib
+
+    for mod in _KERNEL_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:  # a kernel module that is not there
+            if e.name != mod:
+                raise
 
 
-def implementations() -> dict[str, Implementation]:
-    """All registered implementations by name."""
-    _load_kernels()
-    return dict(_REGISTRY)
-
-
-def platform() -> str:
-    """The platform attention dispatches for: 'cpu', 'gpu' or 'tpu'."""
-    p = jax.default_backend()
-    return "gpu" if p in ("cuda", "rocm", "gpu") else p
-
-
-def choose(q, k, v, a: AttentionArgs, impl: str, plat: str | None = None) -> Implementation:
-    """Resolves ``impl`` (possibly "auto" or "pallas") to a registered implementation."""
-    _load_kernels()
-    plat = plat or platform()
-    if impl == "pallas":
-        impl = _PALLAS_BY_PLATFORM.get(plat, "pallas_triton")
-    if impl == "auto":
-        reasons = []
-        for name in AUTO_ORDER.get(plat, ("xla",)):
-            cand = _REGISTRY.get(name)
-            if cand is None:
-                continue
-            why = cand.why_not(q, k, v, a, plat)
-            if why is None:
-                return cand
-            reasons.append(f"{name}: {why}")
-        raise ValueError("no attention implementation supports this call: " + "; ".join(reasons))
-    if impl not in _REGISTRY:
-        raise ValueError(
-            f"unknown impl {impl!r}; expected 'auto', 'pallas' or one of {sorted(_REGISTRY)}"
-        )
-    cand = _REGISTRY[impl]
-    why = cand.why_not(q, k, v, a, plat)
-    if why is not None:
-        raise NotImplementedError(f"impl={impl!r} does not support this call: {why}")
-    return cand
+REGISTRY = Registry(
+    "attention", AUTO_ORDER,
+    {"gpu": "pallas_triton", "tpu": "pallas_tpu", "cpu": "pallas_triton"}, _load_kernels,
+)
+register = REGISTRY.register
+implementations = REGISTRY.implementations
+choose = REGISTRY.choose
 
 
 def explain(q, k, v, *, impl_names: tuple[str, ...] | None = None, plat: str | None = None,
@@ -217,50 +166,30 @@ def explain(q, k, v, *, impl_names: tuple[str, ...] | None = None, plat: str | N
 
     Arrays may be ``jax.ShapeDtypeStruct``s. ``attnlab info`` prints this for a typical call.
     """
-    _load_kernels()
-    plat = plat or platform()
-    return_residuals = kwargs.pop("return_residuals", False)
-    return_entropy = kwargs.pop("return_entropy", False)
+    return REGISTRY.explain(q, k, v, _args_from_kwargs(q, k, v, kwargs), plat, impl_names)
+
+
+def auto_choice(q, k, v, *, plat: str | None = None, **kwargs) -> str:
+    """The name ``impl="auto"`` resolves to for this call on ``plat``."""
+    return REGISTRY.auto_choice(q, k, v, _args_from_kwargs(q, k, v, kwargs), plat)
+
+
+def _args_from_kwargs(q, k, v, kwargs: dict[str, Any]) -> AttentionArgs:
+    kwargs = dict(kwargs)
+    flags = {
+        "return_residuals": kwargs.pop("return_residuals", False),
+        "return_entropy": kwargs.pop("return_entropy", False),
+    }
     a = _normalize(
         q, k, v, kwargs.pop("bias", None), kwargs.pop("is_causal", False),
         kwargs.pop("local_window_size", None), kwargs.pop("segment_ids", None),
         kwargs.pop("q_offset", 0), kwargs.pop("kv_offset", 0), kwargs.pop("q_positions", None),
         kwargs.pop("kv_positions", None), kwargs.pop("logits_soft_cap", None),
         kwargs.pop("scale", None), kwargs.pop("config", None),
-    )._replace(return_residuals=return_residuals, return_entropy=return_entropy)
+    )
     if kwargs:
         raise ValueError(f"unknown arguments {sorted(kwargs)}")
-    names = impl_names or tuple(_REGISTRY)
-    return {n: _REGISTRY[n].why_not(q, k, v, a, plat) for n in names if n in _REGISTRY}
-
-
-def auto_choice(q, k, v, *, plat: str | None = None, **kwargs) -> str:
-    """The name ``impl="auto"`` resolves to for this call on ``plat``."""
-    plat = plat or platform()
-    why = explain(q, k, v, plat=plat, **kwargs)
-    for name in AUTO_ORDER.get(plat, ("xla",)):
-        if name in why and why[name] is None:
-            return name
-    raise ValueError(f"no implementation supports this call on {plat}: {why}")
-
-
-_KERNELS_LOADED = False
-
-
-def _load_kernels() -> None:
-    """Imports optional kernel implementations (each registers itself)."""
-    global _KERNELS_LOADED
-    if _KERNELS_LOADED:
-        return
-    _KERNELS_LOADED = True
-    import importlib
-
-    for mod in ("attnlab.ops._attention_triton", "attnlab.ops._attention_tpu"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # a kernel module that is not there yet
-            if e.name != mod:
-                raise
+    return a._replace(**flags)
 
 
 # ----------------------------------------------------------------------------- public op

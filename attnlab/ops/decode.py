@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas import tpu as pltpu
 
-from attnlab.ops.attention import Implementation, platform
+from attnlab.ops._registry import Implementation, Registry, platform
 from attnlab.ops.merge import merge_n
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, visible
 from pallas_kernels.gpu import decode as gpu_decode
@@ -268,52 +268,18 @@ def _xla_unsupported(q, k, v, a: DecodeArgs, plat: str) -> str | None:
 
 # ----------------------------------------------------------------------------- registry
 
-_REGISTRY: dict[str, Implementation] = {}
-
 # Fastest first; "auto" takes the first that supports the call.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "gpu": ("pallas_triton", "xla"),
     "tpu": ("pallas_tpu", "xla"),
     "cpu": ("xla",),
 }
-# "pallas" names the platform's own Pallas kernel.
-_PALLAS_BY_PLATFORM = {"gpu": "pallas_triton", "tpu": "pallas_tpu", "cpu": "pallas_triton"}
-
-
-def register(impl: Implementation) -> None:
-    """Adds a decode implementation to this module's registry."""
-    _REGISTRY[impl.name] = impl
-
-
-def implementations() -> dict[str, Implementation]:
-    """All registered decode implementations by name."""
-    return dict(_REGISTRY)
-
-
-def choose(q, k, v, a: DecodeArgs, impl: str, plat: str | None = None) -> Implementation:
-    """Resolves ``impl`` (possibly "auto" or "pallas") to a registered implementation."""
-    plat = plat or platform()
-    if impl == "pallas":
-        impl = _PALLAS_BY_PLATFORM.get(plat, "pallas_triton")
-    if impl == "auto":
-        reasons = []
-        for name in AUTO_ORDER.get(plat, ("xla",)):
-            why = _REGISTRY[name].unsupported(q, k, v, a, plat)
-            if why is None:
-                return _REGISTRY[name]
-            reasons.append(f"{name}: {why}")
-        raise ValueError(
-            "no decode implementation supports this call: " + "; ".join(reasons)
-        )
-    if impl not in _REGISTRY:
-        raise ValueError(
-            f"unknown impl {impl!r}; expected 'auto', 'pallas' or one of {sorted(_REGISTRY)}"
-        )
-    cand = _REGISTRY[impl]
-    why = cand.unsupported(q, k, v, a, plat)
-    if why is not None:
-        raise NotImplementedError(f"impl={impl!r} does not support this call: {why}")
-    return cand
+REGISTRY = Registry(
+    "decode", AUTO_ORDER, {"gpu": "pallas_triton", "tpu": "pallas_tpu", "cpu": "pallas_triton"}
+)
+register = REGISTRY.register
+implementations = REGISTRY.implementations
+choose = REGISTRY.choose
 
 
 def explain(
@@ -325,7 +291,16 @@ def explain(
     Example:
       >>> explain(q, k, v, kv_lengths=lengths, plat="gpu")["pallas_triton"]  # None: supported
     """
-    plat = plat or platform()
+    return REGISTRY.explain(q, k, v, _args_from_kwargs(q, k, v, kwargs), plat, impl_names)
+
+
+def auto_choice(q, k, v, *, plat: str | None = None, **kwargs) -> str:
+    """The name ``impl="auto"`` resolves to for this call on ``plat``."""
+    return REGISTRY.auto_choice(q, k, v, _args_from_kwargs(q, k, v, kwargs), plat)
+
+
+def _args_from_kwargs(q, k, v, kwargs: dict[str, Any]) -> DecodeArgs:
+    kwargs = dict(kwargs)
     return_residuals = kwargs.pop("return_residuals", False)
     a = _normalize(
         q, k, v, kwargs.pop("kv_lengths", None), kwargs.pop("local_window_size", None),
@@ -334,18 +309,7 @@ def explain(
     )._replace(return_residuals=return_residuals)
     if kwargs:
         raise ValueError(f"unknown arguments {sorted(kwargs)}")
-    names = impl_names or tuple(_REGISTRY)
-    return {n: _REGISTRY[n].unsupported(q, k, v, a, plat) for n in names if n in _REGISTRY}
-
-
-def auto_choice(q, k, v, *, plat: str | None = None, **kwargs) -> str:
-    """The name ``impl="auto"`` resolves to for this call on ``plat``."""
-    plat = plat or platform()
-    why = explain(q, k, v, plat=plat, **kwargs)
-    for name in AUTO_ORDER.get(plat, ("xla",)):
-        if why.get(name, "missing") is None:
-            return name
-    raise ValueError(f"no decode implementation supports this call on {plat}: {why}")
+    return a
 
 
 register(
