@@ -50,7 +50,7 @@ def _fn(q, k, v, a: AttentionArgs):
         q, k, v, q_pos, kv_pos,
         None if seg is None else seg.q, None if seg is None else seg.kv,
         spec=a.spec, scale=a.scale, soft_cap=a.logits_soft_cap, config=config,
-        interpret=platform() == "cpu",
+        interpret=platform() == "cpu", return_entropy=a.return_entropy,
     )
 
 
@@ -58,6 +58,7 @@ register(
     Implementation(
         "pallas_triton", _fn, _unsupported,
         "Pallas flash attention lowered to Triton (GPU); masks as block metadata, GQA, "
-        "soft-cap, LSE; Pallas-interpreted on CPU",
+        "soft-cap, LSE, entropy; Pallas-interpreted on CPU",
+        returns_entropy=True,
     )
 )

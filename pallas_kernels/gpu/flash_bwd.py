@@ -9,6 +9,10 @@ cotangent folds in because d lse / d z = p)::
     dp = dO V^T            dz = p * (dp - delta)       (times 1 - tanh^2 under a soft cap)
     dV = p^T dO            dK = scale * dz^T Q          dQ = scale * dz K
 
+With ``return_entropy`` the entropy cotangent dH adds ``- dH * p * (z - c)`` to dz, where
+``c = sum_j p_j z_j = lse - H`` (dH and c are per-row terms like delta; in the log2 domain
+``z - c = ln2 * (s - c2)``). Without it the kernels are exactly those without the term.
+
 * dK/dV: one program per (kv block, batch, kv head); it loops over the G query heads of its
   group and over the query blocks that see the kv block, so GQA needs no atomics and no
   repeated K/V. It works on transposed tiles (s^T = K Q^T, [block_kv, block_q]) so that no
@@ -27,6 +31,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec
 from pallas_kernels.gpu.flash_fwd import (
+    LN2,
     LOG2E,
     FlashConfig,
     TilePlan,
@@ -56,6 +61,8 @@ def _dq_kernel(
     do_ref,  # [bq, Hv] output cotangent
     lse_ref,  # [bq] f32 log2-domain LSE (0 for rows that see no key)
     delta_ref,  # [bq] f32 rowsum(dO * O) - dLSE
+    dh_ref,  # [bq] f32 dH * ln2 (entropy cotangent), or None (no entropy)
+    c_ref,  # [bq] f32 c2 = (lse - H) * log2(e), or None (no entropy)
     dq_ref,  # [bq, H] out
     *,
     spec: MaskSpec,
@@ -69,6 +76,10 @@ def _dq_kernel(
     do = do_ref[...]
     lse = lse_ref[...][:, None]
     delta = delta_ref[...][:, None]
+    with_entropy = dh_ref is not None
+    if with_entropy:
+        e_dh = dh_ref[...][:, None]
+        e_c = c_ref[...][:, None]
     q_pos = q_pos_ref[...][:, None]
     q_seg = None if q_seg_ref is None else q_seg_ref[...][:, None]
 
@@ -87,6 +98,9 @@ def _dq_kernel(
         p = jnp.exp2(s - lse)
         dp = dot(do, v, tb=True, precision=precision)
         ds = p * (dp - delta)
+        if with_entropy:
+            # (p * dH) first: masked p is exactly 0 and s - c2 is finite, so this stays 0.
+            ds = ds - (p * e_dh) * (s - e_c)
         if t is not None:
             ds = ds * (1.0 - t * t)
         return dq + dot(ds.astype(k.dtype), k, precision=precision)
@@ -114,6 +128,8 @@ def _dkv_kernel(
     do_ref,  # [Tp, G, Hv] output cotangent of the G q heads
     lse_ref,  # [G, Tp] f32 log2-domain LSE (0 for rows that see no key)
     delta_ref,  # [G, Tp] f32 rowsum(dO * O) - dLSE
+    dh_ref,  # [G, Tp] f32 dH * ln2 (entropy cotangent), or None (no entropy)
+    c_ref,  # [G, Tp] f32 c2 = (lse - H) * log2(e), or None (no entropy)
     dk_ref,  # [bk, H] out
     dv_ref,  # [bk, Hv] out
     *,
@@ -150,6 +166,10 @@ def _dkv_kernel(
         dv = dv + dot(p_t.astype(do.dtype), do, precision=precision)
         dp_t = dot(v, do, tb=True, precision=precision)
         ds_t = p_t * (dp_t - delta)
+        if dh_ref is not None:
+            e_dh = dh_ref[gi, pl.ds(start, block_q)][None, :]
+            e_c = c_ref[gi, pl.ds(start, block_q)][None, :]
+            ds_t = ds_t - (p_t * e_dh) * (s_t - e_c)
         if t_t is not None:
             ds_t = ds_t * (1.0 - t_t * t_t)
         dk = dk + dot(ds_t.astype(q.dtype), q, precision=precision)
@@ -171,6 +191,7 @@ def _dkv_kernel(
 def flash_backward(
     q, k, v, q_pos, kv_pos, q_seg, kv_seg, plan: TilePlan, out, lse, d_out, d_lse, *,
     spec: MaskSpec, scale: float, soft_cap: float | None, config: FlashConfig, interpret: bool,
+    ent=None, d_ent=None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gradients of ``flash_attention`` with respect to q, k, v.
 
@@ -179,6 +200,8 @@ def flash_backward(
       plan: the forward's :class:`TilePlan` (its dq / dkv parts are used here).
       out: [B, T, N, Hv] and lse: [B, T, N] f32, the forward outputs.
       d_out, d_lse: their cotangents.
+      ent, d_ent: the forward's entropy [B, T, N] f32 and its cotangent, or both None (the
+        forward ran without ``return_entropy``).
 
     Returns:
       (dq [B, T, N, H], dk [B, S, K, H], dv [B, S, K, Hv]) in the input dtypes.
@@ -202,6 +225,14 @@ def flash_backward(
     lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, 0.0)
     delta = pad_axis(jnp.swapaxes(delta, 1, 2), 2, tp)
     lse2 = pad_axis(jnp.swapaxes(lse2, 1, 2), 2, tp)
+    e_dh = e_c = None
+    if ent is not None:
+        # [B, N, Tp]: dH * ln2 and c2 = (lse - H) * log2(e); 0 for unseen and padded rows.
+        seen = jnp.isfinite(lse)
+        e_dh = jnp.where(seen, d_ent.astype(jnp.float32) * LN2, 0.0)
+        e_c = jnp.where(seen, (lse - ent) * LOG2E, 0.0)
+        e_dh = pad_axis(jnp.swapaxes(e_dh, 1, 2), 2, tp)
+        e_c = pad_axis(jnp.swapaxes(e_c, 1, 2), 2, tp)
     qp, kp, vp, q_pos, kv_pos, q_seg, kv_seg = pad_inputs(
         q, k, v, q_pos, kv_pos, q_seg, kv_seg, tp, sp
     )
@@ -216,6 +247,12 @@ def flash_backward(
 
     def dq_meta_map(i, bi, ni):
         return (bi if bm > 1 else 0, qi(i), 0)
+
+    # Entropy row terms (only with return_entropy; None keeps the kernels unchanged).
+    ent_spec_dq = ent_spec_dkv = None
+    if e_dh is not None:
+        ent_spec_dq = pl.BlockSpec((None, None, bq_dq), lambda i, bi, ni: (bi, ni, qi(i)))
+        ent_spec_dkv = pl.BlockSpec((None, g, tp), lambda j, bi, ki: (bi, ki, 0))
 
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, block_kv=bk_dq, **common),
@@ -233,6 +270,8 @@ def flash_backward(
             pl.BlockSpec((None, bq_dq, None, hv), lambda i, bi, ni: (bi, qi(i), ni, 0)),
             pl.BlockSpec((None, None, bq_dq), lambda i, bi, ni: (bi, ni, qi(i))),
             pl.BlockSpec((None, None, bq_dq), lambda i, bi, ni: (bi, ni, qi(i))),
+            ent_spec_dq,
+            ent_spec_dq,
         ],
         out_specs=pl.BlockSpec((None, bq_dq, None, h), lambda i, bi, ni: (bi, qi(i), ni, 0)),
         out_shape=jax.ShapeDtypeStruct((b, tp, n, h), q.dtype),
@@ -241,7 +280,7 @@ def flash_backward(
         name="flash_attention_bwd_dq",
     )(
         plan.dq_bounds, plan.dq_kind,
-        q_pos, kv_pos, q_seg, kv_seg, qp, kp, vp, do, lse2, delta,
+        q_pos, kv_pos, q_seg, kv_seg, qp, kp, vp, do, lse2, delta, e_dh, e_c,
     )
 
     # dK/dV: grid over (kv block, batch, kv head); each program covers its G q heads.
@@ -266,6 +305,8 @@ def flash_backward(
             pl.BlockSpec((None, tp, g, hv), lambda j, bi, ki: (bi, 0, ki, 0)),
             pl.BlockSpec((None, g, tp), lambda j, bi, ki: (bi, ki, 0)),
             pl.BlockSpec((None, g, tp), lambda j, bi, ki: (bi, ki, 0)),
+            ent_spec_dkv,
+            ent_spec_dkv,
         ],
         out_specs=[
             pl.BlockSpec((None, bk_kv, None, h), lambda j, bi, ki: (bi, j, ki, 0)),
@@ -280,6 +321,6 @@ def flash_backward(
         name="flash_attention_bwd_dkv",
     )(
         plan.dkv_bounds, plan.dkv_kind,
-        q_pos, kv_pos, q_seg, kv_seg, qp, kp, vp, do, lse2, delta,
+        q_pos, kv_pos, q_seg, kv_seg, qp, kp, vp, do, lse2, delta, e_dh, e_c,
     )
     return dq[:, :t], dk[:, :s], dv[:, :s]

@@ -344,6 +344,7 @@ def _fwd_kernel(
     v_ref,  # [Sp, Hv] values of kv head n // G
     o_ref,  # [bq, Hv] out
     lse_ref,  # [bq] f32 out: natural-log LSE, -inf for rows that see no key
+    ent_ref=None,  # [bq] f32 out: entropy (only with return_entropy), 0 for unseen rows
     *,
     spec: MaskSpec,
     scale: float,
@@ -357,8 +358,13 @@ def _fwd_kernel(
     q_pos = q_pos_ref[...][:, None]
     q_seg = None if q_seg_ref is None else q_seg_ref[...][:, None]
 
+    with_entropy = ent_ref is not None
+
     def step(j, _head, carry, *, masked: bool):
-        m, row_sum, acc = carry
+        if with_entropy:
+            m, row_sum, acc, u = carry
+        else:
+            m, row_sum, acc = carry
         start = pl.multiple_of(j * block_kv, block_kv)
         k = k_ref[pl.ds(start, block_kv), :]
         v = v_ref[pl.ds(start, block_kv), :]
@@ -372,32 +378,50 @@ def _fwd_kernel(
                 s = jnp.where(mask, s, MASK_VALUE)
         m_new = jnp.maximum(m, s.max(axis=-1))
         alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
-        row_sum = alpha * row_sum + p.sum(axis=-1)
+        if with_entropy:
+            d = s - m_new[:, None]
+            p = jnp.exp2(d)
+        else:
+            p = jnp.exp2(s - m_new[:, None])
+        row_sum_new = alpha * row_sum + p.sum(axis=-1)
         acc = alpha[:, None] * acc + dot(p.astype(v.dtype), v, precision=precision)
-        return m_new, row_sum, acc
+        if not with_entropy:
+            return m_new, row_sum_new, acc
+        # u = sum_j exp2(s_j - m) (s_j - m), kept relative to the running max m (no
+        # cancellation against large logits); re-basing to m_new adds (m - m_new) * row_sum.
+        # Masked logits have p == 0 exactly and a finite d, so they add nothing.
+        u = alpha * (u + (m - m_new) * row_sum) + jnp.sum(p * d, axis=-1)
+        return m_new, row_sum_new, acc, u
 
     carry = (
         jnp.full((bq,), M_INIT, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
         jnp.zeros((bq, v_ref.shape[-1]), jnp.float32),
     )
-    m, row_sum, acc = tile_loops(
+    if with_entropy:
+        carry = (*carry, jnp.zeros((bq,), jnp.float32))
+    carry = tile_loops(
         bounds_ref, kind_ref, functools.partial(step, masked=True),
         functools.partial(step, masked=False), carry,
     )
+    m, row_sum, acc = carry[:3]
 
     seen = row_sum > 0.0
     l_safe = jnp.where(seen, row_sum, 1.0)
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, (m + jnp.log2(l_safe)) * LN2, -jnp.inf)
+    log2_l = jnp.log2(l_safe)
+    lse_ref[...] = jnp.where(seen, (m + log2_l) * LN2, -jnp.inf)
+    if with_entropy:
+        # H = lse - sum_j p_j z_j = ln2 * (log2(l) - u / l) in the log2 domain.
+        ent_ref[...] = jnp.where(seen, (log2_l - carry[3] / l_safe) * LN2, 0.0)
 
 
 def _forward(
     q, k, v, q_pos, kv_pos, q_seg, kv_seg, plan: TilePlan, *, spec, scale, soft_cap,
-    config: FlashConfig, interpret: bool,
+    config: FlashConfig, interpret: bool, return_entropy: bool = False,
 ):
-    """Runs the forward kernel. Returns out [B, T, N, Hv] and lse [B, T, N] f32."""
+    """Runs the forward kernel. Returns out [B, T, N, Hv] and lse [B, T, N] f32, and with
+    ``return_entropy`` also the entropy [B, T, N] f32."""
     b, t, n, h = q.shape
     s, kh, hv = k.shape[1], k.shape[2], v.shape[-1]
     g = n // kh
@@ -430,57 +454,70 @@ def _forward(
         pl.BlockSpec((None, bq, None, hv), lambda i, bi, ni: (bi, qi(i), ni, 0)),
         pl.BlockSpec((None, None, bq), lambda i, bi, ni: (bi, ni, qi(i))),
     ]
+    out_shape = [
+        jax.ShapeDtypeStruct((b, tp, n, hv), q.dtype),
+        jax.ShapeDtypeStruct((b, n, tp), jnp.float32),
+    ]
+    if return_entropy:
+        out_specs.append(pl.BlockSpec((None, None, bq), lambda i, bi, ni: (bi, ni, qi(i))))
+        out_shape.append(jax.ShapeDtypeStruct((b, n, tp), jnp.float32))
     kernel = functools.partial(
         _fwd_kernel, spec=spec, scale=scale, soft_cap=soft_cap, block_kv=bk,
         kv_len=None if sp == s else s, precision=dot_precision(q.dtype),
     )
-    out, lse = pl.pallas_call(
+    res = pl.pallas_call(
         kernel,
         grid=(nq, b, n),
         in_specs=in_specs,
         out_specs=out_specs,
-        out_shape=[
-            jax.ShapeDtypeStruct((b, tp, n, hv), q.dtype),
-            jax.ShapeDtypeStruct((b, n, tp), jnp.float32),
-        ],
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(
             num_warps=config.num_warps, num_stages=config.num_stages
         ),
         interpret=interpret,
         name="flash_attention_fwd",
     )(plan.fwd_bounds, plan.fwd_kind, q_pos, kv_pos, q_seg, kv_seg, q, k, v)
-    return out[:, :t], jnp.swapaxes(lse[:, :, :t], 1, 2)
+    out = res[0][:, :t]
+    return (out, *(jnp.swapaxes(x[:, :, :t], 1, 2) for x in res[1:]))
 
 
 # ----------------------------------------------------------------------------- custom VJP
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11, 12))
-def _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, plan, spec, scale, soft_cap, config, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11, 12, 13))
+def _flash(
+    q, k, v, q_pos, kv_pos, q_seg, kv_seg, plan, spec, scale, soft_cap, config, interpret,
+    return_entropy,
+):
     return _forward(
         q, k, v, q_pos, kv_pos, q_seg, kv_seg, plan, spec=spec, scale=scale, soft_cap=soft_cap,
-        config=config, interpret=interpret,
+        config=config, interpret=interpret, return_entropy=return_entropy,
     )
 
 
 def _flash_fwd(
-    q, k, v, q_pos, kv_pos, q_seg, kv_seg, plan, spec, scale, soft_cap, config, interpret
+    q, k, v, q_pos, kv_pos, q_seg, kv_seg, plan, spec, scale, soft_cap, config, interpret,
+    return_entropy,
 ):
-    out, lse = _flash(
-        q, k, v, q_pos, kv_pos, q_seg, kv_seg, plan, spec, scale, soft_cap, config, interpret
+    res = _flash(
+        q, k, v, q_pos, kv_pos, q_seg, kv_seg, plan, spec, scale, soft_cap, config, interpret,
+        return_entropy,
     )
-    return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, plan, out, lse)
+    return res, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, plan, *res)
 
 
-def _flash_bwd(spec, scale, soft_cap, config, interpret, res, cts):
+def _flash_bwd(spec, scale, soft_cap, config, interpret, return_entropy, res, cts):
     # Imported here: flash_bwd builds on the helpers above.
     from pallas_kernels.gpu.flash_bwd import flash_backward
 
-    q, k, v, q_pos, kv_pos, q_seg, kv_seg, plan, out, lse = res
-    d_out, d_lse = cts
+    q, k, v, q_pos, kv_pos, q_seg, kv_seg, plan, out, lse = res[:10]
+    ent = res[10] if return_entropy else None
+    d_out, d_lse = cts[:2]
+    d_ent = cts[2] if return_entropy else None
     dq, dk, dv = flash_backward(
         q, k, v, q_pos, kv_pos, q_seg, kv_seg, plan, out, lse, d_out, d_lse, spec=spec,
-        scale=scale, soft_cap=soft_cap, config=config, interpret=interpret,
+        scale=scale, soft_cap=soft_cap, config=config, interpret=interpret, ent=ent,
+        d_ent=d_ent,
     )
     return dq, dk, dv, None, None, None, None, None
 
@@ -497,15 +534,18 @@ def _static_plan(spec: MaskSpec, tiles: Tiling, q_pos: bytes, kv_pos: bytes) -> 
 
 
 @functools.partial(
-    jax.jit, static_argnames=("spec", "scale", "soft_cap", "config", "interpret")
+    jax.jit,
+    static_argnames=("spec", "scale", "soft_cap", "config", "interpret", "return_entropy"),
 )
 def _flash_jit(
-    q, k, v, q_pos, kv_pos, q_seg, kv_seg, plan, *, spec, scale, soft_cap, config, interpret
+    q, k, v, q_pos, kv_pos, q_seg, kv_seg, plan, *, spec, scale, soft_cap, config, interpret,
+    return_entropy,
 ):
     if plan is None:
         plan = tile_plan(spec, q_pos, kv_pos, q_seg, kv_seg, tiling(config, q.shape[1], k.shape[1]))
     return _flash(
-        q, k, v, q_pos, kv_pos, q_seg, kv_seg, plan, spec, scale, soft_cap, config, interpret
+        q, k, v, q_pos, kv_pos, q_seg, kv_seg, plan, spec, scale, soft_cap, config, interpret,
+        return_entropy,
     )
 
 
@@ -526,7 +566,8 @@ def flash_attention(
     soft_cap: float | None = None,
     config: FlashConfig | None = None,
     interpret: bool = False,
-) -> tuple[jax.Array, jax.Array]:
+    return_entropy: bool = False,
+) -> tuple[jax.Array, ...]:
     """Flash attention (Pallas, Triton lowering) with masks, GQA, soft-cap and LSE.
 
     Args:
@@ -541,10 +582,15 @@ def flash_attention(
       scale: logits scale; soft_cap: c for c * tanh(logits / c), or None.
       config: :class:`FlashConfig`, default ``FlashConfig.get_default(head_dim=H)``.
       interpret: run the kernels in the Pallas interpreter (CPU tests).
+      return_entropy: (static) also compute the attention entropy of each row,
+        ``H = -sum_j p_j log p_j = lse - sum_j p_j z_j`` (z the final logits), accumulated
+        online in the forward kernel. When False the kernels are exactly those without it.
 
     Returns:
       (out [B, T, N, Hv] in q's dtype, lse [B, T, N] float32), lse natural-log and ``-inf``
-      for a row that sees no key (its output is 0). Differentiable in q, k, v (both outputs).
+      for a row that sees no key (its output is 0); with ``return_entropy`` a third element,
+      entropy [B, T, N] float32 (0 for a row that sees no key). Differentiable in q, k, v
+      (all outputs).
 
     Raises:
       ValueError: inconsistent shapes or dtypes.
@@ -609,5 +655,5 @@ def flash_attention(
         q, k, v, jnp.asarray(q_positions, jnp.int32), jnp.asarray(kv_positions, jnp.int32),
         q_seg, kv_seg, plan, spec=spec, scale=float(scale),
         soft_cap=None if soft_cap is None else float(soft_cap), config=config,
-        interpret=bool(interpret),
+        interpret=bool(interpret), return_entropy=bool(return_entropy),
     )

@@ -90,6 +90,52 @@ def _check_against_reference(q, k, v, kwargs, config=None, compiler_options=None
         )
 
 
+def _entropy_values_and_grads(impl, q, k, v, kwargs, config=None, compiler_options=None):
+    """(out, lse, entropy, (dq, dk, dv)) of a loss that weights out, lse and the entropy."""
+    extra = {} if config is None else {"config": config}
+
+    def loss(q, k, v):
+        out, lse, ent = attention(
+            q, k, v, impl=impl, return_residuals=True, return_entropy=True, **extra, **kwargs
+        )
+        w = jnp.sin(jnp.arange(ent.size, dtype=jnp.float32).reshape(ent.shape))
+        out32 = out.astype(jnp.float32)
+        total = jnp.sum(out32 * jnp.cos(out32)) + jnp.sum(ent * w)
+        return total + 0.1 * jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0)), (out, lse, ent)
+
+    fn = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+    (_, (out, lse, ent)), grads = jax.jit(fn, compiler_options=compiler_options)(q, k, v)
+    return out, lse, ent, grads
+
+
+def _check_entropy_against_reference(q, k, v, kwargs, config=None, compiler_options=None,
+                                     ent_tol=2e-5):
+    dtype = q.dtype
+    out, lse, ent, grads = _entropy_values_and_grads(
+        IMPL, q, k, v, kwargs, config, compiler_options
+    )
+    ref_out, ref_lse, ref_ent, ref_grads = _entropy_values_and_grads(
+        "reference", q, k, v, kwargs
+    )
+    assert ent.dtype == jnp.float32 and ent.shape == ref_ent.shape == lse.shape
+    ent = np.asarray(ent)
+    assert np.isfinite(ent).all()
+    assert (ent >= -1e-4).all()
+    np.testing.assert_array_equal(ent[np.isneginf(np.asarray(ref_lse))], 0.0)
+    np.testing.assert_allclose(ent, np.asarray(ref_ent), atol=ent_tol, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(ref_out, np.float32), atol=fwd_tol(dtype)
+    )
+    _assert_lse_close(lse, ref_lse, lse_tol(dtype))
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
+        assert g.dtype == dtype and g.shape == r.shape, name
+        g32 = np.asarray(g, np.float32)
+        assert np.isfinite(g32).all(), name
+        np.testing.assert_allclose(
+            g32, np.asarray(r, np.float32), atol=grad_tol(dtype, name), err_msg=name
+        )
+
+
 # ----------------------------------------------------------------------------- interpreted
 
 
@@ -106,6 +152,35 @@ _GRID = [
 def test_matches_reference(case, dtype, key):
     q, k, v, kwargs = case_inputs(case, key, dtype)
     _check_against_reference(q, k, v, kwargs, SMALL_TILES, FAST_COMPILE)
+
+
+_ENTROPY_CASES = ("all_masked_rows", "segments", "softcap", "ragged")
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in ATTENTION_CASES if c.name in _ENTROPY_CASES], ids=repr
+)
+def test_entropy_matches_reference(case, key):
+    """return_entropy: values and gradients of a loss weighting out, lse and the entropy."""
+    q, k, v, kwargs = case_inputs(case, key)
+    _check_entropy_against_reference(q, k, v, kwargs, SMALL_TILES, FAST_COMPILE)
+
+
+def test_entropy_kernel_outputs(key):
+    """The kernel wrapper returns (out, lse, entropy) with the flag and (out, lse) without;
+    out and lse agree either way (to rounding); rows that see no key have entropy 0."""
+    q, k, v = random_qkv(key, 1, 24, 40, 2, 1, 16)
+    pos = np.arange(24, dtype=np.int32)
+    kv_pos = np.arange(40, dtype=np.int32) + 8
+    common = dict(spec=MaskSpec(causal=True), scale=0.25, config=SMALL_TILES, interpret=True)
+    out, lse = flash_attention(q, k, v, pos, kv_pos, **common)
+    out2, lse2, ent = flash_attention(q, k, v, pos, kv_pos, return_entropy=True, **common)
+    np.testing.assert_allclose(out, out2, atol=1e-6, rtol=0)
+    _assert_lse_close(lse2, lse, 1e-6)
+    assert ent.shape == lse.shape and ent.dtype == jnp.float32
+    np.testing.assert_array_equal(ent[:, :8], 0.0)  # rows 0-7 see no key
+    np.testing.assert_allclose(ent[:, 8], 0.0, atol=1e-6)  # row 8 sees one key
+    assert (np.asarray(ent[:, 9:]) > 0).all()
 
 
 def test_default_config_short_ragged_sequences(key):
@@ -248,6 +323,32 @@ def test_lowers_to_triton(dtype, h, n, kh, t, kwargs, key):
             assert f'name = "{name}"' in text, name
 
 
+@pytest.mark.skipif(
+    not (HAS_CUDA or _JAXLIB_LOWERS_WITHOUT_GPU),
+    reason="this jaxlib compiles Triton while lowering, which needs a GPU",
+)
+def test_entropy_lowers_to_triton(key):
+    """With return_entropy the three kernels (entropy forward, entropy backward terms) lower."""
+    x = jax.ShapeDtypeStruct((2, 512, 8, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 512, 2, 128), jnp.bfloat16)
+    seg = random_segments(key, 2, 512, 3)
+    pos = jnp.arange(512, dtype=jnp.int32)
+
+    def loss(q, k, v):
+        out, lse, ent = flash_attention(
+            q, k, v, pos, pos, seg, seg, spec=MaskSpec(causal=True), scale=0.1,
+            soft_cap=30.0, interpret=False, return_entropy=True,
+        )
+        lse = jnp.where(jnp.isfinite(lse), lse, 0)
+        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse) + jnp.sum(ent)
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, kv, kv).lower(
+        lowering_platforms=("cuda",)
+    ).as_text()
+    for name in ("flash_attention_fwd", "flash_attention_bwd_dq", "flash_attention_bwd_dkv"):
+        assert f'name = "{name}"' in text, name
+
+
 def _stack(s: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((2, *s.shape), s.dtype)
 
@@ -364,6 +465,10 @@ class TestCompiledOnGpu:
     def test_h256_cross_attention_with_offsets(self, key):
         q, k, v = random_qkv(key, 1, 500, 1024, 4, 1, 256, jnp.bfloat16)
         _check_against_reference(q, k, v, dict(is_causal=True, q_offset=524))
+
+    def test_entropy_bf16_gqa_causal(self, key):
+        q, k, v = random_qkv(key, 2, 1000, 1000, 8, 2, 128, jnp.bfloat16)
+        _check_entropy_against_reference(q, k, v, dict(is_causal=True), ent_tol=2e-2)
 
     def test_fully_masked_rows(self, key):
         q, k, v = random_qkv(key, 1, 256, 512, 4, 2, 128, jnp.bfloat16)
