@@ -42,7 +42,7 @@ def _fn(q: jax.Array, k: jax.Array, v: jax.Array, a: AttentionArgs):
         q, k, v, a.q_positions, a.kv_positions,
         None if seg is None else seg.q, None if seg is None else seg.kv,
         spec=a.spec, scale=a.scale, soft_cap=a.logits_soft_cap, config=cfg,
-        interpret=interpret,
+        interpret=interpret, return_entropy=a.return_entropy,
     )
 
 
@@ -50,6 +50,7 @@ register(
     Implementation(
         "pallas_tpu", _fn, _unsupported,
         "Mosaic TPU Pallas flash attention (fwd + bwd kernels); TPU interpret mode on CPU, "
-        "verified in interpret mode only",
+        "verified in interpret mode only; LSE, entropy",
+        returns_entropy=True,
     )
 )

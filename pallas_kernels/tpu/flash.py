@@ -180,10 +180,12 @@ def _fwd_kernel(
     kv_seg_ref,  # [1, bkv] int32, or None
     out_ref,  # [bq, Hv]
     lse_ref,  # [bq, NUM_LANES] f32, lane-broadcast
-    m_ref,  # [bq, NUM_LANES] f32 scratch: running row max (lane-broadcast)
-    l_ref,  # [bq, NUM_LANES] f32 scratch: running row sum of exp (lane-broadcast)
-    acc_ref,  # [bq, Hv] f32 scratch: unnormalized output
-    *,
+    *refs,
+    # refs: with_entropy: ent_ref ([bq, NUM_LANES] f32 out, lane-broadcast), then scratch
+    # m_ref, l_ref, acc_ref, u_ref; else only m_ref, l_ref, acc_ref. Scratch:
+    # m_ref [bq, NUM_LANES] f32 running row max (lane-broadcast); l_ref [bq, NUM_LANES] f32
+    # running row sum of exp; acc_ref [bq, Hv] f32 unnormalized output; u_ref [bq, NUM_LANES]
+    # f32 running sum_j exp(z_j - m) (z_j - m) (entropy only).
     spec: MaskSpec,
     scale: float,
     soft_cap: float | None,
@@ -192,8 +194,13 @@ def _fwd_kernel(
     nq: int,
     nk: int,
     per_batch: bool,
+    with_entropy: bool = False,
 ):
     del kv_lo_ref, kv_hi_ref  # used by the index maps only
+    if with_entropy:
+        ent_ref, m_ref, l_ref, acc_ref, u_ref = refs
+    else:
+        m_ref, l_ref, acc_ref = refs
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     row = b if per_batch else 0
     kind = kind_ref[(row * nq + i) * nk + j]
@@ -203,6 +210,8 @@ def _fwd_kernel(
         m_ref[...] = jnp.full_like(m_ref, MASK_VALUE)
         l_ref[...] = jnp.zeros_like(l_ref)
         acc_ref[...] = jnp.zeros_like(acc_ref)
+        if with_entropy:
+            u_ref[...] = jnp.zeros_like(u_ref)
 
     def step(masked: bool):
         z, _ = tile_logits(q_ref[...], k_ref[...], scale=scale, soft_cap=soft_cap)  # [bq, bkv]
@@ -222,14 +231,23 @@ def _fwd_kernel(
             z = jnp.where(mask, z, MASK_VALUE)
         m_prev = m_ref[...]
         m_next = jnp.maximum(m_prev, jnp.max(z, axis=-1, keepdims=True))  # [bq, NUM_LANES]
-        p = jnp.exp(z - m_next[:, :1])
+        d = z - m_next[:, :1]
+        p = jnp.exp(d)
         if mask is not None:
             # A row with nothing visible so far has m_next == MASK_VALUE == z, so exp gives 1:
             # zero it explicitly.
             p = jnp.where(mask, p, 0.0)
         alpha = jnp.exp(m_prev - m_next)  # [bq, NUM_LANES]
-        l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=-1, keepdims=True)
+        l_prev = l_ref[...]
+        l_ref[...] = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
         m_ref[...] = m_next
+        if with_entropy:
+            # u = sum_j exp(z_j - m) (z_j - m), kept relative to the running max (no
+            # cancellation against large logits); re-basing to m_next adds (m - m_next) * l.
+            # Masked entries have p == 0 and a finite d, so they add nothing.
+            u_ref[...] = alpha * (u_ref[...] + (m_prev - m_next) * l_prev) + jnp.sum(
+                p * d, axis=-1, keepdims=True
+            )
         v = v_ref[...]
         pv = lax.dot_general(p.astype(v.dtype), v, NN, preferred_element_type=jnp.float32)
         acc_ref[...] = alpha[:, :1] * acc_ref[...] + pv
@@ -245,11 +263,16 @@ def _fwd_kernel(
         out_ref[...] = (acc_ref[...] / l_safe[:, :1]).astype(out_ref.dtype)
         # -inf here is the public contract for a row that sees no key, not a logit.
         lse_ref[...] = jnp.where(seen, m_ref[...] + jnp.log(l_safe), -jnp.inf)
+        if with_entropy:
+            # H = lse - sum_j p_j z_j = log(l) - u / l; 0 for a row that sees no key.
+            ent_ref[...] = jnp.where(seen, jnp.log(l_safe) - u_ref[...] / l_safe, 0.0)
 
 
 def _forward(
-    q, k, v, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap, config, interpret
-) -> tuple[jax.Array, jax.Array]:
+    q, k, v, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap, config, interpret,
+    return_entropy=False,
+) -> tuple[jax.Array, ...]:
+    """(out [B, T, N, Hv], lse [B, T, N]) and, with ``return_entropy``, entropy [B, T, N]."""
     b, t, n, h = q.shape
     s, kh, hv = k.shape[1], k.shape[2], v.shape[3]
     g = n // kh
@@ -289,28 +312,35 @@ def _forward(
         q_seg_c, kv_seg_r = _lane_column(q_seg, t_pad), _sublane_row(kv_seg, s_pad)
     kernel = functools.partial(
         _fwd_kernel, spec=spec, scale=scale, soft_cap=soft_cap, kv_len=s, bkv=bkv, nq=nq,
-        nk=nk, per_batch=per_batch,
+        nk=nk, per_batch=per_batch, with_entropy=return_entropy,
     )
-    out, lse = pl.pallas_call(
+    out_specs = [
+        pl.BlockSpec((None, None, bq, hv), q_map),
+        pl.BlockSpec((None, None, bq, NUM_LANES), q_map),
+    ]
+    out_shape = [
+        jax.ShapeDtypeStruct((b, n, t_pad, hv), q.dtype),
+        jax.ShapeDtypeStruct((b, n, t_pad, NUM_LANES), jnp.float32),
+    ]
+    scratch_shapes = [
+        pltpu.VMEM((bq, NUM_LANES), jnp.float32),
+        pltpu.VMEM((bq, NUM_LANES), jnp.float32),
+        pltpu.VMEM((bq, hv), jnp.float32),
+    ]
+    if return_entropy:
+        out_specs.append(pl.BlockSpec((None, None, bq, NUM_LANES), q_map))
+        out_shape.append(jax.ShapeDtypeStruct((b, n, t_pad, NUM_LANES), jnp.float32))
+        scratch_shapes.append(pltpu.VMEM((bq, NUM_LANES), jnp.float32))
+    res = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3,
             grid=(b, n, nq, nk),
             in_specs=in_specs,
-            out_specs=[
-                pl.BlockSpec((None, None, bq, hv), q_map),
-                pl.BlockSpec((None, None, bq, NUM_LANES), q_map),
-            ],
-            scratch_shapes=[
-                pltpu.VMEM((bq, NUM_LANES), jnp.float32),
-                pltpu.VMEM((bq, NUM_LANES), jnp.float32),
-                pltpu.VMEM((bq, hv), jnp.float32),
-            ],
+            out_specs=out_specs,
+            scratch_shapes=scratch_shapes,
         ),
-        out_shape=[
-            jax.ShapeDtypeStruct((b, n, t_pad, hv), q.dtype),
-            jax.ShapeDtypeStruct((b, n, t_pad, NUM_LANES), jnp.float32),
-        ],
+        out_shape=out_shape,
         compiler_params=compiler_params(ROW_SEMANTICS, interpret),
         interpret=interpret,
         name="attnlab_tpu_flash_fwd",
@@ -319,61 +349,81 @@ def _forward(
         _heads_major(q, t_pad), _heads_major(k, s_pad), _heads_major(v, s_pad),
         _lane_column(q_pos, t_pad), _sublane_row(kv_pos, s_pad), q_seg_c, kv_seg_r,
     )
-    out = jnp.swapaxes(out[:, :, :t], 1, 2)  # [B, T, N, Hv]
-    lse = jnp.swapaxes(lse[:, :, :t, 0], 1, 2)  # [B, T, N]
-    return out, lse
+    out = jnp.swapaxes(res[0][:, :, :t], 1, 2)  # [B, T, N, Hv]
+    rows = (jnp.swapaxes(x[:, :, :t, 0], 1, 2) for x in res[1:])  # lse[, entropy]: [B, T, N]
+    return (out, *rows)
 
 
 # ----------------------------------------------------------------------------- custom VJP
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
-def _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap, config, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11, 12))
+def _flash(
+    q, k, v, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap, config, interpret,
+    return_entropy,
+):
     return _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap, config,
-                    interpret)
+                    interpret, return_entropy)
 
 
-def _flash_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap, config, interpret):
-    out, lse = _forward(
-        q, k, v, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap, config, interpret
+def _flash_fwd(
+    q, k, v, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap, config, interpret,
+    return_entropy,
+):
+    res = _forward(
+        q, k, v, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap, config, interpret,
+        return_entropy,
     )
-    return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
+    return res, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, *res)
 
 
-def _flash_bwd(spec, scale, soft_cap, config, interpret, res, cts):
-    q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = res
-    d_out, d_lse = cts
+def _flash_bwd(spec, scale, soft_cap, config, interpret, return_entropy, res, cts):
+    q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = res[:9]
+    d_out, d_lse = cts[:2]
     t, s = q.shape[1], k.shape[1]
     per_batch = q_seg is not None
     # d lse / d z = p, so the LSE cotangent folds into delta: ds = p * (dp - (delta - d_lse)).
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     delta = delta - d_lse.astype(jnp.float32)  # [B, T, N]
-    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # rows that see no key get p = 0 by mask
+    seen = jnp.isfinite(lse)
+    ent_rows = None
+    if return_entropy:
+        # The entropy cotangent dH adds -dH * p * (z - c) to dz, c = lse - H per row; both are
+        # 0 for rows that see no key (whose p is 0 by mask anyway).
+        ent, d_ent = res[9], cts[2]
+        ent_rows = (
+            jnp.where(seen, d_ent.astype(jnp.float32), 0.0), jnp.where(seen, lse - ent, 0.0)
+        )
+    lse = jnp.where(seen, lse, 0.0)  # rows that see no key get p = 0 by mask
     common = dict(spec=spec, scale=scale, soft_cap=soft_cap, kv_len=s, per_batch=per_batch,
                   interpret=interpret)
 
     bq, bkv = _fit(config.block_q_dq, t), _fit(config.block_kv_dq, s)
     t_pad, s_pad = _round_up(t, bq), _round_up(s, bkv)
     md = _metadata(spec, q_pos, kv_pos, q_seg, kv_seg, bq, bkv)
+    ent_pad = None if ent_rows is None else tuple(_row_bnt(x, t_pad) for x in ent_rows)
     dq = flash_dq(
         _heads_major(q, t_pad), _heads_major(k, s_pad), _heads_major(v, s_pad),
         _heads_major(d_out, t_pad), _row_bnt(lse, t_pad), _row_bnt(delta, t_pad),
         _lane_column(q_pos, t_pad), _sublane_row(kv_pos, s_pad),
         None if q_seg is None else _lane_column(q_seg, t_pad),
         None if kv_seg is None else _sublane_row(kv_seg, s_pad),
-        (md.kind, md.kv_start, md.kv_stop), block_q=bq, block_kv=bkv, **common,
+        (md.kind, md.kv_start, md.kv_stop), block_q=bq, block_kv=bkv, entropy=ent_pad,
+        **common,
     )
 
     bq, bkv = _fit(config.block_q_dkv, t), _fit(config.block_kv_dkv, s)
     t_pad, s_pad = _round_up(t, bq), _round_up(s, bkv)
     md = _metadata(spec, q_pos, kv_pos, q_seg, kv_seg, bq, bkv)
+    ent_pad = None if ent_rows is None else tuple(_row_bnt(x, t_pad) for x in ent_rows)
     dk, dv = flash_dkv(
         _heads_major(q, t_pad), _heads_major(k, s_pad), _heads_major(v, s_pad),
         _heads_major(d_out, t_pad), _row_bnt(lse, t_pad), _row_bnt(delta, t_pad),
         _sublane_row(q_pos, t_pad), _lane_column(kv_pos, s_pad),
         None if q_seg is None else _sublane_row(q_seg, t_pad),
         None if kv_seg is None else _lane_column(kv_seg, s_pad),
-        (md.kind, md.q_start, md.q_stop), block_q=bq, block_kv=bkv, **common,
+        (md.kind, md.q_start, md.q_stop), block_q=bq, block_kv=bkv, entropy=ent_pad,
+        **common,
     )
     dq = jnp.swapaxes(dq[:, :, :t], 1, 2)
     dk = jnp.swapaxes(dk[:, :, :s], 1, 2)
@@ -401,7 +451,8 @@ def flash_attention(
     soft_cap: float | None = None,
     config: TpuFlashConfig | None = None,
     interpret: bool | pltpu.InterpretParams = False,
-) -> tuple[jax.Array, jax.Array]:
+    return_entropy: bool = False,
+) -> tuple[jax.Array, ...]:
     """Flash attention on TPU (Mosaic Pallas), with a kernel backward pass.
 
     Args:
@@ -416,10 +467,15 @@ def flash_attention(
       config: block sizes; :meth:`TpuFlashConfig.get_default` if None.
       interpret: False to compile with Mosaic (TPU only); an ``InterpretParams`` (or True for
         the default one) to run in TPU interpret mode on CPU, the only mode verified so far.
+      return_entropy: (static) also compute each row's attention entropy
+        ``H = -sum_j p_j log p_j = lse - sum_j p_j z_j`` (z the final logits), accumulated
+        online in the forward kernel; differentiable. When False the kernels are exactly
+        those without it.
 
     Returns:
-      (out [B, T, N, Hv] in q's dtype, lse [B, T, N] float32). A row that sees no key gives
-      0 output and lse -inf.
+      (out [B, T, N, Hv] in q's dtype, lse [B, T, N] float32), and with ``return_entropy`` a
+      third element, entropy [B, T, N] float32. A row that sees no key gives 0 output, lse
+      -inf and entropy 0.
 
     Raises:
       ValueError: shapes, head counts, dtypes or arguments that do not fit.
@@ -477,4 +533,5 @@ def flash_attention(
     return _flash(
         q, k, v, ids(q_positions), ids(kv_positions), ids(q_segment_ids), ids(kv_segment_ids),
         spec, float(scale), None if soft_cap is None else float(soft_cap), config, interpret,
+        bool(return_entropy),
     )

@@ -12,6 +12,10 @@ cotangent of the returned LSE is folded in exactly as in :mod:`attnlab.ops._xla_
     ds = p * (dO v^T - delta),   dz/draw = 1 - tanh(raw / cap)^2 (soft-cap),
     dq = scale * ds k,   dk = scale * ds^T q,   dv = p^T dO.
 
+With the entropy output (``entropy=(dH, c)`` rows, c = lse - H) its cotangent adds
+``- dH * p * (z - c)`` to ds before the soft-cap chain rule; without it the kernels are
+unchanged.
+
 The dQ kernel walks a query block's key blocks as its reduction axis; the dK/dV kernel walks
 the query blocks of every query head of a KV head group (GQA/MQA), so K/V are never repeated.
 It works in the transposed orientation (keys on sublanes, queries on lanes), so no tile is
@@ -123,6 +127,8 @@ def _dq_kernel(
     do_ref,  # [bq, Hv]
     lse_ref,  # [1, bq] f32 (0 for rows that see no key)
     delta_ref,  # [1, bq] f32: rowsum(dO * O) - dLSE
+    dh_ref,  # [1, bq] f32 entropy cotangent, or None (no entropy)
+    c_ref,  # [1, bq] f32 lse - entropy, or None (no entropy)
     q_pos_ref,  # [bq, NUM_LANES] int32, lane-broadcast
     kv_pos_ref,  # [1, bkv] int32
     q_seg_ref,  # [bq, NUM_LANES] int32, lane-broadcast, or None
@@ -170,7 +176,12 @@ def _dq_kernel(
                 p = jnp.where(mask, p, 0.0)
         do = do_ref[...]
         dp = lax.dot_general(do, v_ref[...], NT, preferred_element_type=jnp.float32)
-        ds = soft_cap_grad(p * (dp - delta), raw, soft_cap) * scale
+        dz = dp - delta
+        if dh_ref is not None:
+            dh = jnp.expand_dims(dh_ref[0], -1)  # [bq, 1]
+            c = jnp.expand_dims(c_ref[0], -1)  # [bq, 1]
+            dz = dz - dh * (z - c)
+        ds = soft_cap_grad(p * dz, raw, soft_cap) * scale
         dq_acc_ref[...] += lax.dot_general(
             ds.astype(k.dtype), k, NN, preferred_element_type=jnp.float32
         )
@@ -204,6 +215,7 @@ def flash_dq(
     block_kv: int,
     per_batch: bool,
     interpret: Any,
+    entropy: tuple[jax.Array, jax.Array] | None = None,  # ([B, N, 1, T_pad] f32 dH, c)
 ) -> jax.Array:
     """dQ [B, N, T_pad, H] in q's dtype, in kernel layout (the caller slices off padding)."""
     b, n, t_pad, h = q.shape
@@ -231,6 +243,12 @@ def flash_dq(
         pl.BlockSpec((None, None, block_q, h), q_map),
         pl.BlockSpec((None, None, 1, block_q), row_map),
         pl.BlockSpec((None, None, 1, block_q), row_map),
+    ]
+    in_specs += [None, None] if entropy is None else [
+        pl.BlockSpec((None, None, 1, block_q), row_map),
+        pl.BlockSpec((None, None, 1, block_q), row_map),
+    ]
+    in_specs += [
         pl.BlockSpec((block_q, NUM_LANES), lambda bi, ni, i, j, *_: (i, 0)),
         pl.BlockSpec(
             (1, block_kv), lambda bi, ni, i, j, kd, lo, hi: (0, kv_j(bi, i, j, lo, hi))
@@ -263,7 +281,7 @@ def flash_dq(
         compiler_params=compiler_params(ROW_SEMANTICS, interpret),
         interpret=interpret,
         name="attnlab_tpu_flash_dq",
-    )(*meta, q, k, v, do, lse, delta, q_pos, kv_pos, q_seg, kv_seg)
+    )(*meta, q, k, v, do, lse, delta, *(entropy or (None, None)), q_pos, kv_pos, q_seg, kv_seg)
 
 
 # ----------------------------------------------------------------------------- dK/dV kernel
@@ -279,6 +297,8 @@ def _dkv_kernel(
     do_ref,  # [bq, Hv]
     lse_ref,  # [1, bq] f32 (0 for rows that see no key)
     delta_ref,  # [1, bq] f32: rowsum(dO * O) - dLSE
+    dh_ref,  # [1, bq] f32 entropy cotangent, or None (no entropy)
+    c_ref,  # [1, bq] f32 lse - entropy, or None (no entropy)
     q_pos_ref,  # [1, bq] int32
     kv_pos_ref,  # [bkv, NUM_LANES] int32, lane-broadcast
     q_seg_ref,  # [1, bq] int32, or None
@@ -331,7 +351,10 @@ def _dkv_kernel(
             p.astype(do.dtype), do, NN, preferred_element_type=jnp.float32
         )
         dp = lax.dot_general(v_ref[...], do, NT, preferred_element_type=jnp.float32)
-        ds = soft_cap_grad(p * (dp - delta_ref[...]), raw, soft_cap) * scale
+        dz = dp - delta_ref[...]
+        if dh_ref is not None:
+            dz = dz - dh_ref[...] * (z - c_ref[...])
+        ds = soft_cap_grad(p * dz, raw, soft_cap) * scale
         dk_acc_ref[...] += lax.dot_general(
             ds.astype(q.dtype), q, NN, preferred_element_type=jnp.float32
         )
@@ -366,6 +389,7 @@ def flash_dkv(
     block_kv: int,
     per_batch: bool,
     interpret: Any,
+    entropy: tuple[jax.Array, jax.Array] | None = None,  # ([B, N, 1, T_pad] f32 dH, c)
 ) -> tuple[jax.Array, jax.Array]:
     """(dK [B, K, S_pad, H], dV [B, K, S_pad, Hv]) in k's / v's dtype, in kernel layout.
 
@@ -397,6 +421,12 @@ def flash_dkv(
         pl.BlockSpec((None, None, block_q, hv), q_map),
         pl.BlockSpec((None, None, 1, block_q), row_map),
         pl.BlockSpec((None, None, 1, block_q), row_map),
+    ]
+    in_specs += [None, None] if entropy is None else [
+        pl.BlockSpec((None, None, 1, block_q), row_map),
+        pl.BlockSpec((None, None, 1, block_q), row_map),
+    ]
+    in_specs += [
         pl.BlockSpec(
             (1, block_q), lambda bi, ki, j, gi, i, kd, lo, hi: (0, q_i(bi, i, j, lo, hi))
         ),
@@ -438,5 +468,5 @@ def flash_dkv(
         compiler_params=compiler_params(("parallel",) * 3 + ("arbitrary",) * 2, interpret),
         interpret=interpret,
         name="attnlab_tpu_flash_dkv",
-    )(*meta, q, k, v, do, lse, delta, q_pos, kv_pos, q_seg, kv_seg)
+    )(*meta, q, k, v, do, lse, delta, *(entropy or (None, None)), q_pos, kv_pos, q_seg, kv_seg)
 

@@ -86,6 +86,51 @@ def _check(q, k, v, kwargs, config):
     return want_lse
 
 
+def _entropy_outputs_and_grads(impl, q, k, v, kwargs, config=None):
+    """(out, lse, entropy, (dq, dk, dv)) under jit, for a loss weighting out, lse and H."""
+
+    def loss(q, k, v):
+        out, lse, ent = attention(
+            q, k, v, impl=impl, config=config, return_residuals=True, return_entropy=True,
+            **kwargs,
+        )
+        w = jnp.sin(jnp.arange(ent.size, dtype=jnp.float32).reshape(ent.shape))
+        total = jnp.sum(out * jnp.cos(out)) + jnp.sum(ent * w)
+        return total + 0.1 * jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0)), (out, lse, ent)
+
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+    (_, (out, lse, ent)), grads = fn(q, k, v)
+    return out, lse, ent, grads
+
+
+@pytest.mark.parametrize(
+    "case",
+    [c for c in ATTENTION_CASES if c.name in ("all_masked_rows", "segments", "softcap",
+                                               "causal_mqa")],
+    ids=repr,
+)
+def test_entropy_matches_reference(case, key):
+    """return_entropy: the entropy, and gradients through out, lse and entropy together."""
+    q, k, v, kwargs = case_inputs(case, key)
+    out, lse, ent, grads = _entropy_outputs_and_grads("pallas_tpu", q, k, v, kwargs, GRID_CONFIG)
+    want_out, want_lse, want_ent, want_grads = _entropy_outputs_and_grads(
+        "reference", q, k, v, kwargs
+    )
+    ent, want_lse = np.asarray(ent), np.asarray(want_lse)
+    assert ent.dtype == np.float32 and ent.shape == want_lse.shape
+    assert np.isfinite(ent).all() and (ent >= -1e-5).all()
+    np.testing.assert_array_equal(ent[np.isneginf(want_lse)], 0.0)
+    np.testing.assert_allclose(ent, want_ent, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(out, want_out, atol=fwd_tol(jnp.float32), rtol=0)
+    np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(want_lse))
+    for name, got, want in zip(("dq", "dk", "dv"), grads, want_grads, strict=True):
+        got = np.asarray(got)
+        assert np.isfinite(got).all(), f"{name} has NaN/inf"
+        np.testing.assert_allclose(
+            got, want, atol=grad_tol(jnp.float32, name), rtol=0, err_msg=name
+        )
+
+
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=repr)
 def test_matches_reference_float32(case, key):
     q, k, v, kwargs = case_inputs(case, key)
@@ -147,6 +192,27 @@ def test_jit_and_vmap(key):
     (out, lse), (want_out, want_lse) = run("pallas_tpu"), run("reference")
     np.testing.assert_allclose(out, want_out, atol=fwd_tol(jnp.float32), rtol=0)
     np.testing.assert_allclose(lse, want_lse, atol=lse_tol(jnp.float32), rtol=0)
+
+
+def test_kernel_entropy_flag(key):
+    """The kernel returns (out, lse, entropy) with the flag, (out, lse) without; out and lse
+    agree; rows that see no key have entropy 0."""
+    q, k, v = random_qkv(key, 1, 24, 40, 2, 1, 32)
+    run = jax.jit(
+        lambda q, k, v, flag: flash_attention(
+            q, k, v, jnp.arange(24), jnp.arange(40) + 8, spec=MaskSpec(causal=True), scale=0.2,
+            config=GRID_CONFIG, interpret=True, return_entropy=flag,
+        ),
+        static_argnums=3,
+    )
+    out, lse = run(q, k, v, False)
+    out2, lse2, ent = run(q, k, v, True)
+    np.testing.assert_allclose(out2, out, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(lse2, lse, atol=1e-6, rtol=0)
+    assert ent.shape == lse.shape
+    np.testing.assert_array_equal(ent[:, :8], 0.0)  # rows 0-7 see no key
+    np.testing.assert_allclose(ent[:, 8], 0.0, atol=1e-6)  # row 8 sees one key
+    assert (np.asarray(ent[:, 9:]) > 0).all()
 
 
 def test_kernel_value_head_dim_differs(key):
