@@ -25,6 +25,7 @@ from tests.helpers import (
     HAS_CUDA,
     case_inputs,
     fwd_tol,
+    grad_rtol,
     grad_tol,
     loss_with_lse,
     lse_tol,
@@ -86,7 +87,8 @@ def _check_against_reference(q, k, v, kwargs, config=None, compiler_options=None
         g32 = np.asarray(g, np.float32)
         assert np.isfinite(g32).all(), name
         np.testing.assert_allclose(
-            g32, np.asarray(r, np.float32), atol=grad_tol(dtype, name), err_msg=name
+            g32, np.asarray(r, np.float32), atol=grad_tol(dtype, name), rtol=grad_rtol(dtype),
+            err_msg=name,
         )
 
 
@@ -132,7 +134,8 @@ def _check_entropy_against_reference(q, k, v, kwargs, config=None, compiler_opti
         g32 = np.asarray(g, np.float32)
         assert np.isfinite(g32).all(), name
         np.testing.assert_allclose(
-            g32, np.asarray(r, np.float32), atol=grad_tol(dtype, name), err_msg=name
+            g32, np.asarray(r, np.float32), atol=grad_tol(dtype, name), rtol=grad_rtol(dtype),
+            err_msg=name,
         )
 
 

@@ -42,3 +42,19 @@ def test_lookup_uses_device_kind_and_falls_back(tmp_path, monkeypatch):
 def test_no_gpu_means_hand_picked_defaults():
     if tuned.current_device_kind() is None:
         assert tuned.tuned_fields(128, True) == {}
+
+
+def test_tuned_sizes_apply_to_16_bit_inputs_only():
+    import jax.numpy as jnp
+
+    for kind, entries in tuned.load_table().items():
+        for key in entries:
+            part, head, mask = key.split("/")
+            h, causal = int(head[1:]), mask == "causal"
+            hand = FlashConfig.get_default(head_dim=h)
+            assert FlashConfig.get_default(head_dim=h, causal=causal, device_kind=kind,
+                                           dtype=jnp.float32) == hand
+            tuned_cfg = FlashConfig.get_default(head_dim=h, causal=causal, device_kind=kind,
+                                                dtype=jnp.bfloat16)
+            for name, val in entries[key].items():
+                assert getattr(tuned_cfg, name) == val
