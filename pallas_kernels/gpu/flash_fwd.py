@@ -33,6 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.common.checks import check_attention_inputs
 from pallas_kernels.common.masks import (
     EMPTY,
     FULL,
@@ -603,43 +604,10 @@ def flash_attention(
       >>> pos = jnp.arange(T, dtype=jnp.int32)
       >>> out, lse = flash_attention(q, k, v, pos, pos, spec=MaskSpec(causal=True), scale=0.125)
     """
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(
-            f"q, k, v must be [batch, seq, heads, head_dim], got {q.shape}, {k.shape}, {v.shape}"
-        )
-    b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    if k.shape[0] != b or k.shape[3] != h or v.shape[:3] != k.shape[:3]:
-        raise ValueError(
-            f"k must be [B, S, K, H] and v [B, S, K, Hv] for q {q.shape}; got k {k.shape}, "
-            f"v {v.shape}"
-        )
-    if kh == 0 or n % kh:
-        raise ValueError(
-            f"q has {n} heads but k has {kh}; the number of q heads must be a multiple of the "
-            "number of kv heads (GQA/MQA)"
-        )
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (
-        jnp.float32, jnp.bfloat16, jnp.float16
-    ):
-        raise ValueError(
-            f"q, k, v must share one of float32, bfloat16, float16; got {q.dtype}, {k.dtype}, "
-            f"{v.dtype}"
-        )
-    if q_positions.shape != (t,) or kv_positions.shape != (s,):
-        raise ValueError(
-            f"q_positions must have shape ({t},) and kv_positions ({s},), got "
-            f"{q_positions.shape} and {kv_positions.shape}"
-        )
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("q_segment_ids and kv_segment_ids must be given together")
-    if q_segment_ids is not None and (
-        q_segment_ids.shape != (b, t) or kv_segment_ids.shape != (b, s)
-    ):
-        raise ValueError(
-            f"segment ids must have shapes ({b}, {t}) and ({b}, {s}), got "
-            f"{q_segment_ids.shape} and {kv_segment_ids.shape}"
-        )
+    b, t, n, h, s, kh = check_attention_inputs(
+        q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
+        dtypes=(jnp.float32, jnp.bfloat16, jnp.float16),
+    )
     if config is None:
         config = FlashConfig.get_default(head_dim=h, causal=spec.causal, dtype=q.dtype)
     q_seg = None if q_segment_ids is None else jnp.asarray(q_segment_ids, jnp.int32)

@@ -34,6 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.common.checks import check_attention_inputs
 from pallas_kernels.common.masks import (
     FULL,
     MASK_VALUE,
@@ -484,40 +485,10 @@ def flash_attention(
       >>> out, lse = flash_attention(q, k, v, jnp.arange(T), jnp.arange(S),
       ...     spec=MaskSpec(causal=True), scale=H ** -0.5, interpret=True)
     """
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if jnp.ndim(x) != 4:
-            raise ValueError(
-                f"{name} must have shape [batch, seq, heads, head_dim], got {jnp.shape(x)}"
-            )
-    b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    if k.shape[0] != b or v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"q {q.shape}, k {k.shape} and v {v.shape} do not agree")
-    if k.shape[3] != h:
-        raise ValueError(f"q has head_dim {h} but k has {k.shape[3]}; they must be equal")
-    if kh == 0 or n % kh:
-        raise ValueError(
-            f"q has {n} heads but k has {kh}; n must be a multiple of k (GQA/MQA)"
-        )
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(
-            f"q, k, v must share a dtype among float32 and bfloat16, got {q.dtype}, {k.dtype}, "
-            f"{v.dtype}"
-        )
-    if jnp.shape(q_positions) != (t,) or jnp.shape(kv_positions) != (s,):
-        raise ValueError(
-            f"q_positions must have shape ({t},) and kv_positions ({s},), got "
-            f"{jnp.shape(q_positions)} and {jnp.shape(kv_positions)}"
-        )
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("q_segment_ids and kv_segment_ids must be given together")
-    if q_segment_ids is not None and (
-        jnp.shape(q_segment_ids) != (b, t) or jnp.shape(kv_segment_ids) != (b, s)
-    ):
-        raise ValueError(
-            f"segment ids must have shapes ({b}, {t}) and ({b}, {s}), got "
-            f"{jnp.shape(q_segment_ids)} and {jnp.shape(kv_segment_ids)}"
-        )
+    b, t, n, h, s, kh = check_attention_inputs(
+        q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
+        dtypes=SUPPORTED_DTYPES,
+    )
     if soft_cap is not None and not soft_cap > 0:
         raise ValueError(f"soft_cap must be positive or None, got {soft_cap}")
     if config is None:
