@@ -1,0 +1,106 @@
+"""Model configuration shared by every attention module and the decoder LM.
+
+Every attention mechanism in ``attnlab.nn`` is an NNX module built as
+``Mechanism(cfg, layer_idx=i, rngs=rngs)`` and called as
+``y, cache = module(x, positions=positions, segment_ids=segment_ids, cache=cache)``
+(see :mod:`attnlab.nn.registry`). The fields below are all a mechanism may read; a mechanism
+that needs more adds a field here with a default, so one ``Config`` describes a whole model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """Decoder LM configuration.
+
+    Attributes:
+      vocab_size: token vocabulary (256 for the byte-level tokenizer).
+      d_model: residual width D.
+      num_layers: number of decoder blocks; ``len(layer_pattern)`` when a pattern is given.
+      num_heads: query heads N.
+      num_kv_heads: key/value heads K (GQA/MQA); N must be a multiple of K.
+      head_dim: per-head width H (default d_model // num_heads).
+      mlp_dim: SwiGLU hidden width (default 8/3 d_model rounded up to a multiple of 64).
+      layer_pattern: one letter per layer naming its mechanism (``"S"`` softmax, ``"L"``
+        lightning, ...; see ``attnlab.nn.registry``), e.g. ``"LLLLLLLS"`` for MiniMax 7:1.
+        Default: every layer softmax.
+      max_seq_len: longest sequence (positions and caches are sized by it).
+      rope_theta: RoPE base.
+      rope_fraction: fraction of head_dim that is rotated (1.0 full, 0.5 as MiniMax softmax).
+      local_window_size: sliding window (left) of softmax layers, or None for full causal.
+      logits_soft_cap: softmax logit soft-cap, or None.
+      norm_eps: RMSNorm epsilon.
+      attention_impl: ``impl=`` passed to the ops (``"auto"`` picks per platform).
+      dtype: compute dtype (activations); params are kept in ``param_dtype``.
+      param_dtype: parameter dtype.
+      tie_embeddings: share the input embedding with the output projection.
+    """
+
+    vocab_size: int = 256
+    d_model: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    mlp_dim: int | None = None
+    layer_pattern: str | None = None
+    max_seq_len: int = 1024
+    rope_theta: float = 10_000.0
+    rope_fraction: float = 1.0
+    local_window_size: int | None = None
+    logits_soft_cap: float | None = None
+    norm_eps: float = 1e-6
+    attention_impl: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        if self.num_kv_heads is None:
+            set_("num_kv_heads", self.num_heads)
+        if self.head_dim is None:
+            if self.d_model % self.num_heads:
+                raise ValueError(
+                    f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
+                    "change one of them or give head_dim explicitly"
+                )
+            set_("head_dim", self.d_model // self.num_heads)
+        if self.mlp_dim is None:
+            set_("mlp_dim", -(-(8 * self.d_model // 3) // 64) * 64)
+        if self.layer_pattern is None:
+            set_("layer_pattern", "S" * self.num_layers)
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "mlp_dim", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads="
+                f"{self.num_kv_heads}; choose num_kv_heads among the divisors of num_heads"
+            )
+        if len(self.layer_pattern) != self.num_layers:
+            raise ValueError(
+                f"layer_pattern {self.layer_pattern!r} has {len(self.layer_pattern)} letters but "
+                f"num_layers={self.num_layers}; give one letter per layer"
+            )
+        if not 0.0 <= self.rope_fraction <= 1.0:
+            raise ValueError(f"rope_fraction={self.rope_fraction} must lie in [0, 1]")
+        rotated = int(round(self.head_dim * self.rope_fraction))
+        if rotated % 2:
+            raise ValueError(
+                f"rope_fraction={self.rope_fraction} of head_dim={self.head_dim} rotates "
+                f"{rotated} dims; it must be an even number"
+            )
+        if self.local_window_size is not None and self.local_window_size < 0:
+            raise ValueError(f"local_window_size={self.local_window_size} must be >= 0 or None")
+
+    @property
+    def rope_dim(self) -> int:
+        """Number of leading head dims that RoPE rotates (even)."""
+        return int(round(self.head_dim * self.rope_fraction))

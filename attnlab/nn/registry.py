@@ -1,0 +1,55 @@
+"""Attention mechanisms by name, so a model's ``layer_pattern`` can name one per layer.
+
+A mechanism is an NNX module class with this contract (every attention module follows it):
+
+  * ``Mechanism(cfg: Config, *, layer_idx: int, rngs: nnx.Rngs)``;
+  * ``y, cache = module(x, *, positions, segment_ids=None, cache=None)`` with x [B, T, D],
+    positions [B, T] int32 (global token positions), segment_ids [B, T] int32 or None, and
+    ``cache`` None (training / full forward) or the pytree from ``init_cache`` (generation:
+    the module reads it, appends the T new tokens and returns the updated cache);
+  * ``module.init_cache(batch_size, max_len, dtype)`` -> an empty cache pytree;
+  * ``Mechanism.cache_bytes_per_token(cfg, dtype_bytes=2)`` -> float (0 for constant-state
+    mechanisms such as lightning, whose fixed state is ``state_bytes``);
+
+Registering: ``@register("S", "softmax")`` on the class. The letter is what ``layer_pattern``
+uses; the name is what the CLI's ``--attention`` flag and error messages use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+_BY_LETTER: dict[str, type] = {}
+_BY_NAME: dict[str, type] = {}
+
+
+def register(letter: str, name: str) -> Callable[[type], type]:
+    """Class decorator: makes the mechanism available to ``layer_pattern`` as ``letter``."""
+    if len(letter) != 1:
+        raise ValueError(f"a mechanism letter is one character, got {letter!r}")
+
+    def deco(cls: type) -> type:
+        for table, key in ((_BY_LETTER, letter), (_BY_NAME, name)):
+            if key in table and table[key] is not cls:
+                raise ValueError(f"mechanism {key!r} is already registered to {table[key]}")
+            table[key] = cls
+        cls.mechanism_letter = letter
+        cls.mechanism_name = name
+        return cls
+
+    return deco
+
+
+def mechanisms() -> dict[str, str]:
+    """Letter -> name of every registered mechanism."""
+    return {letter: cls.mechanism_name for letter, cls in sorted(_BY_LETTER.items())}
+
+
+def get(letter_or_name: str) -> Any:
+    """The mechanism class for a pattern letter or a name; ValueError naming the known ones."""
+    cls = _BY_LETTER.get(letter_or_name) or _BY_NAME.get(letter_or_name)
+    if cls is None:
+        known = ", ".join(f"{k}={v}" for k, v in mechanisms().items())
+        raise ValueError(f"unknown attention mechanism {letter_or_name!r}; known: {known}")
+    return cls
