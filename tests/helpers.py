@@ -157,3 +157,35 @@ def loss_with_lse(attn_fn, q, k, v, kwargs):
     w = jnp.cos(jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape))
     lse_part = jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * 0.25)
     return jnp.sum(out.astype(jnp.float32) * w) + lse_part
+
+
+def lightning_oracle(
+    q, k, v, decay, initial_state=None, segment_ids=None, scale=1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 NumPy lightning attention (decayed causal linear attention), token by token.
+
+    q, k [B, T, N, H]; v [B, T, N, Hv]; decay [N] = lambda (not log); initial_state
+    [B, N, H, Hv] or None (zeros); segment_ids [B, T] or None. Recurrence per (b, n):
+    S_t = g_t * lambda * S_{t-1} + k_t^T v_t with g_t = 0 where seg_t != seg_{t-1} (t > 0) else 1;
+    o_t = (scale * q_t) S_t. Token 0 always continues ``initial_state``.
+    Returns (o [B, T, N, Hv], final_state [B, N, H, Hv]), both float64.
+    """
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    lam = np.asarray(decay, np.float64)
+    b, t, n, h = q.shape
+    hv = v.shape[-1]
+    s = (
+        np.zeros((b, n, h, hv))
+        if initial_state is None
+        else np.array(initial_state, np.float64, copy=True)
+    )
+    seg = None if segment_ids is None else np.asarray(segment_ids)
+    o = np.zeros((b, t, n, hv))
+    for ti in range(t):
+        keep = np.ones((b,))
+        if seg is not None and ti > 0:
+            keep = (seg[:, ti] == seg[:, ti - 1]).astype(np.float64)
+        s = s * keep[:, None, None, None] * lam[None, :, None, None]
+        s = s + np.einsum("bnh,bnv->bnhv", k[:, ti], v[:, ti])
+        o[:, ti] = np.einsum("bnh,bnhv->bnv", q[:, ti] * scale, s)
+    return o, s
