@@ -1,0 +1,250 @@
+"""Synthetic tasks that probe what attention can do (offline, deterministic).
+
+Each task is a frozen dataclass with ``seq_len`` and ``seed``; ``task.batch(step, batch_size,
+split=...)`` returns a :class:`~attnlab.data.batch.Batch` [B, T] that is a pure function of
+``(seed, split, step)``, so a resumed run sees the same data. The loss mask selects the answer
+tokens, so the masked accuracy is the task accuracy.
+
+* :class:`MQAR` multi-query associative recall (Zoology, Arora et al. 2023): key-value pairs,
+  then queries of the keys; predict each key's value.
+* :class:`Induction` a random token sequence repeated once; predict the second copy.
+* :class:`Passkey` a number hidden at a random depth of filler text, asked for at the end.
+* :class:`Calendar` "What day is 17 days after Tuesday? Sunday." modular arithmetic in text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import numpy as np
+
+from attnlab.data.batch import Batch, pack_documents, rng_for
+from attnlab.data.tokenizer import encode
+
+DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
+          "September", "October", "November", "December")
+
+# MQAR token ranges: keys and values never overlap, 0 is padding.
+MQAR_KEYS = (1, 128)
+MQAR_VALUES = (128, 256)
+
+
+def _check_positive(**kw: int) -> None:
+    for name, v in kw.items():
+        if v <= 0:
+            raise ValueError(f"{name}={v} must be positive")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class MQAR:
+    """Multi-query associative recall.
+
+    An example is ``k1 v1 k2 v2 ... kn vn  q1 a1 q2 a2 ...`` with distinct keys, each query a
+    key from the pairs (all n keys in a random order) and its answer the paired value. Only
+    the answers are in the loss. Examples are packed, one document each, as many per row as
+    fit (at least one: ``4 * num_kv_pairs <= seq_len + 1``).
+
+    Attributes:
+      seq_len: T.
+      seed: data seed.
+      num_kv_pairs: n (at most 127 distinct keys).
+    """
+
+    seq_len: int
+    seed: int = 0
+    num_kv_pairs: int = 8
+    name: ClassVar[str] = "mqar"
+    is_text: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        _check_positive(seq_len=self.seq_len, num_kv_pairs=self.num_kv_pairs)
+        if self.num_kv_pairs > MQAR_KEYS[1] - MQAR_KEYS[0]:
+            raise ValueError(f"num_kv_pairs={self.num_kv_pairs} exceeds the "
+                             f"{MQAR_KEYS[1] - MQAR_KEYS[0]} distinct keys; use fewer pairs")
+        if 4 * self.num_kv_pairs > self.seq_len + 1:
+            raise ValueError(
+                f"an MQAR example with num_kv_pairs={self.num_kv_pairs} has "
+                f"{4 * self.num_kv_pairs} tokens, more than seq_len+1={self.seq_len + 1}; "
+                "raise seq_len or lower num_kv_pairs"
+            )
+
+    def example(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens [4n], loss weight [4n]) of one example."""
+        n = self.num_kv_pairs
+        keys = rng.choice(np.arange(*MQAR_KEYS), n, replace=False)
+        vals = rng.integers(*MQAR_VALUES, size=n)
+        order = rng.permutation(n)
+        tokens = np.concatenate([np.stack([keys, vals], 1).reshape(-1),
+                                 np.stack([keys[order], vals[order]], 1).reshape(-1)])
+        loss = np.zeros(4 * n, np.float32)
+        loss[2 * n + 1 :: 2] = 1.0
+        return tokens.astype(np.int32), loss
+
+    def batch(self, step: int, batch_size: int, split: str = "train") -> Batch:
+        """Batch ``step`` of ``split`` [batch_size, seq_len]."""
+        rng = rng_for(self.seed, step, split)
+        per_row = (self.seq_len + 1) // (4 * self.num_kv_pairs)
+        docs = [self.example(rng) for _ in range(batch_size * per_row)]
+        return pack_documents(docs, batch_size, self.seq_len)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Induction:
+    """Induction heads: ``prefix_len`` random tokens, then the same tokens again.
+
+    The loss covers the second copy from its second token on (the first token of the copy
+    is not predictable; every later one is, by finding the previous occurrence of the
+    current token and copying its successor).
+
+    Attributes:
+      seq_len: T.
+      seed: data seed.
+      prefix_len: m; an example has 2m tokens and ``2m <= seq_len + 1``.
+      vocab: tokens are drawn from [1, vocab).
+    """
+
+    seq_len: int
+    seed: int = 0
+    prefix_len: int = 32
+    vocab: int = 256
+    name: ClassVar[str] = "induction"
+    is_text: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        _check_positive(seq_len=self.seq_len, prefix_len=self.prefix_len)
+        if 2 * self.prefix_len > self.seq_len + 1:
+            raise ValueError(f"prefix_len={self.prefix_len} needs seq_len >= "
+                             f"{2 * self.prefix_len - 1}; got seq_len={self.seq_len}")
+        if not 2 < self.vocab <= 256:
+            raise ValueError(f"vocab={self.vocab} must lie in (2, 256]")
+
+    def example(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens [2m], loss weight [2m]) of one example."""
+        m = self.prefix_len
+        prefix = rng.integers(1, self.vocab, size=m)
+        loss = np.zeros(2 * m, np.float32)
+        loss[m + 1 :] = 1.0
+        return np.concatenate([prefix, prefix]).astype(np.int32), loss
+
+    def batch(self, step: int, batch_size: int, split: str = "train") -> Batch:
+        """Batch ``step`` of ``split`` [batch_size, seq_len]."""
+        rng = rng_for(self.seed, step, split)
+        per_row = (self.seq_len + 1) // (2 * self.prefix_len)
+        return pack_documents([self.example(rng) for _ in range(batch_size * per_row)],
+                              batch_size, self.seq_len)
+
+
+_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
+           "There and back again. ")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Passkey:
+    """Passkey retrieval (needle in a haystack), byte-level text, one document per row.
+
+    ``There is a pass key hidden in this text. <filler> The pass key is 48213. Remember it.
+    <filler> What is the pass key? The pass key is 48213.`` -- the needle sits at a random
+    depth; the loss covers the digits of the final answer.
+
+    Attributes:
+      seq_len: T (at least about 130 bytes of text).
+      seed: data seed.
+      digits: length of the pass key.
+    """
+
+    seq_len: int
+    seed: int = 0
+    digits: int = 5
+    name: ClassVar[str] = "passkey"
+    is_text: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        _check_positive(seq_len=self.seq_len, digits=self.digits)
+        fixed = len(self.text("0" * self.digits, 0.0, 0))
+        if self.seq_len + 1 < fixed:
+            raise ValueError(f"seq_len={self.seq_len} is too short for a passkey example "
+                             f"with digits={self.digits}; use seq_len >= {fixed - 1}")
+
+    def text(self, key: str, depth: float, filler_chars: int) -> str:
+        """The example text with ``filler_chars`` bytes of filler, the needle at ``depth``."""
+        filler = (_FILLER * (filler_chars // len(_FILLER) + 1))[:filler_chars]
+        cut = int(round(depth * len(filler)))
+        return ("There is a pass key hidden in this text. " + filler[:cut]
+                + f"The pass key is {key}. Remember it. " + filler[cut:]
+                + f"What is the pass key? The pass key is {key}")
+
+    def example(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, str]:
+        """(tokens [L <= T+1], loss weight [L], the key) of one example."""
+        key = "".join(str(d) for d in rng.integers(0, 10, size=self.digits))
+        fixed = len(self.text(key, 0.0, 0))
+        tokens = encode(self.text(key, float(rng.random()), self.seq_len + 1 - fixed))
+        loss = np.zeros(len(tokens), np.float32)
+        loss[-self.digits :] = 1.0
+        return tokens, loss, key
+
+    def batch(self, step: int, batch_size: int, split: str = "train") -> Batch:
+        """Batch ``step`` of ``split`` [batch_size, seq_len]."""
+        rng = rng_for(self.seed, step, split)
+        docs = [self.example(rng)[:2] for _ in range(batch_size)]
+        return pack_documents(docs, batch_size, self.seq_len)
+
+
+def calendar_answer(question: str) -> str:
+    """The answer to a :class:`Calendar` question (written from the text, for checking).
+
+    Example: ``calendar_answer("What day is 17 days after Tuesday?") -> "Sunday"``.
+    """
+    words = question.rstrip("?").split()
+    n, unit, start = int(words[3]), words[4], words[6]
+    names = DAYS if unit == "days" else MONTHS
+    return names[(names.index(start) + n) % len(names)]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Calendar:
+    """Day-of-week and month modular arithmetic in text, many questions packed per row.
+
+    ``What day is 17 days after Tuesday? Sunday.`` / ``What month is 5 months after
+    November? April.`` -- one document per question, the loss on the answer word.
+
+    Attributes:
+      seq_len: T (at least 64).
+      seed: data seed.
+      max_offset: offsets are drawn from [0, max_offset).
+    """
+
+    seq_len: int
+    seed: int = 0
+    max_offset: int = 100
+    name: ClassVar[str] = "calendar"
+    is_text: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        _check_positive(seq_len=self.seq_len, max_offset=self.max_offset)
+        if self.seq_len < 63:
+            raise ValueError(f"seq_len={self.seq_len} is too short for a calendar question; "
+                             "use seq_len >= 63")
+
+    def question(self, rng: np.random.Generator) -> str:
+        """A random question (without its answer)."""
+        n = int(rng.integers(0, self.max_offset))
+        if rng.random() < 0.5:
+            return f"What day is {n} days after {DAYS[int(rng.integers(0, 7))]}?"
+        return f"What month is {n} months after {MONTHS[int(rng.integers(0, 12))]}?"
+
+    def example(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, loss weight) of one question and its answer."""
+        q = self.question(rng)
+        head, answer = encode(q + " "), encode(calendar_answer(q) + ".")
+        # The newline keeps decoded rows readable; it is not part of the answer.
+        w = [np.zeros(len(head)), np.ones(len(answer)), np.zeros(1)]
+        return np.concatenate([head, answer, encode("\n")]), np.concatenate(w).astype(np.float32)
+
+    def batch(self, step: int, batch_size: int, split: str = "train") -> Batch:
+        """Batch ``step`` of ``split`` [batch_size, seq_len]."""
+        rng = rng_for(self.seed, step, split)
+        # Questions are at most 47 bytes; this many always fill the rows.
+        n = batch_size * ((self.seq_len + 1) // 30 + 1)
+        return pack_documents([self.example(rng) for _ in range(n)], batch_size, self.seq_len)
