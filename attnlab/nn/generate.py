@@ -1,0 +1,200 @@
+"""Autoregressive generation with per-layer caches: init_caches, prefill, decode_step, generate.
+
+Shapes: B batch, T0 prompt length, V vocabulary.
+
+``generate`` compiles once per (model structure, batch, prompt length, max_new_tokens, greedy,
+top_k): the prompt is prefilled in one call and the new tokens come from a ``lax.fori_loop``
+of single-token decode steps inside the same ``jax.jit`` (no Python loop of jit calls, so no
+per-token dispatch; the price is no progress bar).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attnlab.nn.transformer import Transformer
+
+
+def init_caches(
+    model: Transformer, batch_size: int, max_len: int, dtype: Any = None
+) -> list[Any]:
+    """Empty per-layer caches for ``batch_size`` sequences of up to ``max_len`` tokens.
+
+    Args:
+      model: the Transformer.
+      batch_size: B.
+      max_len: cache length L (softmax layers hold K/V [B, L, K, H]); at most cfg.max_seq_len.
+      dtype: cache dtype, default ``cfg.dtype``.
+
+    Returns:
+      list with one cache pytree per layer (each mechanism's ``init_cache``).
+
+    Raises:
+      ValueError: batch_size or max_len not positive, max_len > cfg.max_seq_len.
+
+    Example:
+      >>> caches = init_caches(model, 4, 128)
+    """
+    cfg = model.cfg
+    if batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size} must be positive")
+    if not 0 < max_len <= cfg.max_seq_len:
+        raise ValueError(
+            f"max_len={max_len} must lie in [1, max_seq_len={cfg.max_seq_len}]; raise "
+            "Config.max_seq_len or ask for fewer tokens"
+        )
+    dtype = cfg.dtype if dtype is None else dtype
+    return [block.attn.init_cache(batch_size, max_len, dtype) for block in model.blocks]
+
+
+def _prefill(
+    model: Transformer, tokens: jax.Array, caches: list[Any], positions: jax.Array | None = None
+) -> tuple[jax.Array, list[Any]]:
+    if positions is None:
+        b, t = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    return model(tokens, positions=positions, caches=caches)
+
+
+def _decode_step(
+    model: Transformer, token: jax.Array, caches: list[Any], position: jax.Array
+) -> tuple[jax.Array, list[Any]]:
+    logits, caches = model(token[:, None], positions=position[:, None], caches=caches)
+    return logits[:, 0], caches
+
+
+prefill = nnx.jit(_prefill)
+prefill.__doc__ = """Runs the prompt through the model, filling the caches (jitted).
+
+Args:
+  model: the Transformer.
+  tokens: [B, T0] int32 prompt.
+  caches: from ``init_caches`` (empty: positions default to ``arange(T0)``).
+  positions: [B, T0] int32, default ``arange(T0)`` per row.
+
+Returns:
+  (logits [B, T0, V] float32, caches holding the T0 tokens).
+
+Example:
+  >>> logits, caches = prefill(model, prompt, init_caches(model, B, 128))
+"""
+
+decode_step = nnx.jit(_decode_step)
+decode_step.__doc__ = """One decoding step: feeds one token per row at ``position`` (jitted).
+
+Args:
+  model: the Transformer.
+  token: [B] int32, the last token of each row.
+  caches: the caches holding every earlier token of each row.
+  position: [B] int32 position of ``token`` (the number of tokens already in the caches).
+
+Returns:
+  (logits [B, V] float32 for the next token, updated caches).
+
+Example:
+  >>> logits, caches = decode_step(model, tokens[:, -1], caches, jnp.full((B,), T0))
+"""
+
+
+def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, greedy: bool,
+            top_k: int | None) -> jax.Array:
+    """logits [B, V] float32 -> tokens [B] int32."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k"))
+def _generate(graphdef, state, prompt, rng, temperature, *, max_new_tokens: int, greedy: bool,
+              top_k: int | None) -> jax.Array:
+    model = nnx.merge(graphdef, state)
+    b, t0 = prompt.shape
+    total = t0 + max_new_tokens
+    caches = init_caches(model, b, total)
+    logits, caches = _prefill(model, prompt, caches)
+    tokens = jnp.zeros((b, total), jnp.int32).at[:, :t0].set(prompt)
+    first = _sample(logits[:, -1], jax.random.fold_in(rng, 0), temperature, greedy, top_k)
+    tokens = tokens.at[:, t0].set(first)
+
+    def body(i, carry):
+        tokens, caches = carry
+        pos = t0 + i - 1  # position of the token fed in; its successor goes to pos + 1
+        token = jax.lax.dynamic_index_in_dim(tokens, pos, axis=1, keepdims=False)
+        logits, caches = _decode_step(model, token, caches, jnp.full((b,), pos, jnp.int32))
+        nxt = _sample(logits, jax.random.fold_in(rng, i), temperature, greedy, top_k)
+        tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, pos + 1, axis=1)
+        return tokens, caches
+
+    tokens, _ = jax.lax.fori_loop(1, max_new_tokens, body, (tokens, caches))
+    return tokens
+
+
+def generate(
+    model: Transformer,
+    prompt: jax.Array,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    rng: jax.Array | None = None,
+) -> jax.Array:
+    """Continues each prompt by ``max_new_tokens`` tokens (greedy, or sampled).
+
+    One ``jax.jit``: prefill, then a ``lax.fori_loop`` of one-token decode steps over caches
+    of ``T0 + max_new_tokens`` slots.
+
+    Args:
+      model: the Transformer.
+      prompt: [B, T0] int32 tokens, T0 >= 1.
+      max_new_tokens: number of tokens to add (>= 0); T0 + max_new_tokens <= cfg.max_seq_len.
+      temperature: 0 for greedy (argmax); > 0 samples from softmax(logits / temperature).
+      top_k: sample only among the k most likely tokens (None: all).
+      rng: PRNG key for sampling (default ``jax.random.key(0)``; unused when greedy).
+
+    Returns:
+      [B, T0 + max_new_tokens] int32: the prompt followed by the new tokens.
+
+    Raises:
+      ValueError: prompt not [B, T0] with T0 >= 1, negative max_new_tokens, the total
+        longer than cfg.max_seq_len, negative temperature, top_k outside [1, vocab_size].
+
+    Example:
+      >>> out = generate(model, prompt, 32, temperature=0.8, top_k=40, rng=jax.random.key(1))
+    """
+    cfg = model.cfg
+    prompt = jnp.asarray(prompt)
+    if prompt.ndim != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt must have shape [batch, T0] with T0 >= 1, got {prompt.shape}")
+    if not jnp.issubdtype(prompt.dtype, jnp.integer):
+        raise ValueError(f"prompt must hold integer token ids, got dtype {prompt.dtype}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    total = prompt.shape[1] + max_new_tokens
+    if total > cfg.max_seq_len:
+        raise ValueError(
+            f"prompt of {prompt.shape[1]} tokens + max_new_tokens={max_new_tokens} = {total} "
+            f"exceeds max_seq_len={cfg.max_seq_len} (the cache length); shorten the prompt, "
+            "ask for fewer tokens or raise Config.max_seq_len"
+        )
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
+    if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
+        raise ValueError(f"top_k={top_k} must lie in [1, vocab_size={cfg.vocab_size}] or be None")
+    prompt = prompt.astype(jnp.int32)
+    if max_new_tokens == 0:
+        return prompt
+    rng = jax.random.key(0) if rng is None else rng
+    graphdef, state = nnx.split(model)
+    return _generate(
+        graphdef, state, prompt, rng, jnp.float32(max(temperature, 1e-6)),
+        max_new_tokens=max_new_tokens, greedy=temperature == 0, top_k=top_k,
+    )
