@@ -9,7 +9,7 @@ tokens, so the masked accuracy is the task accuracy.
   then queries of the keys; predict each key's value.
 * :class:`Induction` a random token sequence repeated once; predict the second copy.
 * :class:`Passkey` a number hidden at a random depth of filler text, asked for at the end.
-* :class:`Calendar` "What day is 17 days after Tuesday? Sunday." modular arithmetic in text.
+* :class:`Calendar` "What day is 17 days after Tuesday? Friday." modular arithmetic in text.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ class Passkey:
 def calendar_answer(question: str) -> str:
     """The answer to a :class:`Calendar` question (written from the text, for checking).
 
-    Example: ``calendar_answer("What day is 17 days after Tuesday?") -> "Sunday"``.
+    Example: ``calendar_answer("What day is 17 days after Tuesday?") -> "Friday"``.
     """
     words = question.rstrip("?").split()
     n, unit, start = int(words[3]), words[4], words[6]
@@ -206,7 +206,7 @@ def calendar_answer(question: str) -> str:
 class Calendar:
     """Day-of-week and month modular arithmetic in text, many questions packed per row.
 
-    ``What day is 17 days after Tuesday? Sunday.`` / ``What month is 5 months after
+    ``What day is 17 days after Tuesday? Friday.`` / ``What month is 5 months after
     November? April.`` -- one document per question, the loss on the answer word.
 
     Attributes:
