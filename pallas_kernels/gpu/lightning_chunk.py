@@ -1,0 +1,572 @@
+"""Lightning attention (decayed causal linear attention) on GPU: Pallas kernels lowered to Triton.
+
+Semantics (MiniMax-01 / Lightning Attention-2), per batch row and head with decay
+``lambda = exp(log_decay)`` in (0, 1]::
+
+    S_t = g_t * lambda * S_{t-1} + k_t^T v_t,      o_t = (scale * q_t) S_t,
+
+``S_{-1} = initial_state`` (zeros if None), ``g_t = 0`` where ``segment_ids`` changes (a new
+packed document) and 1 elsewhere; token 0 always continues ``initial_state``. State math is
+float32; outputs come in q's dtype.
+
+Chunked form (chunk C, the sequence padded to a whole number of chunks): within chunk c,
+with ``e_i`` the number of real tokens from the chunk start up to and including i,
+
+    O_intra = [(scale Q K^T) . D] V,   D_ij = lambda^(e_i - e_j) (i >= j, same run) else 0,
+    O_inter = diag(scale lambda^e_i [row i sees the carried state]) Q S_c,
+    S_{c+1} = lambda^L [no reset in chunk] S_c + (diag(w) K)^T V,  w_j = lambda^(L - e_j)
+              for keys of the chunk's last run, else 0,
+
+where L = e_(C-1) is the number of real tokens in the chunk. Counting only real tokens makes
+padded positions (zero keys and values) leave the state untouched, so padding never changes
+the final state. All decay factors are powers lambda^m with m >= 0: nothing is divided by a
+small decay, so lambda near 0 is as stable as lambda = 1. Segment resets come in as
+:func:`pallas_kernels.common.lightning.chunk_run_ids` (one int per token).
+
+Kernels (two phases, as fla's ``chunk_lightning_attn``, so long single sequences still fill
+the GPU):
+
+* ``lightning_states`` — grid (B, N, H/BK, Hv/BV), sequential over chunks: writes every
+  chunk's starting state (in the input dtype; the carry stays float32) and the final state.
+  State rows (key dim) and columns (value dim) are independent, hence the 2-D split.
+* ``lightning_fwd`` — grid (B, N, T/C, Hv/BV), fully parallel: intra-chunk plus inter-chunk.
+* backward: the states are recomputed by ``lightning_states``; ``lightning_dstates`` walks
+  the chunks backwards (grid (B, N, H/BK, Hv/BV)) writing dS at the end of every chunk and
+  the initial state's cotangent; ``lightning_bwd`` (grid (B, N, T/C)) computes dq, dk, dv of
+  a chunk from its states, looping over value blocks.
+
+Memory: the per-chunk states take (T/C) * H * Hv elements per (batch, head) in the input
+dtype (1 GiB for T = 128K, N = 16, H = Hv = 128, C = 64 in bf16); the backward holds two such
+arrays (states and dS).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.common.lightning import check_lightning_inputs, chunk_run_ids
+from pallas_kernels.gpu.flash_fwd import dot, dot_precision, pad_axis, round_up
+
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# Head dims compiled for a GPU (shared-memory and register budgets are sized for these);
+# the interpreter takes any power of two in [MIN_DIM, MAX_INTERPRET_DIM].
+GPU_HEAD_DIMS = (64, 128)
+MIN_DIM = 16
+MAX_INTERPRET_DIM = 256
+# exp() of this is exactly 0 in float32: masked decay entries, never -inf (no inf - inf).
+NEG_BIG = -1e30
+# log_decay is handed to the kernels broadcast over this many lanes (a tile Triton accepts).
+_LANES = 16
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class LightningConfig:
+    """Tile sizes and launch parameters of the Triton lightning-attention kernels.
+
+    Attributes:
+      chunk: tokens per chunk C (intra-chunk tiles are [C, C]); the sequence is padded to a
+        multiple of it. Shrunk (not below 16) for sequences shorter than one chunk.
+      block_v: value columns per program of the output kernel and per step of the dq/dk/dv
+        kernel (shrunk to Hv if larger).
+      block_k_state, block_v_state: the [block_k_state, block_v_state] float32 state tile of
+        one program of the two sequential kernels (states and dS); shrunk to H / Hv.
+      num_warps, num_stages: output kernel launch parameters.
+      num_warps_state, num_stages_state: the sequential kernels' launch parameters.
+      num_warps_bwd, num_stages_bwd: the dq/dk/dv kernel's.
+
+    All sizes are powers of two, at least 16 (the smallest tile Triton's dot accepts).
+    """
+
+    chunk: int = 64
+    block_v: int = 128
+    block_k_state: int = 64
+    block_v_state: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    num_warps_state: int = 4
+    num_stages_state: int = 2
+    num_warps_bwd: int = 8
+    num_stages_bwd: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("chunk", "block_v", "block_k_state", "block_v_state"):
+            b = getattr(self, name)
+            if not isinstance(b, int) or isinstance(b, bool) or b < MIN_DIM or b & (b - 1):
+                raise ValueError(
+                    f"{name} must be a power of two of at least {MIN_DIM} (Triton tiles are), "
+                    f"got {b!r}; try 64"
+                )
+        for name in ("num_warps", "num_warps_state", "num_warps_bwd"):
+            w = getattr(self, name)
+            if not isinstance(w, int) or w <= 0 or w & (w - 1) or w > 32:
+                raise ValueError(f"{name} must be a power of two in [1, 32], got {w!r}")
+        for name in ("num_stages", "num_stages_state", "num_stages_bwd"):
+            s = getattr(self, name)
+            if not isinstance(s, int) or s <= 0:
+                raise ValueError(f"{name} must be a positive int, got {s!r}")
+
+    @classmethod
+    def get_default(
+        cls, head_dim: int | None = None, dtype=None, device_kind: str | None = None
+    ) -> LightningConfig:
+        """Hand-picked sizes (untuned; ``device_kind`` is accepted for a future tuned table).
+
+        float32 inputs take [C, 64] value tiles: their operand tiles are twice the bytes of
+        16-bit ones and [64, 128] f32 tiles crowd the H100's shared memory.
+        """
+        del device_kind
+        if dtype is not None and jnp.dtype(dtype).itemsize > 2:
+            return cls(block_v=64, num_warps=4, num_warps_bwd=4)
+        if head_dim is not None and head_dim <= 64:
+            return cls(block_v=64, num_warps=4, num_warps_bwd=4)
+        return cls()
+
+
+# ----------------------------------------------------------------------------- in-kernel math
+
+
+def _real_counts(c: jax.Array, chunk: int, t: int) -> tuple[jax.Array, jax.Array]:
+    """(e [C] f32, L scalar f32): real tokens of chunk c up to and including each position,
+    and in the whole chunk. Padded positions repeat L, so they add no decay."""
+    valid = jnp.minimum(chunk, t - c * chunk).astype(jnp.float32)
+    e = jnp.minimum(jnp.arange(1, chunk + 1, dtype=jnp.int32).astype(jnp.float32), valid)
+    return e, valid
+
+
+def _row_gate(ld, e, rel):
+    """[C] f32: lambda^e_i for rows that still see the carried state, 0 after a reset."""
+    gate = jnp.exp(ld * e)
+    return gate if rel is None else jnp.where(rel == 0, gate, 0.0)
+
+
+def _key_gate(ld, e, valid, rel):
+    """(w [C] f32, gamma scalar f32): each key's weight in the chunk's final state, and the
+    factor on the carried state (0 if the chunk contains a reset)."""
+    w = jnp.exp(ld * (valid - e))
+    gamma = jnp.exp(ld * valid)
+    if rel is None:
+        return w, gamma
+    last = jnp.max(rel)
+    return jnp.where(rel == last, w, 0.0), jnp.where(last == 0, gamma, 0.0)
+
+
+def _intra_decay(ld, e, rel):
+    """D [C, C] f32: lambda^(e_i - e_j) for j <= i in one run, else exactly 0."""
+    chunk = e.shape[0]
+    i = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
+    j = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+    keep = i >= j
+    if rel is not None:
+        keep = jnp.logical_and(keep, rel[:, None] == rel[None, :])
+    return jnp.exp(jnp.where(keep, ld * (e[:, None] - e[None, :]), NEG_BIG))
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _states_kernel(
+    ld_ref,  # [_LANES] f32: log lambda of this head, broadcast
+    rel_ref,  # [Tp] int32 run ids (chunk_run_ids), or None
+    k_ref,  # [Tp, BK] keys, one state-row block
+    v_ref,  # [Tp, BV] values, one state-column block
+    h0_ref,  # [BK, BV] f32 initial state block
+    states_ref,  # [nC * H, BV] out (input dtype): the state entering each chunk
+    ht_ref,  # [BK, BV] f32 out: final state block
+    *,
+    chunk: int,
+    t: int,
+    head_dim: int,
+    precision,
+):
+    kb = pl.program_id(2)
+    bk = k_ref.shape[-1]
+    n_chunks = k_ref.shape[0] // chunk
+    ld = ld_ref[0]
+
+    def body(c, s):
+        row = pl.multiple_of(c * head_dim + kb * bk, bk)
+        states_ref[pl.ds(row, bk), :] = s.astype(states_ref.dtype)
+        start = pl.multiple_of(c * chunk, chunk)
+        k = k_ref[pl.ds(start, chunk), :]
+        v = v_ref[pl.ds(start, chunk), :]
+        rel = None if rel_ref is None else rel_ref[pl.ds(start, chunk)]
+        e, valid = _real_counts(c, chunk, t)
+        w, gamma = _key_gate(ld, e, valid, rel)
+        kw = (k.astype(jnp.float32) * w[:, None]).astype(k.dtype)
+        return gamma * s + dot(kw, v, ta=True, precision=precision)
+
+    ht_ref[...] = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(jnp.float32))
+
+
+def _fwd_kernel(
+    ld_ref,  # [_LANES] f32: log lambda of this head, broadcast
+    rel_ref,  # [C] int32 run ids of this chunk, or None
+    q_ref,  # [C, H]
+    k_ref,  # [C, H]
+    v_ref,  # [C, BV]
+    s_ref,  # [H, BV] state entering this chunk (input dtype)
+    o_ref,  # [C, BV] out
+    *,
+    chunk: int,
+    t: int,
+    scale: float,
+    precision,
+):
+    c = pl.program_id(2)
+    ld = ld_ref[0]
+    rel = None if rel_ref is None else rel_ref[...]
+    e, _ = _real_counts(c, chunk, t)
+    q, k, v = q_ref[...], k_ref[...], v_ref[...]
+    a = dot(q, k, tb=True, precision=precision) * (scale * _intra_decay(ld, e, rel))
+    o = dot(a.astype(v.dtype), v, precision=precision)
+    inter = dot(q, s_ref[...].astype(q.dtype), precision=precision)
+    o = o + (scale * _row_gate(ld, e, rel))[:, None] * inter
+    o_ref[...] = o.astype(o_ref.dtype)
+
+
+def _dstates_kernel(
+    ld_ref,  # [_LANES] f32: log lambda of this head, broadcast
+    rel_ref,  # [Tp] int32 run ids, or None
+    q_ref,  # [Tp, BK] queries, one state-row block
+    do_ref,  # [Tp, BV] output cotangent, one state-column block
+    dht_ref,  # [BK, BV] f32 cotangent of the final state
+    dstates_ref,  # [nC * H, BV] out (input dtype): cotangent of the state leaving each chunk
+    dh0_ref,  # [BK, BV] f32 out: cotangent of the initial state
+    *,
+    chunk: int,
+    t: int,
+    head_dim: int,
+    scale: float,
+    precision,
+):
+    kb = pl.program_id(2)
+    bk = q_ref.shape[-1]
+    n_chunks = q_ref.shape[0] // chunk
+    ld = ld_ref[0]
+
+    def body(i, ds):
+        c = n_chunks - 1 - i
+        row = pl.multiple_of(c * head_dim + kb * bk, bk)
+        dstates_ref[pl.ds(row, bk), :] = ds.astype(dstates_ref.dtype)
+        start = pl.multiple_of(c * chunk, chunk)
+        q = q_ref[pl.ds(start, chunk), :]
+        do = do_ref[pl.ds(start, chunk), :]
+        rel = None if rel_ref is None else rel_ref[pl.ds(start, chunk)]
+        e, valid = _real_counts(c, chunk, t)
+        _, gamma = _key_gate(ld, e, valid, rel)
+        qg = (q.astype(jnp.float32) * (scale * _row_gate(ld, e, rel))[:, None]).astype(q.dtype)
+        return gamma * ds + dot(qg, do, ta=True, precision=precision)
+
+    dh0_ref[...] = lax.fori_loop(0, n_chunks, body, dht_ref[...].astype(jnp.float32))
+
+
+def _bwd_kernel(
+    ld_ref,  # [_LANES] f32: log lambda of this head, broadcast
+    rel_ref,  # [C] int32 run ids of this chunk, or None
+    q_ref,  # [C, H]
+    k_ref,  # [C, H]
+    v_ref,  # [C, Hv]
+    do_ref,  # [C, Hv] output cotangent
+    s_ref,  # [H, Hv] state entering this chunk (input dtype)
+    ds_ref,  # [H, Hv] cotangent of the state leaving this chunk (input dtype)
+    dq_ref,  # [C, H] out
+    dk_ref,  # [C, H] out
+    dv_ref,  # [C, Hv] out
+    *,
+    chunk: int,
+    t: int,
+    scale: float,
+    block_v: int,
+    precision,
+):
+    c = pl.program_id(2)
+    ld = ld_ref[0]
+    rel = None if rel_ref is None else rel_ref[...]
+    e, valid = _real_counts(c, chunk, t)
+    q, k = q_ref[...], k_ref[...]
+    dt = q.dtype
+    d = scale * _intra_decay(ld, e, rel)
+    a = (dot(q, k, tb=True, precision=precision) * d).astype(dt)
+    w, _ = _key_gate(ld, e, valid, rel)
+    h = q.shape[-1]
+    da = jnp.zeros((chunk, chunk), jnp.float32)
+    dq_inter = jnp.zeros((chunk, h), jnp.float32)
+    dk_inter = jnp.zeros((chunk, h), jnp.float32)
+    # Value blocks are a static loop: the [C, H] accumulators stay live, a [C, BV] block of
+    # dv is finished and stored per step.
+    for j in range(v_ref.shape[-1] // block_v):
+        cols = slice(j * block_v, (j + 1) * block_v)
+        v, do = v_ref[:, cols], do_ref[:, cols]
+        s, ds = s_ref[:, cols].astype(dt), ds_ref[:, cols].astype(dt)
+        da = da + dot(do, v, tb=True, precision=precision)
+        dq_inter = dq_inter + dot(do, s, tb=True, precision=precision)
+        dk_inter = dk_inter + dot(v, ds, tb=True, precision=precision)
+        dv = dot(a, do, ta=True, precision=precision)
+        dv = dv + w[:, None] * dot(k, ds, precision=precision)
+        dv_ref[:, cols] = dv.astype(dv_ref.dtype)
+    da = (da * d).astype(dt)
+    dq = dot(da, k, precision=precision) + (scale * _row_gate(ld, e, rel))[:, None] * dq_inter
+    dk = dot(da, q, ta=True, precision=precision) + w[:, None] * dk_inter
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _plan(config: LightningConfig, t: int, h: int, hv: int) -> tuple[int, int, int, int]:
+    """Static launch geometry: (chunk, BV of the output kernels, BK and BV of the states)."""
+    chunk = min(config.chunk, max(MIN_DIM, pl.next_power_of_2(t)))
+    return (
+        chunk, min(config.block_v, hv), min(config.block_k_state, h),
+        min(config.block_v_state, hv),
+    )
+
+
+def _run_states(q_dtype, k, v, ld, h0, rel, *, t, config, interpret, dstates=False,
+                do=None, dht=None, scale=1.0):
+    """The sequential kernels: states (forward) or, with ``dstates``, state cotangents.
+
+    Forward: k [B, Tp, N, H], v [B, Tp, N, Hv], h0 [B, N, H, Hv] f32 ->
+    (states [B, N, nC * H, Hv] in q_dtype, final state [B, N, H, Hv] f32).
+    dstates: k is q, v is dO, h0 is dht -> (dS after each chunk, d initial state).
+    """
+    b, tp, n, h = k.shape
+    hv = v.shape[-1]
+    chunk, _, bk, bv = _plan(config, t, h, hv)
+    n_chunks = tp // chunk
+    in_specs = [
+        pl.BlockSpec((None, _LANES), lambda bi, ni, kb, vb: (ni, 0)),
+        None if rel is None else pl.BlockSpec((None, tp), lambda bi, ni, kb, vb: (bi, 0)),
+        pl.BlockSpec((None, tp, None, bk), lambda bi, ni, kb, vb: (bi, 0, ni, kb)),
+        pl.BlockSpec((None, tp, None, bv), lambda bi, ni, kb, vb: (bi, 0, ni, vb)),
+        pl.BlockSpec((None, None, bk, bv), lambda bi, ni, kb, vb: (bi, ni, kb, vb)),
+    ]
+    out_specs = [
+        pl.BlockSpec((None, None, n_chunks * h, bv), lambda bi, ni, kb, vb: (bi, ni, 0, vb)),
+        pl.BlockSpec((None, None, bk, bv), lambda bi, ni, kb, vb: (bi, ni, kb, vb)),
+    ]
+    out_shape = [
+        jax.ShapeDtypeStruct((b, n, n_chunks * h, hv), q_dtype),
+        jax.ShapeDtypeStruct((b, n, h, hv), jnp.float32),
+    ]
+    common = dict(chunk=chunk, t=t, head_dim=h, precision=dot_precision(q_dtype))
+    if dstates:
+        kernel = functools.partial(_dstates_kernel, scale=scale, **common)
+        name = "lightning_dstates"
+    else:
+        kernel = functools.partial(_states_kernel, **common)
+        name = "lightning_states"
+    return pl.pallas_call(
+        kernel,
+        grid=(b, n, h // bk, hv // bv),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(
+            num_warps=config.num_warps_state, num_stages=config.num_stages_state
+        ),
+        interpret=interpret,
+        name=name,
+    )(ld, rel, k, v, h0)
+
+
+def _run_fwd(q, k, v, ld, rel, states, *, t, scale, config, interpret):
+    """Output kernel: o [B, Tp, N, Hv] in q's dtype."""
+    b, tp, n, h = q.shape
+    hv = v.shape[-1]
+    chunk, bv, _, _ = _plan(config, t, h, hv)
+    in_specs = [
+        pl.BlockSpec((None, _LANES), lambda bi, ni, c, vb: (ni, 0)),
+        None if rel is None else pl.BlockSpec((None, chunk), lambda bi, ni, c, vb: (bi, c)),
+        pl.BlockSpec((None, chunk, None, h), lambda bi, ni, c, vb: (bi, c, ni, 0)),
+        pl.BlockSpec((None, chunk, None, h), lambda bi, ni, c, vb: (bi, c, ni, 0)),
+        pl.BlockSpec((None, chunk, None, bv), lambda bi, ni, c, vb: (bi, c, ni, vb)),
+        pl.BlockSpec((None, None, h, bv), lambda bi, ni, c, vb: (bi, ni, c, vb)),
+    ]
+    kernel = functools.partial(
+        _fwd_kernel, chunk=chunk, t=t, scale=scale, precision=dot_precision(q.dtype)
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=(b, n, tp // chunk, hv // bv),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, chunk, None, bv), lambda bi, ni, c, vb: (bi, c, ni, vb)),
+        out_shape=jax.ShapeDtypeStruct((b, tp, n, hv), q.dtype),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=config.num_warps, num_stages=config.num_stages
+        ),
+        interpret=interpret,
+        name="lightning_fwd",
+    )(ld, rel, q, k, v, states)
+
+
+def _run_bwd(q, k, v, do, ld, rel, states, dstates, *, t, scale, config, interpret):
+    """dq/dk/dv kernel: (dq, dk, dv) padded, in the inputs' dtype."""
+    b, tp, n, h = q.shape
+    hv = v.shape[-1]
+    chunk, bv, _, _ = _plan(config, t, h, hv)
+    row = pl.BlockSpec((None, chunk, None, h), lambda bi, ni, c: (bi, c, ni, 0))
+    row_v = pl.BlockSpec((None, chunk, None, hv), lambda bi, ni, c: (bi, c, ni, 0))
+    state = pl.BlockSpec((None, None, h, hv), lambda bi, ni, c: (bi, ni, c, 0))
+    in_specs = [
+        pl.BlockSpec((None, _LANES), lambda bi, ni, c: (ni, 0)),
+        None if rel is None else pl.BlockSpec((None, chunk), lambda bi, ni, c: (bi, c)),
+        row, row, row_v, row_v, state, state,
+    ]
+    kernel = functools.partial(
+        _bwd_kernel, chunk=chunk, t=t, scale=scale, block_v=bv,
+        precision=dot_precision(q.dtype),
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=(b, n, tp // chunk),
+        in_specs=in_specs,
+        out_specs=[row, row, row_v],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct(k.shape, k.dtype),
+            jax.ShapeDtypeStruct(v.shape, v.dtype),
+        ],
+        compiler_params=plgpu.CompilerParams(
+            num_warps=config.num_warps_bwd, num_stages=config.num_stages_bwd
+        ),
+        interpret=interpret,
+        name="lightning_bwd",
+    )(ld, rel, q, k, v, do, states, dstates)
+
+
+# ----------------------------------------------------------------------------- custom VJP
+
+
+def _lanes(log_decay: jax.Array) -> jax.Array:
+    return jnp.broadcast_to(log_decay.astype(jnp.float32)[:, None], (log_decay.shape[0], _LANES))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _lightning(q, k, v, log_decay, h0, rel, t, scale, config, interpret):
+    o, ht, _ = _forward(q, k, v, log_decay, h0, rel, t, scale, config, interpret)
+    return o, ht
+
+
+def _forward(q, k, v, log_decay, h0, rel, t, scale, config, interpret):
+    ld = _lanes(log_decay)
+    states, ht = _run_states(q.dtype, k, v, ld, h0, rel, t=t, config=config, interpret=interpret)
+    o = _run_fwd(
+        q, k, v, ld, rel, states, t=t, scale=scale, config=config, interpret=interpret
+    )
+    return o, ht, states
+
+
+def _lightning_fwd(q, k, v, log_decay, h0, rel, t, scale, config, interpret):
+    o, ht = _lightning(q, k, v, log_decay, h0, rel, t, scale, config, interpret)
+    # The per-chunk states are recomputed in the backward pass instead of being saved: they
+    # are (T/C) H Hv per head, larger than q, k, v together when Hv >= C.
+    return (o, ht), (q, k, v, log_decay, h0, rel)
+
+
+def _lightning_bwd(t, scale, config, interpret, res, cts):
+    q, k, v, log_decay, h0, rel = res
+    do, dht = cts
+    do = do.astype(q.dtype)
+    ld = _lanes(log_decay)
+    states, _ = _run_states(q.dtype, k, v, ld, h0, rel, t=t, config=config, interpret=interpret)
+    dstates, dh0 = _run_states(
+        q.dtype, q, do, ld, dht.astype(jnp.float32), rel, t=t, config=config,
+        interpret=interpret, dstates=True, scale=scale,
+    )
+    dq, dk, dv = _run_bwd(
+        q, k, v, do, ld, rel, states, dstates, t=t, scale=scale, config=config,
+        interpret=interpret,
+    )
+    return dq, dk, dv, jnp.zeros_like(log_decay), dh0.astype(h0.dtype), None
+
+
+_lightning.defvjp(_lightning_fwd, _lightning_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
+def _lightning_jit(q, k, v, log_decay, initial_state, segment_ids, *, scale, config, interpret):
+    b, t, n, h = q.shape
+    hv = v.shape[-1]
+    chunk = _plan(config, t, h, hv)[0]
+    tp = round_up(t, chunk)
+    q, k, v = (pad_axis(x, 1, tp) for x in (q, k, v))
+    h0 = (
+        jnp.zeros((b, n, h, hv), jnp.float32)
+        if initial_state is None
+        else initial_state.astype(jnp.float32)
+    )
+    rel = None if segment_ids is None else chunk_run_ids(segment_ids, tp, chunk)
+    o, ht = _lightning(
+        q, k, v, log_decay.astype(jnp.float32), h0, rel, t, scale, config, interpret
+    )
+    return o[:, :t], ht
+
+
+def lightning_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    log_decay: jax.Array,
+    *,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    scale: float = 1.0,
+    config: LightningConfig | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Lightning attention (decayed causal linear attention), chunked Pallas/Triton kernels.
+
+    Args:
+      q, k: [B, T, N, H]; v: [B, T, N, Hv]; one dtype (float32, bfloat16 or float16). On a
+        GPU H and Hv must be 64 or 128; interpreted, any power of two in [16, 256].
+      log_decay: [N] float, log lambda per head (lambda in (0, 1]; 0 is plain linear
+        attention). Not differentiated (its cotangent is zero).
+      initial_state: [B, N, H, Hv] state continued by token 0 (None: zeros); float32 math.
+      segment_ids: [B, T] int packed-document ids; the state resets where the id changes.
+      scale: multiplies q.
+      config: :class:`LightningConfig`, default ``LightningConfig.get_default(H, q.dtype)``.
+      interpret: run the kernels in the Pallas interpreter (CPU tests).
+
+    Returns:
+      (o [B, T, N, Hv] in q's dtype, final_state [B, N, H, Hv] float32); differentiable in
+      q, k, v and initial_state (both outputs).
+
+    Raises:
+      ValueError: inconsistent shapes or dtypes, unsupported head dims.
+
+    Example:
+      >>> o, state = lightning_attention(q, k, v, jnp.log(jnp.full((N,), 0.99)), scale=0.125)
+    """
+    b, t, n, h, hv = check_lightning_inputs(
+        q, k, v, log_decay, initial_state, segment_ids, dtypes=SUPPORTED_DTYPES
+    )
+    for name, dim in (("head_dim H", h), ("value head_dim Hv", hv)):
+        if interpret:
+            if dim < MIN_DIM or dim > MAX_INTERPRET_DIM or dim & (dim - 1):
+                raise ValueError(
+                    f"{name} is {dim}; the lightning kernels take powers of two in "
+                    f"[{MIN_DIM}, {MAX_INTERPRET_DIM}] (pad the head dim)"
+                )
+        elif dim not in GPU_HEAD_DIMS:
+            raise ValueError(
+                f"{name} is {dim}; the compiled lightning kernels support {GPU_HEAD_DIMS} "
+                "(pad the head dim, or use the reference implementation)"
+            )
+    if config is None:
+        config = LightningConfig.get_default(h, q.dtype)
+    if not isinstance(config, LightningConfig):
+        raise ValueError(f"config must be a LightningConfig, got {type(config).__name__}")
+    return _lightning_jit(
+        q, k, v, jnp.asarray(log_decay), initial_state,
+        None if segment_ids is None else jnp.asarray(segment_ids),
+        scale=float(scale), config=config, interpret=bool(interpret),
+    )
