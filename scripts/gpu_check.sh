@@ -4,7 +4,8 @@
 #
 # Run from the repo root there (the device tool's working tree):
 #   bash scripts/gpu_check.sh [steps]         # carry [".whl"] as well to time tokamax
-# steps: any of tests, info, bench, decode, memory (default: all of them). Each step fits
+# steps: any of tests, info, bench, decode, memory, lightning, model, sp (default: the first
+# five; lightning/model/sp are the later issues' benchmarks and are asked for by name). Each step fits
 # the budget given below; split them over two calls when all do not fit one 10-minute call.
 # The package is not installed on that machine (JAX 0.11.2, Python 3.12, no network), so it
 # runs from the tree through PYTHONPATH. Results land in $OUT (the tool's output folder).
@@ -46,6 +47,10 @@ python3 -c 'import tokamax; print("tokamax", getattr(tokamax, "__version__", "?"
   || echo "tokamax: not importable (carry .whl to time it)"
 
 STEPS=${*:-tests info bench decode memory}
+# Per-step time limits for the later benchmarks (seconds), overridable from the environment.
+LIGHTNING_TIMEOUT=${LIGHTNING_TIMEOUT:-300}
+MODEL_TIMEOUT=${MODEL_TIMEOUT:-300}
+SP_TIMEOUT=${SP_TIMEOUT:-500}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 
 if want tests; then
@@ -83,6 +88,27 @@ if want memory; then
 echo "== peak temp memory at 32K vs 64K (compiled, causal, bf16, H=16, D=128)"
 timeout 90 python3 scripts/memory_check.py --lengths 32768,65536 \
   --out "$OUT/memory_h100.json" || status=1
+fi
+
+if want lightning && [ -f attnlab/bench_lightning.py ]; then
+echo "== bench lightning (H=16, D=128, bf16, B*T=65536; fla chunk_lightning_attn when carried)"
+timeout "$LIGHTNING_TIMEOUT" python3 -m attnlab.bench_lightning --out "$OUT/bench_lightning.json" \
+  2>&1 | tee "$OUT/bench_lightning.log"
+[ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+fi
+
+if want model && [ -f attnlab/bench_model.py ]; then
+echo "== bench model (350M softmax at 4K; 7:1 lightning hybrid vs softmax at 32K)"
+timeout "$MODEL_TIMEOUT" python3 -m attnlab.bench_model --out "$OUT/bench_model.json" \
+  2>&1 | tee "$OUT/bench_model.log"
+[ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+fi
+
+if want sp && [ -f attnlab/bench_sp.py ]; then
+echo "== bench sequence parallelism (needs >= 2 GPUs)"
+timeout "$SP_TIMEOUT" python3 -m attnlab.bench_sp --out "$OUT/bench_sp.json" \
+  2>&1 | tee "$OUT/bench_sp.log"
+[ "${PIPESTATUS[0]}" -ne 0 ] && status=1
 fi
 
 echo "gpu_check: done (status $status)"
