@@ -1,0 +1,127 @@
+"""Token layouts for sequence parallelism: contiguous, striped and zigzag.
+
+A layout says which global tokens sit on which shard when a sequence of length S is split
+over P shards of one mesh axis (each shard holds S / P tokens, in the order given here):
+
+* ``"contiguous"``: shard d holds tokens [d S/P, (d+1) S/P). Causal ring attention is
+  unbalanced: shard P-1 sees all keys, shard 0 only its own.
+* ``"striped"`` (Brandon et al. 2023, Striped Attention): token t sits on shard t mod P, so
+  shard d holds d, d + P, d + 2P, ... Every ring step is (nearly) half masked on every shard.
+* ``"zigzag"``: the sequence is cut into 2P chunks of S / 2P; shard d holds chunks d and
+  2P - 1 - d. Each shard has one early and one late chunk, so causal work is balanced and,
+  past the first step, every ring step is exactly half of a block (see ``sharding.ring``).
+
+:func:`permute` puts a global array (sequence on ``axis``) into layout order, so that the
+usual ``PartitionSpec(..., "sp", ...)`` sharding of the result gives every shard its tokens;
+:func:`unpermute` is its inverse. Masks stay exact because kernels receive the tokens'
+original positions (:func:`layout_positions` globally, :func:`shard_positions` inside a
+``shard_map``) instead of offsets.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LAYOUTS = ("contiguous", "striped", "zigzag")
+
+
+def check_layout(layout: str, length: int, num_shards: int, what: str = "sequence") -> None:
+    """Raises ValueError unless ``length`` tokens can be laid out over ``num_shards`` shards.
+
+    Example:
+      >>> check_layout("zigzag", 4096, 8)   # needs 4096 % 16 == 0
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    parts = 2 * num_shards if layout == "zigzag" else num_shards
+    if num_shards <= 0 or length % parts:
+        extra = " (zigzag cuts it into 2 x axis size chunks)" if layout == "zigzag" else ""
+        raise ValueError(
+            f"{what} length {length} is not divisible by {parts}{extra}; pad the {what} to a "
+            f"multiple of {parts} or use a mesh axis of a size that divides it"
+        )
+
+
+def permute(x: jax.Array, axis: int, layout: str, num_shards: int) -> jax.Array:
+    """Reorders the sequence ``axis`` of a global array from token order into ``layout`` order.
+
+    Args:
+      x: any array, e.g. [B, S, N, H] or segment ids [B, S]; ``x.shape[axis]`` divisible by
+        ``num_shards`` (2 x ``num_shards`` for zigzag).
+      axis: the sequence axis.
+      layout: "contiguous" (identity), "striped" or "zigzag".
+      num_shards: P, the size of the mesh axis the sequence will be split over.
+
+    Returns:
+      x with its sequence axis reordered; splitting it into P equal parts gives each shard's
+      tokens in the order the shard holds them.
+
+    Example:
+      >>> qz = permute(q, 1, "zigzag", 4)
+    """
+    axis = axis % x.ndim
+    n = x.shape[axis]
+    check_layout(layout, n, num_shards)
+    if layout == "contiguous":
+        return x
+    pre, post = x.shape[:axis], x.shape[axis + 1 :]
+    a = len(pre)
+    if layout == "striped":  # [S/P, P] -> [P, S/P]: shard d gets t = j P + d
+        y = x.reshape(*pre, n // num_shards, num_shards, *post)
+        return jnp.swapaxes(y, a, a + 1).reshape(x.shape)
+    # zigzag: [2, P, c]; shard d gets chunk d of the first half and chunk P-1-d of the
+    # (reversed) second half, i.e. global chunk 2P-1-d.
+    y = x.reshape(*pre, 2, num_shards, n // (2 * num_shards), *post)
+    first = jax.lax.index_in_dim(y, 0, a, keepdims=False)
+    second = jnp.flip(jax.lax.index_in_dim(y, 1, a, keepdims=False), axis=a)
+    return jnp.stack([first, second], axis=a + 1).reshape(x.shape)
+
+
+def unpermute(x: jax.Array, axis: int, layout: str, num_shards: int) -> jax.Array:
+    """Inverse of :func:`permute`: layout order back to token order (same arguments)."""
+    axis = axis % x.ndim
+    n = x.shape[axis]
+    check_layout(layout, n, num_shards)
+    if layout == "contiguous":
+        return x
+    pre, post = x.shape[:axis], x.shape[axis + 1 :]
+    a = len(pre)
+    if layout == "striped":
+        y = x.reshape(*pre, num_shards, n // num_shards, *post)
+        return jnp.swapaxes(y, a, a + 1).reshape(x.shape)
+    y = x.reshape(*pre, num_shards, 2, n // (2 * num_shards), *post)
+    first = jax.lax.index_in_dim(y, 0, a + 1, keepdims=False)
+    second = jnp.flip(jax.lax.index_in_dim(y, 1, a + 1, keepdims=False), axis=a)
+    return jnp.stack([first, second], axis=a).reshape(x.shape)
+
+
+def layout_positions(length: int, layout: str, num_shards: int) -> np.ndarray:
+    """Original token positions in layout order: ``permute(arange(length))`` as int32 [length].
+
+    Feed these to RoPE (or any position-dependent layer) when the data is stored permuted.
+    """
+    check_layout(layout, length, num_shards)
+    return np.asarray(permute(np.arange(length, dtype=np.int32), 0, layout, num_shards))
+
+
+def shard_positions(
+    local_length: int, layout: str, index: int | jax.Array, num_shards: int
+) -> jax.Array:
+    """Original positions [local_length] int32 of the tokens that shard ``index`` holds.
+
+    ``index`` may be traced (``lax.axis_index``); this is how the ring knows a block's
+    positions without communicating them.
+    """
+    idx = jnp.asarray(index, jnp.int32)
+    r = jnp.arange(local_length, dtype=jnp.int32)
+    if layout == "contiguous":
+        return idx * local_length + r
+    if layout == "striped":
+        return r * num_shards + idx
+    if layout == "zigzag":
+        c = local_length // 2
+        chunk = jnp.where(r < c, idx, 2 * num_shards - 1 - idx)
+        return chunk * c + r % c
+    raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
