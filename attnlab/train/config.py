@@ -1,0 +1,96 @@
+"""Training configuration (the model's own configuration is :class:`attnlab.nn.Config`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+# Compute dtypes a run may ask for; parameters and optimizer state stay float32.
+DTYPES = ("bfloat16", "float32")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class TrainConfig:
+    """What a training run does (optimizer, schedule, data, checkpoints, logging).
+
+    Attributes:
+      steps: optimizer steps of the whole run (a resumed run stops at the same step).
+      batch_size: global batch B (sequences per step), split over the mesh's data axis.
+      seq_len: T tokens per sequence; at most the model's ``max_seq_len``.
+      lr: peak learning rate of AdamW.
+      warmup_steps: linear warm-up from 0 to ``lr``.
+      min_lr_ratio: the cosine decay ends at ``lr * min_lr_ratio`` at ``steps``.
+      weight_decay: AdamW decoupled weight decay, applied to matrices only (not to norm
+        scales).
+      clip_norm: global gradient-norm clip (0 disables it).
+      b1, b2: Adam moments.
+      seed: model initialisation, data order and the step RNG all derive from it.
+      task: dataset name (see :data:`attnlab.data.DATASETS`).
+      task_options: extra keyword arguments of the dataset (e.g. ``num_kv_pairs``).
+      checkpoint_dir: where orbax writes checkpoints (None: ``<run dir>/checkpoints``).
+      checkpoint_every: save every N steps (and at the end); 0 saves only at the end.
+      keep: checkpoints kept on disk (the newest ``keep``).
+      log_every: a JSONL metrics record every N steps.
+      eval_every: validation every N steps (0: only at the end).
+      eval_batches: validation batches per evaluation.
+      dtype: compute dtype, ``"bfloat16"`` or ``"float32"`` (params stay float32).
+      data_parallel: devices on the mesh's ``data`` axis (None: as many as divide B).
+      seq_parallel: devices on the mesh's ``sp`` axis (1 until sequence-parallel attention
+        from ``sharding/`` is wired into the model; see :func:`attnlab.train.mesh.make_mesh`).
+      debug_nan_step: testing aid: the loss of this (0-based) step is multiplied by inf, so
+        the NaN/inf guard can be exercised. None in real runs.
+    """
+
+    steps: int = 200
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.95
+    seed: int = 0
+    task: str = "mqar"
+    task_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 100
+    keep: int = 3
+    log_every: int = 10
+    eval_every: int = 0
+    eval_batches: int = 4
+    dtype: str = "bfloat16"
+    data_parallel: int | None = None
+    seq_parallel: int = 1
+    debug_nan_step: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "keep", "log_every", "eval_batches",
+                     "seq_parallel"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        for name in ("warmup_steps", "checkpoint_every", "eval_every", "weight_decay",
+                     "clip_norm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be positive")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}; "
+                             "lower warmup_steps")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.data_parallel is not None and self.data_parallel <= 0:
+            raise ValueError(f"data_parallel={self.data_parallel} must be positive or None")
+        if self.data_parallel is not None and self.batch_size % self.data_parallel:
+            raise ValueError(f"batch_size={self.batch_size} is not divisible by data_parallel="
+                             f"{self.data_parallel}; make the batch a multiple of it")
+        object.__setattr__(self, "task_options", dict(self.task_options))
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (what a run directory's ``config.json`` holds)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

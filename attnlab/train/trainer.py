@@ -1,0 +1,385 @@
+"""The training loop: data-parallel AdamW steps, exact resume from orbax checkpoints, a NaN/inf
+guard, JSONL metrics with tokens/s and MFU, validation, and loading a run for eval/generation.
+
+Layout of a run directory::
+
+    config.json      {"model": Config fields, "train": TrainConfig fields}
+    metrics.jsonl    one record per logged step (and per evaluation)
+    checkpoints/     orbax steps: params, opt_state, rng + {"step", "data_cursor", ...}
+
+Exact resume: batch i is a pure function of (seed, i) (see :mod:`attnlab.data`), the step RNG
+is ``fold_in(key(seed), i)``, and a checkpoint holds everything else, so a run killed at any
+point and restarted with the same command continues the identical loss curve.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from attnlab import data as data_lib
+from attnlab.nn.config import Config
+from attnlab.train import checkpoint as ckpt_lib
+from attnlab.train import mesh as mesh_lib
+from attnlab.train.config import TrainConfig
+from attnlab.train.metrics import MetricsWriter, mfu
+from attnlab.train.optim import learning_rate, make_optimizer
+from attnlab.train.presets import model_config_from_json, model_config_to_json
+
+CONFIG_FILE, METRICS_FILE, CHECKPOINTS = "config.json", "metrics.jsonl", "checkpoints"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; the update was not applied."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class TrainResult:
+    """What :func:`train` returns."""
+
+    out_dir: Path
+    steps_done: int
+    resumed_from: int | None
+    final_loss: float
+    validation: dict[str, float]
+    num_params: int
+    metrics_path: Path
+    checkpoint_dir: Path
+
+
+def compute_config(model_cfg: Config, tc: TrainConfig) -> Config:
+    """The model Config a run uses: compute dtype from ``tc.dtype``, float32 parameters."""
+    return dataclasses.replace(model_cfg, dtype=jnp.dtype(tc.dtype), param_dtype=jnp.float32)
+
+
+def prepare(model_cfg: Config, tc: TrainConfig) -> tuple[Config, Any, jax.sharding.Mesh]:
+    """Checks a run configuration before anything is compiled; returns (config, dataset,
+    mesh).
+
+    Raises:
+      ValueError: an unknown mechanism letter or attention impl, a pattern of the wrong
+        length, ``seq_len`` > ``max_seq_len``, a vocabulary smaller than the data's, a bad
+        task option, a batch the data axis does not divide.
+    """
+    from attnlab.nn.transformer import validate
+
+    cfg = compute_config(model_cfg, tc)
+    validate(cfg)
+    if tc.seq_len > cfg.max_seq_len:
+        raise ValueError(f"seq_len={tc.seq_len} is longer than the model's max_seq_len="
+                         f"{cfg.max_seq_len}; lower --seq-len or raise max_seq_len")
+    if cfg.vocab_size < data_lib.VOCAB_SIZE:
+        raise ValueError(f"vocab_size={cfg.vocab_size} is smaller than the data's "
+                         f"{data_lib.VOCAB_SIZE} byte tokens; use vocab_size >= 256")
+    try:
+        dataset = data_lib.make_dataset(tc.task, seq_len=tc.seq_len, seed=tc.seed,
+                                        **tc.task_options)
+    except TypeError as e:
+        raise ValueError(f"bad task_options {tc.task_options} for task {tc.task!r}: {e}") from e
+    mesh = mesh_lib.make_mesh(tc.batch_size, data=tc.data_parallel, sp=tc.seq_parallel)
+    return cfg, dataset, mesh
+
+
+def _masked_loss(graphdef: Any, params: Any, rest: Any, batch: data_lib.Batch
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Mean cross-entropy over the target tokens the mask selects; (loss, (hits, count))."""
+    model = nnx.merge(graphdef, params, rest)
+    logits, _ = model(batch.inputs, positions=batch.positions, segment_ids=batch.segment_ids)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch.targets)
+    count = batch.mask.sum()
+    loss = (ce * batch.mask).sum() / jnp.maximum(count, 1.0)
+    hits = ((jnp.argmax(logits, -1) == batch.targets) * batch.mask).sum()
+    return loss, (hits, count)
+
+
+def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation,
+                    tc: TrainConfig) -> Callable[..., Any]:
+    """The jitted step ``(params, opt_state, batch, step) -> (params, opt_state, metrics)``.
+
+    A step whose loss or gradient norm is not finite returns the old params and optimizer
+    state unchanged (``metrics["ok"]`` False), so nothing bad reaches a checkpoint.
+    """
+
+    def step_fn(params: Any, opt_state: Any, batch: data_lib.Batch, step: jax.Array) -> Any:
+        def loss_fn(p: Any) -> Any:
+            loss, aux = _masked_loss(graphdef, p, rest, batch)
+            if tc.debug_nan_step is not None:
+                loss = loss * jnp.where(step == tc.debug_nan_step, jnp.inf, 1.0)
+            return loss, aux
+
+        (loss, (hits, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        grad_norm = optax.global_norm(grads)
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        metrics = {"loss": loss, "accuracy": hits / jnp.maximum(count, 1.0),
+                   "grad_norm": grad_norm, "ok": ok}
+        return pick(new_params, params), pick(new_opt, opt_state), metrics
+
+    return jax.jit(step_fn, donate_argnums=(0, 1))
+
+
+def make_eval_step(graphdef: Any, rest: Any) -> Callable[..., Any]:
+    """Jitted ``(params, batch) -> (loss_sum, hits, count)`` over the masked targets."""
+
+    def eval_fn(params: Any, batch: data_lib.Batch) -> Any:
+        loss, (hits, count) = _masked_loss(graphdef, params, rest, batch)
+        return loss * count, hits, count
+
+    return jax.jit(eval_fn)
+
+
+def evaluate(eval_step: Callable[..., Any], params: Any, dataset: Any, tc: TrainConfig,
+             sharding: jax.sharding.Sharding) -> dict[str, float]:
+    """Validation loss and accuracy over ``tc.eval_batches`` batches of the validation split
+    (the same batches every time)."""
+    loss_sum = hits = count = 0.0
+    for i in range(tc.eval_batches):
+        batch = jax.device_put(dataset.batch(i, tc.batch_size, split="validation"), sharding)
+        ls, h, c = jax.device_get(eval_step(params, batch))
+        loss_sum, hits, count = loss_sum + float(ls), hits + float(h), count + float(c)
+    return {"val_loss": loss_sum / max(count, 1.0), "val_accuracy": hits / max(count, 1.0)}
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        tree)
+
+
+def _init_state(cfg: Config, tc: TrainConfig, mesh: jax.sharding.Mesh) -> Any:
+    from attnlab.nn import Transformer
+
+    model = Transformer(cfg, rngs=nnx.Rngs(tc.seed))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    rep = mesh_lib.replicated(mesh)
+    params = jax.device_put(params.to_pure_dict(), rep)
+    rest = jax.device_put(rest.to_pure_dict(), rep)
+    return model, graphdef, params, rest
+
+
+def _check_same_config(path: Path, record: dict[str, Any]) -> None:
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    if old != json.loads(json.dumps(record)):
+        diff = sorted(f"{part}.{k}" for part in ("model", "train")
+                      for k in set(old.get(part, {})) | set(record[part])
+                      if old.get(part, {}).get(k) != json.loads(json.dumps(record[part])).get(k))
+        raise ValueError(f"{path.parent} holds a run with a different configuration "
+                         f"(differs in {', '.join(diff)}); resume with the same settings or "
+                         "choose a new --out directory")
+
+
+def train(
+    model_cfg: Config, tc: TrainConfig, out_dir: str | Path, *, progress: bool = True,
+    async_checkpoints: bool = True, on_log: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Trains (or resumes) a run in ``out_dir``.
+
+    Args:
+      model_cfg: the model (its dtype fields are replaced by ``tc.dtype`` / float32).
+      tc: the training configuration.
+      out_dir: run directory; if it holds checkpoints of the same configuration, the run
+        resumes from the latest one.
+      progress: show a tqdm bar with loss, tokens/s and MFU.
+      async_checkpoints: write checkpoints in the background.
+      on_log: called with every metrics record.
+
+    Returns:
+      A :class:`TrainResult`.
+
+    Raises:
+      ValueError: a bad configuration (before anything is compiled), or a run directory
+        holding a different configuration.
+      NonFiniteLossError: the loss or gradient norm became NaN/inf; the latest checkpoint
+        on disk is the last good state.
+
+    Example:
+      >>> train(*load_run_config("tiny"), "runs/tiny")
+    """
+    cfg, dataset, mesh = prepare(model_cfg, tc)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"model": model_config_to_json(cfg), "train": tc.to_json()}
+    _check_same_config(out / CONFIG_FILE, record)
+    (out / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    ckpt_dir = Path(tc.checkpoint_dir) if tc.checkpoint_dir else out / CHECKPOINTS
+
+    model, graphdef, params, rest = _init_state(cfg, tc, mesh)
+    num_params = model.num_params()
+    flops_per_token = model.flops_per_token(tc.seq_len)
+    del model
+    tx = make_optimizer(tc)
+    opt_state = jax.jit(tx.init)(params)
+    rng = jax.random.key_data(jax.random.key(tc.seed))
+    mngr = ckpt_lib.manager(ckpt_dir, keep=tc.keep, async_save=async_checkpoints)
+    restored = ckpt_lib.restore(mngr, _abstract({"params": params, "opt_state": opt_state,
+                                                 "rng": rng}))
+    start, resumed_from = 0, None
+    if restored is not None:
+        state, meta = restored
+        params, opt_state, rng = state["params"], state["opt_state"], state["rng"]
+        start = resumed_from = int(meta["data_cursor"])
+    writer = MetricsWriter(out / METRICS_FILE, tensorboard_dir=out / "tensorboard")
+    writer.truncate_after(start)
+
+    train_step = make_train_step(graphdef, rest, tx, tc)
+    eval_step = make_eval_step(graphdef, rest)
+    bsharding = mesh_lib.batch_sharding(mesh)
+    lr = learning_rate(tc)
+    device_kind = mesh.devices.flat[0].device_kind
+    tokens_per_step = tc.batch_size * tc.seq_len
+
+    def log(rec: dict[str, Any]) -> None:
+        writer.write(rec)
+        if on_log is not None:
+            on_log(rec)
+
+    def save(done: int) -> None:
+        meta = {"step": done, "data_cursor": done, "seed": tc.seed, "task": tc.task}
+        ckpt_lib.save(mngr, done, {"params": params, "opt_state": opt_state, "rng": rng}, meta)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=tc.steps, initial=start, disable=not progress, unit="step",
+               dynamic_ncols=True, desc=f"train {tc.task}")
+    last_loss, val = math.nan, {}
+    t_mark, steps_mark = None, 0
+    try:
+        for step in range(start, tc.steps):
+            batch = jax.device_put(dataset.batch(step, tc.batch_size), bsharding)
+            params, opt_state, m = train_step(params, opt_state, batch, jnp.int32(step))
+            m = jax.device_get(m)
+            done = step + 1
+            last_loss = float(m["loss"])
+            if not bool(m["ok"]):
+                mngr.wait_until_finished()
+                good = mngr.latest_step()
+                log({"step": done, "event": "non_finite", "loss": last_loss,
+                     "grad_norm": float(m["grad_norm"])})
+                where = (f"the last good checkpoint is step {good} in {ckpt_dir}" if good
+                         is not None else "no checkpoint was written yet")
+                raise NonFiniteLossError(
+                    f"loss became {last_loss} (grad norm {float(m['grad_norm'])}) at step "
+                    f"{done}; training stopped without applying that update and {where}. "
+                    "Lower the learning rate (--lr), raise warmup, or check the data."
+                )
+            now = time.perf_counter()
+            if t_mark is None:  # the first step of this process includes compilation
+                t_mark, steps_mark = now, done
+            bar.update(1)
+            if done % tc.log_every == 0 or done == tc.steps:
+                tps = (None if done == steps_mark
+                       else (done - steps_mark) * tokens_per_step / (now - t_mark))
+                rec = {"step": done, "loss": last_loss, "accuracy": float(m["accuracy"]),
+                       "lr": float(lr(step)), "grad_norm": float(m["grad_norm"]),
+                       "tokens_per_s": tps,
+                       "mfu": mfu(flops_per_token, tps, device_kind, mesh.size)}
+                log(rec)
+                if tps is not None:
+                    t_mark, steps_mark = time.perf_counter(), done
+                post = {"loss": f"{last_loss:.3f}"}
+                if tps is not None:
+                    post["tok/s"] = f"{tps:,.0f}"
+                if rec["mfu"] is not None:
+                    post["MFU"] = f"{rec['mfu']:.1%}"
+                bar.set_postfix(post, refresh=False)
+            if tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
+                log({"step": done, **evaluate(eval_step, params, dataset, tc, bsharding)})
+            if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps:
+                save(done)
+        if start < tc.steps or restored is None:
+            val = evaluate(eval_step, params, dataset, tc, bsharding)
+            log({"step": tc.steps, **val})
+    finally:
+        bar.close()
+        mngr.wait_until_finished()
+        mngr.close()
+        writer.close()
+    return TrainResult(out_dir=out, steps_done=tc.steps, resumed_from=resumed_from,
+                       final_loss=last_loss, validation=val, num_params=num_params,
+                       metrics_path=out / METRICS_FILE, checkpoint_dir=ckpt_dir)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class LoadedRun:
+    """A trained model read back from a run directory."""
+
+    model: Any
+    model_config: Config
+    train_config: TrainConfig
+    step: int
+    run_dir: Path
+
+
+def find_run_dir(path: str | Path) -> Path:
+    """The run directory of ``path`` (the run directory itself or its checkpoints folder)."""
+    p = Path(path)
+    for cand in (p, p.parent):
+        if (cand / CONFIG_FILE).is_file():
+            return cand
+    raise ValueError(f"{path} is not a run directory (no {CONFIG_FILE} in it or its parent); "
+                     "pass the --out directory of `attnlab train`")
+
+
+def load_run(path: str | Path, *, step: int | None = None) -> LoadedRun:
+    """The model of a run directory at checkpoint ``step`` (default the latest).
+
+    Raises:
+      ValueError: not a run directory, or no checkpoint in it.
+    """
+    run_dir = find_run_dir(path)
+    rec = json.loads((run_dir / CONFIG_FILE).read_text())
+    cfg = model_config_from_json(rec["model"])
+    tc = TrainConfig(**rec["train"])
+    mesh = mesh_lib.make_mesh(1, data=1)
+    model, graphdef, params, rest = _init_state(cfg, tc, mesh)
+    tx = make_optimizer(tc)
+    abstract = _abstract({"params": params, "opt_state": jax.eval_shape(tx.init, params),
+                          "rng": jax.random.key_data(jax.random.key(0))})
+    abstract["opt_state"] = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=mesh_lib.replicated(mesh)),
+        abstract["opt_state"])
+    ckpt_dir = Path(tc.checkpoint_dir) if tc.checkpoint_dir else run_dir / CHECKPOINTS
+    mngr = ckpt_lib.manager(ckpt_dir, keep=tc.keep, async_save=False)
+    try:
+        restored = ckpt_lib.restore(mngr, abstract, step)
+    finally:
+        mngr.close()
+    if restored is None:
+        raise ValueError(f"no checkpoint in {ckpt_dir}; train first (attnlab train --out "
+                         f"{run_dir})")
+    state, meta = restored
+    model = nnx.merge(graphdef, state["params"], rest)
+    return LoadedRun(model=model, model_config=cfg, train_config=tc, step=int(meta["step"]),
+                     run_dir=run_dir)
+
+
+def evaluate_run(run: LoadedRun, *, batches: int | None = None) -> dict[str, float]:
+    """Validation loss and task accuracy of a loaded run (``batches`` defaults to the run's
+    ``eval_batches``)."""
+    tc = run.train_config
+    if batches is not None:
+        tc = dataclasses.replace(tc, eval_batches=batches)
+    dataset = data_lib.make_dataset(tc.task, seq_len=tc.seq_len, seed=tc.seed, **tc.task_options)
+    graphdef, params, rest = nnx.split(run.model, nnx.Param, ...)
+    mesh = mesh_lib.make_mesh(tc.batch_size, data=1)
+    return evaluate(make_eval_step(graphdef, rest), params, dataset, tc,
+                    mesh_lib.batch_sharding(mesh))
+
+
+def to_numpy(tree: Any) -> Any:
+    """Host copy of a pytree (for tests and reports)."""
+    return jax.tree.map(np.asarray, jax.device_get(tree))
