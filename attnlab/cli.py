@@ -1,8 +1,11 @@
-"""The ``attnlab`` command: ``info``, ``bench`` and ``demo``.
+"""The ``attnlab`` command: ``info``, ``bench``, ``demo``, ``train``, ``eval`` and ``generate``.
 
     attnlab info [--json]
     attnlab bench attention --shapes 2048,8192 --causal both --passes fwd,fwdbwd --out r.json
     attnlab demo [--json PATH]
+    attnlab train --config tiny --attention hybrid --task mqar --steps 200 --out runs/t
+    attnlab eval --ckpt runs/t
+    attnlab generate --ckpt runs/t --prompt "def " --max-new-tokens 64 [--temperature 0.8]
 
 Also runs as ``python -m attnlab.cli`` (the GPU machine has the repo on PYTHONPATH only).
 Heavy imports happen inside the subcommands so that ``--help`` and argument errors are quick,
@@ -12,6 +15,7 @@ and so that ``demo`` can pick JAX's platform before any backend starts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import sys
@@ -569,15 +573,121 @@ def vars_of(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
+
+# ----------------------------------------------------------------------------- train / eval
+
+
+def run_config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
+    """(model Config, TrainConfig, dataset, mesh) of ``attnlab train``; every configuration
+    error ends in ``parser.error`` (exit status 2) before anything is compiled."""
+    from attnlab.train import load_run_config, prepare
+
+    try:
+        model, tc = load_run_config(args.config, attention=args.attention)
+        if args.task is not None and args.task != tc.task:
+            tc = dataclasses.replace(tc, task=args.task, task_options={})
+        overrides = {
+            "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
+            "lr": args.lr, "seed": args.seed, "checkpoint_every": args.checkpoint_every,
+            "keep": args.keep, "log_every": args.log_every, "dtype": args.dtype,
+            "data_parallel": args.data_parallel, "debug_nan_step": args.debug_nan_step,
+        }
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if "steps" in overrides and tc.warmup_steps > overrides["steps"]:
+            overrides["warmup_steps"] = max(1, overrides["steps"] // 10)
+        tc = dataclasses.replace(tc, **overrides)
+        cfg, dataset, mesh = prepare(model, tc)
+    except ValueError as e:
+        parser.error(str(e))
+    return cfg, tc, dataset, mesh
+
+
+def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``attnlab train``: trains (or resumes) a run in ``--out``; exit 1 on a NaN/inf loss."""
+    cfg, tc, _, mesh = run_config_from_args(args, parser)
+    from attnlab.train import NonFiniteLossError, plot_losses, train
+
+    console = make_console()
+    console.print(
+        f"[bold]train[/] task {tc.task}, pattern {cfg.layer_pattern}, d_model {cfg.d_model}, "
+        f"{tc.steps} steps of {tc.batch_size} x {tc.seq_len} tokens, {tc.dtype} compute, "
+        f"mesh {dict(mesh.shape)} -> {args.out}", highlight=False,
+    )
+    try:
+        res = train(cfg, tc, args.out, progress=not args.no_progress)
+    except NonFiniteLossError as e:
+        console.print(f"[bold red]stopped:[/] {e}", highlight=False)
+        return 1
+    png = plot_losses(res.metrics_path, res.out_dir / "loss.png",
+                      title=f"{tc.task}, {cfg.layer_pattern}")
+    resumed = "" if res.resumed_from is None else f" (resumed from step {res.resumed_from})"
+    val = ", ".join(f"{k} {v:.4f}" for k, v in res.validation.items())
+    console.print(f"{res.num_params:,} parameters; {res.steps_done} steps{resumed}; final loss "
+                  f"{res.final_loss:.4f}; {val}", highlight=False)
+    console.print(f"metrics {res.metrics_path}\ncheckpoints {res.checkpoint_dir}\nloss plot {png}",
+                  highlight=False, markup=False)
+    return 0
+
+
+def _load_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
+    from attnlab.train import load_run
+
+    try:
+        return load_run(args.ckpt)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def cmd_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``attnlab eval``: validation loss and task accuracy of a run's latest checkpoint."""
+    run = _load_run(args, parser)
+    from attnlab.train import evaluate_run
+
+    res = {"run": str(run.run_dir), "step": run.step, "task": run.train_config.task,
+           **evaluate_run(run, batches=args.batches)}
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        make_console().print(
+            f"{res['run']} step {res['step']} ({res['task']}): validation loss "
+            f"{res['val_loss']:.4f}, accuracy {res['val_accuracy']:.4f}", highlight=False)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``attnlab generate``: continues a byte-level prompt with a run's model."""
+    run = _load_run(args, parser)
+    import jax
+    import jax.numpy as jnp
+
+    from attnlab.data import decode, encode
+    from attnlab.nn import generate
+
+    prompt = encode(args.prompt)
+    if len(prompt) == 0:
+        parser.error("--prompt is empty; give at least one character")
+    try:
+        out = generate(run.model, jnp.asarray(prompt)[None], args.max_new_tokens,
+                       temperature=args.temperature, top_k=args.top_k,
+                       rng=jax.random.key(args.seed))
+    except ValueError as e:
+        parser.error(str(e))
+    text = decode(jax.device_get(out)[0, len(prompt):])
+    print(args.prompt + text)
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``attnlab`` command."""
     p = argparse.ArgumentParser(
-        prog="attnlab", description="attnlab: attention mechanisms in JAX (info, bench, demo)"
+        prog="attnlab",
+        description="attnlab: attention in JAX (info, bench, demo, train, eval, generate)",
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="{info,bench,demo}")
+    sub = p.add_subparsers(dest="command", required=True,
+                           metavar="{info,bench,demo,train,eval,generate}")
 
     pi = sub.add_parser("info", help="versions, devices, attention implementations, auto choice")
     pi.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -621,6 +731,47 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--jobs", type=int, default=2,
                     help="threads for the correctness checks (compile-bound; default 2)")
     pd.add_argument("--json", default=None, metavar="PATH", help="also save the results here")
+
+    pt = sub.add_parser("train", help="train (or resume) a model on a task; writes a run dir")
+    pt.add_argument("--config", default="tiny",
+                    help="preset (tiny, small, 350m) or a .py/.yaml file (default tiny)")
+    pt.add_argument("--attention", default=None, choices=["softmax", "lightning", "hybrid"],
+                    help="layer pattern: all softmax, all lightning, or 7:1 lightning:softmax "
+                    "(default: the config's pattern)")
+    pt.add_argument("--task", default=None,
+                    choices=["mqar", "induction", "passkey", "calendar", "stdlib"],
+                    help="dataset (default: the config's)")
+    pt.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    pt.add_argument("--out", required=True, help="run directory (resumes if it has checkpoints)")
+    pt.add_argument("--batch-size", type=int, default=None)
+    pt.add_argument("--seq-len", type=int, default=None)
+    pt.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    pt.add_argument("--seed", type=int, default=None)
+    pt.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                    help="compute dtype (params stay float32)")
+    pt.add_argument("--checkpoint-every", type=int, default=None)
+    pt.add_argument("--keep", type=int, default=None, help="checkpoints kept on disk")
+    pt.add_argument("--log-every", type=int, default=None)
+    pt.add_argument("--data-parallel", type=int, default=None,
+                    help="devices on the data axis (default: as many as divide the batch)")
+    pt.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pt.add_argument("--debug-nan-step", type=int, default=None, help=argparse.SUPPRESS)
+    pt.set_defaults(subparser=pt)
+
+    pe = sub.add_parser("eval", help="validation loss and task accuracy of a run")
+    pe.add_argument("--ckpt", required=True, help="run directory (or its checkpoints folder)")
+    pe.add_argument("--batches", type=int, default=None, help="validation batches")
+    pe.add_argument("--json", action="store_true", help="print JSON")
+    pe.set_defaults(subparser=pe)
+
+    pg = sub.add_parser("generate", help="continue a text prompt with a run's model")
+    pg.add_argument("--ckpt", required=True, help="run directory (or its checkpoints folder)")
+    pg.add_argument("--prompt", required=True, help="text (byte-level tokens)")
+    pg.add_argument("--max-new-tokens", type=int, default=64)
+    pg.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    pg.add_argument("--top-k", type=int, default=None)
+    pg.add_argument("--seed", type=int, default=0)
+    pg.set_defaults(subparser=pg)
     return p
 
 
@@ -640,6 +791,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_bench(args, args.subparser)
     if args.command == "demo":
         return cmd_demo(args)
+    if args.command == "train":
+        return cmd_train(args, args.subparser)
+    if args.command == "eval":
+        return cmd_eval(args, args.subparser)
+    if args.command == "generate":
+        return cmd_generate(args, args.subparser)
     parser.error(f"unknown command {args.command!r}")
     return 2
 
