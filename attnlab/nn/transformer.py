@@ -65,12 +65,9 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(
             cfg.d_model, eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype
         )
-        self.head = None
-        if not cfg.tie_embeddings:
-            self.head = Linear(
-                cfg.d_model, cfg.vocab_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                rngs=rngs,
-            )
+        self.head = None if cfg.tie_embeddings else Linear(
+            cfg.d_model, cfg.vocab_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs
+        )
 
     def __call__(
         self,
