@@ -125,3 +125,71 @@ def shard_positions(
         chunk = jnp.where(r < c, idx, 2 * num_shards - 1 - idx)
         return chunk * c + r % c
     raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+
+
+# ----------------------------------------------------------------------------- inside shard_map
+
+
+def _zigzag_dest(chunk: int, num_shards: int) -> int:
+    """The shard that holds global chunk ``chunk`` (of 2P) in the zigzag layout."""
+    return chunk if chunk < num_shards else 2 * num_shards - 1 - chunk
+
+
+def shard_permute(x: jax.Array, axis: int, layout: str, axis_name: str) -> jax.Array:
+    """Contiguous shards -> ``layout`` shards, inside ``shard_map``, by collectives.
+
+    Args:
+      x: this shard's contiguous block (sequence on ``axis``, length L).
+      axis: the sequence axis; layout: "contiguous", "striped" or "zigzag";
+      axis_name: the mesh axis the sequence is split over.
+
+    Returns:
+      This shard's block of the layout (what :func:`permute` of the global array would put
+      here). Striped is one ``all_to_all``; zigzag is two ``ppermute``\\ s of half blocks.
+      Nothing is gathered: each shard sends and receives L tokens.
+    """
+    axis = axis % x.ndim
+    if layout == "contiguous":
+        return x
+    n = jax.lax.axis_size(axis_name)
+    length = x.shape[axis]
+    pre, post = x.shape[:axis], x.shape[axis + 1 :]
+    if layout == "striped":
+        check_layout(layout, length, n, "per-shard sequence")
+        y = x.reshape(*pre, length // n, n, *post)
+        y = jax.lax.all_to_all(y, axis_name, axis + 1, axis, tiled=True)  # [n * L/n, 1]
+        return y.reshape(x.shape)
+    if layout == "zigzag":
+        check_layout("striped", length, 2, "per-shard sequence")
+        x0, x1 = jnp.split(x, 2, axis=axis)  # global chunks 2e and 2e + 1
+        r0 = jax.lax.ppermute(x0, axis_name, [(e, _zigzag_dest(2 * e, n)) for e in range(n)])
+        r1 = jax.lax.ppermute(x1, axis_name, [(e, _zigzag_dest(2 * e + 1, n)) for e in range(n)])
+        even = jax.lax.axis_index(axis_name) % 2 == 0  # then chunk d is the even one
+        first, second = jnp.where(even, r0, r1), jnp.where(even, r1, r0)
+        return jnp.concatenate([first, second], axis=axis)
+    raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+
+
+def shard_unpermute(x: jax.Array, axis: int, layout: str, axis_name: str) -> jax.Array:
+    """Inverse of :func:`shard_permute`: ``layout`` shards -> contiguous shards."""
+    axis = axis % x.ndim
+    if layout == "contiguous":
+        return x
+    n = jax.lax.axis_size(axis_name)
+    length = x.shape[axis]
+    pre, post = x.shape[:axis], x.shape[axis + 1 :]
+    if layout == "striped":
+        check_layout(layout, length, n, "per-shard sequence")
+        # [source e, j, 1] -> [1, j, from shard c]: local token j * n + c comes from shard c.
+        y = x.reshape(*pre, n, length // n, 1, *post)
+        y = jax.lax.all_to_all(y, axis_name, axis, axis + 2, tiled=True)
+        return y.reshape(x.shape)
+    if layout == "zigzag":
+        check_layout("striped", length, 2, "per-shard sequence")
+        s0, s1 = jnp.split(x, 2, axis=axis)  # chunks d and 2P - 1 - d
+        even = jax.lax.axis_index(axis_name) % 2 == 0
+        ev, od = jnp.where(even, s0, s1), jnp.where(even, s1, s0)
+        r0 = jax.lax.ppermute(ev, axis_name, [(_zigzag_dest(2 * e, n), e) for e in range(n)])
+        r1 = jax.lax.ppermute(od, axis_name, [(_zigzag_dest(2 * e + 1, n), e) for e in range(n)])
+        return jnp.concatenate([r0, r1], axis=axis)
+    raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")

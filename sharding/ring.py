@@ -40,7 +40,7 @@ from attnlab.ops.attention_grad import REGISTRY as _BWD_REGISTRY
 from attnlab.ops.attention_grad import attention_bwd
 from attnlab.ops.merge import merge
 from pallas_kernels.common.masks import EMPTY, MaskSpec, tile_kind
-from sharding._common import vary, window_pair
+from sharding._common import vary, varying_axes, window_pair
 from sharding.layouts import LAYOUTS, shard_positions
 
 
@@ -57,6 +57,7 @@ class _Ring:
     bwd_impl: str
     config: Any
     communicate: bool
+    vma: tuple[str, ...]  # the axes every carry and branch output varies over
 
 
 def ring_attention(
@@ -157,6 +158,7 @@ def ring_attention(
         None if logits_soft_cap is None else float(logits_soft_cap),
         layout == "zigzag" and spec.causal and derived and t == s,
         impl, bwd_impl, config, communicate,
+        varying_axes(axis_name, q, k, v, q_seg, kv_seg, q_positions, kv_positions),
     )
     q_positions = jnp.asarray(q_positions, jnp.int32)
     kv_positions = jnp.asarray(kv_positions, jnp.int32)
@@ -222,11 +224,11 @@ def _fwd_step(cfg: _Ring, n: int, i, q, q_pos, q_seg, blk):
             logits_soft_cap=cfg.soft_cap, scale=cfg.scale, return_residuals=True,
             impl=cfg.impl, config=cfg.config,
         )
-        return vary((o.astype(jnp.float32), lse.astype(jnp.float32)), cfg.axis_name)
+        return vary((o.astype(jnp.float32), lse.astype(jnp.float32)), cfg.vma)
 
     def skip():
         o = jnp.zeros((b, t, nh, v.shape[-1]), jnp.float32)
-        return vary((o, jnp.full((b, t, nh), -jnp.inf, jnp.float32)), cfg.axis_name)
+        return vary((o, jnp.full((b, t, nh), -jnp.inf, jnp.float32)), cfg.vma)
 
     def whole():
         return attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
@@ -260,11 +262,11 @@ def _bwd_step(cfg: _Ring, n: int, i, q, q_pos, q_seg, out, lse, dout, dlse, blk)
             logits_soft_cap=cfg.soft_cap, scale=cfg.scale, impl=cfg.bwd_impl,
             config=cfg.config,
         )
-        return vary(tuple(x.astype(jnp.float32) for x in g), cfg.axis_name)
+        return vary(tuple(x.astype(jnp.float32) for x in g), cfg.vma)
 
     def skip():
         z = tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
-        return vary(z, cfg.axis_name)
+        return vary(z, cfg.vma)
 
     def whole():
         return grads(q, k, v, out, lse, dout, dlse, q_pos, kv_pos, q_seg, kv_seg)
@@ -295,7 +297,7 @@ def _bwd_step(cfg: _Ring, n: int, i, q, q_pos, q_seg, out, lse, dout, dlse, blk)
 
 def _forward(cfg: _Ring, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
     n = lax.axis_size(cfg.axis_name)
-    ax = cfg.axis_name
+    ax = cfg.vma
     q, q_pos, q_seg = vary((q, q_pos, q_seg), ax)
     blk = vary((k, v, kv_pos, kv_seg), ax)
     b, t, nh, _ = q.shape
@@ -328,8 +330,8 @@ def _ring_fwd(cfg: _Ring, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
 def _ring_bwd(cfg: _Ring, res, cts):
     q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = res
     dout, dlse = cts
-    ax = cfg.axis_name
-    n = lax.axis_size(ax)
+    ax = cfg.vma
+    n = lax.axis_size(cfg.axis_name)
     dout = vary(dout.astype(out.dtype), ax)
     dlse = vary(jnp.asarray(dlse, jnp.float32), ax)
     q, q_pos, q_seg, out, lse = vary((q, q_pos, q_seg, out, lse), ax)

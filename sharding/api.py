@@ -1,0 +1,157 @@
+"""The front door of sequence-parallel softmax attention: :func:`attention`.
+
+It takes global arrays and a mesh, runs one strategy inside ``jax.shard_map`` over the
+sequence axis (composing with data- and tensor-parallel axes of the same mesh), and returns
+a global array sharded like the input. Inside your own ``shard_map`` call the per-shard
+functions directly by axis name: :func:`sharding.ring.ring_attention` (layouts contiguous,
+striped, zigzag) and :func:`sharding.ulysses.ulysses_attention`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sharding.layouts import check_layout, shard_permute, shard_unpermute
+from sharding.ring import ring_attention
+from sharding.ulysses import check_heads, ulysses_attention
+
+STRATEGIES = ("ring", "striped", "zigzag", "ulysses")
+_LAYOUT = {"ring": "contiguous", "striped": "striped", "zigzag": "zigzag", "ulysses": "contiguous"}
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mesh: Mesh,
+    seq_axis: str = "sp",
+    strategy: str = "ring",
+    batch_axis: str | tuple[str, ...] | None = None,
+    head_axis: str | None = None,
+    is_causal: bool = False,
+    local_window_size: int | tuple[int, int] | None = None,
+    segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
+    logits_soft_cap: float | None = None,
+    scale: float | None = None,
+    inputs_permuted: bool = False,
+    return_residuals: bool = False,
+    impl: str = "auto",
+    config: Any = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Softmax attention with the sequence split over ``mesh`` axis ``seq_axis``.
+
+    Computes exactly :func:`attnlab.ops.attention` of the global arrays (values and gradients).
+
+    Args:
+      q: [B, T, N, H]; k: [B, S, K, H]; v: [B, S, K, Hv] global arrays (any sharding; they are
+        resharded to [batch_axis, seq_axis, head_axis, None]). T and S must be divisible by
+        the size P of ``seq_axis`` (2 P for zigzag).
+      mesh: the device mesh; may span several processes.
+      seq_axis: the mesh axis the sequence is split over.
+      strategy: "ring" (contiguous shards, K/V travel around the ring), "striped" or
+        "zigzag" (ring over load-balanced token layouts, for causal masks), "ulysses"
+        (all-to-all to head shards around single-device attention; N divisible by P).
+      batch_axis: mesh axis (or axes) the batch is split over (data parallelism), or None.
+      head_axis: mesh axis the heads are split over (tensor parallelism), or None.
+      is_causal, local_window_size, segment_ids ([B, T] or a ([B, T], [B, S]) pair),
+        logits_soft_cap, scale: as :func:`attnlab.ops.attention`.
+      inputs_permuted: striped / zigzag only. False (default): inputs and outputs are in
+        token order and the layout permutation is done here by collectives (an all-to-all
+        for striped, two half-block ppermutes for zigzag, each way). True: q, k, v and
+        segment ids are already in layout order (``sharding.layouts.permute``, e.g. done
+        once by the data loader) and the output stays in layout order.
+      return_residuals: also return lse [B, T, N] float32.
+      impl: the single-device implementation used per block ("auto": fastest that fits).
+      config: its block-size config.
+
+    Returns:
+      out [B, T, N, Hv] sharded [batch_axis, seq_axis, head_axis, None] (and lse).
+
+    Raises:
+      ValueError: unknown strategy or axis, lengths not divisible by the axis size, heads
+        not divisible (Ulysses, or by ``head_axis``).
+
+    Example:
+      >>> mesh = jax.make_mesh((2, 4), ("data", "sp"))
+      >>> out = attention(q, k, v, mesh=mesh, batch_axis="data", strategy="zigzag",
+      ...                 is_causal=True)
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    names = tuple(mesh.axis_names)
+    batch_axes = () if batch_axis is None else (
+        (batch_axis,) if isinstance(batch_axis, str) else tuple(batch_axis)
+    )
+    for arg, ax in [("seq_axis", seq_axis), ("head_axis", head_axis)] + [
+        ("batch_axis", a) for a in batch_axes
+    ]:
+        if ax is not None and ax not in names:
+            raise ValueError(
+                f"{arg}={ax!r} is not an axis of the mesh, whose axes are {names}; pass one "
+                "of those names"
+            )
+    used = [seq_axis, *batch_axes, *([head_axis] if head_axis else [])]
+    if len(set(used)) != len(used):
+        raise ValueError(f"seq_axis, batch_axis and head_axis must be distinct, got {used}")
+    n_sp = mesh.shape[seq_axis]
+    layout = _LAYOUT[strategy]
+    t, s = q.shape[1], k.shape[1]
+    check_layout("zigzag" if layout == "zigzag" else "contiguous", t, n_sp, "q sequence")
+    check_layout("zigzag" if layout == "zigzag" else "contiguous", s, n_sp, "kv sequence")
+    n_tp = 1 if head_axis is None else mesh.shape[head_axis]
+    n_heads, kv_heads = q.shape[2], k.shape[2]
+    if n_heads % n_tp or kv_heads % n_tp:
+        raise ValueError(
+            f"head_axis {head_axis!r} has size {n_tp} but q has {n_heads} heads and k has "
+            f"{kv_heads}; both must be divisible by it"
+        )
+    if strategy == "ulysses":
+        check_heads(n_heads // n_tp, kv_heads // n_tp, n_sp, seq_axis)
+
+    bspec = batch_axes if len(batch_axes) > 1 else (batch_axes[0] if batch_axes else None)
+    x_spec = P(bspec, seq_axis, head_axis, None)
+    row_spec = P(bspec, seq_axis, head_axis)
+    seg_spec = P(bspec, seq_axis)
+    segs = None
+    if segment_ids is not None:
+        segs = tuple(segment_ids) if isinstance(segment_ids, (tuple, list)) else segment_ids
+    seg_specs = None if segs is None else jax.tree.map(lambda _: seg_spec, segs)
+
+    permute_here = layout != "contiguous" and strategy != "ulysses" and not inputs_permuted
+
+    def per_shard(q, k, v, segs):
+        if permute_here:
+            q, k, v = (shard_permute(x, 1, layout, seq_axis) for x in (q, k, v))
+            segs = jax.tree.map(lambda x: shard_permute(x, 1, layout, seq_axis), segs)
+        common = dict(
+            axis_name=seq_axis, is_causal=is_causal, local_window_size=local_window_size,
+            segment_ids=segs, logits_soft_cap=logits_soft_cap, scale=scale,
+            return_residuals=True, impl=impl, config=config,
+        )
+        if strategy == "ulysses":
+            out, lse = ulysses_attention(q, k, v, **common)
+        else:
+            out, lse = ring_attention(q, k, v, layout=layout, **common)
+        if permute_here:
+            out, lse = (shard_unpermute(x, 1, layout, seq_axis) for x in (out, lse))
+        return out, lse
+
+    explicit = any(tp == AxisType.Explicit for tp in getattr(mesh, "axis_types", ()))
+    if explicit:
+        def put(x, spec):
+            return jax.reshard(x, NamedSharding(mesh, spec))
+
+        q, k, v = put(q, x_spec), put(k, x_spec), put(v, x_spec)
+        segs = jax.tree.map(lambda x: put(x, seg_spec), segs)
+    fn = jax.shard_map(
+        per_shard, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, seg_specs),
+        out_specs=(x_spec, row_spec),
+    )
+    out, lse = fn(q, k, v, segs)
+    return (out, lse) if return_residuals else out
+
