@@ -1,0 +1,429 @@
+"""Lightning attention (decayed causal linear attention) for TPU as Mosaic TPU Pallas kernels.
+
+**Verified in TPU interpret mode only.** No TPU is available to the project: these kernels run
+on CPU through ``interpret=pltpu.InterpretParams()`` and are compared there with the float64
+oracle and a JAX-differentiated recurrence. They have never been lowered by Mosaic for a real
+chip or timed; block shapes follow the TPU tiling rules (last two block dims multiples of
+(8, 128) or equal to the array's), but that is all that can be said.
+
+Semantics and chunked equations are those of :mod:`pallas_kernels.gpu.lightning_chunk`
+(``S_t = g_t lambda S_{t-1} + k_t^T v_t``, ``o_t = scale q_t S_t``, resets where
+``segment_ids`` change, padding that never decays the state). The structure is simpler than
+the GPU's two phases: one program per (batch, head, chunk) on a grid whose chunk axis is
+sequential ("arbitrary"), the float32 state carried across it in VMEM scratch:
+
+* forward (``lightning_tpu_fwd``): per chunk, intra-chunk ``[(scale Q K^T) . D] V`` plus the
+  carried state's contribution, then the state update; the final state is written at the
+  last chunk. For the backward it also writes every chunk's starting state (float32,
+  (T/C) H Hv per head).
+* backward (``lightning_tpu_bwd``): chunks in reverse, the state cotangent carried in
+  scratch; dq, dk, dv of a chunk from its saved starting state and the carried cotangent;
+  the initial state's cotangent at the end.
+
+Layout: ``[B, T, N, H]`` is transposed to heads-major ``[B, N, T, H]`` inside the wrapper.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.common.lightning import check_lightning_inputs, chunk_run_ids
+from pallas_kernels.tpu.flash_bwd import NUM_LANES, NUM_SUBLANES, compiler_params
+
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
+MAX_HEAD_DIM = 256
+# exp() of this is exactly 0 in float32: masked decay entries, never -inf.
+NEG_BIG = -1e30
+# Batch and head axes are independent; the chunk axis carries the state.
+SEMANTICS = ("parallel", "parallel", "arbitrary")
+
+# dot_general dimension numbers: A @ B, A @ B^T, A^T @ B.
+NN = (((1,), (0,)), ((), ()))
+NT = (((1,), (1,)), ((), ()))
+TN = (((0,), (0,)), ((), ()))
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class TpuLightningConfig:
+    """Chunk size of the TPU lightning kernels (untuned: no TPU to tune on).
+
+    Attributes:
+      chunk: tokens per chunk C, a multiple of 8 (the sublane count); 64 or 128 on a real
+        TPU. Shrunk to the 8-padded sequence for sequences shorter than one chunk.
+    """
+
+    chunk: int = 128
+
+    def __post_init__(self) -> None:
+        c = self.chunk
+        if not isinstance(c, int) or isinstance(c, bool) or c <= 0 or c % NUM_SUBLANES:
+            raise ValueError(
+                f"chunk must be a positive multiple of {NUM_SUBLANES} (the TPU sublane count), "
+                f"got {c!r}; use 64 or 128"
+            )
+
+    @classmethod
+    def get_default(
+        cls, head_dim: int | None = None, dtype=None, device_kind: str | None = None
+    ) -> TpuLightningConfig:
+        del head_dim, dtype, device_kind
+        return cls()
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+# ----------------------------------------------------------------------------- in-kernel math
+
+
+def _chunk_terms(ld, c, rel_row_ref, rel_col_ref, *, chunk: int, t: int, scale: float):
+    """The decay factors of chunk c, all float32.
+
+    Returns (d [C, C]: scale * lambda^(e_i - e_j) for j <= i in one run, else 0;
+    row_gate [C, 1]: scale * lambda^e_i if row i still sees the carried state, else 0;
+    w [C, 1]: each key's weight in the chunk's final state; gamma: the carried state's factor),
+    with e_i the real (unpadded) tokens from the chunk start up to and including i.
+    """
+    valid = jnp.minimum(chunk, t - c * chunk).astype(jnp.float32)
+    i = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
+    j = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+    e_row = jnp.minimum(lax.broadcasted_iota(jnp.int32, (chunk, 1), 0) + 1, valid)
+    e_col = jnp.minimum(lax.broadcasted_iota(jnp.int32, (1, chunk), 1) + 1, valid)
+    e_row, e_col = e_row.astype(jnp.float32), e_col.astype(jnp.float32)
+    keep = i >= j
+    row_gate = scale * jnp.exp(ld * e_row)
+    w = jnp.exp(ld * (valid - e_row))
+    gamma = jnp.exp(ld * valid)
+    if rel_row_ref is not None:
+        rel_row = rel_row_ref[:, :1]  # [C, 1]
+        rel_col = rel_col_ref[...]  # [1, C]
+        keep = jnp.logical_and(keep, rel_row == rel_col)
+        last = jnp.max(rel_col)
+        row_gate = jnp.where(rel_row == 0, row_gate, 0.0)
+        w = jnp.where(rel_row == last, w, 0.0)
+        gamma = jnp.where(last == 0, gamma, 0.0)
+    d = scale * jnp.exp(jnp.where(keep, ld * (e_row - e_col), NEG_BIG))
+    return d, row_gate, w, gamma
+
+
+def _dot(a, b, dims):
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _fwd_kernel(
+    ld_ref,  # [N] f32 (SMEM): log lambda per head
+    rel_row_ref,  # [C, NUM_LANES] int32 run ids (chunk_run_ids), lane-broadcast, or None
+    rel_col_ref,  # [1, C] int32 run ids along lanes, or None
+    q_ref,  # [C, H]
+    k_ref,  # [C, H]
+    v_ref,  # [C, Hv]
+    h0_ref,  # [H, Hv] f32 initial state
+    o_ref,  # [C, Hv] out
+    ht_ref,  # [H, Hv] f32 out: final state (written at the last chunk)
+    *refs,  # with_states: states_ref ([H, Hv] f32 out, state entering the chunk); then
+    # s_scr ([H, Hv] f32 scratch: the carried state)
+    chunk: int,
+    t: int,
+    scale: float,
+    n_chunks: int,
+    with_states: bool,
+):
+    states_ref, s_scr = refs if with_states else (None, *refs)
+    ni, c = pl.program_id(1), pl.program_id(2)
+
+    @pl.when(c == 0)
+    def _():
+        s_scr[...] = h0_ref[...].astype(jnp.float32)
+
+    d, row_gate, w, gamma = _chunk_terms(
+        ld_ref[ni], c, rel_row_ref, rel_col_ref, chunk=chunk, t=t, scale=scale
+    )
+    q, k, v = q_ref[...], k_ref[...], v_ref[...]
+    s = s_scr[...]
+    if states_ref is not None:
+        states_ref[...] = s
+    a = (_dot(q, k, NT) * d).astype(v.dtype)
+    o = _dot(a, v, NN) + row_gate * _dot(q, s.astype(q.dtype), NN)
+    o_ref[...] = o.astype(o_ref.dtype)
+    kw = (k.astype(jnp.float32) * w).astype(k.dtype)
+    s = gamma * s + _dot(kw, v, TN)
+    s_scr[...] = s
+
+    @pl.when(c == n_chunks - 1)
+    def _():
+        ht_ref[...] = s
+
+
+def _bwd_kernel(
+    ld_ref,  # [N] f32 (SMEM): log lambda per head
+    rel_row_ref,  # [C, NUM_LANES] int32 run ids, lane-broadcast, or None
+    rel_col_ref,  # [1, C] int32 run ids along lanes, or None
+    q_ref,  # [C, H]
+    k_ref,  # [C, H]
+    v_ref,  # [C, Hv]
+    do_ref,  # [C, Hv] output cotangent
+    s_ref,  # [H, Hv] f32 state entering this chunk (from the forward)
+    dht_ref,  # [H, Hv] f32 cotangent of the final state
+    dq_ref,  # [C, H] out
+    dk_ref,  # [C, H] out
+    dv_ref,  # [C, Hv] out
+    dh0_ref,  # [H, Hv] f32 out: cotangent of the initial state (written at the end)
+    ds_scr,  # [H, Hv] f32 scratch: cotangent of the state leaving the current chunk
+    *,
+    chunk: int,
+    t: int,
+    scale: float,
+    n_chunks: int,
+):
+    ni, step = pl.program_id(1), pl.program_id(2)
+    c = n_chunks - 1 - step
+
+    @pl.when(step == 0)
+    def _():
+        ds_scr[...] = dht_ref[...].astype(jnp.float32)
+
+    d, row_gate, w, gamma = _chunk_terms(
+        ld_ref[ni], c, rel_row_ref, rel_col_ref, chunk=chunk, t=t, scale=scale
+    )
+    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+    dt = q.dtype
+    ds = ds_scr[...]
+    a = (_dot(q, k, NT) * d).astype(dt)
+    da = (_dot(do, v, NT) * d).astype(dt)
+    dq = _dot(da, k, NN) + row_gate * _dot(do, s_ref[...].astype(dt), NT)
+    dk = _dot(da, q, TN) + w * _dot(v, ds.astype(dt), NT)
+    dv = _dot(a, do, TN) + w * _dot(k, ds.astype(dt), NN)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+    qg = (q.astype(jnp.float32) * row_gate).astype(dt)
+    ds = gamma * ds + _dot(qg, do, TN)
+    ds_scr[...] = ds
+
+    @pl.when(step == n_chunks - 1)
+    def _():
+        dh0_ref[...] = ds
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _rel_inputs(rel: jax.Array | None, chunk: int):
+    """Run ids [B, Tp] -> (lane-broadcast rows [B, Tp, NUM_LANES], rows along lanes
+    [B, nC, 1, C]), both full-extent-legal blocks; (None, None) without segments."""
+    if rel is None:
+        return None, None
+    b, tp = rel.shape
+    rows = jnp.broadcast_to(rel[..., None], (b, tp, NUM_LANES))
+    return rows, rel.reshape(b, tp // chunk, 1, chunk)
+
+
+def _forward(q, k, v, ld, h0, rel, *, t, chunk, scale, interpret, with_states):
+    """q, k [B, N, Tp, H], v [B, N, Tp, Hv] -> (o [B, N, Tp, Hv], ht f32[, states f32
+    [B, N, nC, H, Hv]])."""
+    b, n, tp, h = q.shape
+    hv = v.shape[-1]
+    n_chunks = tp // chunk
+    rel_rows, rel_cols = _rel_inputs(rel, chunk)
+    seq = pl.BlockSpec((None, None, chunk, h), lambda bi, ni, c: (bi, ni, c, 0))
+    seq_v = pl.BlockSpec((None, None, chunk, hv), lambda bi, ni, c: (bi, ni, c, 0))
+    state = pl.BlockSpec((None, None, h, hv), lambda bi, ni, c: (bi, ni, 0, 0))
+    in_specs = [
+        pl.BlockSpec(memory_space=pltpu.SMEM),
+        None if rel is None else pl.BlockSpec(
+            (None, chunk, NUM_LANES), lambda bi, ni, c: (bi, c, 0)),
+        None if rel is None else pl.BlockSpec(
+            (None, None, 1, chunk), lambda bi, ni, c: (bi, c, 0, 0)),
+        seq, seq, seq_v, state,
+    ]
+    out_specs = [seq_v, state]
+    out_shape = [
+        jax.ShapeDtypeStruct((b, n, tp, hv), q.dtype),
+        jax.ShapeDtypeStruct((b, n, h, hv), jnp.float32),
+    ]
+    if with_states:
+        out_specs.append(
+            pl.BlockSpec((None, None, None, h, hv), lambda bi, ni, c: (bi, ni, c, 0, 0))
+        )
+        out_shape.append(jax.ShapeDtypeStruct((b, n, n_chunks, h, hv), jnp.float32))
+    kernel = functools.partial(
+        _fwd_kernel, chunk=chunk, t=t, scale=scale, n_chunks=n_chunks, with_states=with_states
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=(b, n, n_chunks),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        scratch_shapes=[pltpu.VMEM((h, hv), jnp.float32)],
+        compiler_params=compiler_params(SEMANTICS, interpret),
+        interpret=interpret,
+        name="lightning_tpu_fwd",
+    )(ld, rel_rows, rel_cols, q, k, v, h0)
+
+
+def _backward(q, k, v, do, ld, states, dht, rel, *, t, chunk, scale, interpret):
+    """Heads-major inputs -> (dq, dk, dv) heads-major and dh0 [B, N, H, Hv] f32."""
+    b, n, tp, h = q.shape
+    hv = v.shape[-1]
+    n_chunks = tp // chunk
+    rel_rows, rel_cols = _rel_inputs(rel, chunk)
+
+    def rev(c):
+        return n_chunks - 1 - c
+
+    seq = pl.BlockSpec((None, None, chunk, h), lambda bi, ni, c: (bi, ni, rev(c), 0))
+    seq_v = pl.BlockSpec((None, None, chunk, hv), lambda bi, ni, c: (bi, ni, rev(c), 0))
+    state = pl.BlockSpec((None, None, h, hv), lambda bi, ni, c: (bi, ni, 0, 0))
+    in_specs = [
+        pl.BlockSpec(memory_space=pltpu.SMEM),
+        None if rel is None else pl.BlockSpec(
+            (None, chunk, NUM_LANES), lambda bi, ni, c: (bi, rev(c), 0)),
+        None if rel is None else pl.BlockSpec(
+            (None, None, 1, chunk), lambda bi, ni, c: (bi, rev(c), 0, 0)),
+        seq, seq, seq_v, seq_v,
+        pl.BlockSpec((None, None, None, h, hv), lambda bi, ni, c: (bi, ni, rev(c), 0, 0)),
+        state,
+    ]
+    kernel = functools.partial(_bwd_kernel, chunk=chunk, t=t, scale=scale, n_chunks=n_chunks)
+    return pl.pallas_call(
+        kernel,
+        grid=(b, n, n_chunks),
+        in_specs=in_specs,
+        out_specs=[seq, seq, seq_v, state],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct(k.shape, k.dtype),
+            jax.ShapeDtypeStruct(v.shape, v.dtype),
+            jax.ShapeDtypeStruct((b, n, h, hv), jnp.float32),
+        ],
+        scratch_shapes=[pltpu.VMEM((h, hv), jnp.float32)],
+        compiler_params=compiler_params(SEMANTICS, interpret),
+        interpret=interpret,
+        name="lightning_tpu_bwd",
+    )(ld, rel_rows, rel_cols, q, k, v, do, states, dht)
+
+
+# ----------------------------------------------------------------------------- custom VJP
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _lightning(q, k, v, log_decay, h0, rel, t, chunk, scale, interpret):
+    o, ht = _forward(
+        q, k, v, log_decay, h0, rel, t=t, chunk=chunk, scale=scale, interpret=interpret,
+        with_states=False,
+    )
+    return o, ht
+
+
+def _lightning_fwd(q, k, v, log_decay, h0, rel, t, chunk, scale, interpret):
+    o, ht, states = _forward(
+        q, k, v, log_decay, h0, rel, t=t, chunk=chunk, scale=scale, interpret=interpret,
+        with_states=True,
+    )
+    return (o, ht), (q, k, v, log_decay, rel, states)
+
+
+def _lightning_bwd(t, chunk, scale, interpret, res, cts):
+    q, k, v, log_decay, rel, states = res
+    do, dht = cts
+    dq, dk, dv, dh0 = _backward(
+        q, k, v, do.astype(q.dtype), log_decay, states, dht.astype(jnp.float32), rel, t=t,
+        chunk=chunk, scale=scale, interpret=interpret,
+    )
+    return dq, dk, dv, jnp.zeros_like(log_decay), dh0, None
+
+
+_lightning.defvjp(_lightning_fwd, _lightning_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
+def _lightning_jit(q, k, v, log_decay, initial_state, segment_ids, *, scale, config, interpret):
+    b, t, n, h = q.shape
+    hv = v.shape[-1]
+    chunk = min(config.chunk, _round_up(t, NUM_SUBLANES))
+    tp = _round_up(t, chunk)
+
+    def heads_major(x):
+        x = jnp.swapaxes(x, 1, 2)
+        return jnp.pad(x, ((0, 0), (0, 0), (0, tp - t), (0, 0))) if tp > t else x
+
+    h0 = (
+        jnp.zeros((b, n, h, hv), jnp.float32)
+        if initial_state is None
+        else initial_state.astype(jnp.float32)
+    )
+    rel = None if segment_ids is None else chunk_run_ids(segment_ids, tp, chunk)
+    o, ht = _lightning(
+        heads_major(q), heads_major(k), heads_major(v), log_decay.astype(jnp.float32), h0, rel,
+        t, chunk, scale, interpret,
+    )
+    return jnp.swapaxes(o[:, :, :t], 1, 2), ht
+
+
+def lightning_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    log_decay: jax.Array,
+    *,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    scale: float = 1.0,
+    config: TpuLightningConfig | None = None,
+    interpret: Any = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Lightning attention (decayed causal linear attention), Mosaic TPU Pallas kernels.
+
+    Verified in TPU interpret mode only (no TPU available); see the module docstring.
+
+    Args:
+      q, k: [B, T, N, H]; v: [B, T, N, Hv]; one dtype (float32 or bfloat16); H and Hv
+        multiples of 8, at most 256.
+      log_decay: [N] float, log lambda per head (lambda in (0, 1]); not differentiated.
+      initial_state: [B, N, H, Hv] state continued by token 0 (None: zeros).
+      segment_ids: [B, T] int packed-document ids; the state resets where the id changes.
+      scale: multiplies q.
+      config: :class:`TpuLightningConfig`, default ``TpuLightningConfig.get_default()``.
+      interpret: False on a TPU; ``pltpu.InterpretParams()`` to run on CPU.
+
+    Returns:
+      (o [B, T, N, Hv] in q's dtype, final_state [B, N, H, Hv] float32); differentiable in
+      q, k, v and initial_state.
+
+    Raises:
+      ValueError: inconsistent shapes or dtypes, unsupported head dims.
+
+    Example:
+      >>> o, s = lightning_attention(q, k, v, log_decay, interpret=pltpu.InterpretParams())
+    """
+    b, t, n, h, hv = check_lightning_inputs(
+        q, k, v, log_decay, initial_state, segment_ids, dtypes=SUPPORTED_DTYPES
+    )
+    for name, dim in (("head_dim H", h), ("value head_dim Hv", hv)):
+        if dim % NUM_SUBLANES or dim > MAX_HEAD_DIM:
+            raise ValueError(
+                f"{name} is {dim}; the TPU lightning kernels take multiples of {NUM_SUBLANES} "
+                f"up to {MAX_HEAD_DIM} (pad the head dim)"
+            )
+    if config is None:
+        config = TpuLightningConfig.get_default(h, q.dtype)
+    if not isinstance(config, TpuLightningConfig):
+        raise ValueError(f"config must be a TpuLightningConfig, got {type(config).__name__}")
+    return _lightning_jit(
+        q, k, v, jnp.asarray(log_decay), initial_state,
+        None if segment_ids is None else jnp.asarray(segment_ids),
+        scale=float(scale), config=config, interpret=interpret,
+    )
