@@ -123,7 +123,9 @@ class LightningConfig:
         """
         del device_kind
         if dtype is not None and jnp.dtype(dtype).itemsize > 2:
-            return cls(block_v=64, num_warps=4, num_warps_bwd=4)
+            # The dq/dk/dv kernel keeps two [C, H] f32 accumulators and [C, C] tiles live:
+            # 8 warps keep them in registers at H = 128.
+            return cls(block_v=64, num_warps=4, num_warps_bwd=8 if (head_dim or 128) > 64 else 4)
         if head_dim is not None and head_dim <= 64:
             return cls(block_v=64, num_warps=4, num_warps_bwd=4)
         return cls()

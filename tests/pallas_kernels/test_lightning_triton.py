@@ -66,7 +66,9 @@ class LightningCase:
 # interpreter spends ~20 s per case on this machine, hence two cases that cover the grid
 # between them: initial state present / absent, segments / none, float32 / bfloat16.
 LIGHTNING_CASES = [
-    LightningCase("f32_state_segments_ragged", t=40, b=2, initial_state=True, segments=3),
+    # h = 32 with 16-wide state blocks: two programs share each states output block.
+    LightningCase("f32_state_segments_ragged", t=40, b=2, h=32, initial_state=True,
+                  segments=3),
     LightningCase("bf16_plain", t=48, dtype=jnp.bfloat16),
 ]
 
