@@ -1,0 +1,526 @@
+"""Lightning attention: decayed causal linear attention (Lightning Attention-2, MiniMax-01).
+
+Shapes (attnlab letters): B batch, T sequence, N heads, H q/k head dim, Hv value head dim
+(written ``V`` in einsum strings). Per batch row and head n, with decay lambda_n in (0, 1]:
+
+    S_t = lambda_n S_{t-1} + k_t^T v_t          state [H, Hv], float32
+    o_t = (scale q_t) S_t                        no softmax, no denominator
+
+``lambda = 1`` is plain causal linear attention. With ``segment_ids`` [B, T] (packed documents)
+the carried state is dropped (multiplied by 0) where ``seg_t != seg_{t-1}``; token 0 always
+continues ``initial_state``. The parallel form is O = [(Q K^T) * D] V with
+D_ij = lambda^(i-j) for j <= i (same document) and 0 otherwise.
+
+Implementations: ``"reference"`` (the recurrence above, token by token: the definition),
+``"xla"`` (the chunked intra/inter-block form of Lightning Attention-2 in pure JAX),
+``"pallas_triton"`` / ``"pallas_tpu"`` (Pallas kernels from ``pallas_kernels/*/lightning_chunk.py``,
+registered when those modules import). ``impl="auto"`` picks the first that supports the call
+in :data:`AUTO_ORDER`; all compute exactly the same function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnlab.ops._registry import Implementation, Registry, platform
+
+_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
+_HI = jax.lax.Precision.HIGHEST
+
+
+class LightningArgs(NamedTuple):
+    """Normalized, validated arguments handed to every implementation."""
+
+    log_decay: jax.Array  # [N] float32, log(lambda) <= 0
+    initial_state: jax.Array | None  # [B, N, H, Hv] float32
+    segment_ids: jax.Array | None  # [B, T] int32
+    scale: float
+    chunk_size: int | None
+    config: Any
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class XlaLightningConfig:
+    """Chunk length of the ``"xla"`` path (tokens per intra-block; the T x C score tile)."""
+
+    chunk_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
+
+    @classmethod
+    def get_default(cls) -> XlaLightningConfig:
+        return cls()
+
+
+# ----------------------------------------------------------------------------- decay slopes
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+    """ALiBi / TransNormer head slopes m_h = 2^(-8 (h+1) / N), [N] float32.
+
+    For N not a power of two, the ALiBi rule: the slopes of the next lower power of two,
+    then every other slope of twice that many.
+
+    Example:
+      >>> alibi_slopes(8)[0]   # 0.5
+    """
+    if num_heads <= 0:
+        raise ValueError(f"num_heads must be positive, got {num_heads}")
+
+    def power_of_two(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+
+    p = 2 ** int(math.floor(math.log2(num_heads)))
+    slopes = power_of_two(p)
+    if p < num_heads:
+        slopes += power_of_two(2 * p)[0::2][: num_heads - p]
+    return np.asarray(slopes, np.float32)
+
+
+def minimax_decay(num_heads: int, layer_idx: int, num_layers: int) -> np.ndarray:
+    """MiniMax-01 per-head decay lambda_h = exp(-s_h), [N] float32 in (0, 1).
+
+    s_h = 2^(-8 (h+1) / N) * (1 - l / (L - 1) + 1e-5) for layer l of L (PAPERS.md section 7);
+    deeper layers decay more slowly. A one-layer model uses l / (L - 1) = 0.
+
+    Raises:
+      ValueError: non-positive sizes, or layer_idx outside [0, num_layers).
+
+    Example:
+      >>> decay = minimax_decay(16, layer_idx=3, num_layers=8)
+    """
+    if num_layers <= 0 or num_heads <= 0:
+        raise ValueError(f"num_heads={num_heads} and num_layers={num_layers} must be positive")
+    if not 0 <= layer_idx < num_layers:
+        raise ValueError(f"layer_idx={layer_idx} must lie in [0, num_layers={num_layers})")
+    depth = layer_idx / (num_layers - 1) if num_layers > 1 else 0.0
+    base = np.asarray([2.0 ** (-8.0 * (h + 1) / num_heads) for h in range(num_heads)])
+    return np.exp(-base * (1.0 - depth + 1e-5)).astype(np.float32)
+
+
+def transnormer_decay(num_heads: int, layer_idx: int = 0, num_layers: int = 1) -> np.ndarray:
+    """TransNormerLLM-style decay lambda_h = exp(-m_h (1 - l / L)) with ALiBi slopes m_h, [N].
+
+    With the default ``layer_idx=0`` it is exp(-m_h), the per-head decay of Lightning
+    Attention-2's experiments.
+
+    Example:
+      >>> decay = transnormer_decay(8)
+    """
+    if not 0 <= layer_idx < num_layers:
+        raise ValueError(f"layer_idx={layer_idx} must lie in [0, num_layers={num_layers})")
+    m = alibi_slopes(num_heads).astype(np.float64)
+    return np.exp(-m * (1.0 - layer_idx / num_layers)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _normalize(
+    q, k, v, decay, initial_state, segment_ids, scale, chunk_size, config
+) -> LightningArgs:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if jnp.ndim(x) != 4:
+            raise ValueError(
+                f"{name} must have shape [batch, seq, heads, head_dim], got shape {jnp.shape(x)}"
+            )
+    b, t, n, h = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape {q.shape} [B, T, N, H], got {k.shape}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"v must agree with q in [batch, seq, heads] = {q.shape[:3]}, got {v.shape}"
+        )
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"q, k, v dtypes must match, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"unsupported dtype {q.dtype}; use float32, bfloat16 or float16")
+    log_decay = log_decay_of(decay, n)
+    hv = v.shape[-1]
+    if initial_state is not None:
+        if jnp.shape(initial_state) != (b, n, h, hv):
+            raise ValueError(
+                f"initial_state must have shape [B, N, H, Hv] = {(b, n, h, hv)}, got "
+                f"{jnp.shape(initial_state)}"
+            )
+        initial_state = jnp.asarray(initial_state, jnp.float32)
+    if segment_ids is not None:
+        if jnp.shape(segment_ids) != (b, t):
+            raise ValueError(
+                f"segment_ids must have shape [B, T] = {(b, t)}, got {jnp.shape(segment_ids)}"
+            )
+        if not jnp.issubdtype(jnp.asarray(segment_ids).dtype, jnp.integer):
+            raise ValueError(f"segment_ids must be integers, got {jnp.asarray(segment_ids).dtype}")
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    scale = 1.0 if scale is None else float(scale)
+    return LightningArgs(log_decay, initial_state, segment_ids, scale, chunk_size, config)
+
+
+def log_decay_of(decay: Any, num_heads: int) -> jax.Array:
+    """Checks a per-head decay lambda ([N] or a scalar, values in (0, 1]) -> log lambda [N] f32.
+
+    Raises:
+      ValueError: wrong shape, or (for concrete values) lambda outside (0, 1].
+    """
+    if decay is None:
+        raise ValueError("decay is required: per-head lambda in (0, 1], shape [N] (1.0 = none)")
+    if isinstance(decay, (list, tuple)):
+        decay = np.asarray(decay, np.float32)
+    if jnp.ndim(decay) == 0:
+        decay = jnp.full((num_heads,), decay, jnp.float32)
+    if jnp.shape(decay) != (num_heads,):
+        raise ValueError(
+            f"decay must have shape [N] = ({num_heads},) (one lambda per head), got "
+            f"{jnp.shape(decay)}"
+        )
+    if not isinstance(decay, jax.core.Tracer):
+        d = np.asarray(decay, np.float64)
+        if not np.all((d > 0) & (d <= 1)):
+            raise ValueError(
+                f"decay values must lie in (0, 1] (lambda, not log lambda), got min {d.min()} "
+                f"max {d.max()}"
+            )
+    return jnp.log(jnp.asarray(decay, jnp.float32))
+
+
+def _segment_starts(segment_ids: jax.Array | None, b: int, t: int) -> jax.Array:
+    """[B, T] bool: token t > 0 starts a new document (its state does not carry over)."""
+    if segment_ids is None:
+        return jnp.zeros((b, t), bool)
+    first = jnp.zeros((b, 1), bool)
+    return jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    decay: Any,
+    initial_state: jax.Array | None = None,
+    return_state: bool = False,
+    segment_ids: jax.Array | None = None,
+    scale: float | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """The definition: the recurrence S_t = lambda S_{t-1} + k_t^T v_t, o_t = scale q_t S_t.
+
+    Same arguments and return values as :func:`lightning_attention` (float32 state, HIGHEST
+    precision, one token per scan step).
+    """
+    a = _normalize(q, k, v, decay, initial_state, segment_ids, scale, None, None)
+    o, s = _reference(q, k, v, a)
+    return (o, s) if return_state else o
+
+
+def _reference(q, k, v, a: LightningArgs) -> tuple[jax.Array, jax.Array]:
+    b, t, n, h = q.shape
+    lam = jnp.exp(a.log_decay)[None, :, None, None]  # [1, N, 1, 1]
+    s0 = a.initial_state
+    if s0 is None:
+        s0 = jnp.zeros((b, n, h, v.shape[-1]), jnp.float32)
+    keep = 1.0 - _segment_starts(a.segment_ids, b, t).astype(jnp.float32)  # [B, T]
+
+    def step(s, xs):
+        q_t, k_t, v_t, keep_t = xs  # [B, N, H], [B, N, H], [B, N, Hv], [B]
+        s = keep_t[:, None, None, None] * lam * s + jnp.einsum(
+            "BNH,BNV->BNHV", k_t, v_t, precision=_HI
+        )
+        return s, jnp.einsum("BNH,BNHV->BNV", a.scale * q_t, s, precision=_HI)
+
+    xs = tuple(jnp.moveaxis(x.astype(jnp.float32), 1, 0) for x in (q, k, v, keep))
+    s, o = jax.lax.scan(step, s0, xs)
+    return jnp.moveaxis(o, 0, 1).astype(q.dtype), s
+
+
+# ----------------------------------------------------------------------------- xla (chunked)
+
+
+def lightning_chunked_xla(q, k, v, a: LightningArgs, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """Lightning Attention-2's chunked form in JAX: (o [B, T, N, Hv], final state f32).
+
+    Intra-chunk: O_intra = [(Q_c K_c^T) * D] V_c over all chunks at once ([B, N, nc, C, C]).
+    Inter-chunk: the state entering chunk c comes from a parallel (associative) scan of
+    S <- A_c S + U_c, with A_c = lambda^C (0 if a document starts inside chunk c) and
+    U_c = sum_j lambda^(C-1-j) k_j^T v_j over the chunk's last document; then
+    O_inter = (lambda^(i+1) Q_c) S for queries still in the document the chunk started in.
+    T is padded to a multiple of C with tokens of decay 1 and zero k, v (they change nothing).
+    Memory O(B N T (C + H Hv / C)); differentiable by JAX.
+    """
+    b, t, n, h = q.shape
+    hv = v.shape[-1]
+    c = max(1, min(chunk, t))
+    tp = -(-t // c) * c
+    nc, pad = tp // c, tp - t
+    dt = q.dtype
+
+    def chunks(x):  # [B, Tp, ...] -> [B, nc, C, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape(b, nc, c, *x.shape[2:])
+
+    qc, kc, vc = chunks(q), chunks(k), chunks(v)
+    # Number of resets so far at each token: two tokens share a document span iff equal.
+    starts = _segment_starts(a.segment_ids, b, t)
+    rc = chunks(jnp.cumsum(starts.astype(jnp.int32), axis=1))
+    if pad:  # padded tokens continue the last document
+        last = jnp.cumsum(starts.astype(jnp.int32), axis=1)[:, -1]
+        rc = rc.reshape(b, tp).at[:, t:].set(last[:, None]).reshape(b, nc, c)
+    r_prev = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), rc[:, :-1, -1]], axis=1)  # [B, nc]
+
+    # Per-token log decay: log lambda for real tokens, 0 for padding; chunk-local cumsum.
+    real = (jnp.arange(tp) < t).reshape(nc, c).astype(jnp.float32)
+    g = a.log_decay[:, None, None] * jnp.cumsum(real, axis=1)[None]  # [N, nc, C], G_i
+    g_last = g[..., -1]  # [N, nc]
+
+    # Intra-chunk scores with the decay mask D_ij = exp(G_i - G_j) (j <= i, same document).
+    tri = jnp.tril(jnp.ones((c, c), bool))
+    diff = jnp.where(tri, g[..., :, None] - g[..., None, :], 0.0)
+    dmask = jnp.where(tri, jnp.exp(jnp.minimum(diff, 0.0)), 0.0)  # [N, nc, C, C]
+    same = rc[:, :, :, None] == rc[:, :, None, :]  # [B, nc, C, C]
+    m = dmask[None] * same[:, None].astype(jnp.float32)  # [B, N, nc, C, C]
+    scores = jnp.einsum("BCINH,BCJNH->BNCIJ", qc, kc, preferred_element_type=jnp.float32)
+    p = (scores * a.scale * m).astype(dt)
+    o_intra = jnp.einsum("BNCIJ,BCJNV->BCINV", p, vc, preferred_element_type=jnp.float32)
+
+    # Chunk states: U_c over the chunk's last document, A_c the carry-through factor.
+    in_last = (rc == rc[:, :, -1:]).astype(jnp.float32)  # [B, nc, C]
+    w = jnp.exp(g_last[..., None] - g)  # [N, nc, C], <= 1
+    wk = (kc.astype(jnp.float32) * (jnp.moveaxis(w, 0, -1)[None] * in_last[..., None])[..., None])
+    u = jnp.einsum("BCJNH,BCJNV->BCNHV", wk.astype(dt), vc, preferred_element_type=jnp.float32)
+    unbroken = (rc[:, :, -1] == r_prev).astype(jnp.float32)  # [B, nc]
+    decay_c = jnp.exp(g_last).T[None] * unbroken[..., None]  # [B, nc, N]
+    if a.initial_state is not None:
+        u = u.at[:, 0].add(decay_c[:, 0, :, None, None] * a.initial_state)
+
+    def combine(x, y):
+        (ax, ux), (ay, uy) = x, y
+        return ax * ay, ay[..., None, None] * ux + uy
+
+    _, s_after = jax.lax.associative_scan(combine, (decay_c, u), axis=1)  # [B, nc, N, H, Hv]
+    s0 = a.initial_state if a.initial_state is not None else jnp.zeros((b, n, h, hv), jnp.float32)
+    s_before = jnp.concatenate([s0[:, None], s_after[:, :-1]], axis=1)
+
+    # Inter-chunk: queries that are still in the document the chunk started in read the state.
+    sees = (rc == r_prev[..., None]).astype(jnp.float32)  # [B, nc, C]
+    qw = jnp.exp(jnp.moveaxis(g, 0, -1))[None] * sees[..., None] * a.scale  # [B, nc, C, N]
+    qs = qc.astype(jnp.float32) * qw[..., None]
+    # XLA:CPU has no bf16 x bf16 -> f32 kernel for this dot's layout: f32 operands there.
+    inter_dt = jnp.float32 if platform() == "cpu" else dt
+    o_inter = jnp.einsum("BCINH,BCNHV->BCINV", qs.astype(inter_dt), s_before.astype(inter_dt),
+                         preferred_element_type=jnp.float32)
+    o = (o_intra + o_inter).reshape(b, tp, n, hv)[:, :t].astype(dt)
+    return o, s_after[:, -1]
+
+
+def _xla_fn(q, k, v, a: LightningArgs):
+    cfg = a.config if isinstance(a.config, XlaLightningConfig) else XlaLightningConfig()
+    chunk = a.chunk_size if a.chunk_size is not None else cfg.chunk_size
+    return lightning_chunked_xla(q, k, v, a, chunk)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "gpu": ("pallas_triton", "xla"),
+    "tpu": ("pallas_tpu", "xla"),
+    "cpu": ("xla",),
+}
+# impl name -> kernel module (written against the same spec; optional).
+_KERNEL_MODULES = {
+    "pallas_triton": "pallas_kernels.gpu.lightning_chunk",
+    "pallas_tpu": "pallas_kernels.tpu.lightning_chunk",
+}
+_KERNEL_PLATFORMS = {"pallas_triton": ("gpu", "cpu"), "pallas_tpu": ("tpu", "cpu")}
+_KERNEL_CONFIGS = {"pallas_triton": "LightningConfig", "pallas_tpu": "TpuLightningConfig"}
+# Why a kernel module did not load (impl name -> message); shown by ``explain``.
+KERNEL_IMPORT_ERRORS: dict[str, str] = {}
+
+
+def _kernel_impl(name: str, mod: Any) -> Implementation:
+    cfg_cls = getattr(mod, _KERNEL_CONFIGS[name], None)
+
+    def unsupported(q, k, v, a: LightningArgs, plat: str) -> str | None:
+        if plat not in _KERNEL_PLATFORMS[name]:
+            return f"{name} runs on {_KERNEL_PLATFORMS[name][0]} (interpreted on CPU), not {plat}"
+        if q.dtype == jnp.float64:
+            return f"{name} takes float32, bfloat16 or float16 inputs, got float64"
+        if a.config is not None and cfg_cls is not None and not isinstance(a.config, cfg_cls):
+            return f"config must be a {cfg_cls.__name__}, got {type(a.config).__name__}"
+        check = getattr(mod, "unsupported", None)  # the kernel's own limits, if it states them
+        return check(q, k, v, a) if check is not None else None
+
+    def fn(q, k, v, a: LightningArgs):
+        interpret: Any = False
+        if platform() == "cpu":
+            if name == "pallas_tpu":
+                from jax.experimental.pallas import tpu as pltpu
+
+                interpret = pltpu.InterpretParams()
+            else:
+                interpret = True
+        cfg = a.config if cfg_cls is not None and isinstance(a.config, cfg_cls) else None
+        return mod.lightning_attention(
+            q, k, v, a.log_decay, initial_state=a.initial_state, segment_ids=a.segment_ids,
+            scale=a.scale, config=cfg, interpret=interpret,
+        )
+
+    where = "GPU (Triton)" if name == "pallas_triton" else "TPU (Mosaic)"
+    return Implementation(
+        name, fn, unsupported,
+        f"Pallas chunked lightning kernel on {where}, fwd + bwd; interpreted on CPU",
+        returns_lse=False,
+    )
+
+
+def _load_kernels() -> None:
+    """Registers each kernel module once, if it imports (an ImportError means not available)."""
+    for name, mod_name in _KERNEL_MODULES.items():
+        if name in REGISTRY._impls or name in KERNEL_IMPORT_ERRORS:
+            continue
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError as e:
+            KERNEL_IMPORT_ERRORS[name] = f"{mod_name} is not available ({e})"
+            continue
+        REGISTRY.register(_kernel_impl(name, mod))
+
+
+def _never(q, k, v, a, plat) -> str | None:
+    return None
+
+
+REGISTRY = Registry(
+    "lightning_attention", AUTO_ORDER,
+    {"gpu": "pallas_triton", "tpu": "pallas_tpu", "cpu": "pallas_triton"}, _load_kernels,
+)
+REGISTRY.register(
+    Implementation(
+        "reference", _reference, _never, "the recurrence, one token per scan step (definition)",
+        returns_lse=False,
+    )
+)
+REGISTRY.register(
+    Implementation(
+        "xla", _xla_fn, _never,
+        "chunked intra/inter-block form (Lightning Attention-2) in JAX; parallel state scan",
+        returns_lse=False,
+    )
+)
+implementations = REGISTRY.implementations
+
+
+def explain(q, k, v, *, decay: Any, plat: str | None = None, **kwargs) -> dict[str, str | None]:
+    """For each implementation, None if it supports ``lightning_attention(q, k, v, ...)``, else
+    why not (arrays may be ``jax.ShapeDtypeStruct``\\ s)."""
+    a = _normalize(
+        q, k, v, decay, kwargs.pop("initial_state", None), kwargs.pop("segment_ids", None),
+        kwargs.pop("scale", None), kwargs.pop("chunk_size", None), kwargs.pop("config", None),
+    )
+    if kwargs:
+        raise ValueError(f"unknown arguments {sorted(kwargs)}")
+    out = REGISTRY.explain(q, k, v, a, plat)
+    for name, why in KERNEL_IMPORT_ERRORS.items():
+        out.setdefault(name, why)
+    return out
+
+
+# ----------------------------------------------------------------------------- public ops
+
+
+def lightning_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    decay: Any,
+    initial_state: jax.Array | None = None,
+    return_state: bool = False,
+    segment_ids: jax.Array | None = None,
+    chunk_size: int | None = None,
+    scale: float | None = None,
+    impl: str = "auto",
+    config: Any = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Lightning attention: decayed causal linear attention with a float32 recurrent state.
+
+    Args:
+      q, k: [B, T, N, H].
+      v: [B, T, N, Hv].
+      decay: per-head lambda in (0, 1], shape [N] (array or sequence) or a scalar; 1.0 is plain
+        linear attention. See :func:`minimax_decay`, :func:`transnormer_decay`.
+      initial_state: [B, N, H, Hv] state that token 0 continues (e.g. from a previous chunk,
+        another device, or a decode cache); None is zeros.
+      return_state: also return the state after the last token, [B, N, H, Hv] float32.
+      segment_ids: [B, T] int document ids; the state resets where the id changes.
+      chunk_size: block length C of the ``"xla"`` path (default 64); kernels take ``config``.
+      scale: q is multiplied by it; default 1.0 (MiniMax-01 uses no 1/sqrt(H)).
+      impl: "auto", "reference", "xla", "pallas", "pallas_triton", "pallas_tpu".
+      config: block config of the chosen implementation (``XlaLightningConfig`` or a kernel's).
+
+    Returns:
+      o [B, T, N, Hv] in q's dtype, or (o, final_state) with ``return_state``.
+
+    Raises:
+      ValueError: bad shapes, dtypes, decay values or impl name.
+      NotImplementedError: the named impl cannot compute this call (the message says why).
+
+    Example:
+      >>> o, s = lightning_attention(q, k, v, decay=minimax_decay(8, 0, 4), return_state=True)
+    """
+    a = _normalize(q, k, v, decay, initial_state, segment_ids, scale, chunk_size, config)
+    chosen = REGISTRY.choose(q, k, v, a, impl)
+    o, s = chosen.fn(q, k, v, a)
+    return (o, s) if return_state else o
+
+
+def lightning_decode(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    state: jax.Array,
+    decay: Any,
+    *,
+    scale: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Decode steps: continues ``state`` by one or a few tokens with the recurrence.
+
+    Args:
+      q, k: [B, T, N, H] (T new tokens, typically 1); v: [B, T, N, Hv].
+      state: [B, N, H, Hv] float32 state after the previous tokens.
+      decay: per-head lambda [N] (as in :func:`lightning_attention`).
+      scale: q multiplier, default 1.0.
+
+    Returns:
+      (o [B, T, N, Hv] in q's dtype, new_state [B, N, H, Hv] float32).
+
+    Raises:
+      ValueError: bad shapes, dtypes or decay values.
+
+    Example:
+      >>> o, state = lightning_decode(q1, k1, v1, state, decay)
+    """
+    if state is None:
+        raise ValueError("state is required: [B, N, H, Hv] float32 (zeros for an empty cache)")
+    a = _normalize(q, k, v, decay, state, None, scale, None, None)
+    return _reference(q, k, v, a)
+
+
+__all__ = [
+    "AUTO_ORDER", "LightningArgs", "XlaLightningConfig", "alibi_slopes", "explain",
+    "implementations", "lightning_attention", "lightning_chunked_xla", "lightning_decode",
+    "log_decay_of", "minimax_decay", "reference", "transnormer_decay",
+]
