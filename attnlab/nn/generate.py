@@ -2,10 +2,11 @@
 
 Shapes: B batch, T0 prompt length, V vocabulary.
 
-``generate`` compiles once per (model structure, batch, prompt length, max_new_tokens, greedy,
-top_k): the prompt is prefilled in one call and the new tokens come from a ``lax.fori_loop``
-of single-token decode steps inside the same ``jax.jit`` (no Python loop of jit calls, so no
-per-token dispatch; the price is no progress bar).
+``generate`` compiles once per (model structure, batch, prompt length, max_new_tokens);
+temperature, top_k and the key are traced, so changing them does not recompile. The prompt is
+prefilled in one call and the new tokens come from a ``lax.fori_loop`` of single-token decode
+steps inside the same ``jax.jit`` (no Python loop of jit calls, so no per-token dispatch; the
+price is no progress bar).
 """
 
 from __future__ import annotations
@@ -101,28 +102,29 @@ Example:
 """
 
 
-def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, greedy: bool,
-            top_k: int | None) -> jax.Array:
-    """logits [B, V] float32 -> tokens [B] int32."""
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array,
+            top_k: jax.Array) -> jax.Array:
+    """logits [B, V] float32 -> tokens [B] int32; argmax where temperature == 0.
+
+    temperature and top_k are traced, so changing them does not recompile.
+    """
+    v = logits.shape[-1]
+    kth = jax.lax.dynamic_index_in_dim(jnp.sort(logits, axis=-1), v - top_k, axis=-1)
+    scaled = jnp.where(logits < kth, -jnp.inf, logits) / jnp.maximum(temperature, 1e-6)
+    sampled = jax.random.categorical(key, scaled, axis=-1)
+    return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k"))
-def _generate(graphdef, state, prompt, rng, temperature, *, max_new_tokens: int, greedy: bool,
-              top_k: int | None) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
+def _generate(graphdef, state, prompt, rng, temperature, top_k, *,
+              max_new_tokens: int) -> jax.Array:
     model = nnx.merge(graphdef, state)
     b, t0 = prompt.shape
     total = t0 + max_new_tokens
     caches = init_caches(model, b, total)
     logits, caches = _prefill(model, prompt, caches)
     tokens = jnp.zeros((b, total), jnp.int32).at[:, :t0].set(prompt)
-    first = _sample(logits[:, -1], jax.random.fold_in(rng, 0), temperature, greedy, top_k)
+    first = _sample(logits[:, -1], jax.random.fold_in(rng, 0), temperature, top_k)
     tokens = tokens.at[:, t0].set(first)
 
     def body(i, carry):
@@ -130,7 +132,7 @@ def _generate(graphdef, state, prompt, rng, temperature, *, max_new_tokens: int,
         pos = t0 + i - 1  # position of the token fed in; its successor goes to pos + 1
         token = jax.lax.dynamic_index_in_dim(tokens, pos, axis=1, keepdims=False)
         logits, caches = _decode_step(model, token, caches, jnp.full((b,), pos, jnp.int32))
-        nxt = _sample(logits, jax.random.fold_in(rng, i), temperature, greedy, top_k)
+        nxt = _sample(logits, jax.random.fold_in(rng, i), temperature, top_k)
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, pos + 1, axis=1)
         return tokens, caches
 
@@ -195,6 +197,6 @@ def generate(
     rng = jax.random.key(0) if rng is None else rng
     graphdef, state = nnx.split(model)
     return _generate(
-        graphdef, state, prompt, rng, jnp.float32(max(temperature, 1e-6)),
-        max_new_tokens=max_new_tokens, greedy=temperature == 0, top_k=top_k,
+        graphdef, state, prompt, rng, jnp.float32(temperature),
+        jnp.int32(cfg.vocab_size if top_k is None else top_k), max_new_tokens=max_new_tokens,
     )
