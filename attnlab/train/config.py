@@ -33,11 +33,13 @@ class TrainConfig:
       keep: checkpoints kept on disk (the newest ``keep``).
       log_every: a JSONL metrics record every N steps.
       eval_every: validation every N steps (0: only at the end).
-      eval_batches: validation batches per evaluation.
+      eval_batches: validation batches per evaluation (0: no validation during training).
       dtype: compute dtype, ``"bfloat16"`` or ``"float32"`` (params stay float32).
       data_parallel: devices on the mesh's ``data`` axis (None: as many as divide B).
       seq_parallel: devices on the mesh's ``sp`` axis (1 until sequence-parallel attention
         from ``sharding/`` is wired into the model; see :func:`attnlab.train.mesh.make_mesh`).
+      fast_compile: on CPU, compile with XLA optimisation level 0 (tiny models compile
+        longer than they run; results are deterministic either way).
       debug_nan_step: testing aid: the loss of this (0-based) step is multiplied by inf, so
         the NaN/inf guard can be exercised. None in real runs.
     """
@@ -64,15 +66,15 @@ class TrainConfig:
     dtype: str = "bfloat16"
     data_parallel: int | None = None
     seq_parallel: int = 1
+    fast_compile: bool = False
     debug_nan_step: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "keep", "log_every", "eval_batches",
-                     "seq_parallel"):
+        for name in ("steps", "batch_size", "seq_len", "keep", "log_every", "seq_parallel"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
-        for name in ("warmup_steps", "checkpoint_every", "eval_every", "weight_decay",
-                     "clip_norm"):
+        for name in ("warmup_steps", "checkpoint_every", "eval_every", "eval_batches",
+                     "weight_decay", "clip_norm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if not self.lr > 0:

@@ -26,7 +26,7 @@ PRESETS: dict[str, tuple[Config, TrainConfig]] = {
         Config(d_model=64, num_layers=2, num_heads=4, max_seq_len=128),
         TrainConfig(steps=150, batch_size=16, seq_len=64, lr=3e-3, warmup_steps=15,
                     checkpoint_every=50, log_every=10, task="mqar",
-                    task_options={"num_kv_pairs": 4}, dtype="float32"),
+                    task_options={"num_kv_pairs": 4}, dtype="float32", fast_compile=True),
     ),
     # One GPU, minutes: byte-level Python source.
     "small": (

@@ -38,6 +38,7 @@ from attnlab.train.optim import learning_rate, make_optimizer
 from attnlab.train.presets import model_config_from_json, model_config_to_json
 
 CONFIG_FILE, METRICS_FILE, CHECKPOINTS = "config.json", "metrics.jsonl", "checkpoints"
+FAST_COMPILE_CPU = {"xla_backend_optimization_level": 0}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -128,17 +129,17 @@ def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation,
                    "grad_norm": grad_norm, "ok": ok}
         return pick(new_params, params), pick(new_opt, opt_state), metrics
 
-    return jax.jit(step_fn, donate_argnums=(0, 1))
+    return jax.jit(step_fn, donate_argnums=(0, 1), compiler_options=_compile_options(tc))
 
 
-def make_eval_step(graphdef: Any, rest: Any) -> Callable[..., Any]:
+def make_eval_step(graphdef: Any, rest: Any, tc: TrainConfig) -> Callable[..., Any]:
     """Jitted ``(params, batch) -> (loss_sum, hits, count)`` over the masked targets."""
 
     def eval_fn(params: Any, batch: data_lib.Batch) -> Any:
         loss, (hits, count) = _masked_loss(graphdef, params, rest, batch)
         return loss * count, hits, count
 
-    return jax.jit(eval_fn)
+    return jax.jit(eval_fn, compiler_options=_compile_options(tc))
 
 
 def evaluate(eval_step: Callable[..., Any], params: Any, dataset: Any, tc: TrainConfig,
@@ -154,19 +155,40 @@ def evaluate(eval_step: Callable[..., Any], params: Any, dataset: Any, tc: Train
 
 
 def _abstract(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                         tree)
 
 
-def _init_state(cfg: Config, tc: TrainConfig, mesh: jax.sharding.Mesh) -> Any:
+def _init_state(cfg: Config, tc: TrainConfig, mesh: jax.sharding.Mesh,
+                tx: optax.GradientTransformation) -> Any:
+    """(abstract model, graphdef, params, rest, opt_state), initialised in one compiled call
+    (eager initialisation compiles one small program per parameter)."""
     from attnlab.nn import Transformer
 
-    model = Transformer(cfg, rngs=nnx.Rngs(tc.seed))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    rep = mesh_lib.replicated(mesh)
-    params = jax.device_put(params.to_pure_dict(), rep)
-    rest = jax.device_put(rest.to_pure_dict(), rep)
-    return model, graphdef, params, rest
+    make = lambda: Transformer(cfg, rngs=nnx.Rngs(tc.seed))  # noqa: E731
+    abstract = nnx.eval_shape(make)
+    graphdef = nnx.split(abstract, nnx.Param, ...)[0]
+
+    def init() -> Any:
+        _, params, rest = nnx.split(make(), nnx.Param, ...)
+        params = params.to_pure_dict()
+        return params, rest.to_pure_dict(), tx.init(params)
+
+    params, rest, opt_state = jax.jit(
+        init, out_shardings=mesh_lib.replicated(mesh), compiler_options=_compile_options(tc)
+    )()
+    return abstract, graphdef, params, rest, opt_state
+
+
+def _compile_options(tc: TrainConfig) -> dict[str, Any] | None:
+    # Tiny CPU models spend more time compiling than running; level 0 halves compile time.
+    return FAST_COMPILE_CPU if tc.fast_compile and jax.default_backend() == "cpu" else None
+
+
+def _rng_data(seed: int) -> np.ndarray:
+    # key_data(jax.random.key(seed)) of the default threefry key, without a device call.
+    return np.array([(seed >> 32) & 0xFFFFFFFF, seed & 0xFFFFFFFF], np.uint32)
 
 
 def _check_same_config(path: Path, record: dict[str, Any]) -> None:
@@ -217,13 +239,11 @@ def train(
     (out / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
     ckpt_dir = Path(tc.checkpoint_dir) if tc.checkpoint_dir else out / CHECKPOINTS
 
-    model, graphdef, params, rest = _init_state(cfg, tc, mesh)
-    num_params = model.num_params()
-    flops_per_token = model.flops_per_token(tc.seq_len)
-    del model
     tx = make_optimizer(tc)
-    opt_state = jax.jit(tx.init)(params)
-    rng = jax.random.key_data(jax.random.key(tc.seed))
+    abstract, graphdef, params, rest, opt_state = _init_state(cfg, tc, mesh, tx)
+    num_params = abstract.num_params()
+    flops_per_token = abstract.flops_per_token(tc.seq_len)
+    rng = _rng_data(tc.seed)
     mngr = ckpt_lib.manager(ckpt_dir, keep=tc.keep, async_save=async_checkpoints)
     restored = ckpt_lib.restore(mngr, _abstract({"params": params, "opt_state": opt_state,
                                                  "rng": rng}))
@@ -236,7 +256,7 @@ def train(
     writer.truncate_after(start)
 
     train_step = make_train_step(graphdef, rest, tx, tc)
-    eval_step = make_eval_step(graphdef, rest)
+    eval_step = make_eval_step(graphdef, rest, tc)
     bsharding = mesh_lib.batch_sharding(mesh)
     lr = learning_rate(tc)
     device_kind = mesh.devices.flat[0].device_kind
@@ -296,11 +316,12 @@ def train(
                 if rec["mfu"] is not None:
                     post["MFU"] = f"{rec['mfu']:.1%}"
                 bar.set_postfix(post, refresh=False)
-            if tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
+            if (tc.eval_batches and tc.eval_every and done % tc.eval_every == 0
+                    and done != tc.steps):
                 log({"step": done, **evaluate(eval_step, params, dataset, tc, bsharding)})
             if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps:
                 save(done)
-        if start < tc.steps or restored is None:
+        if tc.eval_batches and (start < tc.steps or restored is None):
             val = evaluate(eval_step, params, dataset, tc, bsharding)
             log({"step": tc.steps, **val})
     finally:
@@ -345,13 +366,8 @@ def load_run(path: str | Path, *, step: int | None = None) -> LoadedRun:
     cfg = model_config_from_json(rec["model"])
     tc = TrainConfig(**rec["train"])
     mesh = mesh_lib.make_mesh(1, data=1)
-    model, graphdef, params, rest = _init_state(cfg, tc, mesh)
-    tx = make_optimizer(tc)
-    abstract = _abstract({"params": params, "opt_state": jax.eval_shape(tx.init, params),
-                          "rng": jax.random.key_data(jax.random.key(0))})
-    abstract["opt_state"] = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=mesh_lib.replicated(mesh)),
-        abstract["opt_state"])
+    _, graphdef, params, rest, opt_state = _init_state(cfg, tc, mesh, make_optimizer(tc))
+    abstract = _abstract({"params": params, "opt_state": opt_state, "rng": _rng_data(0)})
     ckpt_dir = Path(tc.checkpoint_dir) if tc.checkpoint_dir else run_dir / CHECKPOINTS
     mngr = ckpt_lib.manager(ckpt_dir, keep=tc.keep, async_save=False)
     try:
@@ -371,12 +387,11 @@ def evaluate_run(run: LoadedRun, *, batches: int | None = None) -> dict[str, flo
     """Validation loss and task accuracy of a loaded run (``batches`` defaults to the run's
     ``eval_batches``)."""
     tc = run.train_config
-    if batches is not None:
-        tc = dataclasses.replace(tc, eval_batches=batches)
+    tc = dataclasses.replace(tc, eval_batches=batches or tc.eval_batches or 4)
     dataset = data_lib.make_dataset(tc.task, seq_len=tc.seq_len, seed=tc.seed, **tc.task_options)
     graphdef, params, rest = nnx.split(run.model, nnx.Param, ...)
     mesh = mesh_lib.make_mesh(tc.batch_size, data=1)
-    return evaluate(make_eval_step(graphdef, rest), params, dataset, tc,
+    return evaluate(make_eval_step(graphdef, rest, tc), params, dataset, tc,
                     mesh_lib.batch_sharding(mesh))
 
 
