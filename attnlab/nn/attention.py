@@ -47,7 +47,9 @@ class SoftmaxAttention(nnx.Module):
     documents may restart their positions at 0). With a cache, the T new tokens are written at
     cache slots ``length .. length + T - 1`` of each row, and must sit at those positions;
     T <= 64 goes through ``attnlab.ops.decode_attention`` (ragged per-row lengths), longer
-    chunks (prefill) through ``attention`` with a per-row ``q_offset``.
+    chunks (prefill) through ``attention`` with a per-row ``q_offset``. ``T > max_len`` raises
+    before tracing; a row whose traced ``length + T`` exceeds ``max_len`` cannot be detected
+    under jit, so callers size the cache for the whole sequence (``generate`` does).
 
     Example:
       >>> attn = SoftmaxAttention(cfg, layer_idx=0, rngs=nnx.Rngs(0))
