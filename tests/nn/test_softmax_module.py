@@ -83,6 +83,20 @@ def test_cache_chunks_match_full_forward(key):
     np.testing.assert_array_equal(cache["length"], [total, total])
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-4, rtol=1e-4)
 
+    # Ragged rows: row 0 holds 74 tokens, row 1 only its first 40 (later slots are stale and
+    # must be ignored); each row's next-token output equals that of a batch at its length.
+    x_new = jnp.asarray(rng.normal(size=(b, 1, 32)), jnp.float32)
+    ragged, uniform = {}, {}
+    for n_seen in (74, 40):
+        c = {**cache, "length": jnp.full((b,), n_seen, jnp.int32)}
+        uniform[n_seen] = step(attn, x_new, jnp.full((b, 1), n_seen), c)[0]
+    c = {**cache, "length": jnp.array([74, 40], jnp.int32)}
+    y, ragged = step(attn, x_new, jnp.array([[74], [40]]), c)
+    np.testing.assert_allclose(y[0], uniform[74][0], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(y[1], uniform[40][1], atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(ragged["length"], [75, 41])
+    assert float(jnp.abs(uniform[74][1] - uniform[40][1]).max()) > 1e-3  # lengths matter
+
 
 def test_cache_bytes_and_errors():
     cfg = _cfg(**GQA)  # head_dim 8
