@@ -115,17 +115,19 @@ def load_run_config(
         unknown = set(mfields) - {f.name for f in dataclasses.fields(Config)}
         if unknown:
             raise ValueError(f"unknown model field(s) {sorted(unknown)} in {path}")
-        model = _replace(bm, **mfields)
+        model = replace_model(bm, **mfields)
         train = dataclasses.replace(bt, **tfields)
     if attention is not None:
-        model = _replace(model, layer_pattern=attention_pattern(attention, model.num_layers))
+        model = replace_model(model, layer_pattern=attention_pattern(attention, model.num_layers))
     overrides = {k: v for k, v in train_overrides.items() if v is not None}
     return model, dataclasses.replace(train, **overrides)
 
 
-def _replace(cfg: Config, **fields: Any) -> Config:
-    # Config fills derived fields (head_dim, mlp_dim, ...) in __post_init__; rebuilding from
-    # the given fields keeps an explicit value and re-derives the rest.
+def replace_model(cfg: Config, **fields: Any) -> Config:
+    """``cfg`` with ``fields`` replaced, re-deriving what depends on them (head_dim, mlp_dim
+    and num_kv_heads after d_model/num_heads change, layer_pattern after num_layers), which
+    ``dataclasses.replace`` would keep stale. Example:
+    ``replace_model(cfg, d_model=128, num_heads=2).head_dim == 64``."""
     current = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     if "d_model" in fields or "num_heads" in fields:
         current.update(head_dim=None, mlp_dim=None)
