@@ -317,8 +317,7 @@ def lightning_chunked_xla(q, k, v, a: LightningArgs, chunk: int) -> tuple[jax.Ar
     sees = (rc == r_prev[..., None]).astype(jnp.float32)  # [B, nc, C]
     qw = jnp.exp(jnp.moveaxis(g, 0, -1))[None] * sees[..., None] * a.scale  # [B, nc, C, N]
     qs = qc.astype(jnp.float32) * qw[..., None]
-    # XLA:CPU has no bf16 x bf16 -> f32 kernel for this dot's layout: f32 operands there.
-    inter_dt = jnp.float32 if platform() == "cpu" else dt
+    inter_dt = _mm_dtype(dt)
     o_inter = jnp.einsum("BCINH,BCNHV->BCINV", qs.astype(inter_dt), s_before.astype(inter_dt),
                          preferred_element_type=jnp.float32)
     o = (o_intra + o_inter).reshape(b, tp, n, hv)[:, :t].astype(dt)
@@ -329,6 +328,44 @@ def _xla_fn(q, k, v, a: LightningArgs):
     cfg = a.config if isinstance(a.config, XlaLightningConfig) else XlaLightningConfig()
     chunk = a.chunk_size if a.chunk_size is not None else cfg.chunk_size
     return lightning_chunked_xla(q, k, v, a, chunk)
+
+
+def chunk_summary(
+    k: jax.Array, v: jax.Array, log_decay: jax.Array, segment_ids: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """What a block of tokens does to the state: S_out = carry * S_in + state.
+
+    The state-passing piece of LASP / LASP-2: each sequence shard summarizes its block, the
+    summaries are combined across devices, and each block then runs with its incoming state.
+
+    Args:
+      k: [B, T, N, H]; v: [B, T, N, Hv]; log_decay: [N] float32 (log lambda);
+      segment_ids: [B, T] ints or None (the carry is 0 when a document starts inside the
+        block at t > 0; a boundary at t = 0 is the caller's, who knows the previous block).
+
+    Returns:
+      (state [B, N, H, Hv] float32: the block's final state from a zero initial state,
+       carry [B, N] float32: lambda^T, or 0 if a document starts inside the block).
+
+    Example:
+      >>> state, carry = chunk_summary(k, v, jnp.log(decay))
+    """
+    b, t = k.shape[:2]
+    starts = _segment_starts(segment_ids, b, t)
+    r = jnp.cumsum(starts.astype(jnp.int32), axis=1)  # [B, T]
+    age = (t - 1 - jnp.arange(t, dtype=jnp.float32))  # tokens after j in the block
+    w = jnp.exp(age[:, None] * log_decay[None, :])[None]  # [1, T, N]
+    w = w * (r == r[:, -1:]).astype(jnp.float32)[..., None]  # only the last document
+    dt = _mm_dtype(k.dtype)
+    wk = (k.astype(jnp.float32) * w[..., None]).astype(dt)
+    state = jnp.einsum("BTNH,BTNV->BNHV", wk, v.astype(dt), preferred_element_type=jnp.float32)
+    carry = jnp.exp(t * log_decay)[None, :] * (r[:, -1:] == 0).astype(jnp.float32)
+    return state, carry
+
+
+def _mm_dtype(dt) -> Any:
+    # XLA:CPU has no bf16 x bf16 -> f32 kernel for some dot layouts: f32 operands there.
+    return jnp.float32 if platform() == "cpu" else dt
 
 
 # ----------------------------------------------------------------------------- registry
@@ -520,7 +557,8 @@ def lightning_decode(
 
 
 __all__ = [
-    "AUTO_ORDER", "LightningArgs", "XlaLightningConfig", "alibi_slopes", "explain",
+    "AUTO_ORDER", "LightningArgs", "XlaLightningConfig", "alibi_slopes", "chunk_summary",
+    "explain",
     "implementations", "lightning_attention", "lightning_chunked_xla", "lightning_decode",
     "log_decay_of", "minimax_decay", "reference", "transnormer_decay",
 ]

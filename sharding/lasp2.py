@@ -1,0 +1,170 @@
+"""LASP-2: sequence-parallel lightning attention with one all-gather of memory states.
+
+Block m of the sequence lives on device m of a mesh axis. Forward, per device:
+
+1. summarize the block: S_out = carry_m * S_in + state_m
+   (:func:`attnlab.ops.lightning.chunk_summary`; carry_m = lambda^Tl, or 0 if a document
+   starts inside the block);
+2. ONE ``all_gather`` of the [B, N, H, Hv] memory states (with segment ids, the carry and the
+   block's first/last document ids ride in the same buffer: [B, N, H*Hv + 3]);
+3. prefix-combine locally: S_in_m = keep_m * (carry_{m-1} S_in_{m-1} + state_{m-1}), where
+   keep_m = 0 when block m's first token starts a new document relative to block m-1's last;
+4. the single-device op (kernel) on the block with initial state S_in_m.
+
+Backward (custom VJP): the local op's backward gives dq, dk, dv and dS_in_m; ONE
+``all_gather`` of the dS_in's; a local suffix-combine gives the gradient of this block's
+outgoing state, which the summary's backward turns into the remaining dk, dv. The gathered
+sizes depend on B, N, H, Hv and the axis size, never on the sequence length.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from attnlab.ops import lightning as _L
+from attnlab.ops.lightning import LightningArgs
+from sharding.lasp import local_call, sharded_lightning
+
+
+def _gather_summaries(state, carry, segment_ids, axis_name):
+    """One all-gather -> (states [P, B, N, H, Hv], carries [P, B, N], keeps [P, B])."""
+    b, n, h, hv = state.shape
+    if segment_ids is None:
+        states = jax.lax.all_gather(state, axis_name, to="invarying")
+        p = states.shape[0]
+        return states, jnp.broadcast_to(carry, (p, *carry.shape)), jnp.ones((p, b), jnp.float32)
+    ids = jnp.stack([segment_ids[:, 0], segment_ids[:, -1]], axis=-1)  # [B, 2] first, last
+    ids = jax.lax.bitcast_convert_type(ids.astype(jnp.int32), jnp.float32)  # exact round trip
+    extra = jnp.concatenate(
+        [carry[..., None], jnp.broadcast_to(ids[:, None, :], (b, n, 2))], axis=-1
+    )
+    packed = jnp.concatenate([state.reshape(b, n, h * hv), extra], axis=-1)
+    g = jax.lax.all_gather(packed, axis_name, to="invarying")  # [P, B, N, H*Hv + 3]
+    states = g[..., : h * hv].reshape(g.shape[0], b, n, h, hv)
+    carries = g[..., h * hv]
+    first, last = (jax.lax.bitcast_convert_type(g[:, :, 0, h * hv + i], jnp.int32)
+                   for i in (1, 2))
+    keeps = jnp.concatenate(
+        [jnp.ones((1, b), jnp.float32), (first[1:] == last[:-1]).astype(jnp.float32)], axis=0
+    )
+    return states, carries, keeps
+
+
+def _prefix(states, carries, keeps, init):
+    """Incoming state of every block [P, B, N, H, Hv] and the sequence's final state."""
+
+    def step(prev_out, xs):
+        st, c, kp = xs
+        s_in = kp[:, None, None, None] * prev_out
+        return c[..., None, None] * s_in + st, s_in
+
+    final, s_ins = jax.lax.scan(step, init, (states, carries, keeps))
+    return s_ins, final
+
+
+def _suffix(ds_ins, carries, keeps, dfinal):
+    """Gradient of every block's outgoing state [P, ...] and of the initial state."""
+
+    def step(g_out, xs):
+        ds, c, kp = xs
+        g_in = ds + c[..., None, None] * g_out
+        return kp[:, None, None, None] * g_in, g_out
+
+    dinit, g_outs = jax.lax.scan(step, dfinal, (ds_ins, carries, keeps), reverse=True)
+    return g_outs, dinit
+
+
+def lasp2_shard(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    log_decay: jax.Array,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    *,
+    axis_name: str,
+    scale: float = 1.0,
+    chunk_size: int | None = None,
+    impl: str = "auto",
+    config: Any = None,
+) -> tuple[jax.Array, jax.Array]:
+    """LASP-2 inside ``jax.shard_map``: this device's block of a sequence split over ``axis_name``.
+
+    Same arguments and returns as :func:`sharding.lasp.lasp_shard`. Differentiable in q, k, v
+    and initial_state (custom VJP with one all-gather); log_decay gets a zero cotangent.
+
+    Example:
+      >>> o, s = jax.shard_map(partial(lasp2_shard, axis_name="sp"), mesh=mesh, ...)(q, k, v, ld)
+    """
+    b, _, n, h = q.shape
+    hv = v.shape[-1]
+    has_init = initial_state is not None
+    if not has_init:
+        initial_state = jnp.zeros((b, n, h, hv), jnp.float32)
+
+    def summary(k, v, log_decay, segment_ids):
+        return _L.chunk_summary(k, v, log_decay, segment_ids)
+
+    def local_out(q, k, v, s_in, log_decay, segment_ids):
+        a = LightningArgs(log_decay, s_in, segment_ids, scale, chunk_size, config)
+        return local_call(q, k, v, a, impl)[0]
+
+    def fwd(q, k, v, init, log_decay, segment_ids):
+        state, carry = summary(k, v, log_decay, segment_ids)
+        states, carries, keeps = _gather_summaries(state, carry, segment_ids, axis_name)
+        s_ins, final = _prefix(states, carries, keeps, init)
+        s_in = s_ins[jax.lax.axis_index(axis_name)]
+        o, vjp_local = jax.vjp(lambda *x: local_out(*x, log_decay, segment_ids), q, k, v, s_in)
+        return (o, final), (vjp_local, k, v, log_decay, segment_ids, carries, keeps)
+
+    def bwd(res, cts):
+        vjp_local, k, v, log_decay, segment_ids, carries, keeps = res
+        do, dfinal = cts
+        dq, dk, dv, ds_in = vjp_local(do)
+        ds_ins = jax.lax.all_gather(ds_in, axis_name, to="invarying")  # [P, B, N, H, Hv]
+        g_outs, dinit = _suffix(ds_ins, carries, keeps, dfinal)
+        g_out = g_outs[jax.lax.axis_index(axis_name)]
+        _, vjp_sum = jax.vjp(lambda k, v: summary(k, v, log_decay, segment_ids)[0], k, v)
+        dk2, dv2 = vjp_sum(g_out)
+        return dq, dk + dk2.astype(dk.dtype), dv + dv2.astype(dv.dtype), dinit, \
+            jnp.zeros_like(log_decay), None
+
+    @jax.custom_vjp
+    def run(q, k, v, init, log_decay, segment_ids):
+        return fwd(q, k, v, init, log_decay, segment_ids)[0]
+
+    run.defvjp(fwd, bwd)
+    return run(q, k, v, initial_state, log_decay, segment_ids)
+
+
+def lasp2_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, decay: Any, mesh: Mesh, seq_axis: str = "sp",
+    **kwargs: Any,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Lightning attention with the sequence split over ``mesh`` axis ``seq_axis`` (LASP-2).
+
+    Args:
+      q, k: [B, T, N, H] global arrays; v: [B, T, N, Hv]. T must be divisible by the size of
+        ``seq_axis`` (block m of T / P tokens goes to axis index m).
+      decay: per-head lambda [N] in (0, 1].
+      mesh: a ``jax.sharding.Mesh`` containing ``seq_axis``.
+      seq_axis: mesh axis the sequence is split over.
+      batch_axis, head_axis: optional mesh axes for B and N (data / head parallelism).
+      initial_state, return_state, segment_ids, chunk_size, scale, impl, config: as
+        :func:`attnlab.ops.lightning_attention`.
+
+    Returns:
+      o [B, T, N, Hv] (sharded like q), or (o, final_state [B, N, H, Hv]) with return_state.
+
+    Raises:
+      ValueError: bad inputs (as the op), unknown mesh axes, sizes not divisible by the axes.
+
+    Example:
+      >>> o = lasp2_attention(q, k, v, decay=decay, mesh=jax.make_mesh((8,), ("sp",)))
+    """
+    return sharded_lightning(lasp2_shard, q, k, v, decay=decay, mesh=mesh, seq_axis=seq_axis,
+                             **kwargs)
