@@ -131,15 +131,15 @@ def attention(
         common = dict(
             axis_name=seq_axis, is_causal=is_causal, local_window_size=local_window_size,
             segment_ids=segs, logits_soft_cap=logits_soft_cap, scale=scale,
-            return_residuals=True, impl=impl, config=config,
+            return_residuals=return_residuals, impl=impl, config=config,
         )
-        if strategy == "ulysses":
-            out, lse = ulysses_attention(q, k, v, **common)
+        if strategy == "ulysses":  # without the lse, "auto" may pick cuDNN for the attention
+            res = ulysses_attention(q, k, v, **common)
         else:
-            out, lse = ring_attention(q, k, v, layout=layout, **common)
+            res = ring_attention(q, k, v, layout=layout, **common)
         if permute_here:
-            out, lse = (shard_unpermute(x, 1, layout, seq_axis) for x in (out, lse))
-        return out, lse
+            res = jax.tree.map(lambda x: shard_unpermute(x, 1, layout, seq_axis), res)
+        return res
 
     explicit = any(tp == AxisType.Explicit for tp in getattr(mesh, "axis_types", ()))
     if explicit:
@@ -150,8 +150,7 @@ def attention(
         segs = jax.tree.map(lambda x: put(x, seg_spec), segs)
     fn = jax.shard_map(
         per_shard, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, seg_specs),
-        out_specs=(x_spec, row_spec),
+        out_specs=(x_spec, row_spec) if return_residuals else x_spec,
     )
-    out, lse = fn(q, k, v, segs)
-    return (out, lse) if return_residuals else out
+    return fn(q, k, v, segs)
 

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from attnlab.ops._registry import platform
 from attnlab.ops.attention import attention as _block_attention
 from attnlab.ops.attention_grad import REGISTRY as _BWD_REGISTRY
 from attnlab.ops.attention_grad import attention_bwd
@@ -58,6 +59,7 @@ class _Ring:
     config: Any
     communicate: bool
     vma: tuple[str, ...]  # the axes every carry and branch output varies over
+    unroll: bool  # unroll the ring loop (lets the scheduler overlap the ppermutes)
 
 
 def ring_attention(
@@ -159,6 +161,7 @@ def ring_attention(
         layout == "zigzag" and spec.causal and derived and t == s,
         impl, bwd_impl, config, communicate,
         varying_axes(axis_name, q, k, v, q_seg, kv_seg, q_positions, kv_positions),
+        platform() != "cpu" and n <= 16,
     )
     q_positions = jnp.asarray(q_positions, jnp.int32)
     kv_positions = jnp.asarray(kv_positions, jnp.int32)
@@ -311,7 +314,7 @@ def _forward(cfg: _Ring, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
         o, lse = merge(o, lse, o_i, lse_i)
         return o, lse, nxt
 
-    o, lse, blk = lax.fori_loop(0, n - 1, body, (o0, lse0, blk))
+    o, lse, blk = lax.fori_loop(0, n - 1, body, (o0, lse0, blk), unroll=cfg.unroll)
     o_i, lse_i = _fwd_step(cfg, n, n - 1, q, q_pos, q_seg, blk)  # last block: nothing to send
     o, lse = merge(o, lse, o_i, lse_i)
     return o.astype(q.dtype), lse
@@ -350,7 +353,7 @@ def _ring_bwd(cfg: _Ring, res, cts):
         dq, acc = step(i, dq, blk, acc)
         return dq, nxt, acc
 
-    dq, blk, acc = lax.fori_loop(0, n - 1, body, (dq0, blk, acc0))
+    dq, blk, acc = lax.fori_loop(0, n - 1, body, (dq0, blk, acc0), unroll=cfg.unroll)
     dq, (dk, dv) = step(n - 1, dq, blk, acc)
     return (
         dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None

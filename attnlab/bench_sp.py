@@ -1,0 +1,345 @@
+"""Sequence-parallel attention benchmark: ring / striped / zigzag / Ulysses vs one device.
+
+    python -m attnlab.bench_sp --out $OUT/bench_sp.json            # GPUs: all visible devices
+    python -m attnlab.bench_sp --smoke --out /tmp/bench_sp.json    # 8 simulated CPU devices
+
+For each total sequence length S (causal, B=1, N=K=16 heads, H=128, bf16 by default):
+
+* ``single``: one device, the fastest single-device implementation (``impl="auto"``: cuDNN on
+  GPU) and the per-block implementation the ring uses (``--block-impl``, default "auto",
+  which on GPU is the Triton kernel: cuDNN returns no LSE and takes no positions).
+* ``sp``: every strategy on a mesh of all devices (``sp`` axis). Ring-type strategies get
+  inputs already in their layout (``inputs_permuted``: the data loader's job), so the time is
+  that of the attention alone.
+* ``compute_only``: the same ring with ``communicate=False`` (every ppermute replaced by the
+  identity; the numbers are not attention, only the time is meaningful): ring time minus
+  this is the communication that was not hidden behind compute.
+* ratios: ``sp_time / single_time`` (ideal 1 / P) and scaling efficiency
+  ``single / (P * sp)``.
+* ``maxlen``: the longest S (doubling) whose fwd+bwd fits in device memory, on one device
+  and with the ring on all devices: decided from the compiled program's memory analysis
+  (argument + output + temp bytes vs the device's memory limit), and, with
+  ``--maxlen-run``, confirmed by running it once.
+* ``anchor``: the ``ringattention`` package (Liu et al.), where importable, same shapes.
+
+Times: jit-compiled, warm-up, median of ``--repeats`` (``attnlab.bench.time_call``). Before
+timing, every strategy's output at the smallest S is compared with the single-device result.
+The JSON is rewritten after every group, so a run cut off by a time limit keeps what ran.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if "--smoke" in sys.argv and "XLA_FLAGS" not in os.environ:  # before jax is imported
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import functools  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from attnlab.bench import environment, time_call, write_json  # noqa: E402
+from attnlab.ops import attention as single_attention  # noqa: E402
+from sharding.api import attention as sp_attention  # noqa: E402
+from sharding.ring import ring_attention  # noqa: E402
+
+STRATEGIES = ("ring", "striped", "zigzag", "ulysses")
+_LAYOUT = {"ring": "contiguous", "striped": "striped", "zigzag": "zigzag"}
+
+
+def _log(msg: str) -> None:
+    print(f"[bench_sp {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _inputs(key, b, s, n, h, dtype, sharding=None):
+    ks = jax.random.split(key, 4)
+    shape = (b, s, n, h)
+    arrs = [jax.random.normal(kk, shape, jnp.float32).astype(dtype) for kk in ks]
+    if sharding is not None:
+        arrs = [jax.device_put(x, sharding) for x in arrs]
+    return arrs  # q, k, v, dout
+
+
+def _fwd_bwd(fn: Callable) -> Callable:
+    """(q, k, v, dout) -> (dq, dk, dv) of sum(fn(q, k, v) * dout)."""
+
+    def f(q, k, v, do):
+        return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * do),
+                        argnums=(0, 1, 2))(q, k, v)
+
+    return f
+
+
+def _fwd(fn: Callable) -> Callable:
+    return lambda q, k, v, do: fn(q, k, v)
+
+
+def _ring_fn(mesh, strategy, *, causal, impl, communicate=True):
+    """The sharded attention as timed: inputs already in the strategy's layout."""
+    if strategy == "ulysses":
+        return functools.partial(
+            sp_attention, mesh=mesh, strategy="ulysses", is_causal=causal, impl=impl
+        )
+    spec = P(None, "sp")
+    per_shard = functools.partial(
+        ring_attention, axis_name="sp", is_causal=causal, layout=_LAYOUT[strategy], impl=impl,
+        communicate=communicate,
+    )
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
+
+
+def _memory_fits(fn: Callable, args: Sequence[Any], limit: int | None) -> tuple[bool, dict]:
+    """Compiles fn(*args) (ShapeDtypeStructs) and compares its memory with ``limit``."""
+    try:
+        compiled = jax.jit(fn).lower(*args).compile()
+    except Exception as e:  # noqa: BLE001 - compile-time OOM is an answer, not a crash
+        return False, {"compile_error": str(e).splitlines()[0][:200]}
+    ma = compiled.memory_analysis()
+    if ma is None:
+        return True, {"memory_analysis": None}
+    total = int(
+        ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+        - getattr(ma, "alias_size_in_bytes", 0)
+    )
+    info = {"bytes_per_device": total, "temp_bytes": int(ma.temp_size_in_bytes)}
+    return (limit is None or total <= limit), info
+
+
+def _device_limit() -> int | None:
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - CPU has none
+        return None
+    return stats.get("bytes_limit")
+
+
+class Record:
+    """The JSON record, rewritten after every group."""
+
+    def __init__(self, path: str, args: argparse.Namespace, argv: Sequence[str]):
+        self.path = path
+        self.data: dict[str, Any] = {
+            **environment(),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "argv": list(argv),
+            "config": {k: v for k, v in vars(args).items()},
+            "check": [], "single": [], "sp": [], "compute_only": [], "ratios": [],
+            "maxlen": {}, "anchor": [],
+        }
+
+    def add(self, group: str, row: Any) -> None:
+        if isinstance(self.data[group], list):
+            self.data[group].append(row)
+        else:
+            self.data[group].update(row)
+        self.flush()
+
+    def flush(self) -> None:
+        if self.path:
+            write_json(self.path, self.data)
+
+
+def _time(fn, args, repeats) -> dict[str, Any]:
+    try:
+        t = time_call(jax.jit(fn), *args, repeats=repeats, warmup=2)
+        return {"ms": t.median_ms, "first_call_s": t.first_call_s}
+    except Exception as e:  # noqa: BLE001 - record and go on (OOM at large S, say)
+        return {"ms": None, "error": str(e).splitlines()[0][:300]}
+
+
+def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
+    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}[args.dtype]
+    devices = jax.devices()
+    n_dev = len(devices)
+    rec = Record(args.out, args, argv)
+    mesh = jax.make_mesh((n_dev,), ("sp",), axis_types=(jax.sharding.AxisType.Explicit,))
+    sh = NamedSharding(mesh, P(None, "sp"))
+    one = jax.sharding.SingleDeviceSharding(devices[0])
+    b, n, h, causal = args.batch, args.heads, args.head_dim, not args.no_causal
+    key = jax.random.key(0)
+    strategies = [s for s in args.strategies.split(",") if s]
+    passes = [p for p in args.passes.split(",") if p]
+    _log(f"{n_dev} x {devices[0].device_kind}; S={args.seqs}; strategies={strategies}")
+
+    # -- correctness at the smallest S: every strategy vs one device
+    s0 = min(args.seqs)
+    q, k, v, do = _inputs(key, b, s0, n, h, dtype, one)
+    want = jax.jit(lambda q, k, v: single_attention(q, k, v, is_causal=causal))(q, k, v)
+    for strat in strategies:
+        xs = [jax.device_put(x, sh) for x in (q, k, v)]
+        if strat in ("striped", "zigzag"):
+            got = sp_attention(*xs, mesh=mesh, strategy=strat, is_causal=causal,
+                               impl=args.block_impl)
+        else:
+            got = _ring_fn(mesh, strat, causal=causal, impl=args.block_impl)(*xs)
+        err = float(np.max(np.abs(np.asarray(got, np.float32) - np.asarray(want, np.float32))))
+        rec.add("check", {"strategy": strat, "s": s0, "max_abs_err": err})
+        _log(f"check {strat} S={s0}: max|err| = {err:.3g}")
+
+    for s in args.seqs:
+        # -- one device
+        q, k, v, do = _inputs(key, b, s, n, h, dtype, one)
+        single = {}
+        for impl in dict.fromkeys(["auto", args.block_impl]):
+            fn = functools.partial(single_attention, is_causal=causal, impl=impl)
+            for p in passes:
+                t = _time(_fwd(fn) if p == "fwd" else _fwd_bwd(fn), (q, k, v, do), args.repeats)
+                single[(impl, p)] = t["ms"]
+                rec.add("single", {"s": s, "impl": impl, "pass": p, **t})
+                _log(f"single S={s} {impl} {p}: {t}")
+        del q, k, v, do
+        # -- all devices
+        q, k, v, do = _inputs(key, b, s, n, h, dtype, sh)
+        for strat in strategies:
+            if strat == "ulysses" and n % n_dev:
+                rec.add("sp", {"s": s, "strategy": strat, "skipped": "heads not divisible"})
+                continue
+            fn = _ring_fn(mesh, strat, causal=causal, impl=args.block_impl)
+            for p in passes:
+                t = _time(_fwd(fn) if p == "fwd" else _fwd_bwd(fn), (q, k, v, do), args.repeats)
+                rec.add("sp", {"s": s, "strategy": strat, "pass": p, "devices": n_dev, **t})
+                _log(f"sp S={s} {strat} {p}: {t}")
+                base = single.get(("auto", p))
+                same = single.get((args.block_impl, p))
+                if t["ms"] and base:
+                    rec.add("ratios", {
+                        "s": s, "strategy": strat, "pass": p,
+                        "vs_best_single": t["ms"] / base,
+                        "vs_same_kernel_single": t["ms"] / same if same else None,
+                        "scaling_efficiency": base / (n_dev * t["ms"]),
+                    })
+                if strat != "ulysses" and not args.no_compute_only:
+                    fn0 = _ring_fn(mesh, strat, causal=causal, impl=args.block_impl,
+                                   communicate=False)
+                    t0 = _time(_fwd(fn0) if p == "fwd" else _fwd_bwd(fn0), (q, k, v, do),
+                               args.repeats)
+                    rec.add("compute_only", {"s": s, "strategy": strat, "pass": p, **t0})
+                    _log(f"compute-only S={s} {strat} {p}: {t0}")
+        _anchor(rec, args, mesh, q, k, v, do, s, causal)
+        del q, k, v, do
+
+    if not args.no_maxlen:
+        _maxlen(rec, args, mesh, dtype, causal)
+    _log(f"done; wrote {args.out}")
+    return rec.data
+
+
+def _anchor(rec, args, mesh, q, k, v, do, s, causal) -> None:
+    """The ringattention package (JAX, Liu et al.), if it imports here."""
+    try:
+        from ringattention import ring_attention as ra
+    except Exception as e:  # noqa: BLE001 - the anchor is optional
+        if not rec.data["anchor"]:
+            rec.add("anchor", {"status": "not importable", "error": str(e)[:200]})
+        return
+    local = s // len(jax.devices())
+    chunk = min(args.anchor_chunk, local)
+    kw = dict(
+        causal_block_size=1 if causal else None, query_chunk_size=chunk, key_chunk_size=chunk,
+        deterministic=True, dropout_rng=None, attn_pdrop=0.0, dtype=q.dtype, policy=None,
+        precision=None, prevent_cse=True,
+    )
+
+    def per_shard(q, k, v):
+        return ra(q, k, v, None, None, None, "sp", False, kw)
+
+    spec = P(None, "sp")
+    fn = jax.shard_map(per_shard, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
+                       check_vma=False)
+    for p in [p for p in args.passes.split(",") if p]:
+        t = _time(_fwd(fn) if p == "fwd" else _fwd_bwd(fn), (q, k, v, do), args.repeats)
+        rec.add("anchor", {"s": s, "impl": "ringattention", "pass": p, **t})
+        _log(f"anchor ringattention S={s} {p}: {t}")
+
+
+def _maxlen(rec, args, mesh, dtype, causal) -> None:
+    n_dev = len(jax.devices())
+    b, n, h = args.batch, args.heads, args.head_dim
+    limit = _device_limit()
+    out = {"memory_limit_bytes": limit, "method": "compiled memory analysis"}
+
+    def search(make_fn, sharding, label):
+        s, best, tried = args.maxlen_start, None, []
+        while s <= args.maxlen_cap:
+            shp = jax.ShapeDtypeStruct((b, s, n, h), dtype, sharding=sharding)
+            ok, info = _memory_fits(_fwd_bwd(make_fn()), [shp] * 4, limit)
+            if ok and args.maxlen_run:
+                q, k, v, do = _inputs(jax.random.key(1), b, s, n, h, dtype, sharding)
+                t = _time(_fwd_bwd(make_fn()), (q, k, v, do), 1)
+                ok, info = t["ms"] is not None, {**info, **t}
+                del q, k, v, do
+            tried.append({"s": s, "fits": ok, **info})
+            _log(f"maxlen {label} S={s}: {'fits' if ok else 'does not fit'} {info}")
+            if not ok:
+                break
+            best, s = s, s * 2
+        return best, tried
+
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    best1, tried1 = search(
+        lambda: functools.partial(single_attention, is_causal=causal, impl=args.block_impl),
+        one, "1 device",
+    )
+    out["single"] = {"max_s": best1, "tried": tried1}
+    rec.add("maxlen", out)
+    strat = args.maxlen_strategy
+    bestp, triedp = search(
+        lambda: _ring_fn(mesh, strat, causal=causal, impl=args.block_impl),
+        NamedSharding(mesh, P(None, "sp")), f"{n_dev} devices {strat}",
+    )
+    out[strat] = {"max_s": bestp, "tried": triedp, "devices": n_dev}
+    if best1 and bestp:
+        out["ratio"] = bestp / best1
+    rec.add("maxlen", out)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m attnlab.bench_sp", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--out", default="", help="JSON path (rewritten after every group)")
+    p.add_argument("--smoke", action="store_true", help="8 simulated CPU devices, tiny sizes")
+    p.add_argument("--seqs", type=int, nargs="+", default=[65536, 131072, 262144])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--no-causal", action="store_true")
+    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--passes", default="fwd,fwdbwd")
+    p.add_argument("--block-impl", default="auto", help="per-block attention impl")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-compute-only", action="store_true")
+    p.add_argument("--no-maxlen", action="store_true")
+    p.add_argument("--maxlen-run", action="store_true", help="also run the largest fits once")
+    p.add_argument("--maxlen-start", type=int, default=131072)
+    p.add_argument("--maxlen-cap", type=int, default=1 << 24)
+    p.add_argument("--maxlen-strategy", default="zigzag")
+    p.add_argument("--anchor-chunk", type=int, default=2048)
+    args = p.parse_args(list(argv))
+    if args.smoke:
+        args.seqs = [64]
+        args.heads, args.head_dim, args.dtype = 8, 16, "float32"
+        args.block_impl = "xla"
+        args.repeats = 1
+        args.maxlen_start, args.maxlen_cap = 64, 64
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run(parse_args(argv), argv)
+
+
+if __name__ == "__main__":
+    main()
