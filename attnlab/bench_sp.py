@@ -50,6 +50,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from attnlab.bench import environment, time_call, write_json  # noqa: E402
 from attnlab.ops import attention as single_attention  # noqa: E402
+from sharding.api import _default_check_vma  # noqa: E402
 from sharding.api import attention as sp_attention  # noqa: E402
 from sharding.ring import ring_attention  # noqa: E402
 
@@ -95,7 +96,10 @@ def _ring_fn(mesh, strategy, *, causal, impl, communicate=True):
         ring_attention, axis_name="sp", is_causal=causal, layout=_LAYOUT[strategy], impl=impl,
         communicate=communicate,
     )
-    return jax.shard_map(per_shard, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
+    return jax.shard_map(
+        per_shard, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
+        check_vma=_default_check_vma(impl),
+    )
 
 
 def _memory_fits(fn: Callable, args: Sequence[Any], limit: int | None) -> tuple[bool, dict]:

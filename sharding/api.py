@@ -15,9 +15,18 @@ import jax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from attnlab.ops._registry import platform
 from sharding.layouts import check_layout, shard_permute, shard_unpermute
 from sharding.ring import ring_attention
 from sharding.ulysses import check_heads, ulysses_attention
+
+
+def _default_check_vma(impl: str) -> bool:
+    """False when a Pallas kernel may run per block (pallas_call has no vma types yet)."""
+    if impl.startswith("pallas"):
+        return False
+    return not (impl == "auto" and platform() != "cpu")
+
 
 STRATEGIES = ("ring", "striped", "zigzag", "ulysses")
 _LAYOUT = {"ring": "contiguous", "striped": "striped", "zigzag": "zigzag", "ulysses": "contiguous"}
@@ -42,6 +51,7 @@ def attention(
     return_residuals: bool = False,
     impl: str = "auto",
     config: Any = None,
+    check_vma: bool | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Softmax attention with the sequence split over ``mesh`` axis ``seq_axis``.
 
@@ -68,6 +78,9 @@ def attention(
       return_residuals: also return lse [B, T, N] float32.
       impl: the single-device implementation used per block ("auto": fastest that fits).
       config: its block-size config.
+      check_vma: the ``shard_map`` flag. Default: on, except when the per-block work may run
+        a Pallas kernel (impl "pallas*", or "auto" on GPU/TPU), whose outputs carry no
+        varying-axes types yet.
 
     Returns:
       out [B, T, N, Hv] sharded [batch_axis, seq_axis, head_axis, None] (and lse).
@@ -151,6 +164,7 @@ def attention(
     fn = jax.shard_map(
         per_shard, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, seg_specs),
         out_specs=(x_spec, row_spec) if return_residuals else x_spec,
+        check_vma=_default_check_vma(impl) if check_vma is None else check_vma,
     )
     return fn(q, k, v, segs)
 

@@ -26,6 +26,8 @@ MESHES = {
     "sp8": ((8,), ("sp",), {}),
     "data2_sp4": ((2, 4), ("data", "sp"), {"batch_axis": "data"}),
     "sp4_tp2": ((4, 2), ("sp", "tp"), {"head_axis": "tp"}),
+    # replicated over "data", and shard_map without vma types (as with Pallas kernels)
+    "data2rep_sp4": ((2, 4), ("data", "sp"), {"check_vma": False}),
 }
 MASKS = {
     "causal_segments": dict(is_causal=True, segments=3),
@@ -35,7 +37,7 @@ MASKS = {
 # (strategy, mask, mesh): each strategy x each mask once, meshes rotated.
 GRID = [
     ("ring", "causal_segments", "sp8"),
-    ("ring", "window", "data2_sp4"),
+    ("ring", "window", "data2rep_sp4"),
     ("ring", "full_softcap", "sp4_tp2"),
     ("striped", "causal_segments", "data2_sp4"),
     ("striped", "window", "sp4_tp2"),
