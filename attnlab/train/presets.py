@@ -24,7 +24,7 @@ PRESETS: dict[str, tuple[Config, TrainConfig]] = {
     # CPU, well under a minute: MQAR with 4 pairs, float32 compute (bf16 is emulated on CPU).
     "tiny": (
         Config(d_model=64, num_layers=2, num_heads=4, max_seq_len=128),
-        TrainConfig(steps=150, batch_size=16, seq_len=64, lr=3e-3, warmup_steps=15,
+        TrainConfig(steps=200, batch_size=16, seq_len=64, lr=1e-2, warmup_steps=20,
                     checkpoint_every=50, log_every=10, task="mqar",
                     task_options={"num_kv_pairs": 4}, dtype="float32", fast_compile=True),
     ),

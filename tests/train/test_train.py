@@ -45,14 +45,16 @@ def _losses(path: Path) -> dict[int, float]:
 
 
 def test_tiny_preset_learns_mqar(tmp_path: Path, key) -> None:
-    model, tc = load_run_config("tiny", seed=_seed(key), data_parallel=1)
-    assert tc.task == "mqar" and tc.steps <= 200
+    # The 7:1 hybrid cut to two layers: one lightning layer, one softmax layer.
+    model, tc = load_run_config("tiny", attention="hybrid", seed=_seed(key), data_parallel=1)
+    assert tc.task == "mqar" and tc.steps <= 200 and model.layer_pattern == "LS"
     res = train(model, tc, tmp_path, progress=False)
     losses = _losses(res.metrics_path)
     first, last = losses[min(losses)], np.mean([losses[s] for s in sorted(losses)[-3:]])
-    # Chance over the 128 value tokens is ln 128 = 4.85; below 4.2 the model uses the context.
-    assert last < 4.2 < first, losses
-    assert res.validation["val_loss"] < 4.2
+    # Chance over the 128 value tokens is ln 128 = 4.85; below 3.5 the model uses the context
+    # (it puts most of its mass on the values present in the example).
+    assert last < 3.5 and first > 4.5, losses
+    assert res.validation["val_loss"] < 3.5
     recs = read_metrics(res.metrics_path)
     assert all(r["mfu"] is None for r in recs if "mfu" in r)  # CPU: no peak FLOP/s
     assert all(r["tokens_per_s"] > 0 for r in recs[1:] if "tokens_per_s" in r)
