@@ -22,7 +22,7 @@ from tests.helpers import random_segments
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("num_shards", [2, 4, 8])
+@pytest.mark.parametrize("num_shards", [2, 8])
 def test_unpermute_inverts_permute(layout, num_shards, key):
     x = jax.random.normal(key, (2, 64, 3))
     y = permute(x, 1, layout, num_shards)

@@ -208,3 +208,15 @@ def test_ulysses_heads_not_divisible(key):
     q, k, v = _small(key, s=32, n=12, kh=3)
     with pytest.raises(ValueError, match="needs the 3 kv heads to be divisible"):
         attention(q, k, v, mesh=mesh4, strategy="ulysses")
+
+
+def test_ring_with_triton_kernel_interpreted(key):
+    """The per-block work on the Pallas/Triton kernels (interpreted on CPU), fwd and bwd."""
+    q, k, v = random_qkv(key, 1, 32, 32, 2, 1, 16)
+    w = jax.random.normal(jax.random.fold_in(key, 1), q.shape)
+    mesh = jax.make_mesh((2,), ("sp",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:2])
+    want = _value_and_grad(functools.partial(reference, is_causal=True), q, k, v, w)
+    fn = functools.partial(attention, mesh=mesh, is_causal=True, impl="pallas_triton")
+    with jax.set_mesh(mesh):
+        got = jax.jit(lambda q, k, v: _value_and_grad(fn, q, k, v, w))(q, k, v)
+    _check(got, want)
