@@ -160,7 +160,10 @@ def sharded_lightning(
 
     if any(t == AxisType.Explicit for t in mesh.axis_types):  # shard_map wants them placed
         args = {name: jax.reshard(x, NamedSharding(mesh, specs[name])) for name, x in args.items()}
-    o, s = jax.shard_map(body, mesh=mesh, in_specs=(specs,), out_specs=(qs, ss))(args)
+    # pallas_call outputs carry no vma types: check them only where no kernel can run.
+    check_vma = impl in ("xla", "reference") or (impl == "auto" and _L.platform() == "cpu")
+    o, s = jax.shard_map(body, mesh=mesh, in_specs=(specs,), out_specs=(qs, ss),
+                         check_vma=check_vma)(args)
     return (o, s) if return_state else o
 
 
