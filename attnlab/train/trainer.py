@@ -181,6 +181,25 @@ def _init_state(cfg: Config, tc: TrainConfig, mesh: jax.sharding.Mesh,
     return abstract, graphdef, params, rest, opt_state
 
 
+def _abstract_state(cfg: Config, tc: TrainConfig, mesh: jax.sharding.Mesh,
+                    tx: optax.GradientTransformation) -> Any:
+    """(graphdef, abstract params, rest, abstract opt_state) without compiling anything, unless
+    the model holds non-parameter state (then it is initialised for real)."""
+    from attnlab.nn import Transformer
+
+    rep = mesh_lib.replicated(mesh)
+    graphdef, params, rest = nnx.split(
+        nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(tc.seed))), nnx.Param, ...)
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                          params.to_pure_dict())
+    opt_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                             jax.eval_shape(tx.init, params))
+    # Non-parameter state (buffers) is not checkpointed; it is rebuilt from the config.
+    has_rest = bool(jax.tree.leaves(rest))
+    rest = _init_state(cfg, tc, mesh, tx)[3] if has_rest else rest.to_pure_dict()
+    return graphdef, params, rest, opt_state
+
+
 def _compile_options(tc: TrainConfig) -> dict[str, Any] | None:
     # Tiny CPU models spend more time compiling than running; level 0 halves compile time.
     return FAST_COMPILE_CPU if tc.fast_compile and jax.default_backend() == "cpu" else None
@@ -366,8 +385,8 @@ def load_run(path: str | Path, *, step: int | None = None) -> LoadedRun:
     cfg = model_config_from_json(rec["model"])
     tc = TrainConfig(**rec["train"])
     mesh = mesh_lib.make_mesh(1, data=1)
-    _, graphdef, params, rest, opt_state = _init_state(cfg, tc, mesh, make_optimizer(tc))
-    abstract = _abstract({"params": params, "opt_state": opt_state, "rng": _rng_data(0)})
+    graphdef, params, rest, opt_state = _abstract_state(cfg, tc, mesh, make_optimizer(tc))
+    abstract = {"params": params, "opt_state": opt_state, "rng": _abstract(_rng_data(0))}
     ckpt_dir = Path(tc.checkpoint_dir) if tc.checkpoint_dir else run_dir / CHECKPOINTS
     mngr = ckpt_lib.manager(ckpt_dir, keep=tc.keep, async_save=False)
     try:
