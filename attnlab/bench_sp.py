@@ -175,6 +175,10 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     passes = [p for p in args.passes.split(",") if p]
     _log(f"{n_dev} x {devices[0].device_kind}; S={args.seqs}; strategies={strategies}")
 
+    if args.only_maxlen:
+        _maxlen(rec, args, mesh, dtype, causal)
+        _log(f"done; wrote {args.out}")
+        return rec.data
     # -- correctness at the smallest S: every strategy vs one device
     s0 = min(args.seqs)
     q, k, v, do = _inputs(key, b, s0, n, h, dtype, one)
@@ -272,38 +276,59 @@ def _maxlen(rec, args, mesh, dtype, causal) -> None:
     limit = _device_limit()
     out = {"memory_limit_bytes": limit, "method": "compiled memory analysis"}
 
+    def fits(make_fn, sharding, s):
+        shp = jax.ShapeDtypeStruct((b, s, n, h), dtype, sharding=sharding)
+        ok, info = _memory_fits(_fwd_bwd(make_fn()), [shp] * 4, limit)
+        if ok and args.maxlen_run:
+            q, k, v, do = _inputs(jax.random.key(1), b, s, n, h, dtype, sharding)
+            t = _time(_fwd_bwd(make_fn()), (q, k, v, do), 1)
+            ok, info = t["ms"] is not None, {**info, **t}
+            del q, k, v, do
+        return ok, info
+
     def search(make_fn, sharding, label):
-        s, best, tried = args.maxlen_start, None, []
-        while s <= args.maxlen_cap:
-            shp = jax.ShapeDtypeStruct((b, s, n, h), dtype, sharding=sharding)
-            ok, info = _memory_fits(_fwd_bwd(make_fn()), [shp] * 4, limit)
-            if ok and args.maxlen_run:
-                q, k, v, do = _inputs(jax.random.key(1), b, s, n, h, dtype, sharding)
-                t = _time(_fwd_bwd(make_fn()), (q, k, v, do), 1)
-                ok, info = t["ms"] is not None, {**info, **t}
-                del q, k, v, do
+        """Doubling until it does not fit, then bisection to ``--maxlen-granularity``."""
+        s, best, bad, tried = args.maxlen_start, None, None, []
+
+        def attempt(s):
+            ok, info = fits(make_fn, sharding, s)
             tried.append({"s": s, "fits": ok, **info})
             _log(f"maxlen {label} S={s}: {'fits' if ok else 'does not fit'} {info}")
-            if not ok:
+            return ok
+
+        while s <= args.maxlen_cap:
+            if not attempt(s):
+                bad = s
                 break
             best, s = s, s * 2
+        g = args.maxlen_granularity
+        while best is not None and bad is not None and bad - best > g:
+            mid = (best + bad) // 2 // g * g
+            if mid <= best:
+                break
+            if attempt(mid):
+                best = mid
+            else:
+                bad = mid
         return best, tried
 
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    best1, tried1 = search(
-        lambda: functools.partial(single_attention, is_causal=causal, impl=args.block_impl),
-        one, "1 device",
-    )
-    out["single"] = {"max_s": best1, "tried": tried1}
-    rec.add("maxlen", out)
+    for impl in dict.fromkeys(["auto", args.block_impl]):
+        best1, tried1 = search(
+            lambda impl=impl: functools.partial(single_attention, is_causal=causal, impl=impl),
+            one, f"1 device {impl}",
+        )
+        out[f"single_{impl}"] = {"max_s": best1, "tried": tried1}
+        rec.add("maxlen", out)
     strat = args.maxlen_strategy
     bestp, triedp = search(
         lambda: _ring_fn(mesh, strat, causal=causal, impl=args.block_impl),
         NamedSharding(mesh, P(None, "sp")), f"{n_dev} devices {strat}",
     )
     out[strat] = {"max_s": bestp, "tried": triedp, "devices": n_dev}
+    best1 = max((v["max_s"] or 0) for k, v in out.items() if k.startswith("single_"))
     if best1 and bestp:
-        out["ratio"] = bestp / best1
+        out["ratio_vs_best_single"] = bestp / best1
     rec.add("maxlen", out)
 
 
@@ -325,10 +350,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-compute-only", action="store_true")
     p.add_argument("--no-maxlen", action="store_true")
+    p.add_argument("--only-maxlen", action="store_true", help="skip the timings")
     p.add_argument("--maxlen-run", action="store_true", help="also run the largest fits once")
     p.add_argument("--maxlen-start", type=int, default=131072)
     p.add_argument("--maxlen-cap", type=int, default=1 << 24)
     p.add_argument("--maxlen-strategy", default="zigzag")
+    p.add_argument("--maxlen-granularity", type=int, default=16384,
+                   help="bisection resolution after the doubling (a multiple of 2 x devices)")
     p.add_argument("--anchor-chunk", type=int, default=2048)
     args = p.parse_args(list(argv))
     if args.smoke:
@@ -336,7 +364,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         args.heads, args.head_dim, args.dtype = 8, 16, "float32"
         args.block_impl = "xla"
         args.repeats = 1
-        args.maxlen_start, args.maxlen_cap = 64, 64
+        args.maxlen_start, args.maxlen_cap, args.maxlen_granularity = 64, 64, 16
     return args
 
 

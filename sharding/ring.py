@@ -227,10 +227,11 @@ def _fwd_step(cfg: _Ring, n: int, i, q, q_pos, q_seg, blk):
             logits_soft_cap=cfg.soft_cap, scale=cfg.scale, return_residuals=True,
             impl=cfg.impl, config=cfg.config,
         )
-        return vary((o.astype(jnp.float32), lse.astype(jnp.float32)), cfg.vma)
+        # o stays in q's dtype (the op rounds it there anyway): half the buffer of f32.
+        return vary((o, lse.astype(jnp.float32)), cfg.vma)
 
     def skip():
-        o = jnp.zeros((b, t, nh, v.shape[-1]), jnp.float32)
+        o = jnp.zeros((b, t, nh, v.shape[-1]), q.dtype)
         return vary((o, jnp.full((b, t, nh), -jnp.inf, jnp.float32)), cfg.vma)
 
     def whole():
@@ -265,10 +266,11 @@ def _bwd_step(cfg: _Ring, n: int, i, q, q_pos, q_seg, out, lse, dout, dlse, blk)
             logits_soft_cap=cfg.soft_cap, scale=cfg.scale, impl=cfg.bwd_impl,
             config=cfg.config,
         )
-        return vary(tuple(x.astype(jnp.float32) for x in g), cfg.vma)
+        # Input dtypes out of the branch (as the op returns them); widened where accumulated.
+        return vary(tuple(g), cfg.vma)
 
     def skip():
-        z = tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
+        z = tuple(jnp.zeros(x.shape, x.dtype) for x in (q, k, v))
         return vary(z, cfg.vma)
 
     def whole():
@@ -311,12 +313,12 @@ def _forward(cfg: _Ring, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
         o, lse, blk = carry
         nxt = _shift(cfg, n, blk)  # in flight while this block is computed
         o_i, lse_i = _fwd_step(cfg, n, i, q, q_pos, q_seg, blk)
-        o, lse = merge(o, lse, o_i, lse_i)
+        o, lse = merge(o, lse, o_i.astype(jnp.float32), lse_i)
         return o, lse, nxt
 
     o, lse, blk = lax.fori_loop(0, n - 1, body, (o0, lse0, blk), unroll=cfg.unroll)
     o_i, lse_i = _fwd_step(cfg, n, n - 1, q, q_pos, q_seg, blk)  # last block: nothing to send
-    o, lse = merge(o, lse, o_i, lse_i)
+    o, lse = merge(o, lse, o_i.astype(jnp.float32), lse_i)
     return o.astype(q.dtype), lse
 
 
@@ -345,7 +347,9 @@ def _ring_bwd(cfg: _Ring, res, cts):
     def step(i, dq, blk, acc):
         dq_i, dk_i, dv_i = _bwd_step(cfg, n, i, q, q_pos, q_seg, out, lse, dout, dlse, blk)
         # dK/dV of this block travel on with it; after n hops they are home.
-        return dq + dq_i, _shift(cfg, n, (acc[0] + dk_i, acc[1] + dv_i))
+        f32 = jnp.float32
+        acc = (acc[0] + dk_i.astype(f32), acc[1] + dv_i.astype(f32))
+        return dq + dq_i.astype(f32), _shift(cfg, n, acc)
 
     def body(i, carry):
         dq, blk, acc = carry

@@ -21,5 +21,5 @@ def test_bench_sp_smoke_writes_json(tmp_path):
     assert [r["strategy"] for r in data["sp"] if r.get("ms")] == ["ring"]
     assert [r["strategy"] for r in data["compute_only"] if r.get("ms")] == ["ring"]
     assert data["ratios"][0]["vs_best_single"] > 0
-    assert on_disk["maxlen"]["single"]["max_s"] == 64
+    assert on_disk["maxlen"]["single_auto"]["max_s"] == 64
     assert on_disk["maxlen"]["ring"]["max_s"] == 64
