@@ -20,7 +20,7 @@ from attnlab.ops import reference
 from sharding.api import attention
 from sharding.layouts import permute, unpermute
 from sharding.ring import ring_attention
-from tests.helpers import fwd_tol, grad_tol, random_qkv, random_segments
+from tests.helpers import fwd_tol, grad_rtol, grad_tol, random_qkv, random_segments
 
 MESHES = {
     "sp8": ((8,), ("sp",), {}),
@@ -220,3 +220,22 @@ def test_ring_with_triton_kernel_interpreted(key):
     with jax.set_mesh(mesh):
         got = jax.jit(lambda q, k, v: _value_and_grad(fn, q, k, v, w))(q, k, v)
     _check(got, want)
+
+
+def test_zigzag_bfloat16(key):
+    """bf16 inputs: f32 merge and dK/dV accumulation keep the ring within the bf16 table."""
+    q, k, v, w, kwargs = _inputs(key, "causal_segments", b=1, s=128)
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    mesh, _ = _mesh("sp8")
+    want = _value_and_grad(functools.partial(reference, **kwargs), q, k, v, w)
+    fn = functools.partial(attention, mesh=mesh, strategy="zigzag", impl="xla", **kwargs)
+    with jax.set_mesh(mesh):
+        got = jax.jit(lambda q, k, v: _value_and_grad(fn, q, k, v, w))(q, k, v)
+
+    def f32(x):
+        return np.asarray(x, np.float32)
+
+    np.testing.assert_allclose(f32(got[0]), f32(want[0]), atol=fwd_tol(jnp.bfloat16))
+    for name, g, wg in zip(("dq", "dk", "dv"), got[1], want[1]):
+        tol = grad_tol(jnp.bfloat16, name) + grad_rtol(jnp.bfloat16) * np.abs(f32(wg)).max()
+        np.testing.assert_allclose(f32(g), f32(wg), atol=tol, err_msg=name)
