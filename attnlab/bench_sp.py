@@ -23,7 +23,8 @@ For each total sequence length S (causal, B=1, N=K=16 heads, H=128, bf16 by defa
 * ``anchor``: the ``ringattention`` package (Liu et al.), where importable, same shapes.
 
 Times: jit-compiled, warm-up, median of ``--repeats`` (``attnlab.bench.time_call``). Before
-timing, every strategy's output at the smallest S is compared with the single-device result.
+timing, every strategy's output and gradients at ``--check-seq`` are compared with one device
+(the XLA path in f32 accumulation).
 The JSON is rewritten after every group, so a run cut off by a time limit keeps what ran.
 """
 
@@ -179,20 +180,35 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         _maxlen(rec, args, mesh, dtype, causal)
         _log(f"done; wrote {args.out}")
         return rec.data
-    # -- correctness at the smallest S: every strategy vs one device
-    s0 = min(args.seqs)
+    # -- correctness (values and gradients) at --check-seq: every strategy vs one device
+    s0 = args.check_seq
     q, k, v, do = _inputs(key, b, s0, n, h, dtype, one)
-    want = jax.jit(lambda q, k, v: single_attention(q, k, v, is_causal=causal))(q, k, v)
+
+    def f32(x):
+        return np.asarray(x, np.float32)
+
+    ref = functools.partial(single_attention, is_causal=causal, impl="xla")
+    want = [jax.jit(ref)(q, k, v), *jax.jit(_fwd_bwd(ref))(q, k, v, do)]
     for strat in strategies:
-        xs = [jax.device_put(x, sh) for x in (q, k, v)]
-        if strat in ("striped", "zigzag"):
-            got = sp_attention(*xs, mesh=mesh, strategy=strat, is_causal=causal,
+        if strat == "ulysses" and n % n_dev:
+            continue
+        xs = [jax.device_put(x, sh) for x in (q, k, v, do)]
+        fn = functools.partial(sp_attention, mesh=mesh, strategy=strat, is_causal=causal,
                                impl=args.block_impl)
-        else:
-            got = _ring_fn(mesh, strat, causal=causal, impl=args.block_impl)(*xs)
-        err = float(np.max(np.abs(np.asarray(got, np.float32) - np.asarray(want, np.float32))))
-        rec.add("check", {"strategy": strat, "s": s0, "max_abs_err": err})
-        _log(f"check {strat} S={s0}: max|err| = {err:.3g}")
+        try:
+            got = [jax.jit(fn)(*xs[:3]), *jax.jit(_fwd_bwd(fn))(*xs)]
+        except Exception as e:  # noqa: BLE001 - record, time the others
+            rec.add("check", {"strategy": strat, "s": s0, "error": str(e)[:300]})
+            _log(f"check {strat} failed: {e}")
+            continue
+        row = {"strategy": strat, "s": s0}
+        for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+            row[f"{name}_max_abs_err"] = float(np.max(np.abs(f32(g) - f32(w))))
+            row[f"{name}_max_abs_ref"] = float(np.max(np.abs(f32(w))))
+        row["max_abs_err"] = row["out_max_abs_err"]
+        rec.add("check", row)
+        _log(f"check {strat} S={s0}: {row}")
+    del q, k, v, do
 
     for s in args.seqs:
         # -- one device
@@ -339,6 +355,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--out", default="", help="JSON path (rewritten after every group)")
     p.add_argument("--smoke", action="store_true", help="8 simulated CPU devices, tiny sizes")
     p.add_argument("--seqs", type=int, nargs="+", default=[65536, 131072, 262144])
+    p.add_argument("--check-seq", type=int, default=8192, help="S of the correctness check")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--head-dim", type=int, default=128)
@@ -360,7 +377,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--anchor-chunk", type=int, default=2048)
     args = p.parse_args(list(argv))
     if args.smoke:
-        args.seqs = [64]
+        args.seqs, args.check_seq = [64], 64
         args.heads, args.head_dim, args.dtype = 8, 16, "float32"
         args.block_impl = "xla"
         args.repeats = 1
