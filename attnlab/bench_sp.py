@@ -86,7 +86,7 @@ def _fwd(fn: Callable) -> Callable:
     return lambda q, k, v, do: fn(q, k, v)
 
 
-def _ring_fn(mesh, strategy, *, causal, impl, communicate=True):
+def _ring_fn(mesh, strategy, *, causal, impl, communicate=True, accum="float32"):
     """The sharded attention as timed: inputs already in the strategy's layout."""
     if strategy == "ulysses":
         return functools.partial(
@@ -95,7 +95,7 @@ def _ring_fn(mesh, strategy, *, causal, impl, communicate=True):
     spec = P(None, "sp")
     per_shard = functools.partial(
         ring_attention, axis_name="sp", is_causal=causal, layout=_LAYOUT[strategy], impl=impl,
-        communicate=communicate,
+        communicate=communicate, grad_accum_dtype=None if accum == "input" else accum,
     )
     return jax.shard_map(
         per_shard, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
@@ -338,10 +338,12 @@ def _maxlen(rec, args, mesh, dtype, causal) -> None:
         rec.add("maxlen", out)
     strat = args.maxlen_strategy
     bestp, triedp = search(
-        lambda: _ring_fn(mesh, strat, causal=causal, impl=args.block_impl),
+        lambda: _ring_fn(mesh, strat, causal=causal, impl=args.block_impl,
+                         accum=args.accum_dtype),
         NamedSharding(mesh, P(None, "sp")), f"{n_dev} devices {strat}",
     )
-    out[strat] = {"max_s": bestp, "tried": triedp, "devices": n_dev}
+    out[strat] = {"max_s": bestp, "tried": triedp, "devices": n_dev,
+                  "grad_accum_dtype": args.accum_dtype}
     best1 = max((v["max_s"] or 0) for k, v in out.items() if k.startswith("single_"))
     if best1 and bestp:
         out["ratio_vs_best_single"] = bestp / best1
@@ -372,6 +374,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--maxlen-start", type=int, default=131072)
     p.add_argument("--maxlen-cap", type=int, default=1 << 24)
     p.add_argument("--maxlen-strategy", default="zigzag")
+    p.add_argument("--accum-dtype", default="float32",
+                   help="ring dQ/dK/dV accumulator dtype for the max-length search: float32 or "
+                        "'input' (the input dtype: less memory)")
     p.add_argument("--maxlen-granularity", type=int, default=16384,
                    help="bisection resolution after the doubling (a multiple of 2 x devices)")
     p.add_argument("--anchor-chunk", type=int, default=2048)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -51,6 +52,7 @@ def attention(
     return_residuals: bool = False,
     impl: str = "auto",
     config: Any = None,
+    grad_accum_dtype: Any = jnp.float32,
     check_vma: bool | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Softmax attention with the sequence split over ``mesh`` axis ``seq_axis``.
@@ -78,6 +80,8 @@ def attention(
       return_residuals: also return lse [B, T, N] float32.
       impl: the single-device implementation used per block ("auto": fastest that fits).
       config: its block-size config.
+      grad_accum_dtype: ring strategies: dtype of the backward's dQ/dK/dV accumulators
+        (see :func:`sharding.ring.ring_attention`; None: the input dtype, less memory).
       check_vma: the ``shard_map`` flag. Default: on, except when the per-block work may run
         a Pallas kernel (impl "pallas*", or "auto" on GPU/TPU), whose outputs carry no
         varying-axes types yet.
@@ -149,7 +153,9 @@ def attention(
         if strategy == "ulysses":  # without the lse, "auto" may pick cuDNN for the attention
             res = ulysses_attention(q, k, v, **common)
         else:
-            res = ring_attention(q, k, v, layout=layout, **common)
+            res = ring_attention(
+                q, k, v, layout=layout, grad_accum_dtype=grad_accum_dtype, **common
+            )
         if permute_here:
             res = jax.tree.map(lambda x: shard_unpermute(x, 1, layout, seq_axis), res)
         return res

@@ -60,6 +60,7 @@ class _Ring:
     communicate: bool
     vma: tuple[str, ...]  # the axes every carry and branch output varies over
     unroll: bool  # unroll the ring loop (lets the scheduler overlap the ppermutes)
+    accum_dtype: Any  # dtype of the dQ / dK / dV accumulators (dK, dV travel in it)
 
 
 def ring_attention(
@@ -80,6 +81,7 @@ def ring_attention(
     impl: str = "auto",
     bwd_impl: str | None = None,
     config: Any = None,
+    grad_accum_dtype: Any = jnp.float32,
     communicate: bool = True,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Ring attention over ``axis_name``; call inside ``jax.shard_map`` (per-shard arrays).
@@ -102,6 +104,10 @@ def ring_attention(
       bwd_impl: per-block backward of :func:`attnlab.ops.attention_grad.attention_bwd`;
         default: ``impl`` when it has a backward there, else "auto".
       config: block-size config handed to the per-block calls.
+      grad_accum_dtype: dtype in which the backward sums the P per-step shares of dQ, dK, dV
+        (dK and dV travel around the ring in it). float32 (default) is the accurate choice;
+        None uses the input dtype: half the accumulator and traffic memory for bf16, at the
+        cost of P bf16 roundings (fine for small P).
       communicate: False replaces every ``ppermute`` by the identity. For timing the compute
         alone in benchmarks; the result is then NOT attention.
 
@@ -162,6 +168,7 @@ def ring_attention(
         impl, bwd_impl, config, communicate,
         varying_axes(axis_name, q, k, v, q_seg, kv_seg, q_positions, kv_positions),
         platform() != "cpu" and n <= 16,
+        jnp.dtype(q.dtype if grad_accum_dtype is None else grad_accum_dtype),
     )
     q_positions = jnp.asarray(q_positions, jnp.int32)
     kv_positions = jnp.asarray(kv_positions, jnp.int32)
@@ -341,15 +348,15 @@ def _ring_bwd(cfg: _Ring, res, cts):
     dlse = vary(jnp.asarray(dlse, jnp.float32), ax)
     q, q_pos, q_seg, out, lse = vary((q, q_pos, q_seg, out, lse), ax)
     blk = vary((k, v, kv_pos, kv_seg), ax)
-    acc0 = vary((jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)), ax)
-    dq0 = vary(jnp.zeros(q.shape, jnp.float32), ax)
+    acc_t = cfg.accum_dtype
+    acc0 = vary((jnp.zeros(k.shape, acc_t), jnp.zeros(v.shape, acc_t)), ax)
+    dq0 = vary(jnp.zeros(q.shape, acc_t), ax)
 
     def step(i, dq, blk, acc):
         dq_i, dk_i, dv_i = _bwd_step(cfg, n, i, q, q_pos, q_seg, out, lse, dout, dlse, blk)
         # dK/dV of this block travel on with it; after n hops they are home.
-        f32 = jnp.float32
-        acc = (acc[0] + dk_i.astype(f32), acc[1] + dv_i.astype(f32))
-        return dq + dq_i.astype(f32), _shift(cfg, n, acc)
+        acc = (acc[0] + dk_i.astype(acc_t), acc[1] + dv_i.astype(acc_t))
+        return dq + dq_i.astype(acc_t), _shift(cfg, n, acc)
 
     def body(i, carry):
         dq, blk, acc = carry
