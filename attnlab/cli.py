@@ -545,8 +545,12 @@ def _demo_training(console: Console, args: argparse.Namespace, report: dict[str,
                             description=f"training: loss {rec['loss']:.3f}")
 
         res = train(model, tc, run_dir, progress=False, on_log=on_log)
+    pairs = tc.task_options["num_kv_pairs"]
     png = plot_losses(res.metrics_path, run_dir / "loss.png",
-                      title=f"MQAR, pattern {model.layer_pattern}")
+                      title=f"MQAR, pattern {model.layer_pattern}",
+                      references={"chance over the 128 values": float(np.log(128)),
+                                  f"uniform over the {pairs} values in context":
+                                  float(np.log(pairs))})
     losses = [r for r in read_metrics(res.metrics_path) if r.get("accuracy") is not None]
     first, last = losses[0], losses[-1]
     tps = [r["tokens_per_s"] for r in losses if r.get("tokens_per_s")]
@@ -555,6 +559,10 @@ def _demo_training(console: Console, args: argparse.Namespace, report: dict[str,
         f"{last['step']}; validation loss {res.validation['val_loss']:.3f}, answer accuracy "
         f"{res.validation['val_accuracy']:.1%}; {np.median(tps):,.0f} tokens/s; "
         f"{res.num_params:,} parameters", highlight=False)
+    console.print(
+        f"[dim]A model that picks one of the {pairs} values in its context at random scores "
+        f"loss {np.log(pairs):.2f} and {1 / pairs:.0%}; recalling the right one (the induction "
+        "circuit) takes this model far more steps than a demo minute.[/]")
     console.print(f"loss plot: {png}", markup=False, highlight=False)
 
     # Sample generations: fresh examples, the prompt ends with the first query key.

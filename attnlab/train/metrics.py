@@ -82,8 +82,10 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_losses(metrics_path: str | Path, png_path: str | Path, title: str = "") -> Path:
-    """Training (and validation, where recorded) loss against step, saved as a PNG."""
+def plot_losses(metrics_path: str | Path, png_path: str | Path, title: str = "",
+                references: dict[str, float] | None = None) -> Path:
+    """Training (and validation, where recorded) loss against step, saved as a PNG, with
+    optional horizontal reference levels (label -> loss), e.g. chance."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,6 +99,8 @@ def plot_losses(metrics_path: str | Path, png_path: str | Path, title: str = "")
         ax.plot(*zip(*train), label="train")
     if val:
         ax.plot(*zip(*val), "o-", label="validation")
+    for i, (label, level) in enumerate((references or {}).items()):
+        ax.axhline(level, ls="--", lw=1, color=f"C{i + 2}", label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / target token)")
     ax.set_title(title)

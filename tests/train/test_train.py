@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -122,10 +123,11 @@ def test_exact_resume_after_sigkill_and_keep_k(tmp_path: Path, key) -> None:
 
 
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path: Path, key) -> None:
-    # data_parallel=None: the batch is split over every (simulated) device.
+    # data_parallel=None: the batch is split over every (simulated) device; bf16 compute with
+    # float32 parameters.
     tc = TrainConfig(steps=30, batch_size=8, seq_len=32, warmup_steps=2, seed=_seed(key),
                      checkpoint_every=5, log_every=1, task="induction",
-                     task_options={"prefix_len": 8}, dtype="float32", debug_nan_step=12,
+                     task_options={"prefix_len": 8}, dtype="bfloat16", debug_nan_step=12,
                      fast_compile=True)
     with pytest.raises(NonFiniteLossError,
                        match=r"at step 13; training stopped without applying that update and "
@@ -134,10 +136,11 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path: Path, key) -> 
     recs = read_metrics(tmp_path / "metrics.jsonl")
     assert recs[-1]["event"] == "non_finite" and recs[-1]["step"] == 13
     assert recs[-1]["loss"] is None  # inf is written as null
+    assert all(np.isfinite(r["loss"]) for r in recs[:-1])
     run = load_run(tmp_path)
-    assert run.step == 10
+    assert run.step == 10 and run.model_config.dtype == jnp.bfloat16
     leaves = jax.tree.leaves(nnx.state(run.model, nnx.Param))
-    assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
+    assert all(x.dtype == jnp.float32 and np.isfinite(np.asarray(x)).all() for x in leaves)
 
 
 def test_data_parallel_matches_one_device(tmp_path: Path, key) -> None:
