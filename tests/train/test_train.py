@@ -68,7 +68,7 @@ RESUME_CONFIG = """
 from attnlab.nn import Config
 from attnlab.train import TrainConfig
 MODEL = Config(d_model=32, num_layers=2, num_heads=2, max_seq_len=64)
-TRAIN = TrainConfig(steps=60, batch_size=8, seq_len=32, lr=3e-3, warmup_steps=8, seed={seed},
+TRAIN = TrainConfig(steps=80, batch_size=8, seq_len=32, lr=3e-3, warmup_steps=8, seed={seed},
                     checkpoint_every=10, keep=2, log_every=1, task="mqar",
                     task_options={{"num_kv_pairs": 4}}, dtype="float32", data_parallel=1,
                     fast_compile=True, eval_batches=0)
@@ -85,7 +85,7 @@ def test_exact_resume_after_sigkill_and_keep_k(tmp_path: Path, key) -> None:
     model, tc = load_run_config(str(cfg_file))
     # The uninterrupted run (in this process).
     full = train(model, tc, tmp_path / "full", progress=False)
-    assert _finished_steps(full.checkpoint_dir) == [50, 60]  # keep=2
+    assert _finished_steps(full.checkpoint_dir) == [70, 80]  # keep=2
 
     run = tmp_path / "killed"
     cmd = [sys.executable, "-m", "attnlab.cli", "train", "--config", str(cfg_file), "--out",
@@ -96,24 +96,23 @@ def test_exact_resume_after_sigkill_and_keep_k(tmp_path: Path, key) -> None:
     deadline = time.time() + 120
     try:
         while time.time() < deadline:
-            done = _finished_steps(run / "checkpoints")
-            logged = _losses(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else {}
-            if done and done[-1] >= 20 and logged and max(logged) >= done[-1] + 3:
+            # Kill as soon as one checkpoint is complete: the run still has >= 50 steps to go.
+            if _finished_steps(run / "checkpoints"):
                 break
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            time.sleep(0.02)
+            time.sleep(0.005)
         assert proc.poll() is None, "the run finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     partial = _losses(run / "metrics.jsonl")
-    assert max(partial) < 60
+    assert max(partial) < 80
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resumed from step" in res.stdout
     resumed, reference = _losses(run / "metrics.jsonl"), _losses(full.metrics_path)
-    assert sorted(resumed) == list(range(1, 61)) == sorted(reference)
+    assert sorted(resumed) == list(range(1, 81)) == sorted(reference)
     for step in reference:
         assert abs(resumed[step] - reference[step]) <= 1e-6, (step, resumed[step], reference[step])
     # The final parameters agree too.
