@@ -100,6 +100,14 @@ def attention(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    if inputs_permuted and strategy not in ("striped", "zigzag"):
+        raise ValueError(
+            f"inputs_permuted=True applies to the striped and zigzag layouts, not to "
+            f"strategy={strategy!r} (whose inputs are in token order)"
+        )
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if len(x.shape) != 4:
+            raise ValueError(f"{name} must be [batch, seq, heads, head_dim], got {x.shape}")
     names = tuple(mesh.axis_names)
     batch_axes = () if batch_axis is None else (
         (batch_axis,) if isinstance(batch_axis, str) else tuple(batch_axis)

@@ -197,6 +197,8 @@ def test_unknown_axis_and_strategy(key):
         attention(q, k, v, mesh=mesh, batch_axis="data")
     with pytest.raises(ValueError, match="unknown strategy 'star'"):
         attention(q, k, v, mesh=mesh, strategy="star")
+    with pytest.raises(ValueError, match="inputs_permuted=True applies to the striped"):
+        attention(q, k, v, mesh=mesh, strategy="ring", inputs_permuted=True)
 
 
 def test_ulysses_heads_not_divisible(key):
