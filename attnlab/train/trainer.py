@@ -120,7 +120,7 @@ def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation,
             return loss, aux
 
         (loss, (hits, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, new_opt = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -172,8 +172,8 @@ def _init_state(cfg: Config, tc: TrainConfig, mesh: jax.sharding.Mesh,
 
     def init() -> Any:
         _, params, rest = nnx.split(make(), nnx.Param, ...)
-        params = params.to_pure_dict()
-        return params, rest.to_pure_dict(), tx.init(params)
+        params = nnx.to_pure_dict(params)
+        return params, nnx.to_pure_dict(rest), tx.init(params)
 
     params, rest, opt_state = jax.jit(
         init, out_shardings=mesh_lib.replicated(mesh), compiler_options=_compile_options(tc)
@@ -191,12 +191,12 @@ def _abstract_state(cfg: Config, tc: TrainConfig, mesh: jax.sharding.Mesh,
     graphdef, params, rest = nnx.split(
         nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(tc.seed))), nnx.Param, ...)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                          params.to_pure_dict())
+                          nnx.to_pure_dict(params))
     opt_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
                              jax.eval_shape(tx.init, params))
     # Non-parameter state (buffers) is not checkpointed; it is rebuilt from the config.
     has_rest = bool(jax.tree.leaves(rest))
-    rest = _init_state(cfg, tc, mesh, tx)[3] if has_rest else rest.to_pure_dict()
+    rest = _init_state(cfg, tc, mesh, tx)[3] if has_rest else nnx.to_pure_dict(rest)
     return graphdef, params, rest, opt_state
 
 
