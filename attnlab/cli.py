@@ -671,6 +671,7 @@ def run_config_from_args(args: argparse.Namespace, parser: argparse.ArgumentPars
     """(model Config, TrainConfig, dataset, mesh) of ``attnlab train``; every configuration
     error ends in ``parser.error`` (exit status 2) before anything is compiled."""
     from attnlab.train import load_run_config, prepare
+    from attnlab.train.trainer import check_run_dir
 
     try:
         model, tc = load_run_config(args.config, attention=args.attention)
@@ -687,6 +688,7 @@ def run_config_from_args(args: argparse.Namespace, parser: argparse.ArgumentPars
             overrides["warmup_steps"] = max(1, overrides["steps"] // 10)
         tc = dataclasses.replace(tc, **overrides)
         cfg, dataset, mesh = prepare(model, tc)
+        check_run_dir(args.out, cfg, tc)
     except ValueError as e:
         parser.error(str(e))
     return cfg, tc, dataset, mesh

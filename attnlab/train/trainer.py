@@ -210,6 +210,17 @@ def _rng_data(seed: int) -> np.ndarray:
     return np.array([(seed >> 32) & 0xFFFFFFFF, seed & 0xFFFFFFFF], np.uint32)
 
 
+def run_record(cfg: Config, tc: TrainConfig) -> dict[str, Any]:
+    """What a run directory's ``config.json`` holds for this configuration."""
+    return {"model": model_config_to_json(cfg), "train": tc.to_json()}
+
+
+def check_run_dir(out_dir: str | Path, cfg: Config, tc: TrainConfig) -> None:
+    """ValueError if ``out_dir`` holds a run of a different configuration (resuming it with
+    this one would not continue the same run). ``cfg`` as returned by :func:`prepare`."""
+    _check_same_config(Path(out_dir) / CONFIG_FILE, run_record(cfg, tc))
+
+
 def _check_same_config(path: Path, record: dict[str, Any]) -> None:
     if not path.exists():
         return
@@ -253,7 +264,7 @@ def train(
     cfg, dataset, mesh = prepare(model_cfg, tc)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"model": model_config_to_json(cfg), "train": tc.to_json()}
+    record = run_record(cfg, tc)
     _check_same_config(out / CONFIG_FILE, record)
     (out / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
     ckpt_dir = Path(tc.checkpoint_dir) if tc.checkpoint_dir else out / CHECKPOINTS
@@ -295,6 +306,11 @@ def train(
     bar = tqdm(total=tc.steps, initial=start, disable=not progress, unit="step",
                dynamic_ncols=True, desc=f"train {tc.task}")
     last_loss, val = math.nan, {}
+    if start >= tc.steps:  # already complete: report what the log says
+        done_recs = [r for r in writer_records(out) if r.get("loss") is not None]
+        last_loss = done_recs[-1]["loss"] if done_recs else math.nan
+        val = next(({k: r[k] for k in ("val_loss", "val_accuracy")}
+                    for r in reversed(writer_records(out)) if "val_loss" in r), {})
     t_mark, steps_mark = None, 0
     try:
         for step in range(start, tc.steps):
@@ -351,6 +367,14 @@ def train(
     return TrainResult(out_dir=out, steps_done=tc.steps, resumed_from=resumed_from,
                        final_loss=last_loss, validation=val, num_params=num_params,
                        metrics_path=out / METRICS_FILE, checkpoint_dir=ckpt_dir)
+
+
+def writer_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The metrics records of a run directory ([] when there are none)."""
+    from attnlab.train.metrics import read_metrics
+
+    path = Path(run_dir) / METRICS_FILE
+    return read_metrics(path) if path.exists() else []
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

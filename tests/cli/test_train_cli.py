@@ -82,6 +82,11 @@ def test_nan_stop_exits_1_then_eval_and_generate(
         main(["generate", "--ckpt", str(out), "--prompt", prompt, "--max-new-tokens", "100"])
     assert e.value.code == 2
     assert "exceeds max_seq_len=128" in capsys.readouterr().err
+    # Resuming into a run directory of another configuration is refused up front.
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--config", _config(tmp_path), "--out", str(out), "--seq-len", "100"])
+    assert e.value.code == 2
+    assert "differs in train.seq_len" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["eval", "--ckpt", str(tmp_path)])
     assert e.value.code == 2
