@@ -329,7 +329,8 @@ def train(
                 raise NonFiniteLossError(
                     f"loss became {last_loss} (grad norm {float(m['grad_norm'])}) at step "
                     f"{done}; training stopped without applying that update and {where}. "
-                    "Lower the learning rate (--lr), raise warmup, or check the data."
+                    "Start a new run directory with a lower learning rate (--lr) or more "
+                    "warm-up, or check the data."
                 )
             now = time.perf_counter()
             if t_mark is None:  # the first step of this process includes compilation

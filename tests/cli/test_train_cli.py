@@ -84,7 +84,8 @@ def test_nan_stop_exits_1_then_eval_and_generate(
     assert "exceeds max_seq_len=128" in capsys.readouterr().err
     # Resuming into a run directory of another configuration is refused up front.
     with pytest.raises(SystemExit) as e:
-        main(["train", "--config", _config(tmp_path), "--out", str(out), "--seq-len", "100"])
+        main(["train", "--config", _config(tmp_path), "--out", str(out), "--seq-len", "100",
+              "--debug-nan-step", "4"])
     assert e.value.code == 2
     assert "differs in train.seq_len" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:

@@ -130,7 +130,7 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path: Path, key) -> 
                      fast_compile=True)
     with pytest.raises(NonFiniteLossError,
                        match=r"at step 13; training stopped without applying that update and "
-                             r"the last good checkpoint is step 10 in .*Lower the learning rate"):
+                             r"the last good checkpoint is step 10 in .*lower learning rate"):
         train(MICRO, tc, tmp_path, progress=False)
     recs = read_metrics(tmp_path / "metrics.jsonl")
     assert recs[-1]["event"] == "non_finite" and recs[-1]["step"] == 13
