@@ -243,3 +243,24 @@ def test_zigzag_bfloat16(key):
     for name, g, wg in zip(("dq", "dk", "dv"), got[1], want[1]):
         tol = grad_tol(jnp.bfloat16, name) + grad_rtol(jnp.bfloat16) * np.abs(f32(wg)).max()
         np.testing.assert_allclose(f32(g), f32(wg), atol=tol, err_msg=name)
+
+
+def test_unrolled_ring_as_on_accelerators(key, monkeypatch):
+    """On GPU/TPU the ring loop is unrolled (scheduler overlap): same values and gradients."""
+    import sharding.ring
+
+    q, k, v, w, kwargs = _inputs(key, "causal_segments", b=1, s=32)
+    mesh = jax.make_mesh((4,), ("sp",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:4])
+    want = _value_and_grad(functools.partial(reference, **kwargs), q, k, v, w)
+    fn = functools.partial(attention, mesh=mesh, strategy="zigzag", impl="xla", **kwargs)
+
+    def lower():
+        with jax.set_mesh(mesh):
+            return jax.jit(lambda q, k, v: _value_and_grad(fn, q, k, v, w)).lower(q, k, v)
+
+    loops_cpu = lower().as_text().count("stablehlo.while")
+    monkeypatch.setattr(sharding.ring, "platform", lambda: "gpu")
+    lowered = lower()
+    # the forward and backward ring loops are gone (the XLA block op keeps its own scans)
+    assert lowered.as_text().count("stablehlo.while") == loops_cpu - 2
+    _check(lowered.compile()(q, k, v), want)
