@@ -1,6 +1,7 @@
 """attnlab: attention as pure JAX functions, Pallas kernels, sharding and Flax modules."""
 
-from attnlab.ops import MaskSpec, SegmentIds, attention, merge, merge_n
+from attnlab.ops import MaskSpec, SegmentIds, attention, lightning_attention, merge, merge_n
 
 __version__ = "0.1.0"
-__all__ = ["MaskSpec", "SegmentIds", "__version__", "attention", "merge", "merge_n"]
+__all__ = ["MaskSpec", "SegmentIds", "__version__", "attention", "lightning_attention", "merge",
+           "merge_n"]

@@ -108,6 +108,18 @@ class LightningAttention(nnx.Module):
         return 0.0
 
     @staticmethod
+    def attention_flops_per_token(cfg: Config, seq_len: int) -> float:
+        """Training FLOPs per token of the linear-attention core (forward + backward).
+
+        Counted on the recurrent form, which is what the mechanism needs: per head a state
+        update k^T v and a read q S, 2 * H * H each, times 3 for training: 12 * N * H * H,
+        independent of ``seq_len``. The chunked kernels spend more (intra-chunk tiles), which
+        is implementation cost, not model FLOPs, as for softmax's causal half.
+        """
+        del seq_len
+        return float(12 * cfg.num_heads * cfg.head_dim * cfg.head_dim)
+
+    @staticmethod
     def state_bytes(cfg: Config) -> int:
         """Bytes of one sequence's fixed cache in this layer: N * H * H float32 values."""
         return cfg.num_heads * cfg.head_dim * cfg.head_dim * 4

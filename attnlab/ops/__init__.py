@@ -1,6 +1,6 @@
 """Pure functional attention ops: one module per mechanism, each with a ``reference``."""
 
-from attnlab.ops import decode, masks
+from attnlab.ops import decode, lightning, masks
 from attnlab.ops._xla_flash import XlaConfig
 from attnlab.ops.attention import (
     AUTO_ORDER,
@@ -14,12 +14,25 @@ from attnlab.ops.attention import (
     platform,
     reference,
 )
+from attnlab.ops.attention_grad import attention_bwd
 from attnlab.ops.decode import XlaDecodeConfig, decode_attention
+from attnlab.ops.lightning import (
+    XlaLightningConfig,
+    alibi_slopes,
+    chunk_summary,
+    lightning_attention,
+    lightning_decode,
+    minimax_decay,
+    transnormer_decay,
+)
 from attnlab.ops.masks import MaskSpec, SegmentIds
 from attnlab.ops.merge import merge, merge_n
+from attnlab.ops.rope import rope
 
 __all__ = [
     "AUTO_ORDER", "AttentionArgs", "Implementation", "MaskSpec", "SegmentIds", "XlaConfig",
-    "XlaDecodeConfig", "attention", "auto_choice", "choose", "decode", "decode_attention",
-    "explain", "implementations", "masks", "merge", "merge_n", "platform", "reference",
+    "XlaDecodeConfig", "XlaLightningConfig", "alibi_slopes", "attention", "attention_bwd",
+    "auto_choice", "choose", "chunk_summary", "decode", "decode_attention", "explain",
+    "implementations", "lightning", "lightning_attention", "lightning_decode", "masks", "merge",
+    "merge_n", "minimax_decay", "platform", "reference", "rope", "transnormer_decay",
 ]

@@ -166,18 +166,20 @@ def _init_state(cfg: Config, tc: TrainConfig, mesh: jax.sharding.Mesh,
     (eager initialisation compiles one small program per parameter)."""
     from attnlab.nn import Transformer
 
-    make = lambda: Transformer(cfg, rngs=nnx.Rngs(tc.seed))  # noqa: E731
-    abstract = nnx.eval_shape(make)
+    make = lambda seed: Transformer(cfg, rngs=nnx.Rngs(seed))  # noqa: E731
+    abstract = nnx.eval_shape(lambda: make(tc.seed))
     graphdef = nnx.split(abstract, nnx.Param, ...)[0]
 
-    def init() -> Any:
-        _, params, rest = nnx.split(make(), nnx.Param, ...)
+    def init(seed: jax.Array) -> Any:
+        _, params, rest = nnx.split(make(seed), nnx.Param, ...)
         params = nnx.to_pure_dict(params)
         return params, nnx.to_pure_dict(rest), tx.init(params)
 
+    # The seed is an argument, not a constant: with a constant seed XLA's GPU compiler tries
+    # to constant-fold the whole random initialisation (minutes for a 350M model on an H100).
     params, rest, opt_state = jax.jit(
         init, out_shardings=mesh_lib.replicated(mesh), compiler_options=_compile_options(tc)
-    )()
+    )(jax.random.key(tc.seed))
     return abstract, graphdef, params, rest, opt_state
 
 
