@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from attnlab.ops import lightning as _L
+from attnlab.ops._vma import like_vma, vary, varying
 from attnlab.ops.lightning import LightningArgs
 from sharding.lasp import local_call, sharded_lightning
 
@@ -62,7 +63,7 @@ def _prefix(states, carries, keeps, init):
         s_in = kp[:, None, None, None] * prev_out
         return c[..., None, None] * s_in + st, s_in
 
-    final, s_ins = jax.lax.scan(step, init, (states, carries, keeps))
+    final, s_ins = jax.lax.scan(step, like_vma(init, states), (states, carries, keeps))
     return s_ins, final
 
 
@@ -74,7 +75,8 @@ def _suffix(ds_ins, carries, keeps, dfinal):
         g_in = ds + c[..., None, None] * g_out
         return kp[:, None, None, None] * g_in, g_out
 
-    dinit, g_outs = jax.lax.scan(step, dfinal, (ds_ins, carries, keeps), reverse=True)
+    dinit, g_outs = jax.lax.scan(step, like_vma(dfinal, ds_ins), (ds_ins, carries, keeps),
+                                 reverse=True)
     return g_outs, dinit
 
 
@@ -138,6 +140,10 @@ def lasp2_shard(
         return fwd(q, k, v, init, log_decay, segment_ids)[0]
 
     run.defvjp(fwd, bwd)
+    # The initial state enters the prefix scan beside the gathered states, which vary over
+    # every axis q does except the sequence axis; marking it so up front also makes its
+    # cotangent type match (pcast's transpose sums it where the caller passed it replicated).
+    initial_state = vary(initial_state, tuple(sorted(varying(q) - {axis_name})))
     return run(q, k, v, initial_state, log_decay, segment_ids)
 
 

@@ -15,6 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from attnlab.ops._vma import like_vma
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, visible
 
 
@@ -87,25 +88,6 @@ def _block_mask(spec, q_pos, kp_b, valid_b, q_seg, ks_b):
     return valid if mask is None else jnp.logical_and(mask, valid)
 
 
-def _like_vma(x, *refs):
-    """x, made device-varying over every manual mesh axis that one of ``refs`` varies over.
-
-    Inside ``shard_map(check_vma=True)`` a scan carry that starts as a constant must carry
-    the same varying axes as the values flowing into it; outside shard_map this is a no-op.
-    """
-    axes: set = set()
-    for r in refs:
-        if r is not None:
-            axes |= set(getattr(getattr(jax.typeof(r), "mat", None), "varying", ()))
-
-    def one(a):
-        have = getattr(getattr(jax.typeof(a), "mat", None), "varying", frozenset())
-        missing = tuple(ax for ax in axes if ax not in have)
-        return jax.lax.pcast(a, missing, to="varying") if missing else a
-
-    return jax.tree.map(one, x) if axes else x
-
-
 def _prepare(q, k, v, bias, kv_pos, q_seg, kv_seg, block_kv):
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
@@ -154,7 +136,7 @@ def _forward(
         jnp.zeros((b, kh, g, t), jnp.float32),
         jnp.zeros((b, kh, g, t, hv), jnp.float32),
     )
-    init = _like_vma(init, q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg)
+    init = like_vma(init, q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg)
     (m, den, pz, acc), _ = jax.lax.scan(step, init, (kb, vb, kp, valid, ks, bb))
     seen = den > 0
     safe_den = jnp.where(seen, den, 1.0)
@@ -241,7 +223,7 @@ def _bwd(spec, scale, soft_cap, block_kv, with_entropy, res, cts):
         dk_b = jnp.einsum("BKGTS,BTKGH->BSKH", draw, qg, preferred_element_type=jnp.float32)
         return dq, (dk_b, dv_b, dbias_b)
 
-    dq0 = _like_vma(
+    dq0 = like_vma(
         jnp.zeros(qg.shape, jnp.float32), q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, out,
         lse, d_out, d_lse,
     )

@@ -125,7 +125,7 @@ def test_xla_bias_values_and_gradients(key):
 
 # Property test: random shapes, masks and offsets against the float64 oracle and the
 # reference's gradients.
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     data=st.data(),
     b=st.integers(1, 2),
