@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from attnlab.ops.lightning import reference as lightning_reference
 from pallas_kernels.gpu.lightning_chunk import LightningConfig, lightning_attention
 from tests.helpers import lightning_oracle, random_segments
 
@@ -90,25 +91,11 @@ def case_inputs(case: LightningCase, key):
 
 
 def jnp_recurrence(q, k, v, log_decay, h0, segment_ids, scale):
-    """Token-by-token float32 jnp recurrence (differentiable by JAX): (o, final_state)."""
-    b, t, n, h = q.shape
-    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-    h0 = jnp.zeros((b, n, h, v.shape[-1]), jnp.float32) if h0 is None else h0
-    keep = jnp.ones((b, t), jnp.float32)
-    if segment_ids is not None:
-        same = (segment_ids[:, 1:] == segment_ids[:, :-1]).astype(jnp.float32)
-        keep = jnp.concatenate([jnp.ones((b, 1), jnp.float32), same], axis=1)
-    lam = jnp.exp(log_decay)
-
-    def step(s, x):
-        qt, kt, vt, gt = x
-        s = s * (gt[:, None, None, None] * lam[None, :, None, None])
-        s = s + jnp.einsum("bnh,bnv->bnhv", kt, vt, precision="highest")
-        return s, jnp.einsum("bnh,bnhv->bnv", qt * scale, s, precision="highest")
-
-    xs = (jnp.swapaxes(q, 0, 1), jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1), keep.T)
-    s, o = jax.lax.scan(step, h0, xs)
-    return jnp.swapaxes(o, 0, 1), s
+    """The op's reference recurrence on float32 copies of the inputs (differentiable by JAX,
+    float32 outputs even for 16-bit inputs): (o, final_state)."""
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    return lightning_reference(*f32, decay=jnp.exp(log_decay), initial_state=h0,
+                               segment_ids=segment_ids, scale=scale, return_state=True)
 
 
 def values_and_grads(fn: Callable, q, k, v, h0, key):
