@@ -6,7 +6,7 @@ L cache length (``max_len``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -14,12 +14,15 @@ from flax import nnx
 
 from attnlab.nn.config import Config
 from attnlab.nn.layers import Linear
-from attnlab.nn.registry import register
+from attnlab.nn.registry import check_no_cache, register
 from attnlab.ops.attention import attention
 from attnlab.ops.attention import implementations as attention_implementations
 from attnlab.ops.decode import MAX_QUERIES, decode_attention
 from attnlab.ops.decode import implementations as decode_implementations
 from attnlab.ops.rope import rope
+
+if TYPE_CHECKING:
+    from sharding.hybrid import HybridParallel
 
 # A cache is {"k": [B, L, K, H], "v": [B, L, K, H], "length": [B] int32}.
 Cache = dict[str, jax.Array]
@@ -51,15 +54,23 @@ class SoftmaxAttention(nnx.Module):
     before tracing; a row whose traced ``length + T`` exceeds ``max_len`` cannot be detected
     under jit, so callers size the cache for the whole sequence (``generate`` does).
 
+    With ``parallel`` (a :class:`sharding.hybrid.HybridParallel`) the same causal attention,
+    with the same segment ids, window, soft-cap and GQA heads, runs sequence-parallel over
+    the global arrays by ``parallel.layer("S")`` (ring, striped, zigzag or Ulysses, as the
+    ``HybridParallel`` says; its ``impl`` is the per-block implementation). Giving a cache
+    then raises: generation is single-device.
+
     Example:
       >>> attn = SoftmaxAttention(cfg, layer_idx=0, rngs=nnx.Rngs(0))
       >>> y, _ = attn(x, positions=jnp.broadcast_to(jnp.arange(T), (B, T)))
     """
 
-    def __init__(self, cfg: Config, *, layer_idx: int, rngs: nnx.Rngs) -> None:
+    def __init__(self, cfg: Config, *, layer_idx: int, rngs: nnx.Rngs,
+                 parallel: HybridParallel | None = None) -> None:
         check_impl(cfg.attention_impl)
         self.cfg = cfg
         self.layer_idx = layer_idx
+        self.parallel = parallel  # static (part of the graph definition), not a parameter
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         self.q_proj = Linear(d, n * h, **kw)
@@ -110,9 +121,10 @@ class SoftmaxAttention(nnx.Module):
 
         Raises:
           ValueError: x not [B, T, D]; positions not [B, T]; segment_ids given with a cache;
-            T larger than the cache.
+            T larger than the cache; a cache given to a module built with ``parallel``.
         """
         cfg = self.cfg
+        check_no_cache(self.parallel, cache, "softmax")
         if x.ndim != 3 or x.shape[-1] != cfg.d_model:
             raise ValueError(f"x must have shape [batch, seq, {cfg.d_model}], got {x.shape}")
         b, t, _ = x.shape
@@ -126,11 +138,13 @@ class SoftmaxAttention(nnx.Module):
         kk = rope(kk, positions, theta=cfg.rope_theta, rope_dim=cfg.rope_dim)
         w = cfg.local_window_size
         if cache is None:
-            out = attention(
-                q, kk, v, is_causal=True, local_window_size=None if w is None else (w, 0),
-                segment_ids=segment_ids, logits_soft_cap=cfg.logits_soft_cap,
-                impl=cfg.attention_impl,
-            )
+            mask = dict(local_window_size=None if w is None else (w, 0), segment_ids=segment_ids,
+                        logits_soft_cap=cfg.logits_soft_cap)
+            if self.parallel is None:
+                out = attention(q, kk, v, is_causal=True, impl=cfg.attention_impl, **mask)
+            else:
+                sharded = self.parallel.layer(self.mechanism_letter)
+                out = sharded(q, kk, v, is_causal=True, **mask)
         else:
             if segment_ids is not None:
                 raise ValueError(

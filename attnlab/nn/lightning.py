@@ -12,14 +12,19 @@ constant [B, N, H, H] float32 state, so the per-token cache is 0 bytes.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from attnlab.nn.config import Config
-from attnlab.nn.registry import register
+from attnlab.nn.registry import check_no_cache, register
 from attnlab.ops import lightning as _L
+
+if TYPE_CHECKING:
+    from sharding.hybrid import HybridParallel
 
 # A cache is {"state": [B, N, H, H] float32}.
 Cache = dict[str, jax.Array]
@@ -38,12 +43,18 @@ class LightningAttention(nnx.Module):
     :func:`attnlab.ops.lightning.lightning_decode`; more: the chunked op with ``initial_state``).
     ``segment_ids`` reset the state at document boundaries inside the T tokens.
 
+    With ``parallel`` (a :class:`sharding.hybrid.HybridParallel`) the forward without a cache
+    runs sequence-parallel by ``parallel.layer("L")`` (LASP-2: one all-gather of the memory
+    states per layer) with the same decay and segment ids; its ``impl`` is the per-block
+    implementation. Giving a cache then raises: generation is single-device.
+
     Example:
       >>> attn = LightningAttention(cfg, layer_idx=0, rngs=nnx.Rngs(0))
       >>> y, _ = attn(x, positions=jnp.broadcast_to(jnp.arange(T), (B, T)))
     """
 
-    def __init__(self, cfg: Config, *, layer_idx: int, rngs: nnx.Rngs) -> None:
+    def __init__(self, cfg: Config, *, layer_idx: int, rngs: nnx.Rngs,
+                 parallel: HybridParallel | None = None) -> None:
         impls = {"auto", "pallas", *_L.implementations()}
         if cfg.attention_impl not in impls:
             raise ValueError(
@@ -63,6 +74,7 @@ class LightningAttention(nnx.Module):
         self.num_heads, self.head_dim = n, h
         self.impl = cfg.attention_impl
         self.dtype = cfg.dtype
+        self.parallel = parallel  # static (part of the graph definition), not a parameter
 
     def __call__(
         self,
@@ -72,15 +84,24 @@ class LightningAttention(nnx.Module):
         segment_ids: jax.Array | None = None,
         cache: Cache | None = None,
     ) -> tuple[jax.Array, Cache | None]:
-        """x [B, T, D] -> (y [B, T, D], updated cache or None). ``positions`` are unused."""
+        """x [B, T, D] -> (y [B, T, D], updated cache or None). ``positions`` are unused.
+
+        Raises:
+          ValueError: a cache given to a module built with ``parallel``.
+        """
+        check_no_cache(self.parallel, cache, "lightning")
         b, t, _ = x.shape
         n, h = self.num_heads, self.head_dim
         qkv = jax.nn.silu(self.qkv(x.astype(self.dtype))).reshape(b, t, 3, n, h)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         decay = np.asarray(self.decay, np.float32)
         if cache is None:
-            o = _L.lightning_attention(q, k, v, decay=decay, segment_ids=segment_ids,
-                                       impl=self.impl)
+            if self.parallel is None:
+                o = _L.lightning_attention(q, k, v, decay=decay, segment_ids=segment_ids,
+                                           impl=self.impl)
+            else:
+                sharded = self.parallel.layer(self.mechanism_letter)
+                o = sharded(q, k, v, decay=decay, segment_ids=segment_ids)
             new_cache = None
         else:
             state = cache["state"]

@@ -2,11 +2,17 @@
 
 A mechanism is an NNX module class with this contract (every attention module follows it):
 
-  * ``Mechanism(cfg: Config, *, layer_idx: int, rngs: nnx.Rngs)``;
+  * ``Mechanism(cfg: Config, *, layer_idx: int, rngs: nnx.Rngs, parallel=None)``;
   * ``y, cache = module(x, *, positions, segment_ids=None, cache=None)`` with x [B, T, D],
     positions [B, T] int32 (global token positions), segment_ids [B, T] int32 or None, and
     ``cache`` None (training / full forward) or the pytree from ``init_cache`` (generation:
     the module reads it, appends the T new tokens and returns the updated cache);
+  * sequence parallelism: ``parallel`` is None (single device) or a
+    :class:`sharding.hybrid.HybridParallel`, kept as a static attribute. Without a cache the
+    module then computes its attention with ``parallel.layer(mechanism_letter)(q, k, v, ...)``
+    on global [B, T, N, H] arrays, so the sharded rule of a mechanism lives in ``sharding/``
+    beside the others and nothing in the model or the trainer names it; with a cache it
+    raises (:func:`check_no_cache`: generation is single-device);
   * ``module.init_cache(batch_size, max_len, dtype)`` -> an empty cache pytree;
   * ``Mechanism.cache_bytes_per_token(cfg, dtype_bytes=2)`` -> float (0 for constant-state
     mechanisms such as lightning, whose fixed state is ``state_bytes``);
@@ -53,3 +59,14 @@ def get(letter_or_name: str) -> Any:
         known = ", ".join(f"{k}={v}" for k, v in mechanisms().items())
         raise ValueError(f"unknown attention mechanism {letter_or_name!r}; known: {known}")
     return cls
+
+
+def check_no_cache(parallel: Any, cache: Any, mechanism: str) -> None:
+    """ValueError when a sequence-parallel module (``parallel`` set) is given a cache."""
+    if parallel is not None and cache is not None:
+        raise ValueError(
+            f"{mechanism} attention was built with parallel= (sequence parallelism over mesh "
+            f"axis {getattr(parallel, 'seq_axis', '?')!r}) but was given a cache; generation is "
+            "single-device: build the model without parallel (attnlab.train.load_run does) "
+            "to decode"
+        )

@@ -5,7 +5,7 @@ Shapes: B batch, T tokens, D model width, V vocabulary.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -16,17 +16,21 @@ from attnlab.nn.attention import check_impl  # importing it registers "S"
 from attnlab.nn.config import Config
 from attnlab.nn.layers import Embed, Linear, RMSNorm, SwiGLU
 
+if TYPE_CHECKING:
+    from sharding.hybrid import HybridParallel
+
 
 class Block(nnx.Module):
     """``x + attn(norm(x))`` then ``x + mlp(norm(x))``; the mechanism comes from the registry."""
 
-    def __init__(self, cfg: Config, *, layer_idx: int, rngs: nnx.Rngs) -> None:
+    def __init__(self, cfg: Config, *, layer_idx: int, rngs: nnx.Rngs,
+                 parallel: HybridParallel | None = None) -> None:
         letter = cfg.layer_pattern[layer_idx]
         mechanism = registry.get(letter)
         norm_kw = dict(eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.letter = letter
         self.attn_norm = RMSNorm(cfg.d_model, **norm_kw)
-        self.attn = mechanism(cfg, layer_idx=layer_idx, rngs=rngs)
+        self.attn = mechanism(cfg, layer_idx=layer_idx, rngs=rngs, parallel=parallel)
         self.mlp_norm = RMSNorm(cfg.d_model, **norm_kw)
         self.mlp = SwiGLU(
             cfg.d_model, cfg.mlp_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs
@@ -48,19 +52,45 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
     """Decoder-only LM over ``cfg.layer_pattern`` (e.g. ``"SSSS"``, ``"LLLLLLLS"``).
 
+    Sequence parallelism: with ``parallel`` (a :class:`sharding.hybrid.HybridParallel` over
+    the run's mesh) every attention module attends across ``parallel.seq_axis`` by its own
+    rule, ``parallel.layer(letter)`` (LASP-2 for lightning, ring / zigzag / Ulysses for
+    softmax); everything else is per token, so the model is called on global [B, T] arrays
+    sharded ``P(batch_axis, seq_axis)`` and GSPMD splits the rest. ``parallel`` is a static
+    attribute (part of the graph definition); ``parallel.impl`` is the per-block
+    implementation, so give it ``cfg.attention_impl`` (:func:`attnlab.train.mesh.model_parallel`
+    does). Such a model does not decode with caches (generation is single-device).
+
+    Args:
+      cfg: the model configuration.
+      rngs: parameter initialisation.
+      parallel: None (single device, or data parallelism only) or the sequence-parallel plan.
+
+    Raises:
+      ValueError: a bad ``cfg`` (see :func:`validate`); ``parallel`` without a
+        sequence-parallel rule for one of the pattern's mechanisms.
+
     Example:
       >>> model = Transformer(Config(d_model=64, num_layers=2), rngs=nnx.Rngs(0))
       >>> logits, _ = model(tokens)             # [B, T] int32 -> [B, T, V] float32
+      >>> hp = HybridParallel(mesh=mesh, batch_axis="data", softmax_strategy="zigzag")
+      >>> sp_model = Transformer(cfg, rngs=nnx.Rngs(0), parallel=hp)  # same params, same math
     """
 
-    def __init__(self, cfg: Config, *, rngs: nnx.Rngs) -> None:
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs,
+                 parallel: HybridParallel | None = None) -> None:
         validate(cfg)
+        if parallel is not None:
+            for letter in dict.fromkeys(cfg.layer_pattern):
+                parallel.layer(letter)  # fails now, not at the first call, without a rule
         self.cfg = cfg
+        self.parallel = parallel
         self.embed = Embed(
             cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs
         )
         self.blocks = nnx.List(
-            [Block(cfg, layer_idx=i, rngs=rngs) for i in range(cfg.num_layers)]
+            [Block(cfg, layer_idx=i, rngs=rngs, parallel=parallel)
+             for i in range(cfg.num_layers)]
         )
         self.final_norm = RMSNorm(
             cfg.d_model, eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype
