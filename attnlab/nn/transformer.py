@@ -120,7 +120,8 @@ class Transformer(nnx.Module):
 
         Raises:
           ValueError: tokens not [B, T]; T > cfg.max_seq_len; positions/segment_ids of the
-            wrong shape; a cache list of the wrong length; positions needed but not derivable.
+            wrong shape; a cache list of the wrong length; positions needed but not derivable;
+            caches given to a model built with ``parallel``.
         """
         cfg = self.cfg
         if tokens.ndim != 2:
@@ -134,6 +135,7 @@ class Transformer(nnx.Module):
         for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
             if arr is not None and arr.shape != (b, t):
                 raise ValueError(f"{name} must have shape ({b}, {t}) like tokens, got {arr.shape}")
+        registry.check_no_cache(self.parallel, caches, "this model's")
         if caches is not None and len(caches) != len(self.blocks):
             raise ValueError(
                 f"caches has {len(caches)} entries but the model has {len(self.blocks)} layers; "
