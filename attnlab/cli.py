@@ -681,7 +681,8 @@ def run_config_from_args(args: argparse.Namespace, parser: argparse.ArgumentPars
             "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
             "lr": args.lr, "seed": args.seed, "checkpoint_every": args.checkpoint_every,
             "keep": args.keep, "log_every": args.log_every, "dtype": args.dtype,
-            "data_parallel": args.data_parallel, "debug_nan_step": args.debug_nan_step,
+            "data_parallel": args.data_parallel, "seq_parallel": args.seq_parallel,
+            "sp_strategy": args.sp_strategy, "debug_nan_step": args.debug_nan_step,
         }
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if "steps" in overrides and tc.warmup_steps > overrides["steps"]:
@@ -700,10 +701,11 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from attnlab.train import NonFiniteLossError, plot_losses, train
 
     console = make_console()
+    sp = f" ({tc.sp_strategy} / LASP-2 over sp)" if tc.seq_parallel > 1 else ""
     console.print(
         f"[bold]train[/] task {tc.task}, pattern {cfg.layer_pattern}, d_model {cfg.d_model}, "
         f"{tc.steps} steps of {tc.batch_size} x {tc.seq_len} tokens, {tc.dtype} compute, "
-        f"mesh {dict(mesh.shape)} -> {args.out}", highlight=False,
+        f"mesh {dict(mesh.shape)}{sp} -> {args.out}", highlight=False,
     )
     try:
         res = train(cfg, tc, args.out, progress=not args.no_progress)
@@ -849,6 +851,12 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--log-every", type=int, default=None)
     pt.add_argument("--data-parallel", type=int, default=None,
                     help="devices on the data axis (default: as many as divide the batch)")
+    pt.add_argument("--seq-parallel", type=int, default=None, metavar="N",
+                    help="devices on the sequence axis: each sequence is split into N blocks "
+                    "and attention runs across them (default 1)")
+    pt.add_argument("--sp-strategy", default=None,
+                    help="softmax layers' sequence-parallel strategy: ring, striped, zigzag "
+                    "or ulysses (default zigzag; lightning layers use LASP-2)")
     pt.add_argument("--no-progress", action="store_true", help="no progress bar")
     pt.add_argument("--debug-nan-step", type=int, default=None, help=argparse.SUPPRESS)
     pt.set_defaults(subparser=pt)

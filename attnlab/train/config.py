@@ -6,6 +6,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from sharding.api import STRATEGIES
+
 # Compute dtypes a run may ask for; parameters and optimizer state stay float32.
 DTYPES = ("bfloat16", "float32")
 
@@ -36,8 +38,13 @@ class TrainConfig:
       eval_batches: validation batches per evaluation (0: no validation during training).
       dtype: compute dtype, ``"bfloat16"`` or ``"float32"`` (params stay float32).
       data_parallel: devices on the mesh's ``data`` axis (None: as many as divide B).
-      seq_parallel: devices on the mesh's ``sp`` axis (1 until sequence-parallel attention
-        from ``sharding/`` is wired into the model; see :func:`attnlab.train.mesh.make_mesh`).
+      seq_parallel: devices on the mesh's ``sp`` axis: every sequence is split into that many
+        blocks and each attention layer attends across them (:func:`attnlab.train.mesh.
+        model_parallel`); ``seq_len`` must be divisible by it (twice it for zigzag).
+      sp_strategy: how softmax layers attend across the ``sp`` axis when seq_parallel > 1:
+        ``"ring"``, ``"striped"``, ``"zigzag"`` (load-balanced causal ring, the default) or
+        ``"ulysses"`` (all-to-all to head shards; heads divisible by seq_parallel); see
+        :func:`sharding.attention`. Lightning layers always use LASP-2.
       fast_compile: on CPU, compile with XLA optimisation level 0 (tiny models compile
         longer than they run; results are deterministic either way).
       debug_nan_step: testing aid: the loss of this (0-based) step is multiplied by inf, so
@@ -66,6 +73,7 @@ class TrainConfig:
     dtype: str = "bfloat16"
     data_parallel: int | None = None
     seq_parallel: int = 1
+    sp_strategy: str = "zigzag"
     fast_compile: bool = False
     debug_nan_step: int | None = None
 
@@ -91,6 +99,9 @@ class TrainConfig:
         if self.data_parallel is not None and self.batch_size % self.data_parallel:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by data_parallel="
                              f"{self.data_parallel}; make the batch a multiple of it")
+        if self.sp_strategy not in STRATEGIES:
+            raise ValueError(f"sp_strategy={self.sp_strategy!r} is not a sequence-parallel "
+                             f"strategy; choose one of {', '.join(STRATEGIES)}")
         object.__setattr__(self, "task_options", dict(self.task_options))
 
     def to_json(self) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """The device mesh of a run: a ``data`` axis for data parallelism and an ``sp`` axis for
-sequence parallelism (size 1 until ``sharding/``'s attention is wired into the model)."""
+sequence parallelism, and the model's sequence-parallel plan on it (:func:`model_parallel`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from sharding.hybrid import HybridParallel
 
 DATA, SEQ = "data", "sp"
 
@@ -24,25 +26,25 @@ def make_mesh(
       batch_size: global batch B; the data axis must divide it.
       data: data-parallel devices (None: the largest count <= the available devices that
         divides B).
-      sp: sequence-parallel devices. Only 1 is supported until sequence-parallel attention
-        from ``sharding/`` is connected (the hook is :func:`batch_spec`: with sp > 1 the
-        batch is sharded ``P("data", "sp")`` and the model must attend across the ``sp``
-        axis with a ring/LASP function instead of a local one).
+      sp: sequence-parallel devices. With sp > 1 the batch is sharded ``P("data", "sp")``
+        (:func:`batch_spec`) and the model attends across the ``sp`` axis with the plan of
+        :func:`model_parallel`.
+      devices: the devices to use (default ``jax.devices()``).
 
     Returns:
-      A :class:`jax.sharding.Mesh` with axes ``("data", "sp")``.
+      A :class:`jax.sharding.Mesh` with axes ``("data", "sp")`` (Auto axis types).
 
     Raises:
-      ValueError: more devices asked for than exist, B not divisible by ``data``, sp != 1.
+      ValueError: more devices asked for than exist, B not divisible by ``data``, sp < 1.
+
+    Example:
+      >>> mesh = make_mesh(8, data=2, sp=4)   # 2 x 4 devices; batch 8 split in 2
     """
     devs = list(jax.devices() if devices is None else devices)
-    if sp != 1:
-        raise ValueError(
-            f"seq_parallel={sp}: sequence-parallel training is not wired into the model yet "
-            "(it comes with sharding/ ring and LASP attention); use seq_parallel=1"
-        )
-    if data is None:
-        data = max(d for d in range(1, len(devs) + 1) if batch_size % d == 0)
+    if sp < 1:
+        raise ValueError(f"seq_parallel={sp} must be at least 1")
+    if data is None:  # the largest data axis that fits beside sp and divides B
+        data = max(d for d in range(1, max(len(devs) // sp, 1) + 1) if batch_size % d == 0)
     if data * sp > len(devs):
         raise ValueError(f"data_parallel={data} x seq_parallel={sp} needs {data * sp} devices "
                          f"but {len(devs)} are available; ask for fewer")
@@ -64,3 +66,26 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
     """NamedSharding that puts a full copy on every device of ``mesh`` (params, opt state)."""
     return NamedSharding(mesh, P())
+
+
+def model_parallel(mesh: Mesh, strategy: str = "zigzag", impl: str = "auto"
+                   ) -> HybridParallel | None:
+    """The sequence-parallel plan a model is built with on a run's mesh (None when sp == 1).
+
+    Args:
+      mesh: a :func:`make_mesh` mesh.
+      strategy: softmax layers' strategy (:data:`sharding.STRATEGIES`); lightning layers use
+        LASP-2, and a future mechanism brings its own rule in ``sharding/``.
+      impl: the per-block implementation (the model's ``attention_impl``).
+
+    Returns:
+      ``HybridParallel(mesh, seq_axis="sp", batch_axis="data", ...)``, or None when the
+      ``sp`` axis has size 1 (the model then attends locally; data parallelism needs no plan).
+
+    Example:
+      >>> model = Transformer(cfg, rngs=nnx.Rngs(0), parallel=model_parallel(mesh, "ring"))
+    """
+    if mesh.shape[SEQ] == 1:
+        return None
+    return HybridParallel(mesh=mesh, seq_axis=SEQ, batch_axis=DATA, softmax_strategy=strategy,
+                          impl=impl)

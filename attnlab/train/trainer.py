@@ -1,5 +1,11 @@
-"""The training loop: data-parallel AdamW steps, exact resume from orbax checkpoints, a NaN/inf
-guard, JSONL metrics with tokens/s and MFU, validation, and loading a run for eval/generation.
+"""The training loop: data- and sequence-parallel AdamW steps, exact resume from orbax
+checkpoints, a NaN/inf guard, JSONL metrics with tokens/s and MFU, validation, and loading a run
+for eval/generation.
+
+Sequence parallelism (``TrainConfig.seq_parallel`` > 1): the mesh gets an ``sp`` axis, batches
+are put ``P("data", "sp")``, and the model is built with the plan of
+:func:`attnlab.train.mesh.model_parallel`, so each attention layer attends across ``sp`` by its
+mechanism's rule in ``sharding/``; GSPMD splits the per-token rest of the model.
 
 Layout of a run directory::
 
@@ -71,7 +77,9 @@ def prepare(model_cfg: Config, tc: TrainConfig) -> tuple[Config, Any, jax.shardi
     Raises:
       ValueError: an unknown mechanism letter or attention impl, a pattern of the wrong
         length, ``seq_len`` > ``max_seq_len``, a vocabulary smaller than the data's, a bad
-        task option, a batch the data axis does not divide.
+        task option, a batch the data axis does not divide; with ``seq_parallel`` > 1: a
+        ``seq_len`` it does not divide (twice it for zigzag), heads Ulysses cannot split,
+        more devices than exist.
     """
     from attnlab.nn.transformer import validate
 
@@ -80,6 +88,7 @@ def prepare(model_cfg: Config, tc: TrainConfig) -> tuple[Config, Any, jax.shardi
     if tc.seq_len > cfg.max_seq_len:
         raise ValueError(f"seq_len={tc.seq_len} is longer than the model's max_seq_len="
                          f"{cfg.max_seq_len}; lower --seq-len or raise max_seq_len")
+    _check_seq_parallel(cfg, tc)
     if cfg.vocab_size < data_lib.VOCAB_SIZE:
         raise ValueError(f"vocab_size={cfg.vocab_size} is smaller than the data's "
                          f"{data_lib.VOCAB_SIZE} byte tokens; use vocab_size >= 256")
@@ -90,6 +99,24 @@ def prepare(model_cfg: Config, tc: TrainConfig) -> tuple[Config, Any, jax.shardi
         raise ValueError(f"bad task_options {tc.task_options} for task {tc.task!r}: {e}") from e
     mesh = mesh_lib.make_mesh(tc.batch_size, data=tc.data_parallel, sp=tc.seq_parallel)
     return cfg, dataset, mesh
+
+
+def _check_seq_parallel(cfg: Config, tc: TrainConfig) -> None:
+    """The sequence-parallel checks that need the whole run (sharding/ repeats them at trace
+    time, which is after the run directory is written and the init compiled)."""
+    sp = tc.seq_parallel
+    if sp == 1:
+        return
+    blocks = 2 * sp if tc.sp_strategy == "zigzag" else sp
+    if tc.seq_len % blocks:
+        why = (f"zigzag cuts it into 2 x seq_parallel = {blocks} chunks" if blocks != sp
+               else f"each of the {sp} devices holds an equal block")
+        raise ValueError(f"seq_len={tc.seq_len} is not divisible by {blocks} ({why}); use a "
+                         f"seq_len that is a multiple of {blocks} or another --seq-parallel")
+    if tc.sp_strategy == "ulysses":
+        from sharding.ulysses import check_heads
+
+        check_heads(cfg.num_heads, cfg.num_kv_heads, sp, mesh_lib.SEQ)
 
 
 def _masked_loss(graphdef: Any, params: Any, rest: Any, batch: data_lib.Batch
@@ -161,12 +188,13 @@ def _abstract(tree: Any) -> Any:
 
 
 def _init_state(cfg: Config, tc: TrainConfig, mesh: jax.sharding.Mesh,
-                tx: optax.GradientTransformation) -> Any:
+                tx: optax.GradientTransformation, parallel: Any = None) -> Any:
     """(abstract model, graphdef, params, rest, opt_state), initialised in one compiled call
-    (eager initialisation compiles one small program per parameter)."""
+    (eager initialisation compiles one small program per parameter). ``parallel`` (the
+    sequence-parallel plan, or None) becomes part of the graph definition."""
     from attnlab.nn import Transformer
 
-    make = lambda seed: Transformer(cfg, rngs=nnx.Rngs(seed))  # noqa: E731
+    make = lambda seed: Transformer(cfg, rngs=nnx.Rngs(seed), parallel=parallel)  # noqa: E731
     abstract = nnx.eval_shape(lambda: make(tc.seed))
     graphdef = nnx.split(abstract, nnx.Param, ...)[0]
 
@@ -272,7 +300,8 @@ def train(
     ckpt_dir = Path(tc.checkpoint_dir) if tc.checkpoint_dir else out / CHECKPOINTS
 
     tx = make_optimizer(tc)
-    abstract, graphdef, params, rest, opt_state = _init_state(cfg, tc, mesh, tx)
+    parallel = mesh_lib.model_parallel(mesh, tc.sp_strategy, cfg.attention_impl)
+    abstract, graphdef, params, rest, opt_state = _init_state(cfg, tc, mesh, tx, parallel)
     num_params = abstract.num_params()
     flops_per_token = abstract.flops_per_token(tc.seq_len)
     rng = _rng_data(tc.seed)
@@ -403,6 +432,9 @@ def find_run_dir(path: str | Path) -> Path:
 
 def load_run(path: str | Path, *, step: int | None = None) -> LoadedRun:
     """The model of a run directory at checkpoint ``step`` (default the latest).
+
+    The model is single-device (no sequence-parallel plan, whatever the run trained with),
+    so it can decode with caches.
 
     Raises:
       ValueError: not a run directory, or no checkpoint in it.
