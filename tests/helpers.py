@@ -189,3 +189,29 @@ def lightning_oracle(
         s = s + np.einsum("bnh,bnv->bnhv", k[:, ti], v[:, ti])
         o[:, ti] = np.einsum("bnh,bnhv->bnv", q[:, ti] * scale, s)
     return o, s
+
+
+FLOATS = ("f32[", "bf16[", "f16[", "f64[")
+
+
+def check_sp_collectives(hlo: str, strategy: str) -> None:
+    """No silent degradation of compiled sequence-parallel softmax attention (HLO text).
+
+    The sharded path never all-gathers a float array (q, k, v, activations or their
+    gradients); Ulysses shows its all-to-all, the ring strategies their collective-permute,
+    and plain ring gathers nothing at all.
+    """
+    gathers = [
+        line for line in hlo.splitlines()
+        if "all-gather" in line and "=" in line and not line.lstrip().startswith("//")
+    ]
+    float_gathers = [g for g in gathers if any(t in g.split("=")[1][:80] for t in FLOATS)]
+    assert not float_gathers, "the sharded path all-gathers activations:\n" + "\n".join(
+        float_gathers[:3]
+    )
+    if strategy == "ulysses":
+        assert "all-to-all" in hlo
+    else:
+        assert "collective-permute" in hlo
+        if strategy == "ring":
+            assert not gathers, "ring gathers something:\n" + "\n".join(gathers[:3])

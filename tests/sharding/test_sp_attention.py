@@ -20,7 +20,14 @@ from attnlab.ops import reference
 from sharding.api import attention
 from sharding.layouts import permute, unpermute
 from sharding.ring import ring_attention
-from tests.helpers import fwd_tol, grad_rtol, grad_tol, random_qkv, random_segments
+from tests.helpers import (
+    check_sp_collectives,
+    fwd_tol,
+    grad_rtol,
+    grad_tol,
+    random_qkv,
+    random_segments,
+)
 
 MESHES = {
     "sp8": ((8,), ("sp",), {}),
@@ -96,28 +103,7 @@ def test_strategy_matches_reference(strategy, mask, mesh_name, key):
         compiled = compiled.compile()
         got = compiled(q, k, v)
     _check(got, want)
-    _check_collectives(compiled.as_text(), strategy)
-
-
-def _check_collectives(hlo: str, strategy: str) -> None:
-    """No silent degradation: the sharded path never gathers q, k, v or their gradients."""
-    gathers = [
-        line for line in hlo.splitlines()
-        if "all-gather" in line and "=" in line and not line.lstrip().startswith("//")
-    ]
-    float_gathers = [g for g in gathers if any(t in g.split("=")[1][:80] for t in FLOATS)]
-    assert not float_gathers, "the sharded path all-gathers activations:\n" + "\n".join(
-        float_gathers[:3]
-    )
-    if strategy == "ulysses":
-        assert "all-to-all" in hlo
-    else:
-        assert "collective-permute" in hlo
-        if strategy == "ring":
-            assert not gathers, "ring gathers something:\n" + "\n".join(gathers[:3])
-
-
-FLOATS = ("f32[", "bf16[", "f16[", "f64[")
+    check_sp_collectives(compiled.as_text(), strategy)
 
 
 def test_zigzag_inputs_already_permuted_auto_mesh(key):
