@@ -44,6 +44,12 @@ def _config(tmp_path: Path, model: str = GOOD) -> str:
         (GOOD, ["--batch-size", "6", "--data-parallel", "4"],
          "batch_size=6 is not divisible by data_parallel=4"),
         (GOOD, ["--config", "medium"], "is neither a preset (tiny, small, 350m) nor a file"),
+        (GOOD, ["--seq-parallel", "4", "--seq-len", "36"],
+         "seq_len=36 is not divisible by 8 (zigzag cuts it into 2 x seq_parallel = 8 chunks)"),
+        (GOOD, ["--seq-parallel", "4", "--sp-strategy", "star"],
+         "sp_strategy='star' is not a sequence-parallel strategy; choose one of ring, striped"),
+        (GOOD, ["--seq-parallel", "4", "--sp-strategy", "ulysses"],
+         "Ulysses splits heads over the 'sp' axis of size 4, but q has 2 heads"),
     ],
 )
 def test_bad_config_exits_2_before_compiling(
@@ -92,3 +98,15 @@ def test_nan_stop_exits_1_then_eval_and_generate(
         main(["eval", "--ckpt", str(tmp_path)])
     assert e.value.code == 2
     assert "is not a run directory" in capsys.readouterr().err
+
+
+def test_seq_parallel_flags_reach_the_run(tmp_path: Path) -> None:
+    from attnlab.cli import build_parser, run_config_from_args
+
+    parser = build_parser()
+    args = parser.parse_args(["train", "--config", _config(tmp_path), "--out",
+                              str(tmp_path / "run"), "--data-parallel", "2", "--seq-parallel",
+                              "4", "--sp-strategy", "ring"])
+    _, tc, _, mesh = run_config_from_args(args, parser)
+    assert (tc.seq_parallel, tc.sp_strategy) == (4, "ring")
+    assert dict(mesh.shape) == {"data": 2, "sp": 4}

@@ -220,8 +220,8 @@ def test_prepare_rejects_bad_runs_before_compiling() -> None:
     with pytest.raises(ValueError, match="bad task_options"):
         prepare(Config(d_model=32, num_layers=2, num_heads=2),
                 TrainConfig(task="mqar", task_options={"pairs": 3}))
-    with pytest.raises(ValueError, match="sequence-parallel training is not wired"):
-        make_mesh(8, sp=2)
+    with pytest.raises(ValueError, match="needs 16 devices but 8 are available"):
+        make_mesh(8, data=4, sp=4)
     with pytest.raises(ValueError, match="needs 16 devices but 8 are available"):
         make_mesh(16, data=16)
 
