@@ -8,7 +8,10 @@
 * Each JAX candidate is first checked against ``impl="xla"`` on a slice (one row, at most 2048
   tokens): output and final state; one that fails is reported ``FAILED`` and not timed.
 * Passes: "fwd" (output) and "fwdbwd" (output, then dq, dk, dv for a random cotangent).
-  JAX: jit, warm-up, median of ``repeats`` calls under ``block_until_ready``; fla: CUDA events.
+  JAX: jit, warm-up, median of ``repeats`` calls under ``block_until_ready``; fla: the same
+  wall-clock harness (call, then ``torch.cuda.synchronize``), whose median is ``ms`` and the
+  ratios' anchor; its CUDA-event time (launch and synchronisation left out) is recorded too,
+  as ``ms_cuda_events``.
 * Ratios per (T, pass): ``ratio_fla`` = fla ms / ms, ``ratio_scan`` = scan_anchor ms / ms; per
   implementation ``flat`` = Mtok/s at the longest T / at the shortest.
 * ``--lasp``: LASP and LASP-2 on 2 devices at length 2T vs the single-device op at T
@@ -102,7 +105,12 @@ def _fla():
     return (torch, chunk_lightning_attn) if torch.cuda.is_available() else None
 
 
-def _time_fla(fla, q, k, v, do, pass_: str, repeats: int, warmup: int) -> float:
+def _time_fla(fla, q, k, v, do, pass_: str, repeats: int, warmup: int) -> tuple[float, float]:
+    """fla's median ms per call, two ways: (wall clock around the call and a
+    ``torch.cuda.synchronize``, the harness the JAX candidates get; CUDA events around the call,
+    which leave out the launch and the synchronisation)."""
+    import time
+
     torch, fn = fla
 
     def to_t(x):
@@ -121,15 +129,17 @@ def _time_fla(fla, q, k, v, do, pass_: str, repeats: int, warmup: int) -> float:
     for _ in range(warmup):
         call()
     torch.cuda.synchronize()
-    times = []
+    wall, events = [], []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
         start.record()
         call()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return float(np.median(times))
+        wall.append((time.perf_counter() - t0) * 1e3)
+        events.append(start.elapsed_time(end))
+    return float(np.median(wall)), float(np.median(events))
 
 
 def _check(name: str, chunk: int | None, q, k, v, log_decay, tol) -> tuple[bool, float]:
@@ -248,7 +258,8 @@ def bench_lightning(
                            ratio_scan=None, max_abs_err=None, status=OK, note="")
                 group.append(row)
                 try:
-                    row["ms"] = _time_fla(fla_mod, q, k, v, do, pass_, repeats, warmup)
+                    row["ms"], row["ms_cuda_events"] = _time_fla(fla_mod, q, k, v, do, pass_,
+                                                                 repeats, warmup)
                     row["mtok_s"] = b * t / (row["ms"] * 1e-3) / 1e6
                 except Exception as e:
                     row["status"], row["note"] = ERROR, _bench.short_error(e)

@@ -116,10 +116,15 @@ class LightningConfig:
     def get_default(
         cls, head_dim: int | None = None, dtype=None, device_kind: str | None = None
     ) -> LightningConfig:
-        """Hand-picked sizes (untuned; ``device_kind`` is accepted for a future tuned table).
+        """Sizes per dtype and head dim (``device_kind`` is accepted for a future table).
 
+        16-bit inputs at H > 64: the fastest forward and a near-best forward+backward of an
+        80-config sweep on an H100 at T = 2048 (``scripts/lightning_sweep.py``;
+        ``experiments/results/lightning_sweep_2k_h100_2026-11-23.json``): 128-token chunks
+        halve the per-chunk states written and read back, 8 warps hold the [128, 128] tiles.
         float32 inputs take [C, 64] value tiles: their operand tiles are twice the bytes of
-        16-bit ones and [64, 128] f32 tiles crowd the H100's shared memory.
+        16-bit ones and [64, 128] f32 tiles crowd the H100's shared memory. H <= 64 and
+        float32 keep the untuned 64-token chunks.
         """
         del device_kind
         if dtype is not None and jnp.dtype(dtype).itemsize > 2:
@@ -128,7 +133,8 @@ class LightningConfig:
             return cls(block_v=64, num_warps=4, num_warps_bwd=8 if (head_dim or 128) > 64 else 4)
         if head_dim is not None and head_dim <= 64:
             return cls(block_v=64, num_warps=4, num_warps_bwd=4)
-        return cls()
+        return cls(chunk=128, block_v=128, block_k_state=128, block_v_state=64, num_warps=8,
+                   num_stages=2, num_warps_state=8, num_warps_bwd=8, num_stages_bwd=2)
 
 
 # ----------------------------------------------------------------------------- in-kernel math

@@ -1,0 +1,237 @@
+"""Block-size sweep of the Triton lightning kernels (GPU only): which ``LightningConfig`` is
+fastest at one T, forward and forward+backward, each checked against the ``xla`` path first.
+
+    python scripts/lightning_sweep.py --seq-len 2048 --out $OUT/lightning_sweep.json
+
+Stage 1 times the forward of every candidate; stage 2 times forward+backward for the
+``--top`` fastest forwards crossed with the backward-kernel launch options. fla's
+``chunk_lightning_attn`` is timed on the same shapes when importable (the issue's anchor).
+The JSON lists every row (config, ms, Mtok/s, max error) and the best config per pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnlab import bench_lightning as BL
+from attnlab.ops import lightning as L
+from pallas_kernels.gpu.lightning_chunk import LightningConfig
+
+
+def _median_ms(fn, args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def forward_candidates() -> list[LightningConfig]:
+    """Chunk x state tile x output-kernel launch options (legal on an H100 at H = 128)."""
+    out = []
+    for chunk, bv, (bks, bvs), (w, s), ws in itertools.product(
+        (64, 128), (64, 128), ((64, 64), (128, 64), (64, 128), (128, 32)),
+        ((4, 2), (8, 2), (4, 3)), (4, 8),
+    ):
+        if chunk == 128 and bv == 128 and w == 4:
+            continue  # a [128, 128] f32 accumulator with 4 warps spills
+        out.append(LightningConfig(chunk=chunk, block_v=bv, block_k_state=bks,
+                                   block_v_state=bvs, num_warps=w, num_stages=s,
+                                   num_warps_state=ws))
+    return out
+
+
+GRID = {
+    "c64": LightningConfig(),
+    "c128": LightningConfig(chunk=128, block_v=128, block_k_state=128, block_v_state=64,
+                            num_warps=8, num_warps_state=8, num_stages_bwd=2),
+    "c64_s64x128": LightningConfig(block_k_state=64, block_v_state=128, num_warps_state=8,
+                                   num_warps_bwd=4),
+    "c64_s32x32": LightningConfig(block_k_state=32, block_v_state=32, num_warps_bwd=4),
+    "c128_s64x32": LightningConfig(chunk=128, block_v=128, block_k_state=64, block_v_state=32,
+                                   num_warps=8, num_stages_bwd=2),
+}
+
+
+def grid(a: argparse.Namespace) -> int:
+    """Every GRID config at every T, forward and forward+backward, plus fla, in one JSON."""
+    t_start = time.perf_counter()
+    n, h = a.heads, a.head_dim
+    rows: list[dict[str, Any]] = []
+    record = {"device_kind": jax.devices()[0].device_kind, "jax_version": jax.__version__,
+              "N": n, "H": h, "tokens": a.tokens, "dtype": "bfloat16", "argv": sys.argv,
+              "grid": {name: dataclasses.asdict(c) for name, c in GRID.items()}, "rows": rows}
+    decay = jnp.asarray(L.minimax_decay(n, BL.LAYER_IDX, BL.NUM_LAYERS))
+    fla = BL._fla()
+    for t in (int(x) for x in a.seq_lens.split(",")):
+        b = max(1, a.tokens // t)
+        ks = jax.random.split(jax.random.key(t), 4)
+        q, k, v, do = (jax.random.normal(kk, (b, t, n, h), jnp.bfloat16) for kk in ks)
+        q = q * h ** -0.5
+        ref = jax.jit(lambda q, k, v: L.lightning_attention(q, k, v, decay=decay,
+                                                            impl="xla"))(q, k, v)
+        tol = 2e-2 * float(jnp.max(jnp.abs(ref.astype(jnp.float32)))) + 2e-2
+        for name, cfg in GRID.items():
+            for pass_ in ("fwd", "fwdbwd"):
+                if time.perf_counter() - t_start > a.budget_s:
+                    record["stopped"] = "budget"
+                    break
+                row = {"T": t, "B": b, "config": name, "pass": pass_}
+                try:
+                    def fwd(q, k, v, cfg=cfg):
+                        return L.lightning_attention(q, k, v, decay=decay,
+                                                     impl="pallas_triton", config=cfg)
+                    if pass_ == "fwd":
+                        fn = jax.jit(fwd)
+                        err = float(jnp.max(jnp.abs(fn(q, k, v).astype(jnp.float32)
+                                                    - ref.astype(jnp.float32))))
+                        row["max_abs_err"] = err
+                        assert err <= tol, f"max abs err {err:.3g} > {tol:.3g}"
+                    else:
+                        fn = jax.jit(jax.grad(
+                            lambda q, k, v, fwd=fwd, do=do: jnp.vdot(
+                                fwd(q, k, v).astype(jnp.float32), do.astype(jnp.float32)),
+                            argnums=(0, 1, 2)))
+                    ms = _median_ms(fn, (q, k, v), a.repeats)
+                    row.update(status="ok", ms=ms, mtok_s=b * t / ms / 1e3)
+                except Exception as e:
+                    row["status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
+                rows.append(row)
+                print(f"T={t} {name:12s} {pass_:6s} {row.get('mtok_s', 0):6.1f} {row['status']}",
+                      flush=True)
+        if fla is not None:
+            for pass_ in ("fwd", "fwdbwd"):
+                ms, ms_ev = BL._time_fla(fla, q, k, v, do, pass_, a.repeats, 2)
+                rows.append({"T": t, "B": b, "config": "fla", "pass": pass_, "status": "ok",
+                             "ms": ms, "ms_cuda_events": ms_ev, "mtok_s": b * t / ms / 1e3})
+                print(f"T={t} fla          {pass_:6s} {rows[-1]['mtok_s']:6.1f}", flush=True)
+        with open(a.out, "w") as f:
+            json.dump(record, f, indent=1)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python scripts/lightning_sweep.py")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--tokens", type=int, default=65536)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--top", type=int, default=4)
+    p.add_argument("--budget-s", type=float, default=400.0)
+    p.add_argument("--grid", action="store_true",
+                   help="time the named GRID configs at every --seq-lens T (fwd and fwdbwd)")
+    p.add_argument("--seq-lens", default="2048,8192,32768,131072")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    if a.grid:
+        return grid(a)
+    t_start = time.perf_counter()
+    t, n, h = a.seq_len, a.heads, a.head_dim
+    b = max(1, a.tokens // t)
+    ks = jax.random.split(jax.random.key(0), 4)
+    q, k, v, do = (jax.random.normal(kk, (b, t, n, h), jnp.bfloat16) for kk in ks)
+    log_decay = jnp.log(L.minimax_decay(n, BL.LAYER_IDX, BL.NUM_LAYERS)).astype(jnp.float32)
+    ref = jax.jit(lambda q, k, v: L.lightning_attention(q, k, v, decay=jnp.exp(log_decay),
+                                                        impl="xla"))(q, k, v)
+    tol = 2e-2 * float(jnp.max(jnp.abs(ref.astype(jnp.float32)))) + 2e-2
+    rows: list[dict[str, Any]] = []
+    record: dict[str, Any] = {"device_kind": jax.devices()[0].device_kind,
+                              "jax_version": jax.__version__, "T": t, "B": b, "N": n, "H": h,
+                              "dtype": "bfloat16", "argv": sys.argv, "rows": rows}
+
+    def flush() -> None:
+        with open(a.out, "w") as f:
+            json.dump(record, f, indent=1)
+
+    def fwd_fn(cfg):
+        return jax.jit(lambda q, k, v: L.lightning_attention(
+            q, k, v, decay=jnp.exp(log_decay), impl="pallas_triton", config=cfg))
+
+    def fwdbwd_fn(cfg):
+        def loss(q, k, v):
+            o = L.lightning_attention(q, k, v, decay=jnp.exp(log_decay), impl="pallas_triton",
+                                      config=cfg)
+            return jnp.vdot(o.astype(jnp.float32), do.astype(jnp.float32))
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+    def measure(cfg, pass_):
+        row = {"pass": pass_, "config": dataclasses.asdict(cfg)}
+        try:
+            if pass_ == "fwd":
+                fn = fwd_fn(cfg)
+                err = float(jnp.max(jnp.abs(fn(q, k, v).astype(jnp.float32)
+                                            - ref.astype(jnp.float32))))
+                row["max_abs_err"] = err
+                if not err <= tol:
+                    row["status"] = f"wrong: max abs err {err:.3g} > {tol:.3g}"
+                    return row
+            else:
+                fn = fwdbwd_fn(cfg)
+            ms = _median_ms(fn, (q, k, v), a.repeats)
+            row.update(status="ok", ms=ms, mtok_s=b * t / ms / 1e3)
+        except Exception as e:  # a config that does not compile (shared memory, say)
+            row["status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
+        return row
+
+    def over_budget() -> bool:
+        return time.perf_counter() - t_start > a.budget_s
+
+    default = LightningConfig.get_default(h, jnp.bfloat16)
+    for pass_ in ("fwd", "fwdbwd"):
+        r = measure(default, pass_)
+        r["default"] = True
+        rows.append(r)
+        print(f"default {pass_}: {r.get('mtok_s', r['status'])}", flush=True)
+    fla = BL._fla()
+    if fla is not None:
+        for pass_ in ("fwd", "fwdbwd"):
+            ms, ms_events = BL._time_fla(fla, q, k, v, do, pass_, a.repeats, 2)
+            record[f"fla_{pass_}_mtok_s"] = b * t / ms / 1e3
+            record[f"fla_{pass_}_mtok_s_cuda_events"] = b * t / ms_events / 1e3
+            print(f"fla {pass_}: {record[f'fla_{pass_}_mtok_s']:.1f} Mtok/s", flush=True)
+    flush()
+
+    for cfg in forward_candidates():
+        if over_budget():
+            record["stopped"] = "budget"
+            break
+        r = measure(cfg, "fwd")
+        rows.append(r)
+        print(f"fwd {r.get('mtok_s', 0):7.1f} {r['status'][:60]} {cfg}", flush=True)
+        flush()
+    fwd_ok = sorted((r for r in rows if r["pass"] == "fwd" and r["status"] == "ok"),
+                    key=lambda r: -r["mtok_s"])
+    tops = [LightningConfig(**r["config"]) for r in fwd_ok[: a.top]]
+    for base, (wb, sb) in itertools.product(tops, ((8, 1), (4, 1), (8, 2))):
+        if over_budget():
+            record["stopped"] = "budget"
+            break
+        cfg = dataclasses.replace(base, num_warps_bwd=wb, num_stages_bwd=sb)
+        r = measure(cfg, "fwdbwd")
+        rows.append(r)
+        print(f"fwdbwd {r.get('mtok_s', 0):7.1f} {r['status'][:60]} {cfg}", flush=True)
+        flush()
+    for pass_ in ("fwd", "fwdbwd"):
+        ok = [r for r in rows if r["pass"] == pass_ and r["status"] == "ok"]
+        if ok:
+            record[f"best_{pass_}"] = max(ok, key=lambda r: r["mtok_s"])
+    flush()
+    print(json.dumps({key: record.get(key) for key in ("best_fwd", "best_fwdbwd")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
