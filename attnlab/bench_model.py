@@ -15,9 +15,11 @@ Configurations (``--only`` picks some by name):
 Each configuration: compile, ``--warmup`` untimed steps, then ``--steps`` timed steps (each
 waited for), on packed standard-library batches. MFU counts
 ``model.flops_per_token(seq_len)`` against the device's dense bf16 peak
-(:data:`attnlab.train.metrics.PEAK_FLOPS`; null on CPU). The JSON is rewritten after every
-configuration; one that fails (out of memory, say) is recorded with its error and the next
-one runs.
+(:data:`attnlab.train.metrics.PEAK_FLOPS`; null on CPU). That count follows PaLM (the
+softmax score and value matmuls counted over all S keys, not halved for causality);
+``mfu_causal`` counts them over S / 2 keys, about what a causal query sees on average.
+The JSON is rewritten after every configuration; one that fails (out of memory, say) is
+recorded with its error and the next one runs.
 """
 
 from __future__ import annotations
@@ -93,6 +95,13 @@ def run_one(mb: ModelBench, *, smoke: bool, warmup: int, steps: int) -> dict[str
         row["num_params"] = abstract.num_params()
         flops_per_token = abstract.flops_per_token(mb.seq_len)
         row["flops_per_token"] = flops_per_token
+        # The causal view of the same step: a query sees about S / 2 keys on average, so the
+        # softmax score/value term is halved. It is linear in S (no window here) and every
+        # other term does not depend on S, so the halved count is the mean of the counts at S
+        # and at 0. Reported beside the PaLM-convention MFU, not instead of it.
+        causal_flops = (0.5 * (flops_per_token + abstract.flops_per_token(0))
+                        if cfg.local_window_size is None else None)
+        row["flops_per_token_causal"] = causal_flops
         step = make_train_step(graphdef, rest, tx, tc)
         batches = [jax.device_put(dataset.batch(i, mb.batch_size)) for i in range(warmup + steps)]
         params, opt_state, m = step(params, opt_state, batches[0], jnp.int32(0))
@@ -112,7 +121,9 @@ def run_one(mb: ModelBench, *, smoke: bool, warmup: int, steps: int) -> dict[str
         tps = mb.batch_size * mb.seq_len / med
         dev = mesh.devices.flat[0].device_kind
         row.update(status="ok", step_ms=med * 1e3, step_ms_all=[t * 1e3 for t in times],
-                   tokens_per_s=tps, mfu=mfu(flops_per_token, tps, dev, 1), losses=losses,
+                   tokens_per_s=tps, mfu=mfu(flops_per_token, tps, dev, 1),
+                   mfu_causal=None if causal_flops is None else mfu(causal_flops, tps, dev, 1),
+                   losses=losses,
                    finite=all(map(lambda x: x == x and abs(x) != float("inf"), losses)))
     except Exception as e:  # an OOM or a missing mechanism is a finding; go on
         from attnlab.bench import short_error

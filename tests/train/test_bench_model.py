@@ -24,6 +24,8 @@ def test_smoke_writes_rows_and_records_errors(tmp_path: Path) -> None:
     assert soft["tokens_per_s"] > 0 and soft["mfu"] is None and soft["finite"]
     assert soft["layer_pattern"] == "SS" and len(soft["step_ms_all"]) == 2
     assert soft["flops_per_token"] > 6 * soft["num_params"] * 0.5
+    # The causal count halves only the softmax score/value term (12 * N * H * S per layer).
+    assert soft["flops_per_token"] / 2 < soft["flops_per_token_causal"] < soft["flops_per_token"]
     hyb = rows["hybrid_32k"]
     assert hyb["layer_pattern"] == "LS"
     if hyb["status"] == "ok":  # lightning registered
