@@ -255,6 +255,9 @@ def _check_same_config(path: Path, record: dict[str, Any]) -> None:
     if not path.exists():
         return
     old = json.loads(path.read_text())
+    # A run written before a TrainConfig field existed (e.g. sp_strategy) ran with its default.
+    for k, v in json.loads(json.dumps(TrainConfig().to_json())).items():
+        old.setdefault("train", {}).setdefault(k, v)
     if old != json.loads(json.dumps(record)):
         diff = sorted(f"{part}.{k}" for part in ("model", "train")
                       for k in set(old.get(part, {})) | set(record[part])

@@ -6,6 +6,7 @@ collectives (no all-gather of the sequence); bad input fails early with a clear 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +20,12 @@ from attnlab.train.mesh import batch_sharding, model_parallel, replicated
 from attnlab.train.optim import make_optimizer
 from attnlab.train.trainer import (
     FAST_COMPILE_CPU,
+    check_run_dir,
     compute_config,
     evaluate,
     make_eval_step,
     make_train_step,
+    run_record,
     to_numpy,
 )
 from tests.helpers import check_sp_collectives, random_segments
@@ -209,3 +212,14 @@ def test_mesh_and_plan_with_sp():
                                                                           "xla")
     with pytest.raises(ValueError, match="seq_parallel=0 must be at least 1"):
         make_mesh(4, sp=0)
+
+
+def test_run_dir_from_before_sp_strategy_still_resumes(tmp_path):
+    """A config.json written before ``sp_strategy`` existed is the same configuration."""
+    cfg, tc = compute_config(_model("SS"), _tc(0, 1)), _tc(0, 1)
+    record = run_record(cfg, tc)
+    del record["train"]["sp_strategy"]
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    check_run_dir(tmp_path, cfg, tc)  # no error
+    with pytest.raises(ValueError, match=r"differs in train.sp_strategy"):
+        check_run_dir(tmp_path, cfg, dataclasses.replace(tc, sp_strategy="ring"))
