@@ -12,7 +12,10 @@ from attnlab.train.config import TrainConfig
 
 def learning_rate(tc: TrainConfig) -> optax.Schedule:
     """Warm-up from 0 to ``tc.lr`` over ``warmup_steps``, cosine to ``lr * min_lr_ratio`` at
-    ``steps``. Example: ``learning_rate(tc)(0) == 0``."""
+    ``steps``. When the warm-up takes every step there is nothing left to decay: the schedule is
+    the warm-up alone. Example: ``learning_rate(tc)(0) == 0``."""
+    if tc.warmup_steps >= tc.steps:
+        return optax.linear_schedule(0.0, tc.lr, tc.warmup_steps)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=tc.lr, warmup_steps=tc.warmup_steps,
         decay_steps=tc.steps, end_value=tc.lr * tc.min_lr_ratio,

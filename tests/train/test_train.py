@@ -231,6 +231,10 @@ def test_schedule_and_mfu() -> None:
     lr = learning_rate(tc)
     assert float(lr(0)) == 0.0 and float(lr(10)) == pytest.approx(1e-3)
     assert float(lr(100)) == pytest.approx(1e-4, rel=1e-4)
+    # Warm-up over every step (attnlab train --steps 20 with the tiny preset's 20): no decay.
+    whole = learning_rate(TrainConfig(steps=20, lr=1e-3, warmup_steps=20))
+    assert float(whole(0)) == 0.0 and float(whole(10)) == pytest.approx(5e-4)
+    assert float(whole(20)) == pytest.approx(1e-3)
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 == peak_flops("NVIDIA H200")
     assert peak_flops("cpu") is None and mfu(1e9, 1e4, "cpu", 1) is None
     assert mfu(6e9, 1e4, "NVIDIA H100 80GB HBM3", 2) == pytest.approx(6e13 / (2 * 989e12))
