@@ -57,6 +57,11 @@ GRID = {
     "c64": LightningConfig(),
     "c128": LightningConfig(chunk=128, block_v=128, block_k_state=128, block_v_state=64,
                             num_warps=8, num_warps_state=8, num_stages_bwd=2),
+    # One-kernel forward (no per-chunk states); the backward stays two-phase.
+    "c64_fused": LightningConfig(block_v_state=64, num_warps_state=4, fused_forward=True),
+    "c128_fused": LightningConfig(chunk=128, block_v=128, block_k_state=128, block_v_state=64,
+                                  num_warps=8, num_warps_state=8, num_stages_bwd=2,
+                                  fused_forward=True),
     "c64_s64x128": LightningConfig(block_k_state=64, block_v_state=128, num_warps_state=8,
                                    num_warps_bwd=4),
     "c64_s32x32": LightningConfig(block_k_state=32, block_v_state=32, num_warps_bwd=4),

@@ -30,6 +30,9 @@ the GPU):
   chunk's starting state (in the input dtype; the carry stays float32) and the final state.
   State rows (key dim) and columns (value dim) are independent, hence the 2-D split.
 * ``lightning_fwd`` — grid (B, N, T/C, Hv/BV), fully parallel: intra-chunk plus inter-chunk.
+* ``lightning_fused_fwd`` (``LightningConfig.fused_forward``) — grid (B, N, Hv/BV): both
+  phases in one sequential pass per program, no per-chunk states in memory; for many short
+  sequences (B * N large), where the two phases' state traffic dominates.
 * backward: the states are recomputed by ``lightning_states``; ``lightning_dstates`` walks
   the chunks backwards (grid (B, N, H/BK, Hv/BV)) writing dS at the end of every chunk and
   the initial state's cotangent; ``lightning_bwd`` (grid (B, N, T/C)) computes dq, dk, dv of
@@ -80,6 +83,11 @@ class LightningConfig:
       num_warps, num_stages: output kernel launch parameters.
       num_warps_state, num_stages_state: the sequential kernels' launch parameters.
       num_warps_bwd, num_stages_bwd: the dq/dk/dv kernel's.
+      fused_forward: compute the forward with ``lightning_fused_fwd`` (one kernel, grid
+        (B, N, Hv/block_v_state), launched with the state kernel's warps and stages) instead
+        of the two phases. It writes no per-chunk states, but runs only B * N * Hv /
+        block_v_state programs, so it suits many short sequences, not one long one. Off by
+        default: interpret-verified, not yet timed on a GPU.
 
     All sizes are powers of two, at least 16 (the smallest tile Triton's dot accepts).
     """
@@ -94,6 +102,7 @@ class LightningConfig:
     num_stages_state: int = 2
     num_warps_bwd: int = 8
     num_stages_bwd: int = 1
+    fused_forward: bool = False
 
     def __post_init__(self) -> None:
         for name in ("chunk", "block_v", "block_k_state", "block_v_state"):
@@ -111,6 +120,8 @@ class LightningConfig:
             s = getattr(self, name)
             if not isinstance(s, int) or s <= 0:
                 raise ValueError(f"{name} must be a positive int, got {s!r}")
+        if not isinstance(self.fused_forward, bool):
+            raise ValueError(f"fused_forward must be a bool, got {self.fused_forward!r}")
 
     @classmethod
     def get_default(
@@ -237,6 +248,46 @@ def _fwd_kernel(
     inter = dot(q, s_ref[...].astype(q.dtype), precision=precision)
     o = o + (scale * _row_gate(ld, e, rel))[:, None] * inter
     o_ref[...] = o.astype(o_ref.dtype)
+
+
+def _fused_fwd_kernel(
+    ld_ref,  # [_LANES] f32: log lambda of this head, broadcast
+    rel_ref,  # [Tp] int32 run ids, or None
+    q_ref,  # [Tp, H]
+    k_ref,  # [Tp, H]
+    v_ref,  # [Tp, BV] one value-column block
+    h0_ref,  # [H, BV] f32 initial state block
+    o_ref,  # [Tp, BV] out
+    ht_ref,  # [H, BV] f32 out: final state block
+    *,
+    chunk: int,
+    t: int,
+    scale: float,
+    precision,
+):
+    """Both phases in one pass over the chunks: each chunk's output from the state carried in
+    registers, then the state update. The state enters the inter-chunk matmul in the input
+    dtype, as the two-phase kernels store it, so both paths round alike."""
+    n_chunks = q_ref.shape[0] // chunk
+    ld = ld_ref[0]
+
+    def body(c, s):
+        start = pl.multiple_of(c * chunk, chunk)
+        q = q_ref[pl.ds(start, chunk), :]
+        k = k_ref[pl.ds(start, chunk), :]
+        v = v_ref[pl.ds(start, chunk), :]
+        rel = None if rel_ref is None else rel_ref[pl.ds(start, chunk)]
+        e, valid = _real_counts(c, chunk, t)
+        a = dot(q, k, tb=True, precision=precision) * (scale * _intra_decay(ld, e, rel))
+        o = dot(a.astype(v.dtype), v, precision=precision)
+        inter = dot(q, s.astype(q.dtype), precision=precision)
+        o = o + (scale * _row_gate(ld, e, rel))[:, None] * inter
+        o_ref[pl.ds(start, chunk), :] = o.astype(o_ref.dtype)
+        w, gamma = _key_gate(ld, e, valid, rel)
+        kw = (k.astype(jnp.float32) * w[:, None]).astype(k.dtype)
+        return gamma * s + dot(kw, v, ta=True, precision=precision)
+
+    ht_ref[...] = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(jnp.float32))
 
 
 def _dstates_kernel(
@@ -416,6 +467,38 @@ def _run_fwd(q, k, v, ld, rel, states, *, t, scale, config, interpret):
     )(ld, rel, q, k, v, states)
 
 
+def _run_fused_fwd(q, k, v, ld, h0, rel, *, t, scale, config, interpret):
+    """One-kernel forward: (o [B, Tp, N, Hv] in q's dtype, final state [B, N, H, Hv] f32)."""
+    b, tp, n, h = q.shape
+    hv = v.shape[-1]
+    chunk, _, _, bv = _plan(config, t, h, hv)
+    whole = lambda width: pl.BlockSpec(  # noqa: E731
+        (None, tp, None, width), lambda bi, ni, vb: (bi, 0, ni, 0))
+    column = pl.BlockSpec((None, tp, None, bv), lambda bi, ni, vb: (bi, 0, ni, vb))
+    state = pl.BlockSpec((None, None, h, bv), lambda bi, ni, vb: (bi, ni, 0, vb))
+    in_specs = [
+        pl.BlockSpec((None, _LANES), lambda bi, ni, vb: (ni, 0)),
+        None if rel is None else pl.BlockSpec((None, tp), lambda bi, ni, vb: (bi, 0)),
+        whole(h), whole(h), column, state,
+    ]
+    kernel = functools.partial(
+        _fused_fwd_kernel, chunk=chunk, t=t, scale=scale, precision=dot_precision(q.dtype)
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=(b, n, hv // bv),
+        in_specs=in_specs,
+        out_specs=[column, state],
+        out_shape=[jax.ShapeDtypeStruct((b, tp, n, hv), q.dtype),
+                   jax.ShapeDtypeStruct((b, n, h, hv), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(
+            num_warps=config.num_warps_state, num_stages=config.num_stages_state
+        ),
+        interpret=interpret,
+        name="lightning_fused_fwd",
+    )(ld, rel, q, k, v, h0)
+
+
 def _run_bwd(q, k, v, do, ld, rel, states, dstates, *, t, scale, config, interpret):
     """dq/dk/dv kernel: (dq, dk, dv) padded, in the inputs' dtype."""
     b, tp, n, h = q.shape
@@ -460,17 +543,15 @@ def _lanes(log_decay: jax.Array) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
 def _lightning(q, k, v, log_decay, h0, rel, t, scale, config, interpret):
-    o, ht, _ = _forward(q, k, v, log_decay, h0, rel, t, scale, config, interpret)
-    return o, ht
-
-
-def _forward(q, k, v, log_decay, h0, rel, t, scale, config, interpret):
     ld = _lanes(log_decay)
+    if config.fused_forward:
+        return _run_fused_fwd(q, k, v, ld, h0, rel, t=t, scale=scale, config=config,
+                              interpret=interpret)
     states, ht = _run_states(q.dtype, k, v, ld, h0, rel, t=t, config=config, interpret=interpret)
     o = _run_fwd(
         q, k, v, ld, rel, states, t=t, scale=scale, config=config, interpret=interpret
     )
-    return o, ht, states
+    return o, ht
 
 
 def _lightning_fwd(q, k, v, log_decay, h0, rel, t, scale, config, interpret):

@@ -151,6 +151,28 @@ def test_matches_oracle(case, key):
     check_case(_interpreted, case, key, CPU_CONFIG)
 
 
+FUSED_CPU_CONFIG = dataclasses.replace(CPU_CONFIG, fused_forward=True)
+
+
+def test_fused_forward_matches_oracle(key):
+    """The one-kernel forward (two value blocks, segments, initial state, ragged last chunk):
+    values and gradients (the backward is the two-phase one) against the reference."""
+    check_case(_interpreted, LIGHTNING_CASES[0], key, FUSED_CPU_CONFIG)
+
+
+def test_fused_forward_equals_two_phase(key):
+    """bf16: the fused forward rounds the carried state as the two-phase kernels store it, so
+    the two agree far inside the reference tolerance."""
+    case = LightningCase("bf16_fused", t=48, b=2, initial_state=True, segments=2,
+                         dtype=jnp.bfloat16)
+    q, k, v, ld, h0, seg, scale = case_inputs(case, key)
+    kw = dict(initial_state=h0, segment_ids=seg, scale=scale, interpret=True)
+    o2, s2 = lightning_attention(q, k, v, ld, config=CPU_CONFIG, **kw)
+    o1, s1 = lightning_attention(q, k, v, ld, config=FUSED_CPU_CONFIG, **kw)
+    assert_close_rel(o1, o2, 1e-2, "o fused vs two-phase")
+    assert_close_rel(s1, s2, 1e-5, "state fused vs two-phase")
+
+
 def test_short_sequence_default_config(key):
     """T shorter than the default chunk (64 -> 32): chunk shrinks, padding, default config."""
     case = LightningCase("short", t=20, decays=(0.7, 1.0), h=32, hv=16, b=1,
@@ -217,6 +239,7 @@ def test_compiled_head_dims_are_64_or_128():
         (dict(block_v=0), "block_v must be a power of two"),
         (dict(num_warps=3), r"num_warps must be a power of two in \[1, 32\]"),
         (dict(num_stages_bwd=0), "num_stages_bwd must be a positive int"),
+        (dict(fused_forward=1), "fused_forward must be a bool"),
     ],
 )
 def test_bad_config(kwargs, match):
@@ -249,14 +272,13 @@ GPU_CASES = [
 ]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_CASES, ids=repr)
-def test_gpu_matches_recurrence(case, key):
-    """Compiled kernels (default config) against the float32 recurrence, values and grads."""
+def check_gpu_case(case: LightningCase, key, config: LightningConfig | None = None) -> None:
+    """Compiled kernels against the float32 recurrence: values, final state and gradients."""
     q, k, v, ld, h0, seg, scale = case_inputs(case, key)
 
     def under_test(q, k, v, h0):
-        return _compiled(q, k, v, ld, initial_state=h0, segment_ids=seg, scale=scale)
+        return _compiled(q, k, v, ld, initial_state=h0, segment_ids=seg, scale=scale,
+                         config=config)
 
     def reference(q, k, v, h0):
         return jnp_recurrence(q, k, v, ld, h0, seg, scale)
@@ -268,6 +290,13 @@ def test_gpu_matches_recurrence(case, key):
     assert_close_rel(s, want_s, tol(case.dtype), "final_state")
     for name, got, want in zip(("dq", "dk", "dv", "dh0"), grads, want_grads, strict=True):
         assert_close_rel(got, want, tol(case.dtype, grad=True), name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=repr)
+def test_gpu_matches_recurrence(case, key):
+    """Compiled kernels (default config) against the float32 recurrence, values and grads."""
+    check_gpu_case(case, key)
 
 
 def chunked_reference(q, k, v, log_decay, scale, chunk: int = 64):
@@ -296,6 +325,16 @@ def chunked_reference(q, k, v, log_decay, scale, chunk: int = 64):
     xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v))
     s, o = jax.lax.scan(step, jnp.zeros((b, n, h, v.shape[-1]), jnp.float32), xs)
     return jnp.moveaxis(o, 0, 1).reshape(b, t, n, -1), s
+
+
+@pytest.mark.gpu
+def test_gpu_fused_forward_matches_recurrence(key):
+    """The compiled one-kernel forward (default config plus fused_forward) on the first GPU
+    case, values and gradients."""
+    case = GPU_CASES[0]
+    config = dataclasses.replace(LightningConfig.get_default(case.h, case.dtype),
+                                 fused_forward=True)
+    check_gpu_case(case, key, config)
 
 
 @pytest.mark.gpu
