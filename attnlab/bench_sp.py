@@ -64,12 +64,26 @@ def _log(msg: str) -> None:
 
 
 def _inputs(key, b, s, n, h, dtype, sharding=None):
-    ks = jax.random.split(key, 4)
+    """q, k, v, dout [B, S, N, H] random normal, placed by ``sharding`` (default device if None).
+
+    On an accelerator they are generated where ``sharding`` puts them (no full-size copy on
+    one device first); on CPU they come from NumPy, because compiling JAX's threefry
+    generator there costs seconds per new shape and sharding.
+    """
     shape = (b, s, n, h)
-    arrs = [jax.random.normal(kk, shape, jnp.float32).astype(dtype) for kk in ks]
-    if sharding is not None:
-        arrs = [jax.device_put(x, sharding) for x in arrs]
-    return arrs  # q, k, v, dout
+    if jax.devices()[0].platform == "cpu":
+        seed = np.asarray(jax.random.key_data(key)).astype(np.uint64).tolist()
+        rng = np.random.default_rng(seed)
+        arrs = [jnp.asarray(rng.standard_normal(shape, np.float32), dtype) for _ in range(4)]
+        return [jax.device_put(x, sharding) for x in arrs] if sharding is not None else arrs
+
+    def gen(key):
+        ks = jax.random.split(key, 4)
+        return [jax.random.normal(kk, shape, jnp.float32).astype(dtype) for kk in ks]
+
+    if sharding is None:
+        return list(jax.jit(gen)(key))
+    return list(jax.jit(gen, out_shardings=[sharding] * 4)(key))  # q, k, v, dout
 
 
 def _fwd_bwd(fn: Callable) -> Callable:
@@ -86,13 +100,16 @@ def _fwd(fn: Callable) -> Callable:
     return lambda q, k, v, do: fn(q, k, v)
 
 
-def _ring_fn(mesh, strategy, *, causal, impl, communicate=True, accum="float32"):
-    """The sharded attention as timed: inputs already in the strategy's layout."""
+def _ring_fn(mesh, strategy, *, causal, impl, communicate=True, accum="float32",
+             batch_axis=None):
+    """The sharded attention as timed: inputs already in the strategy's layout, sequence on
+    mesh axis "sp" and batch on ``batch_axis`` (or replicated)."""
     if strategy == "ulysses":
         return functools.partial(
-            sp_attention, mesh=mesh, strategy="ulysses", is_causal=causal, impl=impl
+            sp_attention, mesh=mesh, strategy="ulysses", is_causal=causal, impl=impl,
+            batch_axis=batch_axis,
         )
-    spec = P(None, "sp")
+    spec = P(batch_axis, "sp")
     per_shard = functools.partial(
         ring_attention, axis_name="sp", is_causal=causal, layout=_LAYOUT[strategy], impl=impl,
         communicate=communicate, grad_accum_dtype=None if accum == "input" else accum,
@@ -103,21 +120,27 @@ def _ring_fn(mesh, strategy, *, causal, impl, communicate=True, accum="float32")
     )
 
 
+def _memory_info(compiled: jax.stages.Compiled) -> dict[str, Any]:
+    """Per-device bytes of a compiled program: arguments + outputs + temporaries - aliases."""
+    ma = compiled.memory_analysis()
+    if ma is None:
+        return {"memory_analysis": None}
+    total = int(
+        ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+        - getattr(ma, "alias_size_in_bytes", 0)
+    )
+    return {"bytes_per_device": total, "temp_bytes": int(ma.temp_size_in_bytes)}
+
+
 def _memory_fits(fn: Callable, args: Sequence[Any], limit: int | None) -> tuple[bool, dict]:
     """Compiles fn(*args) (ShapeDtypeStructs) and compares its memory with ``limit``."""
     try:
         compiled = jax.jit(fn).lower(*args).compile()
     except Exception as e:  # noqa: BLE001 - compile-time OOM is an answer, not a crash
         return False, {"compile_error": str(e).splitlines()[0][:200]}
-    ma = compiled.memory_analysis()
-    if ma is None:
-        return True, {"memory_analysis": None}
-    total = int(
-        ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
-        - getattr(ma, "alias_size_in_bytes", 0)
-    )
-    info = {"bytes_per_device": total, "temp_bytes": int(ma.temp_size_in_bytes)}
-    return (limit is None or total <= limit), info
+    info = _memory_info(compiled)
+    total = info.get("bytes_per_device")
+    return (limit is None or total is None or total <= limit), info
 
 
 def _device_limit() -> int | None:
@@ -154,9 +177,12 @@ class Record:
             write_json(self.path, self.data)
 
 
-def _time(fn, args, repeats) -> dict[str, Any]:
+def _time(fn, args, repeats, *, warmup: int = 2) -> dict[str, Any]:
+    """Median ms of ``fn(*args)`` (jit-compiled here unless already a ``Compiled``); errors
+    (out of memory at large S, say) are returned as ``{"ms": None, "error": ...}``."""
     try:
-        t = time_call(jax.jit(fn), *args, repeats=repeats, warmup=2)
+        f = fn if isinstance(fn, jax.stages.Compiled) else jax.jit(fn)
+        t = time_call(f, *args, repeats=repeats, warmup=warmup)
         return {"ms": t.median_ms, "first_call_s": t.first_call_s}
     except Exception as e:  # noqa: BLE001 - record and go on (OOM at large S, say)
         return {"ms": None, "error": str(e).splitlines()[0][:300]}
@@ -332,6 +358,67 @@ def _load_ringattention() -> Callable:
         return mod.ring_attention
 
 
+def _search_maxlen(
+    fits: Callable[[int], tuple[bool, dict]],
+    *,
+    start: int,
+    cap: int,
+    granularity: int | None,
+    label: str = "",
+    floor: int | None = None,
+    stop: Callable[[], bool] | None = None,
+    log: Callable[[str], None] = _log,
+) -> tuple[int | None, list[dict], bool]:
+    """The longest S with ``fits(S)`` true: doubling from ``start`` until it does not fit (or
+    passes ``cap``), then bisection to ``granularity`` (None: doubling only).
+
+    With ``floor``, a ``start`` that does not fit is halved until it fits or drops below
+    ``floor``. ``stop()``, asked before every attempt, ends the search early (a time budget).
+
+    Returns:
+      (best S or None, every attempt as {"s", "fits", **info}, whether the search finished).
+    """
+    tried: list[dict] = []
+
+    def attempt(s):
+        ok, info = fits(s)
+        tried.append({"s": s, "fits": ok, **info})
+        log(f"maxlen {label} S={s}: {'fits' if ok else 'does not fit'} {info}")
+        return ok
+
+    def halted():
+        return stop is not None and stop()
+
+    s, best, bad = start, None, None
+    while s <= cap:
+        if halted():
+            return best, tried, False
+        if not attempt(s):
+            bad = s
+            break
+        best, s = s, s * 2
+    while best is None and floor is not None and bad is not None and bad // 2 >= floor:
+        if halted():
+            return best, tried, False
+        s = bad // 2
+        if attempt(s):
+            best = s
+        else:
+            bad = s
+    g = granularity
+    while g and best is not None and bad is not None and bad - best > g:
+        mid = (best + bad) // 2 // g * g
+        if mid <= best:
+            break
+        if halted():
+            return best, tried, False
+        if attempt(mid):
+            best = mid
+        else:
+            bad = mid
+    return best, tried, True
+
+
 def _maxlen(rec, args, mesh, dtype, causal) -> None:
     n_dev = len(jax.devices())
     b, n, h = args.batch, args.heads, args.head_dim
@@ -349,29 +436,10 @@ def _maxlen(rec, args, mesh, dtype, causal) -> None:
         return ok, info
 
     def search(make_fn, sharding, label):
-        """Doubling until it does not fit, then bisection to ``--maxlen-granularity``."""
-        s, best, bad, tried = args.maxlen_start, None, None, []
-
-        def attempt(s):
-            ok, info = fits(make_fn, sharding, s)
-            tried.append({"s": s, "fits": ok, **info})
-            _log(f"maxlen {label} S={s}: {'fits' if ok else 'does not fit'} {info}")
-            return ok
-
-        while s <= args.maxlen_cap:
-            if not attempt(s):
-                bad = s
-                break
-            best, s = s, s * 2
-        g = args.maxlen_granularity
-        while best is not None and bad is not None and bad - best > g:
-            mid = (best + bad) // 2 // g * g
-            if mid <= best:
-                break
-            if attempt(mid):
-                best = mid
-            else:
-                bad = mid
+        best, tried, _ = _search_maxlen(
+            lambda s: fits(make_fn, sharding, s), start=args.maxlen_start, cap=args.maxlen_cap,
+            granularity=args.maxlen_granularity, label=label,
+        )
         return best, tried
 
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -394,6 +462,18 @@ def _maxlen(rec, args, mesh, dtype, causal) -> None:
     if best1 and bestp:
         out["ratio_vs_best_single"] = bestp / best1
     rec.add("maxlen", out)
+
+
+# The pieces attnlab.bench_scaling builds on (one copy of the timing and memory search).
+make_inputs = _inputs
+fwd = _fwd
+fwd_bwd = _fwd_bwd
+sp_fn = _ring_fn
+time_fn = _time
+memory_info = _memory_info
+memory_fits = _memory_fits
+device_memory_limit = _device_limit
+search_maxlen = _search_maxlen
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
