@@ -4,8 +4,10 @@
 #
 # Run from the repo root there (the device tool's working tree):
 #   bash scripts/gpu_check.sh [steps]         # carry [".whl"] as well to time tokamax
-# steps: any of tests, info, bench, decode, memory, lightning, model, sp (default: the first
-# five; lightning/model/sp are the later issues' benchmarks and are asked for by name). Each step fits
+# steps: any of tests, info, bench, decode, memory, lightning, model, sp, scaling (default: the
+# first five; lightning/model/sp/scaling are the later issues' benchmarks and are asked for by
+# name; scaling needs several GPUs and a call of its own: `bash scripts/gpu_check.sh scaling` on
+# nvidia-h200-x8 with timeout_s=600, see attnlab/bench_scaling.py). Each step fits
 # the budget given below; split them over two calls when all do not fit one 10-minute call.
 # The package is not installed on that machine (JAX 0.11.2, Python 3.12, no network), so it
 # runs from the tree through PYTHONPATH. Results land in $OUT (the tool's output folder).
@@ -51,6 +53,7 @@ STEPS=${*:-tests info bench decode memory}
 LIGHTNING_TIMEOUT=${LIGHTNING_TIMEOUT:-300}
 MODEL_TIMEOUT=${MODEL_TIMEOUT:-300}
 SP_TIMEOUT=${SP_TIMEOUT:-500}
+SCALING_TIMEOUT=${SCALING_TIMEOUT:-570}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 
 if want tests; then
@@ -108,6 +111,14 @@ if want sp && [ -f attnlab/bench_sp.py ]; then
 echo "== bench sequence parallelism (needs >= 2 GPUs)"
 timeout "$SP_TIMEOUT" python3 -m attnlab.bench_sp --out "$OUT/bench_sp.json" \
   2>&1 | tee "$OUT/bench_sp.log"
+[ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+fi
+
+if want scaling && [ -f attnlab/bench_scaling.py ]; then
+echo "== bench scaling (meshes 1, 2, 4, 8 and 2x4 of the visible GPUs; ring, zigzag, striped,"
+echo "   Ulysses, LASP, LASP-2; budget SCALING_TIMEOUT - 30 s, JSON rewritten after every row)"
+timeout "$SCALING_TIMEOUT" python3 -m attnlab.bench_scaling --budget-s $((SCALING_TIMEOUT - 30)) \
+  --out "$OUT/bench_scaling.json" --plot "$OUT/bench_scaling.png" 2>&1 | tee "$OUT/bench_scaling.log"
 [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
 fi
 
