@@ -26,6 +26,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from attnlab.ops import lightning as _L
+from attnlab.ops._vma import like_vma
 from attnlab.ops.lightning import LightningArgs
 
 
@@ -87,6 +88,9 @@ def lasp_shard(
         x0 = jnp.zeros(state.shape, jnp.float32)
     first = idx == 0
     x = jnp.where(first, x0, 0.0)  # device 0 starts from the initial state, the others wait
+    # The ring carry takes on every axis the block states vary over (data axes too), so its
+    # start must vary over them already (a zero or replicated x0 varies over none).
+    x = like_vma(x, state)
 
     def ring_step(x, _):
         y = carry * x + state  # this block's outgoing state, given its current incoming state

@@ -84,6 +84,29 @@ def test_sharded_equals_single_device(algo, mesh_shape, key):
         _close(a, b, REL_TOL, name)
 
 
+@pytest.mark.parametrize("algo", sorted(ALGOS))
+def test_data_axis_without_initial_state(algo, key):
+    """(dp=2, sp=4) with no initial state: the zero start must vary over the data axis too
+    (shard_map's varying-axes check refused LASP's ring carry before)."""
+    mesh = jax.make_mesh((2, 4), ("dp", "sp"), axis_types=(AxisType.Auto,) * 2)
+    q, k, v, s0, seg, decay = _inputs(key, p=4)
+    kw = dict(decay=decay, segment_ids=seg, return_state=True, chunk_size=4)
+
+    def single(q, k, v, s0):
+        return L.lightning_attention(q, k, v, impl="xla", **kw)
+
+    def sharded(q, k, v, s0):
+        return ALGOS[algo](q, k, v, mesh=mesh, batch_axis="dp", **kw)
+
+    (_, (wo, ws)), wg = jax.jit(_loss_fn(single))(q, k, v, s0)
+    with jax.set_mesh(mesh):
+        (_, (o, s)), g = jax.jit(_loss_fn(sharded))(q, k, v, s0)
+    _close(o, wo, REL_TOL, "o")
+    _close(s, ws, REL_TOL, "final state")
+    for name, a, b in zip(("dq", "dk", "dv"), g[:3], wg[:3]):
+        _close(a, b, REL_TOL, name)
+
+
 def _all_gathers(hlo: str) -> list[str]:
     """Shapes of the all-gather ops (sync or async start) in compiled HLO text."""
     return re.findall(r"= (\w+\[[\d,]*\])\S* all-gather(?:-start)?\(", hlo)
