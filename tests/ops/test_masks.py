@@ -20,7 +20,7 @@ from attnlab.ops.masks import (
 from tests.helpers import random_segments
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
     t=st.integers(1, 40),

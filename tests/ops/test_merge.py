@@ -26,7 +26,7 @@ def _chunked(q, k, v, cuts, impl, **kwargs):
     return merge_n(outs, lses)
 
 
-@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**31 - 1),
     s=st.integers(4, 48),
