@@ -59,6 +59,27 @@ def test_lightning_then_softmax_equals_single_device(strategy, key):
             raise AssertionError(f"sequence gathered: {line.strip()[:200]}")
 
 
+def test_rule_registry():
+    """Kinds resolve to their rules; a new mechanism registers one; duplicates are refused."""
+    from sharding import hybrid
+
+    mesh = jax.make_mesh((8,), ("sp",), axis_types=(AxisType.Explicit,))
+    assert {"L", "lightning", "S", "softmax"} <= set(hybrid.rules())
+    try:
+        @hybrid.register_rule("Z", "zattn")
+        def _z(plan, q, k, v, **kw):
+            return plan.seq_axis, q, kw
+
+        assert HybridParallel(mesh=mesh).layer("zattn")(1, 2, 3, w=4) == ("sp", 1, {"w": 4})
+        with pytest.raises(ValueError, match=r"\['Z'\] already have a sequence-parallel rule"):
+            hybrid.register_rule("Z")(_z)
+    finally:
+        hybrid._RULES.pop("Z", None)
+        hybrid._RULES.pop("zattn", None)
+    with pytest.raises(ValueError, match="at least one layer kind"):
+        hybrid.register_rule()
+
+
 def test_bad_layer_kind_and_axis():
     mesh = jax.make_mesh((8,), ("sp",), axis_types=(AxisType.Explicit,))
     with pytest.raises(ValueError, match="no sequence-parallel rule"):
