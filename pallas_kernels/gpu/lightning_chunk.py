@@ -190,6 +190,22 @@ def _intra_decay(ld, e, rel):
 # ----------------------------------------------------------------------------- kernels
 
 
+def _chunk_output(q, k, v, s, ld, e, rel, scale, precision):
+    """[C, BV] f32: one chunk's output, intra-chunk [(scale Q K^T) . D] V plus the inter-chunk
+    term from the state ``s`` entering it (used in the input dtype, as the states are stored)."""
+    a = dot(q, k, tb=True, precision=precision) * (scale * _intra_decay(ld, e, rel))
+    o = dot(a.astype(v.dtype), v, precision=precision)
+    inter = dot(q, s.astype(q.dtype), precision=precision)
+    return o + (scale * _row_gate(ld, e, rel))[:, None] * inter
+
+
+def _next_state(s, k, v, ld, e, valid, rel, precision):
+    """[BK, BV] f32: the state after a chunk, from the float32 state ``s`` entering it."""
+    w, gamma = _key_gate(ld, e, valid, rel)
+    kw = (k.astype(jnp.float32) * w[:, None]).astype(k.dtype)
+    return gamma * s + dot(kw, v, ta=True, precision=precision)
+
+
 def _states_kernel(
     ld_ref,  # [_LANES] f32: log lambda of this head, broadcast
     rel_ref,  # [Tp] int32 run ids (chunk_run_ids), or None
@@ -217,9 +233,7 @@ def _states_kernel(
         v = v_ref[pl.ds(start, chunk), :]
         rel = None if rel_ref is None else rel_ref[pl.ds(start, chunk)]
         e, valid = _real_counts(c, chunk, t)
-        w, gamma = _key_gate(ld, e, valid, rel)
-        kw = (k.astype(jnp.float32) * w[:, None]).astype(k.dtype)
-        return gamma * s + dot(kw, v, ta=True, precision=precision)
+        return _next_state(s, k, v, ld, e, valid, rel, precision)
 
     ht_ref[...] = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(jnp.float32))
 
@@ -242,11 +256,8 @@ def _fwd_kernel(
     ld = ld_ref[0]
     rel = None if rel_ref is None else rel_ref[...]
     e, _ = _real_counts(c, chunk, t)
-    q, k, v = q_ref[...], k_ref[...], v_ref[...]
-    a = dot(q, k, tb=True, precision=precision) * (scale * _intra_decay(ld, e, rel))
-    o = dot(a.astype(v.dtype), v, precision=precision)
-    inter = dot(q, s_ref[...].astype(q.dtype), precision=precision)
-    o = o + (scale * _row_gate(ld, e, rel))[:, None] * inter
+    o = _chunk_output(q_ref[...], k_ref[...], v_ref[...], s_ref[...], ld, e, rel, scale,
+                      precision)
     o_ref[...] = o.astype(o_ref.dtype)
 
 
@@ -278,14 +289,9 @@ def _fused_fwd_kernel(
         v = v_ref[pl.ds(start, chunk), :]
         rel = None if rel_ref is None else rel_ref[pl.ds(start, chunk)]
         e, valid = _real_counts(c, chunk, t)
-        a = dot(q, k, tb=True, precision=precision) * (scale * _intra_decay(ld, e, rel))
-        o = dot(a.astype(v.dtype), v, precision=precision)
-        inter = dot(q, s.astype(q.dtype), precision=precision)
-        o = o + (scale * _row_gate(ld, e, rel))[:, None] * inter
+        o = _chunk_output(q, k, v, s, ld, e, rel, scale, precision)
         o_ref[pl.ds(start, chunk), :] = o.astype(o_ref.dtype)
-        w, gamma = _key_gate(ld, e, valid, rel)
-        kw = (k.astype(jnp.float32) * w[:, None]).astype(k.dtype)
-        return gamma * s + dot(kw, v, ta=True, precision=precision)
+        return _next_state(s, k, v, ld, e, valid, rel, precision)
 
     ht_ref[...] = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(jnp.float32))
 
