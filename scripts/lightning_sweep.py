@@ -21,21 +21,45 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from attnlab import bench as _bench
 from attnlab import bench_lightning as BL
 from attnlab.ops import lightning as L
 from pallas_kernels.gpu.lightning_chunk import LightningConfig
 
 
 def _median_ms(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+    return _bench.time_call(fn, *args, repeats=repeats, warmup=1).median_ms
+
+
+def measure(cfg: LightningConfig, pass_: str, q, k, v, do, decay, ref, tol: float,
+            repeats: int) -> dict[str, Any]:
+    """Times one config's forward (after checking it against ``ref``, the xla output) or
+    forward+backward (``jax.grad`` of a dot with ``do``): status, ms, mtok_s, max_abs_err."""
+    def fwd(q, k, v):
+        return L.lightning_attention(q, k, v, decay=decay, impl="pallas_triton", config=cfg)
+
+    row: dict[str, Any] = {}
+    try:
+        if pass_ == "fwd":
+            fn = jax.jit(fwd)
+            err = float(jnp.max(jnp.abs(fn(q, k, v).astype(jnp.float32)
+                                        - ref.astype(jnp.float32))))
+            row["max_abs_err"] = err
+            if not err <= tol:
+                row["status"] = f"wrong: max abs err {err:.3g} > {tol:.3g}"
+                return row
+        else:
+            fn = jax.jit(jax.grad(
+                lambda q, k, v: jnp.vdot(fwd(q, k, v).astype(jnp.float32),
+                                         do.astype(jnp.float32)),
+                argnums=(0, 1, 2)))
+        ms = _median_ms(fn, (q, k, v), repeats)
+        b, t = q.shape[:2]
+        row.update(status="ok", ms=ms, mtok_s=b * t / ms / 1e3)
+    except Exception as e:  # a config that does not compile (shared memory, say)
+        row["status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
+    return row
 
 
 def forward_candidates() -> list[LightningConfig]:
@@ -94,25 +118,7 @@ def grid(a: argparse.Namespace) -> int:
                     record["stopped"] = "budget"
                     break
                 row = {"T": t, "B": b, "config": name, "pass": pass_}
-                try:
-                    def fwd(q, k, v, cfg=cfg):
-                        return L.lightning_attention(q, k, v, decay=decay,
-                                                     impl="pallas_triton", config=cfg)
-                    if pass_ == "fwd":
-                        fn = jax.jit(fwd)
-                        err = float(jnp.max(jnp.abs(fn(q, k, v).astype(jnp.float32)
-                                                    - ref.astype(jnp.float32))))
-                        row["max_abs_err"] = err
-                        assert err <= tol, f"max abs err {err:.3g} > {tol:.3g}"
-                    else:
-                        fn = jax.jit(jax.grad(
-                            lambda q, k, v, fwd=fwd, do=do: jnp.vdot(
-                                fwd(q, k, v).astype(jnp.float32), do.astype(jnp.float32)),
-                            argnums=(0, 1, 2)))
-                    ms = _median_ms(fn, (q, k, v), a.repeats)
-                    row.update(status="ok", ms=ms, mtok_s=b * t / ms / 1e3)
-                except Exception as e:
-                    row["status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
+                row.update(measure(cfg, pass_, q, k, v, do, decay, ref, tol, a.repeats))
                 rows.append(row)
                 print(f"T={t} {name:12s} {pass_:6s} {row.get('mtok_s', 0):6.1f} {row['status']}",
                       flush=True)
@@ -148,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     b = max(1, a.tokens // t)
     ks = jax.random.split(jax.random.key(0), 4)
     q, k, v, do = (jax.random.normal(kk, (b, t, n, h), jnp.bfloat16) for kk in ks)
-    log_decay = jnp.log(L.minimax_decay(n, BL.LAYER_IDX, BL.NUM_LAYERS)).astype(jnp.float32)
-    ref = jax.jit(lambda q, k, v: L.lightning_attention(q, k, v, decay=jnp.exp(log_decay),
+    decay = jnp.asarray(L.minimax_decay(n, BL.LAYER_IDX, BL.NUM_LAYERS))
+    ref = jax.jit(lambda q, k, v: L.lightning_attention(q, k, v, decay=decay,
                                                         impl="xla"))(q, k, v)
     tol = 2e-2 * float(jnp.max(jnp.abs(ref.astype(jnp.float32)))) + 2e-2
     rows: list[dict[str, Any]] = []
@@ -161,42 +167,16 @@ def main(argv: list[str] | None = None) -> int:
         with open(a.out, "w") as f:
             json.dump(record, f, indent=1)
 
-    def fwd_fn(cfg):
-        return jax.jit(lambda q, k, v: L.lightning_attention(
-            q, k, v, decay=jnp.exp(log_decay), impl="pallas_triton", config=cfg))
-
-    def fwdbwd_fn(cfg):
-        def loss(q, k, v):
-            o = L.lightning_attention(q, k, v, decay=jnp.exp(log_decay), impl="pallas_triton",
-                                      config=cfg)
-            return jnp.vdot(o.astype(jnp.float32), do.astype(jnp.float32))
-        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-
-    def measure(cfg, pass_):
-        row = {"pass": pass_, "config": dataclasses.asdict(cfg)}
-        try:
-            if pass_ == "fwd":
-                fn = fwd_fn(cfg)
-                err = float(jnp.max(jnp.abs(fn(q, k, v).astype(jnp.float32)
-                                            - ref.astype(jnp.float32))))
-                row["max_abs_err"] = err
-                if not err <= tol:
-                    row["status"] = f"wrong: max abs err {err:.3g} > {tol:.3g}"
-                    return row
-            else:
-                fn = fwdbwd_fn(cfg)
-            ms = _median_ms(fn, (q, k, v), a.repeats)
-            row.update(status="ok", ms=ms, mtok_s=b * t / ms / 1e3)
-        except Exception as e:  # a config that does not compile (shared memory, say)
-            row["status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
-        return row
+    def measure_row(cfg, pass_):
+        return {"pass": pass_, "config": dataclasses.asdict(cfg),
+                **measure(cfg, pass_, q, k, v, do, decay, ref, tol, a.repeats)}
 
     def over_budget() -> bool:
         return time.perf_counter() - t_start > a.budget_s
 
     default = LightningConfig.get_default(h, jnp.bfloat16)
     for pass_ in ("fwd", "fwdbwd"):
-        r = measure(default, pass_)
+        r = measure_row(default, pass_)
         r["default"] = True
         rows.append(r)
         print(f"default {pass_}: {r.get('mtok_s', r['status'])}", flush=True)
@@ -213,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         if over_budget():
             record["stopped"] = "budget"
             break
-        r = measure(cfg, "fwd")
+        r = measure_row(cfg, "fwd")
         rows.append(r)
         print(f"fwd {r.get('mtok_s', 0):7.1f} {r['status'][:60]} {cfg}", flush=True)
         flush()
@@ -225,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             record["stopped"] = "budget"
             break
         cfg = dataclasses.replace(base, num_warps_bwd=wb, num_stages_bwd=sb)
-        r = measure(cfg, "fwdbwd")
+        r = measure_row(cfg, "fwdbwd")
         rows.append(r)
         print(f"fwdbwd {r.get('mtok_s', 0):7.1f} {r['status'][:60]} {cfg}", flush=True)
         flush()
