@@ -42,6 +42,19 @@ def grad_rtol(dtype) -> float:
     return GRAD_RTOL[jnp.dtype(dtype).type]
 
 
+def assert_bf16_value_and_grads_close(got, want) -> None:
+    """(out, (dq, dk, dv)) of a bfloat16 run against the same from a reference: the value
+    table's absolute tolerance for out, absolute plus relative (to the largest reference
+    entry) for each gradient."""
+    def f32(x):
+        return np.asarray(x, np.float32)
+
+    np.testing.assert_allclose(f32(got[0]), f32(want[0]), atol=fwd_tol(jnp.bfloat16))
+    for name, g, wg in zip(("dq", "dk", "dv"), got[1], want[1], strict=True):
+        tol = grad_tol(jnp.bfloat16, name) + grad_rtol(jnp.bfloat16) * np.abs(f32(wg)).max()
+        np.testing.assert_allclose(f32(g), f32(wg), atol=tol, err_msg=name)
+
+
 def lse_tol(dtype) -> float:
     return LSE_TOL[jnp.dtype(dtype).type]
 

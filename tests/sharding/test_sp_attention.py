@@ -21,9 +21,9 @@ from sharding.api import attention
 from sharding.layouts import permute, unpermute
 from sharding.ring import ring_attention
 from tests.helpers import (
+    assert_bf16_value_and_grads_close,
     check_sp_collectives,
     fwd_tol,
-    grad_rtol,
     grad_tol,
     random_qkv,
     random_segments,
@@ -221,14 +221,7 @@ def test_zigzag_bfloat16(key):
     )
     with jax.set_mesh(mesh):
         got = jax.jit(lambda q, k, v: _value_and_grad(fn, q, k, v, w))(q, k, v)
-
-    def f32(x):
-        return np.asarray(x, np.float32)
-
-    np.testing.assert_allclose(f32(got[0]), f32(want[0]), atol=fwd_tol(jnp.bfloat16))
-    for name, g, wg in zip(("dq", "dk", "dv"), got[1], want[1]):
-        tol = grad_tol(jnp.bfloat16, name) + grad_rtol(jnp.bfloat16) * np.abs(f32(wg)).max()
-        np.testing.assert_allclose(f32(g), f32(wg), atol=tol, err_msg=name)
+    assert_bf16_value_and_grads_close(got, want)
 
 
 def test_unrolled_ring_as_on_accelerators(key, monkeypatch):

@@ -9,13 +9,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax.sharding import AxisType
 
 from attnlab.ops import attention as single_attention
 from sharding.api import attention
-from tests.helpers import fwd_tol, grad_rtol, grad_tol, random_qkv
+from tests.helpers import assert_bf16_value_and_grads_close, random_qkv
 
 
 @pytest.mark.gpu
@@ -40,11 +39,4 @@ def test_strategy_on_gpus_matches_one_gpu(strategy, key):
     fn = functools.partial(attention, mesh=mesh, strategy=strategy, is_causal=True)
     with jax.set_mesh(mesh):
         got = jax.jit(lambda q, k, v: value_and_grad(fn))(q, k, v)
-
-    def f32(x):
-        return np.asarray(x, np.float32)
-
-    np.testing.assert_allclose(f32(got[0]), f32(want[0]), atol=fwd_tol(jnp.bfloat16))
-    for name, g, wg in zip(("dq", "dk", "dv"), got[1], want[1]):
-        tol = grad_tol(jnp.bfloat16, name) + grad_rtol(jnp.bfloat16) * np.abs(f32(wg)).max()
-        np.testing.assert_allclose(f32(g), f32(wg), atol=tol, err_msg=name)
+    assert_bf16_value_and_grads_close(got, want)
