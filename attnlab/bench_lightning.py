@@ -26,6 +26,7 @@ import argparse
 import datetime
 import functools
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -109,8 +110,6 @@ def _time_fla(fla, q, k, v, do, pass_: str, repeats: int, warmup: int) -> tuple[
     """fla's median ms per call, two ways: (wall clock around the call and a
     ``torch.cuda.synchronize``, the harness the JAX candidates get; CUDA events around the call,
     which leave out the launch and the synchronisation)."""
-    import time
-
     torch, fn = fla
 
     def to_t(x):
