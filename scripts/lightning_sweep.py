@@ -35,7 +35,8 @@ def _median_ms(fn, args, repeats: int) -> float:
 def measure(cfg: LightningConfig, pass_: str, q, k, v, do, decay, ref, tol: float,
             repeats: int) -> dict[str, Any]:
     """Times one config's forward (after checking it against ``ref``, the xla output) or
-    forward+backward (``jax.grad`` of a dot with ``do``): status, ms, mtok_s, max_abs_err."""
+    forward+backward (the output and its pullback of ``do``): status, ms, mtok_s,
+    max_abs_err."""
     def fwd(q, k, v):
         return L.lightning_attention(q, k, v, decay=decay, impl="pallas_triton", config=cfg)
 
@@ -50,10 +51,14 @@ def measure(cfg: LightningConfig, pass_: str, q, k, v, do, decay, ref, tol: floa
                 row["status"] = f"wrong: max abs err {err:.3g} > {tol:.3g}"
                 return row
         else:
-            fn = jax.jit(jax.grad(
-                lambda q, k, v: jnp.vdot(fwd(q, k, v).astype(jnp.float32),
-                                         do.astype(jnp.float32)),
-                argnums=(0, 1, 2)))
+            # The output is returned: a pass that only took gradients would let XLA drop the
+            # forward kernels (their output is not needed by the backward), timing the
+            # backward alone.
+            def fn(q, k, v):
+                o, pullback = jax.vjp(fwd, q, k, v)
+                return o, pullback(do)
+
+            fn = jax.jit(fn)
         ms = _median_ms(fn, (q, k, v), repeats)
         b, t = q.shape[:2]
         row.update(status="ok", ms=ms, mtok_s=b * t / ms / 1e3)
@@ -77,31 +82,40 @@ def forward_candidates() -> list[LightningConfig]:
     return out
 
 
+_C128 = dict(chunk=128, block_v=128, block_k_state=128, block_v_state=64, num_warps=8,
+             num_warps_state=8, num_stages_bwd=2)
 GRID = {
     "c64": LightningConfig(),
-    "c128": LightningConfig(chunk=128, block_v=128, block_k_state=128, block_v_state=64,
-                            num_warps=8, num_warps_state=8, num_stages_bwd=2),
-    # One-kernel forward (no per-chunk states); the backward stays two-phase.
-    "c64_fused": LightningConfig(block_v_state=64, num_warps_state=4, fused_forward=True),
-    "c128_fused": LightningConfig(chunk=128, block_v=128, block_k_state=128, block_v_state=64,
-                                  num_warps=8, num_warps_state=8, num_stages_bwd=2,
-                                  fused_forward=True),
+    "c128": LightningConfig(**_C128),
+    # Fused forward (the output kernel's tile and warps, automatic segments unless named);
+    # the backward is the two-phase one.
+    "f128": LightningConfig(**_C128, fused_forward=True),
+    "f128_v64": LightningConfig(**{**_C128, "block_v": 64}, fused_forward=True),
+    "f128_w16": LightningConfig(**{**_C128, "num_warps": 16}, fused_forward=True),
+    "f128_g16": LightningConfig(**_C128, fused_forward=True, segment_chunks=16),
+    "f128_g64": LightningConfig(**_C128, fused_forward=True, segment_chunks=64),
+    "f64_w8": LightningConfig(block_v=128, num_warps=8, fused_forward=True),
+    "f64_v64": LightningConfig(block_v=64, num_warps=4, fused_forward=True),
     "c64_s64x128": LightningConfig(block_k_state=64, block_v_state=128, num_warps_state=8,
                                    num_warps_bwd=4),
-    "c64_s32x32": LightningConfig(block_k_state=32, block_v_state=32, num_warps_bwd=4),
     "c128_s64x32": LightningConfig(chunk=128, block_v=128, block_k_state=64, block_v_state=32,
                                    num_warps=8, num_stages_bwd=2),
 }
 
 
 def grid(a: argparse.Namespace) -> int:
-    """Every GRID config at every T, forward and forward+backward, plus fla, in one JSON."""
+    """The chosen GRID configs at every T (--passes), plus fla, in one JSON."""
     t_start = time.perf_counter()
     n, h = a.heads, a.head_dim
+    names = [x for x in a.configs.split(",") if x] if a.configs else list(GRID)
+    unknown = sorted(set(names) - set(GRID))
+    if unknown:
+        raise SystemExit(f"unknown --configs {unknown}; known: {sorted(GRID)}")
+    passes = a.passes.split(",")
     rows: list[dict[str, Any]] = []
     record = {"device_kind": jax.devices()[0].device_kind, "jax_version": jax.__version__,
               "N": n, "H": h, "tokens": a.tokens, "dtype": "bfloat16", "argv": sys.argv,
-              "grid": {name: dataclasses.asdict(c) for name, c in GRID.items()}, "rows": rows}
+              "grid": {name: dataclasses.asdict(GRID[name]) for name in names}, "rows": rows}
     decay = jnp.asarray(L.minimax_decay(n, BL.LAYER_IDX, BL.NUM_LAYERS))
     fla = BL._fla()
     for t in (int(x) for x in a.seq_lens.split(",")):
@@ -112,24 +126,25 @@ def grid(a: argparse.Namespace) -> int:
         ref = jax.jit(lambda q, k, v: L.lightning_attention(q, k, v, decay=decay,
                                                             impl="xla"))(q, k, v)
         tol = 2e-2 * float(jnp.max(jnp.abs(ref.astype(jnp.float32)))) + 2e-2
-        for name, cfg in GRID.items():
-            for pass_ in ("fwd", "fwdbwd"):
-                if time.perf_counter() - t_start > a.budget_s:
-                    record["stopped"] = "budget"
-                    break
-                row = {"T": t, "B": b, "config": name, "pass": pass_}
-                row.update(measure(cfg, pass_, q, k, v, do, decay, ref, tol, a.repeats))
-                rows.append(row)
-                print(f"T={t} {name:12s} {pass_:6s} {row.get('mtok_s', 0):6.1f} {row['status']}",
-                      flush=True)
         if fla is not None:
-            for pass_ in ("fwd", "fwdbwd"):
+            for pass_ in passes:
                 ms, ms_ev = BL._time_fla(fla, q, k, v, do, pass_, a.repeats, 2)
                 rows.append({"T": t, "B": b, "config": "fla", "pass": pass_, "status": "ok",
                              "ms": ms, "ms_cuda_events": ms_ev, "mtok_s": b * t / ms / 1e3})
                 print(f"T={t} fla          {pass_:6s} {rows[-1]['mtok_s']:6.1f}", flush=True)
-        with open(a.out, "w") as f:
-            json.dump(record, f, indent=1)
+        for name in names:
+            for pass_ in passes:
+                if time.perf_counter() - t_start > a.budget_s:
+                    record["stopped"] = "budget"
+                    break
+                row = {"T": t, "B": b, "config": name, "pass": pass_}
+                row.update(measure(GRID[name], pass_, q, k, v, do, decay, ref, tol,
+                                   a.repeats))
+                rows.append(row)
+                print(f"T={t} {name:12s} {pass_:6s} {row.get('mtok_s', 0):6.1f} {row['status']}",
+                      flush=True)
+            with open(a.out, "w") as f:
+                json.dump(record, f, indent=1)
     return 0
 
 
@@ -145,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", action="store_true",
                    help="time the named GRID configs at every --seq-lens T (fwd and fwdbwd)")
     p.add_argument("--seq-lens", default="2048,8192,32768,131072")
+    p.add_argument("--configs", default="", help="comma-separated GRID names (default: all)")
+    p.add_argument("--passes", default="fwd,fwdbwd")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     if a.grid:

@@ -23,24 +23,29 @@ the final state. All decay factors are powers lambda^m with m >= 0: nothing is d
 small decay, so lambda near 0 is as stable as lambda = 1. Segment resets come in as
 :func:`pallas_kernels.common.lightning.chunk_run_ids` (one int per token).
 
-Kernels (two phases, as fla's ``chunk_lightning_attn``, so long single sequences still fill
-the GPU):
+Kernels (forward, one of two kinds):
 
-* ``lightning_states`` — grid (B, N, H/BK, Hv/BV), sequential over chunks: writes every
-  chunk's starting state (in the input dtype; the carry stays float32) and the final state.
-  State rows (key dim) and columns (value dim) are independent, hence the 2-D split.
-* ``lightning_fwd`` — grid (B, N, T/C, Hv/BV), fully parallel: intra-chunk plus inter-chunk.
-* ``lightning_fused_fwd`` (``LightningConfig.fused_forward``) — grid (B, N, Hv/BV): both
-  phases in one sequential pass per program, no per-chunk states in memory; for many short
-  sequences (B * N large), where the two phases' state traffic dominates.
-* backward: the states are recomputed by ``lightning_states``; ``lightning_dstates`` walks
+* two phases, as fla's ``chunk_lightning_attn``: ``lightning_states`` — grid
+  (B, N, H/BK, Hv/BV), sequential over chunks — writes every chunk's starting state (in the
+  input dtype; the carry stays float32) and the final state (state rows and columns are
+  independent, hence the 2-D split); ``lightning_fwd`` — grid (B, N, T/C, Hv/BV), fully
+  parallel — adds intra-chunk and inter-chunk terms.
+* fused (``LightningConfig.fused_forward``, the default for 16-bit inputs at H = 128):
+  ``lightning_fused_fwd`` — grid (B, N, S, Hv/BV) — walks the chunks of one of S segments
+  per program, the state carried in registers: no per-chunk states in memory. With S > 1
+  (long sequences, too few programs otherwise), ``lightning_segment_states`` (grid
+  (B, N, S - 1, H/BK, Hv/BV)) first computes each segment's own state from zero, and an
+  associative scan over the segments (XLA, float32) gives every segment's entering state.
+* backward: the forward's per-chunk states are saved (under differentiation the fused forward
+  writes them too); ``lightning_dstates`` walks
   the chunks backwards (grid (B, N, H/BK, Hv/BV)) writing dS at the end of every chunk and
   the initial state's cotangent; ``lightning_bwd`` (grid (B, N, T/C)) computes dq, dk, dv of
   a chunk from its states, looping over value blocks.
 
 Memory: the per-chunk states take (T/C) * H * Hv elements per (batch, head) in the input
-dtype (1 GiB for T = 128K, N = 16, H = Hv = 128, C = 64 in bf16); the backward holds two such
-arrays (states and dS).
+dtype (512 MiB for T = 128K, N = 16, H = Hv = 128, C = 128 in bf16, a third of q, k, v): the
+inference forward holds none with the fused kernel; under differentiation they are kept from
+the forward to the backward, which adds one array of dS the same size.
 """
 
 from __future__ import annotations
@@ -67,6 +72,11 @@ MAX_INTERPRET_DIM = 256
 NEG_BIG = -1e30
 # log_decay is handed to the kernels broadcast over this many lanes (a tile Triton accepts).
 _LANES = 16
+# Automatic segments of the fused forward: enough for this many programs (a few per SM of an
+# H100), none shorter than MIN_SEGMENT_CHUNKS chunks (each segment boundary costs one more
+# read of the segment's keys and values).
+FUSED_TARGET_PROGRAMS = 512
+MIN_SEGMENT_CHUNKS = 8
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -76,18 +86,21 @@ class LightningConfig:
     Attributes:
       chunk: tokens per chunk C (intra-chunk tiles are [C, C]); the sequence is padded to a
         multiple of it. Shrunk (not below 16) for sequences shorter than one chunk.
-      block_v: value columns per program of the output kernel and per step of the dq/dk/dv
-        kernel (shrunk to Hv if larger).
+      block_v: value columns per program of the output kernel (two-phase or fused) and per
+        step of the dq/dk/dv kernel (shrunk to Hv if larger).
       block_k_state, block_v_state: the [block_k_state, block_v_state] float32 state tile of
         one program of the two sequential kernels (states and dS); shrunk to H / Hv.
-      num_warps, num_stages: output kernel launch parameters.
-      num_warps_state, num_stages_state: the sequential kernels' launch parameters.
+      num_warps, num_stages: output kernel launch parameters (two-phase or fused).
+      num_warps_state, num_stages_state: the states kernels' launch parameters.
       num_warps_bwd, num_stages_bwd: the dq/dk/dv kernel's.
-      fused_forward: compute the forward with ``lightning_fused_fwd`` (one kernel, grid
-        (B, N, Hv/block_v_state), launched with the state kernel's warps and stages) instead
-        of the two phases. It writes no per-chunk states, but runs only B * N * Hv /
-        block_v_state programs, so it suits many short sequences, not one long one. Off by
-        default: interpret-verified, not yet timed on a GPU.
+      fused_forward: compute the forward with ``lightning_fused_fwd`` (grid
+        (B, N, segments, Hv/block_v), the output kernel's tile and launch parameters, the
+        state carried from chunk to chunk) instead of the two phases: it writes and reads
+        back no per-chunk states. The backward is the same either way.
+      segment_chunks: chunks walked by one program of the fused forward (the sequence is
+        split into segments of this many chunks, run in parallel); 0 picks enough segments
+        for about ``FUSED_TARGET_PROGRAMS`` programs, each of at least
+        ``MIN_SEGMENT_CHUNKS`` chunks. Ignored unless ``fused_forward``.
 
     All sizes are powers of two, at least 16 (the smallest tile Triton's dot accepts).
     """
@@ -103,6 +116,7 @@ class LightningConfig:
     num_warps_bwd: int = 8
     num_stages_bwd: int = 1
     fused_forward: bool = False
+    segment_chunks: int = 0
 
     def __post_init__(self) -> None:
         for name in ("chunk", "block_v", "block_k_state", "block_v_state"):
@@ -122,6 +136,9 @@ class LightningConfig:
                 raise ValueError(f"{name} must be a positive int, got {s!r}")
         if not isinstance(self.fused_forward, bool):
             raise ValueError(f"fused_forward must be a bool, got {self.fused_forward!r}")
+        sc = self.segment_chunks
+        if not isinstance(sc, int) or isinstance(sc, bool) or sc < 0:
+            raise ValueError(f"segment_chunks must be an int >= 0 (0: automatic), got {sc!r}")
 
     @classmethod
     def get_default(
@@ -129,13 +146,15 @@ class LightningConfig:
     ) -> LightningConfig:
         """Sizes per dtype and head dim (``device_kind`` is accepted for a future table).
 
-        16-bit inputs at H > 64: the fastest forward and a near-best forward+backward of an
-        80-config sweep on an H100 at T = 2048 (``scripts/lightning_sweep.py``;
-        ``experiments/results/lightning_sweep_2k_h100_2026-11-23.json``): 128-token chunks
-        halve the per-chunk states written and read back, 8 warps hold the [128, 128] tiles.
+        16-bit inputs at H > 64: the fused forward with [128, 128] tiles and 8 warps, the
+        fastest forward of ``scripts/lightning_sweep.py --grid`` on an H100 at T = 2K and
+        128K (``experiments/results/lightning_fused_grid_h100_2026-11-23.json``: 1.5x the
+        two-phase forward at 2K, 2x at 128K); the backward's sizes are the best
+        forward+backward of an 80-config sweep at T = 2048
+        (``experiments/results/lightning_sweep_2k_h100_2026-11-23.json``).
         float32 inputs take [C, 64] value tiles: their operand tiles are twice the bytes of
         16-bit ones and [64, 128] f32 tiles crowd the H100's shared memory. H <= 64 and
-        float32 keep the untuned 64-token chunks.
+        float32 keep the untuned 64-token chunks and the two-phase forward.
         """
         del device_kind
         if dtype is not None and jnp.dtype(dtype).itemsize > 2:
@@ -145,7 +164,8 @@ class LightningConfig:
         if head_dim is not None and head_dim <= 64:
             return cls(block_v=64, num_warps=4, num_warps_bwd=4)
         return cls(chunk=128, block_v=128, block_k_state=128, block_v_state=64, num_warps=8,
-                   num_stages=2, num_warps_state=8, num_warps_bwd=8, num_stages_bwd=2)
+                   num_stages=2, num_warps_state=8, num_warps_bwd=8, num_stages_bwd=2,
+                   fused_forward=True)
 
 
 # ----------------------------------------------------------------------------- in-kernel math
@@ -261,28 +281,64 @@ def _fwd_kernel(
     o_ref[...] = o.astype(o_ref.dtype)
 
 
+def _segment_states_kernel(
+    ld_ref,  # [_LANES] f32: log lambda of this head, broadcast
+    rel_ref,  # [Tp] int32 run ids (chunk_run_ids), or None
+    k_ref,  # [Tp, BK] keys, one state-row block
+    v_ref,  # [Tp, BV] values, one state-column block
+    local_ref,  # [BK, BV] f32 out: the state segment s leaves when it starts from zero
+    *,
+    chunk: int,
+    t: int,
+    seg_chunks: int,
+    precision,
+):
+    """One segment's own contribution to the state (every segment but the last is whole)."""
+    first = pl.program_id(2) * seg_chunks
+    ld = ld_ref[0]
+
+    def body(i, s):
+        c = first + i
+        start = pl.multiple_of(c * chunk, chunk)
+        k = k_ref[pl.ds(start, chunk), :]
+        v = v_ref[pl.ds(start, chunk), :]
+        rel = None if rel_ref is None else rel_ref[pl.ds(start, chunk)]
+        e, valid = _real_counts(c, chunk, t)
+        return _next_state(s, k, v, ld, e, valid, rel, precision)
+
+    local_ref[...] = lax.fori_loop(0, seg_chunks, body, jnp.zeros(local_ref.shape, jnp.float32))
+
+
 def _fused_fwd_kernel(
     ld_ref,  # [_LANES] f32: log lambda of this head, broadcast
     rel_ref,  # [Tp] int32 run ids, or None
     q_ref,  # [Tp, H]
     k_ref,  # [Tp, H]
     v_ref,  # [Tp, BV] one value-column block
-    h0_ref,  # [H, BV] f32 initial state block
+    h0_ref,  # [H, BV] f32 state entering this program's segment
     o_ref,  # [Tp, BV] out
-    ht_ref,  # [H, BV] f32 out: final state block
+    ht_ref,  # [H, BV] f32 out: state leaving the segment
+    states_ref=None,  # [nC * H, BV] out (input dtype), or None: the state entering each chunk
     *,
     chunk: int,
     t: int,
+    seg_chunks: int,
     scale: float,
     precision,
 ):
-    """Both phases in one pass over the chunks: each chunk's output from the state carried in
-    registers, then the state update. The state enters the inter-chunk matmul in the input
-    dtype, as the two-phase kernels store it, so both paths round alike."""
+    """Both phases in one pass over the chunks of segment ``program_id(2)``: each chunk's
+    output from the state carried in registers, then the state update. The state enters the
+    inter-chunk matmul in the input dtype, as the two-phase kernels store it, so both paths
+    round alike (and the stored states are the ones the backward needs)."""
     n_chunks = q_ref.shape[0] // chunk
+    first = pl.program_id(2) * seg_chunks
     ld = ld_ref[0]
+    h = q_ref.shape[-1]
 
-    def body(c, s):
+    def body(i, s):
+        c = first + i
+        if states_ref is not None:
+            states_ref[pl.ds(pl.multiple_of(c * h, h), h), :] = s.astype(states_ref.dtype)
         start = pl.multiple_of(c * chunk, chunk)
         q = q_ref[pl.ds(start, chunk), :]
         k = k_ref[pl.ds(start, chunk), :]
@@ -293,7 +349,10 @@ def _fused_fwd_kernel(
         o_ref[pl.ds(start, chunk), :] = o.astype(o_ref.dtype)
         return _next_state(s, k, v, ld, e, valid, rel, precision)
 
-    ht_ref[...] = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(jnp.float32))
+    # A dynamic trip count only where the last segment is short.
+    whole = n_chunks % seg_chunks == 0
+    steps = seg_chunks if whole else jnp.minimum(seg_chunks, n_chunks - first)
+    ht_ref[...] = lax.fori_loop(0, steps, body, h0_ref[...].astype(jnp.float32))
 
 
 def _dstates_kernel(
@@ -473,36 +532,111 @@ def _run_fwd(q, k, v, ld, rel, states, *, t, scale, config, interpret):
     )(ld, rel, q, k, v, states)
 
 
-def _run_fused_fwd(q, k, v, ld, h0, rel, *, t, scale, config, interpret):
-    """One-kernel forward: (o [B, Tp, N, Hv] in q's dtype, final state [B, N, H, Hv] f32)."""
-    b, tp, n, h = q.shape
+def _segments(config: LightningConfig, b: int, n: int, n_chunks: int, hv: int, bv: int
+              ) -> tuple[int, int]:
+    """(chunks per segment, number of segments) of the fused forward."""
+    g = config.segment_chunks
+    if g == 0:
+        wanted = -(-FUSED_TARGET_PROGRAMS // (b * n * (hv // bv)))
+        g = max(-(-n_chunks // wanted), MIN_SEGMENT_CHUNKS)
+    g = min(g, n_chunks)
+    return g, -(-n_chunks // g)
+
+
+def _segment_starts(k, v, ld, h0, rel, log_decay, *, t, chunk, seg_chunks, n_seg, config,
+                    interpret):
+    """[B, N, S, H, Hv] f32: the state entering each segment of the fused forward.
+
+    Segment s leaves ``gamma_s * S_in + local_s``, where ``local_s`` (a kernel) is its state
+    from zero and ``gamma_s = lambda^(real tokens) [no reset in the segment]``; an inclusive
+    associative scan of these affine maps, seeded with ``h0``, gives every entering state.
+    """
+    b, tp, n, h = k.shape
     hv = v.shape[-1]
-    chunk, _, _, bv = _plan(config, t, h, hv)
-    whole = lambda width: pl.BlockSpec(  # noqa: E731
-        (None, tp, None, width), lambda bi, ni, vb: (bi, 0, ni, 0))
-    column = pl.BlockSpec((None, tp, None, bv), lambda bi, ni, vb: (bi, 0, ni, vb))
-    state = pl.BlockSpec((None, None, h, bv), lambda bi, ni, vb: (bi, ni, 0, vb))
-    in_specs = [
-        pl.BlockSpec((None, _LANES), lambda bi, ni, vb: (ni, 0)),
-        None if rel is None else pl.BlockSpec((None, tp), lambda bi, ni, vb: (bi, 0)),
-        whole(h), whole(h), column, state,
-    ]
-    kernel = functools.partial(
-        _fused_fwd_kernel, chunk=chunk, t=t, scale=scale, precision=dot_precision(q.dtype)
-    )
-    return pl.pallas_call(
-        kernel,
-        grid=(b, n, hv // bv),
-        in_specs=in_specs,
-        out_specs=[column, state],
-        out_shape=[jax.ShapeDtypeStruct((b, tp, n, hv), q.dtype),
-                   jax.ShapeDtypeStruct((b, n, h, hv), jnp.float32)],
+    if n_seg == 1:
+        return h0[:, :, None]
+    _, _, bk, bv = _plan(config, t, h, hv)
+    local = pl.pallas_call(
+        functools.partial(_segment_states_kernel, chunk=chunk, t=t, seg_chunks=seg_chunks,
+                          precision=dot_precision(k.dtype)),
+        grid=(b, n, n_seg - 1, h // bk, hv // bv),
+        in_specs=[
+            pl.BlockSpec((None, _LANES), lambda bi, ni, si, kb, vb: (ni, 0)),
+            None if rel is None else pl.BlockSpec((None, tp), lambda bi, ni, si, kb, vb: (bi, 0)),
+            pl.BlockSpec((None, tp, None, bk), lambda bi, ni, si, kb, vb: (bi, 0, ni, kb)),
+            pl.BlockSpec((None, tp, None, bv), lambda bi, ni, si, kb, vb: (bi, 0, ni, vb)),
+        ],
+        out_specs=pl.BlockSpec((None, None, None, bk, bv),
+                               lambda bi, ni, si, kb, vb: (bi, ni, si, kb, vb)),
+        out_shape=jax.ShapeDtypeStruct((b, n, n_seg - 1, h, hv), jnp.float32),
         compiler_params=plgpu.CompilerParams(
             num_warps=config.num_warps_state, num_stages=config.num_stages_state
         ),
         interpret=interpret,
+        name="lightning_segment_states",
+    )(ld, rel, k, v)
+    seg_len = seg_chunks * chunk
+    real = jnp.clip(t - seg_len * jnp.arange(n_seg - 1), 0, seg_len).astype(jnp.float32)
+    gamma = jnp.exp(log_decay[None, :, None] * real[None, None, :])  # [1, N, S - 1]
+    gamma = jnp.broadcast_to(gamma, (b, n, n_seg - 1))
+    if rel is not None:  # a reset anywhere in the segment drops the entering state
+        runs = rel[:, : (n_seg - 1) * seg_len].reshape(b, n_seg - 1, seg_len)
+        gamma = jnp.where((jnp.max(runs, axis=-1) == 0)[:, None, :], gamma, 0.0)
+    a = jnp.concatenate([jnp.ones((b, n, 1)), gamma], axis=2)[..., None, None]
+    x = jnp.concatenate([h0[:, :, None], local], axis=2)
+
+    def compose(first, second):  # apply ``first`` then ``second``
+        (a1, x1), (a2, x2) = first, second
+        return a1 * a2, a2 * x1 + x2
+
+    return lax.associative_scan(compose, (a, x), axis=2)[1]
+
+
+def _run_fused_fwd(q, k, v, ld, h0, rel, log_decay, *, t, scale, config, interpret,
+                   with_states=False):
+    """One-kernel forward (per segment): (o [B, Tp, N, Hv] in q's dtype, final state
+    [B, N, H, Hv] f32, ``with_states``: the state entering each chunk [B, N, nC * H, Hv] in
+    q's dtype, as ``_run_states`` writes it, else None)."""
+    b, tp, n, h = q.shape
+    hv = v.shape[-1]
+    chunk, bv, _, _ = _plan(config, t, h, hv)
+    seg_chunks, n_seg = _segments(config, b, n, tp // chunk, hv, bv)
+    starts = _segment_starts(k, v, ld, h0, rel, log_decay, t=t, chunk=chunk,
+                             seg_chunks=seg_chunks, n_seg=n_seg, config=config,
+                             interpret=interpret)
+    whole = lambda width: pl.BlockSpec(  # noqa: E731
+        (None, tp, None, width), lambda bi, ni, si, vb: (bi, 0, ni, 0))
+    column = pl.BlockSpec((None, tp, None, bv), lambda bi, ni, si, vb: (bi, 0, ni, vb))
+    state = pl.BlockSpec((None, None, None, h, bv), lambda bi, ni, si, vb: (bi, ni, si, 0, vb))
+    in_specs = [
+        pl.BlockSpec((None, _LANES), lambda bi, ni, si, vb: (ni, 0)),
+        None if rel is None else pl.BlockSpec((None, tp), lambda bi, ni, si, vb: (bi, 0)),
+        whole(h), whole(h), column, state,
+    ]
+    kernel = functools.partial(
+        _fused_fwd_kernel, chunk=chunk, t=t, seg_chunks=seg_chunks, scale=scale,
+        precision=dot_precision(q.dtype),
+    )
+    out_specs = [column, state]
+    out_shape = [jax.ShapeDtypeStruct((b, tp, n, hv), q.dtype),
+                 jax.ShapeDtypeStruct((b, n, n_seg, h, hv), jnp.float32)]
+    if with_states:
+        out_specs.append(pl.BlockSpec((None, None, (tp // chunk) * h, bv),
+                                      lambda bi, ni, si, vb: (bi, ni, 0, vb)))
+        out_shape.append(jax.ShapeDtypeStruct((b, n, (tp // chunk) * h, hv), q.dtype))
+    o, leaving, *states = pl.pallas_call(
+        kernel,
+        grid=(b, n, n_seg, hv // bv),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(
+            num_warps=config.num_warps, num_stages=config.num_stages
+        ),
+        interpret=interpret,
         name="lightning_fused_fwd",
-    )(ld, rel, q, k, v, h0)
+    )(ld, rel, q, k, v, starts)
+    return o, leaving[:, :, -1], (states[0] if with_states else None)
 
 
 def _run_bwd(q, k, v, do, ld, rel, states, dstates, *, t, scale, config, interpret):
@@ -547,32 +681,41 @@ def _lanes(log_decay: jax.Array) -> jax.Array:
     return jnp.broadcast_to(log_decay.astype(jnp.float32)[:, None], (log_decay.shape[0], _LANES))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _lightning(q, k, v, log_decay, h0, rel, t, scale, config, interpret):
+def _forward(q, k, v, log_decay, h0, rel, t, scale, config, interpret, *, with_states):
+    """(o, final state, per-chunk states or None): the fused or two-phase forward; the
+    two-phase one always has the states, the fused one writes them only ``with_states``."""
     ld = _lanes(log_decay)
     if config.fused_forward:
-        return _run_fused_fwd(q, k, v, ld, h0, rel, t=t, scale=scale, config=config,
-                              interpret=interpret)
+        return _run_fused_fwd(q, k, v, ld, h0, rel, log_decay, t=t, scale=scale,
+                              config=config, interpret=interpret, with_states=with_states)
     states, ht = _run_states(q.dtype, k, v, ld, h0, rel, t=t, config=config, interpret=interpret)
     o = _run_fwd(
         q, k, v, ld, rel, states, t=t, scale=scale, config=config, interpret=interpret
     )
+    return o, ht, states
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _lightning(q, k, v, log_decay, h0, rel, t, scale, config, interpret):
+    o, ht, _ = _forward(q, k, v, log_decay, h0, rel, t, scale, config, interpret,
+                        with_states=False)
     return o, ht
 
 
 def _lightning_fwd(q, k, v, log_decay, h0, rel, t, scale, config, interpret):
-    o, ht = _lightning(q, k, v, log_decay, h0, rel, t, scale, config, interpret)
-    # The per-chunk states are recomputed in the backward pass instead of being saved: they
-    # are (T/C) H Hv per head, larger than q, k, v together when Hv >= C.
-    return (o, ht), (q, k, v, log_decay, h0, rel)
+    # The per-chunk states (the input dtype, (T/C) H Hv per head: a third of q, k, v at
+    # C = 128, H = Hv) are saved for the backward: the fused forward writes them as it walks,
+    # for much less than a recomputation by the states kernel.
+    o, ht, states = _forward(q, k, v, log_decay, h0, rel, t, scale, config, interpret,
+                             with_states=True)
+    return (o, ht), (q, k, v, log_decay, h0, rel, states)
 
 
 def _lightning_bwd(t, scale, config, interpret, res, cts):
-    q, k, v, log_decay, h0, rel = res
+    q, k, v, log_decay, h0, rel, states = res
     do, dht = cts
     do = do.astype(q.dtype)
     ld = _lanes(log_decay)
-    states, _ = _run_states(q.dtype, k, v, ld, h0, rel, t=t, config=config, interpret=interpret)
     dstates, dh0 = _run_states(
         q.dtype, q, do, ld, dht.astype(jnp.float32), rel, t=t, config=config,
         interpret=interpret, dstates=True, scale=scale,

@@ -155,20 +155,25 @@ FUSED_CPU_CONFIG = dataclasses.replace(CPU_CONFIG, fused_forward=True)
 
 
 def test_fused_forward_matches_oracle(key):
-    """The one-kernel forward (two value blocks, segments, initial state, ragged last chunk):
-    values and gradients (the backward is the two-phase one) against the reference."""
-    check_case(_interpreted, LIGHTNING_CASES[0], key, FUSED_CPU_CONFIG)
+    """The one-kernel forward over segments of two chunks (t = 40 is three chunks: a whole
+    segment and a short last one), two value blocks, segment ids, initial state, ragged last
+    chunk: values and gradients (the backward is the two-phase one) against the reference."""
+    config = dataclasses.replace(FUSED_CPU_CONFIG, segment_chunks=2)
+    check_case(_interpreted, LIGHTNING_CASES[0], key, config)
 
 
-def test_fused_forward_equals_two_phase(key):
+@pytest.mark.parametrize("segment_chunks", [0, 1])
+def test_fused_forward_equals_two_phase(segment_chunks, key):
     """bf16: the fused forward rounds the carried state as the two-phase kernels store it, so
-    the two agree far inside the reference tolerance."""
+    the two agree far inside the reference tolerance; one segment (automatic at this size)
+    and one segment per chunk (a reset inside a segment drops its entering state)."""
     case = LightningCase("bf16_fused", t=48, b=2, initial_state=True, segments=2,
                          dtype=jnp.bfloat16)
     q, k, v, ld, h0, seg, scale = case_inputs(case, key)
     kw = dict(initial_state=h0, segment_ids=seg, scale=scale, interpret=True)
     o2, s2 = lightning_attention(q, k, v, ld, config=CPU_CONFIG, **kw)
-    o1, s1 = lightning_attention(q, k, v, ld, config=FUSED_CPU_CONFIG, **kw)
+    config = dataclasses.replace(FUSED_CPU_CONFIG, segment_chunks=segment_chunks)
+    o1, s1 = lightning_attention(q, k, v, ld, config=config, **kw)
     assert_close_rel(o1, o2, 1e-2, "o fused vs two-phase")
     assert_close_rel(s1, s2, 1e-5, "state fused vs two-phase")
 
@@ -240,6 +245,7 @@ def test_compiled_head_dims_are_64_or_128():
         (dict(num_warps=3), r"num_warps must be a power of two in \[1, 32\]"),
         (dict(num_stages_bwd=0), "num_stages_bwd must be a positive int"),
         (dict(fused_forward=1), "fused_forward must be a bool"),
+        (dict(segment_chunks=-1), "segment_chunks must be an int >= 0"),
     ],
 )
 def test_bad_config(kwargs, match):
@@ -251,6 +257,8 @@ def test_config_defaults():
     assert LightningConfig.get_default(128, jnp.bfloat16).block_v == 128
     assert LightningConfig.get_default(64, jnp.bfloat16).block_v == 64
     assert LightningConfig.get_default(128, jnp.float32).block_v == 64
+    assert LightningConfig.get_default(128, jnp.bfloat16).fused_forward
+    assert not LightningConfig.get_default(64, jnp.bfloat16).fused_forward
 
 
 # ----------------------------------------------------------------------------- GPU (compiled)
@@ -328,13 +336,14 @@ def chunked_reference(q, k, v, log_decay, scale, chunk: int = 64):
 
 
 @pytest.mark.gpu
-def test_gpu_fused_forward_matches_recurrence(key):
-    """The compiled one-kernel forward (default config plus fused_forward) on the first GPU
-    case, values and gradients."""
-    case = GPU_CASES[0]
-    config = dataclasses.replace(LightningConfig.get_default(case.h, case.dtype),
-                                 fused_forward=True)
-    check_gpu_case(case, key, config)
+@pytest.mark.parametrize("case", GPU_CASES[:2], ids=repr)
+def test_gpu_other_forward_matches_recurrence(case, key):
+    """The forward the default config does not take (two-phase for bf16 at H = 128, fused
+    with automatic segments for H = 64: 8 segments, a short last one, at T = 4000), values
+    and gradients."""
+    default = LightningConfig.get_default(case.h, case.dtype)
+    check_gpu_case(case, key, dataclasses.replace(default,
+                                                  fused_forward=not default.fused_forward))
 
 
 @pytest.mark.gpu
