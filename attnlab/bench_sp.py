@@ -51,7 +51,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from attnlab.bench import environment, time_call, write_json  # noqa: E402
 from attnlab.ops import attention as single_attention  # noqa: E402
-from sharding.api import _default_check_vma  # noqa: E402
+from sharding._common import default_check_vma as _default_check_vma  # noqa: E402
 from sharding.api import attention as sp_attention  # noqa: E402
 from sharding.ring import ring_attention  # noqa: E402
 

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-import jax
+from collections.abc import Callable
+from typing import Any
 
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from attnlab.ops._registry import platform
 from attnlab.ops._vma import vary, varying
 
-__all__ = ["vary", "varying_axes", "window_pair"]
+__all__ = ["check_mesh_axes", "default_check_vma", "mesh_shard_map", "vary", "varying_axes",
+           "window_pair"]
 
 
 def varying_axes(axis_name: str, *refs) -> tuple[str, ...]:
@@ -20,3 +27,60 @@ def varying_axes(axis_name: str, *refs) -> tuple[str, ...]:
 def window_pair(left: int | None, right: int | None) -> tuple[int | None, int | None] | None:
     """A MaskSpec's window as ``local_window_size`` (None when there is no window)."""
     return None if left is None and right is None else (left, right)
+
+
+def check_mesh_axes(mesh: Mesh, axes: dict[str, str | tuple[str, ...] | None],
+                    sizes: dict[str, tuple[int, str | tuple[str, ...] | None]] | None = None
+                    ) -> None:
+    """Raises ValueError unless every named axis is one of ``mesh``'s, used once, and every
+    size is divisible by its axes.
+
+    Args:
+      axes: argument name -> axis name, tuple of names, or None (unused), e.g.
+        ``{"seq_axis": "sp", "batch_axis": None}``.
+      sizes: what -> (size, axis or axes), e.g. ``{"sequence length T": (t, "sp")}``.
+    """
+    names = tuple(mesh.axis_names)
+    used: list[str] = []
+    for arg, ax in axes.items():
+        for a in (ax,) if isinstance(ax, str) else (ax or ()):
+            if a not in names:
+                raise ValueError(
+                    f"{arg}={a!r} is not an axis of the mesh, whose axes are {names}; pass one "
+                    "of those names"
+                )
+            used.append(a)
+    if len(set(used)) != len(used):
+        raise ValueError(f"the mesh axes of {list(axes)} must be distinct, got {used}")
+    for what, (size, ax) in (sizes or {}).items():
+        group = (ax,) if isinstance(ax, str) else (ax or ())
+        parts = 1
+        for a in group:
+            parts *= mesh.shape[a]
+        if size % parts:
+            raise ValueError(
+                f"{what}={size} is not divisible by the {ax!r} mesh axis of size {parts}; pad "
+                f"it to a multiple of {parts}"
+            )
+
+
+def default_check_vma(impl: str) -> bool:
+    """``shard_map``'s ``check_vma`` where no Pallas kernel can run per block (pallas_call
+    outputs carry no varying-axes types yet): impl "xla"/"reference", or "auto" on CPU."""
+    if impl.startswith("pallas"):
+        return False
+    return not (impl == "auto" and platform() != "cpu")
+
+
+def mesh_shard_map(fn: Callable[..., Any], mesh: Mesh, args: tuple[Any, ...],
+                   in_specs: tuple[Any, ...], out_specs: Any, check_vma: bool) -> Any:
+    """``jax.shard_map(fn, ...)(*args)``, first placing ``args`` by ``in_specs`` on a mesh
+    with explicit axes (shard_map wants them placed there)."""
+    if any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+        def place(spec, sub):
+            return jax.tree.map(lambda x: jax.reshard(x, NamedSharding(mesh, spec)), sub)
+
+        args = jax.tree.map(place, tuple(in_specs), tuple(args),
+                            is_leaf=lambda s: isinstance(s, P))
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=check_vma)(*args)

@@ -13,21 +13,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from attnlab.ops._registry import platform
+from sharding._common import check_mesh_axes, default_check_vma, mesh_shard_map
 from sharding.layouts import check_layout, shard_permute, shard_unpermute
 from sharding.ring import ring_attention
 from sharding.ulysses import check_heads, ulysses_attention
-
-
-def _default_check_vma(impl: str) -> bool:
-    """False when a Pallas kernel may run per block (pallas_call has no vma types yet)."""
-    if impl.startswith("pallas"):
-        return False
-    return not (impl == "auto" and platform() != "cpu")
-
 
 STRATEGIES = ("ring", "striped", "zigzag", "ulysses")
 _LAYOUT = {"ring": "contiguous", "striped": "striped", "zigzag": "zigzag", "ulysses": "contiguous"}
@@ -108,21 +100,11 @@ def attention(
     for name, x in (("q", q), ("k", k), ("v", v)):
         if len(x.shape) != 4:
             raise ValueError(f"{name} must be [batch, seq, heads, head_dim], got {x.shape}")
-    names = tuple(mesh.axis_names)
     batch_axes = () if batch_axis is None else (
         (batch_axis,) if isinstance(batch_axis, str) else tuple(batch_axis)
     )
-    for arg, ax in [("seq_axis", seq_axis), ("head_axis", head_axis)] + [
-        ("batch_axis", a) for a in batch_axes
-    ]:
-        if ax is not None and ax not in names:
-            raise ValueError(
-                f"{arg}={ax!r} is not an axis of the mesh, whose axes are {names}; pass one "
-                "of those names"
-            )
-    used = [seq_axis, *batch_axes, *([head_axis] if head_axis else [])]
-    if len(set(used)) != len(used):
-        raise ValueError(f"seq_axis, batch_axis and head_axis must be distinct, got {used}")
+    check_mesh_axes(mesh, {"seq_axis": seq_axis, "batch_axis": batch_axes,
+                           "head_axis": head_axis})
     n_sp = mesh.shape[seq_axis]
     layout = _LAYOUT[strategy]
     t, s = q.shape[1], k.shape[1]
@@ -168,17 +150,8 @@ def attention(
             res = jax.tree.map(lambda x: shard_unpermute(x, 1, layout, seq_axis), res)
         return res
 
-    explicit = any(tp == AxisType.Explicit for tp in getattr(mesh, "axis_types", ()))
-    if explicit:
-        def put(x, spec):
-            return jax.reshard(x, NamedSharding(mesh, spec))
-
-        q, k, v = put(q, x_spec), put(k, x_spec), put(v, x_spec)
-        segs = jax.tree.map(lambda x: put(x, seg_spec), segs)
-    fn = jax.shard_map(
-        per_shard, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, seg_specs),
-        out_specs=(x_spec, row_spec) if return_residuals else x_spec,
-        check_vma=_default_check_vma(impl) if check_vma is None else check_vma,
+    return mesh_shard_map(
+        per_shard, mesh, (q, k, v, segs), (x_spec, x_spec, x_spec, seg_specs),
+        (x_spec, row_spec) if return_residuals else x_spec,
+        default_check_vma(impl) if check_vma is None else check_vma,
     )
-    return fn(q, k, v, segs)
-

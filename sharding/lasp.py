@@ -22,12 +22,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from attnlab.ops import lightning as _L
 from attnlab.ops._vma import like_vma
 from attnlab.ops.lightning import LightningArgs
+from sharding._common import check_mesh_axes, default_check_vma, mesh_shard_map
 
 
 def local_call(q, k, v, a: LightningArgs, impl: str) -> tuple[jax.Array, jax.Array]:
@@ -133,19 +134,12 @@ def sharded_lightning(
     arguments; see there).
     """
     a = _L._normalize(q, k, v, decay, initial_state, segment_ids, scale, chunk_size, config)
-    names = tuple(mesh.axis_names)
-    for arg, name in (("seq_axis", seq_axis), ("batch_axis", batch_axis),
-                      ("head_axis", head_axis)):
-        if name is not None and name not in names:
-            raise ValueError(f"{arg}={name!r} is not an axis of the mesh {names}; pass one of them")
     b, t, n, _ = q.shape
-    for what, size, axis in (("sequence length T", t, seq_axis), ("batch B", b, batch_axis),
-                             ("heads N", n, head_axis)):
-        if axis is not None and size % mesh.shape[axis]:
-            raise ValueError(
-                f"{what}={size} is not divisible by the {axis!r} mesh axis of size "
-                f"{mesh.shape[axis]}; pad it to a multiple of {mesh.shape[axis]}"
-            )
+    check_mesh_axes(
+        mesh, {"seq_axis": seq_axis, "batch_axis": batch_axis, "head_axis": head_axis},
+        {"sequence length T": (t, seq_axis), "batch B": (b, batch_axis),
+         "heads N": (n, head_axis)},
+    )
     qs = P(batch_axis, seq_axis, head_axis, None)
     ss = P(batch_axis, head_axis, None, None)
     args: dict[str, jax.Array] = {"q": q, "k": k, "v": v, "log_decay": a.log_decay}
@@ -162,12 +156,7 @@ def sharded_lightning(
             config=a.config,
         )
 
-    if any(t == AxisType.Explicit for t in mesh.axis_types):  # shard_map wants them placed
-        args = {name: jax.reshard(x, NamedSharding(mesh, specs[name])) for name, x in args.items()}
-    # pallas_call outputs carry no vma types: check them only where no kernel can run.
-    check_vma = impl in ("xla", "reference") or (impl == "auto" and _L.platform() == "cpu")
-    o, s = jax.shard_map(body, mesh=mesh, in_specs=(specs,), out_specs=(qs, ss),
-                         check_vma=check_vma)(args)
+    o, s = mesh_shard_map(body, mesh, (args,), (specs,), (qs, ss), default_check_vma(impl))
     return (o, s) if return_state else o
 
 

@@ -1,6 +1,6 @@
 """Pure functional attention ops: one module per mechanism, each with a ``reference``."""
 
-from attnlab.ops import decode, lightning, masks
+from attnlab.ops import decode, lightning, masks, star
 from attnlab.ops._xla_flash import XlaConfig
 from attnlab.ops.attention import (
     AUTO_ORDER,
@@ -34,5 +34,5 @@ __all__ = [
     "XlaDecodeConfig", "XlaLightningConfig", "alibi_slopes", "attention", "attention_bwd",
     "auto_choice", "choose", "chunk_summary", "decode", "decode_attention", "explain",
     "implementations", "lightning", "lightning_attention", "lightning_decode", "masks", "merge",
-    "merge_n", "minimax_decay", "platform", "reference", "rope", "transnormer_decay",
+    "merge_n", "minimax_decay", "platform", "reference", "rope", "star", "transnormer_decay",
 ]

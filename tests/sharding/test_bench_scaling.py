@@ -3,23 +3,18 @@
 Every configuration agrees with one device before it is timed; the communication volume read
 from the compiled HLO matches each algorithm's analytic volume (ring: (P-1)/P of K and V per
 pass; LASP-2: P states, whatever the length); a tiny budget skips the work and still leaves a
-valid JSON; star attention is reported as missing (or timed when a module provides it).
+valid JSON; star attention (``sharding.star``) is timed against the ring prefill.
 """
 
 from __future__ import annotations
 
-import importlib.machinery
 import json
-import sys
-import types
 
-import jax
 import numpy as np
 import pytest
 
 from attnlab import bench_scaling
 from attnlab.hlo_comm import comm_volume
-from sharding.api import attention as sp_attention
 
 # Reference per-block implementations compile several times faster on CPU than the xla path,
 # which keeps this test near half a minute; the committed smoke run uses the xla path.
@@ -124,8 +119,14 @@ def test_smoke_run_checks_times_and_counts_bytes(tmp_path):
     assert lasp2[128] == lasp2[256]
     assert lasp2[128]["by_op"] == {"all-gather": {"count": 2, "bytes": 2 * n * h * h * 4}}
 
-    assert data["star"]["status"] == "not implemented in this repo"
-    assert "not measured" in data["bars"]["star_prefill_speedup_8"]["status"]
+    # Star attention (sharding.star): its prefill timed against the ring's on 8 devices; its
+    # error against exact attention is recorded (star is approximate by design), not gated.
+    rec = data["star"]
+    assert rec["status"] == "measured"
+    assert [r["strategy"] for r in rec["rows"]] == ["ring_prefill", "star_prefill"]
+    assert all(r["ms"] > 0 and r["devices"] == 8 for r in rec["rows"])
+    assert rec["speedup_star_vs_ring"] > 0 and np.isfinite(rec["max_abs_err_vs_exact"])
+    assert "value" in data["bars"]["star_prefill_speedup_8"]
     assert all(b["status"].startswith("not applicable on CPU") for b in data["bars"].values())
     ring_max = [m for m in data["maxlen"] if m["strategy"] == "ring"]
     assert ring_max and ring_max[0]["max_s"] == 128 and ring_max[0]["tried"][0]["fits"]
@@ -139,32 +140,7 @@ def test_tiny_budget_skips_rows_and_leaves_valid_json(tmp_path):
     assert all(r["status"].startswith("skipped: budget") for r in on_disk["rows"])
     assert all(m["status"].startswith("skipped: budget") for m in on_disk["maxlen"])
     assert data["checks"] == [] and data["table"] == []
-    assert data["star"]["status"] == "not implemented in this repo"
-
-
-@pytest.mark.slow
-def test_star_rows_run_when_a_star_module_exists(tmp_path, monkeypatch):
-    """A stand-in ``sharding.star`` (the exact ring, so its error is ~0) is timed against the
-    ring prefill; the real module will take its place."""
-    star = types.ModuleType("sharding.star")
-    star.__spec__ = importlib.machinery.ModuleSpec("sharding.star", None)
-
-    def star_attention(q, k, v, *, mesh, seq_axis, is_causal, impl):
-        return sp_attention(q, k, v, mesh=mesh, seq_axis=seq_axis, strategy="ring",
-                            is_causal=is_causal, impl=impl)
-
-    star.star_attention = star_attention
-    monkeypatch.setitem(sys.modules, "sharding.star", star)
-    data = bench_scaling.main(["--smoke", "--meshes", "2", "--strategies", "ring", "--lightning",
-                               "", "--seqs", "128", "--no-maxlen", "--no-compute-only",
-                               "--block-impl", "reference"])
-    rec = data["star"]
-    assert rec["status"] == "measured"
-    assert [r["strategy"] for r in rec["rows"]] == ["ring_prefill", "star_prefill"]
-    assert all(r["ms"] > 0 for r in rec["rows"]) and rec["speedup_star_vs_ring"] > 0
-    assert rec["max_abs_err_vs_exact"] < 1e-4
-    assert np.isfinite(data["bars"]["star_prefill_speedup_8"].get("value", 0.0))
-    assert jax.device_count() == 8
+    assert [r["status"] for r in data["star"]["rows"]] == ["skipped: budget"]
 
 
 def test_meshes_and_lengths_are_checked_up_front():

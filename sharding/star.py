@@ -1,0 +1,253 @@
+"""Star Attention (Acharya et al. 2024, arXiv 2411.17116) over one mesh axis.
+
+Block m of the context lives on device m of ``seq_axis`` (contiguous shards, one per host in
+the paper). Two phases, defined in :mod:`attnlab.ops.star`:
+
+* **Context encoding** (:func:`star_context_shard`, :func:`star_attention`): each device
+  attends causally within its own block and, except device 0, fully to the anchor (the first
+  ``anchor_size`` tokens, on device 0); the two partial results are merged by log-sum-exp.
+  The only communication is the anchor's keys and values, broadcast once from device 0 (a
+  ``psum`` in which the other devices add zeros): ``anchor_size`` tokens, whatever the number
+  of devices and the context length. Ring attention instead passes every block's K and V
+  around the whole ring. This phase is approximate by design: a token sees the anchor and its
+  own block only (:func:`attnlab.ops.star.reference`).
+* **Query encoding and decoding** (:func:`star_query_shard`, :func:`star_query`): the query
+  block, replicated on every device, attends to each device's share of the cache; one
+  ``all_gather`` of the partial (output, log-sum-exp) pairs, then an exact merge
+  (:func:`attnlab.ops.merge.merge_n`). This is global attention over the cache, exactly.
+
+Both are plain JAX around :func:`attnlab.ops.attention` (any implementation that returns the
+log-sum-exp, e.g. the Pallas kernels), so they differentiate, though the method is meant for
+inference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from attnlab.ops._vma import like_vma
+from attnlab.ops.attention import attention as _attention
+from attnlab.ops.merge import merge, merge_n
+from attnlab.ops.star import check_blocks
+from sharding._common import check_mesh_axes, default_check_vma, mesh_shard_map
+
+
+def star_context_shard(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    axis_name: str,
+    anchor_size: int | None = None,
+    is_causal: bool = True,
+    scale: float | None = None,
+    logits_soft_cap: float | None = None,
+    impl: str = "auto",
+    config: Any = None,
+) -> jax.Array:
+    """Star Attention's context phase over ``axis_name``; call inside ``jax.shard_map``.
+
+    Args:
+      q: [B, T, N, H] this device's block of the context (block m on axis index m);
+        k: [B, T, K, H], v: [B, T, K, Hv] its keys and values.
+      axis_name: the mesh axis the context is split over.
+      anchor_size: anchor tokens (default: one whole block, T); at most T.
+      is_causal, scale, logits_soft_cap, impl, config: as :func:`attnlab.ops.attention`
+        (``impl`` must be able to return the log-sum-exp, so "auto" never picks cuDNN here).
+
+    Returns:
+      [B, T, N, Hv]: this block's output, as :func:`attnlab.ops.star.reference` of the whole
+      context with ``block_size = T``.
+    """
+    t = q.shape[1]
+    anchor = check_blocks(t, t, anchor_size)
+    first = lax.axis_index(axis_name) == 0
+
+    def from_first(x):  # device 0's anchor on every device: the others add zeros
+        a = x[:, :anchor]
+        # Typed as varying like the local block, so its cotangent is too.
+        return like_vma(lax.psum(jnp.where(first, a, jnp.zeros_like(a)), axis_name), x)
+
+    common = dict(scale=scale, logits_soft_cap=logits_soft_cap, return_residuals=True,
+                  impl=impl, config=config)
+    o_own, lse_own = _attention(q, k, v, is_causal=is_causal, **common)
+    o_anchor, lse_anchor = _attention(q, from_first(k), from_first(v), **common)
+    # Device 0's block already holds the anchor: its anchor part gets weight 0.
+    lse_anchor = jnp.where(first, -jnp.inf, lse_anchor)
+    return merge(o_own, lse_own, o_anchor, lse_anchor)[0]
+
+
+def star_query_shard(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    axis_name: str,
+    q_offset: int | jax.Array,
+    is_causal: bool = True,
+    scale: float | None = None,
+    logits_soft_cap: float | None = None,
+    return_residuals: bool = False,
+    impl: str = "auto",
+    config: Any = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Star Attention's query phase: exact attention of a replicated query block over a
+    sequence-sharded cache; call inside ``jax.shard_map``.
+
+    Args:
+      q: [B, Tq, N, H] the query block, the same on every device of ``axis_name``.
+      k: [B, S, K, H], v: [B, S, K, Hv] this device's contiguous share of the cache (keys at
+        global positions ``axis_index * S ..``).
+      axis_name: the mesh axis the cache is split over.
+      q_offset: global position of the first query (int or traced scalar); with
+        ``is_causal`` a query sees cached keys at positions <= its own.
+      return_residuals: also return the global lse [B, Tq, N] float32.
+      is_causal, scale, logits_soft_cap, impl, config: as :func:`attnlab.ops.attention`.
+
+    Returns:
+      [B, Tq, N, Hv] (and lse), the same on every device.
+    """
+    s = k.shape[1]
+    o, lse = _attention(
+        q, k, v, is_causal=is_causal, q_offset=q_offset,
+        kv_offset=lax.axis_index(axis_name) * s, scale=scale, logits_soft_cap=logits_soft_cap,
+        return_residuals=True, impl=impl, config=config,
+    )
+    outs = lax.all_gather(o, axis_name, to="invarying")
+    lses = lax.all_gather(lse, axis_name, to="invarying")
+    o, lse = merge_n(outs, lses)
+    return (o, lse) if return_residuals else o
+
+
+def star_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mesh: Mesh,
+    seq_axis: str = "sp",
+    batch_axis: str | None = None,
+    head_axis: str | None = None,
+    anchor_size: int | None = None,
+    is_causal: bool = True,
+    scale: float | None = None,
+    logits_soft_cap: float | None = None,
+    impl: str = "auto",
+    config: Any = None,
+    check_vma: bool | None = None,
+) -> jax.Array:
+    """Star Attention's context phase (prefill) with the context split over ``seq_axis``.
+
+    Args:
+      q: [B, T, N, H]; k: [B, T, K, H]; v: [B, T, K, Hv] global arrays; T must be divisible
+        by the size P of ``seq_axis`` (block size T / P, one block per device).
+      mesh: the device mesh; seq_axis, batch_axis, head_axis: its axes for the sequence, the
+        batch (data parallelism) and the heads (tensor parallelism; N and K divisible).
+      anchor_size: anchor tokens (default: one block, T / P, as in the paper).
+      is_causal, scale, logits_soft_cap, impl, config: as :func:`star_context_shard`.
+      check_vma: the ``shard_map`` flag (default: on unless a Pallas kernel may run).
+
+    Returns:
+      [B, T, N, Hv] sharded like q: :func:`attnlab.ops.star.reference` with
+      ``block_size = T / P`` (plain causal attention when P = 1).
+
+    Raises:
+      ValueError: unknown or repeated mesh axes, sizes not divisible by their axes, an anchor
+        longer than a block.
+
+    Example:
+      >>> mesh = jax.make_mesh((4,), ("sp",))
+      >>> out = star_attention(q, k, v, mesh=mesh)  # 4 blocks, anchor = block 1
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if len(x.shape) != 4:
+            raise ValueError(f"{name} must be [batch, seq, heads, head_dim], got {x.shape}")
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(
+            f"Star Attention's context phase is self-attention: q has {q.shape[1]} tokens, k "
+            f"{k.shape[1]} (use star_query for a query block over a cache)"
+        )
+    b, t, n, _ = q.shape
+    check_mesh_axes(
+        mesh, {"seq_axis": seq_axis, "batch_axis": batch_axis, "head_axis": head_axis},
+        {"sequence length T": (t, seq_axis), "batch B": (b, batch_axis),
+         "heads N": (n, head_axis), "kv heads K": (k.shape[2], head_axis)},
+    )
+    check_blocks(t, t // mesh.shape[seq_axis], anchor_size)
+    spec = P(batch_axis, seq_axis, head_axis, None)
+
+    def per_shard(q, k, v):
+        return star_context_shard(
+            q, k, v, axis_name=seq_axis, anchor_size=anchor_size, is_causal=is_causal,
+            scale=scale, logits_soft_cap=logits_soft_cap, impl=impl, config=config,
+        )
+
+    return mesh_shard_map(per_shard, mesh, (q, k, v), (spec, spec, spec), spec,
+                          default_check_vma(impl) if check_vma is None else check_vma)
+
+
+def star_query(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mesh: Mesh,
+    seq_axis: str = "sp",
+    batch_axis: str | None = None,
+    head_axis: str | None = None,
+    q_offset: int | jax.Array | None = None,
+    is_causal: bool = True,
+    scale: float | None = None,
+    logits_soft_cap: float | None = None,
+    return_residuals: bool = False,
+    impl: str = "auto",
+    config: Any = None,
+    check_vma: bool | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Star Attention's query phase: a query block [B, Tq, N, H] over a cache [B, S, K, H]
+    split over ``seq_axis``; exactly :func:`attnlab.ops.attention` of the whole cache.
+
+    Args:
+      q: [B, Tq, N, H] (replicated over ``seq_axis``); k: [B, S, K, H]; v: [B, S, K, Hv] the
+        cache, S divisible by the size of ``seq_axis``.
+      q_offset: global position of the first query (default S: the query follows the cache).
+      mesh, seq_axis, batch_axis, head_axis, check_vma: as :func:`star_attention`.
+      is_causal, scale, logits_soft_cap, return_residuals, impl, config: as
+        :func:`star_query_shard`.
+
+    Returns:
+      [B, Tq, N, Hv] replicated over ``seq_axis`` (and lse [B, Tq, N]).
+
+    Example:
+      >>> out = star_query(q_block, k_cache, v_cache, mesh=mesh)
+    """
+    b, s, kh, _ = k.shape
+    check_mesh_axes(
+        mesh, {"seq_axis": seq_axis, "batch_axis": batch_axis, "head_axis": head_axis},
+        {"cache length S": (s, seq_axis), "batch B": (b, batch_axis),
+         "heads N": (q.shape[2], head_axis), "kv heads K": (kh, head_axis)},
+    )
+    offset = s if q_offset is None else q_offset
+    q_spec = P(batch_axis, None, head_axis, None)
+    kv_spec = P(batch_axis, seq_axis, head_axis, None)
+    out_specs = (q_spec, P(batch_axis, None, head_axis)) if return_residuals else q_spec
+
+    def per_shard(q, k, v, offset):
+        return star_query_shard(
+            q, k, v, axis_name=seq_axis, q_offset=offset, is_causal=is_causal, scale=scale,
+            logits_soft_cap=logits_soft_cap, return_residuals=return_residuals, impl=impl,
+            config=config,
+        )
+
+    return mesh_shard_map(per_shard, mesh, (q, k, v, jnp.asarray(offset, jnp.int32)),
+                          (q_spec, kv_spec, kv_spec, P()), out_specs,
+                          default_check_vma(impl) if check_vma is None else check_vma)
+
+
+__all__ = ["star_attention", "star_context_shard", "star_query", "star_query_shard"]

@@ -1,0 +1,141 @@
+"""Star Attention on simulated CPU devices: the context phase equals its definition
+(:func:`attnlab.ops.star.reference`, values and gradients) and moves only the anchor; the query
+phase equals exact attention over the whole cache."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnlab.hlo_comm import comm_volume
+from attnlab.ops import reference as attention_reference
+from attnlab.ops import star
+from sharding.star import star_attention, star_query
+
+F32_TOL = 2e-5  # float32 both ways; only the merge's sum order differs
+# The per-block attention: "reference" compiles fastest on CPU; the gradient test also runs
+# the flash-style "xla" path (its custom VJP meets the anchor's psum there).
+IMPL = "reference"
+
+
+def _close(got, want, what, rtol=F32_TOL):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    scale = max(1.0, float(np.abs(want).max()))
+    err = float(np.abs(got - want).max())
+    assert np.isfinite(got).all(), f"{what} has NaN/inf"
+    assert err <= rtol * scale, f"{what}: max abs err {err:.3e} > {rtol:.0e} * {scale:.3g}"
+
+
+def _qkv(key, b=1, t=32, n=4, kh=2, h=16):
+    kq, kk, kv = jax.random.split(key, 3)
+    return (jax.random.normal(kq, (b, t, n, h)), jax.random.normal(kk, (b, t, kh, h)),
+            jax.random.normal(kv, (b, t, kh, h)))
+
+
+def _mesh(shape, names):
+    return jax.make_mesh(shape, names, devices=jax.devices()[: int(np.prod(shape))])
+
+
+def test_context_mask_is_the_paper_window():
+    """Block 1 alone; later blocks see the anchor and their own earlier tokens."""
+    m = star.context_mask(6, 2, 1).astype(int)
+    assert m.tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 0, 1, 0, 0, 0],
+        [1, 0, 1, 1, 0, 0],
+        [1, 0, 0, 0, 1, 0],
+        [1, 0, 0, 0, 1, 1],
+    ]
+    # One block: ordinary causal attention.
+    assert (star.context_mask(4, 4) == np.tril(np.ones((4, 4), bool))).all()
+
+
+@pytest.mark.parametrize("anchor, impl", [(None, "xla"), (3, IMPL)],
+                         ids=["anchor_block_xla", "anchor3"])
+def test_context_phase_matches_reference(anchor, impl, key):
+    """4 devices (GQA 4:2): values and gradients against the masked reference."""
+    q, k, v = _qkv(key)
+    mesh = _mesh((4,), ("sp",))
+
+    def loss(fn):
+        def f(q, k, v):
+            o = fn(q, k, v)
+            w = jnp.cos(jnp.arange(o.size, dtype=jnp.float32).reshape(o.shape))
+            return jnp.sum(o * w), o
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
+
+    (_, got), dgot = loss(lambda q, k, v: star_attention(q, k, v, mesh=mesh, anchor_size=anchor,
+                                                         impl=impl))(q, k, v)
+    (_, want), dwant = loss(lambda q, k, v: star.reference(q, k, v, block_size=8,
+                                                           anchor_size=anchor))(q, k, v)
+    _close(got, want, "o")
+    for name, g, w in zip("qkv", dgot, dwant, strict=True):
+        _close(g, w, f"d{name}")
+
+
+def test_context_phase_on_a_data_by_sequence_mesh(key):
+    """(data 2, sp 4): each batch row is its own star over 4 blocks."""
+    q, k, v = _qkv(key, b=2)
+    mesh = _mesh((2, 4), ("data", "sp"))
+    got = jax.jit(lambda q, k, v: star_attention(q, k, v, mesh=mesh, batch_axis="data",
+                                                 impl=IMPL))(q, k, v)
+    _close(got, star.reference(q, k, v, block_size=8), "o")
+
+
+def test_one_device_is_causal_attention(key):
+    q, k, v = _qkv(key)
+    mesh = _mesh((1,), ("sp",))
+    got = jax.jit(lambda q, k, v: star_attention(q, k, v, mesh=mesh, impl=IMPL))(q, k, v)
+    _close(got, attention_reference(q, k, v, is_causal=True), "o")
+
+
+def test_context_phase_moves_only_the_anchor(key):
+    """The compiled program's only collectives broadcast the anchor's K and V (an all-reduce
+    of anchor_size tokens each), whatever the context length."""
+    mesh = _mesh((4,), ("sp",))
+    volumes = []
+    for t in (32, 64):
+        q, k, v = _qkv(key, t=t)
+        hlo = jax.jit(lambda q, k, v: star_attention(q, k, v, mesh=mesh, anchor_size=4,
+                                                     impl=IMPL)).lower(q, k, v).compile()
+        volumes.append(comm_volume(hlo.as_text(), num_devices=4))
+    anchor_bytes = 2 * (1 * 4 * 2 * 16 * 4)  # K and V: B=1, 4 tokens, 2 kv heads, H=16, f32
+    for vol in volumes:
+        assert set(vol["by_op"]) == {"all-reduce"}, vol
+        assert vol["total_bytes"] == anchor_bytes, vol
+
+
+@pytest.mark.parametrize("q_offset", [None, 13], ids=["after_cache", "inside_cache"])
+def test_query_phase_is_exact_attention(q_offset, key):
+    """A 4-token query over a 32-token cache on 4 devices equals attention over the whole
+    cache, output and lse (a query inside the cache sees fewer shards: some see no key)."""
+    q, _, _ = _qkv(key, t=4)
+    _, k, v = _qkv(jax.random.fold_in(key, 1), t=32)
+    mesh = _mesh((4,), ("sp",))
+    got, lse = jax.jit(lambda q, k, v: star_query(
+        q, k, v, mesh=mesh, q_offset=q_offset, return_residuals=True, impl=IMPL))(q, k, v)
+    want, want_lse = attention_reference(q, k, v, is_causal=True,
+                                         q_offset=32 if q_offset is None else q_offset,
+                                         return_residuals=True)
+    _close(got, want, "o")
+    _close(lse, want_lse, "lse")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(anchor_size=9), r"anchor_size must be in \[1, block_size = 8\]"),
+        (dict(t=30), "sequence length T=30 is not divisible by the 'sp' mesh axis of size 4"),
+        (dict(seq_axis="cp"), "seq_axis='cp' is not an axis of the mesh"),
+        (dict(kv_len=16), "context phase is self-attention"),
+    ],
+)
+def test_bad_inputs(kwargs, match, key):
+    q, k, v = _qkv(key, t=kwargs.pop("t", 32))
+    if "kv_len" in kwargs:
+        k, v = k[:, : kwargs.pop("kv_len")], v[:, :16]
+    with pytest.raises(ValueError, match=match):
+        star_attention(q, k, v, mesh=_mesh((4,), ("sp",)), impl=IMPL, **kwargs)
