@@ -3,6 +3,8 @@
 Softmax attention: ring, striped, zigzag (``sharding.ring``) and Ulysses (``sharding.ulysses``)
 behind one front door, :func:`sharding.attention`. Linear (lightning) attention: LASP
 (``sharding.lasp``, state ring) and LASP-2 (``sharding.lasp2``, one all-gather of states).
+Star Attention (``sharding.star``): blockwise context encoding with an anchor block, and exact
+query attention over a sharded cache.
 Every ``*_attention(..., mesh=...)`` wrapper has an inside-``shard_map`` form that takes an
 axis name instead (``ring_attention``, ``ulysses_attention``, ``lasp_shard``, ``lasp2_shard``).
 """
@@ -20,11 +22,13 @@ from sharding.layouts import (
     unpermute,
 )
 from sharding.ring import ring_attention, striped_attention, zigzag_attention
+from sharding.star import star_attention, star_context_shard, star_query, star_query_shard
 from sharding.ulysses import ulysses_attention
 
 __all__ = [
     "LAYOUTS", "STRATEGIES", "attention", "lasp2_attention", "lasp2_shard", "lasp_attention",
     "lasp_shard", "layout_positions", "permute", "ring_attention", "shard_permute",
-    "shard_positions", "shard_unpermute", "striped_attention", "ulysses_attention",
-    "unpermute", "zigzag_attention",
+    "shard_positions", "shard_unpermute", "star_attention", "star_context_shard", "star_query",
+    "star_query_shard", "striped_attention", "ulysses_attention", "unpermute",
+    "zigzag_attention",
 ]
