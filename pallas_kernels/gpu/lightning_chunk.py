@@ -30,7 +30,7 @@ Kernels (forward, one of two kinds):
   input dtype; the carry stays float32) and the final state (state rows and columns are
   independent, hence the 2-D split); ``lightning_fwd`` — grid (B, N, T/C, Hv/BV), fully
   parallel — adds intra-chunk and inter-chunk terms.
-* fused (``LightningConfig.fused_forward``, the default for 16-bit inputs at H = 128):
+* fused (``LightningConfig.fused_forward``, the default for 16-bit inputs):
   ``lightning_fused_fwd`` — grid (B, N, S, Hv/BV) — walks the chunks of one of S segments
   per program, the state carried in registers: no per-chunk states in memory. With S > 1
   (long sequences, too few programs otherwise), ``lightning_segment_states`` (grid
@@ -152,9 +152,11 @@ class LightningConfig:
         two-phase forward at 2K, 2x at 128K); the backward's sizes are the best
         forward+backward of an 80-config sweep at T = 2048
         (``experiments/results/lightning_sweep_2k_h100_2026-11-23.json``).
+        16-bit inputs at H <= 64: 64-token chunks, the fused forward (1.7x the two-phase
+        forward at T = 2K, 3.2x at 128K on an H100; ``lightning_grid_h64*_h100_2026-11-23``).
         float32 inputs take [C, 64] value tiles: their operand tiles are twice the bytes of
-        16-bit ones and [64, 128] f32 tiles crowd the H100's shared memory. H <= 64 and
-        float32 keep the untuned 64-token chunks and the two-phase forward.
+        16-bit ones and [64, 128] f32 tiles crowd the H100's shared memory; they keep the
+        untuned 64-token chunks and the two-phase forward (not timed fused).
         """
         del device_kind
         if dtype is not None and jnp.dtype(dtype).itemsize > 2:
@@ -162,7 +164,7 @@ class LightningConfig:
             # 8 warps keep them in registers at H = 128.
             return cls(block_v=64, num_warps=4, num_warps_bwd=8 if (head_dim or 128) > 64 else 4)
         if head_dim is not None and head_dim <= 64:
-            return cls(block_v=64, num_warps=4, num_warps_bwd=4)
+            return cls(block_v=64, num_warps=4, num_warps_bwd=4, fused_forward=True)
         return cls(chunk=128, block_v=128, block_k_state=128, block_v_state=64, num_warps=8,
                    num_stages=2, num_warps_state=8, num_warps_bwd=8, num_stages_bwd=2,
                    fused_forward=True)

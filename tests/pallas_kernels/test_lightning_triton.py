@@ -258,7 +258,8 @@ def test_config_defaults():
     assert LightningConfig.get_default(64, jnp.bfloat16).block_v == 64
     assert LightningConfig.get_default(128, jnp.float32).block_v == 64
     assert LightningConfig.get_default(128, jnp.bfloat16).fused_forward
-    assert not LightningConfig.get_default(64, jnp.bfloat16).fused_forward
+    assert LightningConfig.get_default(64, jnp.float16).fused_forward
+    assert not LightningConfig.get_default(128, jnp.float32).fused_forward
 
 
 # ----------------------------------------------------------------------------- GPU (compiled)
@@ -338,9 +339,9 @@ def chunked_reference(q, k, v, log_decay, scale, chunk: int = 64):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES[:2], ids=repr)
 def test_gpu_other_forward_matches_recurrence(case, key):
-    """The forward the default config does not take (two-phase for bf16 at H = 128, fused
-    with automatic segments for H = 64: 8 segments, a short last one, at T = 4000), values
-    and gradients."""
+    """The forward the default config does not take (two-phase for 16-bit inputs), values
+    and gradients; the default (fused, automatic segments: at T = 4000, H = 64, 8 segments
+    with a short last one) runs in ``test_gpu_matches_recurrence``."""
     default = LightningConfig.get_default(case.h, case.dtype)
     check_gpu_case(case, key, dataclasses.replace(default,
                                                   fused_forward=not default.fused_forward))
