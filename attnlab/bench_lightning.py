@@ -306,7 +306,9 @@ def bench_lasp(
     argv: Sequence[str] = (),
     on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """LASP and LASP-2 fwd+bwd on 2 devices at length 2T vs the single-device op at T (B = 1).
+    """LASP and LASP-2 fwd+bwd on 2 devices at length 2T vs the single-device op at T (B = 1),
+    inputs placed sequence-sharded beforehand; ``data_parallel`` (two sequences of T, one per
+    device, no communication) shows what two devices give in the same harness.
 
     Returns rows: algo, devices, T, ms, mtok_s, speedup (vs 1 device at T), status, note.
     """
@@ -319,16 +321,29 @@ def bench_lasp(
     mesh = jax.make_mesh((2,), ("sp",), axis_types=(jax.sharding.AxisType.Auto,),
                          devices=jax.devices()[:2])
     decay = jnp.asarray(L.minimax_decay(heads, LAYER_IDX, NUM_LAYERS))
-    algos = {"single": None, "lasp": lasp_attention, "lasp2": lasp2_attention}
+    def batch_split(q, k, v, decay, mesh):
+        """Two sequences of T, one per device, no communication: the harness's ideal."""
+        spec = jax.sharding.PartitionSpec("sp")
+        return jax.shard_map(lambda q, k, v: L.lightning_attention(q, k, v, decay=decay),
+                             mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                             check_vma=False)(q, k, v)
+
+    algos = {"single": None, "data_parallel": batch_split, "lasp": lasp_attention,
+             "lasp2": lasp2_attention}
     rows: list[dict[str, Any]] = []
     key = jax.random.key(seed)
     for t in seq_lens:
         base = None
         for name, algo in algos.items():
             length = t if algo is None else 2 * t
+            shape = (2, t) if algo is batch_split else (1, length)
             key, *ks = jax.random.split(key, 4)
-            q, k, v = (jax.random.normal(kk, (1, length, heads, head_dim)).astype(dt) * 0.1
+            q, k, v = (jax.random.normal(kk, (*shape, heads, head_dim)).astype(dt) * 0.1
                        for kk in ks)
+            if algo is not None:  # placed as a sharded program would find its activations
+                axis = 0 if algo is batch_split else 1
+                spec = jax.sharding.PartitionSpec(*([None] * axis), "sp")
+                q, k, v = jax.device_put((q, k, v), jax.sharding.NamedSharding(mesh, spec))
 
             def loss(q, k, v, algo=algo):
                 if algo is None:
