@@ -308,7 +308,9 @@ def bench_lasp(
 ) -> list[dict[str, Any]]:
     """LASP and LASP-2 fwd+bwd on 2 devices at length 2T vs the single-device op at T (B = 1),
     inputs placed sequence-sharded beforehand; ``data_parallel`` (two sequences of T, one per
-    device, no communication) shows what two devices give in the same harness.
+    device, no communication) shows what two devices give in the same harness, and two pieces
+    of LASP-2 are timed alone the same way: ``local_with_state`` (the local op continuing an
+    incoming state) and ``summary_only`` (the block summary, forward and backward).
 
     Returns rows: algo, devices, T, ms, mtok_s, speedup (vs 1 device at T), status, note.
     """
@@ -328,20 +330,39 @@ def bench_lasp(
                              mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
                              check_vma=False)(q, k, v)
 
-    algos = {"single": None, "data_parallel": batch_split, "lasp": lasp_attention,
-             "lasp2": lasp2_attention}
+    def with_state(q, k, v, decay, mesh):
+        """data_parallel, each block continuing a (constant) incoming state: LASP-2's local op."""
+        spec = jax.sharding.PartitionSpec("sp")
+
+        def local(q, k, v):
+            s_in = jnp.full((q.shape[0], heads, head_dim, head_dim), 0.01, jnp.float32)
+            return L.lightning_attention(q, k, v, decay=decay, initial_state=s_in)
+
+        return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                             check_vma=False)(q, k, v)
+
+    def summary_only(q, k, v, decay, mesh):
+        """LASP-2's block summary alone (its output stands in for o; q is unused)."""
+        spec = jax.sharding.PartitionSpec("sp")
+        log_decay = jnp.log(decay)
+        return jax.shard_map(lambda k, v: L.chunk_summary(k, v, log_decay)[0], mesh=mesh,
+                             in_specs=(spec, spec), out_specs=spec, check_vma=False)(k, v)
+
+    algos = {"single": None, "data_parallel": batch_split, "local_with_state": with_state,
+             "summary_only": summary_only, "lasp": lasp_attention, "lasp2": lasp2_attention}
+    split_batch = (batch_split, with_state, summary_only)
     rows: list[dict[str, Any]] = []
     key = jax.random.key(seed)
     for t in seq_lens:
         base = None
         for name, algo in algos.items():
             length = t if algo is None else 2 * t
-            shape = (2, t) if algo is batch_split else (1, length)
+            shape = (2, t) if algo in split_batch else (1, length)
             key, *ks = jax.random.split(key, 4)
             q, k, v = (jax.random.normal(kk, (*shape, heads, head_dim)).astype(dt) * 0.1
                        for kk in ks)
             if algo is not None:  # placed as a sharded program would find its activations
-                axis = 0 if algo is batch_split else 1
+                axis = 0 if algo in split_batch else 1
                 spec = jax.sharding.PartitionSpec(*([None] * axis), "sp")
                 q, k, v = jax.device_put((q, k, v), jax.sharding.NamedSharding(mesh, spec))
 
