@@ -131,6 +131,8 @@ def test_query_phase_is_exact_attention(q_offset, key):
         (dict(t=30), "sequence length T=30 is not divisible by the 'sp' mesh axis of size 4"),
         (dict(seq_axis="cp"), "seq_axis='cp' is not an axis of the mesh"),
         (dict(kv_len=16), "context phase is self-attention"),
+        (dict(batch_axis="sp"), r"mesh axes of \['seq_axis', 'batch_axis', 'head_axis'\] must be "
+                                "distinct"),
     ],
 )
 def test_bad_inputs(kwargs, match, key):
@@ -139,3 +141,9 @@ def test_bad_inputs(kwargs, match, key):
         k, v = k[:, : kwargs.pop("kv_len")], v[:, :16]
     with pytest.raises(ValueError, match=match):
         star_attention(q, k, v, mesh=_mesh((4,), ("sp",)), impl=IMPL, **kwargs)
+
+
+def test_query_phase_bad_cache_length(key):
+    q, k, v = _qkv(key, t=30)
+    with pytest.raises(ValueError, match="cache length S=30 is not divisible by the 'sp'"):
+        star_query(q[:, :2], k, v, mesh=_mesh((4,), ("sp",)), impl=IMPL)
