@@ -1,4 +1,4 @@
-"""One process of the two-process ring-attention test (run by test_multiprocess.py).
+"""One process of the two-process ring- and star-attention test (run by test_multiprocess.py).
 
 Usage: python -m tests.sharding.mp_worker <port> <process_id> <out.npz>
 Each process owns 4 simulated CPU devices; the mesh spans all 8 of both processes.
@@ -38,6 +38,7 @@ def inputs():
 def main(port: int, pid: int, out_path: str) -> None:
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
     from sharding.api import attention
+    from sharding.star import star_attention, star_query
 
     mesh = jax.make_mesh((8,), ("sp",), axis_types=(jax.sharding.AxisType.Explicit,))
     sh = NamedSharding(mesh, P(None, "sp"))
@@ -55,8 +56,17 @@ def main(port: int, pid: int, out_path: str) -> None:
         (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
             q, k, v, w
         )
-    got = [multihost_utils.process_allgather(x, tiled=True) for x in (out, *grads)]
-    np.savez(out_path, out=got[0], dq=got[1], dk=got[2], dv=got[3])
+        # Star Attention across the two processes: the context phase (8 blocks of 8, the
+        # anchor broadcast from process 0's first device) and a 4-token query over the cache.
+        star_out = jax.jit(lambda q, k, v: star_attention(q, k, v, mesh=mesh, impl="xla"))(
+            q, k, v)
+        query = jax.device_put(inputs()[0][:, :4], NamedSharding(mesh, P()))
+        star_q = jax.jit(lambda q, k, v: star_query(q, k, v, mesh=mesh, impl="xla"))(
+            query, k, v)
+    got = [multihost_utils.process_allgather(x, tiled=True)
+           for x in (out, *grads, star_out, star_q)]
+    np.savez(out_path, out=got[0], dq=got[1], dk=got[2], dv=got[3], star=got[4],
+             star_query=got[5])
     jax.distributed.shutdown()
 
 

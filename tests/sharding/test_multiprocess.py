@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnlab.ops import reference
+from attnlab.ops import reference, star
 from tests.helpers import fwd_tol, grad_tol
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,3 +66,11 @@ def test_two_processes_match_single_process(tmp_path):
         np.testing.assert_allclose(got["out"], out, atol=fwd_tol(jnp.float32))
         for name, want in (("dq", dq), ("dk", dk), ("dv", dv)):
             np.testing.assert_allclose(got[name], want, atol=grad_tol(jnp.float32, name) * 2)
+        from tests.sharding.mp_worker import inputs
+
+        q, k, v, _ = inputs()
+        np.testing.assert_allclose(got["star"], star.reference(q, k, v, block_size=8),
+                                   atol=fwd_tol(jnp.float32))
+        np.testing.assert_allclose(got["star_query"],
+                                   reference(q[:, :4], k, v, is_causal=True, q_offset=64),
+                                   atol=fwd_tol(jnp.float32))
