@@ -76,13 +76,15 @@ def test_context_phase_matches_reference(anchor, impl, key):
         _close(g, w, f"d{name}")
 
 
-def test_context_phase_on_a_data_by_sequence_mesh(key):
-    """(data 2, sp 4): each batch row is its own star over 4 blocks."""
+@pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "bidirectional"])
+def test_context_phase_on_a_data_by_sequence_mesh(is_causal, key):
+    """(data 2, sp 4): each batch row is its own star over 4 blocks; without a causal mask a
+    block sees all of itself and the anchor."""
     q, k, v = _qkv(key, b=2)
     mesh = _mesh((2, 4), ("data", "sp"))
     got = jax.jit(lambda q, k, v: star_attention(q, k, v, mesh=mesh, batch_axis="data",
-                                                 impl=IMPL))(q, k, v)
-    _close(got, star.reference(q, k, v, block_size=8), "o")
+                                                 is_causal=is_causal, impl=IMPL))(q, k, v)
+    _close(got, star.reference(q, k, v, block_size=8, is_causal=is_causal), "o")
 
 
 def test_one_device_is_causal_attention(key):
