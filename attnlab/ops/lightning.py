@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnlab.ops._registry import Implementation, Registry, platform
+from pallas_kernels.common.lightning import decayed_state_scan
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
 _HI = jax.lax.Precision.HIGHEST
@@ -305,11 +306,7 @@ def lightning_chunked_xla(q, k, v, a: LightningArgs, chunk: int) -> tuple[jax.Ar
     if a.initial_state is not None:
         u = u.at[:, 0].add(decay_c[:, 0, :, None, None] * a.initial_state)
 
-    def combine(x, y):
-        (ax, ux), (ay, uy) = x, y
-        return ax * ay, ay[..., None, None] * ux + uy
-
-    _, s_after = jax.lax.associative_scan(combine, (decay_c, u), axis=1)  # [B, nc, N, H, Hv]
+    s_after = decayed_state_scan(decay_c, u, axis=1)  # [B, nc, N, H, Hv]
     s0 = a.initial_state if a.initial_state is not None else jnp.zeros((b, n, h, hv), jnp.float32)
     s_before = jnp.concatenate([s0[:, None], s_after[:, :-1]], axis=1)
 

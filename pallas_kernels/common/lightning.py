@@ -91,3 +91,28 @@ def chunk_run_ids(segment_ids: jax.Array, t_pad: int, chunk: int) -> jax.Array:
     runs = runs.reshape(b, t_pad // chunk, chunk)
     before = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), runs[:, :-1, -1]], axis=1)
     return (runs - before[..., None]).reshape(b, t_pad).astype(jnp.int32)
+
+
+def decayed_state_scan(carry: jax.Array, local: jax.Array, axis: int) -> jax.Array:
+    """The state after each step of ``S_out = carry * S_in + local``, from a zero start.
+
+    The state passing of chunked lightning attention: chunks (the ``xla`` path) or segments
+    (the fused Triton forward) each leave their own state ``local`` and a factor ``carry`` on
+    the state entering them (lambda^tokens, or 0 across a document start); an inclusive
+    associative scan composes them. Seed an initial state by adding ``carry_0 * S_init`` to
+    the first ``local`` (or prepending it with carry 1).
+
+    Args:
+      carry: [..., P, ...] float32, ``local``'s shape without its two trailing state dims.
+      local: [..., P, ..., H, Hv] float32.
+      axis: the step axis P (counted in ``carry``, non-negative).
+
+    Returns:
+      [..., P, ..., H, Hv] float32: the state leaving each step.
+    """
+
+    def compose(first, second):  # apply ``first`` then ``second``
+        (a1, x1), (a2, x2) = first, second
+        return a1 * a2, a2[..., None, None] * x1 + x2
+
+    return jax.lax.associative_scan(compose, (carry, local), axis=axis)[1]

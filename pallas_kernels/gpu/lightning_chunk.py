@@ -59,7 +59,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common.lightning import check_lightning_inputs, chunk_run_ids
+from pallas_kernels.common.lightning import (
+    check_lightning_inputs,
+    chunk_run_ids,
+    decayed_state_scan,
+)
 from pallas_kernels.gpu.flash_fwd import dot, dot_precision, pad_axis, round_up
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -584,14 +588,8 @@ def _segment_starts(k, v, ld, h0, rel, log_decay, *, t, chunk, seg_chunks, n_seg
     if rel is not None:  # a reset anywhere in the segment drops the entering state
         runs = rel[:, : (n_seg - 1) * seg_len].reshape(b, n_seg - 1, seg_len)
         gamma = jnp.where((jnp.max(runs, axis=-1) == 0)[:, None, :], gamma, 0.0)
-    a = jnp.concatenate([jnp.ones((b, n, 1)), gamma], axis=2)[..., None, None]
-    x = jnp.concatenate([h0[:, :, None], local], axis=2)
-
-    def compose(first, second):  # apply ``first`` then ``second``
-        (a1, x1), (a2, x2) = first, second
-        return a1 * a2, a2 * x1 + x2
-
-    return lax.associative_scan(compose, (a, x), axis=2)[1]
+    a = jnp.concatenate([jnp.ones((b, n, 1)), gamma], axis=2)
+    return decayed_state_scan(a, jnp.concatenate([h0[:, :, None], local], axis=2), axis=2)
 
 
 def _run_fused_fwd(q, k, v, ld, h0, rel, log_decay, *, t, scale, config, interpret,
