@@ -323,30 +323,22 @@ def bench_lasp(
     mesh = jax.make_mesh((2,), ("sp",), axis_types=(jax.sharding.AxisType.Auto,),
                          devices=jax.devices()[:2])
     decay = jnp.asarray(L.minimax_decay(heads, LAYER_IDX, NUM_LAYERS))
-    def batch_split(q, k, v, decay, mesh):
-        """Two sequences of T, one per device, no communication: the harness's ideal."""
-        spec = jax.sharding.PartitionSpec("sp")
-        return jax.shard_map(lambda q, k, v: L.lightning_attention(q, k, v, decay=decay),
-                             mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                             check_vma=False)(q, k, v)
+    def per_device(local):
+        """``local(q, k, v)`` on each device's batch row, no communication (B = 2 rows)."""
+        def run(q, k, v, decay, mesh):
+            spec = jax.sharding.PartitionSpec("sp")
+            return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                                 check_vma=False)(q, k, v)
+        return run
 
-    def with_state(q, k, v, decay, mesh):
-        """data_parallel, each block continuing a (constant) incoming state: LASP-2's local op."""
-        spec = jax.sharding.PartitionSpec("sp")
-
-        def local(q, k, v):
-            s_in = jnp.full((q.shape[0], heads, head_dim, head_dim), 0.01, jnp.float32)
-            return L.lightning_attention(q, k, v, decay=decay, initial_state=s_in)
-
-        return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                             check_vma=False)(q, k, v)
-
-    def summary_only(q, k, v, decay, mesh):
-        """LASP-2's block summary alone (its output stands in for o; q is unused)."""
-        spec = jax.sharding.PartitionSpec("sp")
-        log_decay = jnp.log(decay)
-        return jax.shard_map(lambda k, v: L.chunk_summary(k, v, log_decay)[0], mesh=mesh,
-                             in_specs=(spec, spec), out_specs=spec, check_vma=False)(k, v)
+    # Two sequences of T, one per device: the harness's ideal.
+    batch_split = per_device(lambda q, k, v: L.lightning_attention(q, k, v, decay=decay))
+    # The same, each block continuing a (constant) incoming state: LASP-2's local op.
+    with_state = per_device(lambda q, k, v: L.lightning_attention(
+        q, k, v, decay=decay,
+        initial_state=jnp.full((q.shape[0], heads, head_dim, head_dim), 0.01, jnp.float32)))
+    # LASP-2's block summary alone (its state stands in for o; q is unused).
+    summary_only = per_device(lambda q, k, v: L.chunk_summary(k, v, jnp.log(decay))[0])
 
     algos = {"single": None, "data_parallel": batch_split, "local_with_state": with_state,
              "summary_only": summary_only, "lasp": lasp_attention, "lasp2": lasp2_attention}
