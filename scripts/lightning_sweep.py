@@ -96,7 +96,7 @@ GRID = {
     "f128_g64": LightningConfig(**_C128, fused_forward=True, segment_chunks=64),
     "f64_w8": LightningConfig(block_v=128, num_warps=8, fused_forward=True),
     "f64_v64": LightningConfig(block_v=64, num_warps=4, fused_forward=True),
-    # H = 64: the default (two-phase) against the fused forward.
+    # H = 64: the two-phase forward against the fused one (the default since this grid).
     "h64": LightningConfig(block_v=64, num_warps=4, num_warps_bwd=4),
     "h64_fused": LightningConfig(block_v=64, num_warps=4, num_warps_bwd=4, fused_forward=True),
     "h64_c128_fused": LightningConfig(chunk=128, block_v=64, block_k_state=64, num_warps=8,
