@@ -305,40 +305,51 @@ def bench_lasp(
     out: str | Path | None = None,
     argv: Sequence[str] = (),
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    devices: int = 2,
 ) -> list[dict[str, Any]]:
-    """LASP and LASP-2 fwd+bwd on 2 devices at length 2T vs the single-device op at T (B = 1),
-    inputs placed sequence-sharded beforehand; ``data_parallel`` (two sequences of T, one per
-    device, no communication) shows what two devices give in the same harness, and two pieces
-    of LASP-2 are timed alone the same way: ``local_with_state`` (the local op continuing an
-    incoming state) and ``summary_only`` (the block summary, forward and backward).
+    """LASP and LASP-2 fwd+bwd on P = ``devices`` devices at length P*T vs the single-device op
+    at T (B = 1), inputs placed sequence-sharded beforehand; ``data_parallel`` (P sequences of
+    T, one per device, no communication) shows what P devices give in the same harness, and two
+    pieces of LASP-2 are timed alone the same way: ``local_with_state`` (the local op continuing
+    an incoming state) and ``summary_only`` (the block summary, forward and backward).
+
+    ``devices=1`` runs every algorithm on a one-device mesh: the collectives are then no-ops,
+    so each row's ratio to ``single`` is the per-device compute the algorithm adds (the
+    question the 2-device rows cannot answer alone: compute or communication?).
+
+    The loss is sum(o) + sum(final state) (the state is what the blocks pass on, so no
+    algorithm's state path can be dropped as unused, also with one device).
 
     Returns rows: algo, devices, T, ms, mtok_s, speedup (vs 1 device at T), status, note.
     """
     from sharding.lasp import lasp_attention
     from sharding.lasp2 import lasp2_attention
 
-    if jax.device_count() < 2:
-        raise ValueError(f"--lasp needs 2 devices, found {jax.device_count()}")
+    if devices not in (1, 2) or jax.device_count() < devices:
+        raise ValueError(f"--lasp-devices must be 1 or 2 and at most the {jax.device_count()} "
+                         f"devices found, got {devices}")
     dt = _bench.DTYPES[dtype]
-    mesh = jax.make_mesh((2,), ("sp",), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=jax.devices()[:2])
+    mesh = jax.make_mesh((devices,), ("sp",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:devices])
     decay = jnp.asarray(L.minimax_decay(heads, LAYER_IDX, NUM_LAYERS))
     def per_device(local):
         """``local(q, k, v)`` on each device's batch row, no communication (B = 2 rows)."""
-        def run(q, k, v, decay, mesh):
+        def run(q, k, v, decay, mesh, return_state):
             spec = jax.sharding.PartitionSpec("sp")
             return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
                                  check_vma=False)(q, k, v)
         return run
 
-    # Two sequences of T, one per device: the harness's ideal.
-    batch_split = per_device(lambda q, k, v: L.lightning_attention(q, k, v, decay=decay))
+    # P sequences of T, one per device: the harness's ideal.
+    batch_split = per_device(lambda q, k, v: L.lightning_attention(
+        q, k, v, decay=decay, return_state=True))
     # The same, each block continuing a (constant) incoming state: LASP-2's local op.
     with_state = per_device(lambda q, k, v: L.lightning_attention(
-        q, k, v, decay=decay,
+        q, k, v, decay=decay, return_state=True,
         initial_state=jnp.full((q.shape[0], heads, head_dim, head_dim), 0.01, jnp.float32)))
-    # LASP-2's block summary alone (its state stands in for o; q is unused).
-    summary_only = per_device(lambda q, k, v: L.chunk_summary(k, v, jnp.log(decay))[0])
+    # LASP-2's block summary alone (q is unused).
+    summary_only = per_device(lambda q, k, v: (jnp.zeros((1,), jnp.float32),
+                                               L.chunk_summary(k, v, jnp.log(decay))[0]))
 
     algos = {"single": None, "data_parallel": batch_split, "local_with_state": with_state,
              "summary_only": summary_only, "lasp": lasp_attention, "lasp2": lasp2_attention}
@@ -348,8 +359,8 @@ def bench_lasp(
     for t in seq_lens:
         base = None
         for name, algo in algos.items():
-            length = t if algo is None else 2 * t
-            shape = (2, t) if algo in split_batch else (1, length)
+            length = t if algo is None else devices * t
+            shape = (devices, t) if algo in split_batch else (1, length)
             key, *ks = jax.random.split(key, 4)
             q, k, v = (jax.random.normal(kk, (*shape, heads, head_dim)).astype(dt) * 0.1
                        for kk in ks)
@@ -360,12 +371,12 @@ def bench_lasp(
 
             def loss(q, k, v, algo=algo):
                 if algo is None:
-                    o = L.lightning_attention(q, k, v, decay=decay)
+                    o, s = L.lightning_attention(q, k, v, decay=decay, return_state=True)
                 else:
-                    o = algo(q, k, v, decay=decay, mesh=mesh)
-                return jnp.sum(o.astype(jnp.float32))
+                    o, s = algo(q, k, v, decay=decay, mesh=mesh, return_state=True)
+                return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
 
-            row = dict(algo=name, devices=1 if algo is None else 2, T=length, ms=None,
+            row = dict(algo=name, devices=1 if algo is None else devices, T=length, ms=None,
                        mtok_s=None, speedup=None, status=OK, note="")
             try:
                 # value_and_grad: the loss needs the output, so XLA keeps the forward kernels
@@ -384,7 +395,8 @@ def bench_lasp(
                 on_row(row)
         if out is not None:
             _bench.write_json(out, _record(dict(seq_lens=list(seq_lens), heads=heads,
-                                                head_dim=head_dim, dtype=dtype, mode="lasp"),
+                                                head_dim=head_dim, dtype=dtype, mode="lasp",
+                                                devices=devices),
                                            rows, argv))
     return rows
 
@@ -434,6 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--lasp", action="store_true", help="LASP / LASP-2 on 2 devices vs 1")
+    p.add_argument("--lasp-devices", type=int, default=2,
+                   help="mesh size for --lasp: 2, or 1 for the per-device compute alone")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -446,7 +460,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             lens = a.seq_lens or ([64] if a.smoke else [8192, 32768, 65536])
             rows = bench_lasp(seq_lens=lens, heads=a.heads, head_dim=a.head_dim, dtype=a.dtype,
                               repeats=a.repeats, warmup=a.warmup, out=a.out, argv=full_argv,
-                              on_row=lambda r: print(_fmt(r), flush=True))
+                              on_row=lambda r: print(_fmt(r), flush=True),
+                              devices=a.lasp_devices)
         else:
             lens = a.seq_lens or ([64, 128] if a.smoke else [2048, 8192, 32768, 131072])
             rows = bench_lightning(

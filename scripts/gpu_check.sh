@@ -4,10 +4,11 @@
 #
 # Run from the repo root there (the device tool's working tree):
 #   bash scripts/gpu_check.sh [steps]         # carry [".whl"] as well to time tokamax
-# steps: any of tests, info, bench, decode, memory, lightning, model, sp, lasp, scaling (default: the
-# first five; lightning/model/sp/lasp/scaling are the later issues' benchmarks and are asked for by
-# name; scaling needs several GPUs and a call of its own: `bash scripts/gpu_check.sh scaling` on
-# nvidia-h200-x8 with timeout_s=600, see attnlab/bench_scaling.py). Each step fits
+# steps: any of tests, info, bench, decode, memory, lightning, model, sp, lasp, lasp1, scaling
+# (default: the first five; lightning/model/sp/lasp/lasp1/scaling are the later issues'
+# benchmarks and are asked for by name; lasp1 runs on one GPU; scaling needs several GPUs
+# and a call of its own: `bash scripts/gpu_check.sh scaling` on nvidia-h200-x8 with
+# timeout_s=600, see attnlab/bench_scaling.py). Each step fits
 # the budget given below; split them over two calls when all do not fit one 10-minute call.
 # The package is not installed on that machine (JAX 0.11.2, Python 3.12, no network), so it
 # runs from the tree through PYTHONPATH. Results land in $OUT (the tool's output folder).
@@ -118,6 +119,14 @@ if want lasp; then
 echo "== LASP / LASP-2 on 2 GPUs at 2T vs 1 GPU at T, with data_parallel and LASP-2's pieces"
 timeout "${LASP_TIMEOUT:-240}" python3 -m attnlab.bench_lightning --lasp --seq-lens 32768,65536 \
   --repeats 5 --out "$OUT/bench_lasp.json" 2>&1 | tee "$OUT/bench_lasp.log"
+[ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+fi
+
+if want lasp1; then
+echo "== LASP / LASP-2 on a one-device mesh (collectives are no-ops): the compute each adds per device"
+timeout "${LASP_TIMEOUT:-240}" python3 -m attnlab.bench_lightning --lasp --lasp-devices 1 \
+  --seq-lens 32768,65536 --repeats 10 --out "$OUT/bench_lasp_1dev.json" 2>&1 \
+  | tee "$OUT/bench_lasp_1dev.log"
 [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
 fi
 

@@ -2,19 +2,25 @@
 
 Block m of the sequence lives on device m of a mesh axis. Forward, per device:
 
-1. summarize the block: S_out = carry_m * S_in + state_m
-   (:func:`attnlab.ops.lightning.chunk_summary`; carry_m = lambda^Tl, or 0 if a document
-   starts inside the block);
+1. summarize the block: S_out = carry_m * S_in + state_m (carry_m = lambda^Tl, or 0 if a
+   document starts inside the block; :func:`attnlab.ops.lightning.block_carry`);
 2. ONE ``all_gather`` of the [B, N, H, Hv] memory states (with segment ids, the carry and the
    block's first/last document ids ride in the same buffer: [B, N, H*Hv + 3]);
 3. prefix-combine locally: S_in_m = keep_m * (carry_{m-1} S_in_{m-1} + state_{m-1}), where
    keep_m = 0 when block m's first token starts a new document relative to block m-1's last;
-4. the single-device op (kernel) on the block with initial state S_in_m.
+4. the block's output, entered by S_in_m.
 
-Backward (custom VJP): the local op's backward gives dq, dk, dv and dS_in_m; ONE
-``all_gather`` of the dS_in's; a local suffix-combine gives the gradient of this block's
-outgoing state, which the summary's backward turns into the remaining dk, dv. The gathered
-sizes depend on B, N, H, Hv and the axis size, never on the sequence length.
+Backward (custom VJP): the cotangent of S_in_m given the block's output cotangent; ONE
+``all_gather`` of them; a local suffix-combine gives the cotangent of this block's outgoing
+state; then dq, dk, dv. The gathered sizes depend on B, N, H, Hv and the axis size, never on
+the sequence length.
+
+The four per-block steps are :class:`attnlab.ops.lightning.BlockPhases` of the chosen
+implementation. The Triton kernels (fused forward) have their own: the summary comes from the
+segment states the fused forward computes anyway, and the outgoing state's cotangent is added
+inside the dq/dk/dv kernel, so LASP-2 reads each block no more often than the single-device
+op does. Other implementations take the generic phases: :func:`~attnlab.ops.lightning.
+chunk_summary` (an extra pass over k and v, forward and backward) and the op's own VJP.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from jax.sharding import Mesh
 from attnlab.ops import lightning as _L
 from attnlab.ops._vma import like_vma, vary, varying
 from attnlab.ops.lightning import LightningArgs
-from sharding.lasp import local_call, sharded_lightning
+from sharding.lasp import sharded_lightning
 
 
 def _gather_summaries(state, carry, segment_ids, axis_name):
@@ -104,36 +110,45 @@ def lasp2_shard(
     """
     b, _, n, h = q.shape
     hv = v.shape[-1]
-    has_init = initial_state is not None
-    if not has_init:
+    if initial_state is None:
         initial_state = jnp.zeros((b, n, h, hv), jnp.float32)
 
-    def summary(k, v, log_decay, segment_ids):
-        return _L.chunk_summary(k, v, log_decay, segment_ids)
-
-    def local_out(q, k, v, s_in, log_decay, segment_ids):
-        a = LightningArgs(log_decay, s_in, segment_ids, scale, chunk_size, config)
-        return local_call(q, k, v, a, impl)[0]
+    def phases(log_decay, segment_ids):  # built from the VJP's own arguments (no closure)
+        a = LightningArgs(log_decay, initial_state, segment_ids, scale, chunk_size, config)
+        return _L.block_phases(q, k, v, a, impl)
 
     def fwd(q, k, v, init, log_decay, segment_ids):
-        state, carry = summary(k, v, log_decay, segment_ids)
+        ph = phases(log_decay, segment_ids)
+        state, aux = ph.summarize(k, v)
+        carry = _L.block_carry(log_decay, segment_ids, b, q.shape[1])
         states, carries, keeps = _gather_summaries(state, carry, segment_ids, axis_name)
         s_ins, final = _prefix(states, carries, keeps, init)
-        s_in = s_ins[jax.lax.axis_index(axis_name)]
-        o, vjp_local = jax.vjp(lambda *x: local_out(*x, log_decay, segment_ids), q, k, v, s_in)
-        return (o, final), (vjp_local, k, v, log_decay, segment_ids, carries, keeps)
+        o, res = ph.forward(q, k, v, s_ins[jax.lax.axis_index(axis_name)], aux)
+        return (o, final), (res, log_decay, segment_ids, carries, keeps)
+
+    # Under shard_map(check_vma=False) (q's type does not record the sequence axis) each
+    # device is handed a share of the replicated final state's cotangent, and the initial
+    # state's cotangents are summed over the devices afterwards; with check_vma the
+    # cotangent comes whole and must leave invariant.
+    unchecked = axis_name not in varying(q)
 
     def bwd(res, cts):
-        vjp_local, k, v, log_decay, segment_ids, carries, keeps = res
+        res, log_decay, segment_ids, carries, keeps = res
         do, dfinal = cts
-        dq, dk, dv, ds_in = vjp_local(do)
-        ds_ins = jax.lax.all_gather(ds_in, axis_name, to="invarying")  # [P, B, N, H, Hv]
+        ph = phases(log_decay, segment_ids)
+        ds_in, res = ph.state_grad(res, do)
+        idx = jax.lax.axis_index(axis_name)
+        if unchecked:  # the shares ride in the one all-gather and are summed here
+            both = jax.lax.all_gather(jnp.stack([ds_in, dfinal.astype(jnp.float32)]),
+                                      axis_name, to="invarying")  # [P, 2, B, N, H, Hv]
+            ds_ins, dfinal = both[:, 0], jnp.sum(both[:, 1], axis=0)
+        else:
+            ds_ins = jax.lax.all_gather(ds_in, axis_name, to="invarying")  # [P, B, N, H, Hv]
         g_outs, dinit = _suffix(ds_ins, carries, keeps, dfinal)
-        g_out = g_outs[jax.lax.axis_index(axis_name)]
-        _, vjp_sum = jax.vjp(lambda k, v: summary(k, v, log_decay, segment_ids)[0], k, v)
-        dk2, dv2 = vjp_sum(g_out)
-        return dq, dk + dk2.astype(dk.dtype), dv + dv2.astype(dv.dtype), dinit, \
-            jnp.zeros_like(log_decay), None
+        if unchecked:
+            dinit = jnp.where(idx == 0, dinit, 0.0)
+        dq, dk, dv = ph.backward(res, g_outs[idx])
+        return dq, dk, dv, dinit, jnp.zeros_like(log_decay), None
 
     @jax.custom_vjp
     def run(q, k, v, init, log_decay, segment_ids):

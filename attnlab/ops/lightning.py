@@ -356,8 +356,72 @@ def chunk_summary(
     dt = _mm_dtype(k.dtype)
     wk = (k.astype(jnp.float32) * w[..., None]).astype(dt)
     state = jnp.einsum("BTNH,BTNV->BNHV", wk, v.astype(dt), preferred_element_type=jnp.float32)
-    carry = jnp.exp(t * log_decay)[None, :] * (r[:, -1:] == 0).astype(jnp.float32)
-    return state, carry
+    return state, block_carry(log_decay, segment_ids, b, t)
+
+
+def block_carry(log_decay: jax.Array, segment_ids: jax.Array | None, b: int, t: int
+                ) -> jax.Array:
+    """[B, N] float32: the factor a block of t tokens puts on the state entering it,
+    lambda^t, or 0 where a document starts inside the block (at a token after the first)."""
+    unbroken = jnp.ones((b, 1), jnp.float32)
+    if segment_ids is not None:
+        unbroken = (jnp.sum(_segment_starts(segment_ids, b, t), axis=1, keepdims=True) == 0
+                    ).astype(jnp.float32)
+    return jnp.exp(t * log_decay)[None, :] * unbroken
+
+
+class BlockPhases(NamedTuple):
+    """One block of a longer sequence in four phases, for sequence parallelism (LASP-2).
+
+    The caller exchanges states between the phases: ``summarize(k, v) -> (state, aux)`` (the
+    state the block leaves from zero; with :func:`block_carry` it says what the block does to
+    any incoming state); ``forward(q, k, v, s_in, aux) -> (o, res)``;
+    ``state_grad(res, do) -> (ds_in, res2)`` (the incoming state's cotangent, given none on
+    the outgoing state); ``backward(res2, ds_out) -> (dq, dk, dv)`` with the outgoing
+    state's cotangent. Kernels that compute a phase from another's by-products provide their
+    own (:func:`block_phases`); any implementation has the generic ones.
+    """
+
+    summarize: Any
+    forward: Any
+    state_grad: Any
+    backward: Any
+
+
+def _generic_phases(impl: Implementation, a: LightningArgs) -> BlockPhases:
+    """Any implementation: :func:`chunk_summary` and the op's own VJP (the summary reads k
+    and v once more forward and backward)."""
+
+    def summary(k, v):
+        return chunk_summary(k, v, a.log_decay, a.segment_ids)[0]
+
+    def forward(q, k, v, s_in, aux):
+        o, vjp = jax.vjp(lambda q, k, v, s: impl.fn(q, k, v, a._replace(initial_state=s))[0],
+                         q, k, v, s_in)
+        return o, (vjp, k, v)
+
+    def state_grad(res, do):
+        vjp, k, v = res
+        dq, dk, dv, ds_in = vjp(do)
+        return ds_in, (dq, dk, dv, k, v)
+
+    def backward(res, ds_out):
+        dq, dk, dv, k, v = res
+        dk2, dv2 = jax.vjp(summary, k, v)[1](ds_out)
+        return dq, dk + dk2.astype(dk.dtype), dv + dv2.astype(dv.dtype)
+
+    return BlockPhases(lambda k, v: (summary(k, v), None), forward, state_grad, backward)
+
+
+def block_phases(q: jax.Array, k: jax.Array, v: jax.Array, a: LightningArgs, impl: str = "auto"
+                 ) -> BlockPhases:
+    """The :class:`BlockPhases` of the implementation ``impl`` resolves to for this block:
+    the kernel's own where it has them (the Triton kernels with the fused forward: no
+    phase reads the block twice), else the generic ones."""
+    chosen = REGISTRY.choose(q, k, v, a, impl)
+    own = _KERNEL_PHASES.get(chosen.name)
+    phases = own(q, k, v, a) if own is not None else None
+    return phases if phases is not None else _generic_phases(chosen, a)
 
 
 def _mm_dtype(dt) -> Any:
@@ -382,6 +446,29 @@ _KERNEL_PLATFORMS = {"pallas_triton": ("gpu", "cpu"), "pallas_tpu": ("tpu", "cpu
 _KERNEL_CONFIGS = {"pallas_triton": "LightningConfig", "pallas_tpu": "TpuLightningConfig"}
 # Why a kernel module did not load (impl name -> message); shown by ``explain``.
 KERNEL_IMPORT_ERRORS: dict[str, str] = {}
+
+
+# impl name -> (q, k, v, args) -> the kernel's own BlockPhases or None (see block_phases).
+_KERNEL_PHASES: dict[str, Any] = {}
+
+
+def _kernel_phases(mod: Any, cfg_cls: Any, q, v, a: LightningArgs) -> BlockPhases | None:
+    """The kernel module's block phases (``block_summarize`` ... ``block_backward``), bound
+    to these arguments; None where its config does not take them (no fused forward)."""
+    cfg = a.config if isinstance(a.config, cfg_cls) else cfg_cls.get_default(q.shape[-1],
+                                                                               q.dtype)
+    if not cfg.fused_forward:
+        return None
+    t = q.shape[1]
+    kw = dict(config=cfg, interpret=platform() == "cpu")
+    ld, seg = a.log_decay, a.segment_ids
+    return BlockPhases(
+        lambda k, v: mod.block_summarize(k, v, ld, seg, **kw),
+        lambda q, k, v, s_in, aux: mod.block_forward(q, k, v, ld, seg, s_in, aux,
+                                                     scale=a.scale, **kw),
+        lambda res, do: mod.block_state_grad(res, do, t=t, scale=a.scale, **kw),
+        lambda res, ds_out: mod.block_backward(res, ds_out, t=t, scale=a.scale, **kw),
+    )
 
 
 def _kernel_impl(name: str, mod: Any) -> Implementation:
@@ -412,6 +499,8 @@ def _kernel_impl(name: str, mod: Any) -> Implementation:
             scale=a.scale, config=cfg, interpret=interpret,
         )
 
+    if hasattr(mod, "block_summarize"):
+        _KERNEL_PHASES[name] = lambda q, k, v, a: _kernel_phases(mod, cfg_cls, q, v, a)
     where = "GPU (Triton)" if name == "pallas_triton" else "TPU (Mosaic)"
     return Implementation(
         name, fn, unsupported,
@@ -554,7 +643,8 @@ def lightning_decode(
 
 
 __all__ = [
-    "AUTO_ORDER", "LightningArgs", "XlaLightningConfig", "alibi_slopes", "chunk_summary",
+    "AUTO_ORDER", "BlockPhases", "LightningArgs", "XlaLightningConfig", "alibi_slopes",
+    "block_carry", "block_phases", "chunk_summary",
     "explain",
     "implementations", "lightning_attention", "lightning_chunked_xla", "lightning_decode",
     "log_decay_of", "minimax_decay", "reference", "transnormer_decay",

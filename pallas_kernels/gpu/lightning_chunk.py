@@ -299,7 +299,8 @@ def _segment_states_kernel(
     seg_chunks: int,
     precision,
 ):
-    """One segment's own contribution to the state (every segment but the last is whole)."""
+    """One segment's own contribution to the state (only the last one may be short)."""
+    n_chunks = k_ref.shape[0] // chunk
     first = pl.program_id(2) * seg_chunks
     ld = ld_ref[0]
 
@@ -312,7 +313,9 @@ def _segment_states_kernel(
         e, valid = _real_counts(c, chunk, t)
         return _next_state(s, k, v, ld, e, valid, rel, precision)
 
-    local_ref[...] = lax.fori_loop(0, seg_chunks, body, jnp.zeros(local_ref.shape, jnp.float32))
+    whole = n_chunks % seg_chunks == 0
+    steps = seg_chunks if whole else jnp.minimum(seg_chunks, n_chunks - first)
+    local_ref[...] = lax.fori_loop(0, steps, body, jnp.zeros(local_ref.shape, jnp.float32))
 
 
 def _fused_fwd_kernel(
@@ -406,6 +409,8 @@ def _bwd_kernel(
     do_ref,  # [C, Hv] output cotangent
     s_ref,  # [H, Hv] state entering this chunk (input dtype)
     ds_ref,  # [H, Hv] cotangent of the state leaving this chunk (input dtype)
+    tail_ref,  # [_LANES] f32: what this chunk's leaving state is worth at the end, or None
+    dht_ref,  # [H, Hv] (input dtype) cotangent of the final state not in ds_ref, or None
     dq_ref,  # [C, H] out
     dk_ref,  # [C, H] out
     dv_ref,  # [C, Hv] out
@@ -434,7 +439,10 @@ def _bwd_kernel(
     for j in range(v_ref.shape[-1] // block_v):
         cols = slice(j * block_v, (j + 1) * block_v)
         v, do = v_ref[:, cols], do_ref[:, cols]
-        s, ds = s_ref[:, cols].astype(dt), ds_ref[:, cols].astype(dt)
+        ds = ds_ref[:, cols]
+        if dht_ref is not None:  # dS_c += tail_c * dS_T: a final-state cotangent seeded late
+            ds = ds.astype(jnp.float32) + tail_ref[0] * dht_ref[:, cols]
+        s, ds = s_ref[:, cols].astype(dt), ds.astype(dt)
         da = da + dot(do, v, tb=True, precision=precision)
         dq_inter = dq_inter + dot(do, s, tb=True, precision=precision)
         dk_inter = dk_inter + dot(v, ds, tb=True, precision=precision)
@@ -549,23 +557,16 @@ def _segments(config: LightningConfig, b: int, n: int, n_chunks: int, hv: int, b
     return g, -(-n_chunks // g)
 
 
-def _segment_starts(k, v, ld, h0, rel, log_decay, *, t, chunk, seg_chunks, n_seg, config,
-                    interpret):
-    """[B, N, S, H, Hv] f32: the state entering each segment of the fused forward.
-
-    Segment s leaves ``gamma_s * S_in + local_s``, where ``local_s`` (a kernel) is its state
-    from zero and ``gamma_s = lambda^(real tokens) [no reset in the segment]``; an inclusive
-    associative scan of these affine maps, seeded with ``h0``, gives every entering state.
-    """
+def _segment_locals(k, v, ld, rel, *, t, chunk, seg_chunks, count, config, interpret):
+    """[B, N, count, H, Hv] f32: the state each of the first ``count`` segments leaves when
+    it starts from zero (kernel ``lightning_segment_states``)."""
     b, tp, n, h = k.shape
     hv = v.shape[-1]
-    if n_seg == 1:
-        return h0[:, :, None]
     _, _, bk, bv = _plan(config, t, h, hv)
-    local = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_segment_states_kernel, chunk=chunk, t=t, seg_chunks=seg_chunks,
                           precision=dot_precision(k.dtype)),
-        grid=(b, n, n_seg - 1, h // bk, hv // bv),
+        grid=(b, n, count, h // bk, hv // bv),
         in_specs=[
             pl.BlockSpec((None, _LANES), lambda bi, ni, si, kb, vb: (ni, 0)),
             None if rel is None else pl.BlockSpec((None, tp), lambda bi, ni, si, kb, vb: (bi, 0)),
@@ -574,36 +575,63 @@ def _segment_starts(k, v, ld, h0, rel, log_decay, *, t, chunk, seg_chunks, n_seg
         ],
         out_specs=pl.BlockSpec((None, None, None, bk, bv),
                                lambda bi, ni, si, kb, vb: (bi, ni, si, kb, vb)),
-        out_shape=jax.ShapeDtypeStruct((b, n, n_seg - 1, h, hv), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((b, n, count, h, hv), jnp.float32),
         compiler_params=plgpu.CompilerParams(
             num_warps=config.num_warps_state, num_stages=config.num_stages_state
         ),
         interpret=interpret,
         name="lightning_segment_states",
     )(ld, rel, k, v)
-    seg_len = seg_chunks * chunk
-    real = jnp.clip(t - seg_len * jnp.arange(n_seg - 1), 0, seg_len).astype(jnp.float32)
-    gamma = jnp.exp(log_decay[None, :, None] * real[None, None, :])  # [1, N, S - 1]
-    gamma = jnp.broadcast_to(gamma, (b, n, n_seg - 1))
-    if rel is not None:  # a reset anywhere in the segment drops the entering state
-        runs = rel[:, : (n_seg - 1) * seg_len].reshape(b, n_seg - 1, seg_len)
+
+
+def _span_carries(log_decay, rel, *, b, t, span, count):
+    """[B, N, count] f32: the factor each of the first ``count`` spans of ``span`` tokens puts
+    on the state entering it: lambda^(real tokens), 0 if a document starts inside (chunks
+    and segments alike)."""
+    real = jnp.clip(t - span * jnp.arange(count), 0, span).astype(jnp.float32)
+    gamma = jnp.exp(log_decay[None, :, None] * real[None, None, :])  # [1, N, count]
+    gamma = jnp.broadcast_to(gamma, (b, log_decay.shape[0], count))
+    if rel is not None:  # a reset anywhere in the span drops the entering state
+        runs = rel[:, : count * span].reshape(b, count, span)
         gamma = jnp.where((jnp.max(runs, axis=-1) == 0)[:, None, :], gamma, 0.0)
-    a = jnp.concatenate([jnp.ones((b, n, 1)), gamma], axis=2)
+    return gamma
+
+
+def _seeded_starts(h0, local, gamma):
+    """[B, N, S, H, Hv]: the state entering each segment, given the segments' own states and
+    carries ([B, N, S - 1, ...] for all but the last) and the state ``h0`` entering the first.
+    Segment s leaves ``gamma_s * S_in + local_s``: an inclusive associative scan of these
+    affine maps, seeded with ``h0``."""
+    a = jnp.concatenate([jnp.ones((*gamma.shape[:2], 1)), gamma], axis=2)
     return decayed_state_scan(a, jnp.concatenate([h0[:, :, None], local], axis=2), axis=2)
 
 
+def _segment_starts(k, v, ld, h0, rel, log_decay, *, t, chunk, seg_chunks, n_seg, config,
+                    interpret):
+    """[B, N, S, H, Hv] f32: the state entering each segment of the fused forward."""
+    if n_seg == 1:
+        return h0[:, :, None]
+    local = _segment_locals(k, v, ld, rel, t=t, chunk=chunk, seg_chunks=seg_chunks,
+                            count=n_seg - 1, config=config, interpret=interpret)
+    gamma = _span_carries(log_decay, rel, b=k.shape[0], t=t, span=seg_chunks * chunk,
+                          count=n_seg - 1)
+    return _seeded_starts(h0, local, gamma)
+
+
 def _run_fused_fwd(q, k, v, ld, h0, rel, log_decay, *, t, scale, config, interpret,
-                   with_states=False):
+                   with_states=False, starts=None):
     """One-kernel forward (per segment): (o [B, Tp, N, Hv] in q's dtype, final state
     [B, N, H, Hv] f32, ``with_states``: the state entering each chunk [B, N, nC * H, Hv] in
-    q's dtype, as ``_run_states`` writes it, else None)."""
+    q's dtype, as ``_run_states`` writes it, else None). ``starts`` (the segments' entering
+    states, [B, N, S, H, Hv] f32) replaces ``h0`` where the caller has them."""
     b, tp, n, h = q.shape
     hv = v.shape[-1]
     chunk, bv, _, _ = _plan(config, t, h, hv)
     seg_chunks, n_seg = _segments(config, b, n, tp // chunk, hv, bv)
-    starts = _segment_starts(k, v, ld, h0, rel, log_decay, t=t, chunk=chunk,
-                             seg_chunks=seg_chunks, n_seg=n_seg, config=config,
-                             interpret=interpret)
+    if starts is None:
+        starts = _segment_starts(k, v, ld, h0, rel, log_decay, t=t, chunk=chunk,
+                                 seg_chunks=seg_chunks, n_seg=n_seg, config=config,
+                                 interpret=interpret)
     whole = lambda width: pl.BlockSpec(  # noqa: E731
         (None, tp, None, width), lambda bi, ni, si, vb: (bi, 0, ni, 0))
     column = pl.BlockSpec((None, tp, None, bv), lambda bi, ni, si, vb: (bi, 0, ni, vb))
@@ -639,18 +667,27 @@ def _run_fused_fwd(q, k, v, ld, h0, rel, log_decay, *, t, scale, config, interpr
     return o, leaving[:, :, -1], (states[0] if with_states else None)
 
 
-def _run_bwd(q, k, v, do, ld, rel, states, dstates, *, t, scale, config, interpret):
-    """dq/dk/dv kernel: (dq, dk, dv) padded, in the inputs' dtype."""
+def _run_bwd(q, k, v, do, ld, rel, states, dstates, *, t, scale, config, interpret,
+             tail=None, dht=None):
+    """dq/dk/dv kernel: (dq, dk, dv) padded, in the inputs' dtype. ``dht`` [B, N, H, Hv]
+    with ``tail`` [B, N, nC] f32: a final-state cotangent that ``dstates`` lacks, added to
+    chunk c's as ``tail[c] * dht`` (tail: the product of the later chunks' carries)."""
     b, tp, n, h = q.shape
     hv = v.shape[-1]
     chunk, bv, _, _ = _plan(config, t, h, hv)
     row = pl.BlockSpec((None, chunk, None, h), lambda bi, ni, c: (bi, c, ni, 0))
     row_v = pl.BlockSpec((None, chunk, None, hv), lambda bi, ni, c: (bi, c, ni, 0))
     state = pl.BlockSpec((None, None, h, hv), lambda bi, ni, c: (bi, ni, c, 0))
+    seeded = dht is not None
+    if seeded:
+        tail = jnp.broadcast_to(tail[..., None], (*tail.shape, _LANES))
     in_specs = [
         pl.BlockSpec((None, _LANES), lambda bi, ni, c: (ni, 0)),
         None if rel is None else pl.BlockSpec((None, chunk), lambda bi, ni, c: (bi, c)),
         row, row, row_v, row_v, state, state,
+        pl.BlockSpec((None, None, None, _LANES), lambda bi, ni, c: (bi, ni, c, 0))
+        if seeded else None,
+        pl.BlockSpec((None, None, h, hv), lambda bi, ni, c: (bi, ni, 0, 0)) if seeded else None,
     ]
     kernel = functools.partial(
         _bwd_kernel, chunk=chunk, t=t, scale=scale, block_v=bv,
@@ -671,7 +708,7 @@ def _run_bwd(q, k, v, do, ld, rel, states, dstates, *, t, scale, config, interpr
         ),
         interpret=interpret,
         name="lightning_bwd",
-    )(ld, rel, q, k, v, do, states, dstates)
+    )(ld, rel, q, k, v, do, states, dstates, tail if seeded else None, dht)
 
 
 # ----------------------------------------------------------------------------- custom VJP
@@ -784,7 +821,21 @@ def lightning_attention(
     Example:
       >>> o, state = lightning_attention(q, k, v, jnp.log(jnp.full((N,), 0.99)), scale=0.125)
     """
-    b, t, n, h, hv = check_lightning_inputs(
+    _check_args(q, k, v, log_decay, initial_state, segment_ids, interpret)
+    if config is None:
+        config = LightningConfig.get_default(q.shape[-1], q.dtype)
+    if not isinstance(config, LightningConfig):
+        raise ValueError(f"config must be a LightningConfig, got {type(config).__name__}")
+    return _lightning_jit(
+        q, k, v, jnp.asarray(log_decay), initial_state,
+        None if segment_ids is None else jnp.asarray(segment_ids),
+        scale=float(scale), config=config, interpret=bool(interpret),
+    )
+
+
+def _check_args(q, k, v, log_decay, initial_state, segment_ids, interpret) -> None:
+    """check_lightning_inputs plus the head dims these kernels compile for."""
+    _, _, _, h, hv = check_lightning_inputs(
         q, k, v, log_decay, initial_state, segment_ids, dtypes=SUPPORTED_DTYPES
     )
     for name, dim in (("head_dim H", h), ("value head_dim Hv", hv)):
@@ -799,12 +850,87 @@ def lightning_attention(
                 f"{name} is {dim}; the compiled lightning kernels support {GPU_HEAD_DIMS} "
                 "(pad the head dim, or use the reference implementation)"
             )
-    if config is None:
-        config = LightningConfig.get_default(h, q.dtype)
-    if not isinstance(config, LightningConfig):
-        raise ValueError(f"config must be a LightningConfig, got {type(config).__name__}")
-    return _lightning_jit(
-        q, k, v, jnp.asarray(log_decay), initial_state,
-        None if segment_ids is None else jnp.asarray(segment_ids),
-        scale=float(scale), config=config, interpret=bool(interpret),
+
+
+# ----------------------------------------------------------------------------- sequence blocks
+# A block of a longer sequence in four phases, so that a sequence-parallel caller (LASP-2,
+# sharding/lasp2.py) exchanges states between them and no phase reads the block twice:
+# summarize (the segment states the fused forward needs anyway give the block's own state) ->
+# forward (the fused kernel, entered by the incoming state) -> state_grad (the dS kernel from a
+# zero final-state cotangent gives the incoming state's cotangent) -> backward (the dq/dk/dv
+# kernel adds the outgoing state's cotangent, known only after the exchange, chunk by chunk).
+# Only for the fused forward (``config.fused_forward``); callers fall back otherwise.
+
+
+def _block_setup(x, segment_ids, log_decay, config, hv):
+    """(t, chunk, padded length, run ids or None, lanes of log_decay)."""
+    b, t, n, h = x.shape
+    chunk = _plan(config, t, h, hv)[0]
+    tp = round_up(t, chunk)
+    rel = None if segment_ids is None else chunk_run_ids(segment_ids, tp, chunk)
+    return t, chunk, tp, rel, _lanes(log_decay)
+
+
+def block_summarize(k, v, log_decay, segment_ids=None, *, config, interpret=False):
+    """Phase 1: (the state [B, N, H, Hv] f32 the block leaves from a zero state, aux).
+
+    ``aux`` (every segment's own state and carry but the last's) is what
+    :func:`block_forward` reuses to start its segments.
+    """
+    _check_args(k, k, v, log_decay, None, segment_ids, interpret)
+    b, _, n, h = k.shape
+    hv = v.shape[-1]
+    t, chunk, tp, rel, ld = _block_setup(k, segment_ids, log_decay, config, hv)
+    k, v = (pad_axis(x, 1, tp) for x in (k, v))
+    seg_chunks, n_seg = _segments(config, b, n, tp // chunk, hv, _plan(config, t, h, hv)[1])
+    local = _segment_locals(k, v, ld, rel, t=t, chunk=chunk, seg_chunks=seg_chunks,
+                            count=n_seg, config=config, interpret=interpret)
+    gamma = _span_carries(log_decay, rel, b=b, t=t, span=seg_chunks * chunk, count=n_seg)
+    state = decayed_state_scan(gamma, local, axis=2)[:, :, -1]
+    return state, (local[:, :, :-1], gamma[:, :, :-1])
+
+
+def block_forward(q, k, v, log_decay, segment_ids, s_in, aux, *, scale, config,
+                  interpret=False):
+    """Phase 2: (o [B, T, N, Hv] of the block entered by ``s_in`` [B, N, H, Hv], residuals)."""
+    _check_args(q, k, v, log_decay, s_in, segment_ids, interpret)
+    hv = v.shape[-1]
+    t, _, tp, rel, ld = _block_setup(q, segment_ids, log_decay, config, hv)
+    q, k, v = (pad_axis(x, 1, tp) for x in (q, k, v))
+    local, gamma = aux
+    starts = _seeded_starts(s_in.astype(jnp.float32), local, gamma)
+    o, _, states = _run_fused_fwd(q, k, v, ld, None, rel, log_decay, t=t, scale=scale,
+                                  config=config, interpret=interpret, with_states=True,
+                                  starts=starts)
+    return o[:, :t], (q, k, v, log_decay, rel, states)
+
+
+def block_state_grad(res, do, *, t, scale, config, interpret=False):
+    """Phase 3: (the cotangent [B, N, H, Hv] f32 of the incoming state, given the output's
+    and none on the outgoing state, residuals for :func:`block_backward`)."""
+    q, k, v, log_decay, rel, states = res
+    b, tp, n, h = q.shape
+    do = pad_axis(do.astype(q.dtype), 1, tp)
+    dstates, ds_in = _run_states(
+        q.dtype, q, do, _lanes(log_decay), jnp.zeros((b, n, h, v.shape[-1]), jnp.float32), rel,
+        t=t, config=config, interpret=interpret, dstates=True, scale=scale,
     )
+    return ds_in, (res, do, dstates)
+
+
+def block_backward(res, ds_out, *, t, scale, config, interpret=False):
+    """Phase 4: (dq, dk, dv) of the block, given the outgoing state's cotangent ``ds_out``
+    [B, N, H, Hv] (learned from the blocks after this one; None: none)."""
+    (q, k, v, log_decay, rel, states), do, dstates = res
+    b, tp = q.shape[:2]
+    tail = None
+    if ds_out is not None:
+        chunk = _plan(config, t, q.shape[-1], v.shape[-1])[0]
+        gamma = _span_carries(log_decay, rel, b=b, t=t, span=chunk, count=tp // chunk)
+        later = jnp.concatenate([gamma[..., 1:], jnp.ones_like(gamma[..., :1])], axis=-1)
+        tail = jnp.flip(jnp.cumprod(jnp.flip(later, -1), axis=-1), -1)  # later carries
+        ds_out = ds_out.astype(q.dtype)  # as the kernels store dS (cast so before use)
+    dq, dk, dv = _run_bwd(q, k, v, do, _lanes(log_decay), rel, states, dstates, t=t,
+                          scale=scale, config=config, interpret=interpret, tail=tail,
+                          dht=ds_out)
+    return dq[:, :t], dk[:, :t], dv[:, :t]

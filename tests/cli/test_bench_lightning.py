@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from attnlab import bench_lightning as bl
 
 
@@ -24,13 +26,17 @@ def test_smoke_writes_json(tmp_path: Path) -> None:
         assert r["T"] == 64 and r["B"] == 4
 
 
-def test_lasp_smoke(tmp_path: Path) -> None:
+@pytest.mark.parametrize("devices", [2, 1])
+def test_lasp_smoke(devices: int, tmp_path: Path) -> None:
+    """2 devices at 2T vs 1 at T; a one-device mesh (per-device compute) at T."""
     out = tmp_path / "lasp.json"
-    assert bl.main(["--lasp", "--smoke", "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    assert bl.main(["--lasp", "--smoke", "--lasp-devices", str(devices), "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["settings"]["devices"] == devices
+    rows, t = rec["rows"], 64 * devices
     assert [(r["algo"], r["devices"], r["T"]) for r in rows] == [
-        ("single", 1, 64), ("data_parallel", 2, 128), ("local_with_state", 2, 128),
-        ("summary_only", 2, 128), ("lasp", 2, 128), ("lasp2", 2, 128),
+        ("single", 1, 64), ("data_parallel", devices, t), ("local_with_state", devices, t),
+        ("summary_only", devices, t), ("lasp", devices, t), ("lasp2", devices, t),
     ]
     assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows)
     assert all(r["speedup"] is not None for r in rows[1:])

@@ -107,6 +107,42 @@ def test_data_axis_without_initial_state(algo, key):
         _close(a, b, REL_TOL, name)
 
 
+@pytest.mark.parametrize("algo", sorted(ALGOS))
+def test_over_the_triton_kernels(algo, key):
+    """LASP and LASP-2 over the Triton kernels (interpreted; shard_map without check_vma, as
+    on a GPU) with the fused forward, where LASP-2 runs the kernel's own block phases (the
+    summaries from its segment states, the outgoing states' cotangents added in its dq/dk/dv
+    kernel): values and gradients, including the initial and final states' (whose
+    cotangents shard_map splits and sums over the devices without check_vma), equal the
+    single-device xla op; segment ids, 32-token blocks of two segments each."""
+    from pallas_kernels.gpu.lightning_chunk import LightningConfig
+
+    config = LightningConfig(chunk=16, block_v=16, block_k_state=16, block_v_state=16,
+                             fused_forward=True, segment_chunks=1)
+    mesh = jax.make_mesh((4,), ("sp",), axis_types=(AxisType.Explicit,))
+    q, k, v, s0, seg, decay = _inputs(key, b=2, t=128, n=2, h=16, p=4)
+    kw = dict(decay=decay, segment_ids=seg, return_state=True)
+    block = L.LightningArgs(jnp.log(decay), s0, seg[:, :32], 1.0, None, config)
+    _, aux = L.block_phases(q[:, :32], k, v, block, "pallas_triton").summarize(k[:, :32],
+                                                                              v[:, :32])
+    assert aux is not None  # the kernel's own phases (the generic summary has no aux)
+
+    def single(q, k, v, s0):
+        return L.lightning_attention(q, k, v, initial_state=s0, impl="xla", chunk_size=4, **kw)
+
+    def sharded(q, k, v, s0):
+        return ALGOS[algo](q, k, v, mesh=mesh, initial_state=s0, impl="pallas_triton",
+                           config=config, **kw)
+
+    (_, (wo, ws)), wg = jax.jit(_loss_fn(single))(q, k, v, s0)
+    with jax.set_mesh(mesh):
+        (_, (o, s)), g = jax.jit(_loss_fn(sharded))(q, k, v, s0)
+    _close(o, wo, 5e-5, "o")
+    _close(s, ws, 5e-5, "final state")
+    for name, a, b in zip(("dq", "dk", "dv", "dstate"), g, wg):
+        _close(a, b, 5e-5, name)
+
+
 def _all_gathers(hlo: str) -> list[str]:
     """Shapes of the all-gather ops (sync or async start) in compiled HLO text."""
     return re.findall(r"= (\w+\[[\d,]*\])\S* all-gather(?:-start)?\(", hlo)
