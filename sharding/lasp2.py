@@ -16,7 +16,8 @@ state; then dq, dk, dv. The gathered sizes depend on B, N, H, Hv and the axis si
 the sequence length.
 
 The four per-block steps are :class:`attnlab.ops.lightning.BlockPhases` of the chosen
-implementation. The Triton kernels (fused forward) have their own: the summary comes from the
+implementation, run by :func:`sharding.lasp.phased_shard` around this module's
+:func:`gather_exchange` (LASP's ring is the other exchange). The Triton kernels (fused forward) have their own: the summary comes from the
 segment states the fused forward computes anyway, and the outgoing state's cotangent is added
 inside the dq/dk/dv kernel, so LASP-2 reads each block no more often than the single-device
 op does. Other implementations take the generic phases: :func:`~attnlab.ops.lightning.
@@ -31,10 +32,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from attnlab.ops import lightning as _L
-from attnlab.ops._vma import like_vma, vary, varying
-from attnlab.ops.lightning import LightningArgs
-from sharding.lasp import sharded_lightning
+from attnlab.ops._vma import like_vma
+from sharding.lasp import StateExchange, phased_shard, sharded_lightning
 
 
 def _gather_summaries(state, carry, segment_ids, axis_name):
@@ -86,6 +85,29 @@ def _suffix(ds_ins, carries, keeps, dfinal):
     return g_outs, dinit
 
 
+def gather_exchange(axis_name: str) -> StateExchange:
+    """LASP-2's exchange: one all-gather of the block summaries forward (then a local prefix
+    combine), one of the incoming states' cotangents backward (then a local suffix combine)."""
+
+    def forward(state, carry, segment_ids, init):
+        states, carries, keeps = _gather_summaries(state, carry, segment_ids, axis_name)
+        s_ins, final = _prefix(states, carries, keeps, init)
+        return s_ins[jax.lax.axis_index(axis_name)], final, (carries, keeps)
+
+    def backward(ds_in, dfinal, res, shares):
+        carries, keeps = res
+        if shares:  # the shares of dfinal ride in the one all-gather and are summed here
+            both = jax.lax.all_gather(jnp.stack([ds_in, dfinal]), axis_name,
+                                      to="invarying")  # [P, 2, B, N, H, Hv]
+            ds_ins, dfinal = both[:, 0], jnp.sum(both[:, 1], axis=0)
+        else:
+            ds_ins = jax.lax.all_gather(ds_in, axis_name, to="invarying")  # [P, B, N, H, Hv]
+        g_outs, dinit = _suffix(ds_ins, carries, keeps, dfinal)
+        return g_outs[jax.lax.axis_index(axis_name)], dinit
+
+    return StateExchange(forward, backward)
+
+
 def lasp2_shard(
     q: jax.Array,
     k: jax.Array,
@@ -108,58 +130,9 @@ def lasp2_shard(
     Example:
       >>> o, s = jax.shard_map(partial(lasp2_shard, axis_name="sp"), mesh=mesh, ...)(q, k, v, ld)
     """
-    b, _, n, h = q.shape
-    hv = v.shape[-1]
-    if initial_state is None:
-        initial_state = jnp.zeros((b, n, h, hv), jnp.float32)
-
-    def phases(log_decay, segment_ids):  # built from the VJP's own arguments (no closure)
-        a = LightningArgs(log_decay, initial_state, segment_ids, scale, chunk_size, config)
-        return _L.block_phases(q, k, v, a, impl)
-
-    def fwd(q, k, v, init, log_decay, segment_ids):
-        ph = phases(log_decay, segment_ids)
-        state, aux = ph.summarize(k, v)
-        carry = _L.block_carry(log_decay, segment_ids, b, q.shape[1])
-        states, carries, keeps = _gather_summaries(state, carry, segment_ids, axis_name)
-        s_ins, final = _prefix(states, carries, keeps, init)
-        o, res = ph.forward(q, k, v, s_ins[jax.lax.axis_index(axis_name)], aux)
-        return (o, final), (res, log_decay, segment_ids, carries, keeps)
-
-    # Under shard_map(check_vma=False) (q's type does not record the sequence axis) each
-    # device is handed a share of the replicated final state's cotangent, and the initial
-    # state's cotangents are summed over the devices afterwards; with check_vma the
-    # cotangent comes whole and must leave invariant.
-    unchecked = axis_name not in varying(q)
-
-    def bwd(res, cts):
-        res, log_decay, segment_ids, carries, keeps = res
-        do, dfinal = cts
-        ph = phases(log_decay, segment_ids)
-        ds_in, res = ph.state_grad(res, do)
-        idx = jax.lax.axis_index(axis_name)
-        if unchecked:  # the shares ride in the one all-gather and are summed here
-            both = jax.lax.all_gather(jnp.stack([ds_in, dfinal.astype(jnp.float32)]),
-                                      axis_name, to="invarying")  # [P, 2, B, N, H, Hv]
-            ds_ins, dfinal = both[:, 0], jnp.sum(both[:, 1], axis=0)
-        else:
-            ds_ins = jax.lax.all_gather(ds_in, axis_name, to="invarying")  # [P, B, N, H, Hv]
-        g_outs, dinit = _suffix(ds_ins, carries, keeps, dfinal)
-        if unchecked:
-            dinit = jnp.where(idx == 0, dinit, 0.0)
-        dq, dk, dv = ph.backward(res, g_outs[idx])
-        return dq, dk, dv, dinit, jnp.zeros_like(log_decay), None
-
-    @jax.custom_vjp
-    def run(q, k, v, init, log_decay, segment_ids):
-        return fwd(q, k, v, init, log_decay, segment_ids)[0]
-
-    run.defvjp(fwd, bwd)
-    # The initial state enters the prefix scan beside the gathered states, which vary over
-    # every axis q does except the sequence axis; marking it so up front also makes its
-    # cotangent type match (pcast's transpose sums it where the caller passed it replicated).
-    initial_state = vary(initial_state, tuple(sorted(varying(q) - {axis_name})))
-    return run(q, k, v, initial_state, log_decay, segment_ids)
+    return phased_shard(gather_exchange(axis_name), q, k, v, log_decay, initial_state,
+                        segment_ids, axis_name=axis_name, scale=scale, chunk_size=chunk_size,
+                        impl=impl, config=config)
 
 
 def lasp2_attention(
