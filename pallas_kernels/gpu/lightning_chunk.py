@@ -410,7 +410,7 @@ def _bwd_kernel(
     s_ref,  # [H, Hv] state entering this chunk (input dtype)
     ds_ref,  # [H, Hv] cotangent of the state leaving this chunk (input dtype)
     tail_ref,  # [_LANES] f32: what this chunk's leaving state is worth at the end, or None
-    dht_ref,  # [H, Hv] (input dtype) cotangent of the final state not in ds_ref, or None
+    dht_ref,  # [H, Hv] f32 cotangent of the final state not in ds_ref, or None
     dq_ref,  # [C, H] out
     dk_ref,  # [C, H] out
     dv_ref,  # [C, Hv] out
@@ -669,7 +669,7 @@ def _run_fused_fwd(q, k, v, ld, h0, rel, log_decay, *, t, scale, config, interpr
 
 def _run_bwd(q, k, v, do, ld, rel, states, dstates, *, t, scale, config, interpret,
              tail=None, dht=None):
-    """dq/dk/dv kernel: (dq, dk, dv) padded, in the inputs' dtype. ``dht`` [B, N, H, Hv]
+    """dq/dk/dv kernel: (dq, dk, dv) padded, in the inputs' dtype. ``dht`` [B, N, H, Hv] f32
     with ``tail`` [B, N, nC] f32: a final-state cotangent that ``dstates`` lacks, added to
     chunk c's as ``tail[c] * dht`` (tail: the product of the later chunks' carries)."""
     b, tp, n, h = q.shape
@@ -929,7 +929,7 @@ def block_backward(res, ds_out, *, t, scale, config, interpret=False):
         gamma = _span_carries(log_decay, rel, b=b, t=t, span=chunk, count=tp // chunk)
         later = jnp.concatenate([gamma[..., 1:], jnp.ones_like(gamma[..., :1])], axis=-1)
         tail = jnp.flip(jnp.cumprod(jnp.flip(later, -1), axis=-1), -1)  # later carries
-        ds_out = ds_out.astype(q.dtype)  # as the kernels store dS (cast so before use)
+        ds_out = ds_out.astype(jnp.float32)
     dq, dk, dv = _run_bwd(q, k, v, do, _lanes(log_decay), rel, states, dstates, t=t,
                           scale=scale, config=config, interpret=interpret, tail=tail,
                           dht=ds_out)
