@@ -17,11 +17,12 @@ the sequence length.
 
 The four per-block steps are :class:`attnlab.ops.lightning.BlockPhases` of the chosen
 implementation, run by :func:`sharding.lasp.phased_shard` around this module's
-:func:`gather_exchange` (LASP's ring is the other exchange). The Triton kernels (fused forward) have their own: the summary comes from the
-segment states the fused forward computes anyway, and the outgoing state's cotangent is added
-inside the dq/dk/dv kernel, so LASP-2 reads each block no more often than the single-device
-op does. Other implementations take the generic phases: :func:`~attnlab.ops.lightning.
-chunk_summary` (an extra pass over k and v, forward and backward) and the op's own VJP.
+:func:`gather_exchange` (LASP's ring is the other exchange). The Triton kernels (fused
+forward) have phases of their own: the summary comes from the segment states the fused
+forward computes anyway, and the outgoing state's cotangent is added inside the dq/dk/dv
+kernel, so LASP-2 reads each block no more often than the single-device op does. Other
+implementations take the generic phases: :func:`attnlab.ops.lightning.chunk_summary` (an
+extra pass over k and v, forward and backward) and the op's own VJP.
 """
 
 from __future__ import annotations
