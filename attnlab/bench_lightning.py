@@ -310,8 +310,10 @@ def bench_lasp(
     """LASP and LASP-2 fwd+bwd on P = ``devices`` devices at length P*T vs the single-device op
     at T (B = 1), inputs placed sequence-sharded beforehand; ``data_parallel`` (P sequences of
     T, one per device, no communication) shows what P devices give in the same harness, and two
-    pieces of LASP-2 are timed alone the same way: ``local_with_state`` (the local op continuing
-    an incoming state) and ``summary_only`` (the block summary, forward and backward).
+    per-block pieces are timed alone the same way: ``local_with_state`` (the local op
+    continuing an incoming state) and ``summary_only`` (the generic block summary,
+    :func:`attnlab.ops.lightning.chunk_summary`, forward and backward: what LASP and LASP-2
+    run per block over implementations without block phases of their own).
 
     ``devices=1`` runs every algorithm on a one-device mesh: the collectives are then no-ops,
     so each row's ratio to ``single`` is the per-device compute the algorithm adds (the
@@ -347,7 +349,7 @@ def bench_lasp(
     with_state = per_device(lambda q, k, v: L.lightning_attention(
         q, k, v, decay=decay, return_state=True,
         initial_state=jnp.full((q.shape[0], heads, head_dim, head_dim), 0.01, jnp.float32)))
-    # LASP-2's block summary alone (q is unused).
+    # The generic block summary alone (q is unused).
     summary_only = per_device(lambda q, k, v: (jnp.zeros((1,), jnp.float32),
                                                L.chunk_summary(k, v, jnp.log(decay))[0]))
 

@@ -116,7 +116,7 @@ timeout "$SP_TIMEOUT" python3 -m attnlab.bench_sp --out "$OUT/bench_sp.json" \
 fi
 
 if want lasp; then
-echo "== LASP / LASP-2 on 2 GPUs at 2T vs 1 GPU at T, with data_parallel and LASP-2's pieces"
+echo "== LASP / LASP-2 on 2 GPUs at 2T vs 1 GPU at T, with data_parallel and the per-block pieces"
 timeout "${LASP_TIMEOUT:-240}" python3 -m attnlab.bench_lightning --lasp --seq-lens 32768,65536 \
   --repeats 5 --out "$OUT/bench_lasp.json" 2>&1 | tee "$OUT/bench_lasp.log"
 [ "${PIPESTATUS[0]}" -ne 0 ] && status=1

@@ -371,7 +371,7 @@ def block_carry(log_decay: jax.Array, segment_ids: jax.Array | None, b: int, t: 
 
 
 class BlockPhases(NamedTuple):
-    """One block of a longer sequence in four phases, for sequence parallelism (LASP-2).
+    """One block of a longer sequence in four phases, for sequence parallelism (LASP, LASP-2).
 
     The caller exchanges states between the phases: ``summarize(k, v) -> (state, aux)`` (the
     state the block leaves from zero; with :func:`block_carry` it says what the block does to
