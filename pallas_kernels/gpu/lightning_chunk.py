@@ -592,7 +592,9 @@ def _span_carries(log_decay, rel, *, b, t, span, count):
     gamma = jnp.exp(log_decay[None, :, None] * real[None, None, :])  # [1, N, count]
     gamma = jnp.broadcast_to(gamma, (b, log_decay.shape[0], count))
     if rel is not None:  # a reset anywhere in the span drops the entering state
-        runs = rel[:, : count * span].reshape(b, count, span)
+        runs = rel[:, : count * span]  # a short last span: zeros (no reset) fill it up
+        runs = jnp.pad(runs, ((0, 0), (0, count * span - runs.shape[1])))
+        runs = runs.reshape(b, count, span)
         gamma = jnp.where((jnp.max(runs, axis=-1) == 0)[:, None, :], gamma, 0.0)
     return gamma
 
@@ -853,8 +855,9 @@ def _check_args(q, k, v, log_decay, initial_state, segment_ids, interpret) -> No
 
 
 # ----------------------------------------------------------------------------- sequence blocks
-# A block of a longer sequence in four phases, so that a sequence-parallel caller (LASP-2,
-# sharding/lasp2.py) exchanges states between them and no phase reads the block twice:
+# A block of a longer sequence in four phases, so that a sequence-parallel caller (LASP and
+# LASP-2, sharding.lasp.phased_shard) exchanges states between them and no phase reads the
+# block twice:
 # summarize (the segment states the fused forward needs anyway give the block's own state) ->
 # forward (the fused kernel, entered by the incoming state) -> state_grad (the dS kernel from a
 # zero final-state cotangent gives the incoming state's cotangent) -> backward (the dq/dk/dv

@@ -69,10 +69,11 @@ def check_phases(case: LightningCase, key, impl: str, config, *, own: bool) -> N
 CASE = LightningCase("f32_segments_ragged", t=40, h=16, hv=32, b=2, segments=3)
 
 
-@pytest.mark.parametrize("segment_chunks", [1, 0], ids=["3segments", "1segment"])
+@pytest.mark.parametrize("segment_chunks", [1, 2, 0], ids=["3segments", "2+short", "1segment"])
 def test_triton_phases_interpreted(segment_chunks, key):
     """The kernel's own phases: segment states for the summary, the final-state cotangent
-    added inside the dq/dk/dv kernel (one segment per chunk, and one for the whole block)."""
+    added inside the dq/dk/dv kernel (one segment per chunk; a whole segment and a short
+    last one; one segment for the whole block)."""
     config = dataclasses.replace(FUSED_CPU_CONFIG, segment_chunks=segment_chunks)
     check_phases(CASE, key, "pallas_triton", config, own=True)
 
