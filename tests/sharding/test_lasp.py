@@ -171,6 +171,30 @@ def test_lasp2_one_all_gather_each_way_of_constant_size(segments, key):
         assert found[64][0] == [state_shape] and found[64][1] == [state_shape] * 2
 
 
+def test_lasp2_over_the_kernels_one_all_gather_each_way(key):
+    """The GPU path (Triton kernels, interpreted here; shard_map without check_vma): still one
+    all-gather forward and one backward, the final state's cotangent shares riding in the
+    backward one beside the incoming-state cotangents."""
+    from pallas_kernels.gpu.lightning_chunk import LightningConfig
+
+    config = LightningConfig(chunk=16, block_v=16, block_k_state=16, block_v_state=16,
+                             fused_forward=True)
+    mesh = jax.make_mesh((4,), ("sp",), axis_types=(AxisType.Auto,))
+    q, k, v, _, _, decay = _inputs(key, b=1, t=64, n=2, h=16, p=4)
+    kw = dict(decay=decay, mesh=mesh, impl="pallas_triton", config=config, return_state=True)
+
+    def loss(q, k, v):
+        o, s = lasp2_attention(q, k, v, **kw)
+        return jnp.sum(o ** 2) + jnp.sum(s)
+
+    fwd = _all_gathers(jax.jit(lambda q, k, v: lasp2_attention(q, k, v, **kw)).lower(
+        q, k, v).compile().as_text())
+    both = _all_gathers(jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(
+        q, k, v).compile().as_text())
+    assert fwd == ["f32[4,1,2,16,16]"], fwd
+    assert sorted(both) == ["f32[4,1,2,16,16]", "f32[4,2,1,2,16,16]"], both
+
+
 def test_lasp_is_a_ring_of_permutes(key):
     mesh = jax.make_mesh((8,), ("sp",), axis_types=(AxisType.Auto,))
     q, k, v, _, _, decay = _inputs(key, b=1, t=64)
