@@ -4,6 +4,7 @@ backward, of a size that does not depend on the sequence length; two local proce
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
@@ -21,6 +22,7 @@ from jax.sharding import AxisType
 from attnlab.ops import lightning as L
 from sharding.lasp import lasp_attention
 from sharding.lasp2 import lasp2_attention
+from tests.pallas_kernels.test_lightning_triton import FUSED_CPU_CONFIG
 
 ALGOS = {"lasp": lasp_attention, "lasp2": lasp2_attention}
 # Sharded and single-device runs use the same xla path in float32; only the order of the
@@ -115,10 +117,7 @@ def test_over_the_triton_kernels(algo, key):
     kernel): values and gradients, including the initial and final states' (whose
     cotangents shard_map splits and sums over the devices without check_vma), equal the
     single-device xla op; segment ids, 32-token blocks of two segments each."""
-    from pallas_kernels.gpu.lightning_chunk import LightningConfig
-
-    config = LightningConfig(chunk=16, block_v=16, block_k_state=16, block_v_state=16,
-                             fused_forward=True, segment_chunks=1)
+    config = dataclasses.replace(FUSED_CPU_CONFIG, segment_chunks=1)
     mesh = jax.make_mesh((4,), ("sp",), axis_types=(AxisType.Explicit,))
     q, k, v, s0, seg, decay = _inputs(key, b=2, t=128, n=2, h=16, p=4)
     kw = dict(decay=decay, segment_ids=seg, return_state=True)
@@ -175,10 +174,7 @@ def test_lasp2_over_the_kernels_one_all_gather_each_way(key):
     """The GPU path (Triton kernels, interpreted here; shard_map without check_vma): still one
     all-gather forward and one backward, the final state's cotangent shares riding in the
     backward one beside the incoming-state cotangents."""
-    from pallas_kernels.gpu.lightning_chunk import LightningConfig
-
-    config = LightningConfig(chunk=16, block_v=16, block_k_state=16, block_v_state=16,
-                             fused_forward=True)
+    config = FUSED_CPU_CONFIG
     mesh = jax.make_mesh((4,), ("sp",), axis_types=(AxisType.Auto,))
     q, k, v, _, _, decay = _inputs(key, b=1, t=64, n=2, h=16, p=4)
     kw = dict(decay=decay, mesh=mesh, impl="pallas_triton", config=config, return_state=True)
