@@ -37,8 +37,8 @@ from jax import lax
 
 from attnlab.ops._registry import platform
 from attnlab.ops.attention import attention as _block_attention
-from attnlab.ops.attention_grad import REGISTRY as _BWD_REGISTRY
 from attnlab.ops.attention_grad import attention_bwd
+from attnlab.ops.attention_grad import implementations as _bwd_implementations
 from attnlab.ops.merge import merge
 from pallas_kernels.common.masks import EMPTY, MaskSpec, tile_kind
 from sharding._common import vary, varying_axes, window_pair
@@ -159,7 +159,7 @@ def ring_attention(
         q_seg, kv_seg = jnp.asarray(q_seg, jnp.int32), jnp.asarray(kv_seg, jnp.int32)
     spec = MaskSpec.from_jax_nn(is_causal=is_causal, local_window_size=local_window_size)
     if bwd_impl is None:
-        known = _BWD_REGISTRY.implementations()
+        known = _bwd_implementations()
         bwd_impl = impl if impl in known or impl == "pallas" else "auto"
     cfg = _Ring(
         axis_name, spec, float(1.0 / math.sqrt(h) if scale is None else scale),

@@ -1,7 +1,6 @@
 """Pure functional attention ops: one module per mechanism, each with a ``reference``."""
 
 from attnlab.ops import decode, lightning, masks, star
-from attnlab.ops._xla_flash import XlaConfig
 from attnlab.ops.attention import (
     AUTO_ORDER,
     AttentionArgs,
@@ -15,9 +14,11 @@ from attnlab.ops.attention import (
     reference,
 )
 from attnlab.ops.attention_grad import attention_bwd
-from attnlab.ops.decode import XlaDecodeConfig, decode_attention
+from attnlab.ops.backends.attention_xla import XlaConfig
+from attnlab.ops.backends.decode_xla import XlaDecodeConfig
+from attnlab.ops.backends.lightning_xla import XlaLightningConfig
+from attnlab.ops.decode import decode_attention
 from attnlab.ops.lightning import (
-    XlaLightningConfig,
     alibi_slopes,
     chunk_summary,
     lightning_attention,

@@ -1,15 +1,23 @@
 """One implementation registry per op: ``impl=`` names, ``"auto"``, ``"pallas"``, refusals.
 
-Every op (softmax attention, decode, and the mechanisms to come) keeps a :class:`Registry`
-of :class:`Implementation`\\ s. ``"auto"`` takes the first implementation in the op's
-per-platform order that supports the call; a named implementation that cannot compute the
-call raises ``NotImplementedError`` with its reason, never a silent switch.
+Every op (softmax attention, decode, lightning, and the mechanisms to come) declares one
+:class:`Registry` in its module, in one statement: the op's name, its argument normalizer,
+its ``reference`` implementation, the adapter modules of its other backends, the
+per-platform ``"auto"`` order and what ``"pallas"`` means per platform. Each adapter module
+(``attnlab/ops/backends/<op>_<backend>.py``) defines one :class:`Implementation` named
+``IMPLEMENTATION``: its forward, optional backward and block phases, its own limits
+(``unsupported``) and its config class. Nothing else registers anywhere.
+
+``"auto"`` takes the first implementation in the op's per-platform order that supports the
+call; a named implementation that cannot compute the call raises ``NotImplementedError``
+with its reason, never a silent switch. See ``attnlab/ops/README.md`` for the template.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import importlib
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -21,28 +29,56 @@ def platform() -> str:
     return "gpu" if p in ("cuda", "rocm", "gpu") else p
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+def _no_limits(q, k, v, a: Any, plat: str) -> str | None:
+    return None
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Implementation:
     """One way of computing an op.
 
-    fn(q, k, v, args) -> the op's outputs (for attention (out, lse), or (out, lse, entropy)
-    when ``args.return_entropy``, only for implementations with ``returns_entropy``).
-    ``unsupported(q, k, v, args, platform)`` returns None if the call is supported, else a
-    sentence naming the argument that is not.
+    Attributes:
+      name: the ``impl=`` name ("xla", "pallas_triton", ...).
+      description: one line for ``attnlab info``.
+      fn: ``fn(q, k, v, args)`` -> the op's outputs (the op's docstring says which).
+      unsupported: ``unsupported(q, k, v, args, platform)`` -> None if the backend computes
+        the call, else a sentence naming the argument that it cannot take.
+      config_cls: the config class ``config=`` must be an instance of; None: takes no config.
+      bwd: optional backward of one block given the global output and LSE (softmax ops):
+        ``bwd(q, k, v, out, lse, dout, dlse, args) -> (dq, dk, dv)``.
+      phases: optional ``phases(q, k, v, args)`` -> the backend's own block phases for
+        sequence parallelism, or None where the generic ones apply (linear-attention ops).
+      returns_lse: the forward's second output is the exact log-sum-exp (softmax ops).
+      returns_entropy: the forward can also return the attention entropy.
     """
 
     name: str
-    fn: Callable[..., tuple[jax.Array, ...]]
-    unsupported: Callable[..., str | None]
     description: str
+    fn: Callable[..., Any]
+    unsupported: Callable[..., str | None] = _no_limits
+    config_cls: type | None = None
+    bwd: Callable[..., Any] | None = None
+    phases: Callable[..., Any] | None = None
     returns_lse: bool = True
     returns_entropy: bool = False
 
-    def why_not(self, q, k, v, a: Any, plat: str) -> str | None:
-        """None if this implementation computes the call, else the reason (capabilities first)."""
+    def why_not(self, q, k, v, a: Any, plat: str, need: str | None = None) -> str | None:
+        """None if this implementation computes the call, else the reason."""
+        if need is not None and getattr(self, need) is None:
+            return f"{self.name} has no {need} pass"
         if getattr(a, "return_entropy", False) and not self.returns_entropy:
             return f"{self.name} does not compute the attention entropy (return_entropy=True)"
-        return self.unsupported(q, k, v, a, plat)
+        why = self.unsupported(q, k, v, a, plat)
+        if why is not None:
+            return why
+        config = getattr(a, "config", None)
+        if config is not None:
+            got = type(config).__name__
+            if self.config_cls is None:
+                return f"{self.name} takes no config, got {got}"
+            if not isinstance(config, self.config_cls):
+                return f"config must be a {self.config_cls.__name__} for {self.name}, got {got}"
+        return None
 
 
 class Registry:
@@ -50,71 +86,109 @@ class Registry:
 
     Args:
       op: the op's name, for messages.
+      normalize: ``normalize(q, k, v, **kwargs)`` -> the op's validated argument tuple
+        (raises ``ValueError`` on bad or unknown arguments); used by :meth:`explain` and
+        :meth:`auto_choice`.
+      reference: the op's definition, registered as ``"reference"``.
+      adapters: implementation name -> module defining ``IMPLEMENTATION`` of that name;
+        imported on first lookup (a module that fails to import is recorded, and
+        :meth:`explain` and :meth:`choose` say why).
       auto_order: platform -> implementation names, fastest first.
-      pallas_by_platform: what ``impl="pallas"`` means on each platform.
-      loader: called before every lookup, to import optional kernel modules lazily.
+      pallas: what ``impl="pallas"`` means on each platform.
     """
 
     def __init__(
-        self, op: str, auto_order: dict[str, tuple[str, ...]],
-        pallas_by_platform: dict[str, str], loader: Callable[[], None] | None = None,
+        self, op: str, *, normalize: Callable[..., Any], reference: Implementation,
+        adapters: Mapping[str, str], auto_order: Mapping[str, tuple[str, ...]],
+        pallas: Mapping[str, str],
     ) -> None:
         self.op = op
-        self.auto_order = auto_order
-        self.pallas_by_platform = pallas_by_platform
-        self._loader = loader
-        self._impls: dict[str, Implementation] = {}
+        self.normalize = normalize
+        self.adapters = dict(adapters)
+        self.auto_order = dict(auto_order)
+        self.pallas = dict(pallas)
+        self._impls: dict[str, Implementation] = {reference.name: reference}
+        self._import_errors: dict[str, str] = {}
+        self._loaded = False
 
     def _load(self) -> None:
-        if self._loader is not None:
-            self._loader()
+        if self._loaded:
+            return
+        self._loaded = True
+        for name, mod_name in self.adapters.items():
+            try:
+                impl = importlib.import_module(mod_name).IMPLEMENTATION
+            except ImportError as e:  # a backend whose kernels cannot import here
+                self._import_errors[name] = f"{mod_name} did not import ({e})"
+                continue
+            if impl.name != name:
+                raise ValueError(f"{mod_name} defines {impl.name!r}, registered as {name!r}")
+            self.register(impl)
 
     def register(self, impl: Implementation) -> None:
+        """Adds (or replaces) an implementation; research code may register its own."""
         self._impls[impl.name] = impl
 
-    def implementations(self) -> dict[str, Implementation]:
+    def implementations(self, need: str | None = None) -> dict[str, Implementation]:
+        """name -> Implementation, of those that have ``need`` ("bwd", "phases") if given."""
         self._load()
-        return dict(self._impls)
+        return {n: i for n, i in self._impls.items() if need is None or getattr(i, need)}
 
-    def choose(self, q, k, v, a: Any, impl: str, plat: str | None = None) -> Implementation:
-        """Resolves ``impl`` (possibly "auto" or "pallas") to a registered implementation."""
+    def choose(
+        self, q, k, v, a: Any, impl: str, plat: str | None = None, need: str | None = None
+    ) -> Implementation:
+        """Resolves ``impl`` ("auto", "pallas" or a name) for normalized arguments ``a``."""
         self._load()
         plat = plat or platform()
         if impl == "pallas":
-            impl = self.pallas_by_platform.get(plat, "pallas_triton")
+            impl = self.pallas.get(plat, "pallas_triton")
         if impl == "auto":
             reasons = []
             for name in self.auto_order.get(plat, ("xla",)):
                 cand = self._impls.get(name)
                 if cand is None:
                     continue
-                why = cand.why_not(q, k, v, a, plat)
+                why = cand.why_not(q, k, v, a, plat, need)
                 if why is None:
                     return cand
                 reasons.append(f"{name}: {why}")
             raise ValueError(
                 f"no {self.op} implementation supports this call: " + "; ".join(reasons)
             )
+        if impl in self._import_errors:
+            raise NotImplementedError(f"impl={impl!r} is not available: "
+                                      f"{self._import_errors[impl]}")
         if impl not in self._impls:
             raise ValueError(
                 f"unknown impl {impl!r}; expected 'auto', 'pallas' or one of "
                 f"{sorted(self._impls)}"
             )
         cand = self._impls[impl]
-        why = cand.why_not(q, k, v, a, plat)
+        why = cand.why_not(q, k, v, a, plat, need)
         if why is not None:
             raise NotImplementedError(f"impl={impl!r} does not support this call: {why}")
         return cand
 
     def explain(
-        self, q, k, v, a: Any, plat: str | None = None, names: tuple[str, ...] | None = None
+        self, q, k, v, *, impl_names: tuple[str, ...] | None = None, plat: str | None = None,
+        need: str | None = None, **kwargs: Any,
     ) -> dict[str, str | None]:
-        """For each implementation, None if it supports the call, else why not."""
+        """For each implementation, None if it supports ``op(q, k, v, **kwargs)``, else why not.
+
+        Arrays may be ``jax.ShapeDtypeStruct``\\ s; ``attnlab info`` prints this.
+        """
+        a = self.normalize(q, k, v, **kwargs)
         self._load()
         plat = plat or platform()
-        names = names or tuple(self._impls)
-        return {n: self._impls[n].why_not(q, k, v, a, plat) for n in names if n in self._impls}
+        names = impl_names or (*self._impls, *self._import_errors)
+        out: dict[str, str | None] = {}
+        for n in names:
+            if n in self._impls:
+                out[n] = self._impls[n].why_not(q, k, v, a, plat, need)
+            elif n in self._import_errors:
+                out[n] = self._import_errors[n]
+        return out
 
-    def auto_choice(self, q, k, v, a: Any, plat: str | None = None) -> str:
-        """The name ``impl="auto"`` resolves to for this call on ``plat``."""
-        return self.choose(q, k, v, a, "auto", plat).name
+    def auto_choice(self, q, k, v, *, plat: str | None = None, **kwargs: Any) -> str:
+        """The name ``impl="auto"`` resolves to for ``op(q, k, v, **kwargs)`` on ``plat``."""
+        return self.choose(q, k, v, self.normalize(q, k, v, **kwargs), "auto", plat).name

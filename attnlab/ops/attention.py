@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 
 from attnlab.ops._registry import Implementation, Registry, platform  # noqa: F401 (re-export)
-from attnlab.ops._xla_flash import XlaConfig, flash_attention_xla
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, SegmentIds, visible
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
@@ -127,55 +126,23 @@ def _bias_bkgts(bias: jax.Array, kh: int) -> jax.Array:
 # ----------------------------------------------------------------------------- registry
 
 
-# Fastest first; "auto" takes the first that supports the call. On GPU cuDNN is measured
-# faster than our Triton kernel (experiments/results/bench_attention_h100_*.json), so it goes
-# first where it applies; the Triton kernel takes what cuDNN cannot (offsets, position arrays,
-# segment ids, soft-cap, the LSE, entropy).
-AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "gpu": ("cudnn", "pallas_triton", "xla"),
-    "tpu": ("pallas_tpu", "xla"),
-    "cpu": ("xla",),
-}
-_KERNEL_MODULES = ("attnlab.ops._attention_triton", "attnlab.ops._attention_tpu")
+def _reference_bwd(q, k, v, out, lse, dout, dlse, a: AttentionArgs):
+    """jax.vjp of the block forward, with the cotangents the LSE merge hands the block.
 
-
-def _load_kernels() -> None:
-    """Imports the optional kernel implementations once (each registers itself)."""
-    import importlib
-
-    for mod in _KERNEL_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # a kernel module that is not there
-            if e.name != mod:
-                raise
-
-
-REGISTRY = Registry(
-    "attention", AUTO_ORDER,
-    {"gpu": "pallas_triton", "tpu": "pallas_tpu", "cpu": "pallas_triton"}, _load_kernels,
-)
-register = REGISTRY.register
-implementations = REGISTRY.implementations
-choose = REGISTRY.choose
-
-
-def explain(q, k, v, *, impl_names: tuple[str, ...] | None = None, plat: str | None = None,
-            **kwargs) -> dict[str, str | None]:
-    """For each implementation, None if it supports ``attention(q, k, v, **kwargs)``, else why not.
-
-    Arrays may be ``jax.ShapeDtypeStruct``s. ``attnlab info`` prints this for a typical call.
+    The merged result is out = sum_b w_b o_b with w_b = exp(lse_b - lse); so the block's
+    (o_b, lse_b) receive do_b = w_b dout and dlse_b = w_b (dout . (o_b - out) + dlse).
     """
-    return REGISTRY.explain(q, k, v, _args_from_kwargs(q, k, v, kwargs), plat, impl_names)
+    (o_b, lse_b), vjp = jax.vjp(lambda q, k, v: _reference(q, k, v, a)[:2], q, k, v)
+    fin = jnp.isfinite(lse_b) & jnp.isfinite(lse)
+    w = jnp.where(fin, jnp.exp(jnp.where(fin, lse_b - lse, 0.0)), 0.0)
+    df = dout.astype(jnp.float32)
+    do_b = (w[..., None] * df).astype(o_b.dtype)
+    corr = jnp.sum(df * (o_b.astype(jnp.float32) - out.astype(jnp.float32)), axis=-1)
+    dlse_b = w * (corr + dlse.astype(jnp.float32))
+    return vjp((do_b, dlse_b))
 
 
-def auto_choice(q, k, v, *, plat: str | None = None, **kwargs) -> str:
-    """The name ``impl="auto"`` resolves to for this call on ``plat``."""
-    return REGISTRY.auto_choice(q, k, v, _args_from_kwargs(q, k, v, kwargs), plat)
-
-
-def _args_from_kwargs(q, k, v, kwargs: dict[str, Any]) -> AttentionArgs:
-    kwargs = dict(kwargs)
+def _args_from_kwargs(q, k, v, **kwargs: Any) -> AttentionArgs:
     flags = {
         "return_residuals": kwargs.pop("return_residuals", False),
         "return_entropy": kwargs.pop("return_entropy", False),
@@ -190,6 +157,38 @@ def _args_from_kwargs(q, k, v, kwargs: dict[str, Any]) -> AttentionArgs:
     if kwargs:
         raise ValueError(f"unknown arguments {sorted(kwargs)}")
     return a._replace(**flags)
+
+
+# Fastest first; "auto" takes the first that supports the call. On GPU cuDNN is measured
+# faster than our Triton kernel (experiments/results/bench_attention_h100_*.json), so it goes
+# first where it applies; the Triton kernel takes what cuDNN cannot (offsets, position arrays,
+# segment ids, soft-cap, the LSE, entropy).
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "gpu": ("cudnn", "pallas_triton", "xla"),
+    "tpu": ("pallas_tpu", "xla"),
+    "cpu": ("xla",),
+}
+REGISTRY = Registry(
+    "attention",
+    normalize=_args_from_kwargs,
+    reference=Implementation(
+        name="reference", description="plain jnp definition; materializes [B, N, T, S]",
+        fn=_reference, bwd=_reference_bwd, returns_entropy=True,
+    ),
+    adapters={
+        "xla": "attnlab.ops.backends.attention_xla",
+        "cudnn": "attnlab.ops.backends.attention_cudnn",
+        "pallas_triton": "attnlab.ops.backends.attention_triton",
+        "pallas_tpu": "attnlab.ops.backends.attention_tpu",
+    },
+    auto_order=AUTO_ORDER,
+    pallas={"gpu": "pallas_triton", "tpu": "pallas_tpu", "cpu": "pallas_triton"},
+)
+register = REGISTRY.register
+implementations = REGISTRY.implementations
+choose = REGISTRY.choose
+explain = REGISTRY.explain
+auto_choice = REGISTRY.auto_choice
 
 
 # ----------------------------------------------------------------------------- public op
@@ -348,79 +347,3 @@ def _normalize(
 
 def _is_zero(x) -> bool:
     return isinstance(x, (int, float)) and x == 0
-
-
-# ----------------------------------------------------------------------------- built-ins
-
-
-def _never(q, k, v, a, plat) -> str | None:
-    return None
-
-
-def _xla_fn(q, k, v, a: AttentionArgs):
-    cfg = a.config if isinstance(a.config, XlaConfig) else XlaConfig.get_default()
-    seg = a.segment_ids
-    out, lse, ent = flash_attention_xla(
-        q, k, v, a.bias, a.q_positions, a.kv_positions,
-        None if seg is None else seg.q, None if seg is None else seg.kv,
-        a.spec, a.scale, a.logits_soft_cap, cfg.block_kv, a.return_entropy,
-    )
-    return (out, lse, ent) if a.return_entropy else (out, lse)
-
-
-def _cudnn_unsupported(q, k, v, a: AttentionArgs, plat: str) -> str | None:
-    if plat != "gpu":
-        return f"cuDNN needs a CUDA GPU (platform is {plat})"
-    if q.dtype not in (jnp.bfloat16, jnp.float16):
-        return f"cuDNN attention needs bfloat16 or float16 inputs, got {q.dtype}"
-    if not a.positions_are_default:
-        return "cuDNN (through jax.nn) takes no q_offset/kv_offset or position arrays"
-    if a.segment_ids is not None:
-        return "cuDNN (through jax.nn) takes no segment_ids"
-    if a.logits_soft_cap is not None:
-        return "cuDNN (through jax.nn) takes no logits_soft_cap"
-    if v.shape[-1] != q.shape[-1]:
-        return "cuDNN (through jax.nn) needs equal q/k and v head dims"
-    if q.shape[-1] % 8 or q.shape[-1] > 256:
-        return f"cuDNN needs head_dim a multiple of 8 and <= 256, got {q.shape[-1]}"
-    if a.config is not None:
-        return "cuDNN takes no config"
-    if a.return_residuals:
-        return "cuDNN (through jax.nn) cannot return the log-sum-exp (return_residuals=True)"
-    if a.return_entropy:
-        return "cuDNN (through jax.nn) cannot return the attention entropy (return_entropy=True)"
-    return None
-
-
-def _cudnn_fn(q, k, v, a: AttentionArgs):
-    sp = a.spec
-    window = None
-    if sp.window_left is not None or sp.window_right is not None:
-        far = max(q.shape[1], k.shape[1])
-        right = sp.window_right if sp.window_right is not None else (0 if sp.causal else far)
-        window = (far if sp.window_left is None else sp.window_left, right)
-    out = jax.nn.dot_product_attention(
-        q, k, v, bias=a.bias, is_causal=sp.causal, scale=a.scale, local_window_size=window,
-        implementation="cudnn",
-    )
-    return out, None
-
-
-register(
-    Implementation(
-        "reference", _reference, _never, "plain jnp definition; materializes [B, N, T, S]",
-        returns_entropy=True,
-    )
-)
-register(
-    Implementation(
-        "xla", _xla_fn, _never, "blockwise online softmax in JAX; memory linear in sequence",
-        returns_entropy=True,
-    )
-)
-register(
-    Implementation(
-        "cudnn", _cudnn_fn, _cudnn_unsupported,
-        "cuDNN flash attention via jax.nn.dot_product_attention", returns_lse=False,
-    )
-)

@@ -15,9 +15,11 @@ Summing the pairs' (dq, dk, dv) over all key blocks gives exactly the gradient o
 attention. :func:`attention_bwd` computes one pair's share; the ring backward in
 ``sharding.ring`` calls it once per ring step.
 
-Implementations: ``"reference"`` (the definition: ``jax.vjp`` of the block's forward with the
-cotangents the merge passes to it), ``"xla"`` (the blockwise backward of ``_xla_flash``),
-``"pallas_triton"`` and ``"pallas_tpu"`` (the kernels' own backward passes).
+Implementations: every attention implementation with a ``bwd`` (see
+``attnlab.ops.attention.REGISTRY``): ``"reference"`` (the definition: ``jax.vjp`` of the
+block's forward with the cotangents the merge passes to it), ``"xla"`` (the blockwise
+backward of ``backends/attention_xla.py``), ``"pallas_triton"`` and ``"pallas_tpu"`` (the
+kernels' own backward passes).
 """
 
 from __future__ import annotations
@@ -27,22 +29,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attnlab.ops._registry import Implementation, Registry, platform
-from attnlab.ops._xla_flash import XlaConfig
-from attnlab.ops._xla_flash import _bwd as _xla_bwd
-from attnlab.ops.attention import AttentionArgs, _normalize
-from attnlab.ops.attention import attention as _attention
+from attnlab.ops.attention import REGISTRY, _normalize
 
-AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "gpu": ("pallas_triton", "xla"),
-    "tpu": ("pallas_tpu", "xla"),
-    "cpu": ("xla",),
-}
-REGISTRY = Registry(
-    "attention_bwd", AUTO_ORDER,
-    {"gpu": "pallas_triton", "tpu": "pallas_tpu", "cpu": "pallas_triton"},
-)
-implementations = REGISTRY.implementations
+
+def implementations() -> dict:
+    """The attention implementations that have a block backward (name -> Implementation)."""
+    return REGISTRY.implementations(need="bwd")
 
 
 def attention_bwd(
@@ -104,124 +96,5 @@ def attention_bwd(
             raise ValueError(f"{name} must have shape {want[name]}, got {jnp.shape(x)}")
     if dlse is None:
         dlse = jnp.zeros(lse.shape, jnp.float32)
-    chosen = REGISTRY.choose(q, k, v, a, impl)
-    return chosen.fn(q, k, v, out, lse.astype(jnp.float32), dout, dlse, a)
-
-
-# ----------------------------------------------------------------------------- reference
-
-
-def _reference(q, k, v, out, lse, dout, dlse, a: AttentionArgs):
-    """jax.vjp of the block forward, with the cotangents the LSE merge hands the block.
-
-    The merged result is out = sum_b w_b o_b with w_b = exp(lse_b - lse); so the block's
-    (o_b, lse_b) receive do_b = w_b dout and dlse_b = w_b (dout . (o_b - out) + dlse).
-    """
-    seg = a.segment_ids
-
-    def block(q, k, v):
-        return _attention(
-            q, k, v, is_causal=a.spec.causal,
-            local_window_size=(a.spec.window_left, a.spec.window_right),
-            segment_ids=None if seg is None else (seg.q, seg.kv),
-            q_positions=a.q_positions, kv_positions=a.kv_positions,
-            logits_soft_cap=a.logits_soft_cap, scale=a.scale, return_residuals=True,
-            impl="reference",
-        )
-
-    (o_b, lse_b), vjp = jax.vjp(block, q, k, v)
-    fin = jnp.isfinite(lse_b) & jnp.isfinite(lse)
-    w = jnp.where(fin, jnp.exp(jnp.where(fin, lse_b - lse, 0.0)), 0.0)
-    df = dout.astype(jnp.float32)
-    do_b = (w[..., None] * df).astype(o_b.dtype)
-    corr = jnp.sum(df * (o_b.astype(jnp.float32) - out.astype(jnp.float32)), axis=-1)
-    dlse_b = w * (corr + dlse.astype(jnp.float32))
-    return vjp((do_b, dlse_b))
-
-
-def _never(q, k, v, a, plat) -> str | None:
-    return None
-
-
-# ----------------------------------------------------------------------------- xla
-
-
-def _xla(q, k, v, out, lse, dout, dlse, a: AttentionArgs):
-    cfg = a.config if isinstance(a.config, XlaConfig) else XlaConfig.get_default()
-    seg = a.segment_ids
-    res = (
-        q, k, v, None, a.q_positions, a.kv_positions,
-        None if seg is None else seg.q, None if seg is None else seg.kv,
-        out, lse, jnp.zeros_like(lse),
-    )
-    cts = (dout, dlse, jnp.zeros_like(lse))
-    dq, dk, dv = _xla_bwd(a.spec, a.scale, a.logits_soft_cap, cfg.block_kv, False, res, cts)[:3]
-    return dq, dk, dv
-
-
-# ----------------------------------------------------------------------------- kernels
-
-
-def _triton_unsupported(q, k, v, a: AttentionArgs, plat: str) -> str | None:
-    from attnlab.ops import _attention_triton
-
-    return _attention_triton._unsupported(q, k, v, a, plat)
-
-
-def _triton(q, k, v, out, lse, dout, dlse, a: AttentionArgs):
-    from pallas_kernels.gpu.flash_fwd import FlashConfig, _flash_bwd, tile_plan, tiling
-
-    h = q.shape[-1]
-    cfg = a.config if isinstance(a.config, FlashConfig) else None
-    if cfg is None:
-        cfg = FlashConfig.get_default(head_dim=h, causal=a.spec.causal, dtype=q.dtype)
-    seg = a.segment_ids
-    q_seg = None if seg is None else seg.q
-    kv_seg = None if seg is None else seg.kv
-    plan = tile_plan(
-        a.spec, a.q_positions, a.kv_positions, q_seg, kv_seg,
-        tiling(cfg, q.shape[1], k.shape[1]),
-    )
-    res = (q, k, v, a.q_positions, a.kv_positions, q_seg, kv_seg, plan, out, lse)
-    grads = _flash_bwd(
-        a.spec, a.scale, a.logits_soft_cap, cfg, platform() == "cpu", False, res, (dout, dlse)
-    )
-    return grads[:3]
-
-
-def _tpu_unsupported(q, k, v, a: AttentionArgs, plat: str) -> str | None:
-    from attnlab.ops import _attention_tpu
-
-    return _attention_tpu._unsupported(q, k, v, a, plat)
-
-
-def _tpu(q, k, v, out, lse, dout, dlse, a: AttentionArgs):
-    from jax.experimental.pallas import tpu as pltpu
-
-    from pallas_kernels.tpu.flash import TpuFlashConfig, _flash_bwd
-
-    cfg = a.config if isinstance(a.config, TpuFlashConfig) else TpuFlashConfig.get_default()
-    interpret = pltpu.InterpretParams() if platform() == "cpu" else False
-    seg = a.segment_ids
-    res = (
-        q, k, v, a.q_positions, a.kv_positions,
-        None if seg is None else seg.q, None if seg is None else seg.kv, out, lse,
-    )
-    grads = _flash_bwd(
-        a.spec, a.scale, a.logits_soft_cap, cfg, interpret, False, res, (dout, dlse)
-    )
-    return grads[:3]
-
-
-REGISTRY.register(
-    Implementation("reference", _reference, _never, "jax.vjp of the reference block forward")
-)
-REGISTRY.register(
-    Implementation("xla", _xla, _never, "blockwise XLA flash backward (memory linear)")
-)
-REGISTRY.register(
-    Implementation("pallas_triton", _triton, _triton_unsupported, "Triton flash backward kernels")
-)
-REGISTRY.register(
-    Implementation("pallas_tpu", _tpu, _tpu_unsupported, "Mosaic TPU flash backward kernels")
-)
+    chosen = REGISTRY.choose(q, k, v, a, impl, need="bwd")
+    return chosen.bwd(q, k, v, out, lse.astype(jnp.float32), dout, dlse, a)

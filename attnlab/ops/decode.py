@@ -25,8 +25,6 @@ differentiating through them raises ``NotImplementedError``.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -34,13 +32,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.pallas import tpu as pltpu
 
-from attnlab.ops._registry import Implementation, Registry, platform
+from attnlab.ops._registry import Implementation, Registry, platform  # noqa: F401 (re-export)
 from attnlab.ops.merge import merge_n
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, visible
-from pallas_kernels.gpu import decode as gpu_decode
-from pallas_kernels.tpu import decode as tpu_decode
 
 MAX_QUERIES = 64
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
@@ -56,29 +51,6 @@ class DecodeArgs(NamedTuple):
     logits_soft_cap: float | None
     config: Any
     return_residuals: bool = False
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class XlaDecodeConfig:
-    """Chunking of the ``"xla"`` implementation.
-
-    Attributes:
-      keys_per_split: keys per chunk of the cache; each chunk gives a partial (out, lse) and
-        the chunks are merged by LSE. When S is not a multiple of the (balanced) chunk, the
-        cache is padded by fewer than one key per chunk (XLA copies it); pick a value that
-        divides S to avoid that.
-    """
-
-    keys_per_split: int = 512
-
-    def __post_init__(self) -> None:
-        kps = self.keys_per_split
-        if not isinstance(kps, int) or isinstance(kps, bool) or kps <= 0:
-            raise ValueError(f"keys_per_split must be a positive int, got {kps!r}")
-
-    @classmethod
-    def get_default(cls) -> XlaDecodeConfig:
-        return cls()
 
 
 # ----------------------------------------------------------------------------- reference
@@ -104,7 +76,7 @@ def reference(
     return (out, lse) if return_residuals else out
 
 
-def _query_positions(kv_lengths: jax.Array | None, b: int, t: int, s: int):
+def query_positions(kv_lengths: jax.Array | None, b: int, t: int, s: int):
     """(lengths [B], query positions [B, T]) as int32."""
     lengths = jnp.full((b,), s, jnp.int32) if kv_lengths is None else kv_lengths
     return lengths, lengths[:, None] - t + jnp.arange(t, dtype=jnp.int32)
@@ -118,7 +90,7 @@ def _reference(q, k, v, a: DecodeArgs) -> tuple[jax.Array, jax.Array]:
     z = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32), precision=hi) * a.scale
     if a.logits_soft_cap is not None:
         z = a.logits_soft_cap * jnp.tanh(z / a.logits_soft_cap)
-    lengths, q_pos = _query_positions(a.kv_lengths, b, t, s)
+    lengths, q_pos = query_positions(a.kv_lengths, b, t, s)
     kv_pos = jnp.arange(s, dtype=jnp.int32)
     mask = visible(a.spec, q_pos[:, None, None, :, None], kv_pos)  # [B, 1, 1, T, S]
     mask = mask & (kv_pos < lengths[:, None, None, None, None])
@@ -131,53 +103,10 @@ def _reference(q, k, v, a: DecodeArgs) -> tuple[jax.Array, jax.Array]:
     return out, jnp.moveaxis(lse, 3, 1).reshape(b, t, n)
 
 
-# ----------------------------------------------------------------------------- xla (split-K)
+# ----------------------------------------------------------------------------- shared by backends
 
 
-def _xla(q, k, v, a: DecodeArgs) -> tuple[jax.Array, jax.Array]:
-    cfg = a.config if isinstance(a.config, XlaDecodeConfig) else XlaDecodeConfig.get_default()
-    b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    g = n // kh
-    # Balanced chunks: P chunks of C keys with P * C - S < P.
-    n_chunks = -(-s // min(cfg.keys_per_split, s))
-    chunk = -(-s // n_chunks)
-    sp = n_chunks * chunk
-    if sp != s:
-        k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
-        v = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
-    kc = k.reshape(b, n_chunks, chunk, kh, h)
-    vc = v.reshape(b, n_chunks, chunk, kh, h)
-    qg = q.reshape(b, t, kh, g, h)
-    prec = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-    f32 = jnp.float32
-    z = jnp.einsum(
-        "BTKGH,BPCKH->PBKGTC", qg, kc, precision=prec, preferred_element_type=f32
-    ) * a.scale
-    if a.logits_soft_cap is not None:
-        z = a.logits_soft_cap * jnp.tanh(z / a.logits_soft_cap)
-    lengths, q_pos = _query_positions(a.kv_lengths, b, t, s)
-    kv_pos = jnp.arange(sp, dtype=jnp.int32).reshape(n_chunks, 1, 1, 1, 1, chunk)
-    mask = visible(a.spec, q_pos[None, :, None, None, :, None], kv_pos)  # [P, B, 1, 1, T, C]
-    mask = mask & (kv_pos < jnp.minimum(lengths, s)[None, :, None, None, None, None])
-    z = jnp.where(mask, z, MASK_VALUE)
-    # One partial (out, lse) per chunk, as a split-K kernel would write them.
-    lse = jax.nn.logsumexp(z, axis=-1)  # [P, B, K, G, T]
-    p = jnp.where(mask, jnp.exp(z - lse[..., None]), 0.0)
-    o = jnp.einsum(
-        "PBKGTC,BPCKH->PBTKGH", p.astype(v.dtype), vc, precision=prec,
-        preferred_element_type=f32,
-    ).reshape(n_chunks, b, t, n, h)
-    lse = jnp.where(mask.any(-1), lse, -jnp.inf)
-    lse = jnp.moveaxis(lse, 4, 2).reshape(n_chunks, b, t, n)
-    out, lse = merge_n(o, lse)
-    return out.astype(q.dtype), lse
-
-
-# ----------------------------------------------------------------------------- Pallas kernels
-
-
-def _forward_only(partials: Callable[..., tuple[jax.Array, jax.Array]]):
+def forward_only(partials: Callable[..., tuple[jax.Array, jax.Array]]):
     """(q, k, v, kv_lengths) -> (out, lse): a kernel's split-K partials merged by LSE, with a
     VJP that refuses (the kernels have no backward pass)."""
 
@@ -197,110 +126,11 @@ def _forward_only(partials: Callable[..., tuple[jax.Array, jax.Array]]):
     return run
 
 
-def _triton_unsupported(q, k, v, a: DecodeArgs, plat: str) -> str | None:
-    if plat not in ("gpu", "cpu"):
-        return (
-            f"the Triton decode kernel runs on CUDA GPUs (and interpreted on CPU), not on "
-            f"{plat}; use impl='pallas_tpu' or 'xla'"
-        )
-    if q.dtype not in gpu_decode.SUPPORTED_DTYPES:
-        return f"pallas_triton needs float32, bfloat16 or float16 inputs, got {q.dtype}"
-    h = q.shape[-1]
-    if h & (h - 1) or not 16 <= h <= 256:
-        return (
-            f"pallas_triton needs a head dim that is a power of two in [16, 256] (64, 128, "
-            f"256 on GPU), got {h}; use impl='xla'"
-        )
-    if a.config is not None and not isinstance(a.config, gpu_decode.DecodeConfig):
-        return f"config must be a pallas_kernels.gpu.decode.DecodeConfig, got {_name(a.config)}"
-    return None
-
-
-def _triton(q, k, v, a: DecodeArgs):
-    partials = functools.partial(
-        gpu_decode.decode_partials, spec=a.spec, scale=a.scale, soft_cap=a.logits_soft_cap,
-        config=a.config, interpret=platform() == "cpu",
-    )
-    return _forward_only(partials)(q, k, v, a.kv_lengths)
-
-
-def _tpu_unsupported(q, k, v, a: DecodeArgs, plat: str) -> str | None:
-    if plat not in ("tpu", "cpu"):
-        return (
-            f"the TPU decode kernel runs on TPU (or interpreted on CPU), not on {plat}; use "
-            "impl='pallas_triton' or 'xla'"
-        )
-    if q.dtype not in tpu_decode.SUPPORTED_DTYPES:
-        return f"pallas_tpu takes float32 or bfloat16 inputs, got {q.dtype}"
-    why = tpu_decode.unsupported_shape(k.shape)
-    if why is not None:
-        return why
-    if a.config is not None and not isinstance(a.config, tpu_decode.TpuDecodeConfig):
-        return (
-            f"config must be a pallas_kernels.tpu.decode.TpuDecodeConfig, got {_name(a.config)}"
-        )
-    return None
-
-
-def _tpu(q, k, v, a: DecodeArgs):
-    partials = functools.partial(
-        tpu_decode.decode_partials, spec=a.spec, scale=a.scale, soft_cap=a.logits_soft_cap,
-        config=a.config, interpret=pltpu.InterpretParams() if platform() == "cpu" else False,
-    )
-    return _forward_only(partials)(q, k, v, a.kv_lengths)
-
-
-def _name(x: Any) -> str:
-    return type(x).__name__
-
-
-def _reference_unsupported(q, k, v, a: DecodeArgs, plat: str) -> str | None:
-    if a.config is not None:
-        return f"the reference takes no config, got {_name(a.config)}"
-    return None
-
-
-def _xla_unsupported(q, k, v, a: DecodeArgs, plat: str) -> str | None:
-    if a.config is not None and not isinstance(a.config, XlaDecodeConfig):
-        return f"config must be an XlaDecodeConfig, got {_name(a.config)}"
-    return None
-
 
 # ----------------------------------------------------------------------------- registry
 
-# Fastest first; "auto" takes the first that supports the call.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "gpu": ("pallas_triton", "xla"),
-    "tpu": ("pallas_tpu", "xla"),
-    "cpu": ("xla",),
-}
-REGISTRY = Registry(
-    "decode", AUTO_ORDER, {"gpu": "pallas_triton", "tpu": "pallas_tpu", "cpu": "pallas_triton"}
-)
-register = REGISTRY.register
-implementations = REGISTRY.implementations
-choose = REGISTRY.choose
 
-
-def explain(
-    q, k, v, *, impl_names: tuple[str, ...] | None = None, plat: str | None = None, **kwargs
-) -> dict[str, str | None]:
-    """For each implementation, None if it supports ``decode_attention(q, k, v, **kwargs)``,
-    else why not. Arrays may be ``jax.ShapeDtypeStruct``s.
-
-    Example:
-      >>> explain(q, k, v, kv_lengths=lengths, plat="gpu")["pallas_triton"]  # None: supported
-    """
-    return REGISTRY.explain(q, k, v, _args_from_kwargs(q, k, v, kwargs), plat, impl_names)
-
-
-def auto_choice(q, k, v, *, plat: str | None = None, **kwargs) -> str:
-    """The name ``impl="auto"`` resolves to for this call on ``plat``."""
-    return REGISTRY.auto_choice(q, k, v, _args_from_kwargs(q, k, v, kwargs), plat)
-
-
-def _args_from_kwargs(q, k, v, kwargs: dict[str, Any]) -> DecodeArgs:
-    kwargs = dict(kwargs)
+def _args_from_kwargs(q, k, v, **kwargs: Any) -> DecodeArgs:
     return_residuals = kwargs.pop("return_residuals", False)
     a = _normalize(
         q, k, v, kwargs.pop("kv_lengths", None), kwargs.pop("local_window_size", None),
@@ -312,32 +142,32 @@ def _args_from_kwargs(q, k, v, kwargs: dict[str, Any]) -> DecodeArgs:
     return a
 
 
-register(
-    Implementation(
-        "reference", _reference, _reference_unsupported,
-        "plain jnp definition; materializes [B, N, T, S]",
-    )
+# Fastest first; "auto" takes the first that supports the call.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "gpu": ("pallas_triton", "xla"),
+    "tpu": ("pallas_tpu", "xla"),
+    "cpu": ("xla",),
+}
+REGISTRY = Registry(
+    "decode",
+    normalize=_args_from_kwargs,
+    reference=Implementation(
+        name="reference", description="plain jnp definition; materializes [B, N, T, S]",
+        fn=_reference,
+    ),
+    adapters={
+        "xla": "attnlab.ops.backends.decode_xla",
+        "pallas_triton": "attnlab.ops.backends.decode_triton",
+        "pallas_tpu": "attnlab.ops.backends.decode_tpu",
+    },
+    auto_order=AUTO_ORDER,
+    pallas={"gpu": "pallas_triton", "tpu": "pallas_tpu", "cpu": "pallas_triton"},
 )
-register(
-    Implementation(
-        "xla", _xla, _xla_unsupported,
-        "split-K in pure JAX: partial (out, lse) per key chunk, merged by LSE; differentiable",
-    )
-)
-register(
-    Implementation(
-        "pallas_triton", _triton, _triton_unsupported,
-        "Pallas split-K decode kernel lowered to Triton (GPU), GQA rows packed per tile, "
-        "ragged lengths bound the key loop; forward only; Pallas-interpreted on CPU",
-    )
-)
-register(
-    Implementation(
-        "pallas_tpu", _tpu, _tpu_unsupported,
-        "Mosaic TPU Pallas split-K decode kernel, lengths by scalar prefetch; forward only; "
-        "TPU interpret mode on CPU, verified in interpret mode only",
-    )
-)
+register = REGISTRY.register
+implementations = REGISTRY.implementations
+choose = REGISTRY.choose
+explain = REGISTRY.explain
+auto_choice = REGISTRY.auto_choice
 
 
 # ----------------------------------------------------------------------------- public op

@@ -20,8 +20,6 @@ in :data:`AUTO_ORDER`; all compute exactly the same function.
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import math
 from typing import Any, NamedTuple
 
@@ -30,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnlab.ops._registry import Implementation, Registry, platform
-from pallas_kernels.common.lightning import decayed_state_scan
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
 _HI = jax.lax.Precision.HIGHEST
@@ -45,24 +42,6 @@ class LightningArgs(NamedTuple):
     scale: float
     chunk_size: int | None
     config: Any
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class XlaLightningConfig:
-    """Chunk length of the ``"xla"`` path (tokens per intra-block; the T x C score tile)."""
-
-    chunk_size: int = 64
-
-    def __post_init__(self) -> None:
-        if self.chunk_size <= 0:
-            raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
-
-    @classmethod
-    def get_default(cls) -> XlaLightningConfig:
-        return cls()
-
-
-# ----------------------------------------------------------------------------- decay slopes
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
@@ -195,7 +174,7 @@ def log_decay_of(decay: Any, num_heads: int) -> jax.Array:
     return jnp.log(jnp.asarray(decay, jnp.float32))
 
 
-def _segment_starts(segment_ids: jax.Array | None, b: int, t: int) -> jax.Array:
+def segment_starts(segment_ids: jax.Array | None, b: int, t: int) -> jax.Array:
     """[B, T] bool: token t > 0 starts a new document (its state does not carry over)."""
     if segment_ids is None:
         return jnp.zeros((b, t), bool)
@@ -233,7 +212,7 @@ def _reference(q, k, v, a: LightningArgs) -> tuple[jax.Array, jax.Array]:
     s0 = a.initial_state
     if s0 is None:
         s0 = jnp.zeros((b, n, h, v.shape[-1]), jnp.float32)
-    keep = 1.0 - _segment_starts(a.segment_ids, b, t).astype(jnp.float32)  # [B, T]
+    keep = 1.0 - segment_starts(a.segment_ids, b, t).astype(jnp.float32)  # [B, T]
 
     def step(s, xs):
         q_t, k_t, v_t, keep_t = xs  # [B, N, H], [B, N, H], [B, N, Hv], [B]
@@ -247,84 +226,7 @@ def _reference(q, k, v, a: LightningArgs) -> tuple[jax.Array, jax.Array]:
     return jnp.moveaxis(o, 0, 1).astype(q.dtype), s
 
 
-# ----------------------------------------------------------------------------- xla (chunked)
-
-
-def lightning_chunked_xla(q, k, v, a: LightningArgs, chunk: int) -> tuple[jax.Array, jax.Array]:
-    """Lightning Attention-2's chunked form in JAX: (o [B, T, N, Hv], final state f32).
-
-    Intra-chunk: O_intra = [(Q_c K_c^T) * D] V_c over all chunks at once ([B, N, nc, C, C]).
-    Inter-chunk: the state entering chunk c comes from a parallel (associative) scan of
-    S <- A_c S + U_c, with A_c = lambda^C (0 if a document starts inside chunk c) and
-    U_c = sum_j lambda^(C-1-j) k_j^T v_j over the chunk's last document; then
-    O_inter = (lambda^(i+1) Q_c) S for queries still in the document the chunk started in.
-    T is padded to a multiple of C with tokens of decay 1 and zero k, v (they change nothing).
-    Memory O(B N T (C + H Hv / C)); differentiable by JAX.
-    """
-    b, t, n, h = q.shape
-    hv = v.shape[-1]
-    c = max(1, min(chunk, t))
-    tp = -(-t // c) * c
-    nc, pad = tp // c, tp - t
-    dt = q.dtype
-
-    def chunks(x):  # [B, Tp, ...] -> [B, nc, C, ...]
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return x.reshape(b, nc, c, *x.shape[2:])
-
-    qc, kc, vc = chunks(q), chunks(k), chunks(v)
-    # Number of resets so far at each token: two tokens share a document span iff equal.
-    starts = _segment_starts(a.segment_ids, b, t)
-    rc = chunks(jnp.cumsum(starts.astype(jnp.int32), axis=1))
-    if pad:  # padded tokens continue the last document
-        last = jnp.cumsum(starts.astype(jnp.int32), axis=1)[:, -1]
-        rc = rc.reshape(b, tp).at[:, t:].set(last[:, None]).reshape(b, nc, c)
-    r_prev = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), rc[:, :-1, -1]], axis=1)  # [B, nc]
-
-    # Per-token log decay: log lambda for real tokens, 0 for padding; chunk-local cumsum.
-    real = (jnp.arange(tp) < t).reshape(nc, c).astype(jnp.float32)
-    g = a.log_decay[:, None, None] * jnp.cumsum(real, axis=1)[None]  # [N, nc, C], G_i
-    g_last = g[..., -1]  # [N, nc]
-
-    # Intra-chunk scores with the decay mask D_ij = exp(G_i - G_j) (j <= i, same document).
-    tri = jnp.tril(jnp.ones((c, c), bool))
-    diff = jnp.where(tri, g[..., :, None] - g[..., None, :], 0.0)
-    dmask = jnp.where(tri, jnp.exp(jnp.minimum(diff, 0.0)), 0.0)  # [N, nc, C, C]
-    same = rc[:, :, :, None] == rc[:, :, None, :]  # [B, nc, C, C]
-    m = dmask[None] * same[:, None].astype(jnp.float32)  # [B, N, nc, C, C]
-    scores = jnp.einsum("BCINH,BCJNH->BNCIJ", qc, kc, preferred_element_type=jnp.float32)
-    p = (scores * a.scale * m).astype(dt)
-    o_intra = jnp.einsum("BNCIJ,BCJNV->BCINV", p, vc, preferred_element_type=jnp.float32)
-
-    # Chunk states: U_c over the chunk's last document, A_c the carry-through factor.
-    in_last = (rc == rc[:, :, -1:]).astype(jnp.float32)  # [B, nc, C]
-    w = jnp.exp(g_last[..., None] - g)  # [N, nc, C], <= 1
-    wk = (kc.astype(jnp.float32) * (jnp.moveaxis(w, 0, -1)[None] * in_last[..., None])[..., None])
-    u = jnp.einsum("BCJNH,BCJNV->BCNHV", wk.astype(dt), vc, preferred_element_type=jnp.float32)
-    unbroken = (rc[:, :, -1] == r_prev).astype(jnp.float32)  # [B, nc]
-    decay_c = jnp.exp(g_last).T[None] * unbroken[..., None]  # [B, nc, N]
-    if a.initial_state is not None:
-        u = u.at[:, 0].add(decay_c[:, 0, :, None, None] * a.initial_state)
-
-    s_after = decayed_state_scan(decay_c, u, axis=1)  # [B, nc, N, H, Hv]
-    s0 = a.initial_state if a.initial_state is not None else jnp.zeros((b, n, h, hv), jnp.float32)
-    s_before = jnp.concatenate([s0[:, None], s_after[:, :-1]], axis=1)
-
-    # Inter-chunk: queries that are still in the document the chunk started in read the state.
-    sees = (rc == r_prev[..., None]).astype(jnp.float32)  # [B, nc, C]
-    qw = jnp.exp(jnp.moveaxis(g, 0, -1))[None] * sees[..., None] * a.scale  # [B, nc, C, N]
-    qs = qc.astype(jnp.float32) * qw[..., None]
-    inter_dt = _mm_dtype(dt)
-    o_inter = jnp.einsum("BCINH,BCNHV->BCINV", qs.astype(inter_dt), s_before.astype(inter_dt),
-                         preferred_element_type=jnp.float32)
-    o = (o_intra + o_inter).reshape(b, tp, n, hv)[:, :t].astype(dt)
-    return o, s_after[:, -1]
-
-
-def _xla_fn(q, k, v, a: LightningArgs):
-    cfg = a.config if isinstance(a.config, XlaLightningConfig) else XlaLightningConfig()
-    chunk = a.chunk_size if a.chunk_size is not None else cfg.chunk_size
-    return lightning_chunked_xla(q, k, v, a, chunk)
+# ----------------------------------------------------------------------------- block phases
 
 
 def chunk_summary(
@@ -348,12 +250,12 @@ def chunk_summary(
       >>> state, carry = chunk_summary(k, v, jnp.log(decay))
     """
     b, t = k.shape[:2]
-    starts = _segment_starts(segment_ids, b, t)
+    starts = segment_starts(segment_ids, b, t)
     r = jnp.cumsum(starts.astype(jnp.int32), axis=1)  # [B, T]
     age = (t - 1 - jnp.arange(t, dtype=jnp.float32))  # tokens after j in the block
     w = jnp.exp(age[:, None] * log_decay[None, :])[None]  # [1, T, N]
     w = w * (r == r[:, -1:]).astype(jnp.float32)[..., None]  # only the last document
-    dt = _mm_dtype(k.dtype)
+    dt = matmul_dtype(k.dtype)
     wk = (k.astype(jnp.float32) * w[..., None]).astype(dt)
     state = jnp.einsum("BTNH,BTNV->BNHV", wk, v.astype(dt), preferred_element_type=jnp.float32)
     return state, block_carry(log_decay, segment_ids, b, t)
@@ -365,7 +267,7 @@ def block_carry(log_decay: jax.Array, segment_ids: jax.Array | None, b: int, t: 
     lambda^t, or 0 where a document starts inside the block (at a token after the first)."""
     unbroken = jnp.ones((b, 1), jnp.float32)
     if segment_ids is not None:
-        unbroken = (jnp.sum(_segment_starts(segment_ids, b, t), axis=1, keepdims=True) == 0
+        unbroken = (jnp.sum(segment_starts(segment_ids, b, t), axis=1, keepdims=True) == 0
                     ).astype(jnp.float32)
     return jnp.exp(t * log_decay)[None, :] * unbroken
 
@@ -419,12 +321,11 @@ def block_phases(q: jax.Array, k: jax.Array, v: jax.Array, a: LightningArgs, imp
     the kernel's own where it has them (the Triton kernels with the fused forward: no
     phase reads the block twice), else the generic ones."""
     chosen = REGISTRY.choose(q, k, v, a, impl)
-    own = _KERNEL_PHASES.get(chosen.name)
-    phases = own(q, k, v, a) if own is not None else None
+    phases = chosen.phases(q, k, v, a) if chosen.phases is not None else None
     return phases if phases is not None else _generic_phases(chosen, a)
 
 
-def _mm_dtype(dt) -> Any:
+def matmul_dtype(dt) -> Any:
     # XLA:CPU has no bf16 x bf16 -> f32 kernel for some dot layouts: f32 operands there.
     return jnp.float32 if platform() == "cpu" else dt
 
@@ -432,133 +333,38 @@ def _mm_dtype(dt) -> Any:
 # ----------------------------------------------------------------------------- registry
 
 
-AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "gpu": ("pallas_triton", "xla"),
-    "tpu": ("pallas_tpu", "xla"),
-    "cpu": ("xla",),
-}
-# impl name -> kernel module (written against the same spec; optional).
-_KERNEL_MODULES = {
-    "pallas_triton": "pallas_kernels.gpu.lightning_chunk",
-    "pallas_tpu": "pallas_kernels.tpu.lightning_chunk",
-}
-_KERNEL_PLATFORMS = {"pallas_triton": ("gpu", "cpu"), "pallas_tpu": ("tpu", "cpu")}
-_KERNEL_CONFIGS = {"pallas_triton": "LightningConfig", "pallas_tpu": "TpuLightningConfig"}
-# Why a kernel module did not load (impl name -> message); shown by ``explain``.
-KERNEL_IMPORT_ERRORS: dict[str, str] = {}
-
-
-# impl name -> (q, k, v, args) -> the kernel's own BlockPhases or None (see block_phases).
-_KERNEL_PHASES: dict[str, Any] = {}
-
-
-def _kernel_phases(mod: Any, cfg_cls: Any, q, v, a: LightningArgs) -> BlockPhases | None:
-    """The kernel module's block phases (``block_summarize`` ... ``block_backward``), bound
-    to these arguments; None where its config does not take them (no fused forward)."""
-    cfg = a.config if isinstance(a.config, cfg_cls) else cfg_cls.get_default(q.shape[-1],
-                                                                               q.dtype)
-    if not cfg.fused_forward:
-        return None
-    t = q.shape[1]
-    kw = dict(config=cfg, interpret=platform() == "cpu")
-    ld, seg = a.log_decay, a.segment_ids
-    return BlockPhases(
-        lambda k, v: mod.block_summarize(k, v, ld, seg, **kw),
-        lambda q, k, v, s_in, aux: mod.block_forward(q, k, v, ld, seg, s_in, aux,
-                                                     scale=a.scale, **kw),
-        lambda res, do: mod.block_state_grad(res, do, t=t, scale=a.scale, **kw),
-        lambda res, ds_out: mod.block_backward(res, ds_out, t=t, scale=a.scale, **kw),
-    )
-
-
-def _kernel_impl(name: str, mod: Any) -> Implementation:
-    cfg_cls = getattr(mod, _KERNEL_CONFIGS[name], None)
-
-    def unsupported(q, k, v, a: LightningArgs, plat: str) -> str | None:
-        if plat not in _KERNEL_PLATFORMS[name]:
-            return f"{name} runs on {_KERNEL_PLATFORMS[name][0]} (interpreted on CPU), not {plat}"
-        if q.dtype == jnp.float64:
-            return f"{name} takes float32, bfloat16 or float16 inputs, got float64"
-        if a.config is not None and cfg_cls is not None and not isinstance(a.config, cfg_cls):
-            return f"config must be a {cfg_cls.__name__}, got {type(a.config).__name__}"
-        check = getattr(mod, "unsupported", None)  # the kernel's own limits, if it states them
-        return check(q, k, v, a) if check is not None else None
-
-    def fn(q, k, v, a: LightningArgs):
-        interpret: Any = False
-        if platform() == "cpu":
-            if name == "pallas_tpu":
-                from jax.experimental.pallas import tpu as pltpu
-
-                interpret = pltpu.InterpretParams()
-            else:
-                interpret = True
-        cfg = a.config if cfg_cls is not None and isinstance(a.config, cfg_cls) else None
-        return mod.lightning_attention(
-            q, k, v, a.log_decay, initial_state=a.initial_state, segment_ids=a.segment_ids,
-            scale=a.scale, config=cfg, interpret=interpret,
-        )
-
-    if hasattr(mod, "block_summarize"):
-        _KERNEL_PHASES[name] = lambda q, k, v, a: _kernel_phases(mod, cfg_cls, q, v, a)
-    where = "GPU (Triton)" if name == "pallas_triton" else "TPU (Mosaic)"
-    return Implementation(
-        name, fn, unsupported,
-        f"Pallas chunked lightning kernel on {where}, fwd + bwd; interpreted on CPU",
-        returns_lse=False,
-    )
-
-
-def _load_kernels() -> None:
-    """Registers each kernel module once, if it imports (an ImportError means not available)."""
-    for name, mod_name in _KERNEL_MODULES.items():
-        if name in REGISTRY._impls or name in KERNEL_IMPORT_ERRORS:
-            continue
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError as e:
-            KERNEL_IMPORT_ERRORS[name] = f"{mod_name} is not available ({e})"
-            continue
-        REGISTRY.register(_kernel_impl(name, mod))
-
-
-def _never(q, k, v, a, plat) -> str | None:
-    return None
-
-
-REGISTRY = Registry(
-    "lightning_attention", AUTO_ORDER,
-    {"gpu": "pallas_triton", "tpu": "pallas_tpu", "cpu": "pallas_triton"}, _load_kernels,
-)
-REGISTRY.register(
-    Implementation(
-        "reference", _reference, _never, "the recurrence, one token per scan step (definition)",
-        returns_lse=False,
-    )
-)
-REGISTRY.register(
-    Implementation(
-        "xla", _xla_fn, _never,
-        "chunked intra/inter-block form (Lightning Attention-2) in JAX; parallel state scan",
-        returns_lse=False,
-    )
-)
-implementations = REGISTRY.implementations
-
-
-def explain(q, k, v, *, decay: Any, plat: str | None = None, **kwargs) -> dict[str, str | None]:
-    """For each implementation, None if it supports ``lightning_attention(q, k, v, ...)``, else
-    why not (arrays may be ``jax.ShapeDtypeStruct``\\ s)."""
+def _args_from_kwargs(q, k, v, *, decay: Any, **kwargs: Any) -> LightningArgs:
     a = _normalize(
         q, k, v, decay, kwargs.pop("initial_state", None), kwargs.pop("segment_ids", None),
         kwargs.pop("scale", None), kwargs.pop("chunk_size", None), kwargs.pop("config", None),
     )
     if kwargs:
         raise ValueError(f"unknown arguments {sorted(kwargs)}")
-    out = REGISTRY.explain(q, k, v, a, plat)
-    for name, why in KERNEL_IMPORT_ERRORS.items():
-        out.setdefault(name, why)
-    return out
+    return a
+
+
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "gpu": ("pallas_triton", "xla"),
+    "tpu": ("pallas_tpu", "xla"),
+    "cpu": ("xla",),
+}
+REGISTRY = Registry(
+    "lightning_attention",
+    normalize=_args_from_kwargs,
+    reference=Implementation(
+        name="reference", description="the recurrence, one token per scan step (definition)",
+        fn=_reference, returns_lse=False,
+    ),
+    adapters={
+        "xla": "attnlab.ops.backends.lightning_xla",
+        "pallas_triton": "attnlab.ops.backends.lightning_triton",
+        "pallas_tpu": "attnlab.ops.backends.lightning_tpu",
+    },
+    auto_order=AUTO_ORDER,
+    pallas={"gpu": "pallas_triton", "tpu": "pallas_tpu", "cpu": "pallas_triton"},
+)
+implementations = REGISTRY.implementations
+explain = REGISTRY.explain
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -643,9 +449,9 @@ def lightning_decode(
 
 
 __all__ = [
-    "AUTO_ORDER", "BlockPhases", "LightningArgs", "XlaLightningConfig", "alibi_slopes",
+    "AUTO_ORDER", "BlockPhases", "LightningArgs", "alibi_slopes",
     "block_carry", "block_phases", "chunk_summary",
     "explain",
-    "implementations", "lightning_attention", "lightning_chunked_xla", "lightning_decode",
+    "implementations", "lightning_attention", "lightning_decode",
     "log_decay_of", "minimax_decay", "reference", "transnormer_decay",
 ]

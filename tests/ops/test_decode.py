@@ -20,9 +20,8 @@ import numpy as np
 import pytest
 
 from attnlab import bench_decode
-from attnlab.ops import attention, merge_n
+from attnlab.ops import XlaDecodeConfig, attention, merge_n
 from attnlab.ops.decode import (
-    XlaDecodeConfig,
     auto_choice,
     decode_attention,
     explain,

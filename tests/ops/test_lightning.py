@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from attnlab.ops import XlaLightningConfig
 from attnlab.ops import lightning as L
 from tests.helpers import lightning_oracle, random_segments
 
@@ -133,8 +134,7 @@ def test_kernel_matches_reference(impl, key):
 
 def test_auto_on_cpu_is_xla_and_kernels_report_why(key):
     q, k, v, decay, _ = _inputs(CASES[0], key)
-    a = L._normalize(q, k, v, decay, None, None, None, None, None)
-    assert L.REGISTRY.auto_choice(q, k, v, a, "cpu") == "xla"
+    assert L.REGISTRY.auto_choice(q, k, v, decay=decay, plat="cpu") == "xla"
     why = L.explain(q, k, v, decay=decay, plat="cpu")
     assert why["xla"] is None and why["reference"] is None
     for name in ("pallas_triton", "pallas_tpu"):  # either registered (None) or a reason
@@ -256,4 +256,4 @@ def test_bad_inputs(key):
     with pytest.raises(ValueError, match="state is required"):
         L.lightning_decode(q, k, v, None, decay)
     with pytest.raises(ValueError, match="chunk_size must be positive"):
-        L.XlaLightningConfig(chunk_size=-1)
+        XlaLightningConfig(chunk_size=-1)

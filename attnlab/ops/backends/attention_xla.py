@@ -1,4 +1,5 @@
-"""Memory-linear softmax attention in plain JAX: blockwise online softmax over key blocks.
+"""Attention backend ``"xla"``: memory-linear softmax attention in plain JAX, blockwise
+online softmax over key blocks.
 
 The forward pass scans over key/value blocks of ``block_kv`` keys and keeps running row
 maxima, normalizers and output accumulators, so nothing of size T x S is ever live. The custom
@@ -15,7 +16,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from attnlab.ops._registry import Implementation
 from attnlab.ops._vma import like_vma
+from attnlab.ops.attention import AttentionArgs
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, visible
 
 
@@ -247,3 +250,41 @@ def _bwd(spec, scale, soft_cap, block_kv, with_entropy, res, cts):
 
 
 flash_attention_xla.defvjp(_fwd, _bwd)
+
+
+# ----------------------------------------------------------------------------- adapter
+
+
+def _seg(a: AttentionArgs) -> tuple[jax.Array | None, jax.Array | None]:
+    seg = a.segment_ids
+    return (None, None) if seg is None else (seg.q, seg.kv)
+
+
+def _config(a: AttentionArgs) -> XlaConfig:
+    return a.config if a.config is not None else XlaConfig.get_default()
+
+
+def _fn(q, k, v, a: AttentionArgs):
+    out, lse, ent = flash_attention_xla(
+        q, k, v, a.bias, a.q_positions, a.kv_positions, *_seg(a), a.spec, a.scale,
+        a.logits_soft_cap, _config(a).block_kv, a.return_entropy,
+    )
+    return (out, lse, ent) if a.return_entropy else (out, lse)
+
+
+def _block_bwd(q, k, v, out, lse, dout, dlse, a: AttentionArgs):
+    res = (
+        q, k, v, None, a.q_positions, a.kv_positions, *_seg(a), out, lse, jnp.zeros_like(lse),
+    )
+    cts = (dout, dlse, jnp.zeros_like(lse))
+    return _bwd(a.spec, a.scale, a.logits_soft_cap, _config(a).block_kv, False, res, cts)[:3]
+
+
+IMPLEMENTATION = Implementation(
+    name="xla",
+    description="blockwise online softmax in JAX; memory linear in sequence",
+    fn=_fn,
+    bwd=_block_bwd,
+    config_cls=XlaConfig,
+    returns_entropy=True,
+)

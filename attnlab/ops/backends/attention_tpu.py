@@ -1,0 +1,72 @@
+"""Attention backend ``"pallas_tpu"``: the Mosaic TPU Pallas flash-attention kernels.
+
+On TPU the kernels are compiled by Mosaic; on CPU they run in TPU interpret mode, which is how
+the tests check them. They are verified in interpret mode and lowered for TPU from CPU only:
+no TPU is available to the project, so they have never been timed on a chip.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.experimental.pallas import tpu as pltpu
+
+from attnlab.ops._registry import Implementation, platform
+from attnlab.ops.attention import AttentionArgs
+from pallas_kernels.tpu.flash import SUPPORTED_DTYPES, TpuFlashConfig, _flash_bwd, flash_attention
+
+
+def unsupported(q, k, v, a: AttentionArgs, plat: str) -> str | None:
+    """None if the TPU kernels compute the call on ``plat``, else why not."""
+    if plat not in ("tpu", "cpu"):
+        return (
+            f"the Mosaic TPU kernel runs on TPU (or interpreted on CPU), not on {plat}; "
+            "use impl='pallas_triton' or 'xla'"
+        )
+    if a.bias is not None:
+        return "the TPU kernel takes no logits bias; use impl='xla' or 'reference' for a bias"
+    if v.shape[-1] != q.shape[-1]:
+        return (
+            f"the TPU kernel needs the v head dim to equal the q head dim, got "
+            f"{v.shape[-1]} and {q.shape[-1]}"
+        )
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"the TPU kernel takes float32 or bfloat16 inputs, got {q.dtype}"
+    return None
+
+
+def _setup(a: AttentionArgs):
+    """(config, interpret, q segment ids, kv segment ids) of a call."""
+    cfg = a.config if a.config is not None else TpuFlashConfig.get_default()
+    interpret = pltpu.InterpretParams() if platform() == "cpu" else False
+    seg = a.segment_ids
+    return cfg, interpret, None if seg is None else seg.q, None if seg is None else seg.kv
+
+
+def _fn(q: jax.Array, k: jax.Array, v: jax.Array, a: AttentionArgs):
+    cfg, interpret, q_seg, kv_seg = _setup(a)
+    return flash_attention(
+        q, k, v, a.q_positions, a.kv_positions, q_seg, kv_seg, spec=a.spec, scale=a.scale,
+        soft_cap=a.logits_soft_cap, config=cfg, interpret=interpret,
+        return_entropy=a.return_entropy,
+    )
+
+
+def _block_bwd(q, k, v, out, lse, dout, dlse, a: AttentionArgs):
+    cfg, interpret, q_seg, kv_seg = _setup(a)
+    res = (q, k, v, a.q_positions, a.kv_positions, q_seg, kv_seg, out, lse)
+    grads = _flash_bwd(
+        a.spec, a.scale, a.logits_soft_cap, cfg, interpret, False, res, (dout, dlse)
+    )
+    return grads[:3]
+
+
+IMPLEMENTATION = Implementation(
+    name="pallas_tpu",
+    description="Mosaic TPU Pallas flash attention (fwd + bwd kernels); TPU interpret mode on "
+    "CPU, verified in interpret mode only; LSE, entropy",
+    fn=_fn,
+    unsupported=unsupported,
+    bwd=_block_bwd,
+    config_cls=TpuFlashConfig,
+    returns_entropy=True,
+)

@@ -1,0 +1,86 @@
+"""Attention backend ``"pallas_triton"``: the Pallas flash-attention kernels lowered to Triton
+(compiled on a CUDA GPU; Pallas interpret mode on CPU, for tests)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from attnlab.ops._registry import Implementation, platform
+from attnlab.ops.attention import AttentionArgs
+from pallas_kernels.gpu.flash_fwd import FlashConfig, _flash_bwd, flash_attention, tile_plan, tiling
+
+_GPU_HEAD_DIMS = (64, 128, 256)
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def unsupported(q, k, v, a: AttentionArgs, plat: str) -> str | None:
+    """None if the Triton kernels compute the call on ``plat``, else why not."""
+    if plat not in ("gpu", "cpu"):
+        return (
+            f"the Triton kernel runs on CUDA GPUs (and interpreted on CPU), not on {plat}; "
+            "use impl='pallas_tpu' or 'xla'"
+        )
+    if a.bias is not None:
+        return "pallas_triton takes no bias; use impl='xla' or 'reference' for a logits bias"
+    if q.dtype not in _DTYPES:
+        return f"pallas_triton needs float32, bfloat16 or float16 inputs, got {q.dtype}"
+    h, hv = q.shape[-1], v.shape[-1]
+    if hv != h:
+        return f"pallas_triton needs the v head dim ({hv}) to equal the q head dim ({h})"
+    if plat == "gpu" and h not in _GPU_HEAD_DIMS:
+        return (
+            f"pallas_triton supports head dims {_GPU_HEAD_DIMS} on GPU, got {h}; pad the head "
+            "dim or use impl='xla'"
+        )
+    if plat == "cpu" and (h % 16 or h > 256):
+        return (
+            f"pallas_triton (interpreted on CPU) needs a head dim that is a multiple of 16 and "
+            f"at most 256, got {h}"
+        )
+    return None
+
+
+def _seg(a: AttentionArgs):
+    seg = a.segment_ids
+    return (None, None) if seg is None else (seg.q, seg.kv)
+
+
+def _fn(q, k, v, a: AttentionArgs):
+    q_pos, kv_pos = a.q_positions, a.kv_positions
+    if a.positions_are_default:  # static: the kernel builds its tile metadata at trace time
+        q_pos = np.arange(q.shape[1], dtype=np.int32)
+        kv_pos = np.arange(k.shape[1], dtype=np.int32)
+    return flash_attention(
+        q, k, v, q_pos, kv_pos, *_seg(a), spec=a.spec, scale=a.scale,
+        soft_cap=a.logits_soft_cap, config=a.config, interpret=platform() == "cpu",
+        return_entropy=a.return_entropy,
+    )
+
+
+def _block_bwd(q, k, v, out, lse, dout, dlse, a: AttentionArgs):
+    cfg = a.config
+    if cfg is None:
+        cfg = FlashConfig.get_default(head_dim=q.shape[-1], causal=a.spec.causal, dtype=q.dtype)
+    q_seg, kv_seg = _seg(a)
+    plan = tile_plan(
+        a.spec, a.q_positions, a.kv_positions, q_seg, kv_seg,
+        tiling(cfg, q.shape[1], k.shape[1]),
+    )
+    res = (q, k, v, a.q_positions, a.kv_positions, q_seg, kv_seg, plan, out, lse)
+    grads = _flash_bwd(
+        a.spec, a.scale, a.logits_soft_cap, cfg, platform() == "cpu", False, res, (dout, dlse)
+    )
+    return grads[:3]
+
+
+IMPLEMENTATION = Implementation(
+    name="pallas_triton",
+    description="Pallas flash attention lowered to Triton (GPU); masks as block metadata, GQA, "
+    "soft-cap, LSE, entropy; Pallas-interpreted on CPU",
+    fn=_fn,
+    unsupported=unsupported,
+    bwd=_block_bwd,
+    config_cls=FlashConfig,
+    returns_entropy=True,
+)

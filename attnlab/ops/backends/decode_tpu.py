@@ -1,0 +1,48 @@
+"""Decode backend ``"pallas_tpu"``: the Mosaic TPU split-K decode kernel (TPU interpret mode on
+CPU; verified in interpret mode only). Forward only: its per-split partials are merged by LSE
+in :func:`attnlab.ops.decode.forward_only`."""
+
+from __future__ import annotations
+
+import functools
+
+from jax.experimental.pallas import tpu as pltpu
+
+from attnlab.ops._registry import Implementation, platform
+from attnlab.ops.decode import DecodeArgs, forward_only
+from pallas_kernels.tpu.decode import (
+    SUPPORTED_DTYPES,
+    TpuDecodeConfig,
+    decode_partials,
+    unsupported_shape,
+)
+
+
+def unsupported(q, k, v, a: DecodeArgs, plat: str) -> str | None:
+    """None if the TPU decode kernel computes the call on ``plat``, else why not."""
+    if plat not in ("tpu", "cpu"):
+        return (
+            f"the TPU decode kernel runs on TPU (or interpreted on CPU), not on {plat}; use "
+            "impl='pallas_triton' or 'xla'"
+        )
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"pallas_tpu takes float32 or bfloat16 inputs, got {q.dtype}"
+    return unsupported_shape(k.shape)
+
+
+def _fn(q, k, v, a: DecodeArgs):
+    partials = functools.partial(
+        decode_partials, spec=a.spec, scale=a.scale, soft_cap=a.logits_soft_cap,
+        config=a.config, interpret=pltpu.InterpretParams() if platform() == "cpu" else False,
+    )
+    return forward_only(partials)(q, k, v, a.kv_lengths)
+
+
+IMPLEMENTATION = Implementation(
+    name="pallas_tpu",
+    description="Mosaic TPU Pallas split-K decode kernel, lengths by scalar prefetch; forward "
+    "only; TPU interpret mode on CPU, verified in interpret mode only",
+    fn=_fn,
+    unsupported=unsupported,
+    config_cls=TpuDecodeConfig,
+)

@@ -1,0 +1,47 @@
+"""Decode backend ``"pallas_triton"``: the Pallas split-K decode kernel lowered to Triton
+(compiled on a CUDA GPU; Pallas interpret mode on CPU). Forward only: its per-split partials
+are merged by LSE in :func:`attnlab.ops.decode.forward_only`."""
+
+from __future__ import annotations
+
+import functools
+
+from attnlab.ops._registry import Implementation, platform
+from attnlab.ops.decode import DecodeArgs, forward_only
+from pallas_kernels.gpu.decode import SUPPORTED_DTYPES, DecodeConfig, decode_partials
+
+
+def unsupported(q, k, v, a: DecodeArgs, plat: str) -> str | None:
+    """None if the Triton decode kernel computes the call on ``plat``, else why not."""
+    if plat not in ("gpu", "cpu"):
+        return (
+            f"the Triton decode kernel runs on CUDA GPUs (and interpreted on CPU), not on "
+            f"{plat}; use impl='pallas_tpu' or 'xla'"
+        )
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"pallas_triton needs float32, bfloat16 or float16 inputs, got {q.dtype}"
+    h = q.shape[-1]
+    if h & (h - 1) or not 16 <= h <= 256:
+        return (
+            f"pallas_triton needs a head dim that is a power of two in [16, 256] (64, 128, "
+            f"256 on GPU), got {h}; use impl='xla'"
+        )
+    return None
+
+
+def _fn(q, k, v, a: DecodeArgs):
+    partials = functools.partial(
+        decode_partials, spec=a.spec, scale=a.scale, soft_cap=a.logits_soft_cap,
+        config=a.config, interpret=platform() == "cpu",
+    )
+    return forward_only(partials)(q, k, v, a.kv_lengths)
+
+
+IMPLEMENTATION = Implementation(
+    name="pallas_triton",
+    description="Pallas split-K decode kernel lowered to Triton (GPU), GQA rows packed per "
+    "tile, ragged lengths bound the key loop; forward only; Pallas-interpreted on CPU",
+    fn=_fn,
+    unsupported=unsupported,
+    config_cls=DecodeConfig,
+)

@@ -1,0 +1,87 @@
+"""Decode backend ``"xla"``: split-K in pure JAX. The key axis is chunked, each chunk gives a
+partial (out, lse), and the chunks are merged by :func:`attnlab.ops.merge_n`; differentiable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from attnlab.ops._registry import Implementation
+from attnlab.ops.decode import DecodeArgs, query_positions
+from attnlab.ops.merge import merge_n
+from pallas_kernels.common.masks import MASK_VALUE, visible
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class XlaDecodeConfig:
+    """Chunking of the ``"xla"`` implementation.
+
+    Attributes:
+      keys_per_split: keys per chunk of the cache; each chunk gives a partial (out, lse) and
+        the chunks are merged by LSE. When S is not a multiple of the (balanced) chunk, the
+        cache is padded by fewer than one key per chunk (XLA copies it); pick a value that
+        divides S to avoid that.
+    """
+
+    keys_per_split: int = 512
+
+    def __post_init__(self) -> None:
+        kps = self.keys_per_split
+        if not isinstance(kps, int) or isinstance(kps, bool) or kps <= 0:
+            raise ValueError(f"keys_per_split must be a positive int, got {kps!r}")
+
+    @classmethod
+    def get_default(cls) -> XlaDecodeConfig:
+        return cls()
+
+
+def _fn(q, k, v, a: DecodeArgs) -> tuple[jax.Array, jax.Array]:
+    cfg = a.config if a.config is not None else XlaDecodeConfig.get_default()
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    g = n // kh
+    # Balanced chunks: P chunks of C keys with P * C - S < P.
+    n_chunks = -(-s // min(cfg.keys_per_split, s))
+    chunk = -(-s // n_chunks)
+    sp = n_chunks * chunk
+    if sp != s:
+        k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
+    kc = k.reshape(b, n_chunks, chunk, kh, h)
+    vc = v.reshape(b, n_chunks, chunk, kh, h)
+    qg = q.reshape(b, t, kh, g, h)
+    prec = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    f32 = jnp.float32
+    z = jnp.einsum(
+        "BTKGH,BPCKH->PBKGTC", qg, kc, precision=prec, preferred_element_type=f32
+    ) * a.scale
+    if a.logits_soft_cap is not None:
+        z = a.logits_soft_cap * jnp.tanh(z / a.logits_soft_cap)
+    lengths, q_pos = query_positions(a.kv_lengths, b, t, s)
+    kv_pos = jnp.arange(sp, dtype=jnp.int32).reshape(n_chunks, 1, 1, 1, 1, chunk)
+    mask = visible(a.spec, q_pos[None, :, None, None, :, None], kv_pos)  # [P, B, 1, 1, T, C]
+    mask = mask & (kv_pos < jnp.minimum(lengths, s)[None, :, None, None, None, None])
+    z = jnp.where(mask, z, MASK_VALUE)
+    # One partial (out, lse) per chunk, as a split-K kernel would write them.
+    lse = jax.nn.logsumexp(z, axis=-1)  # [P, B, K, G, T]
+    p = jnp.where(mask, jnp.exp(z - lse[..., None]), 0.0)
+    o = jnp.einsum(
+        "PBKGTC,BPCKH->PBTKGH", p.astype(v.dtype), vc, precision=prec,
+        preferred_element_type=f32,
+    ).reshape(n_chunks, b, t, n, h)
+    lse = jnp.where(mask.any(-1), lse, -jnp.inf)
+    lse = jnp.moveaxis(lse, 4, 2).reshape(n_chunks, b, t, n)
+    out, lse = merge_n(o, lse)
+    return out.astype(q.dtype), lse
+
+
+IMPLEMENTATION = Implementation(
+    name="xla",
+    description="split-K in pure JAX: partial (out, lse) per key chunk, merged by LSE; "
+    "differentiable",
+    fn=_fn,
+    config_cls=XlaDecodeConfig,
+)

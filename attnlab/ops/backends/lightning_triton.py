@@ -1,0 +1,58 @@
+"""Lightning backend ``"pallas_triton"``: the chunked Pallas lightning kernels lowered to
+Triton (compiled on a CUDA GPU; Pallas interpret mode on CPU), forward and backward, with
+their own block phases for LASP / LASP-2 when the fused forward is configured."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from attnlab.ops._registry import Implementation, platform
+from attnlab.ops.lightning import BlockPhases, LightningArgs
+from pallas_kernels.gpu import lightning_chunk as kernels
+from pallas_kernels.gpu.lightning_chunk import LightningConfig
+
+
+def unsupported(q, k, v, a: LightningArgs, plat: str) -> str | None:
+    """None if the Triton lightning kernels compute the call on ``plat``, else why not."""
+    if plat not in ("gpu", "cpu"):
+        return f"pallas_triton runs on gpu (interpreted on CPU), not {plat}"
+    if q.dtype == jnp.float64:
+        return "pallas_triton takes float32, bfloat16 or float16 inputs, got float64"
+    return None
+
+
+def _fn(q, k, v, a: LightningArgs):
+    return kernels.lightning_attention(
+        q, k, v, a.log_decay, initial_state=a.initial_state, segment_ids=a.segment_ids,
+        scale=a.scale, config=a.config, interpret=platform() == "cpu",
+    )
+
+
+def _phases(q, k, v, a: LightningArgs) -> BlockPhases | None:
+    """The kernels' own block phases (``block_summarize`` ... ``block_backward``), bound to
+    these arguments; None where the config has no fused forward (no segment states)."""
+    cfg = a.config if a.config is not None else LightningConfig.get_default(q.shape[-1],
+                                                                              q.dtype)
+    if not cfg.fused_forward:
+        return None
+    t = q.shape[1]
+    kw = dict(config=cfg, interpret=platform() == "cpu")
+    ld, seg = a.log_decay, a.segment_ids
+    return BlockPhases(
+        lambda k, v: kernels.block_summarize(k, v, ld, seg, **kw),
+        lambda q, k, v, s_in, aux: kernels.block_forward(q, k, v, ld, seg, s_in, aux,
+                                                         scale=a.scale, **kw),
+        lambda res, do: kernels.block_state_grad(res, do, t=t, scale=a.scale, **kw),
+        lambda res, ds_out: kernels.block_backward(res, ds_out, t=t, scale=a.scale, **kw),
+    )
+
+
+IMPLEMENTATION = Implementation(
+    name="pallas_triton",
+    description="Pallas chunked lightning kernel on GPU (Triton), fwd + bwd; interpreted on CPU",
+    fn=_fn,
+    unsupported=unsupported,
+    config_cls=LightningConfig,
+    phases=_phases,
+    returns_lse=False,
+)
