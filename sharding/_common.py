@@ -12,8 +12,7 @@ from jax.sharding import PartitionSpec as P
 from attnlab.ops._registry import platform
 from attnlab.ops._vma import vary, varying
 
-__all__ = ["check_mesh_axes", "default_check_vma", "mesh_shard_map", "vary", "varying_axes",
-           "window_pair"]
+__all__ = ["check_mesh_axes", "default_check_vma", "mesh_shard_map", "vary", "varying_axes"]
 
 
 def varying_axes(axis_name: str, *refs) -> tuple[str, ...]:
@@ -22,11 +21,6 @@ def varying_axes(axis_name: str, *refs) -> tuple[str, ...]:
     for r in jax.tree.leaves(refs):
         axes |= varying(r)
     return tuple(sorted(axes))
-
-
-def window_pair(left: int | None, right: int | None) -> tuple[int | None, int | None] | None:
-    """A MaskSpec's window as ``local_window_size`` (None when there is no window)."""
-    return None if left is None and right is None else (left, right)
 
 
 def check_mesh_axes(mesh: Mesh, axes: dict[str, str | tuple[str, ...] | None],

@@ -17,11 +17,12 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from sharding._common import check_mesh_axes, default_check_vma, mesh_shard_map
+from sharding.hybrid import SOFTMAX_STRATEGIES, HybridParallel, register_rule
 from sharding.layouts import check_layout, shard_permute, shard_unpermute
 from sharding.ring import ring_attention
 from sharding.ulysses import check_heads, ulysses_attention
 
-STRATEGIES = ("ring", "striped", "zigzag", "ulysses")
+STRATEGIES = SOFTMAX_STRATEGIES
 _LAYOUT = {"ring": "contiguous", "striped": "striped", "zigzag": "zigzag", "ulysses": "contiguous"}
 
 
@@ -155,3 +156,12 @@ def attention(
         (x_spec, row_spec) if return_residuals else x_spec,
         default_check_vma(impl) if check_vma is None else check_vma,
     )
+
+
+@register_rule("softmax")
+def _softmax_rule(plan: HybridParallel, q: jax.Array, k: jax.Array, v: jax.Array, *,
+                  is_causal: bool = True, **kwargs: Any) -> Any:
+    """Softmax attention of a model layer by the plan's strategy (causal by default)."""
+    return attention(q, k, v, mesh=plan.mesh, seq_axis=plan.seq_axis,
+                     strategy=plan.softmax_strategy, batch_axis=plan.batch_axis,
+                     is_causal=is_causal, impl=plan.impl, **kwargs)

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from attnlab.ops._vma import like_vma
+from sharding.hybrid import HybridParallel, register_rule
 from sharding.lasp import StateExchange, phased_shard, sharded_lightning
 
 
@@ -163,3 +164,11 @@ def lasp2_attention(
     """
     return sharded_lightning(lasp2_shard, q, k, v, decay=decay, mesh=mesh, seq_axis=seq_axis,
                              **kwargs)
+
+
+@register_rule("lightning")
+def _lightning_rule(plan: HybridParallel, q: jax.Array, k: jax.Array, v: jax.Array, *,
+                    decay: Any, **kwargs: Any) -> Any:
+    """Lightning attention of a model layer by LASP-2 over the plan's mesh."""
+    return lasp2_attention(q, k, v, decay=decay, mesh=plan.mesh, seq_axis=plan.seq_axis,
+                           batch_axis=plan.batch_axis, impl=plan.impl, **kwargs)

@@ -36,12 +36,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from attnlab.ops._registry import platform
-from attnlab.ops.attention import attention as _block_attention
-from attnlab.ops.attention_grad import attention_bwd
+from attnlab.ops.attention import attention_block, block_args
+from attnlab.ops.attention_grad import attention_bwd_block
 from attnlab.ops.attention_grad import implementations as _bwd_implementations
+from attnlab.ops.masks import EMPTY, MaskSpec, SegmentIds, tile_kind
 from attnlab.ops.merge import merge
-from pallas_kernels.common.masks import EMPTY, MaskSpec, tile_kind
-from sharding._common import vary, varying_axes, window_pair
+from sharding._common import vary, varying_axes
 from sharding.layouts import LAYOUTS, shard_positions
 
 
@@ -205,8 +205,13 @@ def _branch(cfg: _Ring, n: int, i, q_pos, kv_pos) -> jax.Array:
     return jnp.where(empty, 0, jnp.where(src == idx, 1, jnp.where(src < idx, 2, 3)))
 
 
-def _seg_pair(qs, ks):
-    return None if qs is None else (qs, ks)
+def _block_args(cfg: _Ring, q_pos, kv_pos, q_seg, kv_seg):
+    """The normalized arguments of one (query block, key block) pair: global positions."""
+    return block_args(
+        spec=cfg.spec, q_positions=q_pos, kv_positions=kv_pos,
+        segment_ids=None if q_seg is None else SegmentIds(q_seg, kv_seg), scale=cfg.scale,
+        logits_soft_cap=cfg.soft_cap, config=cfg.config,
+    )
 
 
 def _half(x, axis: int, second: bool):
@@ -227,13 +232,7 @@ def _fwd_step(cfg: _Ring, n: int, i, q, q_pos, q_seg, blk):
     b, t, nh, _ = q.shape
 
     def attend(qq, kk, vv, qp, kp, qs, ks):
-        o, lse = _block_attention(
-            qq, kk, vv, is_causal=cfg.spec.causal,
-            local_window_size=window_pair(cfg.spec.window_left, cfg.spec.window_right),
-            segment_ids=_seg_pair(qs, ks), q_positions=qp, kv_positions=kp,
-            logits_soft_cap=cfg.soft_cap, scale=cfg.scale, return_residuals=True,
-            impl=cfg.impl, config=cfg.config,
-        )
+        o, lse = attention_block(qq, kk, vv, _block_args(cfg, qp, kp, qs, ks), cfg.impl)
         # o stays in q's dtype (the op rounds it there anyway): half the buffer of f32.
         return vary((o, lse.astype(jnp.float32)), cfg.vma)
 
@@ -266,13 +265,8 @@ def _bwd_step(cfg: _Ring, n: int, i, q, q_pos, q_seg, out, lse, dout, dlse, blk)
     k, v, kv_pos, kv_seg = blk
 
     def grads(qq, kk, vv, oo, ll, dd, dl, qp, kp, qs, ks):
-        g = attention_bwd(
-            qq, kk, vv, oo, ll, dd, dl, is_causal=cfg.spec.causal,
-            local_window_size=window_pair(cfg.spec.window_left, cfg.spec.window_right),
-            segment_ids=_seg_pair(qs, ks), q_positions=qp, kv_positions=kp,
-            logits_soft_cap=cfg.soft_cap, scale=cfg.scale, impl=cfg.bwd_impl,
-            config=cfg.config,
-        )
+        g = attention_bwd_block(qq, kk, vv, oo, ll, dd, dl, _block_args(cfg, qp, kp, qs, ks),
+                                cfg.bwd_impl)
         # Input dtypes out of the branch (as the op returns them); widened where accumulated.
         return vary(tuple(g), cfg.vma)
 

@@ -38,7 +38,7 @@ def check_impl(impl: str) -> None:
         )
 
 
-@register("S", "softmax")
+@register("S", "softmax", ops=("attention", "decode"), experiment=None)
 class SoftmaxAttention(nnx.Module):
     """Causal softmax attention with GQA/MQA, (partial) RoPE, sliding window and soft-cap.
 
@@ -56,7 +56,7 @@ class SoftmaxAttention(nnx.Module):
 
     With ``parallel`` (a :class:`sharding.hybrid.HybridParallel`) the same causal attention,
     with the same segment ids, window, soft-cap and GQA heads, runs sequence-parallel over
-    the global arrays by ``parallel.layer("S")`` (ring, striped, zigzag or Ulysses, as the
+    the global arrays by ``parallel.layer("softmax")`` (ring, striped, zigzag or Ulysses, as the
     ``HybridParallel`` says; its ``impl`` is the per-block implementation). Giving a cache
     then raises: generation is single-device.
 
@@ -143,7 +143,7 @@ class SoftmaxAttention(nnx.Module):
             if self.parallel is None:
                 out = attention(q, kk, v, is_causal=True, impl=cfg.attention_impl, **mask)
             else:
-                sharded = self.parallel.layer(self.mechanism_letter)
+                sharded = self.parallel.layer(self.mechanism_name)
                 out = sharded(q, kk, v, is_causal=True, **mask)
         else:
             if segment_ids is not None:

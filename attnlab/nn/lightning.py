@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 Cache = dict[str, jax.Array]
 
 
-@register("L", "lightning")
+@register("L", "lightning", ops=("lightning_attention",), experiment=None)
 class LightningAttention(nnx.Module):
     """MiniMax-01 lightning attention layer with a recurrent-state cache.
 
@@ -44,7 +44,7 @@ class LightningAttention(nnx.Module):
     ``segment_ids`` reset the state at document boundaries inside the T tokens.
 
     With ``parallel`` (a :class:`sharding.hybrid.HybridParallel`) the forward without a cache
-    runs sequence-parallel by ``parallel.layer("L")`` (LASP-2: one all-gather of the memory
+    runs sequence-parallel by ``parallel.layer("lightning")`` (LASP-2: one all-gather of the memory
     states per layer) with the same decay and segment ids; its ``impl`` is the per-block
     implementation. Giving a cache then raises: generation is single-device.
 
@@ -100,7 +100,7 @@ class LightningAttention(nnx.Module):
                 o = _L.lightning_attention(q, k, v, decay=decay, segment_ids=segment_ids,
                                            impl=self.impl)
             else:
-                sharded = self.parallel.layer(self.mechanism_letter)
+                sharded = self.parallel.layer(self.mechanism_name)
                 o = sharded(q, k, v, decay=decay, segment_ids=segment_ids)
             new_cache = None
         else:

@@ -9,7 +9,7 @@ A mechanism is an NNX module class with this contract (every attention module fo
     the module reads it, appends the T new tokens and returns the updated cache);
   * sequence parallelism: ``parallel`` is None (single device) or a
     :class:`sharding.hybrid.HybridParallel`, kept as a static attribute. Without a cache the
-    module then computes its attention with ``parallel.layer(mechanism_letter)(q, k, v, ...)``
+    module then computes its attention with ``parallel.layer(mechanism_name)(q, k, v, ...)``
     on global [B, T, N, H] arrays, so the sharded rule of a mechanism lives in ``sharding/``
     beside the others and nothing in the model or the trainer names it; with a cache it
     raises (:func:`check_no_cache`: generation is single-device);
@@ -17,8 +17,16 @@ A mechanism is an NNX module class with this contract (every attention module fo
   * ``Mechanism.cache_bytes_per_token(cfg, dtype_bytes=2)`` -> float (0 for constant-state
     mechanisms such as lightning, whose fixed state is ``state_bytes``);
 
-Registering: ``@register("S", "softmax")`` on the class. The letter is what ``layer_pattern``
-uses; the name is what the CLI's ``--attention`` flag and error messages use.
+Registering: ``@register("S", "softmax", ops=("attention", "decode"), experiment=None)`` on
+the class, once. The letter is what ``layer_pattern`` uses (letters exist only here); the
+name is what the CLI's ``--attention`` flag, error messages and the mechanism's other pieces
+use: its sequence-parallel rule is registered under the same name in ``sharding/``
+(:func:`sharding.hybrid.register_rule`, or :func:`sharding.hybrid.not_sequence_parallel`).
+``ops`` names the ``attnlab.ops`` registries the module computes with (each has a
+``reference`` and fast implementations); ``experiment`` names the paper reproduction script
+``experiments/<experiment>.py``, or is None while there is none yet (the README's feature
+table then says "none yet"). ``tests/test_mechanisms.py`` walks this registry and checks all
+five pieces of every mechanism.
 """
 
 from __future__ import annotations
@@ -30,10 +38,21 @@ _BY_LETTER: dict[str, type] = {}
 _BY_NAME: dict[str, type] = {}
 
 
-def register(letter: str, name: str) -> Callable[[type], type]:
-    """Class decorator: makes the mechanism available to ``layer_pattern`` as ``letter``."""
+def register(
+    letter: str, name: str, *, ops: tuple[str, ...], experiment: str | None = None
+) -> Callable[[type], type]:
+    """Class decorator: makes the mechanism available to ``layer_pattern`` as ``letter``.
+
+    Args:
+      letter: one character, the mechanism's pattern letter.
+      name: the mechanism's name, shared by its sharding rule and its experiment.
+      ops: the ``attnlab.ops`` registries (op names) the module computes with.
+      experiment: ``experiments/<experiment>.py``, or None: no reproduction yet.
+    """
     if len(letter) != 1:
         raise ValueError(f"a mechanism letter is one character, got {letter!r}")
+    if not ops:
+        raise ValueError(f"mechanism {name!r} must name the attnlab.ops op(s) it computes with")
 
     def deco(cls: type) -> type:
         for table, key in ((_BY_LETTER, letter), (_BY_NAME, name)):
@@ -42,6 +61,8 @@ def register(letter: str, name: str) -> Callable[[type], type]:
             table[key] = cls
         cls.mechanism_letter = letter
         cls.mechanism_name = name
+        cls.mechanism_ops = tuple(ops)
+        cls.mechanism_experiment = experiment
         return cls
 
     return deco

@@ -54,7 +54,7 @@ class Transformer(nnx.Module):
 
     Sequence parallelism: with ``parallel`` (a :class:`sharding.hybrid.HybridParallel` over
     the run's mesh) every attention module attends across ``parallel.seq_axis`` by its own
-    rule, ``parallel.layer(letter)`` (LASP-2 for lightning, ring / zigzag / Ulysses for
+    rule, ``parallel.layer(mechanism_name)`` (LASP-2 for lightning, ring / zigzag / Ulysses for
     softmax); everything else is per token, so the model is called on global [B, T] arrays
     sharded ``P(batch_axis, seq_axis)`` and GSPMD splits the rest. ``parallel`` is a static
     attribute (part of the graph definition); ``parallel.impl`` is the per-block
@@ -82,7 +82,8 @@ class Transformer(nnx.Module):
         validate(cfg)
         if parallel is not None:
             for letter in dict.fromkeys(cfg.layer_pattern):
-                parallel.layer(letter)  # fails now, not at the first call, without a rule
+                # fails now, not at the first call, without a rule
+                parallel.layer(registry.get(letter).mechanism_name)
         self.cfg = cfg
         self.parallel = parallel
         self.embed = Embed(

@@ -29,6 +29,22 @@ def platform() -> str:
     return "gpu" if p in ("cuda", "rocm", "gpu") else p
 
 
+# op name -> its Registry (filled as each op module declares its one Registry).
+_OPS: dict[str, Registry] = {}
+
+
+def registry(op: str) -> Registry:
+    """The :class:`Registry` of op ``op`` ("attention", "decode", "lightning_attention", ...)."""
+    if op not in _OPS:
+        raise ValueError(f"unknown op {op!r}; known: {', '.join(sorted(_OPS))}")
+    return _OPS[op]
+
+
+def ops() -> tuple[str, ...]:
+    """The names of every op that declared a registry, sorted."""
+    return tuple(sorted(_OPS))
+
+
 def _no_limits(q, k, v, a: Any, plat: str) -> str | None:
     return None
 
@@ -110,6 +126,9 @@ class Registry:
         self._impls: dict[str, Implementation] = {reference.name: reference}
         self._import_errors: dict[str, str] = {}
         self._loaded = False
+        if op in _OPS:
+            raise ValueError(f"op {op!r} already has a registry")
+        _OPS[op] = self
 
     def _load(self) -> None:
         if self._loaded:

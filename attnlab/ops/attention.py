@@ -260,6 +260,28 @@ def attention(
     return _assemble(chosen.fn(q, k, v, a), return_residuals, return_entropy)
 
 
+def block_args(
+    *, spec: MaskSpec, q_positions: jax.Array, kv_positions: jax.Array,
+    segment_ids: SegmentIds | None, scale: float, logits_soft_cap: float | None,
+    config: Any = None,
+) -> AttentionArgs:
+    """Normalized arguments of one block of a longer, already validated call.
+
+    For sequence-parallel callers (ring, star) that checked the whole call once and hand
+    each block its global positions: the mask stays a :class:`MaskSpec` value, nothing is
+    unpacked to keywords and validated again.
+    """
+    return AttentionArgs(spec, q_positions, kv_positions, segment_ids, None, float(scale),
+                         logits_soft_cap, False, config, return_residuals=True)
+
+
+def attention_block(q: jax.Array, k: jax.Array, v: jax.Array, a: AttentionArgs,
+                    impl: str = "auto") -> tuple[jax.Array, jax.Array]:
+    """(out [B, T, N, Hv], lse [B, T, N] float32) of one block, from :func:`block_args`."""
+    out, lse = choose(q, k, v, a, impl).fn(q, k, v, a)[:2]
+    return out, lse
+
+
 def _normalize(
     q, k, v, bias, is_causal, local_window_size, segment_ids, q_offset, kv_offset,
     q_positions, kv_positions, logits_soft_cap, scale, config,

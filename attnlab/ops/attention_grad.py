@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attnlab.ops.attention import REGISTRY, _normalize
+from attnlab.ops.attention import REGISTRY, AttentionArgs, _normalize
 
 
 def implementations() -> dict:
@@ -96,5 +96,12 @@ def attention_bwd(
             raise ValueError(f"{name} must have shape {want[name]}, got {jnp.shape(x)}")
     if dlse is None:
         dlse = jnp.zeros(lse.shape, jnp.float32)
+    return attention_bwd_block(q, k, v, out, lse, dout, dlse, a, impl)
+
+
+def attention_bwd_block(q, k, v, out, lse, dout, dlse, a: AttentionArgs, impl: str = "auto"
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`attention_bwd` with normalized arguments (from
+    :func:`attnlab.ops.attention.block_args`) and a given ``dlse``; for ring callers."""
     chosen = REGISTRY.choose(q, k, v, a, impl, need="bwd")
     return chosen.bwd(q, k, v, out, lse.astype(jnp.float32), dout, dlse, a)

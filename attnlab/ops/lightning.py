@@ -13,9 +13,9 @@ D_ij = lambda^(i-j) for j <= i (same document) and 0 otherwise.
 
 Implementations: ``"reference"`` (the recurrence above, token by token: the definition),
 ``"xla"`` (the chunked intra/inter-block form of Lightning Attention-2 in pure JAX),
-``"pallas_triton"`` / ``"pallas_tpu"`` (Pallas kernels from ``pallas_kernels/*/lightning_chunk.py``,
-registered when those modules import). ``impl="auto"`` picks the first that supports the call
-in :data:`AUTO_ORDER`; all compute exactly the same function.
+``"pallas_triton"`` / ``"pallas_tpu"`` (the Pallas kernels), each bound by its adapter in
+``attnlab/ops/backends/lightning_*.py`` and listed in :data:`REGISTRY`. ``impl="auto"`` picks
+the first that supports the call in :data:`AUTO_ORDER`; all compute exactly the same function.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def test_lightning_then_softmax_equals_single_device(strategy, key):
         lambda q, k, v: attention(q, k, v, is_causal=True, impl="xla"), decay))(q, k, v)
     sh = NamedSharding(mesh, P("data", "sp"))
     qs, kss, vs = (jax.device_put(x, sh) for x in (q, k, v))
-    fn = _loss(_two_layers(hp.layer("L"), hp.layer("S"), decay))
+    fn = _loss(_two_layers(hp.layer("lightning"), hp.layer("softmax"), decay))
     with jax.set_mesh(mesh):
         val, grads = fn(qs, kss, vs)
         hlo = fn.lower(qs, kss, vs).compile().as_text()
@@ -60,24 +60,31 @@ def test_lightning_then_softmax_equals_single_device(strategy, key):
 
 
 def test_rule_registry():
-    """Kinds resolve to their rules; a new mechanism registers one; duplicates are refused."""
+    """Names resolve to their rules; a new mechanism registers one or a 'not sequence-parallel'
+    marker; duplicates are refused."""
     from sharding import hybrid
 
     mesh = jax.make_mesh((8,), ("sp",), axis_types=(AxisType.Explicit,))
-    assert {"L", "lightning", "S", "softmax"} <= set(hybrid.rules())
+    assert {"lightning", "softmax"} <= set(hybrid.rules())
     try:
-        @hybrid.register_rule("Z", "zattn")
+        @hybrid.register_rule("zattn")
         def _z(plan, q, k, v, **kw):
             return plan.seq_axis, q, kw
 
         assert HybridParallel(mesh=mesh).layer("zattn")(1, 2, 3, w=4) == ("sp", 1, {"w": 4})
-        with pytest.raises(ValueError, match=r"\['Z'\] already have a sequence-parallel rule"):
-            hybrid.register_rule("Z")(_z)
+        with pytest.raises(ValueError, match="'zattn' already has a sequence-parallel rule"):
+            hybrid.register_rule("zattn")(_z)
+        hybrid.not_sequence_parallel("yattn", "its state is global")
+        assert hybrid.not_parallel()["yattn"] == "its state is global"
+        with pytest.raises(ValueError, match="yattn has no sequence-parallel form: its state"):
+            HybridParallel(mesh=mesh).layer("yattn")
+        with pytest.raises(ValueError, match="say why"):
+            hybrid.not_sequence_parallel("xattn", "")
     finally:
-        hybrid._RULES.pop("Z", None)
         hybrid._RULES.pop("zattn", None)
-    with pytest.raises(ValueError, match="at least one layer kind"):
-        hybrid.register_rule()
+        hybrid._NOT_PARALLEL.pop("yattn", None)
+    with pytest.raises(ValueError, match="registered under a mechanism name"):
+        hybrid.register_rule("")
 
 
 def test_bad_layer_kind_and_axis():
