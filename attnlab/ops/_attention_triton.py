@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnlab.ops.attention import AttentionArgs, Implementation, platform, register
-from pallas_kernels.gpu.flash_fwd import FlashConfig, flash_attention
+from pallas_kernels.gpu.flash_common import FlashConfig
+from pallas_kernels.gpu.flash_fwd import flash_attention
 
 _GPU_HEAD_DIMS = (64, 128, 256)
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)

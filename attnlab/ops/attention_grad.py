@@ -169,7 +169,8 @@ def _triton_unsupported(q, k, v, a: AttentionArgs, plat: str) -> str | None:
 
 
 def _triton(q, k, v, out, lse, dout, dlse, a: AttentionArgs):
-    from pallas_kernels.gpu.flash_fwd import FlashConfig, _flash_bwd, tile_plan, tiling
+    from pallas_kernels.gpu.flash_common import FlashConfig, tile_plan, tiling
+    from pallas_kernels.gpu.flash_fwd import flash_vjp_bwd as _flash_bwd
 
     h = q.shape[-1]
     cfg = a.config if isinstance(a.config, FlashConfig) else None

@@ -42,7 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, visible
-from pallas_kernels.gpu.flash_fwd import (
+from pallas_kernels.gpu._common import (
     LN2,
     M_INIT,
     MIN_BLOCK,

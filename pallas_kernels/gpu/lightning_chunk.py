@@ -64,7 +64,7 @@ from pallas_kernels.common.lightning import (
     chunk_run_ids,
     decayed_state_scan,
 )
-from pallas_kernels.gpu.flash_fwd import dot, dot_precision, pad_axis, round_up
+from pallas_kernels.gpu._common import dot, dot_precision, pad_axis, round_up
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # Head dims compiled for a GPU (shared-memory and register budgets are sized for these);
