@@ -199,7 +199,8 @@ def _tpu_unsupported(q, k, v, a: AttentionArgs, plat: str) -> str | None:
 def _tpu(q, k, v, out, lse, dout, dlse, a: AttentionArgs):
     from jax.experimental.pallas import tpu as pltpu
 
-    from pallas_kernels.tpu.flash import TpuFlashConfig, _flash_bwd
+    from pallas_kernels.tpu.flash import TpuFlashConfig
+    from pallas_kernels.tpu.flash import flash_vjp_bwd as _flash_bwd
 
     cfg = a.config if isinstance(a.config, TpuFlashConfig) else TpuFlashConfig.get_default()
     interpret = pltpu.InterpretParams() if platform() == "cpu" else False

@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, visible
-from pallas_kernels.tpu.flash_bwd import (
+from pallas_kernels.tpu._common import (
     NN,
     NUM_LANES,
     NUM_SUBLANES,

@@ -19,7 +19,8 @@ into the non-empty range), FULL tiles run without the elementwise mask, and only
 tiles evaluate :func:`~pallas_kernels.common.masks.visible`. Masked logits use the finite
 ``MASK_VALUE``; a row that sees no key gives 0 output and an LSE of ``-inf``.
 
-The backward kernels are in :mod:`pallas_kernels.tpu.flash_bwd`.
+The backward kernels are in :mod:`pallas_kernels.tpu.flash_bwd`, the tile helpers shared with
+them in :mod:`pallas_kernels.tpu._common`.
 """
 
 from __future__ import annotations
@@ -44,18 +45,17 @@ from pallas_kernels.common.masks import (
     SegmentIds,
     block_metadata,
 )
-from pallas_kernels.tpu.flash_bwd import (
+from pallas_kernels.tpu._common import (
     NN,
     NUM_LANES,
     NUM_SUBLANES,
     ROW_SEMANTICS,
     clamp_block,
     compiler_params,
-    flash_dkv,
-    flash_dq,
     tile_logits,
     tile_mask,
 )
+from pallas_kernels.tpu.flash_bwd import flash_dkv, flash_dq
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
 
@@ -378,7 +378,13 @@ def _flash_fwd(
     return res, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, *res)
 
 
-def _flash_bwd(spec, scale, soft_cap, config, interpret, return_entropy, res, cts):
+def flash_vjp_bwd(spec, scale, soft_cap, config, interpret, return_entropy, res, cts):
+    """The backward rule of ``flash_attention``'s custom VJP: (dq, dk, dv, None x 4).
+
+    ``res`` is what the forward rule saves, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out,
+    lse[, entropy]); ``cts`` the cotangents of (out, lse[, entropy]). Public because
+    ``attnlab.ops.attention_grad`` calls it on residuals it assembles itself.
+    """
     q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = res[:9]
     d_out, d_lse = cts[:2]
     t, s = q.shape[1], k.shape[1]
@@ -432,7 +438,7 @@ def _flash_bwd(spec, scale, soft_cap, config, interpret, return_entropy, res, ct
     return dq, dk, dv, None, None, None, None
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash.defvjp(_flash_fwd, flash_vjp_bwd)
 
 
 # ----------------------------------------------------------------------------- public

@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common.lightning import check_lightning_inputs, chunk_run_ids
-from pallas_kernels.tpu.flash_bwd import NUM_LANES, NUM_SUBLANES, compiler_params
+from pallas_kernels.tpu._common import NN, NT, NUM_LANES, NUM_SUBLANES, TN, compiler_params
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
 MAX_HEAD_DIM = 256
@@ -44,11 +44,6 @@ MAX_HEAD_DIM = 256
 NEG_BIG = -1e30
 # Batch and head axes are independent; the chunk axis carries the state.
 SEMANTICS = ("parallel", "parallel", "arbitrary")
-
-# dot_general dimension numbers: A @ B, A @ B^T, A^T @ B.
-NN = (((1,), (0,)), ((), ()))
-NT = (((1,), (1,)), ((), ()))
-TN = (((0,), (0,)), ((), ()))
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
