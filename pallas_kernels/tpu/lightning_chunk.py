@@ -6,7 +6,7 @@ oracle and a JAX-differentiated recurrence. They have never been lowered by Mosa
 chip or timed; block shapes follow the TPU tiling rules (last two block dims multiples of
 (8, 128) or equal to the array's), but that is all that can be said.
 
-Semantics and chunked equations are those of :mod:`pallas_kernels.gpu.lightning_chunk`
+Semantics and chunked equations are those of :mod:`pallas_kernels.gpu.lightning_common`
 (``S_t = g_t lambda S_{t-1} + k_t^T v_t``, ``o_t = scale q_t S_t``, resets where
 ``segment_ids`` change, padding that never decays the state). The structure is simpler than
 the GPU's two phases: one program per (batch, head, chunk) on a grid whose chunk axis is
