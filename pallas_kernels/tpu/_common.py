@@ -33,6 +33,11 @@ TN = (((0,), (0,)), ((), ()))
 # ----------------------------------------------------------------------------- tile helpers
 
 
+def round_up(x: int, m: int) -> int:
+    """``x`` rounded up to a multiple of ``m``."""
+    return -(-x // m) * m
+
+
 def tile_logits(
     a: jax.Array, b: jax.Array, *, scale: float, soft_cap: float | None
 ) -> tuple[jax.Array, jax.Array]:

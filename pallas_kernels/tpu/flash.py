@@ -52,6 +52,7 @@ from pallas_kernels.tpu._common import (
     ROW_SEMANTICS,
     clamp_block,
     compiler_params,
+    round_up,
     tile_logits,
     tile_mask,
 )
@@ -97,7 +98,7 @@ class TpuFlashConfig:
                 what = "lane width" if multiple == NUM_LANES else "sublane count"
                 raise ValueError(
                     f"{name}={value} is not legal on TPU: it must be a multiple of {multiple} "
-                    f"(the {what}); try {name}={_round_up(value, multiple)}"
+                    f"(the {what}); try {name}={round_up(value, multiple)}"
                 )
 
     @classmethod
@@ -108,14 +109,10 @@ class TpuFlashConfig:
 # ----------------------------------------------------------------------------- layout
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
 def _fit(block: int, length: int) -> int:
     """The block used for an axis of ``length``: ``block``, or the whole 8-padded axis if
     shorter (a block equal to the array dim is legal whatever its size)."""
-    return min(block, _round_up(length, NUM_SUBLANES))
+    return min(block, round_up(length, NUM_SUBLANES))
 
 
 def _pad(x: jax.Array, axis: int, length: int, mode: str = "constant") -> jax.Array:
@@ -278,7 +275,7 @@ def _forward(
     s, kh, hv = k.shape[1], k.shape[2], v.shape[3]
     g = n // kh
     bq, bkv = _fit(config.block_q, t), _fit(config.block_kv, s)
-    t_pad, s_pad = _round_up(t, bq), _round_up(s, bkv)
+    t_pad, s_pad = round_up(t, bq), round_up(s, bkv)
     nq, nk = t_pad // bq, s_pad // bkv
     per_batch = q_seg is not None
     md = _metadata(spec, q_pos, kv_pos, q_seg, kv_seg, bq, bkv)
@@ -406,7 +403,7 @@ def flash_vjp_bwd(spec, scale, soft_cap, config, interpret, return_entropy, res,
                   interpret=interpret)
 
     bq, bkv = _fit(config.block_q_dq, t), _fit(config.block_kv_dq, s)
-    t_pad, s_pad = _round_up(t, bq), _round_up(s, bkv)
+    t_pad, s_pad = round_up(t, bq), round_up(s, bkv)
     md = _metadata(spec, q_pos, kv_pos, q_seg, kv_seg, bq, bkv)
     ent_pad = None if ent_rows is None else tuple(_row_bnt(x, t_pad) for x in ent_rows)
     dq = flash_dq(
@@ -420,7 +417,7 @@ def flash_vjp_bwd(spec, scale, soft_cap, config, interpret, return_entropy, res,
     )
 
     bq, bkv = _fit(config.block_q_dkv, t), _fit(config.block_kv_dkv, s)
-    t_pad, s_pad = _round_up(t, bq), _round_up(s, bkv)
+    t_pad, s_pad = round_up(t, bq), round_up(s, bkv)
     md = _metadata(spec, q_pos, kv_pos, q_seg, kv_seg, bq, bkv)
     ent_pad = None if ent_rows is None else tuple(_row_bnt(x, t_pad) for x in ent_rows)
     dk, dv = flash_dkv(

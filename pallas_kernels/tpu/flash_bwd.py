@@ -413,4 +413,3 @@ def flash_dkv(
         interpret=interpret,
         name="attnlab_tpu_flash_dkv",
     )(*meta, q, k, v, do, lse, delta, *(entropy or (None, None)), q_pos, kv_pos, q_seg, kv_seg)
-

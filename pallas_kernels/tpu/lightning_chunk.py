@@ -36,7 +36,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common.lightning import check_lightning_inputs, chunk_run_ids
-from pallas_kernels.tpu._common import NN, NT, NUM_LANES, NUM_SUBLANES, TN, compiler_params
+from pallas_kernels.tpu._common import (
+    NN,
+    NT,
+    NUM_LANES,
+    NUM_SUBLANES,
+    TN,
+    compiler_params,
+    round_up,
+)
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
 MAX_HEAD_DIM = 256
@@ -71,10 +79,6 @@ class TpuLightningConfig:
     ) -> TpuLightningConfig:
         del head_dim, dtype, device_kind
         return cls()
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
 
 
 # ----------------------------------------------------------------------------- in-kernel math
@@ -348,8 +352,8 @@ _lightning.defvjp(_lightning_fwd, _lightning_bwd)
 def _lightning_jit(q, k, v, log_decay, initial_state, segment_ids, *, scale, config, interpret):
     b, t, n, h = q.shape
     hv = v.shape[-1]
-    chunk = min(config.chunk, _round_up(t, NUM_SUBLANES))
-    tp = _round_up(t, chunk)
+    chunk = min(config.chunk, round_up(t, NUM_SUBLANES))
+    tp = round_up(t, chunk)
 
     def heads_major(x):
         x = jnp.swapaxes(x, 1, 2)
