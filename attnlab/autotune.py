@@ -28,7 +28,7 @@ import numpy as np
 
 from attnlab.bench import attention_flops, short_error, tflops_per_s, time_call
 from attnlab.ops import attention
-from pallas_kernels.gpu.flash_fwd import FlashConfig
+from pallas_kernels.gpu.flash_common import FlashConfig
 from pallas_kernels.gpu.tuned import table_key
 
 FWD_GRID = {

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from attnlab import bench as _bench
 from attnlab import bench_lightning as BL
 from attnlab.ops import lightning as L
-from pallas_kernels.gpu.lightning_chunk import LightningConfig
+from pallas_kernels.gpu.lightning_common import LightningConfig
 
 
 def _median_ms(fn, args, repeats: int) -> float:

@@ -42,7 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, visible
-from pallas_kernels.gpu.flash_fwd import (
+from pallas_kernels.gpu._common import (
     LN2,
     M_INIT,
     MIN_BLOCK,
@@ -50,6 +50,7 @@ from pallas_kernels.gpu.flash_fwd import (
     dot_precision,
     log2_logits,
     pad_axis,
+    round_up,
 )
 
 CAUSAL = MaskSpec(causal=True)
@@ -121,14 +122,10 @@ class DecodeConfig:
         blocks, tiles of ``block_kv``: the configured value, or about ``TARGET_PROGRAMS``
         programs in all, as a power-of-two multiple of the tile."""
         if self.keys_per_split is not None:
-            return max(block_kv, min(self.keys_per_split, _round_up(s, block_kv)))
+            return max(block_kv, min(self.keys_per_split, round_up(s, block_kv)))
         want = -(-programs_per_split * s // TARGET_PROGRAMS)
         kps = min(max(pl.next_power_of_2(want), MIN_SPLIT), MAX_SPLIT)
-        return max(block_kv, min(kps, _round_up(s, block_kv)))
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
+        return max(block_kv, min(kps, round_up(s, block_kv)))
 
 
 class Tiling(NamedTuple):

@@ -15,323 +15,40 @@ in the inner loop), matmuls take the input dtype and accumulate in float32, mask
 ``MASK_VALUE`` (finite). The public log-sum-exp is natural-log, and ``-inf`` for a row that
 sees no key (whose output is 0).
 
-This file also holds the block-size config and the ``jax.custom_vjp`` public wrapper; the
-backward kernels live in :mod:`pallas_kernels.gpu.flash_bwd`.
+This file also holds the ``jax.custom_vjp`` public wrapper; the config and tile planning
+shared with the backward live in :mod:`pallas_kernels.gpu.flash_common`, the backward kernels
+in :mod:`pallas_kernels.gpu.flash_bwd`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common.checks import check_attention_inputs
-from pallas_kernels.common.masks import (
-    EMPTY,
-    FULL,
-    MASK_VALUE,
-    MaskSpec,
-    SegmentIds,
-    block_metadata,
-    visible,
+from pallas_kernels.common.masks import MASK_VALUE, MaskSpec
+from pallas_kernels.gpu._common import LN2, M_INIT, dot, dot_precision, log2_logits
+from pallas_kernels.gpu.flash_bwd import flash_backward
+from pallas_kernels.gpu.flash_common import (
+    FlashConfig,
+    TilePlan,
+    Tiling,
+    pad_inputs,
+    tile_loops,
+    tile_mask,
+    tile_plan,
+    tiling,
 )
-from pallas_kernels.gpu.tuned import tuned_fields
 
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
-# The running row maximum starts above MASK_VALUE, so exp2(MASK_VALUE - M_INIT) == 0: a row
-# whose keys are all masked so far accumulates nothing, without a second select on p.
-M_INIT = 0.5 * MASK_VALUE
-# Triton's dot needs every tile dimension to be at least 16.
-MIN_BLOCK = 16
 # Largest static tile plan (tile kinds of the three kernels) embedded as program constants;
 # beyond it (very long sequences) the plan is computed in the program, where it is cheap
 # next to the attention itself.
 _MAX_STATIC_TILES = 1 << 21
-
-_BLOCK_FIELDS = (
-    "block_q", "block_kv", "block_q_dkv", "block_kv_dkv", "block_q_dq", "block_kv_dq",
-)
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class FlashConfig:
-    """Tile sizes and launch parameters of the Triton flash-attention kernels.
-
-    Attributes:
-      block_q, block_kv: forward tile (queries per program, keys per inner step).
-      num_warps, num_stages: forward launch parameters (Triton warps per program, software
-        pipelining depth of the key loop).
-      block_kv_dkv, block_q_dkv: dK/dV kernel tile (keys per program, queries per step).
-      block_q_dq, block_kv_dq: dQ kernel tile (queries per program, keys per step).
-      num_warps_bwd, num_stages_bwd: launch parameters of both backward kernels.
-
-    Block sizes are powers of two, at least 16; sequences need not be multiples of them
-    (the wrapper pads), and blocks larger than a short sequence are shrunk to fit.
-    """
-
-    block_q: int = 128
-    block_kv: int = 64
-    num_warps: int = 8
-    num_stages: int = 3
-    block_q_dkv: int = 64
-    block_kv_dkv: int = 64
-    block_q_dq: int = 64
-    block_kv_dq: int = 64
-    num_warps_bwd: int = 8
-    num_stages_bwd: int = 2
-
-    def __post_init__(self) -> None:
-        for name in _BLOCK_FIELDS:
-            b = getattr(self, name)
-            if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
-                raise ValueError(f"{name} must be a positive int, got {b!r}")
-            if b & (b - 1):
-                raise ValueError(
-                    f"{name} must be a power of two (Triton tiles are), got {b}; "
-                    f"try {1 << (b.bit_length() - 1)} or {1 << b.bit_length()}"
-                )
-            if b < MIN_BLOCK:
-                raise ValueError(
-                    f"{name} must be at least {MIN_BLOCK} (the smallest tile Triton's dot "
-                    f"accepts), got {b}"
-                )
-        for name in ("num_warps", "num_warps_bwd"):
-            w = getattr(self, name)
-            if not isinstance(w, int) or w <= 0 or w & (w - 1) or w > 32:
-                raise ValueError(f"{name} must be a power of two in [1, 32], got {w!r}")
-        for name in ("num_stages", "num_stages_bwd"):
-            st = getattr(self, name)
-            if not isinstance(st, int) or st <= 0:
-                raise ValueError(f"{name} must be a positive int, got {st!r}")
-
-    @classmethod
-    def get_default(
-        cls, *, head_dim: int | None = None, causal: bool | None = None,
-        device_kind: str | None = None, dtype=None,
-    ) -> FlashConfig:
-        """Tuned sizes for this GPU if ``tuned_configs.json`` has them, else hand-picked ones.
-
-        The tuned table (``pallas_kernels/gpu/tuned.py``) is keyed by device kind, head dim
-        and causal/full; it is written by ``python -m attnlab.autotune`` on the device.
-        Hand-picked fallbacks: tiles shrink and warps grow with the head dim so that the f32
-        accumulators (the forward's [block_q, H] output, the dK/dV kernel's two
-        [block_kv_dkv, H]) stay at about 64 registers per thread.
-        """
-        base = cls._hand_picked(head_dim)
-        if head_dim is None or causal is None:
-            return base
-        # The table is measured with 16-bit inputs; float32 tiles are twice the bytes and the
-        # tuned ones can exceed shared memory (seen on the H100: 384 KiB asked, 227 KiB there).
-        if dtype is not None and jnp.dtype(dtype).itemsize != 2:
-            return base
-        fields = tuned_fields(head_dim, causal, device_kind)
-        return dataclasses.replace(base, **fields) if fields else base
-
-    @classmethod
-    def _hand_picked(cls, head_dim: int | None) -> FlashConfig:
-        if head_dim is not None and head_dim > 128:
-            return cls(
-                block_q=64, block_kv=32, num_warps=8, num_stages=2,
-                block_q_dkv=32, block_kv_dkv=32, block_q_dq=32, block_kv_dq=32,
-                num_warps_bwd=8, num_stages_bwd=2,
-            )
-        if head_dim is not None and head_dim <= 64:
-            return cls(num_warps=4, num_warps_bwd=4)
-        return cls()
-
-
-# ----------------------------------------------------------------------------- shared helpers
-
-
-def fit_block(block: int, length: int) -> int:
-    """The tile size used for a sequence of ``length``: ``block``, shrunk for short sequences."""
-    return min(block, max(MIN_BLOCK, pl.next_power_of_2(length)))
-
-
-def round_up(length: int, block: int) -> int:
-    return -(-length // block) * block
-
-
-def pad_axis(x: jax.Array | None, axis: int, length: int, mode: str = "constant"):
-    """Pads ``axis`` of x at the end to ``length`` (zeros, or repeating the edge value)."""
-    if x is None or x.shape[axis] == length:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, length - x.shape[axis])
-    return jnp.pad(x, widths, mode=mode)
-
-
-def loop_bounds(kind: jax.Array, start: jax.Array, stop: jax.Array) -> jax.Array:
-    """Per-row loop bounds [..., 4] = (start, run_start, run_stop, stop) as int32.
-
-    kind: [..., n] tile kinds along the loop axis; start, stop: [...] the non-empty range.
-    [run_start, run_stop) is the longest run of FULL tiles (empty at ``stop`` if none), which
-    kernels walk without any elementwise mask; the tiles around it are checked one by one.
-    """
-    n = kind.shape[-1]
-    idx = jnp.arange(n, dtype=jnp.int32)
-    is_full = kind == FULL
-    last_break = lax.cummax(jnp.where(is_full, -1, idx), axis=kind.ndim - 1)
-    run_len = jnp.where(is_full, idx - last_break, 0)
-    best_len = run_len.max(-1)
-    best_end = jnp.argmax(run_len, axis=-1).astype(jnp.int32) + 1
-    run_stop = jnp.where(best_len > 0, best_end, stop)
-    run_start = jnp.where(best_len > 0, best_end - best_len, stop)
-    return jnp.stack([start, run_start, run_stop, stop], axis=-1).astype(jnp.int32)
-
-
-def tile_mask(
-    spec: MaskSpec,
-    q_pos: jax.Array,
-    kv_pos: jax.Array,
-    q_seg: jax.Array | None,
-    kv_seg: jax.Array | None,
-    kv_idx: jax.Array,
-    kv_len: int | None,
-) -> jax.Array | None:
-    """Visibility of one tile; arguments come already broadcastable ([bq,1] vs [1,bk] or the
-    transpose). ``kv_len`` (static) masks padded keys ``kv_idx >= kv_len``; None: no padding."""
-    mask = visible(spec, q_pos, kv_pos, q_seg, kv_seg)
-    if kv_len is not None:
-        valid = kv_idx < kv_len
-        mask = valid if mask is None else jnp.logical_and(mask, valid)
-    return mask
-
-
-def tile_loops(bounds_ref, kind_ref, masked_step, full_step, carry, *, fold: int = 1):
-    """A kernel's loop over the non-empty tiles of its row of the mask.
-
-    bounds_ref: [4] int32 (start, run_start, run_stop, stop), see :func:`loop_bounds`;
-    kind_ref: [n] int32 tile kinds of the row. The FULL run [run_start, run_stop) is one
-    branch-free loop of ``full_step``; the other tiles of [start, stop) (the "edges": a causal
-    diagonal, the ends of a window, segment boundaries) form one loop that skips EMPTY tiles
-    and calls ``masked_step`` on the rest. Steps are ``step(tile, r, carry) -> carry``; with
-    ``fold > 1`` every tile is visited once per r in [0, fold) (the q heads of a GQA group),
-    as one flat loop so Triton pipelines across heads.
-    """
-    start, run_start, run_stop, stop = (bounds_ref[i] for i in range(4))
-    n_before = run_start - start
-
-    def edge_step(e, r, c):
-        i = jnp.where(e < n_before, start + e, run_stop + (e - n_before))
-        return lax.cond(kind_ref[i] == EMPTY, lambda c: c, lambda c: masked_step(i, r, c), c)
-
-    def run_step(e, r, c):
-        return full_step(run_start + e, r, c)
-
-    def loop(n, body, c):
-        if fold == 1:
-            return lax.fori_loop(0, n, lambda e, c: body(e, 0, c), c)
-        return lax.fori_loop(0, fold * n, lambda e, c: body(e % n, e // n, c), c)
-
-    carry = loop(n_before + (stop - run_stop), edge_step, carry)
-    return loop(run_stop - run_start, run_step, carry)
-
-
-def log2_logits(raw: jax.Array, scale: float, soft_cap: float | None):
-    """Logits in the log2 domain from raw q.k (f32), and tanh(.) for the soft-cap gradient."""
-    if soft_cap is None:
-        return raw * (scale * LOG2E), None
-    t = jnp.tanh(raw * (scale / soft_cap))
-    return t * (soft_cap * LOG2E), t
-
-
-def dot(a: jax.Array, b: jax.Array, *, ta: bool = False, tb: bool = False, precision=None):
-    """a @ b in the inputs' dtype with f32 accumulation; ``ta``/``tb`` transpose an operand."""
-    dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
-    return lax.dot_general(
-        a, b, dims, precision=precision, preferred_element_type=jnp.float32
-    )
-
-
-def dot_precision(dtype) -> lax.Precision | None:
-    """float32 inputs get true f32 matmuls (IEEE, not TF32) so results match the reference."""
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-
-
-class Tiling(NamedTuple):
-    """Tile sizes (block_q, block_kv) of the three kernels for one (T, S), and the padded
-    lengths: the forward pads to its own tiles, the backward to the largest of its tiles."""
-
-    fwd: tuple[int, int]
-    dq: tuple[int, int]
-    dkv: tuple[int, int]
-    fwd_tp: int
-    fwd_sp: int
-    bwd_tp: int
-    bwd_sp: int
-
-
-def tiling(config: FlashConfig, t: int, s: int) -> Tiling:
-    fwd = (fit_block(config.block_q, t), fit_block(config.block_kv, s))
-    dq = (fit_block(config.block_q_dq, t), fit_block(config.block_kv_dq, s))
-    dkv = (fit_block(config.block_q_dkv, t), fit_block(config.block_kv_dkv, s))
-    return Tiling(
-        fwd, dq, dkv, round_up(t, fwd[0]), round_up(s, fwd[1]),
-        round_up(t, max(dq[0], dkv[0])), round_up(s, max(dq[1], dkv[1])),
-    )
-
-
-class TilePlan(NamedTuple):
-    """The mask as the kernels read it: per-row loop bounds and per-tile kinds.
-
-    fwd_bounds [Bm, nq, 4] int32, fwd_kind [Bm, nq, nk] int8: forward, one row per q block.
-    dq_bounds, dq_kind: the same for the dQ kernel's tiles.
-    dkv_bounds [Bm, nk, 4], dkv_kind [Bm, nk, nq]: dK/dV kernel, one row per kv block.
-    Bm is B with segment ids, else 1.
-    """
-
-    fwd_bounds: jax.Array
-    fwd_kind: jax.Array
-    dq_bounds: jax.Array
-    dq_kind: jax.Array
-    dkv_bounds: jax.Array
-    dkv_kind: jax.Array
-
-
-def tile_plan(
-    spec: MaskSpec,
-    q_pos: jax.Array,
-    kv_pos: jax.Array,
-    q_seg: jax.Array | None,
-    kv_seg: jax.Array | None,
-    tiles: Tiling,
-) -> TilePlan:
-    """Builds the :class:`TilePlan` of all three kernels from the (unpadded) mask values."""
-    seg = None if q_seg is None else SegmentIds(q_seg, kv_seg)
-
-    def meta(blocks):
-        return block_metadata(
-            spec, q_pos, kv_pos, block_q=blocks[0], block_kv=blocks[1], segment_ids=seg
-        )
-
-    fwd, dq, dkv = meta(tiles.fwd), meta(tiles.dq), meta(tiles.dkv)
-    dkv_kind = jnp.swapaxes(dkv.kind, 1, 2)
-    # Kinds are quadratic in the sequence length: keep them small (int8).
-    return TilePlan(
-        loop_bounds(fwd.kind, fwd.kv_start, fwd.kv_stop), fwd.kind.astype(jnp.int8),
-        loop_bounds(dq.kind, dq.kv_start, dq.kv_stop), dq.kind.astype(jnp.int8),
-        loop_bounds(dkv_kind, dkv.q_start, dkv.q_stop), dkv_kind.astype(jnp.int8),
-    )
-
-
-def pad_inputs(q, k, v, q_pos, kv_pos, q_seg, kv_seg, tp: int, sp: int):
-    """Pads sequences at the end: q/k/v with zeros, positions and segment ids with the edge
-    value. Padded keys are masked by index in the kernels; padded query rows are sliced off."""
-    return (
-        pad_axis(q, 1, tp), pad_axis(k, 1, sp), pad_axis(v, 1, sp),
-        pad_axis(q_pos, 0, tp, "edge"), pad_axis(kv_pos, 0, sp, "edge"),
-        pad_axis(q_seg, 1, tp, "edge"), pad_axis(kv_seg, 1, sp, "edge"),
-    )
 
 
 # ----------------------------------------------------------------------------- forward kernel
@@ -511,10 +228,13 @@ def _flash_fwd(
     return res, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, plan, *res)
 
 
-def _flash_bwd(spec, scale, soft_cap, config, interpret, return_entropy, res, cts):
-    # Imported here: flash_bwd builds on the helpers above.
-    from pallas_kernels.gpu.flash_bwd import flash_backward
+def flash_vjp_bwd(spec, scale, soft_cap, config, interpret, return_entropy, res, cts):
+    """The backward rule of ``flash_attention``'s custom VJP: (dq, dk, dv, None x 5).
 
+    ``res`` is what the forward rule saves, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, plan, out,
+    lse[, entropy]); ``cts`` the cotangents of (out, lse[, entropy]). Public because
+    ``attnlab.ops.attention_grad`` calls it on residuals it assembles itself.
+    """
     q, k, v, q_pos, kv_pos, q_seg, kv_seg, plan, out, lse = res[:10]
     ent = res[10] if return_entropy else None
     d_out, d_lse = cts[:2]
@@ -554,7 +274,7 @@ def _flash_jit(
     )
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash.defvjp(_flash_fwd, flash_vjp_bwd)
 
 
 def flash_attention(

@@ -3,7 +3,7 @@
 The table is written by ``python -m attnlab.autotune`` on the device it describes and shipped
 with the package. Keys inside a device entry are ``"fwd/h{head_dim}/{causal|full}"`` (forward
 fields) and ``"bwd/h{head_dim}/{causal|full}"`` (backward fields); each maps to a dict of
-:class:`~pallas_kernels.gpu.flash_fwd.FlashConfig` fields. A missing entry means "use the
+:class:`~pallas_kernels.gpu.flash_common.FlashConfig` fields. A missing entry means "use the
 hand-picked defaults". Entries are measured with 16-bit inputs (bf16) and are used only for
 16-bit inputs; float32 calls keep the hand-picked sizes.
 """

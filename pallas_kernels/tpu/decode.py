@@ -35,12 +35,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, visible
-from pallas_kernels.tpu.flash_bwd import (
+from pallas_kernels.tpu._common import (
     NN,
     NUM_LANES,
     NUM_SUBLANES,
     clamp_block,
     compiler_params,
+    round_up,
     tile_logits,
 )
 
@@ -72,21 +73,17 @@ class TpuDecodeConfig:
         if self.block_kv % NUM_SUBLANES:
             raise ValueError(
                 f"block_kv={self.block_kv} is not legal on TPU: it must be a multiple of "
-                f"{NUM_SUBLANES} (the sublane count); try {_round_up(self.block_kv, NUM_SUBLANES)}"
+                f"{NUM_SUBLANES} (the sublane count); try {round_up(self.block_kv, NUM_SUBLANES)}"
             )
         if self.keys_per_split % self.block_kv:
             raise ValueError(
                 f"keys_per_split={self.keys_per_split} must be a multiple of block_kv="
-                f"{self.block_kv}; try {_round_up(self.keys_per_split, self.block_kv)}"
+                f"{self.block_kv}; try {round_up(self.keys_per_split, self.block_kv)}"
             )
 
     @classmethod
     def get_default(cls) -> TpuDecodeConfig:
         return cls()
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
 
 
 def unsupported_shape(kv_shape: tuple[int, ...]) -> str | None:
@@ -182,8 +179,8 @@ def _partials(q, k, v, kv_lengths, *, spec, scale, soft_cap, config, interpret):
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
     rows = g * t
-    rp = _round_up(rows, NUM_SUBLANES)
-    bkv = min(config.block_kv, _round_up(s, NUM_SUBLANES))
+    rp = round_up(rows, NUM_SUBLANES)
+    bkv = min(config.block_kv, round_up(s, NUM_SUBLANES))
     n_tiles = -(-s // bkv)
     tiles_per_split = max(1, min(config.keys_per_split // bkv, n_tiles))
     p = -(-n_tiles // tiles_per_split)

@@ -19,7 +19,8 @@ into the non-empty range), FULL tiles run without the elementwise mask, and only
 tiles evaluate :func:`~pallas_kernels.common.masks.visible`. Masked logits use the finite
 ``MASK_VALUE``; a row that sees no key gives 0 output and an LSE of ``-inf``.
 
-The backward kernels are in :mod:`pallas_kernels.tpu.flash_bwd`.
+The backward kernels are in :mod:`pallas_kernels.tpu.flash_bwd`, the tile helpers shared with
+them in :mod:`pallas_kernels.tpu._common`.
 """
 
 from __future__ import annotations
@@ -44,18 +45,18 @@ from pallas_kernels.common.masks import (
     SegmentIds,
     block_metadata,
 )
-from pallas_kernels.tpu.flash_bwd import (
+from pallas_kernels.tpu._common import (
     NN,
     NUM_LANES,
     NUM_SUBLANES,
     ROW_SEMANTICS,
     clamp_block,
     compiler_params,
-    flash_dkv,
-    flash_dq,
+    round_up,
     tile_logits,
     tile_mask,
 )
+from pallas_kernels.tpu.flash_bwd import flash_dkv, flash_dq
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
 
@@ -97,7 +98,7 @@ class TpuFlashConfig:
                 what = "lane width" if multiple == NUM_LANES else "sublane count"
                 raise ValueError(
                     f"{name}={value} is not legal on TPU: it must be a multiple of {multiple} "
-                    f"(the {what}); try {name}={_round_up(value, multiple)}"
+                    f"(the {what}); try {name}={round_up(value, multiple)}"
                 )
 
     @classmethod
@@ -108,14 +109,10 @@ class TpuFlashConfig:
 # ----------------------------------------------------------------------------- layout
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
 def _fit(block: int, length: int) -> int:
     """The block used for an axis of ``length``: ``block``, or the whole 8-padded axis if
     shorter (a block equal to the array dim is legal whatever its size)."""
-    return min(block, _round_up(length, NUM_SUBLANES))
+    return min(block, round_up(length, NUM_SUBLANES))
 
 
 def _pad(x: jax.Array, axis: int, length: int, mode: str = "constant") -> jax.Array:
@@ -278,7 +275,7 @@ def _forward(
     s, kh, hv = k.shape[1], k.shape[2], v.shape[3]
     g = n // kh
     bq, bkv = _fit(config.block_q, t), _fit(config.block_kv, s)
-    t_pad, s_pad = _round_up(t, bq), _round_up(s, bkv)
+    t_pad, s_pad = round_up(t, bq), round_up(s, bkv)
     nq, nk = t_pad // bq, s_pad // bkv
     per_batch = q_seg is not None
     md = _metadata(spec, q_pos, kv_pos, q_seg, kv_seg, bq, bkv)
@@ -378,7 +375,13 @@ def _flash_fwd(
     return res, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, *res)
 
 
-def _flash_bwd(spec, scale, soft_cap, config, interpret, return_entropy, res, cts):
+def flash_vjp_bwd(spec, scale, soft_cap, config, interpret, return_entropy, res, cts):
+    """The backward rule of ``flash_attention``'s custom VJP: (dq, dk, dv, None x 4).
+
+    ``res`` is what the forward rule saves, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out,
+    lse[, entropy]); ``cts`` the cotangents of (out, lse[, entropy]). Public because
+    ``attnlab.ops.attention_grad`` calls it on residuals it assembles itself.
+    """
     q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = res[:9]
     d_out, d_lse = cts[:2]
     t, s = q.shape[1], k.shape[1]
@@ -400,7 +403,7 @@ def _flash_bwd(spec, scale, soft_cap, config, interpret, return_entropy, res, ct
                   interpret=interpret)
 
     bq, bkv = _fit(config.block_q_dq, t), _fit(config.block_kv_dq, s)
-    t_pad, s_pad = _round_up(t, bq), _round_up(s, bkv)
+    t_pad, s_pad = round_up(t, bq), round_up(s, bkv)
     md = _metadata(spec, q_pos, kv_pos, q_seg, kv_seg, bq, bkv)
     ent_pad = None if ent_rows is None else tuple(_row_bnt(x, t_pad) for x in ent_rows)
     dq = flash_dq(
@@ -414,7 +417,7 @@ def _flash_bwd(spec, scale, soft_cap, config, interpret, return_entropy, res, ct
     )
 
     bq, bkv = _fit(config.block_q_dkv, t), _fit(config.block_kv_dkv, s)
-    t_pad, s_pad = _round_up(t, bq), _round_up(s, bkv)
+    t_pad, s_pad = round_up(t, bq), round_up(s, bkv)
     md = _metadata(spec, q_pos, kv_pos, q_seg, kv_seg, bq, bkv)
     ent_pad = None if ent_rows is None else tuple(_row_bnt(x, t_pad) for x in ent_rows)
     dk, dv = flash_dkv(
@@ -432,7 +435,7 @@ def _flash_bwd(spec, scale, soft_cap, config, interpret, return_entropy, res, ct
     return dq, dk, dv, None, None, None, None
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash.defvjp(_flash_fwd, flash_vjp_bwd)
 
 
 # ----------------------------------------------------------------------------- public

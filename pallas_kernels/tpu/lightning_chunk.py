@@ -6,7 +6,7 @@ oracle and a JAX-differentiated recurrence. They have never been lowered by Mosa
 chip or timed; block shapes follow the TPU tiling rules (last two block dims multiples of
 (8, 128) or equal to the array's), but that is all that can be said.
 
-Semantics and chunked equations are those of :mod:`pallas_kernels.gpu.lightning_chunk`
+Semantics and chunked equations are those of :mod:`pallas_kernels.gpu.lightning_common`
 (``S_t = g_t lambda S_{t-1} + k_t^T v_t``, ``o_t = scale q_t S_t``, resets where
 ``segment_ids`` change, padding that never decays the state). The structure is simpler than
 the GPU's two phases: one program per (batch, head, chunk) on a grid whose chunk axis is
@@ -36,7 +36,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common.lightning import check_lightning_inputs, chunk_run_ids
-from pallas_kernels.tpu.flash_bwd import NUM_LANES, NUM_SUBLANES, compiler_params
+from pallas_kernels.tpu._common import (
+    NN,
+    NT,
+    NUM_LANES,
+    NUM_SUBLANES,
+    TN,
+    compiler_params,
+    round_up,
+)
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
 MAX_HEAD_DIM = 256
@@ -44,11 +52,6 @@ MAX_HEAD_DIM = 256
 NEG_BIG = -1e30
 # Batch and head axes are independent; the chunk axis carries the state.
 SEMANTICS = ("parallel", "parallel", "arbitrary")
-
-# dot_general dimension numbers: A @ B, A @ B^T, A^T @ B.
-NN = (((1,), (0,)), ((), ()))
-NT = (((1,), (1,)), ((), ()))
-TN = (((0,), (0,)), ((), ()))
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -76,10 +79,6 @@ class TpuLightningConfig:
     ) -> TpuLightningConfig:
         del head_dim, dtype, device_kind
         return cls()
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
 
 
 # ----------------------------------------------------------------------------- in-kernel math
@@ -353,8 +352,8 @@ _lightning.defvjp(_lightning_fwd, _lightning_bwd)
 def _lightning_jit(q, k, v, log_decay, initial_state, segment_ids, *, scale, config, interpret):
     b, t, n, h = q.shape
     hv = v.shape[-1]
-    chunk = min(config.chunk, _round_up(t, NUM_SUBLANES))
-    tp = _round_up(t, chunk)
+    chunk = min(config.chunk, round_up(t, NUM_SUBLANES))
+    tp = round_up(t, chunk)
 
     def heads_major(x):
         x = jnp.swapaxes(x, 1, 2)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import pytest
 
 from attnlab.ops import lightning as L
-from pallas_kernels.gpu.lightning_chunk import LightningConfig
+from pallas_kernels.gpu.lightning_common import LightningConfig
 from tests.pallas_kernels.test_lightning_triton import (
     FUSED_CPU_CONFIG,
     LightningCase,

@@ -19,7 +19,8 @@ import pytest
 
 from attnlab.ops import attention, explain, reference
 from pallas_kernels.common.masks import MaskSpec
-from pallas_kernels.gpu.flash_fwd import FlashConfig, flash_attention
+from pallas_kernels.gpu.flash_common import FlashConfig
+from pallas_kernels.gpu.flash_fwd import flash_attention
 from tests.helpers import (
     ATTENTION_CASES,
     HAS_CUDA,

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from attnlab.ops.lightning import reference as lightning_reference
-from pallas_kernels.gpu.lightning_chunk import LightningConfig, lightning_attention
+from pallas_kernels.gpu.lightning_chunk import lightning_attention
+from pallas_kernels.gpu.lightning_common import LightningConfig
 from tests.helpers import lightning_oracle, random_segments
 
 # Lightning outputs and states are unnormalized sums over up to T tokens (no softmax), so

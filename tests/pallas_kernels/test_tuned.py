@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from pallas_kernels.gpu import tuned
-from pallas_kernels.gpu.flash_fwd import FlashConfig
+from pallas_kernels.gpu.flash_common import FlashConfig
 
 
 def test_shipped_table_entries_are_legal_configs():

@@ -12,7 +12,12 @@ from jax.experimental.pallas import tpu as pltpu
 
 from attnlab.ops._registry import Implementation, platform
 from attnlab.ops.attention import AttentionArgs
-from pallas_kernels.tpu.flash import SUPPORTED_DTYPES, TpuFlashConfig, _flash_bwd, flash_attention
+from pallas_kernels.tpu.flash import (
+    SUPPORTED_DTYPES,
+    TpuFlashConfig,
+    flash_attention,
+    flash_vjp_bwd,
+)
 
 
 def unsupported(q, k, v, a: AttentionArgs, plat: str) -> str | None:
@@ -54,7 +59,7 @@ def _fn(q: jax.Array, k: jax.Array, v: jax.Array, a: AttentionArgs):
 def _block_bwd(q, k, v, out, lse, dout, dlse, a: AttentionArgs):
     cfg, interpret, q_seg, kv_seg = _setup(a)
     res = (q, k, v, a.q_positions, a.kv_positions, q_seg, kv_seg, out, lse)
-    grads = _flash_bwd(
+    grads = flash_vjp_bwd(
         a.spec, a.scale, a.logits_soft_cap, cfg, interpret, False, res, (dout, dlse)
     )
     return grads[:3]

@@ -8,7 +8,8 @@ import numpy as np
 
 from attnlab.ops._registry import Implementation, platform
 from attnlab.ops.attention import AttentionArgs
-from pallas_kernels.gpu.flash_fwd import FlashConfig, _flash_bwd, flash_attention, tile_plan, tiling
+from pallas_kernels.gpu.flash_common import FlashConfig, tile_plan, tiling
+from pallas_kernels.gpu.flash_fwd import flash_attention, flash_vjp_bwd
 
 _GPU_HEAD_DIMS = (64, 128, 256)
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -68,7 +69,7 @@ def _block_bwd(q, k, v, out, lse, dout, dlse, a: AttentionArgs):
         tiling(cfg, q.shape[1], k.shape[1]),
     )
     res = (q, k, v, a.q_positions, a.kv_positions, q_seg, kv_seg, plan, out, lse)
-    grads = _flash_bwd(
+    grads = flash_vjp_bwd(
         a.spec, a.scale, a.logits_soft_cap, cfg, platform() == "cpu", False, res, (dout, dlse)
     )
     return grads[:3]

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from attnlab.ops._registry import Implementation, platform
 from attnlab.ops.lightning import BlockPhases, LightningArgs
 from pallas_kernels.gpu import lightning_chunk as kernels
-from pallas_kernels.gpu.lightning_chunk import LightningConfig
+from pallas_kernels.gpu.lightning_common import LightningConfig
 
 
 def unsupported(q, k, v, a: LightningArgs, plat: str) -> str | None:

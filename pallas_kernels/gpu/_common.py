@@ -1,0 +1,61 @@
+"""Helpers shared by the Triton-lowered GPU kernels: log2-domain constants, matmul, padding.
+
+Used by the flash-attention kernels (:mod:`~pallas_kernels.gpu.flash_common`,
+:mod:`~pallas_kernels.gpu.flash_fwd`, :mod:`~pallas_kernels.gpu.flash_bwd`), the split-K decode
+kernel (:mod:`~pallas_kernels.gpu.decode`) and the lightning kernels
+(:mod:`~pallas_kernels.gpu.lightning_common` and the modules beside it). Kernels import these
+from here, never from one another.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.common.masks import MASK_VALUE
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+# The running row maximum starts above MASK_VALUE, so exp2(MASK_VALUE - M_INIT) == 0: a row
+# whose keys are all masked so far accumulates nothing, without a second select on p.
+M_INIT = 0.5 * MASK_VALUE
+# Triton's dot needs every tile dimension to be at least 16.
+MIN_BLOCK = 16
+
+
+def round_up(length: int, block: int) -> int:
+    """``length`` rounded up to a whole number of ``block``s."""
+    return -(-length // block) * block
+
+
+def pad_axis(x: jax.Array | None, axis: int, length: int, mode: str = "constant"):
+    """Pads ``axis`` of x at the end to ``length`` (zeros, or repeating the edge value)."""
+    if x is None or x.shape[axis] == length:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, widths, mode=mode)
+
+
+def log2_logits(raw: jax.Array, scale: float, soft_cap: float | None):
+    """Logits in the log2 domain from raw q.k (f32), and tanh(.) for the soft-cap gradient."""
+    if soft_cap is None:
+        return raw * (scale * LOG2E), None
+    t = jnp.tanh(raw * (scale / soft_cap))
+    return t * (soft_cap * LOG2E), t
+
+
+def dot(a: jax.Array, b: jax.Array, *, ta: bool = False, tb: bool = False, precision=None):
+    """a @ b in the inputs' dtype with f32 accumulation; ``ta``/``tb`` transpose an operand."""
+    dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+    return lax.dot_general(
+        a, b, dims, precision=precision, preferred_element_type=jnp.float32
+    )
+
+
+def dot_precision(dtype) -> lax.Precision | None:
+    """float32 inputs get true f32 matmuls (IEEE, not TF32) so results match the reference."""
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
