@@ -45,6 +45,26 @@ def ops() -> tuple[str, ...]:
     return tuple(sorted(_OPS))
 
 
+# The usual per-platform choices: the platform's kernel first, the XLA path everywhere.
+KERNEL_FIRST: dict[str, tuple[str, ...]] = {
+    "gpu": ("pallas_triton", "xla"),
+    "tpu": ("pallas_tpu", "xla"),
+    "cpu": ("xla",),
+}
+PALLAS: dict[str, str] = {"gpu": "pallas_triton", "tpu": "pallas_tpu", "cpu": "pallas_triton"}
+
+
+def backends(stem: str, *names: str) -> dict[str, str]:
+    """Implementation name -> its adapter module, by the convention
+    ``attnlab/ops/backends/<stem>_<name without "pallas_">.py``.
+
+    Example:
+      >>> backends("decode", "xla", "pallas_triton")["pallas_triton"]
+      'attnlab.ops.backends.decode_triton'
+    """
+    return {n: f"attnlab.ops.backends.{stem}_{n.removeprefix('pallas_')}" for n in names}
+
+
 def _no_limits(q, k, v, a: Any, plat: str) -> str | None:
     return None
 
@@ -106,17 +126,19 @@ class Registry:
         (raises ``ValueError`` on bad or unknown arguments); used by :meth:`explain` and
         :meth:`auto_choice`.
       reference: the op's definition, registered as ``"reference"``.
-      adapters: implementation name -> module defining ``IMPLEMENTATION`` of that name;
+      adapters: implementation name -> module defining ``IMPLEMENTATION`` of that name
+        (:func:`backends` writes the table);
         imported on first lookup (a module that fails to import is recorded, and
         :meth:`explain` and :meth:`choose` say why).
-      auto_order: platform -> implementation names, fastest first.
-      pallas: what ``impl="pallas"`` means on each platform.
+      auto_order: platform -> implementation names, fastest first (default: the platform's
+        kernel, then ``"xla"``).
+      pallas: what ``impl="pallas"`` means on each platform (default: the platform's kernel).
     """
 
     def __init__(
         self, op: str, *, normalize: Callable[..., Any], reference: Implementation,
-        adapters: Mapping[str, str], auto_order: Mapping[str, tuple[str, ...]],
-        pallas: Mapping[str, str],
+        adapters: Mapping[str, str], auto_order: Mapping[str, tuple[str, ...]] = KERNEL_FIRST,
+        pallas: Mapping[str, str] = PALLAS,
     ) -> None:
         self.op = op
         self.normalize = normalize

@@ -20,7 +20,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from attnlab.ops._registry import Implementation, Registry, platform  # noqa: F401 (re-export)
+from attnlab.ops._registry import (  # noqa: F401 (platform: re-export)
+    Implementation,
+    Registry,
+    backends,
+    platform,
+)
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, SegmentIds, visible
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
@@ -45,33 +50,17 @@ class AttentionArgs(NamedTuple):
 # ----------------------------------------------------------------------------- reference
 
 
-def reference(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    bias: jax.Array | None = None,
-    is_causal: bool = False,
-    local_window_size: int | tuple[int, int] | None = None,
-    segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
-    q_offset: int | jax.Array = 0,
-    kv_offset: int | jax.Array = 0,
-    q_positions: jax.Array | None = None,
-    kv_positions: jax.Array | None = None,
-    logits_soft_cap: float | None = None,
-    scale: float | None = None,
-    return_residuals: bool = False,
-    return_entropy: bool = False,
-) -> jax.Array | tuple[jax.Array, ...]:
+def reference(q: jax.Array, k: jax.Array, v: jax.Array, **kwargs: Any
+              ) -> jax.Array | tuple[jax.Array, ...]:
     """The definition of softmax attention, in plain ``jnp`` (materializes [B, N, T, S]).
 
-    Same arguments and return values as :func:`attention`.
+    ``attention(q, k, v, impl="reference", **kwargs)``: the same arguments (but ``impl`` and
+    ``config``) and return values as :func:`attention`; the math is ``_reference`` below.
     """
-    a = _normalize(
-        q, k, v, bias, is_causal, local_window_size, segment_ids, q_offset, kv_offset,
-        q_positions, kv_positions, logits_soft_cap, scale, None,
-    )._replace(return_entropy=return_entropy)
-    return _assemble(_reference(q, k, v, a), return_residuals, return_entropy)
+    for name in ("impl", "config"):
+        if name in kwargs:
+            raise ValueError(f"reference takes no {name}")
+    return attention(q, k, v, impl="reference", **kwargs)
 
 
 def _assemble(res: tuple[jax.Array, ...], return_residuals: bool, return_entropy: bool):
@@ -175,20 +164,12 @@ REGISTRY = Registry(
         name="reference", description="plain jnp definition; materializes [B, N, T, S]",
         fn=_reference, bwd=_reference_bwd, returns_entropy=True,
     ),
-    adapters={
-        "xla": "attnlab.ops.backends.attention_xla",
-        "cudnn": "attnlab.ops.backends.attention_cudnn",
-        "pallas_triton": "attnlab.ops.backends.attention_triton",
-        "pallas_tpu": "attnlab.ops.backends.attention_tpu",
-    },
+    adapters=backends("attention", "xla", "cudnn", "pallas_triton", "pallas_tpu"),
     auto_order=AUTO_ORDER,
-    pallas={"gpu": "pallas_triton", "tpu": "pallas_tpu", "cpu": "pallas_triton"},
 )
-register = REGISTRY.register
-implementations = REGISTRY.implementations
-choose = REGISTRY.choose
-explain = REGISTRY.explain
-auto_choice = REGISTRY.auto_choice
+register, choose = REGISTRY.register, REGISTRY.choose
+implementations, explain, auto_choice = (REGISTRY.implementations, REGISTRY.explain,
+                                         REGISTRY.auto_choice)
 
 
 # ----------------------------------------------------------------------------- public op

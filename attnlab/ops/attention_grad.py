@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attnlab.ops.attention import REGISTRY, AttentionArgs, _normalize
+from attnlab.ops.attention import REGISTRY, AttentionArgs, _args_from_kwargs
 
 
 def implementations() -> dict:
@@ -46,17 +46,8 @@ def attention_bwd(
     dout: jax.Array,
     dlse: jax.Array | None = None,
     *,
-    is_causal: bool = False,
-    local_window_size: int | tuple[int, int] | None = None,
-    segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
-    q_offset: int | jax.Array = 0,
-    kv_offset: int | jax.Array = 0,
-    q_positions: jax.Array | None = None,
-    kv_positions: jax.Array | None = None,
-    logits_soft_cap: float | None = None,
-    scale: float | None = None,
     impl: str = "auto",
-    config: Any = None,
+    **kwargs: Any,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gradient share (dq, dk, dv) of one (query block, key block) pair.
 
@@ -65,11 +56,11 @@ def attention_bwd(
       out: [B, T, N, Hv] the *global* attention output of these queries (all key blocks
         merged); lse: [B, T, N] float32 their global log-sum-exp (-inf: row sees no key).
       dout: [B, T, N, Hv] cotangent of ``out``; dlse: [B, T, N] cotangent of ``lse`` or None.
-      is_causal, local_window_size, segment_ids, q_offset, kv_offset, q_positions,
-        kv_positions, logits_soft_cap, scale: the block's mask and logits, exactly as
-        :func:`attnlab.ops.attention` takes them (global offsets / positions of the block).
       impl: "auto", "reference", "xla", "pallas", "pallas_triton", "pallas_tpu".
-      config: block-size config of the chosen implementation.
+      **kwargs: the block's mask and logits, exactly as :func:`attnlab.ops.attention` takes
+        them (``is_causal``, ``local_window_size``, ``segment_ids``, global ``q_offset`` /
+        ``kv_offset`` or ``q_positions`` / ``kv_positions``, ``logits_soft_cap``, ``scale``)
+        and the chosen implementation's ``config``; no ``bias``.
 
     Returns:
       (dq [B, T, N, H], dk [B, S, K, H], dv [B, S, K, Hv]) in the input dtypes. With a single
@@ -83,10 +74,10 @@ def attention_bwd(
       >>> dq, dk, dv = attention_bwd(q, k_blk, v_blk, out, lse, dout, is_causal=True,
       ...                            q_offset=q0, kv_offset=k0)
     """
-    a = _normalize(
-        q, k, v, None, is_causal, local_window_size, segment_ids, q_offset, kv_offset,
-        q_positions, kv_positions, logits_soft_cap, scale, config,
-    )
+    taken = sorted({"bias", "return_residuals", "return_entropy"} & set(kwargs))
+    if taken:
+        raise ValueError(f"attention_bwd takes no {', '.join(taken)}")
+    a = _args_from_kwargs(q, k, v, **kwargs)
     b, t, n, _ = q.shape
     want = {"out": (b, t, n, v.shape[-1]), "lse": (b, t, n), "dout": (b, t, n, v.shape[-1])}
     got = {"out": out, "lse": lse, "dout": dout, **({"dlse": dlse} if dlse is not None else {})}

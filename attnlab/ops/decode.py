@@ -33,7 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnlab.ops._registry import Implementation, Registry, platform  # noqa: F401 (re-export)
+from attnlab.ops._registry import (  # noqa: F401 (platform: re-export)
+    KERNEL_FIRST,
+    Implementation,
+    Registry,
+    backends,
+    platform,
+)
 from attnlab.ops.merge import merge_n
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, visible
 
@@ -56,24 +62,17 @@ class DecodeArgs(NamedTuple):
 # ----------------------------------------------------------------------------- reference
 
 
-def reference(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    kv_lengths: jax.Array | None = None,
-    local_window_size: int | tuple[int, int] | None = None,
-    logits_soft_cap: float | None = None,
-    scale: float | None = None,
-    return_residuals: bool = False,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+def reference(q: jax.Array, k: jax.Array, v: jax.Array, **kwargs: Any
+              ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """The definition of decode attention, in plain ``jnp`` (materializes [B, N, T, S]).
 
-    Same arguments and return values as :func:`decode_attention`.
+    ``decode_attention(q, k, v, impl="reference", **kwargs)``: the same arguments (but
+    ``impl`` and ``config``) and return values as :func:`decode_attention`.
     """
-    a = _normalize(q, k, v, kv_lengths, local_window_size, logits_soft_cap, scale, None)
-    out, lse = _reference(q, k, v, a)
-    return (out, lse) if return_residuals else out
+    for name in ("impl", "config"):
+        if name in kwargs:
+            raise ValueError(f"reference takes no {name}")
+    return decode_attention(q, k, v, impl="reference", **kwargs)
 
 
 def query_positions(kv_lengths: jax.Array | None, b: int, t: int, s: int):
@@ -143,11 +142,7 @@ def _args_from_kwargs(q, k, v, **kwargs: Any) -> DecodeArgs:
 
 
 # Fastest first; "auto" takes the first that supports the call.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "gpu": ("pallas_triton", "xla"),
-    "tpu": ("pallas_tpu", "xla"),
-    "cpu": ("xla",),
-}
+AUTO_ORDER = KERNEL_FIRST
 REGISTRY = Registry(
     "decode",
     normalize=_args_from_kwargs,
@@ -155,19 +150,11 @@ REGISTRY = Registry(
         name="reference", description="plain jnp definition; materializes [B, N, T, S]",
         fn=_reference,
     ),
-    adapters={
-        "xla": "attnlab.ops.backends.decode_xla",
-        "pallas_triton": "attnlab.ops.backends.decode_triton",
-        "pallas_tpu": "attnlab.ops.backends.decode_tpu",
-    },
-    auto_order=AUTO_ORDER,
-    pallas={"gpu": "pallas_triton", "tpu": "pallas_tpu", "cpu": "pallas_triton"},
+    adapters=backends("decode", "xla", "pallas_triton", "pallas_tpu"),
 )
-register = REGISTRY.register
-implementations = REGISTRY.implementations
-choose = REGISTRY.choose
-explain = REGISTRY.explain
-auto_choice = REGISTRY.auto_choice
+register, choose = REGISTRY.register, REGISTRY.choose
+implementations, explain, auto_choice = (REGISTRY.implementations, REGISTRY.explain,
+                                         REGISTRY.auto_choice)
 
 
 # ----------------------------------------------------------------------------- public op

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnlab.ops._registry import Implementation, Registry, platform
+from attnlab.ops._registry import KERNEL_FIRST, Implementation, Registry, backends, platform
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
 _HI = jax.lax.Precision.HIGHEST
@@ -343,11 +343,7 @@ def _args_from_kwargs(q, k, v, *, decay: Any, **kwargs: Any) -> LightningArgs:
     return a
 
 
-AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "gpu": ("pallas_triton", "xla"),
-    "tpu": ("pallas_tpu", "xla"),
-    "cpu": ("xla",),
-}
+AUTO_ORDER = KERNEL_FIRST
 REGISTRY = Registry(
     "lightning_attention",
     normalize=_args_from_kwargs,
@@ -355,16 +351,9 @@ REGISTRY = Registry(
         name="reference", description="the recurrence, one token per scan step (definition)",
         fn=_reference, returns_lse=False,
     ),
-    adapters={
-        "xla": "attnlab.ops.backends.lightning_xla",
-        "pallas_triton": "attnlab.ops.backends.lightning_triton",
-        "pallas_tpu": "attnlab.ops.backends.lightning_tpu",
-    },
-    auto_order=AUTO_ORDER,
-    pallas={"gpu": "pallas_triton", "tpu": "pallas_tpu", "cpu": "pallas_triton"},
+    adapters=backends("lightning", "xla", "pallas_triton", "pallas_tpu"),
 )
-implementations = REGISTRY.implementations
-explain = REGISTRY.explain
+implementations, explain = REGISTRY.implementations, REGISTRY.explain
 
 
 # ----------------------------------------------------------------------------- public ops
