@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from attnlab.bench import BenchConfig, Row
+    from attnlab.bench.attention import BenchConfig, Row
 
 # The typical call `info` reports availability for (B=1, T=S=1024, N=K=8, H=128).
 _TYPICAL = {"b": 1, "s": 1024, "n": 8, "kh": 8, "h": 128}
@@ -55,9 +55,10 @@ def collect_info() -> dict[str, Any]:
     import jax.numpy as jnp
 
     import attnlab
-    from attnlab import bench, ops
+    from attnlab import ops
+    from attnlab.bench import harness
 
-    env = bench.environment()
+    env = harness.environment()
     plat = ops.platform()
     kinds: dict[str, int] = {}
     for d in jax.devices():
@@ -73,7 +74,7 @@ def collect_info() -> dict[str, Any]:
             "name": name,
             "available": why.get(name) is None,
             "reason": why.get(name),
-            "interpreted": bench.runs_interpreted(impl, plat),
+            "interpreted": harness.runs_interpreted(impl, plat),
             "returns_lse": impl.returns_lse,
             "description": impl.description,
         }
@@ -103,8 +104,8 @@ def collect_info() -> dict[str, Any]:
             "causal_return_residuals": auto(is_causal=True, return_residuals=True),
         },
         "anchors": {
-            bench.ANCHOR_XLA: "yes",
-            bench.ANCHOR_CUDNN: "yes" if plat == "gpu" else f"no (platform is {plat})",
+            harness.ANCHOR_XLA: "yes",
+            harness.ANCHOR_CUDNN: "yes" if plat == "gpu" else f"no (platform is {plat})",
             "tokamax": env["tokamax_version"] or "not importable",
         },
     }
@@ -180,25 +181,25 @@ def _int_list(text: str, what: str, parser: argparse.ArgumentParser) -> tuple[in
 def bench_config_from_args(
     args: argparse.Namespace, parser: argparse.ArgumentParser
 ) -> BenchConfig:
-    """Builds and validates a :class:`attnlab.bench.BenchConfig`; bad input ends in
+    """Builds and validates a :class:`attnlab.bench.attention.BenchConfig`; bad input ends in
     ``parser.error`` (exit status 2 with a message saying what to change)."""
-    from attnlab import bench
+    from attnlab.bench import attention, candidates, harness
 
     causal = {"both": (False, True), "true": (True,), "false": (False,)}[args.causal]
     passes = tuple(p.strip() for p in args.passes.split(",") if p.strip())
     impls: tuple[str, ...] | None = None
     if args.impls != "auto":
         impls = tuple(n.strip() for n in args.impls.split(",") if n.strip())
-        known = bench.registered_names()
+        known = candidates.registered_names()
         unknown = [n for n in impls if n not in known]
         if unknown:
             parser.error(
                 f"unknown implementation {', '.join(map(repr, unknown))} in --impls; registered "
                 f"implementations are {', '.join(known)} (or use 'auto'; the anchors "
-                f"{bench.ANCHOR_XLA}, {bench.ANCHOR_CUDNN} and tokamax are always timed)"
+                f"{harness.ANCHOR_XLA}, {harness.ANCHOR_CUDNN} and tokamax are always timed)"
             )
     try:
-        return bench.BenchConfig(
+        return attention.BenchConfig(
             shapes=_int_list(args.shapes, "--shapes", parser),
             batch_tokens=args.batch_tokens,
             batch=args.batch,
@@ -213,8 +214,8 @@ def bench_config_from_args(
             anchors=not args.no_anchors,
             repeats=args.repeats,
             warmup=args.warmup,
-            max_ref_bytes=int(args.max_ref_gib * bench.GiB),
-            max_logits_bytes=int(args.max_logits_gib * bench.GiB),
+            max_ref_bytes=int(args.max_ref_gib * harness.GiB),
+            max_logits_bytes=int(args.max_logits_gib * harness.GiB),
             seed=args.seed,
         )
     except ValueError as e:
@@ -230,7 +231,7 @@ def bench_table(rows: Sequence[Row], title: str) -> Any:
     from rich.markup import escape
     from rich.table import Table
 
-    from attnlab import bench
+    from attnlab.bench import harness
 
     vs_cudnn = any(r.ratio_cudnn is not None for r in rows)
     # CPU rates are GFLOP/s-sized; print them in those units rather than as 0.00x TFLOP/s.
@@ -239,11 +240,11 @@ def bench_table(rows: Sequence[Row], title: str) -> Any:
     table = Table(title=title, title_justify="left")
     for col, just in (("impl", "left"), ("S", "right"), ("B", "right"), ("causal", "left"),
                       ("pass", "left"), ("ms", "right"), (unit, "right"),
-                      ("vs cuDNN" if vs_cudnn else f"vs {bench.ANCHOR_XLA}", "right"),
+                      ("vs cuDNN" if vs_cudnn else f"vs {harness.ANCHOR_XLA}", "right"),
                       ("max err", "right"), ("status", "left")):
         table.add_column(escape(col), justify=just, no_wrap=col != "status",  # type: ignore[arg-type]
                          overflow="fold" if col == "status" else "ellipsis")
-    style = {bench.OK: "green", bench.FAILED: "bold red", bench.ERROR: "red"}
+    style = {harness.OK: "green", harness.FAILED: "bold red", harness.ERROR: "red"}
     for r in rows:
         ratio = r.ratio_cudnn if vs_cudnn else r.ratio_xla
         status = f"[{style.get(r.status, 'yellow')}]{r.status}[/]"
@@ -277,9 +278,9 @@ def run_bench(
     cfg: BenchConfig, console: Console, *, out: str | None = None,
     argv: Sequence[str] = (), log_rows: bool = True,
 ) -> list[Row]:
-    """Runs :func:`attnlab.bench.bench_attention` under a progress bar, saving JSON to ``out``
-    after every (S, causal, pass) group."""
-    from attnlab import bench
+    """Runs :func:`attnlab.bench.attention.bench_attention` under a progress bar, saving JSON to
+    ``out`` after every (S, causal, pass) group."""
+    from attnlab.bench import attention, harness
 
     def on_row(r: Row) -> None:
         if log_rows:
@@ -291,7 +292,7 @@ def run_bench(
 
     def on_group(rows: list[Row]) -> None:
         if out:
-            bench.write_json(out, bench.bench_record(cfg, rows, argv))
+            harness.write_json(out, attention.bench_record(cfg, rows, argv))
 
     with _progress(console) as prog:
         task = prog.add_task("bench", total=None)
@@ -299,17 +300,17 @@ def run_bench(
         def on_step(done: int, total: int, label: str) -> None:
             prog.update(task, completed=done, total=total, description=label)
 
-        rows = bench.bench_attention(cfg, on_step=on_step, on_row=on_row, on_group=on_group)
+        rows = attention.bench_attention(cfg, on_step=on_step, on_row=on_row, on_group=on_group)
     return rows
 
 
 def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """``attnlab bench attention``: check, time and record every implementation and anchor."""
     cfg = bench_config_from_args(args, parser)
-    from attnlab import bench
+    from attnlab.bench import attention, harness
 
     console = make_console()
-    env = bench.environment()
+    env = harness.environment()
     console.print(
         f"[bold]bench attention[/] on {env['device_kind']} ({env['platform']}), JAX "
         f"{env['jax_version']}; H={cfg.head_dim} N={cfg.heads} K={cfg.n_kv_heads} {cfg.dtype}; "
@@ -320,9 +321,9 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     console.print(bench_table(rows, "attention: fwd counts 4*B*S*S*N*H FLOPs (halved causal), "
                                     "fwdbwd 3.5x"))
     if args.out:
-        bench.write_json(args.out, bench.bench_record(cfg, rows, argv))
+        harness.write_json(args.out, attention.bench_record(cfg, rows, argv))
         console.print(f"wrote {args.out}")
-    failed = [r for r in rows if r.status == bench.FAILED]
+    failed = [r for r in rows if r.status == harness.FAILED]
     if failed:
         console.print(f"{len(failed)} check(s) FAILED: "
                       + ", ".join(f"{r.impl} S={r.S} {r.pass_}" for r in failed),
@@ -359,7 +360,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from rich.rule import Rule
     from rich.table import Table
 
-    from attnlab import bench, ops
+    from attnlab import ops
+    from attnlab.bench import attention, checks, harness
 
     console = make_console()
     report: dict[str, Any] = {}
@@ -375,8 +377,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # 2. correctness grid -------------------------------------------------------------------
     console.print(Rule("[bold]2. every implementation vs the reference"))
     impls = [n for n in ops.implementations() if n != "reference"]
-    cases = bench.CHECK_CASES
-    tol = bench.tolerance(jnp.float32, plat)
+    cases = checks.CHECK_CASES
+    tol = harness.tolerance(jnp.float32, plat)
     legend = Table(title="cases (float32; random normal inputs per case, the same for every "
                    "implementation)", title_justify="left")
     legend.add_column("case", style="bold")
@@ -386,7 +388,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         legend.add_row(c.name, f"{c.b},{c.t},{c.s},{c.n},{c.kh},{c.h}", c.description)
     console.print(legend)
     key = jax.random.key(args.seed)
-    opts = bench.FAST_COMPILE_CPU if plat == "cpu" else None
+    opts = checks.FAST_COMPILE_CPU if plat == "cpu" else None
     ref_cache: dict[Any, Any] = {}
     # The first implementation's checks fill the reference cache. XLA compiles with the GIL
     # released, so two threads keep two cores busy through these compile-bound checks (runs
@@ -395,9 +397,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with _progress(console) as prog, ThreadPoolExecutor(max(1, args.jobs)) as pool:
         task = prog.add_task("checking", total=len(jobs))
 
-        def run(job: tuple[str, int, Any]) -> bench.CheckResult:
+        def run(job: tuple[str, int, Any]) -> checks.CheckResult:
             name, i, case = job
-            r = bench.check_case(name, case, jax.random.fold_in(key, i),
+            r = checks.check_case(name, case, jax.random.fold_in(key, i),
                                  compiler_options=opts, cache=ref_cache)
             prog.update(task, advance=1, description=f"{name}: {case.name}")
             return r
@@ -408,20 +410,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"{tol.out:.0e}, lse {tol.lse:.0e}, dq {tol.dq:.0e}, dk {tol.dk:.0e}, dv {tol.dv:.0e})",
         title_justify="left",
     )
-    for col in ("impl", "case", *bench.CHECKED, "result", "s"):
+    for col in ("impl", "case", *checks.CHECKED, "result", "s"):
         grid.add_column(col, justify="left" if col in ("impl", "case", "result") else "right")
     for name in impls:
         mine = [r for r in results if r.impl == name]
         notes = {r.note for r in mine}
         if all(r.status == "n/a" for r in mine) and len(notes) == 1:
             # One line for an implementation this platform cannot run at all.
-            grid.add_row(escape(name), "all", *["-"] * len(bench.CHECKED),
+            grid.add_row(escape(name), "all", *["-"] * len(checks.CHECKED),
                          f"[yellow]n/a[/] [dim]{escape(mine[0].note)}[/]", "-")
             continue
         for r in mine:
             style = {"PASS": "green", "FAIL": "bold red", "error": "red"}.get(r.status, "yellow")
             failures += r.status in ("FAIL", "error")
-            cells = [_fmt(r.errors[n], ".1e") for n in bench.CHECKED]
+            cells = [_fmt(r.errors[n], ".1e") for n in checks.CHECKED]
             note = f" [dim]{escape(r.note)}[/]" if r.note else ""
             grid.add_row(escape(r.impl), r.case, *cells, f"[{style}]{r.status}[/]{note}",
                          f"{r.seconds:.1f}")
@@ -430,7 +432,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if opts:
         console.print(f"[dim]checks compiled with {opts} (they are not timed; it only saves "
                       "compile time)[/]")
-    interp = [n for n in impls if bench.runs_interpreted(ops.implementations()[n], plat)]
+    interp = [n for n in impls if harness.runs_interpreted(ops.implementations()[n], plat)]
     if interp:
         console.print(f"[dim]{', '.join(interp)} ran in Pallas interpret mode (correctness only; "
                       "not timed below).[/]")
@@ -454,7 +456,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for name in lse_impls:
             prog.update(task, description=f"merge: {name}")
             try:
-                m = bench.merge_check(name, jax.random.fold_in(key, 100), compiler_options=opts)
+                m = checks.merge_check(name, jax.random.fold_in(key, 100), compiler_options=opts)
                 merge_rows.append(m)
                 failures += not m.passed
                 mt.add_row(escape(name), f"{m.out_err:.1e}", f"{m.lse_err:.1e}",
@@ -462,7 +464,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                            else "[bold red]FAIL[/]")
             except Exception as e:  # report and go on: one impl's failure is a finding
                 failures += 1
-                err = escape(bench.short_error(e))
+                err = escape(harness.short_error(e))
                 mt.add_row(escape(name), "-", "-", "-", f"[red]error[/] {err}")
             prog.advance(task)
     console.print(mt)
@@ -470,7 +472,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     # 4. timing and memory --------------------------------------------------------------------
     console.print(Rule("[bold]4. timing and memory vs jax.nn.dot_product_attention (xla)"))
-    cfg = bench.BenchConfig(
+    cfg = attention.BenchConfig(
         shapes=(1024, 2048), batch=1, heads=4, head_dim=64, dtype="float32", causal=(True,),
         passes=("fwd", "fwdbwd"), repeats=args.repeats, warmup=2, seed=args.seed,
         # The reference is timed by `attnlab bench`; here it would cost a third of the demo.
@@ -484,7 +486,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
            "only, its time says nothing about the compiled kernel)." if interp else "")
     )
     rows = run_bench(cfg, console, log_rows=False)
-    failures += sum(r.status == bench.FAILED for r in rows)
+    failures += sum(r.status == harness.FAILED for r in rows)
     console.print(bench_table(rows, f"attention timing on {info['device_kind']}"))
     report["timing"] = [r.to_json() for r in rows]
 
@@ -505,7 +507,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     report["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     report["argv"] = ["attnlab", *args.argv]
     if args.json:
-        bench.write_json(args.json, report)
+        harness.write_json(args.json, report)
         console.print(f"wrote {args.json}")
     return 1 if failures else 0
 
@@ -616,7 +618,8 @@ def _memory_table(console: Console) -> list[dict[str, Any]]:
     from rich.markup import escape
     from rich.table import Table
 
-    from attnlab import bench, ops
+    from attnlab import ops
+    from attnlab.bench import harness, memory
 
     def ours(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         return ops.attention(q, k, v, is_causal=True, impl="xla")
@@ -629,7 +632,7 @@ def _memory_table(console: Console) -> list[dict[str, Any]]:
                   "temp_size_in_bytes; compiled only, nothing allocated), B=1, N=K=4, H=64, "
                   "float32, causal:")
     table = Table()
-    for col in ("S", "pass", "attnlab xla", bench.ANCHOR_XLA, "jax.nn / attnlab"):
+    for col in ("S", "pass", "attnlab xla", harness.ANCHOR_XLA, "jax.nn / attnlab"):
         table.add_column(escape(col), justify="right")
     lengths = (4096, 16384)
     with _progress(console) as prog:
@@ -640,9 +643,9 @@ def _memory_table(console: Console) -> list[dict[str, Any]]:
                 prog.update(task, description=f"compiling S={s} {pass_}")
                 sizes = []
                 for fn in (ours, jax_nn):
-                    f = fn if pass_ == "fwd" else bench.grad_fn(fn)
+                    f = fn if pass_ == "fwd" else harness.grad_fn(fn)
                     args = (x, x, x) if pass_ == "fwd" else (x, x, x, x)
-                    sizes.append(bench.temp_memory_bytes(f, *args))
+                    sizes.append(memory.temp_memory_bytes(f, *args))
                 a, b = sizes
                 out.append({"S": s, "pass": pass_, "attnlab_xla_bytes": a, "jax_nn_xla_bytes": b})
                 table.add_row(str(s), pass_, _mib(a), _mib(b),
