@@ -64,7 +64,7 @@ from attnlab.bench.harness import (
     write_json,
 )
 from attnlab.ops import lightning as L
-from attnlab.ops._registry import platform
+from attnlab.ops import platform
 
 SCAN_ANCHOR = "scan_anchor"
 FLA = "fla.chunk_lightning_attn"

@@ -82,10 +82,40 @@ from typing import Any
 
 import jax
 
-from attnlab.bench.harness import DTYPES, ints, simulate_cpu_devices
+from attnlab.bench.harness import add_shape_args, ints, simulate_cpu_devices
 from attnlab.bench.scaling_plan import LIGHTNING, SOFTMAX, STARTED, parse_meshes
 from attnlab.bench.scaling_report import derive_table, markdown, plot
 from attnlab.bench.scaling_run import ScalingBench
+
+# The run's knobs after the shapes, in --help order: (flag, type or "flag", default, help).
+_KNOBS: tuple[tuple[str, Any, Any, str | None], ...] = (
+    ("--block-impl", str, "auto", "softmax per-block impl"),
+    ("--lightning-impl", str, "auto", None),
+    ("--chunk", int, None, "lightning chunk (xla path)"),
+    ("--accum-dtype", str, "float32", "ring dK/dV accumulators or 'input'"),
+    ("--curve-seq", int, None,
+     "length of the efficiency-vs-devices rows (default: second longest)"),
+    ("--check-seq", int, 8192, "length of the correctness check"),
+    ("--repeats", int, 5, "most timed runs per row"),
+    ("--row-target-s", float, 4.0,
+     "timed runs per row = this / the estimated call time (1 to --repeats)"),
+    ("--budget-s", float, 540.0, "wall time of the whole run, from the process start"),
+    ("--reserve-s", float, 15.0, "kept for the plot and JSON"),
+    ("--compile-guess-s", float, None,
+     "compile time assumed before one is measured (GPU 30, CPU 2)"),
+    ("--assumed-tflops", float, None,
+     "fwd+bwd TFLOP/s assumed before a row is measured (GPU 250, CPU 0.02)"),
+    ("--no-compute-only", "flag", False, None),
+    ("--no-best-single", "flag", False, "skip the 1-device impl='auto' rows (cuDNN on GPU)"),
+    ("--no-maxlen", "flag", False, None),
+    ("--maxlen-start", int, None, "default: the longest --seqs"),
+    ("--maxlen-cap", int, 1 << 25, None),
+    ("--maxlen-floor", int, None,
+     "halve a start that does not fit down to this (default: shortest --seqs)"),
+    ("--maxlen-granularity", int, 0, "0: doubling only"),
+    ("--memory-limit-mib", float, None,
+     "device memory for the max-length search (default: the device's)"),
+)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -104,37 +134,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    default=list(SOFTMAX), help="softmax strategies")
     p.add_argument("--lightning", type=lambda s: [x for x in s.split(",") if x],
                    default=list(LIGHTNING), help="lasp,lasp2 ('' for none)")
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    p.add_argument("--block-impl", default="auto", help="softmax per-block impl")
-    p.add_argument("--lightning-impl", default="auto")
-    p.add_argument("--chunk", type=int, default=None, help="lightning chunk (xla path)")
-    p.add_argument("--accum-dtype", default="float32", help="ring dK/dV accumulators or 'input'")
-    p.add_argument("--curve-seq", type=int, default=None,
-                   help="length of the efficiency-vs-devices rows (default: second longest)")
-    p.add_argument("--check-seq", type=int, default=8192, help="length of the correctness check")
-    p.add_argument("--repeats", type=int, default=5, help="most timed runs per row")
-    p.add_argument("--row-target-s", type=float, default=4.0,
-                   help="timed runs per row = this / the estimated call time (1 to --repeats)")
-    p.add_argument("--budget-s", type=float, default=540.0,
-                   help="wall time of the whole run, from the process start")
-    p.add_argument("--reserve-s", type=float, default=15.0, help="kept for the plot and JSON")
-    p.add_argument("--compile-guess-s", type=float, default=None,
-                   help="compile time assumed before one is measured (GPU 30, CPU 2)")
-    p.add_argument("--assumed-tflops", type=float, default=None,
-                   help="fwd+bwd TFLOP/s assumed before a row is measured (GPU 250, CPU 0.02)")
-    p.add_argument("--no-compute-only", action="store_true")
-    p.add_argument("--no-best-single", action="store_true",
-                   help="skip the 1-device impl='auto' rows (cuDNN on GPU)")
-    p.add_argument("--no-maxlen", action="store_true")
-    p.add_argument("--maxlen-start", type=int, default=None, help="default: the longest --seqs")
-    p.add_argument("--maxlen-cap", type=int, default=1 << 25)
-    p.add_argument("--maxlen-floor", type=int, default=None,
-                   help="halve a start that does not fit down to this (default: shortest --seqs)")
-    p.add_argument("--maxlen-granularity", type=int, default=0, help="0: doubling only")
-    p.add_argument("--memory-limit-mib", type=float, default=None,
-                   help="device memory for the max-length search (default: the device's)")
+    add_shape_args(p, heads=16)
+    for flag, kind, default, help_ in _KNOBS:
+        if kind == "flag":
+            p.add_argument(flag, action="store_true", help=help_)
+        else:
+            p.add_argument(flag, type=kind, default=default, help=help_)
     args = p.parse_args(list(argv))
     if args.smoke:
         args.seqs = [128, 256] if args.seqs == p.get_default("seqs") else args.seqs

@@ -1,20 +1,24 @@
-"""What the scaling benchmark runs: meshes, tasks in order of importance, the time budget,
-and the analytic communication volume of each algorithm.
+"""What the scaling benchmark runs: meshes, tasks in order of importance, the time budget and
+cost estimates, and the analytic communication volume of each algorithm.
 
 :func:`plan` orders the work (the tiers are listed in :mod:`attnlab.bench.scaling`); the
-:class:`Budget` decides, task by task, whether the estimated cost still fits.
+:class:`Budget` decides, task by task, whether the cost the :class:`CostModel` estimates still
+fits.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 from jax.sharding import PartitionSpec as P
+
+from attnlab.bench.harness import attention_flops
 
 SOFTMAX = ("ring", "zigzag", "striped", "ulysses")
 LIGHTNING = ("lasp", "lasp2")
@@ -130,6 +134,44 @@ class Budget:
         return self.left() - self.reserve >= cost_s
 
 
+class CostModel:
+    """Seconds a task will take, estimated from what the run has measured so far: compile
+    times per kind, and the timed rows of the record (``rows``, the list the run appends to)."""
+
+    def __init__(self, args: argparse.Namespace, rows: list[dict[str, Any]]):
+        self.args, self.rows = args, rows
+        self.compile_s: dict[str, list[float]] = {"softmax": [], "lightning": []}
+
+    def compile_est(self, kind: str) -> float:
+        """The longest of the recent compile times of ``kind`` (``--compile-guess-s`` first)."""
+        seen = self.compile_s[kind][-8:]  # recent ones: the program sizes change by tier
+        return max(seen) if seen else self.args.compile_guess_s
+
+    def call_est(self, kind: str, m: MeshSpec, s: int) -> float:
+        """Seconds of one fwd+bwd call, scaled from the nearest measured row (S^2 for softmax,
+        S for lightning, 1 / sp), or from FLOPs at ``--assumed-tflops`` before any."""
+        e = 2 if kind == "softmax" else 1
+        rows = [r for r in self.rows if r.get("kind") == kind and r.get("ms")
+                and r.get("mode") == "time" and r.get("strategy") != SINGLE_BEST]
+        same = [r for r in rows if r["devices"] == m.devices] or rows
+        if same:
+            r = min(same, key=lambda r: abs(math.log(r["s"] / s)))
+            return r["ms"] / 1e3 * (s / r["s"]) ** e * (r["sp"] / m.sp)
+        a = self.args
+        if kind == "softmax":
+            flops = attention_flops(m.data, s, a.heads, a.head_dim, causal=True, pass_="fwdbwd")
+        else:  # chunked form: intra-chunk (C) and state (H) work per token, fwd + bwd
+            flops = 3.5 * 4 * m.data * s * a.heads * a.head_dim * (64 + a.head_dim)
+        return flops / m.devices / (a.assumed_tflops * 1e12)
+
+    def repeats(self, call_s: float) -> int:
+        """Timed runs of a row: ``--row-target-s`` worth of calls, 1 to ``--repeats``."""
+        a = self.args
+        if call_s <= 0:
+            return a.repeats
+        return int(min(a.repeats, max(1, a.row_target_s // call_s)))
+
+
 def plan(a: argparse.Namespace, meshes: Sequence[MeshSpec]) -> list[Task]:
     """Every task of the run ``a`` (:func:`attnlab.bench.scaling.parse_args`) on ``meshes``,
     most important first (the tiers of :mod:`attnlab.bench.scaling`'s docstring)."""
@@ -155,6 +197,12 @@ def plan(a: argparse.Namespace, meshes: Sequence[MeshSpec]) -> list[Task]:
                 continue
             tasks.append(Task(tier, what, kind, mesh, st, s))
 
+    def add_all(tier, mesh, softmax_strategies, lightning_strategies, s, compute_only=()):
+        """Time rows of both kinds on ``mesh`` at ``s``, then the compute-only twins."""
+        add(tier, "time", "softmax", mesh, softmax_strategies, s)
+        add(tier, "time", "lightning", mesh, lightning_strategies, s)
+        add(tier, "compute_only", "softmax", mesh, compute_only, s)
+
     base_l = [SINGLE] if lightning else []
     base_s = [SINGLE] if softmax else []
     lasp2 = [s for s in lightning if s == "lasp2"]
@@ -170,32 +218,21 @@ def plan(a: argparse.Namespace, meshes: Sequence[MeshSpec]) -> list[Task]:
         add(3, "maxlen", "softmax", one, base_s)
         add(3, "maxlen", "softmax", top, first)
     # 4: efficiency vs devices at a length every mesh runs quickly.
-    add(4, "time", "softmax", one, base_s, curve)
-    add(4, "time", "lightning", one, base_l, curve)
+    add_all(4, one, base_s, base_l, curve)
     for m in meshes:
-        add(4, "time", "softmax", m, first, curve)
-        add(4, "time", "lightning", m, lasp2, curve)
+        add_all(4, m, first, lasp2, curve)
     # 5: the other strategies.
-    add(5, "time", "softmax", top, rest, smax)
-    add(5, "time", "lightning", top, lightning, smax)
-    add(5, "compute_only", "softmax", top, rest, smax)
+    add_all(5, top, rest, lightning, smax, compute_only=rest)
     for m in meshes:
-        add(5, "time", "softmax", m, rest, curve)
-        add(5, "time", "lightning", m, lightning, curve)
-        add(5, "compute_only", "softmax", m, softmax, curve)
+        add_all(5, m, rest, lightning, curve, compute_only=softmax)
     # 6: the longest length on the smaller meshes (slow: S^2 / P per device).
     for m in others:
-        add(6, "time", "softmax", m, softmax, smax)
-        add(6, "time", "lightning", m, lightning, smax)
-        add(6, "compute_only", "softmax", m, softmax, smax)
+        add_all(6, m, softmax, lightning, smax, compute_only=softmax)
     # 7: every remaining length, longest first.
     for s in seqs:
-        add(7, "time", "softmax", one, base_s, s)
-        add(7, "time", "lightning", one, base_l, s)
+        add_all(7, one, base_s, base_l, s)
         for m in meshes:
-            add(7, "time", "softmax", m, softmax, s)
-            add(7, "time", "lightning", m, lightning, s)
-            add(7, "compute_only", "softmax", m, softmax, s)
+            add_all(7, m, softmax, lightning, s, compute_only=softmax)
     if not a.no_best_single:
         for s in seqs:
             add(8, "time", "softmax", one, [SINGLE_BEST] if softmax else [], s)

@@ -169,14 +169,34 @@ def plot(data: dict[str, Any], path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError as e:
         log(f"no plot: matplotlib is not importable ({e}); the JSON has every number "
-             "(`--replot JSON --plot PNG` draws it where matplotlib is installed)")
+            "(`--replot JSON --plot PNG` draws it where matplotlib is installed)")
         return False
     from matplotlib.ticker import FuncFormatter
 
     lengths = FuncFormatter(lambda x, _: _fmt_len(int(round(x))))
     table = data.get("table", [])
     fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
-    ax = axes[0][0]
+    top_dev = max((e["devices"] for e in table if e["data"] == 1), default=1)
+    _efficiency_panel(axes[0][0], table)
+    _time_panel(axes[0][1], table, top_dev, lengths)
+    _comm_panel(axes[1][0], table, top_dev, lengths)
+    _maxlen_panel(axes[1][1], data, lengths)
+    where = f"{data.get('device_count')} x {data.get('device_kind')}"
+    title = f"attnlab sequence-parallel scaling, {where}, {data.get('date', '')[:10]}"
+    if data.get("platform") == "cpu":
+        title += ("\nCPU SMOKE on simulated devices: correctness and communication volume only; "
+                  "timings, efficiencies and max lengths are meaningless")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    log(f"wrote {path}")
+    return True
+
+
+def _efficiency_panel(ax: Any, table: list[dict[str, Any]]) -> None:
+    """Scaling efficiency vs devices at the length most meshes ran (``DxP`` meshes as points)."""
     with_eff = [e for e in table if e.get("efficiency") is not None]
     if with_eff:
         s_plot = max({e["s"] for e in with_eff}, key=lambda s: (
@@ -203,8 +223,9 @@ def plot(data: dict[str, Any], path: str) -> bool:
     ax.set_ylabel("B t(1) / (devices t(mesh))")
     ax.legend(fontsize=7)
 
-    top_dev = max((e["devices"] for e in table if e["data"] == 1), default=1)
-    ax = axes[0][1]
+
+def _time_panel(ax: Any, table: list[dict[str, Any]], top_dev: int, lengths: Any) -> None:
+    """fwd+bwd time vs length on one device and the largest mesh (dashed: compute only)."""
     for (kind, st, mesh) in sorted({(e["kind"], e["strategy"], e["mesh"]) for e in table
                                     if e["mesh"] in ("1", str(top_dev))}):
         es = sorted((e for e in table if (e["kind"], e["strategy"], e["mesh"]) ==
@@ -215,15 +236,12 @@ def plot(data: dict[str, Any], path: str) -> bool:
         if co:
             ax.plot([e["s"] for e in co], [e["compute_only_ms"] for e in co], "--",
                     color=ln.get_color(), label=f"{kind}/{st} compute only")
-    ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_formatter(lengths)
-    ax.set_yscale("log")
-    ax.set_xlabel("total length S")
-    ax.set_ylabel("fwd+bwd ms")
-    ax.set_title(f"time vs length: 1 device and {top_dev} devices (dashed: no communication)")
-    ax.legend(fontsize=6)
+    _log_axes(ax, lengths, "fwd+bwd ms", f"time vs length: 1 device and {top_dev} devices "
+              "(dashed: no communication)", legend_size=6)
 
-    ax = axes[1][0]
+
+def _comm_panel(ax: Any, table: list[dict[str, Any]], top_dev: int, lengths: Any) -> None:
+    """Communication per device vs length on the largest mesh: HLO (o) vs analytic (+)."""
     for (kind, st) in sorted({(e["kind"], e["strategy"]) for e in table
                               if e.get("comm_bytes") and e["mesh"] == str(top_dev)}):
         es = sorted((e for e in table if (e["kind"], e["strategy"], e["mesh"]) ==
@@ -233,15 +251,23 @@ def plot(data: dict[str, Any], path: str) -> bool:
         ex = [e for e in es if e.get("comm_expected_bytes")]
         ax.plot([e["s"] for e in ex], [e["comm_expected_bytes"] / 2**20 for e in ex], "+",
                 ms=12, color=ln.get_color())
+    _log_axes(ax, lengths, "MiB per device, one fwd+bwd", f"communication on {top_dev} devices: "
+              "HLO operands (o) vs analytic (+)", legend_size=7)
+
+
+def _log_axes(ax: Any, lengths: Any, ylabel: str, title: str, *, legend_size: int) -> None:
+    """Log-log axes over the total length S (x ticks as 128K, 1M), labels, title, legend."""
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(lengths)
     ax.set_yscale("log")
     ax.set_xlabel("total length S")
-    ax.set_ylabel("MiB per device, one fwd+bwd")
-    ax.set_title(f"communication on {top_dev} devices: HLO operands (o) vs analytic (+)")
-    ax.legend(fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
 
-    ax = axes[1][1]
+
+def _maxlen_panel(ax: Any, data: dict[str, Any], lengths: Any) -> None:
+    """The longest length whose fwd+bwd fits, per configuration (horizontal bars)."""
     ml = [m for m in data.get("maxlen", []) if m.get("max_s")]
     if ml:
         labels = [f"{m['kind'][:4]}/{m['strategy']} {m['mesh']}" for m in ml]
@@ -257,15 +283,3 @@ def plot(data: dict[str, Any], path: str) -> bool:
         f" (memory limit {_mib(limits.pop())} per device)" if len(limits) == 1 and None
         not in limits else ""))
 
-    where = f"{data.get('device_count')} x {data.get('device_kind')}"
-    title = f"attnlab sequence-parallel scaling, {where}, {data.get('date', '')[:10]}"
-    if data.get("platform") == "cpu":
-        title += ("\nCPU SMOKE on simulated devices: correctness and communication volume only; "
-                  "timings, efficiencies and max lengths are meaningless")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    log(f"wrote {path}")
-    return True

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -21,7 +20,6 @@ from attnlab.bench.harness import (
     DTYPES,
     LAYER_IDX,
     NUM_LAYERS,
-    attention_flops,
     grad_fn,
     max_abs_err,
     pass_fn,
@@ -39,6 +37,7 @@ from attnlab.bench.scaling_plan import (
     SINGLE,
     SINGLE_BEST,
     Budget,
+    CostModel,
     MeshSpec,
     Task,
     expected_comm,
@@ -73,7 +72,6 @@ class ScalingBench:
         self._inputs_val: list[jax.Array] = []
         self._refs: dict[tuple, list[np.ndarray]] = {}
         self.checks: dict[tuple[str, str, str], dict[str, Any]] = {}
-        self.compile_s: dict[str, list[float]] = {"softmax": [], "lightning": []}
         self.decay = jnp.asarray(L.minimax_decay(args.heads, LAYER_IDX, NUM_LAYERS))
         note = (
             "CPU smoke run on simulated devices that share the host's cores: the checks "
@@ -89,6 +87,7 @@ class ScalingBench:
             star={"status": "available", "api": STAR_API}, checks=[], rows=[], maxlen=[],
             table=[], bars={},
         )
+        self.cost = CostModel(args, self.data["rows"])
 
     # -------------------------------------------------------------- run
 
@@ -194,36 +193,6 @@ class ScalingBench:
         if self.args.out:
             write_json(self.args.out, self.data)
 
-    # -------------------------------------------------------------- estimates
-
-    def _compile_est(self, kind: str) -> float:
-        seen = self.compile_s[kind][-8:]  # recent ones: the program sizes change by tier
-        return max(seen) if seen else self.args.compile_guess_s
-
-    def _call_est(self, kind: str, m: MeshSpec, s: int) -> float:
-        """Seconds of one fwd+bwd call, scaled from the nearest measured row (S^2 for softmax,
-        S for lightning, 1 / sp), or from FLOPs at ``--assumed-tflops`` before any."""
-        e = 2 if kind == "softmax" else 1
-        rows = [r for r in self.data["rows"] if r.get("kind") == kind and r.get("ms")
-                and r.get("mode") == "time" and r.get("strategy") != SINGLE_BEST]
-        same = [r for r in rows if r["devices"] == m.devices] or rows
-        if same:
-            r = min(same, key=lambda r: abs(math.log(r["s"] / s)))
-            return r["ms"] / 1e3 * (s / r["s"]) ** e * (r["sp"] / m.sp)
-        a = self.args
-        if kind == "softmax":
-            flops = attention_flops(m.data, s, a.heads, a.head_dim, causal=True,
-                                           pass_="fwdbwd")
-        else:  # chunked form: intra-chunk (C) and state (H) work per token, fwd + bwd
-            flops = 3.5 * 4 * m.data * s * a.heads * a.head_dim * (64 + a.head_dim)
-        return flops / m.devices / (a.assumed_tflops * 1e12)
-
-    def _repeats(self, call_s: float) -> int:
-        a = self.args
-        if call_s <= 0:
-            return a.repeats
-        return int(min(a.repeats, max(1, a.row_target_s // call_s)))
-
     # -------------------------------------------------------------- correctness
 
     def _check(self, kind: str, m: MeshSpec, strategy: str) -> dict[str, Any]:
@@ -264,7 +233,7 @@ class ScalingBench:
         xs = [jax.device_put(x, sh) for x in xs]
         t0 = time.perf_counter()
         compiled = jax.jit(_out_and_grads(self._fn(kind, m, strategy))).lower(*xs).compile()
-        self.compile_s[kind].append(time.perf_counter() - t0)
+        self.cost.compile_s[kind].append(time.perf_counter() - t0)
         got = [np.asarray(unpermute(np.asarray(x), 1, layout, m.sp), np.float32)
                for x in compiled(*xs)]
         tol = tolerance(self.dtype, self.plat)
@@ -288,12 +257,12 @@ class ScalingBench:
 
     def _time_task(self, t: Task) -> None:
         a = self.args
-        call = self._call_est(t.kind, t.mesh, t.s)
-        repeats = self._repeats(call)
-        cost = self._compile_est(t.kind) + (1 + repeats) * call
+        call = self.cost.call_est(t.kind, t.mesh, t.s)
+        repeats = self.cost.repeats(call)
+        cost = self.cost.compile_est(t.kind) + (1 + repeats) * call
         checked = self.checks.get(t.config)
         if checked is None and t.what == "time":
-            cost += self._compile_est(t.kind)
+            cost += self.cost.compile_est(t.kind)
         if not self.budget.allows(cost):
             return self._skip(t, f"budget (estimated {cost:.0f} s, {self.budget.left():.0f} s "
                                  "left)")
@@ -312,7 +281,7 @@ class ScalingBench:
         t0 = time.perf_counter()
         compiled = jax.jit(grad_fn(fn)).lower(*args).compile()
         row["compile_s"] = time.perf_counter() - t0
-        self.compile_s[t.kind].append(row["compile_s"])
+        self.cost.compile_s[t.kind].append(row["compile_s"])
         row["memory"] = memory_info(compiled)
         if t.mesh.devices > 1:
             try:
@@ -346,7 +315,7 @@ class ScalingBench:
                  "strategy": t.strategy, "memory_limit_bytes": limit,
                  "method": "compiled memory analysis (arguments + outputs + temporaries)",
                  "pass": "fwdbwd"}
-        est = self._compile_est(t.kind)
+        est = self.cost.compile_est(t.kind)
         if not self.budget.allows(est):
             entry.update(max_s=None, status="skipped: budget", tried=[])
             log(f"{t.label()}: skipped: budget")
@@ -367,13 +336,13 @@ class ScalingBench:
                                        sharding=sharding)
             t0 = time.perf_counter()
             ok, info = memory_fits(grad_fn(fn), [shp] * 4, limit)
-            self.compile_s[t.kind].append(time.perf_counter() - t0)
+            self.cost.compile_s[t.kind].append(time.perf_counter() - t0)
             return ok, info
 
         best, tried, complete = search_maxlen(
             fits, start=start, cap=a.maxlen_cap, granularity=a.maxlen_granularity or None,
             floor=a.maxlen_floor, label=f"{t.kind}/{t.strategy} mesh {t.mesh.name}",
-            stop=lambda: not self.budget.allows(self._compile_est(t.kind)), log=log,
+            stop=lambda: not self.budget.allows(self.cost.compile_est(t.kind)), log=log,
         )
         entry.update(max_s=best, tried=tried, complete=complete,
                      status="ok" if complete else "partial: budget")
@@ -385,9 +354,9 @@ class ScalingBench:
         """Star prefill vs ring prefill (forward) at the longest length on the largest mesh."""
         a = self.args
         star = self.data["star"]
-        call = self._call_est("softmax", t.mesh, t.s) / 3.5  # a forward is ~1/3.5 of fwd+bwd
-        repeats = self._repeats(call)
-        cost = 3 * self._compile_est("softmax") + 2 * (1 + repeats) * call
+        call = self.cost.call_est("softmax", t.mesh, t.s) / 3.5  # a forward is ~1/3.5 of fwd+bwd
+        repeats = self.cost.repeats(call)
+        cost = 3 * self.cost.compile_est("softmax") + 2 * (1 + repeats) * call
         if not self.budget.allows(cost):
             star["rows"] = [{**self._row_head(t), "status": "skipped: budget"}]
             self.flush()
