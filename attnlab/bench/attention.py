@@ -230,7 +230,6 @@ def count_steps(cfg: BenchConfig) -> int:
     return total
 
 
-
 # ----------------------------------------------------------------------------- the run
 
 

@@ -36,7 +36,6 @@ class Candidate:
     interpreted: bool = False
 
 
-
 def registered_names() -> list[str]:
     """Names of every registered attention implementation."""
     return list(_ops.implementations())

@@ -371,7 +371,6 @@ def simulate_cpu_devices(count: int = 8) -> None:
         os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={count}"
 
 
-
 def ints(text: str) -> list[int]:
     """argparse type: ``"2048,8192"`` (commas or spaces) -> ``[2048, 8192]``."""
     try:

@@ -389,8 +389,6 @@ class ScalingBench:
         self.flush()
 
 
-
-
 def _out_and_grads(fn: Callable) -> Callable:
     """(q, k, v, dout) -> (out, dq, dk, dv): one compiled program for the correctness check."""
 
