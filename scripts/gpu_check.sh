@@ -8,7 +8,7 @@
 # (default: the first five; lightning/model/sp/lasp/lasp1/scaling are the later issues'
 # benchmarks and are asked for by name; lasp1 runs on one GPU; scaling needs several GPUs
 # and a call of its own: `bash scripts/gpu_check.sh scaling` on nvidia-h200-x8 with
-# timeout_s=600, see attnlab/bench_scaling.py). Each step fits
+# timeout_s=600, see attnlab/bench/scaling.py). Each step fits
 # the budget given below; split them over two calls when all do not fit one 10-minute call.
 # The package is not installed on that machine (JAX 0.11.2, Python 3.12, no network), so it
 # runs from the tree through PYTHONPATH. Results land in $OUT (the tool's output folder).
@@ -82,9 +82,9 @@ timeout 310 python3 -m attnlab.cli bench attention --shapes 2048,8192,32768 \
 [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
 fi
 
-if want decode && [ -f attnlab/bench_decode.py ]; then
+if want decode && [ -f attnlab/bench/decode.py ]; then
 echo "== bench decode (T=1, GQA 8, bf16, KV 32K-128K)"
-timeout 120 python3 -m attnlab.bench_decode --out "$OUT/bench_decode_h100.json" 2>&1 \
+timeout 120 python3 -m attnlab.bench.decode --out "$OUT/bench_decode_h100.json" 2>&1 \
   | tee "$OUT/bench_decode.log" || status=1
 fi
 
@@ -94,46 +94,46 @@ timeout 90 python3 scripts/memory_check.py --lengths 32768,65536 \
   --out "$OUT/memory_h100.json" || status=1
 fi
 
-if want lightning && [ -f attnlab/bench_lightning.py ]; then
+if want lightning && [ -f attnlab/bench/lightning.py ]; then
 echo "== bench lightning (H=16, D=128, bf16, B*T=65536; fla chunk_lightning_attn when carried)"
-timeout "$LIGHTNING_TIMEOUT" python3 -m attnlab.bench_lightning --out "$OUT/bench_lightning.json" \
+timeout "$LIGHTNING_TIMEOUT" python3 -m attnlab.bench.lightning --out "$OUT/bench_lightning.json" \
   2>&1 | tee "$OUT/bench_lightning.log"
 [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
 fi
 
-if want model && [ -f attnlab/bench_model.py ]; then
+if want model && [ -f attnlab/bench/model.py ]; then
 echo "== bench model (350M softmax at 4K; 7:1 lightning hybrid vs softmax at 32K)"
-timeout "$MODEL_TIMEOUT" python3 -m attnlab.bench_model --out "$OUT/bench_model.json" \
+timeout "$MODEL_TIMEOUT" python3 -m attnlab.bench.model --out "$OUT/bench_model.json" \
   2>&1 | tee "$OUT/bench_model.log"
 [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
 fi
 
-if want sp && [ -f attnlab/bench_sp.py ]; then
+if want sp && [ -f attnlab/bench/sp.py ]; then
 echo "== bench sequence parallelism (needs >= 2 GPUs)"
-timeout "$SP_TIMEOUT" python3 -m attnlab.bench_sp --out "$OUT/bench_sp.json" \
+timeout "$SP_TIMEOUT" python3 -m attnlab.bench.sp --out "$OUT/bench_sp.json" \
   2>&1 | tee "$OUT/bench_sp.log"
 [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
 fi
 
 if want lasp; then
 echo "== LASP / LASP-2 on 2 GPUs at 2T vs 1 GPU at T, with data_parallel and the per-block pieces"
-timeout "${LASP_TIMEOUT:-240}" python3 -m attnlab.bench_lightning --lasp --seq-lens 32768,65536 \
+timeout "${LASP_TIMEOUT:-240}" python3 -m attnlab.bench.lightning --lasp --seq-lens 32768,65536 \
   --repeats 5 --out "$OUT/bench_lasp.json" 2>&1 | tee "$OUT/bench_lasp.log"
 [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
 fi
 
 if want lasp1; then
 echo "== LASP / LASP-2 on a one-device mesh (collectives are no-ops): the compute each adds per device"
-timeout "${LASP_TIMEOUT:-240}" python3 -m attnlab.bench_lightning --lasp --lasp-devices 1 \
+timeout "${LASP_TIMEOUT:-240}" python3 -m attnlab.bench.lightning --lasp --lasp-devices 1 \
   --seq-lens 32768,65536 --repeats 10 --out "$OUT/bench_lasp_1dev.json" 2>&1 \
   | tee "$OUT/bench_lasp_1dev.log"
 [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
 fi
 
-if want scaling && [ -f attnlab/bench_scaling.py ]; then
+if want scaling && [ -f attnlab/bench/scaling.py ]; then
 echo "== bench scaling (meshes 1, 2, 4, 8 and 2x4 of the visible GPUs; ring, zigzag, striped,"
 echo "   Ulysses, LASP, LASP-2; budget SCALING_TIMEOUT - 30 s, JSON rewritten after every row)"
-timeout "$SCALING_TIMEOUT" python3 -m attnlab.bench_scaling --budget-s $((SCALING_TIMEOUT - 30)) \
+timeout "$SCALING_TIMEOUT" python3 -m attnlab.bench.scaling --budget-s $((SCALING_TIMEOUT - 30)) \
   --out "$OUT/bench_scaling.json" --plot "$OUT/bench_scaling.png" 2>&1 | tee "$OUT/bench_scaling.log"
 [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
 fi

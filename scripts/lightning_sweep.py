@@ -22,14 +22,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attnlab import bench as _bench
-from attnlab import bench_lightning as BL
+from attnlab.bench.harness import LAYER_IDX, NUM_LAYERS, time_call
+from attnlab.bench.lightning import load_fla, time_fla
 from attnlab.ops import lightning as L
 from pallas_kernels.gpu.lightning_common import LightningConfig
 
 
 def _median_ms(fn, args, repeats: int) -> float:
-    return _bench.time_call(fn, *args, repeats=repeats, warmup=1).median_ms
+    return time_call(fn, *args, repeats=repeats, warmup=1).median_ms
 
 
 def measure(cfg: LightningConfig, pass_: str, q, k, v, do, decay, ref, tol: float,
@@ -121,8 +121,8 @@ def grid(a: argparse.Namespace) -> int:
     record = {"device_kind": jax.devices()[0].device_kind, "jax_version": jax.__version__,
               "N": n, "H": h, "tokens": a.tokens, "dtype": "bfloat16", "argv": sys.argv,
               "grid": {name: dataclasses.asdict(GRID[name]) for name in names}, "rows": rows}
-    decay = jnp.asarray(L.minimax_decay(n, BL.LAYER_IDX, BL.NUM_LAYERS))
-    fla = BL._fla()
+    decay = jnp.asarray(L.minimax_decay(n, LAYER_IDX, NUM_LAYERS))
+    fla = load_fla()
     for t in (int(x) for x in a.seq_lens.split(",")):
         b = max(1, a.tokens // t)
         ks = jax.random.split(jax.random.key(t), 4)
@@ -133,7 +133,7 @@ def grid(a: argparse.Namespace) -> int:
         tol = 2e-2 * float(jnp.max(jnp.abs(ref.astype(jnp.float32)))) + 2e-2
         if fla is not None:
             for pass_ in passes:
-                ms, ms_ev = BL._time_fla(fla, q, k, v, do, pass_, a.repeats, 2)
+                ms, ms_ev = time_fla(fla, q, k, v, do, pass_, a.repeats, 2)
                 rows.append({"T": t, "B": b, "config": "fla", "pass": pass_, "status": "ok",
                              "ms": ms, "ms_cuda_events": ms_ev, "mtok_s": b * t / ms / 1e3})
                 print(f"T={t} fla          {pass_:6s} {rows[-1]['mtok_s']:6.1f}", flush=True)
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     b = max(1, a.tokens // t)
     ks = jax.random.split(jax.random.key(0), 4)
     q, k, v, do = (jax.random.normal(kk, (b, t, n, h), jnp.bfloat16) for kk in ks)
-    decay = jnp.asarray(L.minimax_decay(n, BL.LAYER_IDX, BL.NUM_LAYERS))
+    decay = jnp.asarray(L.minimax_decay(n, LAYER_IDX, NUM_LAYERS))
     ref = jax.jit(lambda q, k, v: L.lightning_attention(q, k, v, decay=decay,
                                                         impl="xla"))(q, k, v)
     tol = 2e-2 * float(jnp.max(jnp.abs(ref.astype(jnp.float32)))) + 2e-2
@@ -202,10 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         r["default"] = True
         rows.append(r)
         print(f"default {pass_}: {r.get('mtok_s', r['status'])}", flush=True)
-    fla = BL._fla()
+    fla = load_fla()
     if fla is not None:
         for pass_ in ("fwd", "fwdbwd"):
-            ms, ms_events = BL._time_fla(fla, q, k, v, do, pass_, a.repeats, 2)
+            ms, ms_events = time_fla(fla, q, k, v, do, pass_, a.repeats, 2)
             record[f"fla_{pass_}_mtok_s"] = b * t / ms / 1e3
             record[f"fla_{pass_}_mtok_s_cuda_events"] = b * t / ms_events / 1e3
             print(f"fla {pass_}: {record[f'fla_{pass_}_mtok_s']:.1f} Mtok/s", flush=True)

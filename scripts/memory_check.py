@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attnlab.bench import temp_memory_bytes  # noqa: E402
+from attnlab.bench.memory import temp_memory_bytes  # noqa: E402
 from attnlab.ops import attention, explain  # noqa: E402
 
 

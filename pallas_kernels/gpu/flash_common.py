@@ -97,7 +97,7 @@ class FlashConfig:
         """Tuned sizes for this GPU if ``tuned_configs.json`` has them, else hand-picked ones.
 
         The tuned table (``pallas_kernels/gpu/tuned.py``) is keyed by device kind, head dim
-        and causal/full; it is written by ``python -m attnlab.autotune`` on the device.
+        and causal/full; it is written by ``python -m attnlab.bench.autotune`` on the device.
         Hand-picked fallbacks: tiles shrink and warps grow with the head dim so that the f32
         accumulators (the forward's [block_q, H] output, the dK/dV kernel's two
         [block_kv_dkv, H]) stay at about 64 registers per thread.

@@ -1,6 +1,6 @@
 """Tuned block sizes as data: ``tuned_configs.json`` keyed by device kind.
 
-The table is written by ``python -m attnlab.autotune`` on the device it describes and shipped
+The table is written by ``python -m attnlab.bench.autotune`` on the device it describes and shipped
 with the package. Keys inside a device entry are ``"fwd/h{head_dim}/{causal|full}"`` (forward
 fields) and ``"bwd/h{head_dim}/{causal|full}"`` (backward fields); each maps to a dict of
 :class:`~pallas_kernels.gpu.flash_common.FlashConfig` fields. A missing entry means "use the

@@ -1,4 +1,4 @@
-"""bench_lightning smoke mode (tiny CPU shapes): JSON rows, checks pass, ratios vs the anchor."""
+"""attnlab.bench.lightning smoke mode (tiny CPU shapes): JSON rows, checks pass, ratios vs the anchor."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from attnlab import bench_lightning as bl
+from attnlab.bench import lightning as bl
 
 
 def test_smoke_writes_json(tmp_path: Path) -> None:

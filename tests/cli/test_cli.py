@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from attnlab import bench
+from attnlab.bench import attention, candidates, harness
 from attnlab.cli import main
 
 ROW_KEYS = {"impl", "S", "B", "causal", "pass", "ms", "tflops", "ratio_cudnn", "max_abs_err",
@@ -53,7 +53,7 @@ def test_bench_tiny_cpu_writes_json(tmp_path: Path) -> None:
     assert rec["config"]["shapes"] == [128] and rec["config"]["dtype"] == "float32"
     rows = rec["rows"]
     impls = {r["impl"] for r in rows}
-    assert {"xla", "reference", bench.ANCHOR_XLA} <= impls
+    assert {"xla", "reference", harness.ANCHOR_XLA} <= impls
     assert {r["pass"] for r in rows} == {"fwd", "fwdbwd"}
     for r in rows:
         assert set(r) >= ROW_KEYS, r
@@ -65,23 +65,23 @@ def test_bench_tiny_cpu_writes_json(tmp_path: Path) -> None:
         assert r["max_abs_err"] < 1e-4, r
         assert r["ms"] > 0 and r["tflops"] > 0
         assert r["ratio_cudnn"] is None  # no cuDNN on CPU
-    (xla_anchor,) = [r for r in rows if r["impl"] == bench.ANCHOR_XLA and r["pass"] == "fwd"]
+    (xla_anchor,) = [r for r in rows if r["impl"] == harness.ANCHOR_XLA and r["pass"] == "fwd"]
     assert xla_anchor["ratio_xla"] == pytest.approx(1.0)
 
 
 def test_flop_formula() -> None:
     b, s, n, h = 2, 1024, 16, 128
     full = 4 * b * s * s * n * h
-    assert bench.attention_flops(b, s, n, h, causal=False) == full
-    assert bench.attention_flops(b, s, n, h, causal=True) == full / 2
-    assert bench.attention_flops(b, s, n, h, causal=True, pass_="fwdbwd") == 3.5 * full / 2
+    assert harness.attention_flops(b, s, n, h, causal=False) == full
+    assert harness.attention_flops(b, s, n, h, causal=True) == full / 2
+    assert harness.attention_flops(b, s, n, h, causal=True, pass_="fwdbwd") == 3.5 * full / 2
     # BENCHMARKS.md's setting (B*S = 32768, S = 8192, N=16, H=128), causal fwd: 2**40 FLOPs,
     # so 10 ms is 110.0 TFLOP/s.
-    f = bench.attention_flops(4, 8192, 16, 128, causal=True)
+    f = harness.attention_flops(4, 8192, 16, 128, causal=True)
     assert f == 2.0**40
-    assert bench.tflops_per_s(f, 10.0) == pytest.approx(109.95116, rel=1e-6)
+    assert harness.tflops_per_s(f, 10.0) == pytest.approx(109.95116, rel=1e-6)
     with pytest.raises(ValueError, match="pass_"):
-        bench.attention_flops(b, s, n, h, causal=False, pass_="bwd")
+        harness.attention_flops(b, s, n, h, causal=False, pass_="bwd")
 
 
 def _bench_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -119,13 +119,13 @@ def test_bench_rejects_bad_input(
 
 
 def test_ratios_are_to_anchors_of_the_same_group() -> None:
-    def row(impl: str, tflops: float | None, status: str = "ok") -> bench.Row:
-        return bench.Row(impl=impl, kind="x", S=2048, B=16, causal=True, pass_="fwd",
+    def row(impl: str, tflops: float | None, status: str = "ok") -> attention.Row:
+        return attention.Row(impl=impl, kind="x", S=2048, B=16, causal=True, pass_="fwd",
                          tflops=tflops, status=status)
 
-    group = [row("pallas_triton", 300.0), row(bench.ANCHOR_CUDNN, 400.0),
-             row(bench.ANCHOR_XLA, 100.0, status="inexact"), row("reference", None, "skipped")]
-    bench._fill_ratios(group)
+    group = [row("pallas_triton", 300.0), row(harness.ANCHOR_CUDNN, 400.0),
+             row(harness.ANCHOR_XLA, 100.0, status="inexact"), row("reference", None, "skipped")]
+    attention.fill_ratios(group)
     assert group[0].ratio_cudnn == pytest.approx(0.75) and group[0].ratio_xla == pytest.approx(3.0)
     assert group[1].ratio_cudnn == pytest.approx(1.0)
     assert group[3].ratio_cudnn is None
@@ -137,8 +137,8 @@ def test_gpu_anchor_list_without_a_gpu() -> None:
     import jax.numpy as jnp
 
     q = jax.ShapeDtypeStruct((1, 128, 2, 32), jnp.float32)
-    names = {c.name: c for c in bench.anchor_candidates(q, causal=True, plat="gpu")}
-    assert names[bench.ANCHOR_XLA].unsupported is None
-    assert "bfloat16" in names[bench.ANCHOR_CUDNN].unsupported
+    names = {c.name: c for c in candidates.anchor_candidates(q, causal=True, plat="gpu")}
+    assert names[harness.ANCHOR_XLA].unsupported is None
+    assert "bfloat16" in names[harness.ANCHOR_CUDNN].unsupported
     qb = jax.ShapeDtypeStruct((1, 128, 2, 32), jnp.bfloat16)
-    assert bench.anchor_candidates(qb, causal=True, plat="gpu")[1].unsupported is None
+    assert candidates.anchor_candidates(qb, causal=True, plat="gpu")[1].unsupported is None

@@ -101,7 +101,8 @@ def test_nan_stop_exits_1_then_eval_and_generate(
 
 
 def test_seq_parallel_flags_reach_the_run(tmp_path: Path) -> None:
-    from attnlab.cli import build_parser, run_config_from_args
+    from attnlab.cli import build_parser
+    from attnlab.cli.train import run_config_from_args
 
     parser = build_parser()
     args = parser.parse_args(["train", "--config", _config(tmp_path), "--out",

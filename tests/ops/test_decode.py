@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnlab import bench_decode
+from attnlab.bench import decode as bench_decode
 from attnlab.ops import XlaDecodeConfig, attention, merge_n
 from attnlab.ops.decode import (
     auto_choice,

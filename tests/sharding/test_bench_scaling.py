@@ -13,8 +13,9 @@ import json
 import numpy as np
 import pytest
 
-from attnlab import bench_scaling
-from attnlab.hlo_comm import comm_volume
+from attnlab.bench import scaling as bench_scaling
+from attnlab.bench.hlo_comm import comm_volume
+from attnlab.bench.scaling_plan import parse_meshes
 
 # Reference per-block implementations compile several times faster on CPU than the xla path,
 # which keeps this test near half a minute; the committed smoke run uses the xla path.
@@ -144,9 +145,9 @@ def test_tiny_budget_skips_rows_and_leaves_valid_json(tmp_path):
 
 
 def test_meshes_and_lengths_are_checked_up_front():
-    assert [(m.data, m.sp) for m in bench_scaling.parse_meshes("1, 8,2x4")] == [
+    assert [(m.data, m.sp) for m in parse_meshes("1, 8,2x4")] == [
         (1, 1), (1, 8), (2, 4)]
     with pytest.raises(ValueError, match="DxP"):
-        bench_scaling.parse_meshes("2x")
+        parse_meshes("2x")
     with pytest.raises(SystemExit):  # 100 tokens cannot be cut into 2 x 8 zigzag chunks
         bench_scaling.parse_args(["--smoke", "--meshes", "8", "--seqs", "100"])

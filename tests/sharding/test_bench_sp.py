@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from attnlab import bench_sp
+from attnlab.bench import sp as bench_sp
 
 
 def test_bench_sp_smoke_writes_json(tmp_path):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnlab.hlo_comm import comm_volume
+from attnlab.bench.hlo_comm import comm_volume
 from attnlab.ops import reference as attention_reference
 from attnlab.ops import star
 from sharding.star import star_attention, star_query

@@ -1,4 +1,4 @@
-"""``python -m attnlab.bench_model --smoke``: rows with tokens/s, errors recorded, JSON."""
+"""``python -m attnlab.bench.model --smoke``: rows with tokens/s, errors recorded, JSON."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from attnlab import bench_model
+from attnlab.bench import model as bench_model
 
 
 def test_smoke_writes_rows_and_records_errors(tmp_path: Path) -> None:

@@ -17,13 +17,13 @@
 * ``--lasp``: LASP and LASP-2 on 2 devices at length 2T vs the single-device op at T
   (``speedup`` = 2-device tokens/s / 1-device tokens/s).
 
-``python -m attnlab.bench_lightning --out bench_lightning.json`` (``--smoke``: tiny, CPU).
+``python -m attnlab.bench.lightning --out bench_lightning.json`` (``--smoke``: tiny, CPU); the
+``--lasp`` runs are :func:`attnlab.bench.lasp.bench_lasp`.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import sys
 import time
@@ -35,14 +35,39 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnlab import bench as _bench
+from attnlab.bench import lasp
+from attnlab.bench.harness import (
+    ERROR,
+    FAILED,
+    LAYER_IDX,
+    NUM_LAYERS,
+    OK,
+    PASSES,
+    SKIPPED,
+    UNSUPPORTED,
+    Tolerance,
+    add_shape_args,
+    add_timing_args,
+    any_failed,
+    check_dtype,
+    ints,
+    max_abs_err,
+    names,
+    num,
+    per_s,
+    run_record,
+    runs_interpreted,
+    short_error,
+    time_call,
+    tolerance,
+    within,
+    write_json,
+)
 from attnlab.ops import lightning as L
-from attnlab.ops._registry import platform
+from attnlab.ops import platform
 
 SCAN_ANCHOR = "scan_anchor"
 FLA = "fla.chunk_lightning_attn"
-OK, FAILED, SKIPPED, UNSUPPORTED, ERROR = "ok", "FAILED", "skipped", "unsupported", "error"
-LAYER_IDX, NUM_LAYERS = 1, 4  # decay = minimax_decay(N, 1, 4), as fla's (layer_idx, num_layers)
 
 
 def scan_anchor(q, k, v, log_decay, chunk: int = 64) -> tuple[jax.Array, jax.Array]:
@@ -97,7 +122,8 @@ def _jitted(name: str, pass_: str, chunk: int | None) -> Callable[..., Any]:
     return jax.jit(fwdbwd)
 
 
-def _fla():
+def load_fla() -> tuple[Any, Any] | None:
+    """(torch, fla's chunk_lightning_attn) where both import and CUDA is there, else None."""
     try:
         import torch
         from fla.ops.lightning_attn import chunk_lightning_attn
@@ -106,7 +132,7 @@ def _fla():
     return (torch, chunk_lightning_attn) if torch.cuda.is_available() else None
 
 
-def _time_fla(fla, q, k, v, do, pass_: str, repeats: int, warmup: int) -> tuple[float, float]:
+def time_fla(fla, q, k, v, do, pass_: str, repeats: int, warmup: int) -> tuple[float, float]:
     """fla's median ms per call, two ways: (wall clock around the call and a
     ``torch.cuda.synchronize``, the harness the JAX candidates get; CUDA events around the call,
     which leave out the launch and the synchronisation)."""
@@ -141,15 +167,16 @@ def _time_fla(fla, q, k, v, do, pass_: str, repeats: int, warmup: int) -> tuple[
     return float(np.median(wall)), float(np.median(events))
 
 
-def _check(name: str, chunk: int | None, q, k, v, log_decay, tol) -> tuple[bool, float]:
+def _check(name: str, chunk: int | None, q, k, v, log_decay, tol: Tolerance
+           ) -> tuple[bool, float]:
     """Checks ``name`` against impl="xla" on a slice; (ok, max abs err over o and state)."""
     t = min(q.shape[1], 2048)
     t -= t % (chunk or 64) if name == SCAN_ANCHOR else 0
     sl = lambda x: x[:1, :t]  # noqa: E731
     got = _jitted(name, "fwd", chunk)(sl(q), sl(k), sl(v), log_decay)
     want = _jitted("xla", "fwd", None)(sl(q), sl(k), sl(v), log_decay)
-    err = max(_bench.max_abs_err(got[0], want[0]), _bench.max_abs_err(got[1], want[1]))
-    ok = _bench.within(err, tol.out, want[0]) and _bench.within(err, tol.out, want[1])
+    err = max(max_abs_err(got[0], want[0]), max_abs_err(got[1], want[1]))
+    ok = within(err, tol.out, want[0]) and within(err, tol.out, want[1])
     return ok, err
 
 
@@ -192,24 +219,22 @@ def bench_lightning(
     Example:
       >>> rows = bench_lightning(seq_lens=(2048,), out="lightning.json")
     """
-    if dtype not in _bench.DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_bench.DTYPES)}, got {dtype!r}")
+    dt = check_dtype(dtype)
     if min(tokens, heads, head_dim) <= 0 or not seq_lens or min(seq_lens) <= 0:
         raise ValueError("tokens, heads, head_dim and seq_lens must be positive")
     plat = platform()
-    dt = _bench.DTYPES[dtype]
-    tol = _bench.tolerance(dt, plat)
+    tol = tolerance(dt, plat)
     registered = L.implementations()
-    names = [n for n in registered if n != "reference"] if impls is None else list(impls)
-    unknown = [n for n in names if n not in registered and n != SCAN_ANCHOR]
+    impl_names = [n for n in registered if n != "reference"] if impls is None else list(impls)
+    unknown = [n for n in impl_names if n not in registered and n != SCAN_ANCHOR]
     if unknown:
         raise ValueError(f"unknown lightning implementation(s) {unknown}; registered: "
                          f"{sorted(registered)}")
-    if SCAN_ANCHOR not in names:
-        names.append(SCAN_ANCHOR)
-    fla_mod = _fla() if fla else None
+    if SCAN_ANCHOR not in impl_names:
+        impl_names.append(SCAN_ANCHOR)
+    fla_mod = load_fla() if fla else None
     settings = dict(seq_lens=list(seq_lens), tokens=tokens, heads=heads, head_dim=head_dim,
-                    dtype=dtype, impls=names, chunk=chunk, repeats=repeats, warmup=warmup,
+                    dtype=dtype, impls=impl_names, chunk=chunk, repeats=repeats, warmup=warmup,
                     fla=fla_mod is not None, decay=f"minimax_decay(N, {LAYER_IDX}, {NUM_LAYERS})")
     log_decay = jnp.log(jnp.asarray(L.minimax_decay(heads, LAYER_IDX, NUM_LAYERS)))
     rows: list[dict[str, Any]] = []
@@ -220,56 +245,55 @@ def bench_lightning(
         q, k, v, do = (jax.random.normal(kk, (b, t, heads, head_dim), jnp.float32).astype(dt)
                        for kk in ks)
         q = q * head_dim ** -0.5  # keep outputs O(1) at scale 1 (MiniMax uses no 1/sqrt(H))
-        group: list[dict[str, Any]] = []
         why = L.explain(q, k, v, decay=jnp.exp(log_decay), plat=plat)
-        for name in names:
-            checked: tuple[bool, float] | None = None
-            for pass_ in _bench.PASSES:
+        checked: dict[str, tuple[bool, float]] = {}  # one check per implementation and T
+        group: list[dict[str, Any]] = []
+        for name in impl_names + ([FLA] if fla_mod is not None else []):
+            for pass_ in PASSES:
                 row = dict(impl=name, **{"pass": pass_}, T=t, B=b, N=heads, H=head_dim,
-                           dtype=dtype, ms=None, mtok_s=None, ratio_fla=None, ratio_scan=None,
-                           max_abs_err=None, status=OK, note="")
+                           dtype="bfloat16" if name == FLA else dtype, ms=None, mtok_s=None,
+                           ratio_fla=None, ratio_scan=None, max_abs_err=None, status=OK, note="")
                 group.append(row)
                 try:
-                    if name != SCAN_ANCHOR and why.get(name) is not None:
-                        row["status"], row["note"] = UNSUPPORTED, why[name]
-                    elif plat == "cpu" and name.startswith("pallas"):
-                        row["status"], row["note"] = SKIPPED, "Pallas interpret mode: not timed"
+                    if name == FLA:
+                        row["ms"], row["ms_cuda_events"] = time_fla(fla_mod, q, k, v, do, pass_,
+                                                                    repeats, warmup)
                     else:
-                        if checked is None:
-                            checked = _check(name, chunk, q, k, v, log_decay, tol)
-                        row["max_abs_err"] = checked[1]
-                        if not checked[0]:
-                            row["status"], row["note"] = FAILED, "check vs xla failed"
-                        else:
-                            f = _jitted(name, pass_, chunk)
-                            args = (q, k, v, log_decay) + ((do,) if pass_ == "fwdbwd" else ())
-                            row["ms"] = _bench.time_call(f, *args, repeats=repeats,
-                                                         warmup=warmup).median_ms
-                            row["mtok_s"] = b * t / (row["ms"] * 1e-3) / 1e6
+                        _measure(row, why.get(name), plat, checked, (q, k, v, log_decay), do,
+                                 chunk=chunk, tol=tol, repeats=repeats, warmup=warmup)
+                    if row["ms"] is not None:
+                        row["mtok_s"] = per_s(b * t, row["ms"])
                 except Exception as e:  # one broken candidate must not end the run
-                    row["status"], row["note"] = ERROR, _bench.short_error(e)
-                if on_row:
-                    on_row(row)
-        if fla_mod is not None:
-            for pass_ in _bench.PASSES:
-                row = dict(impl=FLA, **{"pass": pass_}, T=t, B=b, N=heads, H=head_dim,
-                           dtype="bfloat16", ms=None, mtok_s=None, ratio_fla=None,
-                           ratio_scan=None, max_abs_err=None, status=OK, note="")
-                group.append(row)
-                try:
-                    row["ms"], row["ms_cuda_events"] = _time_fla(fla_mod, q, k, v, do, pass_,
-                                                                 repeats, warmup)
-                    row["mtok_s"] = b * t / (row["ms"] * 1e-3) / 1e6
-                except Exception as e:
-                    row["status"], row["note"] = ERROR, _bench.short_error(e)
+                    row["status"], row["note"] = ERROR, short_error(e)
                 if on_row:
                     on_row(row)
         _fill(group)
         rows.extend(group)
         del q, k, v, do
         if out is not None:
-            _bench.write_json(out, _record(settings, rows, argv))
+            write_json(out, _record(settings, rows, argv))
     return rows
+
+
+def _measure(row, why, plat, checked, inputs, do, *, chunk, tol, repeats, warmup) -> None:
+    """Fills ``row`` for one JAX candidate and pass: unsupported, interpreted (not timed), the
+    check's result (run once per candidate and T, kept in ``checked``), then its time."""
+    name, pass_ = row["impl"], row["pass"]
+    if name != SCAN_ANCHOR and why is not None:
+        row["status"], row["note"] = UNSUPPORTED, why
+        return
+    if runs_interpreted(name, plat):
+        row["status"], row["note"] = SKIPPED, "Pallas interpret mode: not timed"
+        return
+    if name not in checked:
+        checked[name] = _check(name, chunk, *inputs, tol)
+    ok, row["max_abs_err"] = checked[name]
+    if not ok:
+        row["status"], row["note"] = FAILED, "check vs xla failed"
+        return
+    args = inputs + ((do,) if pass_ == "fwdbwd" else ())
+    f = _jitted(name, pass_, chunk)
+    row["ms"] = time_call(f, *args, repeats=repeats, warmup=warmup).median_ms
 
 
 def _fill(group: list[dict[str, Any]]) -> None:
@@ -293,182 +317,54 @@ def flatness(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def bench_lasp(
-    *,
-    seq_lens: Sequence[int] = (8192, 32768, 65536),
-    heads: int = 16,
-    head_dim: int = 128,
-    dtype: str = "bfloat16",
-    repeats: int = 10,
-    warmup: int = 2,
-    seed: int = 0,
-    out: str | Path | None = None,
-    argv: Sequence[str] = (),
-    on_row: Callable[[dict[str, Any]], None] | None = None,
-    devices: int = 2,
-) -> list[dict[str, Any]]:
-    """LASP and LASP-2 fwd+bwd on P = ``devices`` devices at length P*T vs the single-device op
-    at T (B = 1), inputs placed sequence-sharded beforehand; ``data_parallel`` (P sequences of
-    T, one per device, no communication) shows what P devices give in the same harness, and two
-    per-block pieces are timed alone the same way: ``local_with_state`` (the local op
-    continuing an incoming state) and ``summary_only`` (the generic block summary,
-    :func:`attnlab.ops.lightning.chunk_summary`, forward and backward: what LASP and LASP-2
-    run per block over implementations without block phases of their own).
-
-    ``devices=1`` runs every algorithm on a one-device mesh: the collectives are then no-ops,
-    so each row's ratio to ``single`` is the per-device compute the algorithm adds (the
-    question the 2-device rows cannot answer alone: compute or communication?).
-
-    The loss is sum(o) + sum(final state) (the state is what the blocks pass on, so no
-    algorithm's state path can be dropped as unused, also with one device).
-
-    Returns rows: algo, devices, T, ms, mtok_s, speedup (vs 1 device at T), status, note.
-    """
-    from sharding.lasp import lasp_attention
-    from sharding.lasp2 import lasp2_attention
-
-    if devices not in (1, 2) or jax.device_count() < devices:
-        raise ValueError(f"--lasp-devices must be 1 or 2 and at most the {jax.device_count()} "
-                         f"devices found, got {devices}")
-    dt = _bench.DTYPES[dtype]
-    mesh = jax.make_mesh((devices,), ("sp",), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=jax.devices()[:devices])
-    decay = jnp.asarray(L.minimax_decay(heads, LAYER_IDX, NUM_LAYERS))
-    def per_device(local):
-        """``local(q, k, v)`` on each device's batch row, no communication (B = 2 rows)."""
-        def run(q, k, v, decay, mesh, return_state):
-            spec = jax.sharding.PartitionSpec("sp")
-            return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                                 check_vma=False)(q, k, v)
-        return run
-
-    # P sequences of T, one per device: the harness's ideal.
-    batch_split = per_device(lambda q, k, v: L.lightning_attention(
-        q, k, v, decay=decay, return_state=True))
-    # The same, each block continuing a (constant) incoming state: LASP-2's local op.
-    with_state = per_device(lambda q, k, v: L.lightning_attention(
-        q, k, v, decay=decay, return_state=True,
-        initial_state=jnp.full((q.shape[0], heads, head_dim, head_dim), 0.01, jnp.float32)))
-    # The generic block summary alone (q is unused).
-    summary_only = per_device(lambda q, k, v: (jnp.zeros((1,), jnp.float32),
-                                               L.chunk_summary(k, v, jnp.log(decay))[0]))
-
-    algos = {"single": None, "data_parallel": batch_split, "local_with_state": with_state,
-             "summary_only": summary_only, "lasp": lasp_attention, "lasp2": lasp2_attention}
-    split_batch = (batch_split, with_state, summary_only)
-    rows: list[dict[str, Any]] = []
-    key = jax.random.key(seed)
-    for t in seq_lens:
-        base = None
-        for name, algo in algos.items():
-            length = t if algo is None else devices * t
-            shape = (devices, t) if algo in split_batch else (1, length)
-            key, *ks = jax.random.split(key, 4)
-            q, k, v = (jax.random.normal(kk, (*shape, heads, head_dim)).astype(dt) * 0.1
-                       for kk in ks)
-            if algo is not None:  # placed as a sharded program would find its activations
-                axis = 0 if algo in split_batch else 1
-                spec = jax.sharding.PartitionSpec(*([None] * axis), "sp")
-                q, k, v = jax.device_put((q, k, v), jax.sharding.NamedSharding(mesh, spec))
-
-            def loss(q, k, v, algo=algo):
-                if algo is None:
-                    o, s = L.lightning_attention(q, k, v, decay=decay, return_state=True)
-                else:
-                    o, s = algo(q, k, v, decay=decay, mesh=mesh, return_state=True)
-                return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
-
-            row = dict(algo=name, devices=1 if algo is None else devices, T=length, ms=None,
-                       mtok_s=None, speedup=None, status=OK, note="")
-            try:
-                # value_and_grad: the loss needs the output, so XLA keeps the forward kernels
-                # (with grad alone it may drop those whose output the backward does not use).
-                f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-                row["ms"] = _bench.time_call(f, q, k, v, repeats=repeats, warmup=warmup).median_ms
-                row["mtok_s"] = length / (row["ms"] * 1e-3) / 1e6
-                if algo is None:
-                    base = row["mtok_s"]
-                elif base:
-                    row["speedup"] = row["mtok_s"] / base
-            except Exception as e:
-                row["status"], row["note"] = ERROR, _bench.short_error(e)
-            rows.append(row)
-            if on_row:
-                on_row(row)
-        if out is not None:
-            _bench.write_json(out, _record(dict(seq_lens=list(seq_lens), heads=heads,
-                                                head_dim=head_dim, dtype=dtype, mode="lasp",
-                                                devices=devices),
-                                           rows, argv))
-    return rows
-
-
 def _record(settings, rows, argv) -> dict[str, Any]:
-    rec = {
-        **_bench.environment(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "argv": list(argv), "settings": dict(settings), "rows": [dict(r) for r in rows],
-    }
-    if rows and "impl" in rows[0]:
-        rec["flatness"] = flatness(rows)
-    return rec
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+    return run_record(argv, settings=dict(settings), rows=[dict(r) for r in rows],
+                      flatness=flatness(rows))
 
 
 def _fmt(row: dict[str, Any]) -> str:
-    num = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
     if "algo" in row:
-        return (f"{row['algo']:<8} dev={row['devices']} T={row['T']:<7} "
-                f"{num(row['ms'], '.3f'):>9} ms {num(row['mtok_s'], '.2f'):>8} Mtok/s "
-                f"speedup {num(row['speedup'], '.2f')} {row['status']} {row['note']}")
+        return lasp.format_row(row)
     return (f"{row['impl']:<26} {row['pass']:<6} T={row['T']:<7} B={row['B']:<3} "
             f"{num(row['ms'], '.3f'):>9} ms {num(row['mtok_s'], '.2f'):>8} Mtok/s "
             f"{row['status']:<11} {row['note']}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m attnlab.bench_lightning [options]``; returns 1 if a check FAILED/raised."""
+    """``python -m attnlab.bench.lightning [options]``; returns 1 if a check FAILED/raised."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m attnlab.bench_lightning",
+    p = argparse.ArgumentParser(prog="python -m attnlab.bench.lightning",
                                 description="Time lightning attention (Mtokens/s, vs fla).")
-    p.add_argument("--seq-lens", type=_ints, default=None)
+    p.add_argument("--seq-lens", type=ints, default=None)
     p.add_argument("--tokens", type=int, default=65536, help="B * T per measurement")
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(_bench.DTYPES))
+    add_shape_args(p, heads=16)
     p.add_argument("--impls", default=None, help="comma-separated lightning impl names")
     p.add_argument("--chunk", type=int, default=None)
     p.add_argument("--no-fla", action="store_true")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    add_timing_args(p, repeats=10)
     p.add_argument("--lasp", action="store_true", help="LASP / LASP-2 on 2 devices vs 1")
     p.add_argument("--lasp-devices", type=int, default=2,
                    help="mesh size for --lasp: 2, or 1 for the per-device compute alone")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    full_argv = ["python -m attnlab.bench_lightning", *argv]
+    full_argv = ["python -m attnlab.bench.lightning", *argv]
     if a.smoke:
         a.tokens, a.heads, a.head_dim, a.dtype = 256, 2, 16, "float32"
         a.repeats, a.warmup, a.chunk = 2, 1, a.chunk or 16
     try:
         if a.lasp:
             lens = a.seq_lens or ([64] if a.smoke else [8192, 32768, 65536])
-            rows = bench_lasp(seq_lens=lens, heads=a.heads, head_dim=a.head_dim, dtype=a.dtype,
-                              repeats=a.repeats, warmup=a.warmup, out=a.out, argv=full_argv,
-                              on_row=lambda r: print(_fmt(r), flush=True),
-                              devices=a.lasp_devices)
+            rows = lasp.bench_lasp(
+                seq_lens=lens, heads=a.heads, head_dim=a.head_dim, dtype=a.dtype,
+                repeats=a.repeats, warmup=a.warmup, out=a.out, argv=full_argv,
+                on_row=lambda r: print(_fmt(r), flush=True), devices=a.lasp_devices,
+            )
         else:
             lens = a.seq_lens or ([64, 128] if a.smoke else [2048, 8192, 32768, 131072])
             rows = bench_lightning(
                 seq_lens=lens, tokens=a.tokens, heads=a.heads, head_dim=a.head_dim,
-                dtype=a.dtype, impls=None if a.impls is None else a.impls.split(","),
+                dtype=a.dtype, impls=names(a.impls),
                 chunk=a.chunk, fla=not a.no_fla and not a.smoke, repeats=a.repeats,
                 warmup=a.warmup, out=a.out, argv=full_argv,
                 on_row=lambda r: print(_fmt(r), flush=True),
@@ -477,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"flatness {k}: {f:.2f} (longest T / shortest T Mtok/s)")
     except ValueError as e:
         p.error(str(e))
-    return 1 if any(r["status"] in (FAILED, ERROR) for r in rows) else 0
+    return 1 if any_failed(rows) else 0
 
 
 if __name__ == "__main__":

@@ -11,16 +11,15 @@ Decoding is a streaming read of the K/V cache, so the figure of merit is bandwid
   that fails is reported as ``FAILED`` and not timed. Pallas kernels that run interpreted (on
   CPU) are checked at small sizes only and never timed.
 * Time: jit-compiled, warm-up calls, then the median of ``repeats`` calls, each wrapped in
-  ``jax.block_until_ready`` (:func:`attnlab.bench.time_call`).
+  ``jax.block_until_ready`` (:func:`attnlab.bench.harness.time_call`).
 
-Standalone: ``python -m attnlab.bench_decode --out decode.json`` (``--help`` for options).
+Standalone: ``python -m attnlab.bench.decode --out decode.json`` (``--help`` for options).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -31,12 +30,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnlab import bench as _bench
+from attnlab.bench.harness import (
+    DTYPES,
+    ERROR,
+    FAILED,
+    OK,
+    SKIPPED,
+    UNSUPPORTED,
+    add_timing_args,
+    any_failed,
+    check_dtype,
+    ints,
+    max_abs_err,
+    names,
+    num,
+    per_s,
+    random_qkv,
+    run_record,
+    runs_interpreted,
+    short_error,
+    time_call,
+    tolerance,
+    within,
+    write_json,
+)
 from attnlab.ops import decode as _decode
 from attnlab.ops.attention import platform
 from pallas_kernels.gpu.decode import DecodeConfig, tiling
 
-OK, FAILED, SKIPPED, UNSUPPORTED, ERROR = "ok", "FAILED", "skipped", "unsupported", "error"
 BYTES_RULE = (
     "K and V caches read once (valid entries only: sum_b kv_lengths[b] * K * H * 2 * itemsize) "
     "+ q + out; copy bandwidth: jit(x + 1) over copy_bytes, counting read + write"
@@ -78,7 +99,7 @@ def copy_bandwidth(
     n = max(1, nbytes // 4)
     x = jax.random.uniform(jax.random.key(seed), (n,), jnp.float32)
     f = jax.jit(lambda x: x + 1.0)
-    t = _bench.time_call(f, x, repeats=repeats, warmup=warmup)
+    t = time_call(f, x, repeats=repeats, warmup=warmup)
     moved = 2 * n * 4
     del x
     return {"bytes": moved, "ms": t.median_ms, "GBps": moved / (t.median_ms * 1e-3) / 1e9}
@@ -111,10 +132,6 @@ def candidates(
                      f"st={c.num_stages},w={c.num_warps}]")
             out.append(Candidate(label, "pallas_triton", c))
     return out
-
-
-def _interpreted(impl: str, plat: str) -> bool:
-    return plat == "cpu" and impl.startswith("pallas")
 
 
 @functools.lru_cache(maxsize=64)
@@ -177,8 +194,7 @@ def bench_decode(
     Example:
       >>> rows = bench_decode(seq_lens=(32768,), out="decode.json")
     """
-    if dtype not in _bench.DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_bench.DTYPES)}, got {dtype!r}")
+    dt = check_dtype(dtype)
     if min(batch, heads, kv_heads, head_dim, queries) <= 0 or not seq_lens:
         raise ValueError("batch, heads, kv_heads, head_dim, queries and seq_lens must be positive")
     if any(s <= 0 for s in seq_lens):
@@ -186,9 +202,8 @@ def bench_decode(
     if heads % kv_heads:
         raise ValueError(f"heads={heads} is not a multiple of kv_heads={kv_heads}")
     plat = platform()
-    dt = _bench.DTYPES[dtype]
     itemsize = jnp.dtype(dt).itemsize
-    tol = _bench.tolerance(dt, plat)
+    tol = tolerance(dt, plat)
     cands = candidates(impls, sweep=sweep)
     if copy_bytes is None:
         copy_bytes = (64 if plat == "cpu" else 1024) << 20
@@ -202,7 +217,7 @@ def bench_decode(
     key = jax.random.key(seed)
     for s in seq_lens:
         key, k1, k2 = jax.random.split(key, 3)
-        q, k, v = _bench.random_qkv(k1, batch, queries, s, heads, kv_heads, head_dim, dt)
+        q, k, v = random_qkv(k1, batch, queries, s, heads, kv_heads, head_dim, dt)
         if ragged:
             lengths = jax.random.randint(k2, (batch,), max(1, s // 2), s + 1, jnp.int32)
         else:
@@ -216,7 +231,7 @@ def bench_decode(
             want = _jitted("xla", None)(q, k, v, lengths)
             want_note = ""
         except Exception as e:  # report it on every row rather than end the run
-            want, want_note = None, f"unchecked: xla raised {_bench.short_error(e)}"
+            want, want_note = None, f"unchecked: xla raised {short_error(e)}"
         for c in cands:
             row: dict[str, Any] = dict(
                 impl=c.name, config=None if c.config is None else dataclasses.asdict(c.config),
@@ -229,12 +244,12 @@ def bench_decode(
                 _run_one(row, c, why, plat, tol, (q, k, v, lengths), nbytes, copy["GBps"],
                          repeats, warmup, want, want_note)
             except Exception as e:  # one broken candidate must not end the run
-                row["status"], row["note"] = ERROR, _bench.short_error(e)
+                row["status"], row["note"] = ERROR, short_error(e)
             if on_row:
                 on_row(row)
         del q, k, v
         if out is not None:
-            _bench.write_json(out, record(settings, copy, rows, argv))
+            write_json(out, record(settings, copy, rows, argv))
     return rows
 
 
@@ -250,7 +265,7 @@ def _run_one(row, c: Candidate, why, plat, tol, args, nbytes, copy_gbps, repeats
         cfg = c.config or DecodeConfig.get_default()
         til = tiling(cfg, b, q.shape[1], q.shape[2], k.shape[2], s)
         row["note"] = f"splits={til.num_splits} keys_per_split={til.keys_per_split}"
-    interpreted = _interpreted(c.impl, plat)
+    interpreted = runs_interpreted(c.impl, plat)
     if interpreted and b * s > MAX_INTERPRETED_KEYS:
         row["status"] = SKIPPED
         row["note"] = "runs in Pallas interpret mode on this platform: not checked or timed here"
@@ -260,12 +275,12 @@ def _run_one(row, c: Candidate, why, plat, tol, args, nbytes, copy_gbps, repeats
     if want is None:
         row["note"] = (row["note"] + "; " if row["note"] else "") + want_note
     else:
-        row["max_abs_err"] = _bench.max_abs_err(got[0], want[0])
-        row["lse_err"] = _bench.max_abs_err(got[1], want[1])
+        row["max_abs_err"] = max_abs_err(got[0], want[0])
+        row["lse_err"] = max_abs_err(got[1], want[1])
         bad = []
-        if not _bench.within(row["max_abs_err"], tol.out, want[0]):
+        if not within(row["max_abs_err"], tol.out, want[0]):
             bad.append(f"out (err {row['max_abs_err']:.2e} > tol {tol.out:.0e})")
-        if not _bench.within(row["lse_err"], tol.lse, want[1]):
+        if not within(row["lse_err"], tol.lse, want[1]):
             bad.append(f"lse (err {row['lse_err']:.2e} > tol {tol.lse:.0e})")
         if bad:
             row["status"], row["note"] = FAILED, "check vs xla failed on " + ", ".join(bad)
@@ -275,9 +290,9 @@ def _run_one(row, c: Candidate, why, plat, tol, args, nbytes, copy_gbps, repeats
         row["note"] = "checked; runs in Pallas interpret mode on this platform: not timed"
         return
     # The check's call was the first warm-up.
-    timing = _bench.time_call(f, q, k, v, lengths, repeats=repeats, warmup=max(1, warmup - 1))
+    timing = time_call(f, q, k, v, lengths, repeats=repeats, warmup=max(1, warmup - 1))
     row["ms"] = timing.median_ms
-    row["GBps"] = nbytes / (timing.median_ms * 1e-3) / 1e9
+    row["GBps"] = per_s(nbytes, timing.median_ms, 1e9)
     row["ratio_copy"] = row["GBps"] / copy_gbps
 
 
@@ -286,54 +301,36 @@ def record(
     argv: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The JSON record of a run: environment, date, argv, settings, copy bandwidth, rows."""
-    return {
-        **_bench.environment(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "argv": list(argv),
-        "settings": dict(settings),
-        "bytes_rule": BYTES_RULE,
-        "copy": dict(copy),
-        "rows": [dict(r) for r in rows],
-    }
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+    return run_record(argv, settings=dict(settings), bytes_rule=BYTES_RULE, copy=dict(copy),
+                      rows=[dict(r) for r in rows])
 
 
 def _format(row: Mapping[str, Any]) -> str:
-    def num(x, fmt):
-        return "-" if x is None else format(x, fmt)
-
     return (f"{row['impl']:<48} S={row['S']:<7} {num(row['ms'], '.4f'):>9} ms "
             f"{num(row['GBps'], '.1f'):>8} GB/s  x{num(row['ratio_copy'], '.2f'):<5} "
             f"{row['status']:<11} {row['note']}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m attnlab.bench_decode [options]``: runs :func:`bench_decode`, prints a line
+    """``python -m attnlab.bench.decode [options]``: runs :func:`bench_decode`, prints a line
     per row, writes JSON with ``--out``. Returns 0, or 1 when a checked implementation FAILED or
     raised."""
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(
-        prog="python -m attnlab.bench_decode",
+        prog="python -m attnlab.bench.decode",
         description="Time decode attention (GB/s, ratio to device copy bandwidth).",
     )
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq-lens", type=_ints, default=[32768, 65536, 131072])
+    p.add_argument("--seq-lens", type=ints, default=[32768, 65536, 131072])
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(_bench.DTYPES))
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--queries", type=int, default=1, help="T, queries per sequence")
     p.add_argument("--impls", default=None, help="comma-separated decode impl names")
     p.add_argument("--ragged", action="store_true", help="random kv_lengths in [S/2, S]")
     p.add_argument("--sweep", action="store_true", help="also time a sweep of Triton configs")
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=2)
+    add_timing_args(p, repeats=20)
     p.add_argument("--copy-mib", type=int, default=None, help="copy-bandwidth buffer (MiB)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON file to write")
@@ -350,15 +347,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = bench_decode(
             batch=args.batch, seq_lens=args.seq_lens, heads=args.heads, kv_heads=args.kv_heads,
             head_dim=args.head_dim, dtype=args.dtype, queries=args.queries,
-            impls=None if args.impls is None else [x for x in args.impls.split(",") if x],
+            impls=names(args.impls),
             ragged=args.ragged, sweep=args.sweep, repeats=args.repeats, warmup=args.warmup,
             copy_bytes=None if args.copy_mib is None else args.copy_mib << 20, seed=args.seed,
-            out=args.out, argv=["python -m attnlab.bench_decode", *argv],
+            out=args.out, argv=["python -m attnlab.bench.decode", *argv],
             on_row=print_row,
         )
     except ValueError as e:
         p.error(str(e))
-    return 1 if any(r["status"] in (FAILED, ERROR) for r in rows) else 0
+    return 1 if any_failed(rows) else 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Training throughput of whole models: tokens/s and MFU of timed train steps.
 
-    python -m attnlab.bench_model --out $OUT/bench_model.json            # H100 / H200
-    python -m attnlab.bench_model --smoke --out /tmp/bench_model.json    # CPU, seconds
+    python -m attnlab.bench.model --out $OUT/bench_model.json            # H100 / H200
+    python -m attnlab.bench.model --smoke --out /tmp/bench_model.json    # CPU, seconds
 
 Configurations (``--only`` picks some by name):
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import gc
 import statistics
 import sys
@@ -126,7 +125,7 @@ def run_one(mb: ModelBench, *, smoke: bool, warmup: int, steps: int) -> dict[str
                    losses=losses,
                    finite=all(map(lambda x: x == x and abs(x) != float("inf"), losses)))
     except Exception as e:  # an OOM or a missing mechanism is a finding; go on
-        from attnlab.bench import short_error
+        from attnlab.bench.harness import short_error
 
         row.update(status="error", error=short_error(e))
     finally:
@@ -137,27 +136,20 @@ def run_one(mb: ModelBench, *, smoke: bool, warmup: int, steps: int) -> dict[str
 
 def record(rows: list[dict[str, Any]], argv: Sequence[str]) -> dict[str, Any]:
     """The JSON record: environment, rows, and the hybrid / softmax tokens/s ratio at 32k."""
-    from attnlab import bench
+    from attnlab.bench.harness import run_record
 
     by = {r["name"]: r for r in rows if r.get("status") == "ok"}
     ratio = None
     if "softmax_32k" in by and "hybrid_32k" in by:
         ratio = by["hybrid_32k"]["tokens_per_s"] / by["softmax_32k"]["tokens_per_s"]
-    return {
-        **bench.environment(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "argv": list(argv),
-        "rows": rows,
-        "hybrid_vs_softmax_32k": ratio,
-        "hybrid_bar": HYBRID_BAR,
-        "hybrid_bar_met": None if ratio is None else ratio >= HYBRID_BAR,
-    }
+    return run_record(argv, rows=rows, hybrid_vs_softmax_32k=ratio, hybrid_bar=HYBRID_BAR,
+                      hybrid_bar_met=None if ratio is None else ratio >= HYBRID_BAR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the configurations, rewriting ``--out`` after each; returns 0 (1 if none ran)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m attnlab.bench_model", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m attnlab.bench.model", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="JSON path")
     p.add_argument("--smoke", action="store_true", help="tiny CPU configurations")
@@ -167,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
     p.add_argument("--steps", type=int, default=5, help="timed steps (median)")
     args = p.parse_args(argv)
-    from attnlab import bench
+    from attnlab.bench.harness import write_json
 
     configs = configurations(args.smoke, [i.strip() for i in args.impls.split(",") if i.strip()])
     if args.only:
@@ -183,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"impl {mb.impl}) ...", flush=True)
         row = run_one(mb, smoke=args.smoke, warmup=max(1, args.warmup), steps=args.steps)
         rows.append(row)
-        bench.write_json(args.out, record(rows, ["python", "-m", "attnlab.bench_model", *argv]))
+        write_json(args.out, record(rows, ["python", "-m", "attnlab.bench.model", *argv]))
         if row["status"] == "ok":
             mfu_s = "-" if row["mfu"] is None else f"{row['mfu']:.1%}"
             print(f"  {row['tokens_per_s']:,.0f} tokens/s, {row['step_ms']:.1f} ms/step, MFU "

@@ -1,6 +1,6 @@
 """Block-size search for the Triton flash-attention kernels, run on the GPU it tunes for.
 
-    python -m attnlab.autotune --table pallas_kernels/gpu/tuned_configs.json --out sweep.json
+    python -m attnlab.bench.autotune --table pallas_kernels/gpu/tuned_configs.json --out sweep.json
 
 For each head dim and mask (causal / full) it times the forward pass over a grid of
 (block_q, block_kv, num_warps, num_stages), then the forward+backward pass over the backward
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnlab.bench import attention_flops, short_error, tflops_per_s, time_call
+from attnlab.bench.harness import attention_flops, short_error, tflops_per_s, time_call
 from attnlab.ops import attention
 from pallas_kernels.gpu.flash_common import FlashConfig
 from pallas_kernels.gpu.tuned import table_key
@@ -169,7 +169,7 @@ def _tune_bwd(cfg, args, h, batch, seq, heads, repeats, tol, t_end, trials, log)
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m attnlab.autotune", description=__doc__.split("\n")[0]
+        prog="python -m attnlab.bench.autotune", description=__doc__.split("\n")[0]
     )
     p.add_argument("--head-dims", default="128")
     p.add_argument("--seq", type=int, default=8192)

@@ -1,0 +1,407 @@
+"""The benchmark harness: the pieces every benchmark of :mod:`attnlab.bench` shares.
+
+The rules follow ``BENCHMARKS.md``:
+
+* FLOPs (:func:`attention_flops`): the forward counts ``4 * B * S * S * N * H`` (two matmuls
+  of 2 FLOPs per multiply-add), halved when causal (T == S assumed); a forward+backward
+  ("fwdbwd") counts 3.5x the forward.
+* Time (:func:`time_call`): jit-compiled, warm-up calls, then the median of ``repeats`` calls,
+  each wrapped in ``jax.block_until_ready``; inputs are random normal, never zeros.
+* Correctness before timing: every fast path is compared with a reference first, within the
+  tolerance table (:data:`TOLERANCES`, :func:`tolerance`, :func:`max_abs_err`, :func:`within`);
+  one that fails is reported ``FAILED`` and not timed.
+* Anchors: jax.nn's XLA and cuDNN attention (:data:`ANCHOR_XLA`, :data:`ANCHOR_CUDNN`) and
+  tokamax where it imports (:func:`tokamax_version`).
+* Records: :func:`run_record` (device, versions, date, argv, then the benchmark's fields) and
+  :func:`write_json` (strict JSON, written atomically).
+
+Nothing here (nor in any benchmark module) changes the environment at import: a benchmark that
+needs ``XLA_FLAGS`` or another variable sets it in its ``main()``.
+
+Shapes use the attnlab letters: B batch, T queries, S keys, N query heads, K kv heads, H head dim.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnlab import ops as _ops
+
+GiB = 1 << 30
+PASSES = ("fwd", "fwdbwd")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# Anchor names (the only implementation names the harness knows).
+ANCHOR_XLA = "jax.nn[xla]"
+ANCHOR_CUDNN = "jax.nn[cudnn]"
+TOKAMAX_IMPLS = ("mosaic", "triton")
+
+# Row statuses written to the JSON. INEXACT is for anchors only: an anchor outside our
+# tolerance is still timed (the ratios need it), with the error in its note.
+OK, FAILED, SKIPPED, UNSUPPORTED, ERROR = "ok", "FAILED", "skipped", "unsupported", "error"
+INEXACT = "inexact"
+
+# The lightning benchmarks' decay: minimax_decay(N, LAYER_IDX, NUM_LAYERS), as fla's
+# (layer_idx, num_layers), so that its chunk_lightning_attn computes the same function.
+LAYER_IDX, NUM_LAYERS = 1, 4
+
+
+# ----------------------------------------------------------------------------- tolerances
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Tolerance:
+    """Max abs error allowed against the float32 reference, per output, for one input dtype.
+
+    Errors are compared with ``tol * max(1, max|reference|)`` so the same table works for
+    outputs of unit scale and for larger gradients.
+    """
+
+    out: float
+    lse: float
+    dq: float
+    dk: float
+    dv: float
+
+    def get(self, name: str) -> float:
+        """The tolerance for ``name`` in {"out", "lse", "dq", "dk", "dv"}."""
+        return getattr(self, name)
+
+
+# dq and dk go through ds = p * (dp - delta), which loses more in low precision than dv = p^T do.
+TOLERANCES: dict[str, Tolerance] = {
+    "float32": Tolerance(out=2e-5, lse=2e-5, dq=1e-4, dk=1e-4, dv=5e-5),
+    "bfloat16": Tolerance(out=3e-2, lse=2e-2, dq=8e-2, dk=8e-2, dv=5e-2),
+    "float16": Tolerance(out=5e-3, lse=5e-3, dq=1e-2, dk=1e-2, dv=8e-3),
+}
+# On GPU/TPU, float32 matmuls at default precision run in TF32 / bf16 passes, so a compiled
+# float32 kernel is only as exact as that.
+_TF32 = Tolerance(out=3e-3, lse=3e-3, dq=1e-2, dk=1e-2, dv=5e-3)
+
+
+def tolerance(dtype: Any, plat: str = "cpu") -> Tolerance:
+    """The :class:`Tolerance` for inputs of ``dtype`` on platform ``plat`` ('cpu', 'gpu', 'tpu')."""
+    name = jnp.dtype(dtype).name
+    if name not in TOLERANCES:
+        raise ValueError(f"no tolerance for dtype {name}; expected one of {sorted(TOLERANCES)}")
+    if name == "float32" and plat != "cpu":
+        return _TF32
+    return TOLERANCES[name]
+
+
+def max_abs_err(x: Any, ref: Any) -> float:
+    """Max |x - ref| as a float; equal infinities count as 0, a NaN counts as +inf."""
+    a = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+    b = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    with np.errstate(invalid="ignore"):
+        d = np.where(a == b, 0.0, np.abs(a - b))
+    d = np.where(np.isnan(d), np.inf, d)
+    return float(d.max()) if d.size else 0.0
+
+
+def _scale(ref: Any) -> float:
+    r = np.abs(np.asarray(jnp.asarray(ref, jnp.float32)))
+    r = r[np.isfinite(r)]
+    return max(1.0, float(r.max())) if r.size else 1.0
+
+
+def within(err: float, tol: float, ref: Any) -> bool:
+    """True when ``err <= tol * max(1, max|ref|)``."""
+    return err <= tol * _scale(ref)
+
+
+def check_dtype(dtype: str) -> Any:
+    """The jnp dtype named ``dtype`` (a key of :data:`DTYPES`).
+
+    Raises:
+      ValueError: an unknown name, listing the known ones.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+# ----------------------------------------------------------------------------- FLOPs and timing
+
+
+def attention_flops(
+    batch: int, seq: int, heads: int, head_dim: int, *, causal: bool, pass_: str = "fwd"
+) -> float:
+    """FLOPs of softmax attention as counted in BENCHMARKS.md (T == S).
+
+    Args:
+      batch, seq, heads, head_dim: B, S, N, H.
+      causal: halves the count (only the lower triangle is computed).
+      pass_: "fwd", or "fwdbwd" for forward + backward together (3.5x the forward).
+
+    Returns:
+      The FLOP count as a float.
+
+    Raises:
+      ValueError: unknown ``pass_``.
+
+    Example:
+      >>> attention_flops(1, 1024, 8, 128, causal=False)  # 4 * 1024**2 * 8 * 128
+      4294967296.0
+    """
+    if pass_ not in PASSES:
+        raise ValueError(f"pass_ must be one of {PASSES}, got {pass_!r}")
+    flops = 4.0 * batch * seq * seq * heads * head_dim
+    if causal:
+        flops /= 2
+    return flops * (3.5 if pass_ == "fwdbwd" else 1.0)
+
+
+def tflops_per_s(flops: float, ms: float) -> float:
+    """Throughput in TFLOP/s for ``flops`` done in ``ms`` milliseconds."""
+    return flops / (ms * 1e-3) / 1e12
+
+
+def per_s(amount: float, ms: float, unit: float = 1e6) -> float:
+    """``amount`` per second in multiples of ``unit``, for ``amount`` done in ``ms`` ms
+    (``unit`` 1e6: million tokens/s; 1e9: GB/s)."""
+    return amount / (ms * 1e-3) / unit
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Timing:
+    """Result of :func:`time_call`: the median and every timed call, in milliseconds."""
+
+    median_ms: float
+    times_ms: tuple[float, ...]
+    first_call_s: float  # the first warm-up call: compilation + one run
+
+
+def time_call(fn: Callable[..., Any], *args: Any, repeats: int = 20, warmup: int = 2) -> Timing:
+    """Times ``fn(*args)``: ``warmup`` untimed calls, then the median of ``repeats`` timed calls.
+
+    Each call is wrapped in ``jax.block_until_ready`` so the time covers the device work, not
+    just the dispatch. ``fn`` should be jit-compiled; the first warm-up call compiles it.
+
+    Example:
+      >>> time_call(jax.jit(f), x, repeats=20).median_ms
+    """
+    if repeats < 1 or warmup < 1:
+        raise ValueError(f"need repeats >= 1 and warmup >= 1, got {repeats} and {warmup}")
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return Timing(statistics.median(times), tuple(times), first)
+
+
+def time_or_error(
+    fn: Callable[..., Any], args: Sequence[Any], repeats: int, *, warmup: int = 2
+) -> dict[str, Any]:
+    """Median ms of ``fn(*args)`` (jit-compiled here unless already a ``Compiled``) as
+    ``{"ms", "first_call_s"}``; an error (out of memory at large S, say) is returned as
+    ``{"ms": None, "error": ...}`` instead of raised."""
+    try:
+        f = fn if isinstance(fn, jax.stages.Compiled) else jax.jit(fn)
+        t = time_call(f, *args, repeats=repeats, warmup=warmup)
+        return {"ms": t.median_ms, "first_call_s": t.first_call_s}
+    except Exception as e:  # noqa: BLE001 - record and go on (OOM at large S, say)
+        return {"ms": None, "error": str(e).splitlines()[0][:300]}
+
+
+# ----------------------------------------------------------------------------- inputs, passes
+
+
+def random_qkv(
+    key: jax.Array, b: int, t: int, s: int, n: int, kh: int, h: int, dtype: Any
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Random normal q [B,T,N,H], k [B,S,K,H], v [B,S,K,H] in ``dtype`` (never zeros)."""
+    kq, kk, kv = jax.random.split(key, 3)
+    q = jax.random.normal(kq, (b, t, n, h), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (b, s, kh, h), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (b, s, kh, h), jnp.float32).astype(dtype)
+    return q, k, v
+
+
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def grad_fn(fn: AttentionFn) -> Callable[..., tuple[jax.Array, jax.Array, jax.Array]]:
+    """``(q, k, v, ct) -> (dq, dk, dv)`` of ``sum(fn(q, k, v) * ct)``: the timed forward+backward.
+
+    The cotangent is an argument, not a closure, so a large one is not baked into the program.
+    """
+
+    def loss(q: jax.Array, k: jax.Array, v: jax.Array, ct: jax.Array) -> jax.Array:
+        return jnp.sum(fn(q, k, v).astype(jnp.float32) * ct.astype(jnp.float32))
+
+    return jax.grad(loss, argnums=(0, 1, 2))
+
+
+def pass_fn(fn: AttentionFn, pass_: str) -> Callable[..., Any]:
+    """``(q, k, v, ct) -> ...`` of one pass: ``fn(q, k, v)`` for "fwd" (``ct`` unused, so both
+    passes take the same arguments), :func:`grad_fn` for "fwdbwd"."""
+    if pass_ == "fwd":
+        return lambda q, k, v, ct: fn(q, k, v)
+    return grad_fn(fn)
+
+
+# ----------------------------------------------------------------------------- implementations
+
+
+def runs_interpreted(impl: Any, plat: str) -> bool:
+    """True when ``impl`` (an implementation object or a name) would run through the Pallas
+    interpreter on ``plat`` (far too slow to time; it is checked for correctness only).
+
+    An implementation may say so itself with an ``interpreted(plat) -> bool`` attribute;
+    otherwise Pallas kernels (names starting with "pallas") are interpreted on CPU.
+    """
+    flag = getattr(impl, "interpreted", None)
+    if callable(flag):
+        return bool(flag(plat))
+    name = impl if isinstance(impl, str) else impl.name
+    return plat == "cpu" and name.startswith("pallas")
+
+
+def tokamax_version() -> str | None:
+    """tokamax's version if ``import tokamax`` works here, else None."""
+    try:
+        mod = importlib.import_module("tokamax")
+    except Exception:  # any import failure means not available
+        return None
+    return str(getattr(mod, "__version__", "unknown"))
+
+
+def short_error(e: BaseException) -> str:
+    """The exception's type, its message's first line and, for a multi-line message (a
+    traceback from a callback, say), its last line, where the cause usually is."""
+    msg = [m for m in str(e).strip().splitlines() if m.strip()]
+    if not msg:
+        return type(e).__name__
+    text = msg[0][:200] + (f" ... {msg[-1].strip()[:200]}" if len(msg) > 1 else "")
+    return f"{type(e).__name__}: {text}"
+
+
+def any_failed(rows: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether a row's status is ``FAILED`` (a check) or ``ERROR`` (it raised)."""
+    return any(r["status"] in (FAILED, ERROR) for r in rows)
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def environment() -> dict[str, Any]:
+    """Device kind, platform and versions, for the JSON record."""
+    import jaxlib
+
+    devs = jax.devices()
+    return {
+        "device_kind": devs[0].device_kind if devs else "unknown",
+        "device_count": len(devs),
+        "platform": _ops.platform(),
+        "jax_version": jax.__version__,
+        "jaxlib_version": jaxlib.__version__,
+        "python": sys.version.split()[0],
+        "tokamax_version": tokamax_version(),
+    }
+
+
+def now() -> str:
+    """The UTC date and time, ISO 8601 to the second (the records' ``date``)."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def run_record(argv: Sequence[str], **fields: Any) -> dict[str, Any]:
+    """A benchmark's JSON record: :func:`environment`, ``date``, ``argv``, then ``fields`` in
+    the order given."""
+    return {**environment(), "date": now(), "argv": list(argv), **fields}
+
+
+def write_json(path: str | Path, record: Mapping[str, Any]) -> Path:
+    """Writes ``record`` as indented, strict JSON (a non-finite float, e.g. the error of a NaN
+    output, becomes the string "inf"/"nan"), creating parent folders; returns the path."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    text = json.dumps(_jsonable(record), indent=2, allow_nan=False, default=str)
+    tmp.write_text(text + "\n")
+    tmp.replace(p)  # atomic: a run killed mid-write leaves the last complete file
+    return p
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer, np.bool_)):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return x
+
+
+# ----------------------------------------------------------------------------- command lines
+
+
+def simulate_cpu_devices(count: int = 8) -> None:
+    """Asks XLA for ``count`` simulated CPU devices (``XLA_FLAGS``), unless ``XLA_FLAGS`` is
+    already set. For a benchmark's ``main()`` (smoke runs on CPU): it takes effect only before
+    JAX's first backend use, and it changes this process's environment."""
+    if "XLA_FLAGS" not in os.environ:
+        os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={count}"
+
+
+def ints(text: str) -> list[int]:
+    """argparse type: ``"2048,8192"`` (commas or spaces) -> ``[2048, 8192]``."""
+    try:
+        return [int(x) for x in text.replace(" ", ",").split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+
+
+def names(text: str | None) -> list[str] | None:
+    """``"xla,pallas_triton"`` -> ``["xla", "pallas_triton"]``; None stays None."""
+    return None if text is None else [x.strip() for x in text.split(",") if x.strip()]
+
+
+def num(x: float | None, spec: str, none: str = "-") -> str:
+    """``format(x, spec)``, or ``none`` for a missing number."""
+    return none if x is None else format(x, spec)
+
+
+def add_shape_args(
+    p: argparse.ArgumentParser, *, heads: int, head_dim: int = 128, dtype_choices: bool = True
+) -> None:
+    """``--heads``, ``--head-dim`` and ``--dtype`` (bfloat16 by default) of a benchmark."""
+    p.add_argument("--heads", type=int, default=heads)
+    p.add_argument("--head-dim", type=int, default=head_dim)
+    if dtype_choices:
+        p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    else:
+        p.add_argument("--dtype", default="bfloat16")
+
+
+def add_timing_args(p: argparse.ArgumentParser, *, repeats: int, warmup: int = 2) -> None:
+    """``--repeats`` (timed calls, median) and ``--warmup`` (untimed calls first)."""
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--warmup", type=int, default=warmup)

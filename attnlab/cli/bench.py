@@ -1,0 +1,198 @@
+"""``attnlab bench attention``: check, time and record every implementation and the anchors.
+
+The benchmark itself is :mod:`attnlab.bench.attention`; this module turns the command line into
+its :class:`~attnlab.bench.attention.BenchConfig`, shows progress and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from attnlab.cli.common import fmt, make_console, progress
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from attnlab.bench.attention import BenchConfig, Row
+
+
+def _int_list(text: str, what: str, parser: argparse.ArgumentParser) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        parser.error(f"{what} must be comma-separated integers, got {text!r}")
+    if not vals:
+        parser.error(f"{what} is empty")
+    return vals
+
+
+def bench_config_from_args(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> BenchConfig:
+    """Builds and validates a :class:`attnlab.bench.attention.BenchConfig`; bad input ends in
+    ``parser.error`` (exit status 2 with a message saying what to change)."""
+    from attnlab.bench import attention, candidates, harness
+
+    causal = {"both": (False, True), "true": (True,), "false": (False,)}[args.causal]
+    passes = tuple(p.strip() for p in args.passes.split(",") if p.strip())
+    impls: tuple[str, ...] | None = None
+    if args.impls != "auto":
+        impls = tuple(n.strip() for n in args.impls.split(",") if n.strip())
+        known = candidates.registered_names()
+        unknown = [n for n in impls if n not in known]
+        if unknown:
+            parser.error(
+                f"unknown implementation {', '.join(map(repr, unknown))} in --impls; registered "
+                f"implementations are {', '.join(known)} (or use 'auto'; the anchors "
+                f"{harness.ANCHOR_XLA}, {harness.ANCHOR_CUDNN} and tokamax are always timed)"
+            )
+    try:
+        return attention.BenchConfig(
+            shapes=_int_list(args.shapes, "--shapes", parser),
+            batch_tokens=args.batch_tokens,
+            batch=args.batch,
+            heads=args.heads,
+            kv_heads=args.kv_heads,
+            head_dim=args.head_dim,
+            dtype=args.dtype,
+            causal=causal,
+            passes=passes,
+            bwd_causal_only=args.bwd_causal_only,
+            impls=impls,
+            anchors=not args.no_anchors,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            max_ref_bytes=int(args.max_ref_gib * harness.GiB),
+            max_logits_bytes=int(args.max_logits_gib * harness.GiB),
+            seed=args.seed,
+        )
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def bench_table(rows: Sequence[Row], title: str) -> Any:
+    """A rich table of bench rows; the ratio is to cuDNN when it was timed, else to jax.nn xla."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from attnlab.bench import harness
+
+    vs_cudnn = any(r.ratio_cudnn is not None for r in rows)
+    # CPU rates are GFLOP/s-sized; print them in those units rather than as 0.00x TFLOP/s.
+    giga = max((r.tflops or 0.0 for r in rows), default=0.0) < 1.0
+    unit, mult = ("GFLOP/s", 1e3) if giga else ("TFLOP/s", 1.0)
+    table = Table(title=title, title_justify="left")
+    for col, just in (("impl", "left"), ("S", "right"), ("B", "right"), ("causal", "left"),
+                      ("pass", "left"), ("ms", "right"), (unit, "right"),
+                      ("vs cuDNN" if vs_cudnn else f"vs {harness.ANCHOR_XLA}", "right"),
+                      ("max err", "right"), ("status", "left")):
+        table.add_column(escape(col), justify=just, no_wrap=col != "status",  # type: ignore[arg-type]
+                         overflow="fold" if col == "status" else "ellipsis")
+    style = {harness.OK: "green", harness.FAILED: "bold red", harness.ERROR: "red"}
+    for r in rows:
+        ratio = r.ratio_cudnn if vs_cudnn else r.ratio_xla
+        status = f"[{style.get(r.status, 'yellow')}]{r.status}[/]"
+        if r.note:
+            status += f" [dim]{escape(r.note)}[/]"
+        table.add_row(
+            escape(r.impl), str(r.S), str(r.B), "yes" if r.causal else "no", r.pass_,
+            fmt(r.ms, ".3f"), fmt(None if r.tflops is None else r.tflops * mult, ".1f"),
+            fmt(ratio, ".2f"), fmt(r.max_abs_err, ".1e"), status,
+        )
+    return table
+
+
+def run_bench(
+    cfg: BenchConfig, console: Console, *, out: str | None = None,
+    argv: Sequence[str] = (), log_rows: bool = True,
+) -> list[Row]:
+    """Runs :func:`attnlab.bench.attention.bench_attention` under a progress bar, saving JSON to
+    ``out`` after every (S, causal, pass) group."""
+    from attnlab.bench import attention, harness
+
+    def on_row(r: Row) -> None:
+        if log_rows:
+            tf = "" if r.tflops is None else f"{r.tflops:8.2f} TFLOP/s {r.ms:9.3f} ms"
+            console.print(
+                f"  {r.impl:>16}  S={r.S:<6} {'causal' if r.causal else 'full  '} "
+                f"{r.pass_:<6} {r.status:<11} {tf} {r.note}", highlight=False, markup=False,
+            )
+
+    def on_group(rows: list[Row]) -> None:
+        if out:
+            harness.write_json(out, attention.bench_record(cfg, rows, argv))
+
+    with progress(console) as prog:
+        task = prog.add_task("bench", total=None)
+
+        def on_step(done: int, total: int, label: str) -> None:
+            prog.update(task, completed=done, total=total, description=label)
+
+        rows = attention.bench_attention(cfg, on_step=on_step, on_row=on_row, on_group=on_group)
+    return rows
+
+
+def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``attnlab bench attention``: check, time and record every implementation and anchor."""
+    cfg = bench_config_from_args(args, parser)
+    from attnlab.bench import attention, harness
+
+    console = make_console()
+    env = harness.environment()
+    console.print(
+        f"[bold]bench attention[/] on {env['device_kind']} ({env['platform']}), JAX "
+        f"{env['jax_version']}; H={cfg.head_dim} N={cfg.heads} K={cfg.n_kv_heads} {cfg.dtype}; "
+        f"median of {cfg.repeats} after {cfg.warmup} warm-up calls"
+    )
+    argv = ["attnlab", *args.argv]
+    rows = run_bench(cfg, console, out=args.out, argv=argv)
+    console.print(bench_table(rows, "attention: fwd counts 4*B*S*S*N*H FLOPs (halved causal), "
+                                    "fwdbwd 3.5x"))
+    if args.out:
+        harness.write_json(args.out, attention.bench_record(cfg, rows, argv))
+        console.print(f"wrote {args.out}")
+    failed = [r for r in rows if r.status == harness.FAILED]
+    if failed:
+        console.print(f"{len(failed)} check(s) FAILED: "
+                      + ", ".join(f"{r.impl} S={r.S} {r.pass_}" for r in failed),
+                      style="bold red", markup=False)
+        return 1
+    return 0
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Adds ``bench`` to the ``attnlab`` subparsers ``sub``."""
+    p = sub.add_parser("bench", help="check and time implementations against the anchors")
+    p.add_argument("op", choices=["attention"], help="the op to benchmark")
+    p.add_argument("--shapes", default="2048,8192",
+                   help="comma-separated sequence lengths S (T == S); default 2048,8192")
+    p.add_argument("--batch-tokens", type=int, default=32768,
+                   help="B*S tokens per call; B = batch_tokens // S (default 32768)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="a fixed batch size B for every shape (overrides --batch-tokens)")
+    p.add_argument("--heads", type=int, default=16, help="query heads N (default 16)")
+    p.add_argument("--kv-heads", type=int, default=None, help="kv heads K (default N)")
+    p.add_argument("--head-dim", type=int, default=128, help="head dim H (default 128)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--causal", default="both", choices=["both", "true", "false"])
+    p.add_argument("--passes", default="fwd,fwdbwd",
+                   help="comma list of fwd, fwdbwd (forward+backward); default both")
+    p.add_argument("--bwd-causal-only", action="store_true",
+                   help="run fwdbwd for causal calls only (as BENCHMARKS.md's table)")
+    p.add_argument("--impls", default="auto",
+                   help="'auto' (every registered impl that supports the call) or a comma list")
+    p.add_argument("--no-anchors", action="store_true", help="skip jax.nn and tokamax anchors")
+    p.add_argument("--out", default=None, help="write the JSON record here "
+                   "(e.g. experiments/results/bench_attention_h100.json)")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per point (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls first")
+    p.add_argument("--max-ref-gib", type=float, default=2.0,
+                   help="do not time the reference above this many GiB of logits")
+    p.add_argument("--max-logits-gib", type=float, default=8.0,
+                   help="do not time jax.nn xla above this many GiB of S x S logits")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_bench, subparser=p)  # input errors print the bench usage
+    return p
+

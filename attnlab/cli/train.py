@@ -1,0 +1,101 @@
+"""``attnlab train``: trains (or resumes) a model on a task; writes a run directory."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from attnlab.cli.common import make_console
+
+
+def run_config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
+    """(model Config, TrainConfig, dataset, mesh) of ``attnlab train``; every configuration
+    error ends in ``parser.error`` (exit status 2) before anything is compiled."""
+    from attnlab.train import load_run_config, prepare
+    from attnlab.train.trainer import check_run_dir
+
+    try:
+        model, tc = load_run_config(args.config, attention=args.attention)
+        if args.task is not None and args.task != tc.task:
+            tc = dataclasses.replace(tc, task=args.task, task_options={})
+        overrides = {
+            "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
+            "lr": args.lr, "seed": args.seed, "checkpoint_every": args.checkpoint_every,
+            "keep": args.keep, "log_every": args.log_every, "dtype": args.dtype,
+            "data_parallel": args.data_parallel, "seq_parallel": args.seq_parallel,
+            "sp_strategy": args.sp_strategy, "debug_nan_step": args.debug_nan_step,
+        }
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if "steps" in overrides and tc.warmup_steps > overrides["steps"]:
+            overrides["warmup_steps"] = max(1, overrides["steps"] // 10)
+        tc = dataclasses.replace(tc, **overrides)
+        cfg, dataset, mesh = prepare(model, tc)
+        check_run_dir(args.out, cfg, tc)
+    except ValueError as e:
+        parser.error(str(e))
+    return cfg, tc, dataset, mesh
+
+
+def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``attnlab train``: trains (or resumes) a run in ``--out``; exit 1 on a NaN/inf loss."""
+    cfg, tc, _, mesh = run_config_from_args(args, parser)
+    from attnlab.train import NonFiniteLossError, plot_losses, train
+
+    console = make_console()
+    sp = f" ({tc.sp_strategy} / LASP-2 over sp)" if tc.seq_parallel > 1 else ""
+    console.print(
+        f"[bold]train[/] task {tc.task}, pattern {cfg.layer_pattern}, d_model {cfg.d_model}, "
+        f"{tc.steps} steps of {tc.batch_size} x {tc.seq_len} tokens, {tc.dtype} compute, "
+        f"mesh {dict(mesh.shape)}{sp} -> {args.out}", highlight=False,
+    )
+    try:
+        res = train(cfg, tc, args.out, progress=not args.no_progress)
+    except NonFiniteLossError as e:
+        console.print(f"[bold red]stopped:[/] {e}", highlight=False)
+        return 1
+    png = plot_losses(res.metrics_path, res.out_dir / "loss.png",
+                      title=f"{tc.task}, {cfg.layer_pattern}")
+    resumed = "" if res.resumed_from is None else f" (resumed from step {res.resumed_from})"
+    val = ", ".join(f"{k} {v:.4f}" for k, v in res.validation.items())
+    console.print(f"{res.num_params:,} parameters; {res.steps_done} steps{resumed}; final loss "
+                  f"{res.final_loss:.4f}; {val}", highlight=False)
+    console.print(f"metrics {res.metrics_path}\ncheckpoints {res.checkpoint_dir}\nloss plot {png}",
+                  highlight=False, markup=False)
+    return 0
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Adds ``train`` to the ``attnlab`` subparsers ``sub``."""
+    p = sub.add_parser("train", help="train (or resume) a model on a task; writes a run dir")
+    p.add_argument("--config", default="tiny",
+                   help="preset (tiny, small, 350m) or a .py/.yaml file (default tiny)")
+    p.add_argument("--attention", default=None, choices=["softmax", "lightning", "hybrid"],
+                   help="layer pattern: all softmax, all lightning, or 7:1 lightning:softmax "
+                   "(default: the config's pattern)")
+    p.add_argument("--task", default=None,
+                   choices=["mqar", "induction", "passkey", "calendar", "stdlib"],
+                   help="dataset (default: the config's)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    p.add_argument("--out", required=True, help="run directory (resumes if it has checkpoints)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                   help="compute dtype (params stay float32)")
+    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--keep", type=int, default=None, help="checkpoints kept on disk")
+    p.add_argument("--log-every", type=int, default=None)
+    p.add_argument("--data-parallel", type=int, default=None,
+                   help="devices on the data axis (default: as many as divide the batch)")
+    p.add_argument("--seq-parallel", type=int, default=None, metavar="N",
+                   help="devices on the sequence axis: each sequence is split into N blocks "
+                   "and attention runs across them (default 1)")
+    p.add_argument("--sp-strategy", default=None,
+                   help="softmax layers' sequence-parallel strategy: ring, striped, zigzag "
+                   "or ulysses (default zigzag; lightning layers use LASP-2)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug-nan-step", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(run=cmd_train, subparser=p)
+    return p
