@@ -9,7 +9,7 @@ plan: the loop over a row's non-empty tiles and the elementwise mask of one tile
 
 Used by :mod:`~pallas_kernels.gpu.flash_fwd` and :mod:`~pallas_kernels.gpu.flash_bwd`, and by
 ``attnlab.ops.attention_grad`` (which builds a plan for the backward kernels alone) and
-``attnlab.autotune`` (which searches :class:`FlashConfig` fields).
+``attnlab.bench.autotune`` (which searches :class:`FlashConfig` fields).
 """
 
 from __future__ import annotations
