@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 
 def platform() -> str:
@@ -79,6 +80,9 @@ class Implementation:
       fn: ``fn(q, k, v, args)`` -> the op's outputs (the op's docstring says which).
       unsupported: ``unsupported(q, k, v, args, platform)`` -> None if the backend computes
         the call, else a sentence naming the argument that it cannot take.
+      platforms: where it runs ("cpu" meaning Pallas interpret mode for a kernel); empty:
+        everywhere.
+      dtypes: the input dtypes it takes; empty: every dtype the op takes.
       config_cls: the config class ``config=`` must be an instance of; None: takes no config.
       bwd: optional backward of one block given the global output and LSE (softmax ops):
         ``bwd(q, k, v, out, lse, dout, dlse, args) -> (dq, dk, dv)``.
@@ -92,6 +96,8 @@ class Implementation:
     description: str
     fn: Callable[..., Any]
     unsupported: Callable[..., str | None] = _no_limits
+    platforms: tuple[str, ...] = ()
+    dtypes: tuple[Any, ...] = ()
     config_cls: type | None = None
     bwd: Callable[..., Any] | None = None
     phases: Callable[..., Any] | None = None
@@ -104,6 +110,14 @@ class Implementation:
             return f"{self.name} has no {need} pass"
         if getattr(a, "return_entropy", False) and not self.returns_entropy:
             return f"{self.name} does not compute the attention entropy (return_entropy=True)"
+        if self.platforms and plat not in self.platforms:
+            chips = " or ".join(p.upper() for p in self.platforms if p != "cpu")
+            cpu = " (or interpreted on CPU)" if "cpu" in self.platforms else ""
+            return f"{self.name} runs on {chips}{cpu}, not on {plat}"
+        if self.dtypes and q.dtype not in self.dtypes:
+            *rest, last = [jnp.dtype(d).name for d in self.dtypes]
+            names = f"{', '.join(rest)} or {last}" if rest else last
+            return f"{self.name} takes {names} inputs, got {q.dtype}"
         why = self.unsupported(q, k, v, a, plat)
         if why is not None:
             return why

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from attnlab.ops._checks import check_gqa, check_qkv
 from attnlab.ops._registry import (  # noqa: F401 (platform: re-export)
     Implementation,
     Registry,
@@ -27,8 +28,6 @@ from attnlab.ops._registry import (  # noqa: F401 (platform: re-export)
     platform,
 )
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, SegmentIds, visible
-
-_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
 
 
 class AttentionArgs(NamedTuple):
@@ -267,28 +266,10 @@ def _normalize(
     q, k, v, bias, is_causal, local_window_size, segment_ids, q_offset, kv_offset,
     q_positions, kv_positions, logits_soft_cap, scale, config,
 ) -> AttentionArgs:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if jnp.ndim(x) != 4:
-            raise ValueError(
-                f"{name} must have shape [batch, seq, heads, head_dim], got shape {jnp.shape(x)}"
-            )
+    check_qkv(q, k, v)
+    check_gqa(q, k, v)
     b, t, n, h = q.shape
-    if k.shape[0] != b or v.shape[0] != b:
-        raise ValueError(f"batch sizes differ: q {q.shape}, k {k.shape}, v {v.shape}")
-    if k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"k and v must agree in [batch, seq, heads], got {k.shape} and {v.shape}")
-    if k.shape[3] != h:
-        raise ValueError(f"q has head_dim {h} but k has {k.shape[3]}; they must be equal")
-    kh, s = k.shape[2], k.shape[1]
-    if kh == 0 or n % kh:
-        raise ValueError(
-            f"q has {n} heads but k has {kh}; the number of q heads must be a multiple of the "
-            "number of kv heads (GQA/MQA)"
-        )
-    if q.dtype != k.dtype or q.dtype != v.dtype:
-        raise ValueError(f"q, k, v dtypes must match, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"unsupported dtype {q.dtype}; use float32, bfloat16 or float16")
+    s = k.shape[1]
     spec = MaskSpec.from_jax_nn(is_causal=is_causal, local_window_size=local_window_size)
 
     default_pos = q_positions is None and kv_positions is None

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnlab.ops._checks import check_gqa, check_qkv
 from attnlab.ops._registry import (  # noqa: F401 (platform: re-export)
     KERNEL_FIRST,
     Implementation,
@@ -44,7 +45,6 @@ from attnlab.ops.merge import merge_n
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, visible
 
 MAX_QUERIES = 64
-_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
 _FORWARD_ONLY = "decode kernels are forward-only; use impl='xla' to differentiate"
 
 
@@ -214,25 +214,12 @@ def decode_attention(
 def _normalize(
     q, k, v, kv_lengths, local_window_size, logits_soft_cap, scale, config
 ) -> DecodeArgs:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if len(jnp.shape(x)) != 4:
-            raise ValueError(
-                f"{name} must have shape [batch, seq, heads, head_dim], got shape "
-                f"{jnp.shape(x)}"
-            )
-    b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
+    check_qkv(q, k, v)
     if k.shape != v.shape:
         raise ValueError(f"k and v caches must have the same shape, got {k.shape} and {v.shape}")
-    if k.shape[0] != b:
-        raise ValueError(f"batch sizes differ: q {q.shape}, k {k.shape}, v {v.shape}")
-    if k.shape[3] != h:
-        raise ValueError(f"q has head_dim {h} but k has {k.shape[3]}; they must be equal")
-    if kh == 0 or n % kh:
-        raise ValueError(
-            f"q has {n} heads but k has {kh}; the number of q heads must be a multiple of the "
-            "number of kv heads (GQA/MQA)"
-        )
+    check_gqa(q, k, v)
+    b, t, n, h = q.shape
+    s = k.shape[1]
     if not 1 <= t <= MAX_QUERIES:
         raise ValueError(
             f"q has T={t} queries per sequence; decode takes 1 to {MAX_QUERIES} (use "
@@ -240,10 +227,6 @@ def _normalize(
         )
     if s == 0:
         raise ValueError(f"the cache is empty (k has shape {k.shape}); S must be at least 1")
-    if q.dtype != k.dtype or q.dtype != v.dtype:
-        raise ValueError(f"q, k, v dtypes must match, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"unsupported dtype {q.dtype}; use float32, bfloat16 or float16")
     lengths = None
     if kv_lengths is not None:
         if jnp.shape(kv_lengths) != (b,):

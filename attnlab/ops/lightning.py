@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnlab.ops._checks import check_qkv
 from attnlab.ops._registry import KERNEL_FIRST, Implementation, Registry, backends, platform
 
-_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -108,11 +108,7 @@ def transnormer_decay(num_heads: int, layer_idx: int = 0, num_layers: int = 1) -
 def _normalize(
     q, k, v, decay, initial_state, segment_ids, scale, chunk_size, config
 ) -> LightningArgs:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if jnp.ndim(x) != 4:
-            raise ValueError(
-                f"{name} must have shape [batch, seq, heads, head_dim], got shape {jnp.shape(x)}"
-            )
+    check_qkv(q, k, v)
     b, t, n, h = q.shape
     if k.shape != q.shape:
         raise ValueError(f"k must have q's shape {q.shape} [B, T, N, H], got {k.shape}")
@@ -120,10 +116,6 @@ def _normalize(
         raise ValueError(
             f"v must agree with q in [batch, seq, heads] = {q.shape[:3]}, got {v.shape}"
         )
-    if q.dtype != k.dtype or q.dtype != v.dtype:
-        raise ValueError(f"q, k, v dtypes must match, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"unsupported dtype {q.dtype}; use float32, bfloat16 or float16")
     log_decay = log_decay_of(decay, n)
     hv = v.shape[-1]
     if initial_state is not None:
@@ -185,25 +177,18 @@ def segment_starts(segment_ids: jax.Array | None, b: int, t: int) -> jax.Array:
 # ----------------------------------------------------------------------------- reference
 
 
-def reference(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    decay: Any,
-    initial_state: jax.Array | None = None,
-    return_state: bool = False,
-    segment_ids: jax.Array | None = None,
-    scale: float | None = None,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+def reference(q: jax.Array, k: jax.Array, v: jax.Array, **kwargs: Any
+              ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """The definition: the recurrence S_t = lambda S_{t-1} + k_t^T v_t, o_t = scale q_t S_t.
 
-    Same arguments and return values as :func:`lightning_attention` (float32 state, HIGHEST
-    precision, one token per scan step).
+    ``lightning_attention(q, k, v, impl="reference", **kwargs)``: the same arguments (but
+    ``impl``, ``config`` and ``chunk_size``) and return values as :func:`lightning_attention`
+    (float32 state, HIGHEST precision, one token per scan step).
     """
-    a = _normalize(q, k, v, decay, initial_state, segment_ids, scale, None, None)
-    o, s = _reference(q, k, v, a)
-    return (o, s) if return_state else o
+    for name in ("impl", "config", "chunk_size"):
+        if name in kwargs:
+            raise ValueError(f"reference takes no {name}")
+    return lightning_attention(q, k, v, impl="reference", **kwargs)
 
 
 def _reference(q, k, v, a: LightningArgs) -> tuple[jax.Array, jax.Array]:

@@ -48,9 +48,5 @@ def _fn(q, k, v, a: AttentionArgs):
 
 
 IMPLEMENTATION = Implementation(
-    name="cudnn",
-    description="cuDNN flash attention via jax.nn.dot_product_attention",
-    fn=_fn,
-    unsupported=unsupported,
-    returns_lse=False,
-)
+    name="cudnn", fn=_fn, unsupported=unsupported, returns_lse=False,
+    description="cuDNN flash attention via jax.nn.dot_product_attention")

@@ -22,11 +22,6 @@ from pallas_kernels.tpu.flash import (
 
 def unsupported(q, k, v, a: AttentionArgs, plat: str) -> str | None:
     """None if the TPU kernels compute the call on ``plat``, else why not."""
-    if plat not in ("tpu", "cpu"):
-        return (
-            f"the Mosaic TPU kernel runs on TPU (or interpreted on CPU), not on {plat}; "
-            "use impl='pallas_triton' or 'xla'"
-        )
     if a.bias is not None:
         return "the TPU kernel takes no logits bias; use impl='xla' or 'reference' for a bias"
     if v.shape[-1] != q.shape[-1]:
@@ -34,8 +29,6 @@ def unsupported(q, k, v, a: AttentionArgs, plat: str) -> str | None:
             f"the TPU kernel needs the v head dim to equal the q head dim, got "
             f"{v.shape[-1]} and {q.shape[-1]}"
         )
-    if q.dtype not in SUPPORTED_DTYPES:
-        return f"the TPU kernel takes float32 or bfloat16 inputs, got {q.dtype}"
     return None
 
 
@@ -66,12 +59,7 @@ def _block_bwd(q, k, v, out, lse, dout, dlse, a: AttentionArgs):
 
 
 IMPLEMENTATION = Implementation(
-    name="pallas_tpu",
-    description="Mosaic TPU Pallas flash attention (fwd + bwd kernels); TPU interpret mode on "
-    "CPU, verified in interpret mode only; LSE, entropy",
-    fn=_fn,
-    unsupported=unsupported,
-    bwd=_block_bwd,
-    config_cls=TpuFlashConfig,
-    returns_entropy=True,
-)
+    name="pallas_tpu", fn=_fn, bwd=_block_bwd, unsupported=unsupported, platforms=("tpu", "cpu"),
+    dtypes=SUPPORTED_DTYPES, config_cls=TpuFlashConfig, returns_entropy=True,
+    description="Mosaic TPU Pallas flash attention (fwd + bwd kernels); LSE, entropy; "
+    "verified in TPU interpret mode only")

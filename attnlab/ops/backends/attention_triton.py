@@ -17,15 +17,8 @@ _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 def unsupported(q, k, v, a: AttentionArgs, plat: str) -> str | None:
     """None if the Triton kernels compute the call on ``plat``, else why not."""
-    if plat not in ("gpu", "cpu"):
-        return (
-            f"the Triton kernel runs on CUDA GPUs (and interpreted on CPU), not on {plat}; "
-            "use impl='pallas_tpu' or 'xla'"
-        )
     if a.bias is not None:
         return "pallas_triton takes no bias; use impl='xla' or 'reference' for a logits bias"
-    if q.dtype not in _DTYPES:
-        return f"pallas_triton needs float32, bfloat16 or float16 inputs, got {q.dtype}"
     h, hv = q.shape[-1], v.shape[-1]
     if hv != h:
         return f"pallas_triton needs the v head dim ({hv}) to equal the q head dim ({h})"
@@ -76,12 +69,6 @@ def _block_bwd(q, k, v, out, lse, dout, dlse, a: AttentionArgs):
 
 
 IMPLEMENTATION = Implementation(
-    name="pallas_triton",
-    description="Pallas flash attention lowered to Triton (GPU); masks as block metadata, GQA, "
-    "soft-cap, LSE, entropy; Pallas-interpreted on CPU",
-    fn=_fn,
-    unsupported=unsupported,
-    bwd=_block_bwd,
-    config_cls=FlashConfig,
-    returns_entropy=True,
-)
+    name="pallas_triton", fn=_fn, bwd=_block_bwd, unsupported=unsupported, platforms=("gpu", "cpu"),
+    dtypes=_DTYPES, config_cls=FlashConfig, returns_entropy=True, description="Pallas flash "
+    "attention lowered to Triton (GPU); masks as block metadata, GQA, soft-cap, LSE, entropy")

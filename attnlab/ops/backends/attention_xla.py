@@ -281,10 +281,5 @@ def _block_bwd(q, k, v, out, lse, dout, dlse, a: AttentionArgs):
 
 
 IMPLEMENTATION = Implementation(
-    name="xla",
-    description="blockwise online softmax in JAX; memory linear in sequence",
-    fn=_fn,
-    bwd=_block_bwd,
-    config_cls=XlaConfig,
-    returns_entropy=True,
-)
+    name="xla", fn=_fn, bwd=_block_bwd, config_cls=XlaConfig, returns_entropy=True,
+    description="blockwise online softmax in JAX; memory linear in sequence")

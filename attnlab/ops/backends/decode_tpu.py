@@ -19,14 +19,7 @@ from pallas_kernels.tpu.decode import (
 
 
 def unsupported(q, k, v, a: DecodeArgs, plat: str) -> str | None:
-    """None if the TPU decode kernel computes the call on ``plat``, else why not."""
-    if plat not in ("tpu", "cpu"):
-        return (
-            f"the TPU decode kernel runs on TPU (or interpreted on CPU), not on {plat}; use "
-            "impl='pallas_triton' or 'xla'"
-        )
-    if q.dtype not in SUPPORTED_DTYPES:
-        return f"pallas_tpu takes float32 or bfloat16 inputs, got {q.dtype}"
+    """None if the TPU decode kernel takes the cache's shape, else why not."""
     return unsupported_shape(k.shape)
 
 
@@ -39,10 +32,7 @@ def _fn(q, k, v, a: DecodeArgs):
 
 
 IMPLEMENTATION = Implementation(
-    name="pallas_tpu",
-    description="Mosaic TPU Pallas split-K decode kernel, lengths by scalar prefetch; forward "
-    "only; TPU interpret mode on CPU, verified in interpret mode only",
-    fn=_fn,
-    unsupported=unsupported,
-    config_cls=TpuDecodeConfig,
-)
+    name="pallas_tpu", fn=_fn, unsupported=unsupported, platforms=("tpu", "cpu"),
+    dtypes=SUPPORTED_DTYPES, config_cls=TpuDecodeConfig, description="Mosaic TPU Pallas "
+    "split-K decode kernel, lengths by scalar prefetch; forward only; verified in TPU "
+    "interpret mode only")

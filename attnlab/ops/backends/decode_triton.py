@@ -13,13 +13,6 @@ from pallas_kernels.gpu.decode import SUPPORTED_DTYPES, DecodeConfig, decode_par
 
 def unsupported(q, k, v, a: DecodeArgs, plat: str) -> str | None:
     """None if the Triton decode kernel computes the call on ``plat``, else why not."""
-    if plat not in ("gpu", "cpu"):
-        return (
-            f"the Triton decode kernel runs on CUDA GPUs (and interpreted on CPU), not on "
-            f"{plat}; use impl='pallas_tpu' or 'xla'"
-        )
-    if q.dtype not in SUPPORTED_DTYPES:
-        return f"pallas_triton needs float32, bfloat16 or float16 inputs, got {q.dtype}"
     h = q.shape[-1]
     if h & (h - 1) or not 16 <= h <= 256:
         return (
@@ -38,10 +31,7 @@ def _fn(q, k, v, a: DecodeArgs):
 
 
 IMPLEMENTATION = Implementation(
-    name="pallas_triton",
-    description="Pallas split-K decode kernel lowered to Triton (GPU), GQA rows packed per "
-    "tile, ragged lengths bound the key loop; forward only; Pallas-interpreted on CPU",
-    fn=_fn,
-    unsupported=unsupported,
-    config_cls=DecodeConfig,
-)
+    name="pallas_triton", fn=_fn, unsupported=unsupported, platforms=("gpu", "cpu"),
+    dtypes=SUPPORTED_DTYPES, config_cls=DecodeConfig, description="Pallas split-K decode "
+    "kernel lowered to Triton (GPU), GQA rows packed per tile, ragged lengths bound the key "
+    "loop; forward only")

@@ -79,9 +79,5 @@ def _fn(q, k, v, a: DecodeArgs) -> tuple[jax.Array, jax.Array]:
 
 
 IMPLEMENTATION = Implementation(
-    name="xla",
-    description="split-K in pure JAX: partial (out, lse) per key chunk, merged by LSE; "
-    "differentiable",
-    fn=_fn,
-    config_cls=XlaDecodeConfig,
-)
+    name="xla", fn=_fn, config_cls=XlaDecodeConfig,
+    description="split-K in pure JAX: partial (out, lse) per key chunk, merged by LSE")

@@ -4,21 +4,11 @@ their own block phases for LASP / LASP-2 when the fused forward is configured.""
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-
 from attnlab.ops._registry import Implementation, platform
 from attnlab.ops.lightning import BlockPhases, LightningArgs
 from pallas_kernels.gpu import lightning_chunk as kernels
+from pallas_kernels.gpu.lightning_common import SUPPORTED_DTYPES as DTYPES
 from pallas_kernels.gpu.lightning_common import LightningConfig
-
-
-def unsupported(q, k, v, a: LightningArgs, plat: str) -> str | None:
-    """None if the Triton lightning kernels compute the call on ``plat``, else why not."""
-    if plat not in ("gpu", "cpu"):
-        return f"pallas_triton runs on gpu (interpreted on CPU), not {plat}"
-    if q.dtype == jnp.float64:
-        return "pallas_triton takes float32, bfloat16 or float16 inputs, got float64"
-    return None
 
 
 def _fn(q, k, v, a: LightningArgs):
@@ -48,11 +38,6 @@ def _phases(q, k, v, a: LightningArgs) -> BlockPhases | None:
 
 
 IMPLEMENTATION = Implementation(
-    name="pallas_triton",
-    description="Pallas chunked lightning kernel on GPU (Triton), fwd + bwd; interpreted on CPU",
-    fn=_fn,
-    unsupported=unsupported,
-    config_cls=LightningConfig,
-    phases=_phases,
-    returns_lse=False,
-)
+    name="pallas_triton", fn=_fn, phases=_phases, platforms=("gpu", "cpu"), dtypes=DTYPES,
+    config_cls=LightningConfig, returns_lse=False,
+    description="Pallas chunked lightning kernels lowered to Triton (GPU), fwd + bwd")

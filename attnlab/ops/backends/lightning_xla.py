@@ -109,10 +109,5 @@ def _fn(q, k, v, a: LightningArgs):
 
 
 IMPLEMENTATION = Implementation(
-    name="xla",
-    description="chunked intra/inter-block form (Lightning Attention-2) in JAX; parallel state "
-    "scan",
-    fn=_fn,
-    config_cls=XlaLightningConfig,
-    returns_lse=False,
-)
+    name="xla", fn=_fn, config_cls=XlaLightningConfig, returns_lse=False,
+    description="chunked intra/inter-block form (Lightning Attention-2) in JAX; state scan")
