@@ -166,19 +166,15 @@ REGISTRY = Registry(
     adapters=backends("attention", "xla", "cudnn", "pallas_triton", "pallas_tpu"),
     auto_order=AUTO_ORDER,
 )
-register, choose = REGISTRY.register, REGISTRY.choose
-implementations, explain, auto_choice = (REGISTRY.implementations, REGISTRY.explain,
-                                         REGISTRY.auto_choice)
+register, choose, implementations = REGISTRY.register, REGISTRY.choose, REGISTRY.implementations
+explain, auto_choice = REGISTRY.explain, REGISTRY.auto_choice
 
 
 # ----------------------------------------------------------------------------- public op
 
 
 def attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
+    q: jax.Array, k: jax.Array, v: jax.Array, *,
     bias: jax.Array | None = None,
     is_causal: bool = False,
     local_window_size: int | tuple[int, int] | None = None,

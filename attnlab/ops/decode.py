@@ -144,27 +144,19 @@ def _args_from_kwargs(q, k, v, **kwargs: Any) -> DecodeArgs:
 # Fastest first; "auto" takes the first that supports the call.
 AUTO_ORDER = KERNEL_FIRST
 REGISTRY = Registry(
-    "decode",
-    normalize=_args_from_kwargs,
-    reference=Implementation(
-        name="reference", description="plain jnp definition; materializes [B, N, T, S]",
-        fn=_reference,
-    ),
-    adapters=backends("decode", "xla", "pallas_triton", "pallas_tpu"),
-)
-register, choose = REGISTRY.register, REGISTRY.choose
-implementations, explain, auto_choice = (REGISTRY.implementations, REGISTRY.explain,
-                                         REGISTRY.auto_choice)
+    "decode", normalize=_args_from_kwargs, adapters=backends("decode", "xla", "pallas_triton",
+                                                             "pallas_tpu"),
+    reference=Implementation(name="reference", fn=_reference,
+                             description="plain jnp definition; materializes [B, N, T, S]"))
+register, choose, implementations = REGISTRY.register, REGISTRY.choose, REGISTRY.implementations
+explain, auto_choice = REGISTRY.explain, REGISTRY.auto_choice
 
 
 # ----------------------------------------------------------------------------- public op
 
 
 def decode_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
+    q: jax.Array, k: jax.Array, v: jax.Array, *,
     kv_lengths: jax.Array | None = None,
     local_window_size: int | tuple[int, int] | None = None,
     logits_soft_cap: float | None = None,

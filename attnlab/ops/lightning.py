@@ -330,14 +330,10 @@ def _args_from_kwargs(q, k, v, *, decay: Any, **kwargs: Any) -> LightningArgs:
 
 AUTO_ORDER = KERNEL_FIRST
 REGISTRY = Registry(
-    "lightning_attention",
-    normalize=_args_from_kwargs,
-    reference=Implementation(
-        name="reference", description="the recurrence, one token per scan step (definition)",
-        fn=_reference, returns_lse=False,
-    ),
+    "lightning_attention", normalize=_args_from_kwargs,
     adapters=backends("lightning", "xla", "pallas_triton", "pallas_tpu"),
-)
+    reference=Implementation(name="reference", fn=_reference, returns_lse=False,
+                             description="the recurrence, one token per scan step (definition)"))
 implementations, explain = REGISTRY.implementations, REGISTRY.explain
 
 
@@ -345,10 +341,7 @@ implementations, explain = REGISTRY.implementations, REGISTRY.explain
 
 
 def lightning_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
+    q: jax.Array, k: jax.Array, v: jax.Array, *,
     decay: Any,
     initial_state: jax.Array | None = None,
     return_state: bool = False,
