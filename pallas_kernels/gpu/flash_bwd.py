@@ -29,14 +29,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common.masks import MASK_VALUE, MaskSpec
+from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, tile_mask
 from pallas_kernels.gpu._common import LN2, LOG2E, dot, dot_precision, log2_logits, pad_axis
 from pallas_kernels.gpu.flash_common import (
     FlashConfig,
     TilePlan,
     pad_inputs,
     tile_loops,
-    tile_mask,
     tiling,
 )
 

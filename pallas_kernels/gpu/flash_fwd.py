@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common.checks import check_attention_inputs
-from pallas_kernels.common.masks import MASK_VALUE, MaskSpec
+from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, tile_mask
 from pallas_kernels.gpu._common import LN2, M_INIT, dot, dot_precision, log2_logits
 from pallas_kernels.gpu.flash_bwd import flash_backward
 from pallas_kernels.gpu.flash_common import (
@@ -40,7 +40,6 @@ from pallas_kernels.gpu.flash_common import (
     Tiling,
     pad_inputs,
     tile_loops,
-    tile_mask,
     tile_plan,
     tiling,
 )

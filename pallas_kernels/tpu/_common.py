@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common.masks import MaskSpec, visible
+from pallas_kernels.common.masks import MaskSpec, tile_mask
 
 NUM_LANES = 128
 NUM_SUBLANES = 8
@@ -48,26 +48,32 @@ def tile_logits(
     return soft_cap * jnp.tanh(raw / soft_cap), raw
 
 
-def tile_mask(
-    spec: MaskSpec,
-    q_pos: jax.Array,
-    k_pos: jax.Array,
-    q_seg: jax.Array | None,
-    k_seg: jax.Array | None,
-    k_index: jax.Array,
-    kv_len: int | None,
+def ref_tile_mask(
+    spec: MaskSpec, refs: tuple[Any, Any, Any, Any], j: jax.Array, bkv: int, kv_len: int, *,
+    keys_on_lanes: bool = True,
 ) -> jax.Array | None:
-    """Visibility of one tile, or None when every pair is visible.
+    """:func:`~pallas_kernels.common.masks.tile_mask` of key block ``j`` (``bkv`` keys, of
+    ``kv_len`` real ones), read from the kernel's (q_pos, kv_pos, q_seg, kv_seg) refs.
 
-    Any orientation: the arguments broadcast against each other. ``k_index`` holds the keys'
-    indices into the padded key axis; keys at or past ``kv_len`` are padding and never
-    visible (``kv_len=None``: the key axis has no padding).
+    ``keys_on_lanes``: logits [bq, bkv]; the query refs are lane-broadcast [bq, NUM_LANES], the
+    key refs [1, bkv]. Else the transpose (logits [bkv, bq]). Segment refs may be None.
     """
-    mask = visible(spec, q_pos, k_pos, q_seg, k_seg)
-    if kv_len is not None:
-        valid = k_index < kv_len
-        mask = valid if mask is None else jnp.logical_and(mask, valid)
-    return mask
+    q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref = refs
+    if keys_on_lanes:
+        k_index = j * bkv + lax.broadcasted_iota(jnp.int32, (1, bkv), 1)
+        q_col, kv_col = slice(None, 1), slice(None)
+    else:
+        k_index = j * bkv + lax.broadcasted_iota(jnp.int32, (bkv, 1), 0)
+        q_col, kv_col = slice(None), slice(None, 1)
+    return tile_mask(
+        spec,
+        q_pos_ref[:, q_col],
+        kv_pos_ref[:, kv_col],
+        None if q_seg_ref is None else q_seg_ref[:, q_col],
+        None if kv_seg_ref is None else kv_seg_ref[:, kv_col],
+        k_index,
+        None if kv_len % bkv == 0 else kv_len,
+    )
 
 
 def compiler_params(semantics: tuple[str, ...], interpret: Any) -> pltpu.CompilerParams | None:

@@ -45,8 +45,8 @@ from pallas_kernels.tpu._common import (
     ROW_SEMANTICS,
     clamp_block,
     compiler_params,
+    ref_tile_mask,
     tile_logits,
-    tile_mask,
 )
 
 
@@ -106,16 +106,8 @@ def _dq_kernel(
         delta = jnp.expand_dims(delta_ref[0], -1)  # [bq, 1]
         p = jnp.exp(z - lse)
         if masked:
-            k_index = j * bkv + lax.broadcasted_iota(jnp.int32, (1, bkv), 1)
-            mask = tile_mask(
-                spec,
-                q_pos_ref[:, :1],
-                kv_pos_ref[...],
-                None if q_seg_ref is None else q_seg_ref[:, :1],
-                None if kv_seg_ref is None else kv_seg_ref[...],
-                k_index,
-                None if kv_len % bkv == 0 else kv_len,
-            )
+            mask = ref_tile_mask(spec, (q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref), j, bkv,
+                                 kv_len)
             if mask is not None:
                 p = jnp.where(mask, p, 0.0)
         do = do_ref[...]
@@ -279,16 +271,8 @@ def _dkv_kernel(
         z, raw = tile_logits(k_ref[...], q, scale=scale, soft_cap=soft_cap)
         p = jnp.exp(z - lse_ref[...])
         if masked:
-            k_index = j * bkv + lax.broadcasted_iota(jnp.int32, (bkv, 1), 0)
-            mask = tile_mask(
-                spec,
-                q_pos_ref[...],
-                kv_pos_ref[:, :1],
-                None if q_seg_ref is None else q_seg_ref[...],
-                None if kv_seg_ref is None else kv_seg_ref[:, :1],
-                k_index,
-                None if kv_len % bkv == 0 else kv_len,
-            )
+            mask = ref_tile_mask(spec, (q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref), j, bkv,
+                                 kv_len, keys_on_lanes=False)
             if mask is not None:
                 p = jnp.where(mask, p, 0.0)
         dv_acc_ref[...] += lax.dot_general(
