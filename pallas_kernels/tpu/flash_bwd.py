@@ -58,6 +58,24 @@ def soft_cap_grad(dz: jax.Array, raw: jax.Array, soft_cap: float | None) -> jax.
     return dz * (1.0 - t * t)
 
 
+def _grad_in_specs(
+    q_map: Any, kv_map: Any, row_map: Any, block_q: int, block_kv: int, h: int, hv: int,
+    entropy: Any,
+) -> list[Any]:
+    """Block specs of (q, k, v, dO, lse, delta, dH, c), the inputs both backward kernels take
+    alike (the row terms [B, N, 1, T_pad]; dH and c are None without entropy)."""
+    row = pl.BlockSpec((None, None, 1, block_q), row_map)
+    return [
+        pl.BlockSpec((None, None, block_q, h), q_map),
+        pl.BlockSpec((None, None, block_kv, h), kv_map),
+        pl.BlockSpec((None, None, block_kv, hv), kv_map),
+        pl.BlockSpec((None, None, block_q, hv), q_map),
+        row,
+        row,
+        *((None, None) if entropy is None else (row, row)),
+    ]
+
+
 # ----------------------------------------------------------------------------- dQ kernel
 
 
@@ -172,18 +190,7 @@ def flash_dq(
     def row_map(bi, ni, i, j, kind_ref, lo_ref, hi_ref):
         return bi, ni, 0, i
 
-    in_specs = [
-        pl.BlockSpec((None, None, block_q, h), q_map),
-        pl.BlockSpec((None, None, block_kv, h), kv_map),
-        pl.BlockSpec((None, None, block_kv, h), kv_map),
-        pl.BlockSpec((None, None, block_q, h), q_map),
-        pl.BlockSpec((None, None, 1, block_q), row_map),
-        pl.BlockSpec((None, None, 1, block_q), row_map),
-    ]
-    in_specs += [None, None] if entropy is None else [
-        pl.BlockSpec((None, None, 1, block_q), row_map),
-        pl.BlockSpec((None, None, 1, block_q), row_map),
-    ]
+    in_specs = _grad_in_specs(q_map, kv_map, row_map, block_q, block_kv, h, v.shape[3], entropy)
     in_specs += [
         pl.BlockSpec((block_q, NUM_LANES), lambda bi, ni, i, j, *_: (i, 0)),
         pl.BlockSpec(
@@ -342,18 +349,7 @@ def flash_dkv(
     def kv_map(bi, ki, j, gi, i, *_):
         return bi, ki, j, 0
 
-    in_specs = [
-        pl.BlockSpec((None, None, block_q, h), q_map),
-        pl.BlockSpec((None, None, block_kv, h), kv_map),
-        pl.BlockSpec((None, None, block_kv, hv), kv_map),
-        pl.BlockSpec((None, None, block_q, hv), q_map),
-        pl.BlockSpec((None, None, 1, block_q), row_map),
-        pl.BlockSpec((None, None, 1, block_q), row_map),
-    ]
-    in_specs += [None, None] if entropy is None else [
-        pl.BlockSpec((None, None, 1, block_q), row_map),
-        pl.BlockSpec((None, None, 1, block_q), row_map),
-    ]
+    in_specs = _grad_in_specs(q_map, kv_map, row_map, block_q, block_kv, h, hv, entropy)
     in_specs += [
         pl.BlockSpec(
             (1, block_q), lambda bi, ki, j, gi, i, kd, lo, hi: (0, q_i(bi, i, j, lo, hi))
