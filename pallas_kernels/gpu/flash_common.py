@@ -16,6 +16,7 @@ Used by :mod:`~pallas_kernels.gpu.flash_fwd` and :mod:`~pallas_kernels.gpu.flash
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -236,6 +237,38 @@ def tile_plan(
         loop_bounds(dq.kind, dq.kv_start, dq.kv_stop), dq.kind.astype(jnp.int8),
         loop_bounds(dkv_kind, dkv.q_start, dkv.q_stop), dkv_kind.astype(jnp.int8),
     )
+
+
+def q_block_specs(
+    kind: jax.Array, bq: int, sp: int, h: int, hv: int, g: int, segmented: bool
+) -> tuple[Callable[[int], int], list[pl.BlockSpec | None]]:
+    """The grid (q block, batch, q head) of the forward and dQ kernels, last q blocks first
+    (causal rows get longer towards the end).
+
+    kind: the kernel's [Bm, nq, nk] tile kinds; bq: its query tile; sp: the padded S; g: the
+    GQA group size. Returns (qi, specs): ``qi(i)`` the q block of grid step i, and the block
+    specs of the inputs both kernels start with: (bounds, kind, q_pos, kv_pos, q_seg, kv_seg,
+    q, k, v), the segment specs None unless ``segmented``.
+    """
+    bm, nq, nk = kind.shape
+
+    def qi(i):
+        return nq - 1 - i
+
+    def meta_map(i, bi, ni):
+        return (bi if bm > 1 else 0, qi(i), 0)
+
+    return qi, [
+        pl.BlockSpec((None, None, 4), meta_map),
+        pl.BlockSpec((None, None, nk), meta_map),
+        pl.BlockSpec((bq,), lambda i, bi, ni: (qi(i),)),
+        pl.BlockSpec((sp,), lambda i, bi, ni: (0,)),
+        pl.BlockSpec((None, bq), lambda i, bi, ni: (bi, qi(i))) if segmented else None,
+        pl.BlockSpec((None, sp), lambda i, bi, ni: (bi, 0)) if segmented else None,
+        pl.BlockSpec((None, bq, None, h), lambda i, bi, ni: (bi, qi(i), ni, 0)),
+        pl.BlockSpec((None, sp, None, h), lambda i, bi, ni: (bi, 0, ni // g, 0)),
+        pl.BlockSpec((None, sp, None, hv), lambda i, bi, ni: (bi, 0, ni // g, 0)),
+    ]
 
 
 def pad_inputs(q, k, v, q_pos, kv_pos, q_seg, kv_seg, tp: int, sp: int):
