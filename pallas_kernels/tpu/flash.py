@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common.checks import check_attention_inputs
+from pallas_kernels.common.checks import check_attention_inputs, check_config
 from pallas_kernels.common.masks import (
     FULL,
     MASK_VALUE,
@@ -471,10 +471,7 @@ def flash_attention(
     )
     if soft_cap is not None and not soft_cap > 0:
         raise ValueError(f"soft_cap must be positive or None, got {soft_cap}")
-    if config is None:
-        config = TpuFlashConfig.get_default()
-    elif not isinstance(config, TpuFlashConfig):
-        raise ValueError(f"config must be a TpuFlashConfig, got {type(config).__name__}")
+    config = check_config(config, TpuFlashConfig)
     if interpret is True:
         interpret = pltpu.InterpretParams()
 
