@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common.masks import MaskSpec, tile_mask
@@ -95,3 +96,42 @@ def clamp_block(j: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
     block already in VMEM, so the pipeline issues no copy for them.
     """
     return jnp.minimum(jnp.maximum(j, lo), jnp.maximum(hi - 1, 0))
+
+
+def q_row_specs(
+    g: int, nq: int, per_batch: bool, bq: int, bkv: int, segmented: bool
+) -> tuple[Any, Any, list[pl.BlockSpec | None]]:
+    """Index maps of a kernel over grid (B, N, q blocks, kv blocks) with scalar prefetch
+    (kind, kv_lo, kv_hi), whose kv steps are clamped into [kv_lo, kv_hi) of their q block
+    (the forward and dQ kernels).
+
+    g: the GQA group size; nq: q blocks; per_batch: the metadata has a row per batch (segment
+    ids). Returns (q_map, kv_map, mask_specs): q_map for [B, N, T_pad, .] blocks of bq rows,
+    kv_map for [B, K, S_pad, .] blocks of bkv keys, and the specs of the mask inputs (q_pos
+    [T_pad, NUM_LANES], kv_pos [1, S_pad], q_seg [B, T_pad, NUM_LANES], kv_seg [B, 1, S_pad]),
+    the segment specs None unless ``segmented``.
+    """
+
+    def kv_j(bi, i, j, lo_ref, hi_ref):
+        r = (bi if per_batch else 0) * nq + i
+        return clamp_block(j, lo_ref[r], hi_ref[r])
+
+    def q_map(bi, ni, i, j, kind_ref, lo_ref, hi_ref):
+        return bi, ni, i, 0
+
+    def kv_map(bi, ni, i, j, kind_ref, lo_ref, hi_ref):
+        return bi, ni // g, kv_j(bi, i, j, lo_ref, hi_ref), 0
+
+    mask_specs = [
+        pl.BlockSpec((bq, NUM_LANES), lambda bi, ni, i, j, *_: (i, 0)),
+        pl.BlockSpec((1, bkv), lambda bi, ni, i, j, kd, lo, hi: (0, kv_j(bi, i, j, lo, hi))),
+    ]
+    if not segmented:
+        return q_map, kv_map, [*mask_specs, None, None]
+    return q_map, kv_map, [
+        *mask_specs,
+        pl.BlockSpec((None, bq, NUM_LANES), lambda bi, ni, i, j, *_: (bi, i, 0)),
+        pl.BlockSpec(
+            (None, 1, bkv), lambda bi, ni, i, j, kd, lo, hi: (bi, 0, kv_j(bi, i, j, lo, hi))
+        ),
+    ]

@@ -49,8 +49,8 @@ from pallas_kernels.tpu._common import (
     NUM_LANES,
     NUM_SUBLANES,
     ROW_SEMANTICS,
-    clamp_block,
     compiler_params,
+    q_row_specs,
     ref_tile_mask,
     round_up,
     tile_logits,
@@ -262,33 +262,15 @@ def _forward(
     per_batch = q_seg is not None
     md = _metadata(spec, q_pos, kv_pos, q_seg, kv_seg, block_q=bq, block_kv=bkv)
 
-    def kv_j(bi, i, j, lo_ref, hi_ref):
-        r = (bi if per_batch else 0) * nq + i
-        return clamp_block(j, lo_ref[r], hi_ref[r])
-
-    def q_map(bi, ni, i, j, kind_ref, lo_ref, hi_ref):
-        return bi, ni, i, 0
-
-    def kv_map(bi, ni, i, j, kind_ref, lo_ref, hi_ref):
-        return bi, ni // g, kv_j(bi, i, j, lo_ref, hi_ref), 0
-
+    q_map, kv_map, mask_specs = q_row_specs(g, nq, per_batch, bq, bkv, q_seg is not None)
     in_specs = [
         pl.BlockSpec((None, None, bq, h), q_map),
         pl.BlockSpec((None, None, bkv, h), kv_map),
         pl.BlockSpec((None, None, bkv, hv), kv_map),
-        pl.BlockSpec((bq, NUM_LANES), lambda bi, ni, i, j, *_: (i, 0)),
-        pl.BlockSpec((1, bkv), lambda bi, ni, i, j, kd, lo, hi: (0, kv_j(bi, i, j, lo, hi))),
+        *mask_specs,
     ]
-    if q_seg is None:
-        in_specs += [None, None]
-        q_seg_c = kv_seg_r = None
-    else:
-        in_specs += [
-            pl.BlockSpec((None, bq, NUM_LANES), lambda bi, ni, i, j, *_: (bi, i, 0)),
-            pl.BlockSpec(
-                (None, 1, bkv), lambda bi, ni, i, j, kd, lo, hi: (bi, 0, kv_j(bi, i, j, lo, hi))
-            ),
-        ]
+    q_seg_c = kv_seg_r = None
+    if q_seg is not None:
         q_seg_c, kv_seg_r = _lane_column(q_seg, t_pad), _sublane_row(kv_seg, s_pad)
     kernel = functools.partial(
         _fwd_kernel, spec=spec, scale=scale, soft_cap=soft_cap, kv_len=s, bkv=bkv, nq=nq,

@@ -45,6 +45,7 @@ from pallas_kernels.tpu._common import (
     ROW_SEMANTICS,
     clamp_block,
     compiler_params,
+    q_row_specs,
     ref_tile_mask,
     tile_logits,
 )
@@ -177,36 +178,15 @@ def flash_dq(
     g = n // kh
     nq, nk = t_pad // block_q, s_pad // block_kv
 
-    def kv_j(bi, i, j, kv_lo_ref, kv_hi_ref):
-        r = (bi if per_batch else 0) * nq + i
-        return clamp_block(j, kv_lo_ref[r], kv_hi_ref[r])
-
-    def q_map(bi, ni, i, j, kind_ref, lo_ref, hi_ref):
-        return bi, ni, i, 0
-
-    def kv_map(bi, ni, i, j, kind_ref, lo_ref, hi_ref):
-        return bi, ni // g, kv_j(bi, i, j, lo_ref, hi_ref), 0
+    q_map, kv_map, mask_specs = q_row_specs(g, nq, per_batch, block_q, block_kv, q_seg is not None)
 
     def row_map(bi, ni, i, j, kind_ref, lo_ref, hi_ref):
         return bi, ni, 0, i
 
-    in_specs = _grad_in_specs(q_map, kv_map, row_map, block_q, block_kv, h, v.shape[3], entropy)
-    in_specs += [
-        pl.BlockSpec((block_q, NUM_LANES), lambda bi, ni, i, j, *_: (i, 0)),
-        pl.BlockSpec(
-            (1, block_kv), lambda bi, ni, i, j, kd, lo, hi: (0, kv_j(bi, i, j, lo, hi))
-        ),
+    in_specs = [
+        *_grad_in_specs(q_map, kv_map, row_map, block_q, block_kv, h, v.shape[3], entropy),
+        *mask_specs,
     ]
-    if q_seg is None:
-        in_specs += [None, None]
-    else:
-        in_specs += [
-            pl.BlockSpec((None, block_q, NUM_LANES), lambda bi, ni, i, j, *_: (bi, i, 0)),
-            pl.BlockSpec(
-                (None, 1, block_kv),
-                lambda bi, ni, i, j, kd, lo, hi: (bi, 0, kv_j(bi, i, j, lo, hi)),
-            ),
-        ]
     kernel = functools.partial(
         _dq_kernel, spec=spec, scale=scale, soft_cap=soft_cap, kv_len=kv_len, bkv=block_kv,
         nq=nq, nk=nk, per_batch=per_batch,
