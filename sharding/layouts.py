@@ -44,6 +44,12 @@ def check_layout(layout: str, length: int, num_shards: int, what: str = "sequenc
         )
 
 
+def _seq_axis(x: jax.Array, axis: int) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
+    """(axis as a non-negative index, its length, the shape before it, the shape after)."""
+    axis = axis % x.ndim
+    return axis, x.shape[axis], x.shape[:axis], x.shape[axis + 1 :]
+
+
 def permute(x: jax.Array, axis: int, layout: str, num_shards: int) -> jax.Array:
     """Reorders the sequence ``axis`` of a global array from token order into ``layout`` order.
 
@@ -61,13 +67,10 @@ def permute(x: jax.Array, axis: int, layout: str, num_shards: int) -> jax.Array:
     Example:
       >>> qz = permute(q, 1, "zigzag", 4)
     """
-    axis = axis % x.ndim
-    n = x.shape[axis]
+    a, n, pre, post = _seq_axis(x, axis)
     check_layout(layout, n, num_shards)
     if layout == "contiguous":
         return x
-    pre, post = x.shape[:axis], x.shape[axis + 1 :]
-    a = len(pre)
     if layout == "striped":  # [S/P, P] -> [P, S/P]: shard d gets t = j P + d
         y = x.reshape(*pre, n // num_shards, num_shards, *post)
         return jnp.swapaxes(y, a, a + 1).reshape(x.shape)
@@ -81,13 +84,10 @@ def permute(x: jax.Array, axis: int, layout: str, num_shards: int) -> jax.Array:
 
 def unpermute(x: jax.Array, axis: int, layout: str, num_shards: int) -> jax.Array:
     """Inverse of :func:`permute`: layout order back to token order (same arguments)."""
-    axis = axis % x.ndim
-    n = x.shape[axis]
+    a, n, pre, post = _seq_axis(x, axis)
     check_layout(layout, n, num_shards)
     if layout == "contiguous":
         return x
-    pre, post = x.shape[:axis], x.shape[axis + 1 :]
-    a = len(pre)
     if layout == "striped":
         y = x.reshape(*pre, num_shards, n // num_shards, *post)
         return jnp.swapaxes(y, a, a + 1).reshape(x.shape)
@@ -141,16 +141,15 @@ def _shard_geometry(
     """(axis, P, L, shape before axis, shape after) of a striped or zigzag shard of length L
     on a P-device axis; raises ValueError for other layouts or a length the layout cannot
     split (striped: L divisible by P; zigzag: L even)."""
-    axis = axis % x.ndim
+    axis, length, pre, post = _seq_axis(x, axis)
     n = jax.lax.axis_size(axis_name)
-    length = x.shape[axis]
     if layout == "striped":
         check_layout(layout, length, n, "per-shard sequence")
     elif layout == "zigzag":
         check_layout("striped", length, 2, "per-shard sequence")
     else:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
-    return axis, n, length, x.shape[:axis], x.shape[axis + 1 :]
+    return axis, n, length, pre, post
 
 
 def shard_permute(x: jax.Array, axis: int, layout: str, axis_name: str) -> jax.Array:
