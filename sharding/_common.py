@@ -12,7 +12,10 @@ from jax.sharding import PartitionSpec as P
 from attnlab.ops._registry import platform
 from attnlab.ops._vma import vary, varying
 
-__all__ = ["check_mesh_axes", "default_check_vma", "mesh_shard_map", "vary", "varying_axes"]
+__all__ = [
+    "check_bsn_axes", "check_mesh_axes", "default_check_vma", "mesh_shard_map", "vary",
+    "varying_axes",
+]
 
 
 def varying_axes(axis_name: str, *refs) -> tuple[str, ...]:
@@ -56,6 +59,22 @@ def check_mesh_axes(mesh: Mesh, axes: dict[str, str | tuple[str, ...] | None],
                 f"{what}={size} is not divisible by the {ax!r} mesh axis of size {parts}; pad "
                 f"it to a multiple of {parts}"
             )
+
+
+def check_bsn_axes(
+    mesh: Mesh, seq_axis: str, batch_axis: str | None, head_axis: str | None, *,
+    seq: tuple[str, int], batch: int, heads: int, kv_heads: int | None = None,
+) -> None:
+    """:func:`check_mesh_axes` for [B, seq, N, ...] arrays split over (batch_axis, seq_axis,
+    head_axis): ``seq`` is (what, length), e.g. ``("sequence length T", t)``; ``kv_heads``
+    (K) is checked against ``head_axis`` too when given."""
+    sizes = {seq[0]: (seq[1], seq_axis), "batch B": (batch, batch_axis),
+             "heads N": (heads, head_axis)}
+    if kv_heads is not None:
+        sizes["kv heads K"] = (kv_heads, head_axis)
+    check_mesh_axes(
+        mesh, {"seq_axis": seq_axis, "batch_axis": batch_axis, "head_axis": head_axis}, sizes
+    )
 
 
 def default_check_vma(impl: str) -> bool:

@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 from attnlab.ops import lightning as _L
 from attnlab.ops._vma import like_vma, vary, varying
 from attnlab.ops.lightning import LightningArgs
-from sharding._common import check_mesh_axes, default_check_vma, mesh_shard_map
+from sharding._common import check_bsn_axes, default_check_vma, mesh_shard_map
 
 
 def boundary_keep(segment_ids: jax.Array | None, prev_last: jax.Array | None) -> jax.Array:
@@ -60,18 +60,9 @@ class StateExchange(NamedTuple):
 
 
 def phased_shard(
-    exchange: StateExchange,
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    log_decay: jax.Array,
-    initial_state: jax.Array | None = None,
-    segment_ids: jax.Array | None = None,
-    *,
-    axis_name: str,
-    scale: float = 1.0,
-    chunk_size: int | None = None,
-    impl: str = "auto",
+    exchange: StateExchange, q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array,
+    initial_state: jax.Array | None = None, segment_ids: jax.Array | None = None, *,
+    axis_name: str, scale: float = 1.0, chunk_size: int | None = None, impl: str = "auto",
     config: Any = None,
 ) -> tuple[jax.Array, jax.Array]:
     """One block of a sequence-parallel lightning layer (inside ``shard_map``), as the block
@@ -175,17 +166,9 @@ def ring_exchange(axis_name: str) -> StateExchange:
 
 
 def lasp_shard(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    log_decay: jax.Array,
-    initial_state: jax.Array | None = None,
-    segment_ids: jax.Array | None = None,
-    *,
-    axis_name: str,
-    scale: float = 1.0,
-    chunk_size: int | None = None,
-    impl: str = "auto",
+    q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array,
+    initial_state: jax.Array | None = None, segment_ids: jax.Array | None = None, *,
+    axis_name: str, scale: float = 1.0, chunk_size: int | None = None, impl: str = "auto",
     config: Any = None,
 ) -> tuple[jax.Array, jax.Array]:
     """LASP inside ``jax.shard_map``: this device's block of a sequence split over ``axis_name``.
@@ -216,23 +199,11 @@ ShardFn = Callable[..., tuple[jax.Array, jax.Array]]
 
 
 def sharded_lightning(
-    shard_fn: ShardFn,
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    decay: Any,
-    mesh: Mesh,
-    seq_axis: str = "sp",
-    batch_axis: str | None = None,
-    head_axis: str | None = None,
-    initial_state: jax.Array | None = None,
-    return_state: bool = False,
-    segment_ids: jax.Array | None = None,
-    chunk_size: int | None = None,
-    scale: float | None = None,
-    impl: str = "auto",
-    config: Any = None,
+    shard_fn: ShardFn, q: jax.Array, k: jax.Array, v: jax.Array, *, decay: Any, mesh: Mesh,
+    seq_axis: str = "sp", batch_axis: str | None = None, head_axis: str | None = None,
+    initial_state: jax.Array | None = None, return_state: bool = False,
+    segment_ids: jax.Array | None = None, chunk_size: int | None = None,
+    scale: float | None = None, impl: str = "auto", config: Any = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Runs ``shard_fn`` (``lasp_shard`` or ``lasp2_shard``) over ``mesh`` with global arrays.
 
@@ -241,11 +212,8 @@ def sharded_lightning(
     """
     a = _L._normalize(q, k, v, decay, initial_state, segment_ids, scale, chunk_size, config)
     b, t, n, _ = q.shape
-    check_mesh_axes(
-        mesh, {"seq_axis": seq_axis, "batch_axis": batch_axis, "head_axis": head_axis},
-        {"sequence length T": (t, seq_axis), "batch B": (b, batch_axis),
-         "heads N": (n, head_axis)},
-    )
+    check_bsn_axes(mesh, seq_axis, batch_axis, head_axis, seq=("sequence length T", t),
+                   batch=b, heads=n)
     qs = P(batch_axis, seq_axis, head_axis, None)
     ss = P(batch_axis, head_axis, None, None)
     args: dict[str, jax.Array] = {"q": q, "k": k, "v": v, "log_decay": a.log_decay}

@@ -111,30 +111,27 @@ def gather_exchange(axis_name: str) -> StateExchange:
 
 
 def lasp2_shard(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    log_decay: jax.Array,
-    initial_state: jax.Array | None = None,
-    segment_ids: jax.Array | None = None,
-    *,
-    axis_name: str,
-    scale: float = 1.0,
-    chunk_size: int | None = None,
-    impl: str = "auto",
-    config: Any = None,
+    q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array,
+    initial_state: jax.Array | None = None, segment_ids: jax.Array | None = None, *,
+    axis_name: str, **kwargs: Any,
 ) -> tuple[jax.Array, jax.Array]:
     """LASP-2 inside ``jax.shard_map``: this device's block of a sequence split over ``axis_name``.
 
-    Same arguments and returns as :func:`sharding.lasp.lasp_shard`. Differentiable in q, k, v
-    and initial_state (custom VJP with one all-gather); log_decay gets a zero cotangent.
+    Args:
+      q, k: [B, Tl, N, H] this device's block; v: [B, Tl, N, Hv]; log_decay: [N] float32.
+      initial_state ([B, N, H, Hv] or None), segment_ids ([B, Tl] or None), axis_name,
+        **kwargs (scale, chunk_size, impl, config): as :func:`sharding.lasp.lasp_shard`.
+
+    Returns:
+      (o [B, Tl, N, Hv], final_state [B, N, H, Hv] float32), as
+      :func:`sharding.lasp.lasp_shard`. Differentiable in q, k, v and initial_state (custom
+      VJP with one all-gather); log_decay gets a zero cotangent.
 
     Example:
       >>> o, s = jax.shard_map(partial(lasp2_shard, axis_name="sp"), mesh=mesh, ...)(q, k, v, ld)
     """
     return phased_shard(gather_exchange(axis_name), q, k, v, log_decay, initial_state,
-                        segment_ids, axis_name=axis_name, scale=scale, chunk_size=chunk_size,
-                        impl=impl, config=config)
+                        segment_ids, axis_name=axis_name, **kwargs)
 
 
 def lasp2_attention(
@@ -143,21 +140,20 @@ def lasp2_attention(
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Lightning attention with the sequence split over ``mesh`` axis ``seq_axis`` (LASP-2).
 
+    The same computation as :func:`sharding.lasp.lasp_attention`, with one all-gather of the
+    block states in place of LASP's P - 1 ring hops.
+
     Args:
-      q, k: [B, T, N, H] global arrays; v: [B, T, N, Hv]. T must be divisible by the size of
-        ``seq_axis`` (block m of T / P tokens goes to axis index m).
-      decay: per-head lambda [N] in (0, 1].
-      mesh: a ``jax.sharding.Mesh`` containing ``seq_axis``.
-      seq_axis: mesh axis the sequence is split over.
-      batch_axis, head_axis: optional mesh axes for B and N (data / head parallelism).
-      initial_state, return_state, segment_ids, chunk_size, scale, impl, config: as
-        :func:`attnlab.ops.lightning_attention`.
+      q, k: [B, T, N, H] global arrays; v: [B, T, N, Hv]; T divisible by the size of
+        ``seq_axis``.
+      decay, mesh, seq_axis, **kwargs (batch_axis, head_axis, initial_state, return_state,
+        segment_ids, chunk_size, scale, impl, config): as :func:`sharding.lasp.lasp_attention`.
 
     Returns:
       o [B, T, N, Hv] (sharded like q), or (o, final_state [B, N, H, Hv]) with return_state.
 
     Raises:
-      ValueError: bad inputs (as the op), unknown mesh axes, sizes not divisible by the axes.
+      ValueError: as :func:`sharding.lasp.lasp_attention`.
 
     Example:
       >>> o = lasp2_attention(q, k, v, decay=decay, mesh=jax.make_mesh((8,), ("sp",)))

@@ -44,6 +44,12 @@ def check_layout(layout: str, length: int, num_shards: int, what: str = "sequenc
         )
 
 
+def _seq_axis(x: jax.Array, axis: int) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
+    """(axis as a non-negative index, its length, the shape before it, the shape after)."""
+    axis = axis % x.ndim
+    return axis, x.shape[axis], x.shape[:axis], x.shape[axis + 1 :]
+
+
 def permute(x: jax.Array, axis: int, layout: str, num_shards: int) -> jax.Array:
     """Reorders the sequence ``axis`` of a global array from token order into ``layout`` order.
 
@@ -61,13 +67,10 @@ def permute(x: jax.Array, axis: int, layout: str, num_shards: int) -> jax.Array:
     Example:
       >>> qz = permute(q, 1, "zigzag", 4)
     """
-    axis = axis % x.ndim
-    n = x.shape[axis]
+    a, n, pre, post = _seq_axis(x, axis)
     check_layout(layout, n, num_shards)
     if layout == "contiguous":
         return x
-    pre, post = x.shape[:axis], x.shape[axis + 1 :]
-    a = len(pre)
     if layout == "striped":  # [S/P, P] -> [P, S/P]: shard d gets t = j P + d
         y = x.reshape(*pre, n // num_shards, num_shards, *post)
         return jnp.swapaxes(y, a, a + 1).reshape(x.shape)
@@ -81,13 +84,10 @@ def permute(x: jax.Array, axis: int, layout: str, num_shards: int) -> jax.Array:
 
 def unpermute(x: jax.Array, axis: int, layout: str, num_shards: int) -> jax.Array:
     """Inverse of :func:`permute`: layout order back to token order (same arguments)."""
-    axis = axis % x.ndim
-    n = x.shape[axis]
+    a, n, pre, post = _seq_axis(x, axis)
     check_layout(layout, n, num_shards)
     if layout == "contiguous":
         return x
-    pre, post = x.shape[:axis], x.shape[axis + 1 :]
-    a = len(pre)
     if layout == "striped":
         y = x.reshape(*pre, num_shards, n // num_shards, *post)
         return jnp.swapaxes(y, a, a + 1).reshape(x.shape)
@@ -135,6 +135,23 @@ def _zigzag_dest(chunk: int, num_shards: int) -> int:
     return chunk if chunk < num_shards else 2 * num_shards - 1 - chunk
 
 
+def _shard_geometry(
+    x: jax.Array, axis: int, layout: str, axis_name: str
+) -> tuple[int, int, int, tuple[int, ...], tuple[int, ...]]:
+    """(axis, P, L, shape before axis, shape after) of a striped or zigzag shard of length L
+    on a P-device axis; raises ValueError for other layouts or a length the layout cannot
+    split (striped: L divisible by P; zigzag: L even)."""
+    axis, length, pre, post = _seq_axis(x, axis)
+    n = jax.lax.axis_size(axis_name)
+    if layout == "striped":
+        check_layout(layout, length, n, "per-shard sequence")
+    elif layout == "zigzag":
+        check_layout("striped", length, 2, "per-shard sequence")
+    else:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    return axis, n, length, pre, post
+
+
 def shard_permute(x: jax.Array, axis: int, layout: str, axis_name: str) -> jax.Array:
     """Contiguous shards -> ``layout`` shards, inside ``shard_map``, by collectives.
 
@@ -148,48 +165,36 @@ def shard_permute(x: jax.Array, axis: int, layout: str, axis_name: str) -> jax.A
       here). Striped is one ``all_to_all``; zigzag is two ``ppermute``\\ s of half blocks.
       Nothing is gathered: each shard sends and receives L tokens.
     """
-    axis = axis % x.ndim
     if layout == "contiguous":
         return x
-    n = jax.lax.axis_size(axis_name)
-    length = x.shape[axis]
-    pre, post = x.shape[:axis], x.shape[axis + 1 :]
+    axis, n, length, pre, post = _shard_geometry(x, axis, layout, axis_name)
     if layout == "striped":
-        check_layout(layout, length, n, "per-shard sequence")
         y = x.reshape(*pre, length // n, n, *post)
         y = jax.lax.all_to_all(y, axis_name, axis + 1, axis, tiled=True)  # [n * L/n, 1]
         return y.reshape(x.shape)
-    if layout == "zigzag":
-        check_layout("striped", length, 2, "per-shard sequence")
-        x0, x1 = jnp.split(x, 2, axis=axis)  # global chunks 2e and 2e + 1
-        r0 = jax.lax.ppermute(x0, axis_name, [(e, _zigzag_dest(2 * e, n)) for e in range(n)])
-        r1 = jax.lax.ppermute(x1, axis_name, [(e, _zigzag_dest(2 * e + 1, n)) for e in range(n)])
-        even = jax.lax.axis_index(axis_name) % 2 == 0  # then chunk d is the even one
-        first, second = jnp.where(even, r0, r1), jnp.where(even, r1, r0)
-        return jnp.concatenate([first, second], axis=axis)
-    raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    # zigzag: _shard_geometry rejected every other layout
+    x0, x1 = jnp.split(x, 2, axis=axis)  # global chunks 2e and 2e + 1
+    r0 = jax.lax.ppermute(x0, axis_name, [(e, _zigzag_dest(2 * e, n)) for e in range(n)])
+    r1 = jax.lax.ppermute(x1, axis_name, [(e, _zigzag_dest(2 * e + 1, n)) for e in range(n)])
+    even = jax.lax.axis_index(axis_name) % 2 == 0  # then chunk d is the even one
+    first, second = jnp.where(even, r0, r1), jnp.where(even, r1, r0)
+    return jnp.concatenate([first, second], axis=axis)
 
 
 def shard_unpermute(x: jax.Array, axis: int, layout: str, axis_name: str) -> jax.Array:
     """Inverse of :func:`shard_permute`: ``layout`` shards -> contiguous shards."""
-    axis = axis % x.ndim
     if layout == "contiguous":
         return x
-    n = jax.lax.axis_size(axis_name)
-    length = x.shape[axis]
-    pre, post = x.shape[:axis], x.shape[axis + 1 :]
+    axis, n, length, pre, post = _shard_geometry(x, axis, layout, axis_name)
     if layout == "striped":
-        check_layout(layout, length, n, "per-shard sequence")
         # [source e, j, 1] -> [1, j, from shard c]: local token j * n + c comes from shard c.
         y = x.reshape(*pre, n, length // n, 1, *post)
         y = jax.lax.all_to_all(y, axis_name, axis, axis + 2, tiled=True)
         return y.reshape(x.shape)
-    if layout == "zigzag":
-        check_layout("striped", length, 2, "per-shard sequence")
-        s0, s1 = jnp.split(x, 2, axis=axis)  # chunks d and 2P - 1 - d
-        even = jax.lax.axis_index(axis_name) % 2 == 0
-        ev, od = jnp.where(even, s0, s1), jnp.where(even, s1, s0)
-        r0 = jax.lax.ppermute(ev, axis_name, [(_zigzag_dest(2 * e, n), e) for e in range(n)])
-        r1 = jax.lax.ppermute(od, axis_name, [(_zigzag_dest(2 * e + 1, n), e) for e in range(n)])
-        return jnp.concatenate([r0, r1], axis=axis)
-    raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    # zigzag: _shard_geometry rejected every other layout
+    s0, s1 = jnp.split(x, 2, axis=axis)  # chunks d and 2P - 1 - d
+    even = jax.lax.axis_index(axis_name) % 2 == 0
+    ev, od = jnp.where(even, s0, s1), jnp.where(even, s1, s0)
+    r0 = jax.lax.ppermute(ev, axis_name, [(_zigzag_dest(2 * e, n), e) for e in range(n)])
+    r1 = jax.lax.ppermute(od, axis_name, [(_zigzag_dest(2 * e + 1, n), e) for e in range(n)])
+    return jnp.concatenate([r0, r1], axis=axis)

@@ -35,7 +35,7 @@ from attnlab.ops._vma import like_vma
 from attnlab.ops.attention import attention as _attention
 from attnlab.ops.merge import merge, merge_n
 from attnlab.ops.star import check_blocks
-from sharding._common import check_mesh_axes, default_check_vma, mesh_shard_map
+from sharding._common import check_bsn_axes, default_check_vma, mesh_shard_map
 
 
 def star_context_shard(
@@ -174,11 +174,8 @@ def star_attention(
             f"{k.shape[1]} (use star_query for a query block over a cache)"
         )
     b, t, n, _ = q.shape
-    check_mesh_axes(
-        mesh, {"seq_axis": seq_axis, "batch_axis": batch_axis, "head_axis": head_axis},
-        {"sequence length T": (t, seq_axis), "batch B": (b, batch_axis),
-         "heads N": (n, head_axis), "kv heads K": (k.shape[2], head_axis)},
-    )
+    check_bsn_axes(mesh, seq_axis, batch_axis, head_axis, seq=("sequence length T", t),
+                   batch=b, heads=n, kv_heads=k.shape[2])
     check_blocks(t, t // mesh.shape[seq_axis], anchor_size)
     spec = P(batch_axis, seq_axis, head_axis, None)
 
@@ -228,11 +225,8 @@ def star_query(
       >>> out = star_query(q_block, k_cache, v_cache, mesh=mesh)
     """
     b, s, kh, _ = k.shape
-    check_mesh_axes(
-        mesh, {"seq_axis": seq_axis, "batch_axis": batch_axis, "head_axis": head_axis},
-        {"cache length S": (s, seq_axis), "batch B": (b, batch_axis),
-         "heads N": (q.shape[2], head_axis), "kv heads K": (kh, head_axis)},
-    )
+    check_bsn_axes(mesh, seq_axis, batch_axis, head_axis, seq=("cache length S", s), batch=b,
+                   heads=q.shape[2], kv_heads=kh)
     offset = s if q_offset is None else q_offset
     q_spec = P(batch_axis, None, head_axis, None)
     kv_spec = P(batch_axis, seq_axis, head_axis, None)

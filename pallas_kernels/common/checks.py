@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
+import jax
 import jax.numpy as jnp
+
+C = TypeVar("C")
 
 
 def check_attention_inputs(
@@ -20,11 +23,7 @@ def check_attention_inputs(
     Raises:
       ValueError: naming what was given and what was expected.
     """
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if jnp.ndim(x) != 4:
-            raise ValueError(
-                f"{name} must have shape [batch, seq, heads, head_dim], got {jnp.shape(x)}"
-            )
+    _check_rank4(q, k, v)
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     if k.shape[0] != b or v.shape[:3] != k.shape[:3]:
@@ -34,16 +33,7 @@ def check_attention_inputs(
         )
     if k.shape[3] != h:
         raise ValueError(f"q has head_dim {h} but k has {k.shape[3]}; they must be equal")
-    if kh == 0 or n % kh:
-        raise ValueError(
-            f"q has {n} heads but k has {kh}; the number of q heads must be a multiple of the "
-            "number of kv heads (GQA/MQA)"
-        )
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in dtypes:
-        names = ", ".join(jnp.dtype(d).name for d in dtypes)
-        raise ValueError(
-            f"q, k, v must share one of {names}; got {q.dtype}, {k.dtype}, {v.dtype}"
-        )
+    _check_heads_dtypes(q, k, v, dtypes)
     if jnp.shape(q_positions) != (t,) or jnp.shape(kv_positions) != (s,):
         raise ValueError(
             f"q_positions must have shape ({t},) and kv_positions ({s},), got "
@@ -59,3 +49,64 @@ def check_attention_inputs(
             f"{jnp.shape(q_segment_ids)} and {jnp.shape(kv_segment_ids)}"
         )
     return b, t, n, h, s, kh
+
+
+def check_decode_inputs(
+    q: Any, k: Any, v: Any, kv_lengths: Any, *, dtypes: Sequence[Any]
+) -> jax.Array:
+    """Validates split-K decode inputs; returns the lengths [B] int32 (all S when None).
+
+    q [B, T, N, H]; k and v both [B, S, K, H] with N a multiple of K and one shared dtype from
+    ``dtypes``; kv_lengths None or [B].
+
+    Raises:
+      ValueError: naming what was given and what was expected.
+    """
+    _check_rank4(q, k, v)
+    b, _, _, h = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != h:
+        raise ValueError(
+            f"k and v must both be [B, S, K, H] = [{b}, S, K, {h}] for q {q.shape}; got k "
+            f"{k.shape}, v {v.shape}"
+        )
+    _check_heads_dtypes(q, k, v, dtypes)
+    if kv_lengths is None:
+        return jnp.full((b,), k.shape[1], jnp.int32)
+    if jnp.shape(kv_lengths) != (b,):
+        raise ValueError(f"kv_lengths must have shape ({b},), got {jnp.shape(kv_lengths)}")
+    return jnp.asarray(kv_lengths, jnp.int32)
+
+
+def check_config(config: C | None, cls: type[C], *default_args: Any) -> C:
+    """``config``, or ``cls.get_default(*default_args)`` when None.
+
+    Raises:
+      ValueError: ``config`` is neither None nor a ``cls``.
+    """
+    if config is None:
+        config = cls.get_default(*default_args)  # type: ignore[attr-defined]
+    if not isinstance(config, cls):
+        raise ValueError(f"config must be a {cls.__name__}, got {type(config).__name__}")
+    return config
+
+
+def _check_rank4(q: Any, k: Any, v: Any) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if jnp.ndim(x) != 4:
+            raise ValueError(
+                f"{name} must have shape [batch, seq, heads, head_dim], got {jnp.shape(x)}"
+            )
+
+
+def _check_heads_dtypes(q: Any, k: Any, v: Any, dtypes: Sequence[Any]) -> None:
+    n, kh = q.shape[2], k.shape[2]
+    if kh == 0 or n % kh:
+        raise ValueError(
+            f"q has {n} heads but k has {kh}; the number of q heads must be a multiple of the "
+            "number of kv heads (GQA/MQA)"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in dtypes:
+        names = ", ".join(jnp.dtype(d).name for d in dtypes)
+        raise ValueError(
+            f"q, k, v must share one of {names}; got {q.dtype}, {k.dtype}, {v.dtype}"
+        )

@@ -15,7 +15,9 @@ the right positions; no call site needs its own flag.
 
 :func:`block_metadata` turns a mask into per-tile ``EMPTY / PARTIAL / FULL`` flags from the
 per-tile ranges of positions and segment ids, which kernels use to skip empty tiles and to
-drop the elementwise mask on full ones.
+drop the elementwise mask on full ones; :func:`tile_metadata` is the same from the kernels'
+(positions, segment ids) arguments, and :func:`tile_mask` the elementwise mask of one kernel
+tile, padded keys included.
 """
 
 from __future__ import annotations
@@ -256,3 +258,29 @@ def block_metadata(
     kv_start = jnp.minimum(kv_start, kv_stop)
     q_start = jnp.minimum(q_start, q_stop)
     return BlockMetadata(kind, kv_start, kv_stop, q_start, q_stop)
+
+
+def tile_metadata(spec: MaskSpec, q_pos: jax.Array, kv_pos: jax.Array, q_seg: jax.Array | None,
+                  kv_seg: jax.Array | None, block_q: int, block_kv: int) -> BlockMetadata:
+    """:func:`block_metadata` of a kernel's mask arguments: positions [T] / [S] and segment ids
+    [B, T] / [B, S] (both None, or both given)."""
+    seg = None if q_seg is None else SegmentIds(q_seg, kv_seg)
+    return block_metadata(
+        spec, q_pos, kv_pos, block_q=block_q, block_kv=block_kv, segment_ids=seg
+    )
+
+
+def tile_mask(spec: MaskSpec, q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array | None,
+              k_seg: jax.Array | None, k_index: jax.Array, kv_len: int | None
+              ) -> jax.Array | None:
+    """Visibility of one kernel tile, or None when every pair is visible.
+
+    Any orientation: the arguments broadcast against each other ([bq, 1] vs [1, bk] or the
+    transpose). ``k_index`` holds the keys' indices into the padded key axis; keys at or past
+    ``kv_len`` (static) are padding and never visible (``kv_len=None``: no padding).
+    """
+    mask = visible(spec, q_pos, k_pos, q_seg, k_seg)
+    if kv_len is not None:
+        valid = k_index < kv_len
+        mask = valid if mask is None else jnp.logical_and(mask, valid)
+    return mask

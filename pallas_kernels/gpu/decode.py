@@ -41,6 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.common.checks import check_config, check_decode_inputs
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, visible
 from pallas_kernels.gpu._common import (
     LN2,
@@ -326,45 +327,13 @@ def decode_partials(
       >>> o_parts, lse_parts = decode_partials(q, k, v, lengths, scale=0.125)
       >>> out, lse = merge_n(o_parts, lse_parts)
     """
-    _check(q, k, v, kv_lengths)
-    b, s = q.shape[0], k.shape[1]
-    if config is None:
-        config = DecodeConfig.get_default()
-    elif not isinstance(config, DecodeConfig):
-        raise ValueError(f"config must be a DecodeConfig, got {type(config).__name__}")
-    lengths = (
-        jnp.full((b,), s, jnp.int32) if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
-    )
+    lengths = check_decode_inputs(q, k, v, kv_lengths, dtypes=SUPPORTED_DTYPES)
+    h = q.shape[3]
+    if not _is_pow2(h) or h < MIN_BLOCK:
+        raise ValueError(f"head_dim must be a power of two >= {MIN_BLOCK}, got {h}")
+    config = check_config(config, DecodeConfig)
     return _partials(
         q, k, v, lengths, spec=spec, scale=float(scale),
         soft_cap=None if soft_cap is None else float(soft_cap), config=config,
         interpret=bool(interpret),
     )
-
-
-def _check(q, k, v, kv_lengths) -> None:
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(
-            f"q, k, v must be [batch, seq, heads, head_dim], got {q.shape}, {k.shape}, {v.shape}"
-        )
-    b, _, n, h = q.shape
-    kh = k.shape[2]
-    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != h:
-        raise ValueError(
-            f"k and v must both be [B, S, K, H] = [{b}, S, K, {h}] for q {q.shape}; got k "
-            f"{k.shape}, v {v.shape}"
-        )
-    if kh == 0 or n % kh:
-        raise ValueError(
-            f"q has {n} heads but k has {kh}; the number of q heads must be a multiple of the "
-            "number of kv heads (GQA/MQA)"
-        )
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(
-            f"q, k, v must share one of float32, bfloat16, float16; got {q.dtype}, {k.dtype}, "
-            f"{v.dtype}"
-        )
-    if not _is_pow2(h) or h < MIN_BLOCK:
-        raise ValueError(f"head_dim must be a power of two >= {MIN_BLOCK}, got {h}")
-    if kv_lengths is not None and jnp.shape(kv_lengths) != (b,):
-        raise ValueError(f"kv_lengths must have shape ({b},), got {jnp.shape(kv_lengths)}")

@@ -29,14 +29,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common.masks import MASK_VALUE, MaskSpec
+from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, tile_mask
 from pallas_kernels.gpu._common import LN2, LOG2E, dot, dot_precision, log2_logits, pad_axis
 from pallas_kernels.gpu.flash_common import (
     FlashConfig,
     TilePlan,
     pad_inputs,
+    q_block_specs,
     tile_loops,
-    tile_mask,
     tiling,
 )
 
@@ -235,13 +235,7 @@ def flash_backward(
     common = dict(spec=spec, scale=scale, soft_cap=soft_cap, kv_len=kv_len, precision=precision)
 
     # dQ: grid over (q block, batch, q head), last q blocks first (they are the longest).
-    bm, nq, nk = plan.dq_kind.shape
-
-    def qi(i):
-        return nq - 1 - i
-
-    def dq_meta_map(i, bi, ni):
-        return (bi if bm > 1 else 0, qi(i), 0)
+    qi, dq_specs = q_block_specs(plan.dq_kind, bq_dq, sp, h, hv, g, q_seg is not None)
 
     # Entropy row terms (only with return_entropy; None keeps the kernels unchanged).
     ent_spec_dq = ent_spec_dkv = None
@@ -251,17 +245,9 @@ def flash_backward(
 
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, block_kv=bk_dq, **common),
-        grid=(nq, b, n),
+        grid=(plan.dq_kind.shape[1], b, n),
         in_specs=[
-            pl.BlockSpec((None, None, 4), dq_meta_map),
-            pl.BlockSpec((None, None, nk), dq_meta_map),
-            pl.BlockSpec((bq_dq,), lambda i, bi, ni: (qi(i),)),
-            pl.BlockSpec((sp,), lambda i, bi, ni: (0,)),
-            None if q_seg is None else pl.BlockSpec((None, bq_dq), lambda i, bi, ni: (bi, qi(i))),
-            None if kv_seg is None else pl.BlockSpec((None, sp), lambda i, bi, ni: (bi, 0)),
-            pl.BlockSpec((None, bq_dq, None, h), lambda i, bi, ni: (bi, qi(i), ni, 0)),
-            pl.BlockSpec((None, sp, None, h), lambda i, bi, ni: (bi, 0, ni // g, 0)),
-            pl.BlockSpec((None, sp, None, hv), lambda i, bi, ni: (bi, 0, ni // g, 0)),
+            *dq_specs,
             pl.BlockSpec((None, bq_dq, None, hv), lambda i, bi, ni: (bi, qi(i), ni, 0)),
             pl.BlockSpec((None, None, bq_dq), lambda i, bi, ni: (bi, ni, qi(i))),
             pl.BlockSpec((None, None, bq_dq), lambda i, bi, ni: (bi, ni, qi(i))),

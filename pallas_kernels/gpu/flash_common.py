@@ -4,8 +4,9 @@
 (forward, dQ, dK/dV). :func:`tiling` fits them to one (T, S), and :func:`tile_plan` turns the
 mask (a :class:`~pallas_kernels.common.masks.MaskSpec` with positions and segment ids) into
 the per-row loop bounds and per-tile EMPTY/PARTIAL/FULL kinds the kernels read
-(:class:`TilePlan`). :func:`tile_loops` and :func:`tile_mask` are the in-kernel side of that
-plan: the loop over a row's non-empty tiles and the elementwise mask of one tile.
+(:class:`TilePlan`). :func:`tile_loops` is the in-kernel side of that plan: the loop over a
+row's non-empty tiles (the elementwise mask of one tile is
+:func:`~pallas_kernels.common.masks.tile_mask`).
 
 Used by :mod:`~pallas_kernels.gpu.flash_fwd` and :mod:`~pallas_kernels.gpu.flash_bwd`, and by
 ``attnlab.ops.attention_grad`` (which builds a plan for the backward kernels alone) and
@@ -15,6 +16,7 @@ Used by :mod:`~pallas_kernels.gpu.flash_fwd` and :mod:`~pallas_kernels.gpu.flash
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -22,14 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common.masks import (
-    EMPTY,
-    FULL,
-    MaskSpec,
-    SegmentIds,
-    block_metadata,
-    visible,
-)
+from pallas_kernels.common.masks import EMPTY, FULL, MaskSpec, tile_metadata
 from pallas_kernels.gpu._common import MIN_BLOCK, pad_axis, round_up
 from pallas_kernels.gpu.tuned import tuned_fields
 
@@ -152,24 +147,6 @@ def loop_bounds(kind: jax.Array, start: jax.Array, stop: jax.Array) -> jax.Array
     return jnp.stack([start, run_start, run_stop, stop], axis=-1).astype(jnp.int32)
 
 
-def tile_mask(
-    spec: MaskSpec,
-    q_pos: jax.Array,
-    kv_pos: jax.Array,
-    q_seg: jax.Array | None,
-    kv_seg: jax.Array | None,
-    kv_idx: jax.Array,
-    kv_len: int | None,
-) -> jax.Array | None:
-    """Visibility of one tile; arguments come already broadcastable ([bq,1] vs [1,bk] or the
-    transpose). ``kv_len`` (static) masks padded keys ``kv_idx >= kv_len``; None: no padding."""
-    mask = visible(spec, q_pos, kv_pos, q_seg, kv_seg)
-    if kv_len is not None:
-        valid = kv_idx < kv_len
-        mask = valid if mask is None else jnp.logical_and(mask, valid)
-    return mask
-
-
 def tile_loops(bounds_ref, kind_ref, masked_step, full_step, carry, *, fold: int = 1):
     """A kernel's loop over the non-empty tiles of its row of the mask.
 
@@ -249,12 +226,8 @@ def tile_plan(
     tiles: Tiling,
 ) -> TilePlan:
     """Builds the :class:`TilePlan` of all three kernels from the (unpadded) mask values."""
-    seg = None if q_seg is None else SegmentIds(q_seg, kv_seg)
-
     def meta(blocks):
-        return block_metadata(
-            spec, q_pos, kv_pos, block_q=blocks[0], block_kv=blocks[1], segment_ids=seg
-        )
+        return tile_metadata(spec, q_pos, kv_pos, q_seg, kv_seg, *blocks)
 
     fwd, dq, dkv = meta(tiles.fwd), meta(tiles.dq), meta(tiles.dkv)
     dkv_kind = jnp.swapaxes(dkv.kind, 1, 2)
@@ -264,6 +237,38 @@ def tile_plan(
         loop_bounds(dq.kind, dq.kv_start, dq.kv_stop), dq.kind.astype(jnp.int8),
         loop_bounds(dkv_kind, dkv.q_start, dkv.q_stop), dkv_kind.astype(jnp.int8),
     )
+
+
+def q_block_specs(
+    kind: jax.Array, bq: int, sp: int, h: int, hv: int, g: int, segmented: bool
+) -> tuple[Callable[[int], int], list[pl.BlockSpec | None]]:
+    """The grid (q block, batch, q head) of the forward and dQ kernels, last q blocks first
+    (causal rows get longer towards the end).
+
+    kind: the kernel's [Bm, nq, nk] tile kinds; bq: its query tile; sp: the padded S; g: the
+    GQA group size. Returns (qi, specs): ``qi(i)`` the q block of grid step i, and the block
+    specs of the inputs both kernels start with: (bounds, kind, q_pos, kv_pos, q_seg, kv_seg,
+    q, k, v), the segment specs None unless ``segmented``.
+    """
+    bm, nq, nk = kind.shape
+
+    def qi(i):
+        return nq - 1 - i
+
+    def meta_map(i, bi, ni):
+        return (bi if bm > 1 else 0, qi(i), 0)
+
+    return qi, [
+        pl.BlockSpec((None, None, 4), meta_map),
+        pl.BlockSpec((None, None, nk), meta_map),
+        pl.BlockSpec((bq,), lambda i, bi, ni: (qi(i),)),
+        pl.BlockSpec((sp,), lambda i, bi, ni: (0,)),
+        pl.BlockSpec((None, bq), lambda i, bi, ni: (bi, qi(i))) if segmented else None,
+        pl.BlockSpec((None, sp), lambda i, bi, ni: (bi, 0)) if segmented else None,
+        pl.BlockSpec((None, bq, None, h), lambda i, bi, ni: (bi, qi(i), ni, 0)),
+        pl.BlockSpec((None, sp, None, h), lambda i, bi, ni: (bi, 0, ni // g, 0)),
+        pl.BlockSpec((None, sp, None, hv), lambda i, bi, ni: (bi, 0, ni // g, 0)),
+    ]
 
 
 def pad_inputs(q, k, v, q_pos, kv_pos, q_seg, kv_seg, tp: int, sp: int):

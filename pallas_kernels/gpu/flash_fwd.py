@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common.checks import check_attention_inputs
-from pallas_kernels.common.masks import MASK_VALUE, MaskSpec
+from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, tile_mask
 from pallas_kernels.gpu._common import LN2, M_INIT, dot, dot_precision, log2_logits
 from pallas_kernels.gpu.flash_bwd import flash_backward
 from pallas_kernels.gpu.flash_common import (
@@ -39,8 +39,8 @@ from pallas_kernels.gpu.flash_common import (
     TilePlan,
     Tiling,
     pad_inputs,
+    q_block_specs,
     tile_loops,
-    tile_mask,
     tile_plan,
     tiling,
 )
@@ -149,29 +149,11 @@ def _forward(
     g = n // kh
     tiles = tiling(config, t, s)
     (bq, bk), tp, sp = tiles.fwd, tiles.fwd_tp, tiles.fwd_sp
-    bm, nq, nk = plan.fwd_kind.shape
+    nq = plan.fwd_kind.shape[1]
     q, k, v, q_pos, kv_pos, q_seg, kv_seg = pad_inputs(
         q, k, v, q_pos, kv_pos, q_seg, kv_seg, tp, sp
     )
-
-    # Causal rows get longer towards the end: launch the last q blocks first.
-    def qi(i):
-        return nq - 1 - i
-
-    def meta_map(i, bi, ni):
-        return (bi if bm > 1 else 0, qi(i), 0)
-
-    in_specs = [
-        pl.BlockSpec((None, None, 4), meta_map),
-        pl.BlockSpec((None, None, nk), meta_map),
-        pl.BlockSpec((bq,), lambda i, bi, ni: (qi(i),)),
-        pl.BlockSpec((sp,), lambda i, bi, ni: (0,)),
-        None if q_seg is None else pl.BlockSpec((None, bq), lambda i, bi, ni: (bi, qi(i))),
-        None if kv_seg is None else pl.BlockSpec((None, sp), lambda i, bi, ni: (bi, 0)),
-        pl.BlockSpec((None, bq, None, h), lambda i, bi, ni: (bi, qi(i), ni, 0)),
-        pl.BlockSpec((None, sp, None, h), lambda i, bi, ni: (bi, 0, ni // g, 0)),
-        pl.BlockSpec((None, sp, None, hv), lambda i, bi, ni: (bi, 0, ni // g, 0)),
-    ]
+    qi, in_specs = q_block_specs(plan.fwd_kind, bq, sp, h, hv, g, q_seg is not None)
     out_specs = [
         pl.BlockSpec((None, bq, None, hv), lambda i, bi, ni: (bi, qi(i), ni, 0)),
         pl.BlockSpec((None, None, bq), lambda i, bi, ni: (bi, ni, qi(i))),

@@ -20,6 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common.checks import check_config
 from pallas_kernels.common.lightning import (
     check_lightning_inputs,
     chunk_run_ids,
@@ -138,10 +139,7 @@ def lightning_attention(
       >>> o, state = lightning_attention(q, k, v, jnp.log(jnp.full((N,), 0.99)), scale=0.125)
     """
     _check_args(q, k, v, log_decay, initial_state, segment_ids, interpret)
-    if config is None:
-        config = LightningConfig.get_default(q.shape[-1], q.dtype)
-    if not isinstance(config, LightningConfig):
-        raise ValueError(f"config must be a LightningConfig, got {type(config).__name__}")
+    config = check_config(config, LightningConfig, q.shape[-1], q.dtype)
     return _lightning_jit(
         q, k, v, jnp.asarray(log_decay), initial_state,
         None if segment_ids is None else jnp.asarray(segment_ids),

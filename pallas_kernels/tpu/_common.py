@@ -14,9 +14,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common.masks import MaskSpec, visible
+from pallas_kernels.common.masks import MaskSpec, tile_mask
 
 NUM_LANES = 128
 NUM_SUBLANES = 8
@@ -48,26 +49,32 @@ def tile_logits(
     return soft_cap * jnp.tanh(raw / soft_cap), raw
 
 
-def tile_mask(
-    spec: MaskSpec,
-    q_pos: jax.Array,
-    k_pos: jax.Array,
-    q_seg: jax.Array | None,
-    k_seg: jax.Array | None,
-    k_index: jax.Array,
-    kv_len: int | None,
+def ref_tile_mask(
+    spec: MaskSpec, refs: tuple[Any, Any, Any, Any], j: jax.Array, bkv: int, kv_len: int, *,
+    keys_on_lanes: bool = True,
 ) -> jax.Array | None:
-    """Visibility of one tile, or None when every pair is visible.
+    """:func:`~pallas_kernels.common.masks.tile_mask` of key block ``j`` (``bkv`` keys, of
+    ``kv_len`` real ones), read from the kernel's (q_pos, kv_pos, q_seg, kv_seg) refs.
 
-    Any orientation: the arguments broadcast against each other. ``k_index`` holds the keys'
-    indices into the padded key axis; keys at or past ``kv_len`` are padding and never
-    visible (``kv_len=None``: the key axis has no padding).
+    ``keys_on_lanes``: logits [bq, bkv]; the query refs are lane-broadcast [bq, NUM_LANES], the
+    key refs [1, bkv]. Else the transpose (logits [bkv, bq]). Segment refs may be None.
     """
-    mask = visible(spec, q_pos, k_pos, q_seg, k_seg)
-    if kv_len is not None:
-        valid = k_index < kv_len
-        mask = valid if mask is None else jnp.logical_and(mask, valid)
-    return mask
+    q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref = refs
+    if keys_on_lanes:
+        k_index = j * bkv + lax.broadcasted_iota(jnp.int32, (1, bkv), 1)
+        q_col, kv_col = slice(None, 1), slice(None)
+    else:
+        k_index = j * bkv + lax.broadcasted_iota(jnp.int32, (bkv, 1), 0)
+        q_col, kv_col = slice(None), slice(None, 1)
+    return tile_mask(
+        spec,
+        q_pos_ref[:, q_col],
+        kv_pos_ref[:, kv_col],
+        None if q_seg_ref is None else q_seg_ref[:, q_col],
+        None if kv_seg_ref is None else kv_seg_ref[:, kv_col],
+        k_index,
+        None if kv_len % bkv == 0 else kv_len,
+    )
 
 
 def compiler_params(semantics: tuple[str, ...], interpret: Any) -> pltpu.CompilerParams | None:
@@ -89,3 +96,42 @@ def clamp_block(j: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
     block already in VMEM, so the pipeline issues no copy for them.
     """
     return jnp.minimum(jnp.maximum(j, lo), jnp.maximum(hi - 1, 0))
+
+
+def q_row_specs(
+    g: int, nq: int, per_batch: bool, bq: int, bkv: int, segmented: bool
+) -> tuple[Any, Any, list[pl.BlockSpec | None]]:
+    """Index maps of a kernel over grid (B, N, q blocks, kv blocks) with scalar prefetch
+    (kind, kv_lo, kv_hi), whose kv steps are clamped into [kv_lo, kv_hi) of their q block
+    (the forward and dQ kernels).
+
+    g: the GQA group size; nq: q blocks; per_batch: the metadata has a row per batch (segment
+    ids). Returns (q_map, kv_map, mask_specs): q_map for [B, N, T_pad, .] blocks of bq rows,
+    kv_map for [B, K, S_pad, .] blocks of bkv keys, and the specs of the mask inputs (q_pos
+    [T_pad, NUM_LANES], kv_pos [1, S_pad], q_seg [B, T_pad, NUM_LANES], kv_seg [B, 1, S_pad]),
+    the segment specs None unless ``segmented``.
+    """
+
+    def kv_j(bi, i, j, lo_ref, hi_ref):
+        r = (bi if per_batch else 0) * nq + i
+        return clamp_block(j, lo_ref[r], hi_ref[r])
+
+    def q_map(bi, ni, i, j, kind_ref, lo_ref, hi_ref):
+        return bi, ni, i, 0
+
+    def kv_map(bi, ni, i, j, kind_ref, lo_ref, hi_ref):
+        return bi, ni // g, kv_j(bi, i, j, lo_ref, hi_ref), 0
+
+    mask_specs = [
+        pl.BlockSpec((bq, NUM_LANES), lambda bi, ni, i, j, *_: (i, 0)),
+        pl.BlockSpec((1, bkv), lambda bi, ni, i, j, kd, lo, hi: (0, kv_j(bi, i, j, lo, hi))),
+    ]
+    if not segmented:
+        return q_map, kv_map, [*mask_specs, None, None]
+    return q_map, kv_map, [
+        *mask_specs,
+        pl.BlockSpec((None, bq, NUM_LANES), lambda bi, ni, i, j, *_: (bi, i, 0)),
+        pl.BlockSpec(
+            (None, 1, bkv), lambda bi, ni, i, j, kd, lo, hi: (bi, 0, kv_j(bi, i, j, lo, hi))
+        ),
+    ]

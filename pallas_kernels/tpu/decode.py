@@ -34,6 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.common.checks import check_config, check_decode_inputs
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, visible
 from pallas_kernels.tpu._common import (
     NN,
@@ -285,41 +286,13 @@ def decode_partials(
     Example:
       >>> o_parts, lse_parts = decode_partials(q, k, v, lengths, scale=0.125, interpret=True)
     """
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(
-            f"q, k, v must be [batch, seq, heads, head_dim], got {q.shape}, {k.shape}, {v.shape}"
-        )
-    b, _, n, h = q.shape
-    kh = k.shape[2]
-    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != h:
-        raise ValueError(
-            f"k and v must both be [B, S, K, H] = [{b}, S, K, {h}] for q {q.shape}; got k "
-            f"{k.shape}, v {v.shape}"
-        )
-    if kh == 0 or n % kh:
-        raise ValueError(
-            f"q has {n} heads but k has {kh}; n must be a multiple of k (GQA/MQA)"
-        )
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(
-            f"q, k, v must share a dtype among float32 and bfloat16, got {q.dtype}, {k.dtype}, "
-            f"{v.dtype}"
-        )
+    lengths = check_decode_inputs(q, k, v, kv_lengths, dtypes=SUPPORTED_DTYPES)
     why = unsupported_shape(k.shape)
     if why is not None:
         raise ValueError(why)
-    if kv_lengths is not None and jnp.shape(kv_lengths) != (b,):
-        raise ValueError(f"kv_lengths must have shape ({b},), got {jnp.shape(kv_lengths)}")
-    if config is None:
-        config = TpuDecodeConfig.get_default()
-    elif not isinstance(config, TpuDecodeConfig):
-        raise ValueError(f"config must be a TpuDecodeConfig, got {type(config).__name__}")
+    config = check_config(config, TpuDecodeConfig)
     if interpret is True:
         interpret = pltpu.InterpretParams()
-    s = k.shape[1]
-    lengths = (
-        jnp.full((b,), s, jnp.int32) if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
-    )
     return _partials(
         q, k, v, lengths, spec=spec, scale=float(scale),
         soft_cap=None if soft_cap is None else float(soft_cap), config=config,

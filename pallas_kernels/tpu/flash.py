@@ -35,26 +35,25 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common.checks import check_attention_inputs
+from pallas_kernels.common.checks import check_attention_inputs, check_config
 from pallas_kernels.common.masks import (
     FULL,
     MASK_VALUE,
     PARTIAL,
     BlockMetadata,
     MaskSpec,
-    SegmentIds,
-    block_metadata,
+    tile_metadata,
 )
 from pallas_kernels.tpu._common import (
     NN,
     NUM_LANES,
     NUM_SUBLANES,
     ROW_SEMANTICS,
-    clamp_block,
     compiler_params,
+    q_row_specs,
+    ref_tile_mask,
     round_up,
     tile_logits,
-    tile_mask,
 )
 from pallas_kernels.tpu.flash_bwd import flash_dkv, flash_dq
 
@@ -145,20 +144,11 @@ def _row_bnt(x: jax.Array, length: int) -> jax.Array:
     return _pad(jnp.swapaxes(x, 1, 2), 2, length)[:, :, None, :]
 
 
-def _metadata(
-    spec: MaskSpec,
-    q_pos: jax.Array,
-    kv_pos: jax.Array,
-    q_seg: jax.Array | None,
-    kv_seg: jax.Array | None,
-    block_q: int,
-    block_kv: int,
-) -> BlockMetadata:
-    """Tile metadata flattened to 1-D int32 arrays, the form scalar prefetch (SMEM) takes."""
-    seg = None if q_seg is None else SegmentIds(q_seg, kv_seg)
-    md = block_metadata(
-        spec, q_pos, kv_pos, block_q=block_q, block_kv=block_kv, segment_ids=seg
-    )
+def _metadata(spec: MaskSpec, q_pos: jax.Array, kv_pos: jax.Array, q_seg: jax.Array | None,
+              kv_seg: jax.Array | None, *, block_q: int, block_kv: int) -> BlockMetadata:
+    """:func:`~pallas_kernels.common.masks.tile_metadata` flattened to 1-D int32 arrays, the
+    form scalar prefetch (SMEM) takes."""
+    md = tile_metadata(spec, q_pos, kv_pos, q_seg, kv_seg, block_q, block_kv)
     return BlockMetadata(*(x.reshape(-1).astype(jnp.int32) for x in md))
 
 
@@ -215,16 +205,8 @@ def _fwd_kernel(
         z, _ = tile_logits(q_ref[...], k_ref[...], scale=scale, soft_cap=soft_cap)  # [bq, bkv]
         mask = None
         if masked:
-            k_index = j * bkv + lax.broadcasted_iota(jnp.int32, (1, bkv), 1)
-            mask = tile_mask(
-                spec,
-                q_pos_ref[:, :1],
-                kv_pos_ref[...],
-                None if q_seg_ref is None else q_seg_ref[:, :1],
-                None if kv_seg_ref is None else kv_seg_ref[...],
-                k_index,
-                None if kv_len % bkv == 0 else kv_len,
-            )
+            mask = ref_tile_mask(spec, (q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref), j, bkv,
+                                 kv_len)
         if mask is not None:
             z = jnp.where(mask, z, MASK_VALUE)
         m_prev = m_ref[...]
@@ -278,35 +260,17 @@ def _forward(
     t_pad, s_pad = round_up(t, bq), round_up(s, bkv)
     nq, nk = t_pad // bq, s_pad // bkv
     per_batch = q_seg is not None
-    md = _metadata(spec, q_pos, kv_pos, q_seg, kv_seg, bq, bkv)
+    md = _metadata(spec, q_pos, kv_pos, q_seg, kv_seg, block_q=bq, block_kv=bkv)
 
-    def kv_j(bi, i, j, lo_ref, hi_ref):
-        r = (bi if per_batch else 0) * nq + i
-        return clamp_block(j, lo_ref[r], hi_ref[r])
-
-    def q_map(bi, ni, i, j, kind_ref, lo_ref, hi_ref):
-        return bi, ni, i, 0
-
-    def kv_map(bi, ni, i, j, kind_ref, lo_ref, hi_ref):
-        return bi, ni // g, kv_j(bi, i, j, lo_ref, hi_ref), 0
-
+    q_map, kv_map, mask_specs = q_row_specs(g, nq, per_batch, bq, bkv, q_seg is not None)
     in_specs = [
         pl.BlockSpec((None, None, bq, h), q_map),
         pl.BlockSpec((None, None, bkv, h), kv_map),
         pl.BlockSpec((None, None, bkv, hv), kv_map),
-        pl.BlockSpec((bq, NUM_LANES), lambda bi, ni, i, j, *_: (i, 0)),
-        pl.BlockSpec((1, bkv), lambda bi, ni, i, j, kd, lo, hi: (0, kv_j(bi, i, j, lo, hi))),
+        *mask_specs,
     ]
-    if q_seg is None:
-        in_specs += [None, None]
-        q_seg_c = kv_seg_r = None
-    else:
-        in_specs += [
-            pl.BlockSpec((None, bq, NUM_LANES), lambda bi, ni, i, j, *_: (bi, i, 0)),
-            pl.BlockSpec(
-                (None, 1, bkv), lambda bi, ni, i, j, kd, lo, hi: (bi, 0, kv_j(bi, i, j, lo, hi))
-            ),
-        ]
+    q_seg_c = kv_seg_r = None
+    if q_seg is not None:
         q_seg_c, kv_seg_r = _lane_column(q_seg, t_pad), _sublane_row(kv_seg, s_pad)
     kernel = functools.partial(
         _fwd_kernel, spec=spec, scale=scale, soft_cap=soft_cap, kv_len=s, bkv=bkv, nq=nq,
@@ -402,33 +366,28 @@ def flash_vjp_bwd(spec, scale, soft_cap, config, interpret, return_entropy, res,
     common = dict(spec=spec, scale=scale, soft_cap=soft_cap, kv_len=s, per_batch=per_batch,
                   interpret=interpret)
 
-    bq, bkv = _fit(config.block_q_dq, t), _fit(config.block_kv_dq, s)
-    t_pad, s_pad = round_up(t, bq), round_up(s, bkv)
-    md = _metadata(spec, q_pos, kv_pos, q_seg, kv_seg, bq, bkv)
-    ent_pad = None if ent_rows is None else tuple(_row_bnt(x, t_pad) for x in ent_rows)
-    dq = flash_dq(
-        _heads_major(q, t_pad), _heads_major(k, s_pad), _heads_major(v, s_pad),
-        _heads_major(d_out, t_pad), _row_bnt(lse, t_pad), _row_bnt(delta, t_pad),
-        _lane_column(q_pos, t_pad), _sublane_row(kv_pos, s_pad),
-        None if q_seg is None else _lane_column(q_seg, t_pad),
-        None if kv_seg is None else _sublane_row(kv_seg, s_pad),
-        (md.kind, md.kv_start, md.kv_stop), block_q=bq, block_kv=bkv, entropy=ent_pad,
-        **common,
-    )
+    def run(kernel, block_q: int, block_kv: int, keys_on_lanes: bool):
+        # The dQ kernel puts keys on lanes and walks kv blocks; the dK/dV kernel is its
+        # transpose (queries on lanes) and walks q blocks.
+        bq, bkv = _fit(block_q, t), _fit(block_kv, s)
+        t_pad, s_pad = round_up(t, bq), round_up(s, bkv)
+        md = _metadata(spec, q_pos, kv_pos, q_seg, kv_seg, block_q=bq, block_kv=bkv)
+        ent_pad = None if ent_rows is None else tuple(_row_bnt(x, t_pad) for x in ent_rows)
+        q_lay, kv_lay = (
+            (_lane_column, _sublane_row) if keys_on_lanes else (_sublane_row, _lane_column)
+        )
+        bounds = (md.kv_start, md.kv_stop) if keys_on_lanes else (md.q_start, md.q_stop)
+        return kernel(
+            _heads_major(q, t_pad), _heads_major(k, s_pad), _heads_major(v, s_pad),
+            _heads_major(d_out, t_pad), _row_bnt(lse, t_pad), _row_bnt(delta, t_pad),
+            q_lay(q_pos, t_pad), kv_lay(kv_pos, s_pad),
+            None if q_seg is None else q_lay(q_seg, t_pad),
+            None if kv_seg is None else kv_lay(kv_seg, s_pad),
+            (md.kind, *bounds), block_q=bq, block_kv=bkv, entropy=ent_pad, **common,
+        )
 
-    bq, bkv = _fit(config.block_q_dkv, t), _fit(config.block_kv_dkv, s)
-    t_pad, s_pad = round_up(t, bq), round_up(s, bkv)
-    md = _metadata(spec, q_pos, kv_pos, q_seg, kv_seg, bq, bkv)
-    ent_pad = None if ent_rows is None else tuple(_row_bnt(x, t_pad) for x in ent_rows)
-    dk, dv = flash_dkv(
-        _heads_major(q, t_pad), _heads_major(k, s_pad), _heads_major(v, s_pad),
-        _heads_major(d_out, t_pad), _row_bnt(lse, t_pad), _row_bnt(delta, t_pad),
-        _sublane_row(q_pos, t_pad), _lane_column(kv_pos, s_pad),
-        None if q_seg is None else _sublane_row(q_seg, t_pad),
-        None if kv_seg is None else _lane_column(kv_seg, s_pad),
-        (md.kind, md.q_start, md.q_stop), block_q=bq, block_kv=bkv, entropy=ent_pad,
-        **common,
-    )
+    dq = run(flash_dq, config.block_q_dq, config.block_kv_dq, keys_on_lanes=True)
+    dk, dv = run(flash_dkv, config.block_q_dkv, config.block_kv_dkv, keys_on_lanes=False)
     dq = jnp.swapaxes(dq[:, :, :t], 1, 2)
     dk = jnp.swapaxes(dk[:, :, :s], 1, 2)
     dv = jnp.swapaxes(dv[:, :, :s], 1, 2)
@@ -494,10 +453,7 @@ def flash_attention(
     )
     if soft_cap is not None and not soft_cap > 0:
         raise ValueError(f"soft_cap must be positive or None, got {soft_cap}")
-    if config is None:
-        config = TpuFlashConfig.get_default()
-    elif not isinstance(config, TpuFlashConfig):
-        raise ValueError(f"config must be a TpuFlashConfig, got {type(config).__name__}")
+    config = check_config(config, TpuFlashConfig)
     if interpret is True:
         interpret = pltpu.InterpretParams()
 

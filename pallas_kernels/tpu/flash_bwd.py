@@ -45,8 +45,9 @@ from pallas_kernels.tpu._common import (
     ROW_SEMANTICS,
     clamp_block,
     compiler_params,
+    q_row_specs,
+    ref_tile_mask,
     tile_logits,
-    tile_mask,
 )
 
 
@@ -56,6 +57,24 @@ def soft_cap_grad(dz: jax.Array, raw: jax.Array, soft_cap: float | None) -> jax.
         return dz
     t = jnp.tanh(raw / soft_cap)
     return dz * (1.0 - t * t)
+
+
+def _grad_in_specs(
+    q_map: Any, kv_map: Any, row_map: Any, block_q: int, block_kv: int, h: int, hv: int,
+    entropy: Any,
+) -> list[Any]:
+    """Block specs of (q, k, v, dO, lse, delta, dH, c), the inputs both backward kernels take
+    alike (the row terms [B, N, 1, T_pad]; dH and c are None without entropy)."""
+    row = pl.BlockSpec((None, None, 1, block_q), row_map)
+    return [
+        pl.BlockSpec((None, None, block_q, h), q_map),
+        pl.BlockSpec((None, None, block_kv, h), kv_map),
+        pl.BlockSpec((None, None, block_kv, hv), kv_map),
+        pl.BlockSpec((None, None, block_q, hv), q_map),
+        row,
+        row,
+        *((None, None) if entropy is None else (row, row)),
+    ]
 
 
 # ----------------------------------------------------------------------------- dQ kernel
@@ -106,16 +125,8 @@ def _dq_kernel(
         delta = jnp.expand_dims(delta_ref[0], -1)  # [bq, 1]
         p = jnp.exp(z - lse)
         if masked:
-            k_index = j * bkv + lax.broadcasted_iota(jnp.int32, (1, bkv), 1)
-            mask = tile_mask(
-                spec,
-                q_pos_ref[:, :1],
-                kv_pos_ref[...],
-                None if q_seg_ref is None else q_seg_ref[:, :1],
-                None if kv_seg_ref is None else kv_seg_ref[...],
-                k_index,
-                None if kv_len % bkv == 0 else kv_len,
-            )
+            mask = ref_tile_mask(spec, (q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref), j, bkv,
+                                 kv_len)
             if mask is not None:
                 p = jnp.where(mask, p, 0.0)
         do = do_ref[...]
@@ -167,47 +178,15 @@ def flash_dq(
     g = n // kh
     nq, nk = t_pad // block_q, s_pad // block_kv
 
-    def kv_j(bi, i, j, kv_lo_ref, kv_hi_ref):
-        r = (bi if per_batch else 0) * nq + i
-        return clamp_block(j, kv_lo_ref[r], kv_hi_ref[r])
-
-    def q_map(bi, ni, i, j, kind_ref, lo_ref, hi_ref):
-        return bi, ni, i, 0
-
-    def kv_map(bi, ni, i, j, kind_ref, lo_ref, hi_ref):
-        return bi, ni // g, kv_j(bi, i, j, lo_ref, hi_ref), 0
+    q_map, kv_map, mask_specs = q_row_specs(g, nq, per_batch, block_q, block_kv, q_seg is not None)
 
     def row_map(bi, ni, i, j, kind_ref, lo_ref, hi_ref):
         return bi, ni, 0, i
 
     in_specs = [
-        pl.BlockSpec((None, None, block_q, h), q_map),
-        pl.BlockSpec((None, None, block_kv, h), kv_map),
-        pl.BlockSpec((None, None, block_kv, h), kv_map),
-        pl.BlockSpec((None, None, block_q, h), q_map),
-        pl.BlockSpec((None, None, 1, block_q), row_map),
-        pl.BlockSpec((None, None, 1, block_q), row_map),
+        *_grad_in_specs(q_map, kv_map, row_map, block_q, block_kv, h, v.shape[3], entropy),
+        *mask_specs,
     ]
-    in_specs += [None, None] if entropy is None else [
-        pl.BlockSpec((None, None, 1, block_q), row_map),
-        pl.BlockSpec((None, None, 1, block_q), row_map),
-    ]
-    in_specs += [
-        pl.BlockSpec((block_q, NUM_LANES), lambda bi, ni, i, j, *_: (i, 0)),
-        pl.BlockSpec(
-            (1, block_kv), lambda bi, ni, i, j, kd, lo, hi: (0, kv_j(bi, i, j, lo, hi))
-        ),
-    ]
-    if q_seg is None:
-        in_specs += [None, None]
-    else:
-        in_specs += [
-            pl.BlockSpec((None, block_q, NUM_LANES), lambda bi, ni, i, j, *_: (bi, i, 0)),
-            pl.BlockSpec(
-                (None, 1, block_kv),
-                lambda bi, ni, i, j, kd, lo, hi: (bi, 0, kv_j(bi, i, j, lo, hi)),
-            ),
-        ]
     kernel = functools.partial(
         _dq_kernel, spec=spec, scale=scale, soft_cap=soft_cap, kv_len=kv_len, bkv=block_kv,
         nq=nq, nk=nk, per_batch=per_batch,
@@ -279,16 +258,8 @@ def _dkv_kernel(
         z, raw = tile_logits(k_ref[...], q, scale=scale, soft_cap=soft_cap)
         p = jnp.exp(z - lse_ref[...])
         if masked:
-            k_index = j * bkv + lax.broadcasted_iota(jnp.int32, (bkv, 1), 0)
-            mask = tile_mask(
-                spec,
-                q_pos_ref[...],
-                kv_pos_ref[:, :1],
-                None if q_seg_ref is None else q_seg_ref[...],
-                None if kv_seg_ref is None else kv_seg_ref[:, :1],
-                k_index,
-                None if kv_len % bkv == 0 else kv_len,
-            )
+            mask = ref_tile_mask(spec, (q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref), j, bkv,
+                                 kv_len, keys_on_lanes=False)
             if mask is not None:
                 p = jnp.where(mask, p, 0.0)
         dv_acc_ref[...] += lax.dot_general(
@@ -358,18 +329,7 @@ def flash_dkv(
     def kv_map(bi, ki, j, gi, i, *_):
         return bi, ki, j, 0
 
-    in_specs = [
-        pl.BlockSpec((None, None, block_q, h), q_map),
-        pl.BlockSpec((None, None, block_kv, h), kv_map),
-        pl.BlockSpec((None, None, block_kv, hv), kv_map),
-        pl.BlockSpec((None, None, block_q, hv), q_map),
-        pl.BlockSpec((None, None, 1, block_q), row_map),
-        pl.BlockSpec((None, None, 1, block_q), row_map),
-    ]
-    in_specs += [None, None] if entropy is None else [
-        pl.BlockSpec((None, None, 1, block_q), row_map),
-        pl.BlockSpec((None, None, 1, block_q), row_map),
-    ]
+    in_specs = _grad_in_specs(q_map, kv_map, row_map, block_q, block_kv, h, hv, entropy)
     in_specs += [
         pl.BlockSpec(
             (1, block_q), lambda bi, ki, j, gi, i, kd, lo, hi: (0, q_i(bi, i, j, lo, hi))

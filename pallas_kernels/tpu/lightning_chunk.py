@@ -35,6 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.common.checks import check_config
 from pallas_kernels.common.lightning import check_lightning_inputs, chunk_run_ids
 from pallas_kernels.tpu._common import (
     NN,
@@ -417,10 +418,7 @@ def lightning_attention(
                 f"{name} is {dim}; the TPU lightning kernels take multiples of {NUM_SUBLANES} "
                 f"up to {MAX_HEAD_DIM} (pad the head dim)"
             )
-    if config is None:
-        config = TpuLightningConfig.get_default(h, q.dtype)
-    if not isinstance(config, TpuLightningConfig):
-        raise ValueError(f"config must be a TpuLightningConfig, got {type(config).__name__}")
+    config = check_config(config, TpuLightningConfig, h, q.dtype)
     return _lightning_jit(
         q, k, v, jnp.asarray(log_decay), initial_state,
         None if segment_ids is None else jnp.asarray(segment_ids),
