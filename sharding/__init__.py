@@ -9,6 +9,7 @@ Every ``*_attention(..., mesh=...)`` wrapper has an inside-``shard_map`` form th
 axis name instead (``ring_attention``, ``ulysses_attention``, ``lasp_shard``, ``lasp2_shard``).
 """
 
+from sharding._common import default_check_vma
 from sharding.api import STRATEGIES, attention
 from sharding.lasp import lasp_attention, lasp_shard
 from sharding.lasp2 import lasp2_attention, lasp2_shard
@@ -26,9 +27,9 @@ from sharding.star import star_attention, star_context_shard, star_query, star_q
 from sharding.ulysses import ulysses_attention
 
 __all__ = [
-    "LAYOUTS", "STRATEGIES", "attention", "lasp2_attention", "lasp2_shard", "lasp_attention",
-    "lasp_shard", "layout_positions", "permute", "ring_attention", "shard_permute",
-    "shard_positions", "shard_unpermute", "star_attention", "star_context_shard", "star_query",
-    "star_query_shard", "striped_attention", "ulysses_attention", "unpermute",
-    "zigzag_attention",
+    "LAYOUTS", "STRATEGIES", "attention", "default_check_vma", "lasp2_attention",
+    "lasp2_shard", "lasp_attention", "lasp_shard", "layout_positions", "permute",
+    "ring_attention", "shard_permute", "shard_positions", "shard_unpermute", "star_attention",
+    "star_context_shard", "star_query", "star_query_shard", "striped_attention",
+    "ulysses_attention", "unpermute", "zigzag_attention",
 ]

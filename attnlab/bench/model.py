@@ -70,7 +70,7 @@ def run_one(mb: ModelBench, *, smoke: bool, warmup: int, steps: int) -> dict[str
     from attnlab.train.metrics import mfu
     from attnlab.train.optim import make_optimizer
     from attnlab.train.presets import replace_model
-    from attnlab.train.trainer import _init_state, make_train_step
+    from attnlab.train.trainer import init_state, make_train_step
 
     row: dict[str, Any] = {"name": mb.name, "attention": mb.attention, "seq_len": mb.seq_len,
                            "batch_size": mb.batch_size, "impl": mb.impl}
@@ -90,7 +90,7 @@ def run_one(mb: ModelBench, *, smoke: bool, warmup: int, steps: int) -> dict[str
         cfg, dataset, mesh = prepare(model, tc)
         tx = make_optimizer(tc)
         t0 = time.perf_counter()
-        abstract, graphdef, params, rest, opt_state = _init_state(cfg, tc, mesh, tx)
+        abstract, graphdef, params, rest, opt_state = init_state(cfg, tc, mesh, tx)
         row["num_params"] = abstract.num_params()
         flops_per_token = abstract.flops_per_token(mb.seq_len)
         row["flops_per_token"] = flops_per_token

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from sharding._common import default_check_vma
+from sharding import default_check_vma
 from sharding.api import attention as sp_attention
 from sharding.ring import ring_attention
 

@@ -130,7 +130,9 @@ def _reference_bwd(q, k, v, out, lse, dout, dlse, a: AttentionArgs):
     return vjp((do_b, dlse_b))
 
 
-def _args_from_kwargs(q, k, v, **kwargs: Any) -> AttentionArgs:
+def args_from_kwargs(q, k, v, **kwargs: Any) -> AttentionArgs:
+    """The validated, normalized arguments of ``attention(q, k, v, **kwargs)`` (this op's
+    registry normalizer); ValueError on bad or unknown arguments."""
     flags = {
         "return_residuals": kwargs.pop("return_residuals", False),
         "return_entropy": kwargs.pop("return_entropy", False),
@@ -158,7 +160,7 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
 }
 REGISTRY = Registry(
     "attention",
-    normalize=_args_from_kwargs,
+    normalize=args_from_kwargs,
     reference=Implementation(
         name="reference", description="plain jnp definition; materializes [B, N, T, S]",
         fn=_reference, bwd=_reference_bwd, returns_entropy=True,

@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attnlab.ops.attention import REGISTRY, AttentionArgs, _args_from_kwargs
+from attnlab.ops.attention import REGISTRY, AttentionArgs, args_from_kwargs
 
 
 def implementations() -> dict:
@@ -77,7 +77,7 @@ def attention_bwd(
     taken = sorted({"bias", "return_residuals", "return_entropy"} & set(kwargs))
     if taken:
         raise ValueError(f"attention_bwd takes no {', '.join(taken)}")
-    a = _args_from_kwargs(q, k, v, **kwargs)
+    a = args_from_kwargs(q, k, v, **kwargs)
     b, t, n, _ = q.shape
     want = {"out": (b, t, n, v.shape[-1]), "lse": (b, t, n), "dout": (b, t, n, v.shape[-1])}
     got = {"out": out, "lse": lse, "dout": dout, **({"dlse": dlse} if dlse is not None else {})}

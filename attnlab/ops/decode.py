@@ -129,7 +129,9 @@ def forward_only(partials: Callable[..., tuple[jax.Array, jax.Array]]):
 # ----------------------------------------------------------------------------- registry
 
 
-def _args_from_kwargs(q, k, v, **kwargs: Any) -> DecodeArgs:
+def args_from_kwargs(q, k, v, **kwargs: Any) -> DecodeArgs:
+    """The validated, normalized arguments of ``decode_attention(q, k, v, **kwargs)`` (this op's
+    registry normalizer); ValueError on bad or unknown arguments."""
     return_residuals = kwargs.pop("return_residuals", False)
     a = _normalize(
         q, k, v, kwargs.pop("kv_lengths", None), kwargs.pop("local_window_size", None),
@@ -144,7 +146,7 @@ def _args_from_kwargs(q, k, v, **kwargs: Any) -> DecodeArgs:
 # Fastest first; "auto" takes the first that supports the call.
 AUTO_ORDER = KERNEL_FIRST
 REGISTRY = Registry(
-    "decode", normalize=_args_from_kwargs, adapters=backends("decode", "xla", "pallas_triton",
+    "decode", normalize=args_from_kwargs, adapters=backends("decode", "xla", "pallas_triton",
                                                              "pallas_tpu"),
     reference=Implementation(name="reference", fn=_reference,
                              description="plain jnp definition; materializes [B, N, T, S]"))

@@ -318,7 +318,9 @@ def matmul_dtype(dt) -> Any:
 # ----------------------------------------------------------------------------- registry
 
 
-def _args_from_kwargs(q, k, v, *, decay: Any, **kwargs: Any) -> LightningArgs:
+def args_from_kwargs(q, k, v, *, decay: Any, **kwargs: Any) -> LightningArgs:
+    """The validated, normalized arguments of ``lightning_attention(q, k, v, **kwargs)`` (this op's
+    registry normalizer); ValueError on bad or unknown arguments."""
     a = _normalize(
         q, k, v, decay, kwargs.pop("initial_state", None), kwargs.pop("segment_ids", None),
         kwargs.pop("scale", None), kwargs.pop("chunk_size", None), kwargs.pop("config", None),
@@ -330,7 +332,7 @@ def _args_from_kwargs(q, k, v, *, decay: Any, **kwargs: Any) -> LightningArgs:
 
 AUTO_ORDER = KERNEL_FIRST
 REGISTRY = Registry(
-    "lightning_attention", normalize=_args_from_kwargs,
+    "lightning_attention", normalize=args_from_kwargs,
     adapters=backends("lightning", "xla", "pallas_triton", "pallas_tpu"),
     reference=Implementation(name="reference", fn=_reference, returns_lse=False,
                              description="the recurrence, one token per scan step (definition)"))

@@ -187,7 +187,7 @@ def _abstract(tree: Any) -> Any:
                         tree)
 
 
-def _init_state(cfg: Config, tc: TrainConfig, mesh: jax.sharding.Mesh,
+def init_state(cfg: Config, tc: TrainConfig, mesh: jax.sharding.Mesh,
                 tx: optax.GradientTransformation, parallel: Any = None) -> Any:
     """(abstract model, graphdef, params, rest, opt_state), initialised in one compiled call
     (eager initialisation compiles one small program per parameter). ``parallel`` (the
@@ -226,7 +226,7 @@ def _abstract_state(cfg: Config, tc: TrainConfig, mesh: jax.sharding.Mesh,
                              jax.eval_shape(tx.init, params))
     # Non-parameter state (buffers) is not checkpointed; it is rebuilt from the config.
     has_rest = bool(jax.tree.leaves(rest))
-    rest = _init_state(cfg, tc, mesh, tx)[3] if has_rest else nnx.to_pure_dict(rest)
+    rest = init_state(cfg, tc, mesh, tx)[3] if has_rest else nnx.to_pure_dict(rest)
     return graphdef, params, rest, opt_state
 
 
@@ -304,7 +304,7 @@ def train(
 
     tx = make_optimizer(tc)
     parallel = mesh_lib.model_parallel(mesh, tc.sp_strategy, cfg.attention_impl)
-    abstract, graphdef, params, rest, opt_state = _init_state(cfg, tc, mesh, tx, parallel)
+    abstract, graphdef, params, rest, opt_state = init_state(cfg, tc, mesh, tx, parallel)
     num_params = abstract.num_params()
     flops_per_token = abstract.flops_per_token(tc.seq_len)
     rng = _rng_data(tc.seed)
