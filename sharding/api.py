@@ -27,10 +27,7 @@ _LAYOUT = {"ring": "contiguous", "striped": "striped", "zigzag": "zigzag", "ulys
 
 
 def attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
+    q: jax.Array, k: jax.Array, v: jax.Array, *,
     mesh: Mesh,
     seq_axis: str = "sp",
     strategy: str = "ring",

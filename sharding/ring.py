@@ -64,10 +64,7 @@ class _Ring:
 
 
 def ring_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
+    q: jax.Array, k: jax.Array, v: jax.Array, *,
     axis_name: str,
     is_causal: bool = False,
     local_window_size: int | tuple[int, int] | None = None,

@@ -39,10 +39,7 @@ from sharding._common import check_bsn_axes, default_check_vma, mesh_shard_map
 
 
 def star_context_shard(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
+    q: jax.Array, k: jax.Array, v: jax.Array, *,
     axis_name: str,
     anchor_size: int | None = None,
     is_causal: bool = True,
@@ -84,10 +81,7 @@ def star_context_shard(
 
 
 def star_query_shard(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
+    q: jax.Array, k: jax.Array, v: jax.Array, *,
     axis_name: str,
     q_offset: int | jax.Array,
     is_causal: bool = True,
@@ -126,10 +120,7 @@ def star_query_shard(
 
 
 def star_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
+    q: jax.Array, k: jax.Array, v: jax.Array, *,
     mesh: Mesh,
     seq_axis: str = "sp",
     batch_axis: str | None = None,
@@ -190,10 +181,7 @@ def star_attention(
 
 
 def star_query(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
+    q: jax.Array, k: jax.Array, v: jax.Array, *,
     mesh: Mesh,
     seq_axis: str = "sp",
     batch_axis: str | None = None,

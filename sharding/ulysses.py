@@ -43,10 +43,7 @@ def check_heads(n_heads: int, kv_heads: int, axis_size: int, axis_name: str = "s
 
 
 def ulysses_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
+    q: jax.Array, k: jax.Array, v: jax.Array, *,
     axis_name: str,
     is_causal: bool = False,
     local_window_size: int | tuple[int, int] | None = None,

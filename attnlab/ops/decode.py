@@ -25,6 +25,7 @@ differentiating through them raises ``NotImplementedError``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -105,25 +106,34 @@ def _reference(q, k, v, a: DecodeArgs) -> tuple[jax.Array, jax.Array]:
 # ----------------------------------------------------------------------------- shared by backends
 
 
-def forward_only(partials: Callable[..., tuple[jax.Array, jax.Array]]):
-    """(q, k, v, kv_lengths) -> (out, lse): a kernel's split-K partials merged by LSE, with a
-    VJP that refuses (the kernels have no backward pass)."""
+def forward_only(decode_partials: Callable[..., tuple[jax.Array, jax.Array]],
+                 interpret: Callable[[], Any]) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """A split-K kernel as an implementation's ``fn(q, k, v, args) -> (out, lse)``: its
+    partials merged by LSE, with a VJP that refuses (the kernels have no backward pass).
 
-    @jax.custom_vjp
-    def run(q, k, v, kv_lengths):
-        o_parts, lse_parts = partials(q, k, v, kv_lengths)
-        out, lse = merge_n(o_parts, lse_parts)
-        return out.astype(q.dtype), lse
+    ``decode_partials(q, k, v, kv_lengths, *, spec, scale, soft_cap, config, interpret)``
+    returns per-split (out, lse) partials; ``interpret()`` gives its interpret argument.
+    """
 
-    def fwd(q, k, v, kv_lengths):
-        return run(q, k, v, kv_lengths), None
+    def fn(q, k, v, a: DecodeArgs):
+        partials = functools.partial(
+            decode_partials, spec=a.spec, scale=a.scale, soft_cap=a.logits_soft_cap,
+            config=a.config, interpret=interpret(),
+        )
 
-    def bwd(_, cts):
-        raise NotImplementedError(_FORWARD_ONLY)
+        @jax.custom_vjp
+        def run(q, k, v, kv_lengths):
+            o_parts, lse_parts = partials(q, k, v, kv_lengths)
+            out, lse = merge_n(o_parts, lse_parts)
+            return out.astype(q.dtype), lse
 
-    run.defvjp(fwd, bwd)
-    return run
+        def bwd(_, cts):
+            raise NotImplementedError(_FORWARD_ONLY)
 
+        run.defvjp(lambda q, k, v, kv_lengths: (run(q, k, v, kv_lengths), None), bwd)
+        return run(q, k, v, a.kv_lengths)
+
+    return fn
 
 
 # ----------------------------------------------------------------------------- registry

@@ -72,10 +72,7 @@ def context_mask(t: int, block_size: int, anchor_size: int | None = None,
 
 
 def reference(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
+    q: jax.Array, k: jax.Array, v: jax.Array, *,
     block_size: int,
     anchor_size: int | None = None,
     is_causal: bool = True,

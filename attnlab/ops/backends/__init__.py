@@ -6,3 +6,21 @@ optional backward and block phases, what it cannot compute (``unsupported``) and
 class. The op's module lists its adapters in its one ``Registry(...)`` statement; see
 ``attnlab/ops/README.md``.
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+from jax.experimental.pallas import tpu as pltpu
+
+from attnlab.ops._registry import platform
+
+
+def triton_interpret() -> bool:
+    """The Triton-lowered kernels' ``interpret`` argument: Pallas interpret mode on CPU."""
+    return platform() == "cpu"
+
+
+def tpu_interpret() -> Any:
+    """The Mosaic TPU kernels' ``interpret`` argument: TPU interpret mode on CPU."""
+    return pltpu.InterpretParams() if platform() == "cpu" else False

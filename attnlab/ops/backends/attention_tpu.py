@@ -8,10 +8,10 @@ no TPU is available to the project, so they have never been timed on a chip.
 from __future__ import annotations
 
 import jax
-from jax.experimental.pallas import tpu as pltpu
 
-from attnlab.ops._registry import Implementation, platform
+from attnlab.ops._registry import Implementation
 from attnlab.ops.attention import AttentionArgs
+from attnlab.ops.backends import tpu_interpret
 from pallas_kernels.tpu.flash import (
     SUPPORTED_DTYPES,
     TpuFlashConfig,
@@ -35,7 +35,7 @@ def unsupported(q, k, v, a: AttentionArgs, plat: str) -> str | None:
 def _setup(a: AttentionArgs):
     """(config, interpret, q segment ids, kv segment ids) of a call."""
     cfg = a.config if a.config is not None else TpuFlashConfig.get_default()
-    interpret = pltpu.InterpretParams() if platform() == "cpu" else False
+    interpret = tpu_interpret()
     seg = a.segment_ids
     return cfg, interpret, None if seg is None else seg.q, None if seg is None else seg.kv
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from attnlab.ops._registry import Implementation, platform
+from attnlab.ops._registry import Implementation
 from attnlab.ops.attention import AttentionArgs
+from attnlab.ops.backends import triton_interpret
 from pallas_kernels.gpu.flash_common import FlashConfig, tile_plan, tiling
 from pallas_kernels.gpu.flash_fwd import flash_attention, flash_vjp_bwd
 
@@ -47,7 +48,7 @@ def _fn(q, k, v, a: AttentionArgs):
         kv_pos = np.arange(k.shape[1], dtype=np.int32)
     return flash_attention(
         q, k, v, q_pos, kv_pos, *_seg(a), spec=a.spec, scale=a.scale,
-        soft_cap=a.logits_soft_cap, config=a.config, interpret=platform() == "cpu",
+        soft_cap=a.logits_soft_cap, config=a.config, interpret=triton_interpret(),
         return_entropy=a.return_entropy,
     )
 
@@ -63,7 +64,7 @@ def _block_bwd(q, k, v, out, lse, dout, dlse, a: AttentionArgs):
     )
     res = (q, k, v, a.q_positions, a.kv_positions, q_seg, kv_seg, plan, out, lse)
     grads = flash_vjp_bwd(
-        a.spec, a.scale, a.logits_soft_cap, cfg, platform() == "cpu", False, res, (dout, dlse)
+        a.spec, a.scale, a.logits_soft_cap, cfg, triton_interpret(), False, res, (dout, dlse)
     )
     return grads[:3]
 

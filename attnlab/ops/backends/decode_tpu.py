@@ -4,11 +4,8 @@ in :func:`attnlab.ops.decode.forward_only`."""
 
 from __future__ import annotations
 
-import functools
-
-from jax.experimental.pallas import tpu as pltpu
-
-from attnlab.ops._registry import Implementation, platform
+from attnlab.ops._registry import Implementation
+from attnlab.ops.backends import tpu_interpret
 from attnlab.ops.decode import DecodeArgs, forward_only
 from pallas_kernels.tpu.decode import (
     SUPPORTED_DTYPES,
@@ -23,16 +20,8 @@ def unsupported(q, k, v, a: DecodeArgs, plat: str) -> str | None:
     return unsupported_shape(k.shape)
 
 
-def _fn(q, k, v, a: DecodeArgs):
-    partials = functools.partial(
-        decode_partials, spec=a.spec, scale=a.scale, soft_cap=a.logits_soft_cap,
-        config=a.config, interpret=pltpu.InterpretParams() if platform() == "cpu" else False,
-    )
-    return forward_only(partials)(q, k, v, a.kv_lengths)
-
-
 IMPLEMENTATION = Implementation(
-    name="pallas_tpu", fn=_fn, unsupported=unsupported, platforms=("tpu", "cpu"),
-    dtypes=SUPPORTED_DTYPES, config_cls=TpuDecodeConfig, description="Mosaic TPU Pallas "
-    "split-K decode kernel, lengths by scalar prefetch; forward only; verified in TPU "
-    "interpret mode only")
+    name="pallas_tpu", fn=forward_only(decode_partials, tpu_interpret), unsupported=unsupported,
+    platforms=("tpu", "cpu"), dtypes=SUPPORTED_DTYPES, config_cls=TpuDecodeConfig,
+    description="Mosaic TPU Pallas split-K decode kernel, lengths by scalar prefetch; forward "
+    "only; verified in TPU interpret mode only")

@@ -4,9 +4,8 @@ are merged by LSE in :func:`attnlab.ops.decode.forward_only`."""
 
 from __future__ import annotations
 
-import functools
-
-from attnlab.ops._registry import Implementation, platform
+from attnlab.ops._registry import Implementation
+from attnlab.ops.backends import triton_interpret
 from attnlab.ops.decode import DecodeArgs, forward_only
 from pallas_kernels.gpu.decode import SUPPORTED_DTYPES, DecodeConfig, decode_partials
 
@@ -22,16 +21,8 @@ def unsupported(q, k, v, a: DecodeArgs, plat: str) -> str | None:
     return None
 
 
-def _fn(q, k, v, a: DecodeArgs):
-    partials = functools.partial(
-        decode_partials, spec=a.spec, scale=a.scale, soft_cap=a.logits_soft_cap,
-        config=a.config, interpret=platform() == "cpu",
-    )
-    return forward_only(partials)(q, k, v, a.kv_lengths)
-
-
 IMPLEMENTATION = Implementation(
-    name="pallas_triton", fn=_fn, unsupported=unsupported, platforms=("gpu", "cpu"),
-    dtypes=SUPPORTED_DTYPES, config_cls=DecodeConfig, description="Pallas split-K decode "
-    "kernel lowered to Triton (GPU), GQA rows packed per tile, ragged lengths bound the key "
-    "loop; forward only")
+    name="pallas_triton", fn=forward_only(decode_partials, triton_interpret),
+    unsupported=unsupported, platforms=("gpu", "cpu"), dtypes=SUPPORTED_DTYPES,
+    config_cls=DecodeConfig, description="Pallas split-K decode kernel lowered to Triton (GPU), "
+    "GQA rows packed per tile, ragged lengths bound the key loop; forward only")

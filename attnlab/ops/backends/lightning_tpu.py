@@ -4,9 +4,8 @@ the generic block phases."""
 
 from __future__ import annotations
 
-from jax.experimental.pallas import tpu as pltpu
-
-from attnlab.ops._registry import Implementation, platform
+from attnlab.ops._registry import Implementation
+from attnlab.ops.backends import tpu_interpret
 from attnlab.ops.lightning import LightningArgs
 from pallas_kernels.tpu.lightning_chunk import (
     SUPPORTED_DTYPES,
@@ -19,7 +18,7 @@ def _fn(q, k, v, a: LightningArgs):
     return lightning_attention(
         q, k, v, a.log_decay, initial_state=a.initial_state, segment_ids=a.segment_ids,
         scale=a.scale, config=a.config,
-        interpret=pltpu.InterpretParams() if platform() == "cpu" else False,
+        interpret=tpu_interpret(),
     )
 
 

@@ -4,7 +4,8 @@ their own block phases for LASP / LASP-2 when the fused forward is configured.""
 
 from __future__ import annotations
 
-from attnlab.ops._registry import Implementation, platform
+from attnlab.ops._registry import Implementation
+from attnlab.ops.backends import triton_interpret
 from attnlab.ops.lightning import BlockPhases, LightningArgs
 from pallas_kernels.gpu import lightning_chunk as kernels
 from pallas_kernels.gpu.lightning_common import SUPPORTED_DTYPES as DTYPES
@@ -14,7 +15,7 @@ from pallas_kernels.gpu.lightning_common import LightningConfig
 def _fn(q, k, v, a: LightningArgs):
     return kernels.lightning_attention(
         q, k, v, a.log_decay, initial_state=a.initial_state, segment_ids=a.segment_ids,
-        scale=a.scale, config=a.config, interpret=platform() == "cpu",
+        scale=a.scale, config=a.config, interpret=triton_interpret(),
     )
 
 
@@ -26,7 +27,7 @@ def _phases(q, k, v, a: LightningArgs) -> BlockPhases | None:
     if not cfg.fused_forward:
         return None
     t = q.shape[1]
-    kw = dict(config=cfg, interpret=platform() == "cpu")
+    kw = dict(config=cfg, interpret=triton_interpret())
     ld, seg = a.log_decay, a.segment_ids
     return BlockPhases(
         lambda k, v: kernels.block_summarize(k, v, ld, seg, **kw),
