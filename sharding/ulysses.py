@@ -43,19 +43,10 @@ def check_heads(n_heads: int, kv_heads: int, axis_size: int, axis_name: str = "s
 
 
 def ulysses_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, *,
-    axis_name: str,
-    is_causal: bool = False,
-    local_window_size: int | tuple[int, int] | None = None,
+    q: jax.Array, k: jax.Array, v: jax.Array, *, axis_name: str,
     segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
-    layout: str = "contiguous",
-    q_positions: jax.Array | None = None,
-    kv_positions: jax.Array | None = None,
-    logits_soft_cap: float | None = None,
-    scale: float | None = None,
-    return_residuals: bool = False,
-    impl: str = "auto",
-    config: Any = None,
+    layout: str = "contiguous", q_positions: jax.Array | None = None,
+    kv_positions: jax.Array | None = None, return_residuals: bool = False, **kwargs: Any,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Ulysses attention over ``axis_name``; call inside ``jax.shard_map`` (per-shard arrays).
 
@@ -63,8 +54,9 @@ def ulysses_attention(
       q: [B, T, N, H] this shard's queries; k: [B, S, K, H], v: [B, S, K, Hv] its keys and
         values. N must be divisible by the axis size P; K divisible by P, or P by K.
       axis_name: the mesh axis the sequence is split over.
-      is_causal, local_window_size, logits_soft_cap, scale, impl, config: as
-        :func:`attnlab.ops.attention` (``impl`` is the single-device implementation).
+      **kwargs: ``is_causal``, ``local_window_size``, ``logits_soft_cap``, ``scale``,
+        ``impl``, ``config``: as :func:`attnlab.ops.attention` (``impl`` is the single-device
+        implementation); passed to it unchanged.
       segment_ids: this shard's [B, T] ids or a ([B, T], [B, S]) pair (gathered: small).
       layout: token layout of the shards ("contiguous" needs no position arrays, so e.g.
         cuDNN can run the attention).
@@ -100,7 +92,6 @@ def ulysses_attention(
     def gather(x):
         return None if x is None else lax.all_gather(x, axis_name, axis=x.ndim - 1, tiled=True)
 
-    kwargs: dict[str, Any] = {}
     if segment_ids is not None:
         qs, ks = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids,) * 2
         kwargs["segment_ids"] = (gather(qs), gather(ks))
@@ -111,9 +102,7 @@ def ulysses_attention(
     if q_positions is not None or kv_positions is not None:
         kwargs["q_positions"], kwargs["kv_positions"] = gather(q_positions), gather(kv_positions)
     res = _attention(
-        to_heads(q), to_heads(k), to_heads(v), is_causal=is_causal,
-        local_window_size=local_window_size, logits_soft_cap=logits_soft_cap, scale=scale,
-        return_residuals=return_residuals, impl=impl, config=config, **kwargs,
+        to_heads(q), to_heads(k), to_heads(v), return_residuals=return_residuals, **kwargs
     )
     if not return_residuals:
         return to_seq(res)
