@@ -290,9 +290,7 @@ def _partials(q, k, v, kv_lengths, *, spec, scale, soft_cap, config, interpret):
 
 
 def decode_partials(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
+    q: jax.Array, k: jax.Array, v: jax.Array,
     kv_lengths: jax.Array | None,
     *,
     spec: MaskSpec = CAUSAL,

@@ -260,9 +260,7 @@ _flash.defvjp(_flash_fwd, flash_vjp_bwd)
 
 
 def flash_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
+    q: jax.Array, k: jax.Array, v: jax.Array,
     q_positions: jax.Array,
     kv_positions: jax.Array,
     q_segment_ids: jax.Array | None = None,

@@ -374,9 +374,7 @@ def _lightning_jit(q, k, v, log_decay, initial_state, segment_ids, *, scale, con
 
 
 def lightning_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
+    q: jax.Array, k: jax.Array, v: jax.Array,
     log_decay: jax.Array,
     *,
     initial_state: jax.Array | None = None,
