@@ -119,13 +119,14 @@ class LinearTolerance:
 
 
 # float32: summation order only (chunked vs token-by-token), as for softmax. bfloat16 and
-# float16: the chunked forms feed rounded operands (q, decayed k, the [C, C] score tile, the
-# carried state) to matmuls with float32 accumulation, about one ulp relative per product
-# (2^-8 / 2^-11) over a few products: values 4e-2 / 4e-3; gradients pass through two more
-# rounded matmuls (dA, dS): 6e-2 / 6e-3.
+# float16: the chunked forms round their inputs, the carried chunk states and the [C, C] score
+# tile to 8 / 11 bits before matmuls with float32 accumulation: a few ulps relative (2^-8,
+# 2^-11) of the largest entry. Values 2e-2 / 4e-3; gradients pass through two more rounded
+# matmuls (dA, dS): 3e-2 / 6e-3. (The xla path and the kernels measured 2e-3 to 7e-3 in
+# bfloat16 on the test grid.)
 LINEAR_TOLERANCES: Mapping[str, LinearTolerance] = {
     "float32": LinearTolerance(values=2e-5, grads=5e-5),
-    "bfloat16": LinearTolerance(values=4e-2, grads=6e-2),
+    "bfloat16": LinearTolerance(values=2e-2, grads=3e-2),
     "float16": LinearTolerance(values=4e-3, grads=6e-3),
 }
 

@@ -204,36 +204,20 @@ BAD_INPUTS = [
 ]
 
 
-class AttentionTestBase:
-    """Every shared attention case, for the implementation named by ``IMPL``.
+class ImplTestBase:
+    """What every op's test base shares: the implementation under test and how it runs.
 
     Class attributes a subclass sets:
       IMPL: the ``impl=`` name under test.
-      CONFIG: its block config for the grid (small tiles, so T, S <= 72 span several).
+      CONFIG: its block config for the grid (small tiles, so the tiny test shapes span
+        several).
       INTERPRET: the kernel runs interpreted here (Pallas interpreter or TPU interpret mode),
         so programs are compiled with ``FAST_COMPILE``; False where it is compiled (GPU).
-      CASES: the case grid (``attnlab.testing.ATTENTION_CASES`` or a grid of larger shapes).
-      DTYPES: dtype name -> names of the cases run in that dtype (None: all of ``CASES``);
-        interpreted kernels run the 16-bit dtypes on a few cases only.
-      ENTROPY: the same for ``return_entropy`` (None: the implementation returns none).
-      SUPPORTS_BIAS: values and gradients with a logits bias; else it must refuse a bias.
-      HEAD_DIM: head dim of the tests outside the grid (one the implementation supports).
     """
 
     IMPL: ClassVar[str]
     CONFIG: ClassVar[Any] = None
     INTERPRET: ClassVar[bool] = False
-    CASES: ClassVar[tuple[Case, ...]] = ATTENTION_CASES
-    DTYPES: ClassVar[Mapping[str, tuple[str, ...] | None]] = {"float32": None, "bfloat16": None}
-    ENTROPY: ClassVar[Mapping[str, tuple[str, ...] | None] | None] = {"float32": None}
-    SUPPORTS_BIAS: ClassVar[bool] = False
-    HEAD_DIM: ClassVar[int] = 16
-
-    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
-        """Parametrizes ``case, dtype`` from this class's grid (the entropy test from its own)."""
-        if {"case", "dtype"} <= set(metafunc.fixturenames):
-            dtypes = self.ENTROPY if "entropy" in metafunc.function.__name__ else self.DTYPES
-            metafunc.parametrize("case, dtype", grid(self.CASES, dtypes or {}))
 
     @property
     def options(self) -> dict[str, Any] | None:
@@ -244,7 +228,33 @@ class AttentionTestBase:
         return platform()
 
     def tol(self, dtype=jnp.float32) -> Tolerance:
+        """The tolerance table's row for ``dtype`` on this platform."""
         return tolerance(dtype, self.plat)
+
+
+class AttentionTestBase(ImplTestBase):
+    """Every shared attention case, for the implementation named by ``IMPL``.
+
+    Class attributes a subclass sets, besides those of :class:`ImplTestBase`:
+      CASES: the case grid (``attnlab.testing.ATTENTION_CASES`` or a grid of larger shapes).
+      DTYPES: dtype name -> names of the cases run in that dtype (None: all of ``CASES``);
+        interpreted kernels run the 16-bit dtypes on a few cases only.
+      ENTROPY: the same for ``return_entropy``.
+      SUPPORTS_BIAS: values and gradients with a logits bias; else it must refuse a bias.
+      HEAD_DIM: head dim of the tests outside the grid (one the implementation supports).
+    """
+
+    CASES: ClassVar[tuple[Case, ...]] = ATTENTION_CASES
+    DTYPES: ClassVar[Mapping[str, tuple[str, ...] | None]] = {"float32": None, "bfloat16": None}
+    ENTROPY: ClassVar[Mapping[str, tuple[str, ...] | None]] = {"float32": None}
+    SUPPORTS_BIAS: ClassVar[bool] = False
+    HEAD_DIM: ClassVar[int] = 16
+
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
+        """Parametrizes ``case, dtype`` from this class's grid (the entropy test from its own)."""
+        if {"case", "dtype"} <= set(metafunc.fixturenames):
+            dtypes = self.ENTROPY if "entropy" in metafunc.function.__name__ else self.DTYPES
+            metafunc.parametrize("case, dtype", grid(self.CASES, dtypes))
 
     # --------------------------------------------------------------------------- the grid
 

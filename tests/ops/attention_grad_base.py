@@ -8,7 +8,7 @@ that sets ``IMPL``, and ``CONFIG``/``INTERPRET`` for kernels); the base is not c
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from attnlab.ops import attention_bwd, reference
-from attnlab.testing import ATTENTION_CASES, Case, tolerance
+from attnlab.testing import ATTENTION_CASES, Case
 from tests.helpers import case_inputs, random_qkv
-from tests.ops.attention_base import FAST_COMPILE
+from tests.ops.attention_base import ImplTestBase
 
 # Window and soft-cap together (the grid has each alone).
 WINDOW_SOFTCAP = Case("window_softcap", t=32, s=32, h=16,
@@ -51,16 +51,13 @@ def split_grads(q, k, v, dout, dlse, kwargs, impl, config=None, n_blocks=N_BLOCK
     return dq, jnp.concatenate(dks, 1), jnp.concatenate(dvs, 1)
 
 
-class AttentionBwdTestBase:
+class AttentionBwdTestBase(ImplTestBase):
     """Every shared ``attention_bwd`` case for ``IMPL``.
 
-    Attributes: IMPL, CONFIG and INTERPRET as in ``AttentionTestBase``; CASES, the cases run
-    (default: the shared grid and ``WINDOW_SOFTCAP``).
+    Attributes: those of ``ImplTestBase``; CASES, the cases run (default: the shared grid and
+    ``WINDOW_SOFTCAP``).
     """
 
-    IMPL: ClassVar[str]
-    CONFIG: ClassVar[Any] = None
-    INTERPRET: ClassVar[bool] = False
     CASES: ClassVar[Sequence[Case]] = (*ATTENTION_CASES, WINDOW_SOFTCAP)
 
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
@@ -79,13 +76,12 @@ class AttentionBwdTestBase:
         out, vjp = jax.vjp(f, q, k, v)
         dlse_ct = jnp.where(jnp.isfinite(out[1]), dlse, 0.0)  # no gradient through -inf rows
         want = vjp((dout, dlse_ct))
-        options = FAST_COMPILE if self.INTERPRET else None
         got = jax.jit(
             lambda q, k, v, dout, dlse: split_grads(q, k, v, dout, dlse, kwargs, self.IMPL,
                                                     self.CONFIG),
-            compiler_options=options,
+            compiler_options=self.options,
         )(q, k, v, dout, dlse_ct)
-        tol = tolerance(q.dtype)
+        tol = self.tol(q.dtype)
         for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
             assert np.isfinite(np.asarray(g)).all(), name
             # Twice the table's bound: N_BLOCKS shares are summed.

@@ -12,18 +12,25 @@ they span several splits, tiles, row blocks, a shifted last tile and empty split
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnlab.ops import attention, decode_attention, platform
+from attnlab.ops import MaskSpec, attention, decode_attention, platform
 from attnlab.testing import Tolerance, tolerance
 from tests.helpers import loss_with_lse, random_qkv
-from tests.ops.attention_base import FAST_COMPILE, GRADS, assert_lse_close, grid
+from tests.ops.attention_base import (
+    FAST_COMPILE,
+    GRADS,
+    ImplTestBase,
+    assert_lse_close,
+    grid,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,17 +143,13 @@ BAD_INPUTS = [
 ]
 
 
-class DecodeTestBase:
+class DecodeTestBase(ImplTestBase):
     """Every shared decode case, for the implementation named by ``IMPL``.
 
-    Class attributes: IMPL, CONFIG and INTERPRET as in ``AttentionTestBase``; CASES (the
-    decode grid) and DTYPES (dtype name -> case names, None: all); GRAD_CASES, the cases whose
+    Class attributes: those of ``ImplTestBase``; CASES (the decode grid) and DTYPES (dtype name -> case names, None: all); GRAD_CASES, the cases whose
     gradients are checked (or, where ``DIFFERENTIABLE`` is False, must raise).
     """
 
-    IMPL: ClassVar[str]
-    CONFIG: ClassVar[Any] = None
-    INTERPRET: ClassVar[bool] = False
     CASES: ClassVar[tuple[DecodeCase, ...]] = DECODE_CASES
     DTYPES: ClassVar[Mapping[str, tuple[str, ...] | None]] = {
         "float32": None, "bfloat16": ("gqa_t1_ragged", "gqa_t4_window"),
@@ -161,13 +164,6 @@ class DecodeTestBase:
             metafunc.parametrize(
                 "case", [c for c in self.CASES if c.name in self.GRAD_CASES], ids=repr
             )
-
-    @property
-    def plat(self) -> str:
-        return platform()
-
-    def tol(self, dtype=jnp.float32) -> Tolerance:
-        return tolerance(dtype, self.plat)
 
     def test_matches_reference(self, case, dtype, key):
         q, k, v = case.inputs(key, dtype)
@@ -192,8 +188,7 @@ class DecodeTestBase:
                 return decode_attention(q, k, v, kv_lengths=lengths, impl=impl, config=config)
             return f
 
-        options = FAST_COMPILE if self.INTERPRET else None
-        got = jax.jit(jax.vmap(one(self.IMPL, self.CONFIG)), compiler_options=options)(
+        got = jax.jit(jax.vmap(one(self.IMPL, self.CONFIG)), compiler_options=self.options)(
             qs, ks, vs, ls)
         want = jax.jit(jax.vmap(one("reference", None)))(qs, ks, vs, ls)
         np.testing.assert_allclose(got, want, atol=self.tol().out)
@@ -239,6 +234,19 @@ class DecodeTestBase:
         q, k, v = make()
         with pytest.raises(ValueError, match=match):
             decode_attention(q, k, v, **{"impl": self.IMPL, **kwargs})
+
+
+def lowering_call(decode_partials, shape, h=None):
+    """(f, args) to lower a kernel module's ``decode_partials`` (causal window of 100, soft-cap)
+    at ``shape`` of ``LOWERING_SHAPES`` (head dim ``h`` if given), with abstract inputs."""
+    b, t, n, kh, h_, s, dtype = shape
+    h = h or h_
+    kv = jax.ShapeDtypeStruct((b, s, kh, h), dtype)
+    args = (jax.ShapeDtypeStruct((b, t, n, h), dtype), kv, kv,
+            jax.ShapeDtypeStruct((b,), jnp.int32))
+    f = functools.partial(decode_partials, spec=MaskSpec(causal=True, window_left=100),
+                          scale=0.1, soft_cap=30.0, interpret=False)
+    return f, args
 
 
 # Realistic shapes for the kernels' lowering tests (no device needed):

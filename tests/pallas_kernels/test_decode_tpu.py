@@ -4,17 +4,14 @@ lowering of the block shapes, TPU block-size rules)."""
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import pytest
 
 from attnlab.ops import decode_attention
-from pallas_kernels.common.masks import MaskSpec
 from pallas_kernels.tpu import decode as tpu_decode
 from pallas_kernels.tpu.decode import TpuDecodeConfig
-from tests.ops.decode_base import LOWERING_SHAPES, DecodeTestBase, zeros_qkv
+from tests.ops.decode_base import LOWERING_SHAPES, DecodeTestBase, lowering_call, zeros_qkv
 
 
 class TestPallasTpuInterpreted(DecodeTestBase):
@@ -26,17 +23,10 @@ class TestPallasTpuInterpreted(DecodeTestBase):
 @pytest.mark.parametrize("shape", [p for p in LOWERING_SHAPES if p.values[0][6] != jnp.float16])
 def test_tpu_kernel_lowers_for_mosaic(shape):
     """Mosaic lowering accepts the block shapes (the (8, 128) rule is checked there)."""
-    b, t, n, kh, h, s, dtype = shape
-    if tpu_decode.unsupported_shape((b, s, kh, h)) is not None:
-        h = 128
-    q = jax.ShapeDtypeStruct((b, t, n, h), dtype)
-    kv = jax.ShapeDtypeStruct((b, s, kh, h), dtype)
-    lengths = jax.ShapeDtypeStruct((b,), jnp.int32)
-    f = functools.partial(
-        tpu_decode.decode_partials, spec=MaskSpec(causal=True, window_left=100), scale=0.1,
-        soft_cap=30.0, interpret=False,
-    )
-    jax.jit(f).trace(q, kv, kv, lengths).lower(lowering_platforms=("tpu",))
+    b, _, _, kh, h, s, _ = shape
+    h = 128 if tpu_decode.unsupported_shape((b, s, kh, h)) is not None else h
+    f, args = lowering_call(tpu_decode.decode_partials, shape, h)
+    jax.jit(f).trace(*args).lower(lowering_platforms=("tpu",))
 
 
 @pytest.mark.parametrize(

@@ -4,16 +4,13 @@ tests (tiling, split-K partials merged by LSE, lowering to Triton IR, block-size
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnlab.ops import decode_attention, merge_n
+from attnlab.ops import MaskSpec, decode_attention, merge_n
 from attnlab.ops.decode import auto_choice
-from pallas_kernels.common.masks import MaskSpec
 from pallas_kernels.gpu import decode as gpu_decode
 from pallas_kernels.gpu.decode import DecodeConfig
 from tests.ops.decode_base import (
@@ -22,6 +19,7 @@ from tests.ops.decode_base import (
     DecodeCase,
     DecodeTestBase,
     assert_matches,
+    lowering_call,
     run,
     zeros_qkv,
 )
@@ -104,15 +102,7 @@ def test_split_size_heuristic():
 @pytest.mark.parametrize("shape", LOWERING_SHAPES)
 def test_triton_kernel_lowers_for_cuda(shape):
     """The kernel lowers to Triton IR for CUDA (no GPU needed), plain and under vmap."""
-    b, t, n, kh, h, s, dtype = shape
-    q = jax.ShapeDtypeStruct((b, t, n, h), dtype)
-    kv = jax.ShapeDtypeStruct((b, s, kh, h), dtype)
-    lengths = jax.ShapeDtypeStruct((b,), jnp.int32)
-    f = functools.partial(
-        gpu_decode.decode_partials, spec=MaskSpec(causal=True, window_left=100), scale=0.1,
-        soft_cap=30.0, interpret=False,
-    )
-    args = (q, kv, kv, lengths)
+    f, args = lowering_call(gpu_decode.decode_partials, shape)
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert 'name = "decode_attention_splitk"' in text
     vargs = [jax.ShapeDtypeStruct((2, *a.shape), a.dtype) for a in args]
