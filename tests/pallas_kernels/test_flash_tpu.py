@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from attnlab.ops import attention, explain
+from attnlab.ops.masks import EMPTY, FULL, MaskSpec, SegmentIds, block_metadata
 from attnlab.testing import cases
-from pallas_kernels.common.masks import EMPTY, FULL, MaskSpec, SegmentIds, block_metadata
 from pallas_kernels.tpu.flash import TpuFlashConfig, flash_attention
 from tests.helpers import fwd_tol, lse_tol, random_qkv, random_segments
 from tests.ops.attention_base import FAST_COMPILE, AttentionTestBase, check_against_reference

@@ -19,9 +19,8 @@ import jaxlib
 import numpy as np
 import pytest
 
-from attnlab.ops import explain
+from attnlab.ops import MaskSpec, explain
 from attnlab.testing import Case, cases
-from pallas_kernels.common.masks import MaskSpec
 from pallas_kernels.gpu.flash_fwd import FlashConfig, flash_attention
 from tests.helpers import HAS_CUDA, random_qkv, random_segments
 from tests.ops.attention_base import AttentionTestBase, assert_lse_close
