@@ -1,45 +1,42 @@
-"""Shared test utilities: tolerance tables, random inputs, the float64 NumPy oracle.
+"""Test-only helpers: the float64 NumPy oracles, loss functions, collective checks.
 
-Every implementation's tests use the same case grid (``ATTENTION_CASES``) and the same
-tolerances, keyed by dtype.
+The tolerance table, the attention case grid and the random inputs are those of
+``attnlab.testing`` (shared with the benchmarks' correctness checks); they are re-exported here.
 """
 
 from __future__ import annotations
-
-import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnlab.testing import (  # noqa: F401  (re-exported: tests import them from here)
+    ATTENTION_CASES,
+    Case,
+    case_inputs,
+    random_qkv,
+    random_segments,
+    tolerance,
+)
+
 HAS_CUDA = any(d.platform == "gpu" for d in jax.devices()) if jax.default_backend() != "cpu" else False
 
-# Max abs error allowed against the float32 reference, by input dtype. Outputs are O(1).
-FWD_TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2, jnp.float16: 5e-3}
-# Gradients: dq and dk are looser than dv in low precision (they go through ds = p*(dp-delta)).
-GRAD_TOL = {
-    jnp.float32: {"dq": 1e-4, "dk": 1e-4, "dv": 5e-5},
-    jnp.bfloat16: {"dq": 8e-2, "dk": 8e-2, "dv": 5e-2},
-    jnp.float16: {"dq": 1e-2, "dk": 1e-2, "dv": 8e-3},
-}
-# Relative part of the gradient tolerance: at GPU-sized shapes gradients reach magnitudes of
-# 10-30, where one bf16 ulp is 0.06-0.125, so an absolute bound alone is wrong there.
-GRAD_RTOL = {jnp.float32: 0.0, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
-# Relative-to-scale tolerance for TF32/bf16 MXU-style kernels compiled on GPU.
-LSE_TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
 
-
+# The tolerance table lives in attnlab.testing (shared with the benchmarks); these read it.
 def fwd_tol(dtype) -> float:
-    return FWD_TOL[jnp.dtype(dtype).type]
+    return tolerance(dtype).out
+
+
+def lse_tol(dtype) -> float:
+    return tolerance(dtype).lse
 
 
 def grad_tol(dtype, name: str) -> float:
-    return GRAD_TOL[jnp.dtype(dtype).type][name]
+    return tolerance(dtype).get(name)
 
 
 def grad_rtol(dtype) -> float:
-    return GRAD_RTOL[jnp.dtype(dtype).type]
+    return tolerance(dtype).grad_rtol
 
 
 def assert_bf16_value_and_grads_close(got, want) -> None:
@@ -53,24 +50,6 @@ def assert_bf16_value_and_grads_close(got, want) -> None:
     for name, g, wg in zip(("dq", "dk", "dv"), got[1], want[1], strict=True):
         tol = grad_tol(jnp.bfloat16, name) + grad_rtol(jnp.bfloat16) * np.abs(f32(wg)).max()
         np.testing.assert_allclose(f32(g), f32(wg), atol=tol, err_msg=name)
-
-
-def lse_tol(dtype) -> float:
-    return LSE_TOL[jnp.dtype(dtype).type]
-
-
-def random_qkv(key, b, t, s, n, kh, h, dtype=jnp.float32, hv=None):
-    """Random normal q [B,T,N,H], k [B,S,K,H], v [B,S,K,Hv] (never zeros or ones)."""
-    kq, kk, kv = jax.random.split(key, 3)
-    q = jax.random.normal(kq, (b, t, n, h), jnp.float32).astype(dtype)
-    k = jax.random.normal(kk, (b, s, kh, h), jnp.float32).astype(dtype)
-    v = jax.random.normal(kv, (b, s, kh, hv or h), jnp.float32).astype(dtype)
-    return q, k, v
-
-
-def random_segments(key, b, length, n_docs) -> jax.Array:
-    """Sorted random document ids [B, length] (packed documents)."""
-    return jnp.sort(jax.random.randint(key, (b, length), 0, n_docs), axis=-1).astype(jnp.int32)
 
 
 def numpy_oracle(
@@ -114,54 +93,6 @@ def numpy_oracle(
                 lse[bi, ti, ni] = m + np.log(e.sum())
                 out[bi, ti, ni] = (e / e.sum()) @ v[bi, ok[ti], ni // g]
     return out, lse
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One attention test case of the shared grid."""
-
-    name: str
-    b: int = 2
-    t: int = 40
-    s: int = 40
-    n: int = 4
-    kh: int = 2
-    h: int = 32
-    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
-    segments: int = 0  # >0: random packed documents with this many ids
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-ATTENTION_CASES = [
-    Case("full"),
-    Case("causal", kwargs=dict(is_causal=True)),
-    Case("causal_mqa", n=4, kh=1, kwargs=dict(is_causal=True)),
-    Case("mha_cross", t=24, s=72, kh=4, kwargs=dict()),
-    Case("window", kwargs=dict(local_window_size=(7, 5))),
-    Case("causal_window", kwargs=dict(is_causal=True, local_window_size=(9, 0))),
-    Case("offsets", t=24, s=64, kwargs=dict(is_causal=True, q_offset=40, kv_offset=0)),
-    Case("segments", segments=3, kwargs=dict(is_causal=True)),
-    Case("segments_full", segments=4),
-    Case("softcap", kwargs=dict(is_causal=True, logits_soft_cap=3.0)),
-    Case("all_masked_rows", t=16, s=32, kwargs=dict(is_causal=True, q_offset=0, kv_offset=8)),
-    Case("ragged", t=33, s=45, n=6, kh=3, kwargs=dict(is_causal=True)),
-]
-
-
-def case_inputs(case: Case, key, dtype=jnp.float32):
-    """(q, k, v, kwargs) for a case, with fresh random segment ids where asked."""
-    k1, k2, k3 = jax.random.split(key, 3)
-    q, k, v = random_qkv(k1, case.b, case.t, case.s, case.n, case.kh, case.h, dtype)
-    kwargs = dict(case.kwargs)
-    if case.segments:
-        qs = random_segments(k2, case.b, case.t, case.segments)
-        if case.t == case.s:
-            kwargs["segment_ids"] = qs
-        else:
-            kwargs["segment_ids"] = (qs, random_segments(k3, case.b, case.s, case.segments))
-    return q, k, v, kwargs
 
 
 def loss_with_lse(attn_fn, q, k, v, kwargs):

@@ -35,18 +35,16 @@ from attnlab.bench.harness import (
     SKIPPED,
     UNSUPPORTED,
     GiB,
-    Tolerance,
     attention_flops,
     grad_fn,
     max_abs_err,
-    random_qkv,
     run_record,
     short_error,
     tflops_per_s,
     time_call,
-    tolerance,
     within,
 )
+from attnlab.testing import Tolerance, random_qkv, tolerance
 
 FLOPS_RULE = "fwd 4*B*S*S*N*H (halved when causal); fwdbwd 3.5x fwd"
 

@@ -1,9 +1,9 @@
 """The correctness grid of ``attnlab demo``: every implementation against the reference.
 
-:data:`CHECK_CASES` is a small grid of attention calls (masks, packed segments, offsets, GQA,
-soft-capping, rows that see no key); :func:`check_case` compares one implementation with
-:func:`attnlab.ops.reference` on one case (out, LSE and the three gradients, within the
-harness's :data:`~attnlab.bench.harness.TOLERANCES`); :func:`merge_check` checks that K/V
+:data:`attnlab.testing.DEMO_CASES` (the demo's subset of the one case grid the tests use:
+masks, packed segments, offsets, GQA, soft-capping, rows that see no key); :func:`check_case`
+compares one implementation with :func:`attnlab.ops.reference` on one case (out, LSE and the
+three gradients, within :data:`attnlab.testing.TOLERANCES`); :func:`merge_check` checks that K/V
 chunks merged by log-sum-exp give the whole.
 """
 
@@ -20,48 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnlab import ops as _ops
-from attnlab.bench.harness import max_abs_err, random_qkv, short_error, tolerance, within
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class CheckCase:
-    """One small attention call of the demo's correctness grid."""
-
-    name: str
-    description: str
-    b: int = 1
-    t: int = 128
-    s: int = 128
-    n: int = 4
-    kh: int = 2
-    h: int = 32
-    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    segments: int = 0  # > 0: random packed documents with this many ids
-
-
-CHECK_CASES: tuple[CheckCase, ...] = (
-    CheckCase(name="full", description="no mask"),
-    CheckCase(name="causal", description="causal", kwargs={"is_causal": True}),
-    CheckCase(name="window", description="causal sliding window of 32 keys",
-              kwargs={"is_causal": True, "local_window_size": (31, 0)}),
-    CheckCase(name="segments", description="3 packed documents per row (segment ids), causal",
-              b=2, segments=3, kwargs={"is_causal": True}),
-    CheckCase(name="offsets", description="64 queries at positions 64..127 over 128 keys",
-              t=64, kwargs={"is_causal": True, "q_offset": 64}),
-    CheckCase(name="gqa", description="8 query heads sharing 2 kv heads, causal",
-              n=8, kh=2, kwargs={"is_causal": True}),
-    CheckCase(name="softcap", description="logits soft-cap 2.0 (Gemma 2), causal",
-              kwargs={"is_causal": True, "logits_soft_cap": 2.0}),
-    CheckCase(name="masked_rows", description="keys start at 16: queries 0..15 see no key",
-              t=32, s=64, kwargs={"is_causal": True, "kv_offset": 16}),
-)
+from attnlab.bench.harness import max_abs_err, short_error, within
+from attnlab.testing import Case, case_inputs, random_qkv, tolerance
 
 CHECKED = ("out", "lse", "dq", "dk", "dv")
 
 
 @dataclasses.dataclass(slots=True, kw_only=True)
 class CheckResult:
-    """Errors of one implementation on one :class:`CheckCase` (None: not computed)."""
+    """Errors of one implementation on one :class:`attnlab.testing.Case` (None: not computed)."""
 
     impl: str
     case: str
@@ -69,19 +36,6 @@ class CheckResult:
     status: str  # "PASS", "FAIL", "n/a" (unsupported) or "error"
     note: str = ""
     seconds: float = 0.0
-
-
-def case_inputs(
-    case: CheckCase, key: jax.Array, dtype: Any = jnp.float32
-) -> tuple[jax.Array, jax.Array, jax.Array, dict[str, Any]]:
-    """(q, k, v, kwargs) for ``case``, with random sorted segment ids where it asks."""
-    k1, k2 = jax.random.split(key)
-    q, k, v = random_qkv(k1, case.b, case.t, case.s, case.n, case.kh, case.h, dtype)
-    kwargs = dict(case.kwargs)
-    if case.segments:
-        ids = jax.random.randint(k2, (case.b, case.t), 0, case.segments)
-        kwargs["segment_ids"] = jnp.sort(ids, axis=-1).astype(jnp.int32)
-    return q, k, v, kwargs
 
 
 def _loss_and_grads(impl: str, kwargs: Mapping[str, Any], with_lse: bool, ct_out, ct_lse):
@@ -113,7 +67,7 @@ FAST_COMPILE_CPU = {"xla_backend_optimization_level": 0}
 
 
 def check_case(
-    impl: str, case: CheckCase, key: jax.Array, *, dtype: Any = jnp.float32,
+    impl: str, case: Case, key: jax.Array, *, dtype: Any = jnp.float32,
     plat: str | None = None, compiler_options: Mapping[str, Any] | None = None,
     cache: dict[Any, Any] | None = None,
 ) -> CheckResult:

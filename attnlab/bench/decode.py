@@ -45,17 +45,16 @@ from attnlab.bench.harness import (
     names,
     num,
     per_s,
-    random_qkv,
     run_record,
     runs_interpreted,
     short_error,
     time_call,
-    tolerance,
     within,
     write_json,
 )
 from attnlab.ops import decode as _decode
 from attnlab.ops.attention import platform
+from attnlab.testing import random_qkv, tolerance
 from pallas_kernels.gpu.decode import DecodeConfig, tiling
 
 BYTES_RULE = (

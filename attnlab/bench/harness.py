@@ -8,7 +8,8 @@ The rules follow ``BENCHMARKS.md``:
 * Time (:func:`time_call`): jit-compiled, warm-up calls, then the median of ``repeats`` calls,
   each wrapped in ``jax.block_until_ready``; inputs are random normal, never zeros.
 * Correctness before timing: every fast path is compared with a reference first, within the
-  tolerance table (:data:`TOLERANCES`, :func:`tolerance`, :func:`max_abs_err`, :func:`within`);
+  error measures (:func:`max_abs_err`, :func:`within`; the tolerance table is
+  :mod:`attnlab.testing`'s);
   one that fails is reported ``FAILED`` and not timed.
 * Anchors: jax.nn's XLA and cuDNN attention (:data:`ANCHOR_XLA`, :data:`ANCHOR_CUDNN`) and
   tokamax where it imports (:func:`tokamax_version`).
@@ -60,49 +61,6 @@ INEXACT = "inexact"
 # The lightning benchmarks' decay: minimax_decay(N, LAYER_IDX, NUM_LAYERS), as fla's
 # (layer_idx, num_layers), so that its chunk_lightning_attn computes the same function.
 LAYER_IDX, NUM_LAYERS = 1, 4
-
-
-# ----------------------------------------------------------------------------- tolerances
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class Tolerance:
-    """Max abs error allowed against the float32 reference, per output, for one input dtype.
-
-    Errors are compared with ``tol * max(1, max|reference|)`` so the same table works for
-    outputs of unit scale and for larger gradients.
-    """
-
-    out: float
-    lse: float
-    dq: float
-    dk: float
-    dv: float
-
-    def get(self, name: str) -> float:
-        """The tolerance for ``name`` in {"out", "lse", "dq", "dk", "dv"}."""
-        return getattr(self, name)
-
-
-# dq and dk go through ds = p * (dp - delta), which loses more in low precision than dv = p^T do.
-TOLERANCES: dict[str, Tolerance] = {
-    "float32": Tolerance(out=2e-5, lse=2e-5, dq=1e-4, dk=1e-4, dv=5e-5),
-    "bfloat16": Tolerance(out=3e-2, lse=2e-2, dq=8e-2, dk=8e-2, dv=5e-2),
-    "float16": Tolerance(out=5e-3, lse=5e-3, dq=1e-2, dk=1e-2, dv=8e-3),
-}
-# On GPU/TPU, float32 matmuls at default precision run in TF32 / bf16 passes, so a compiled
-# float32 kernel is only as exact as that.
-_TF32 = Tolerance(out=3e-3, lse=3e-3, dq=1e-2, dk=1e-2, dv=5e-3)
-
-
-def tolerance(dtype: Any, plat: str = "cpu") -> Tolerance:
-    """The :class:`Tolerance` for inputs of ``dtype`` on platform ``plat`` ('cpu', 'gpu', 'tpu')."""
-    name = jnp.dtype(dtype).name
-    if name not in TOLERANCES:
-        raise ValueError(f"no tolerance for dtype {name}; expected one of {sorted(TOLERANCES)}")
-    if name == "float32" and plat != "cpu":
-        return _TF32
-    return TOLERANCES[name]
 
 
 def max_abs_err(x: Any, ref: Any) -> float:
@@ -229,17 +187,6 @@ def time_or_error(
 
 
 # ----------------------------------------------------------------------------- inputs, passes
-
-
-def random_qkv(
-    key: jax.Array, b: int, t: int, s: int, n: int, kh: int, h: int, dtype: Any
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Random normal q [B,T,N,H], k [B,S,K,H], v [B,S,K,H] in ``dtype`` (never zeros)."""
-    kq, kk, kv = jax.random.split(key, 3)
-    q = jax.random.normal(kq, (b, t, n, h), jnp.float32).astype(dtype)
-    k = jax.random.normal(kk, (b, s, kh, h), jnp.float32).astype(dtype)
-    v = jax.random.normal(kv, (b, s, kh, h), jnp.float32).astype(dtype)
-    return q, k, v
 
 
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]

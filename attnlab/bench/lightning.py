@@ -45,7 +45,6 @@ from attnlab.bench.harness import (
     PASSES,
     SKIPPED,
     UNSUPPORTED,
-    Tolerance,
     add_shape_args,
     add_timing_args,
     any_failed,
@@ -59,12 +58,12 @@ from attnlab.bench.harness import (
     runs_interpreted,
     short_error,
     time_call,
-    tolerance,
     within,
     write_json,
 )
 from attnlab.ops import lightning as L
 from attnlab.ops import platform
+from attnlab.testing import Tolerance, tolerance
 
 SCAN_ANCHOR = "scan_anchor"
 FLA = "fla.chunk_lightning_attn"

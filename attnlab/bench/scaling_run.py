@@ -26,7 +26,6 @@ from attnlab.bench.harness import (
     run_record,
     short_error,
     time_or_error,
-    tolerance,
     within,
     write_json,
 )
@@ -49,6 +48,7 @@ from attnlab.bench.scaling_report import derive_table, evaluate_bars
 from attnlab.bench.sharded import make_inputs, sp_fn
 from attnlab.ops import attention as single_attention
 from attnlab.ops import lightning as L
+from attnlab.testing import tolerance
 from sharding.lasp import lasp_attention
 from sharding.lasp2 import lasp2_attention
 from sharding.layouts import permute, unpermute

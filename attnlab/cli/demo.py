@@ -95,24 +95,25 @@ def checks_section(
     console: Console, args: argparse.Namespace, plat: str, report: dict[str, Any]
 ) -> tuple[int, list[str]]:
     """Section 2: every implementation but the reference against the reference over
-    :data:`attnlab.bench.checks.CHECK_CASES`. Returns (failed checks, the implementations that
+    :data:`attnlab.testing.DEMO_CASES`. Returns (failed checks, the implementations that
     ran in Pallas interpret mode)."""
     import jax
     from rich.rule import Rule
 
     from attnlab import ops
     from attnlab.bench import checks, harness
+    from attnlab.testing import DEMO_CASES, tolerance
 
     console.print(Rule("[bold]2. every implementation vs the reference"))
     impls = [n for n in ops.implementations() if n != "reference"]
-    console.print(_case_legend(checks.CHECK_CASES))
+    console.print(_case_legend(DEMO_CASES))
     key = jax.random.key(args.seed)
     opts = checks.FAST_COMPILE_CPU if plat == "cpu" else None
     ref_cache: dict[Any, Any] = {}
     # The first implementation's checks fill the reference cache. XLA compiles with the GIL
     # released, so two threads keep two cores busy through these compile-bound checks (runs
     # are serialized inside check_case).
-    jobs = [(n, i, c) for n in impls for i, c in enumerate(checks.CHECK_CASES)]
+    jobs = [(n, i, c) for n in impls for i, c in enumerate(DEMO_CASES)]
     with progress(console) as prog, ThreadPoolExecutor(max(1, args.jobs)) as pool:
         task = prog.add_task("checking", total=len(jobs))
 
@@ -124,7 +125,7 @@ def checks_section(
             return r
 
         results = list(pool.map(run, jobs))
-    grid, failures = _check_grid(impls, results, harness.tolerance("float32", plat))
+    grid, failures = _check_grid(impls, results, tolerance("float32", plat))
     console.print(grid)
     if opts:
         console.print(f"[dim]checks compiled with {opts} (they are not timed; it only saves "

@@ -1,4 +1,5 @@
-"""Softmax attention: reference vs float64 oracle, every implementation vs reference."""
+"""Softmax attention: the reference against the float64 oracle; ``impl="xla"`` through the
+shared base (``attention_base.py``) plus its own property, memory and bias tests; dispatch."""
 
 from __future__ import annotations
 
@@ -13,14 +14,18 @@ from attnlab.ops import XlaConfig, attention, auto_choice, explain, reference
 from tests.helpers import (
     ATTENTION_CASES,
     case_inputs,
-    fwd_tol,
-    grad_tol,
     loss_with_lse,
-    lse_tol,
     numpy_oracle,
     random_qkv,
     random_segments,
 )
+from tests.ops.attention_base import AttentionTestBase, assert_lse_close, check_fully_masked_rows
+
+
+class TestXla(AttentionTestBase):
+    IMPL = "xla"
+    CONFIG = XlaConfig(block_kv=16)  # several blocks, a ragged last one
+    SUPPORTS_BIAS = True
 
 
 def _oracle_kwargs(kwargs, t, s):
@@ -42,21 +47,13 @@ def _oracle_kwargs(kwargs, t, s):
     )
 
 
-def _assert_lse_close(lse, want, tol):
-    lse, want = np.asarray(lse, np.float64), np.asarray(want, np.float64)
-    np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(want))
-    np.testing.assert_array_equal(lse[np.isneginf(want)], -np.inf)
-    fin = np.isfinite(want)
-    np.testing.assert_allclose(lse[fin], want[fin], atol=tol, rtol=0)
-
-
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=repr)
 def test_reference_matches_float64_oracle(case, key):
     q, k, v, kwargs = case_inputs(case, key)
     out, lse = reference(q, k, v, return_residuals=True, **kwargs)
     want_out, want_lse = numpy_oracle(q, k, v, **_oracle_kwargs(kwargs, case.t, case.s))
     np.testing.assert_allclose(out, want_out, atol=2e-5)
-    _assert_lse_close(lse, want_lse, 2e-5)
+    assert_lse_close(lse, want_lse, 2e-5)
 
 
 def test_reference_with_bias_matches_oracle(key):
@@ -67,60 +64,7 @@ def test_reference_with_bias_matches_oracle(key):
     kw = _oracle_kwargs(dict(is_causal=True, kv_offset=-16, bias=bias), 24, 40)
     want_out, want_lse = numpy_oracle(q, k, v, **kw)
     np.testing.assert_allclose(out, want_out, atol=2e-5)
-    _assert_lse_close(lse, want_lse, 2e-5)
-
-
-IMPLS = ["xla"]
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("case", ATTENTION_CASES, ids=repr)
-def test_impl_matches_reference(impl, dtype, case, key):
-    q, k, v, kwargs = case_inputs(case, key, dtype)
-    cfg = XlaConfig(block_kv=16)  # several blocks, ragged last block
-    out, lse = attention(q, k, v, impl=impl, config=cfg, return_residuals=True, **kwargs)
-    ref_out, ref_lse = reference(q, k, v, return_residuals=True, **kwargs)
-    assert out.dtype == q.dtype and out.shape == ref_out.shape
-    np.testing.assert_allclose(
-        np.asarray(out, np.float32), np.asarray(ref_out, np.float32), atol=fwd_tol(dtype)
-    )
-    _assert_lse_close(lse, ref_lse, lse_tol(dtype))
-
-    def fn(impl_name, **extra):
-        return lambda q, k, v, **kw: attention(q, k, v, impl=impl_name, **extra, **kw)
-
-    grads = jax.grad(
-        lambda q, k, v: loss_with_lse(fn(impl, config=cfg), q, k, v, kwargs), argnums=(0, 1, 2)
-    )(q, k, v)
-    ref_grads = jax.grad(
-        lambda q, k, v: loss_with_lse(fn("reference"), q, k, v, kwargs), argnums=(0, 1, 2)
-    )(q, k, v)
-    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
-        assert g.dtype == q.dtype
-        assert not np.isnan(np.asarray(g, np.float32)).any(), name
-        np.testing.assert_allclose(
-            np.asarray(g, np.float32), np.asarray(r, np.float32), atol=grad_tol(dtype, name),
-            err_msg=name,
-        )
-
-
-def test_xla_bias_values_and_gradients(key):
-    k1, k2 = jax.random.split(key)
-    q, k, v = random_qkv(k1, 2, 20, 36, 4, 2, 16)
-    for bias_shape in [(2, 4, 20, 36), (1, 1, 20, 36), (2, 1, 1, 36), (1, 4, 20, 1)]:
-        bias = jax.random.normal(k2, bias_shape)
-
-        def loss(impl, q, k, v, bias):
-            out = attention(q, k, v, bias=bias, is_causal=True, impl=impl,
-                            config=XlaConfig(block_kv=16) if impl == "xla" else None)
-            return jnp.sum(out * jnp.sin(out))
-
-        g = jax.grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2, 3))(q, k, v, bias)
-        r = jax.grad(lambda *a: loss("reference", *a), argnums=(0, 1, 2, 3))(q, k, v, bias)
-        for a_, b_, name in zip(g, r, ("dq", "dk", "dv", "dbias")):
-            assert a_.shape == b_.shape, name
-            np.testing.assert_allclose(a_, b_, atol=1e-4, err_msg=f"{name} {bias_shape}")
+    assert_lse_close(lse, want_lse, 2e-5)
 
 
 # Property test: random shapes, masks and offsets against the float64 oracle and the
@@ -164,7 +108,7 @@ def test_xla_property_vs_oracle(data, b, t, s, kh, g, h, causal, block):
     )(q, k, v)
     want_out, want_lse = numpy_oracle(q, k, v, **_oracle_kwargs(kwargs, t, s))
     np.testing.assert_allclose(out, want_out, atol=3e-5)
-    _assert_lse_close(lse, want_lse, 3e-5)
+    assert_lse_close(lse, want_lse, 3e-5)
 
     def run(impl):
         extra = {"config": cfg} if impl == "xla" else {}
@@ -180,57 +124,8 @@ def test_xla_property_vs_oracle(data, b, t, s, kh, g, h, causal, block):
         np.testing.assert_allclose(a_, r_, atol=2e-4)
 
 
-def test_fully_masked_rows_are_zero_and_finite(key):
-    q, k, v = random_qkv(key, 1, 16, 16, 2, 2, 16)
-    # Every query precedes every key: causal hides everything.
-    for impl in ("reference", "xla"):
-        out, lse = attention(q, k, v, is_causal=True, kv_offset=100, impl=impl,
-                             return_residuals=True)
-        np.testing.assert_array_equal(out, 0.0)
-        assert np.isneginf(np.asarray(lse)).all()
-        g = jax.grad(
-            lambda q, k, v, impl=impl: jnp.sum(
-                attention(q, k, v, is_causal=True, kv_offset=100, impl=impl) ** 2
-            ),
-            argnums=(0, 1, 2),
-        )(q, k, v)
-        for x in g:
-            assert np.isfinite(np.asarray(x)).all()
-            np.testing.assert_array_equal(x, 0.0)
-
-
-def test_jit_vmap_traced_offsets(key):
-    q, k, v = random_qkv(key, 2, 24, 24, 4, 2, 16)
-
-    @jax.jit
-    def f(q, k, v, off):
-        return attention(q, k, v, is_causal=True, q_offset=off, kv_offset=0, impl="xla",
-                         config=XlaConfig(block_kv=8))
-
-    for off in (0, 5, 30):
-        np.testing.assert_allclose(
-            f(q, k, v, jnp.int32(off)),
-            reference(q, k, v, is_causal=True, q_offset=off), atol=2e-5,
-        )
-    # vmap over an extra leading axis (e.g. several microbatches).
-    qs, ks, vs = (jnp.stack([x, x[::-1]]) for x in (q, k, v))
-    vm = jax.vmap(lambda q, k, v: attention(q, k, v, is_causal=True, impl="xla"))(qs, ks, vs)
-    for i in range(2):
-        np.testing.assert_allclose(vm[i], reference(qs[i], ks[i], vs[i], is_causal=True),
-                                   atol=2e-5)
-
-
-def test_position_arrays_equal_offsets(key):
-    q, k, v = random_qkv(key, 1, 16, 32, 2, 1, 16)
-    a = attention(q, k, v, is_causal=True, q_offset=16, impl="xla")
-    b = attention(q, k, v, is_causal=True, q_positions=16 + jnp.arange(16),
-                  kv_positions=jnp.arange(32), impl="xla")
-    np.testing.assert_allclose(a, b, atol=1e-6)
-    # A permuted layout (striped): permuting keys and their positions together changes nothing.
-    perm = jax.random.permutation(key, 32)
-    c = attention(q, k[:, perm], v[:, perm], is_causal=True, q_positions=16 + jnp.arange(16),
-                  kv_positions=jnp.arange(32)[perm], impl="xla")
-    np.testing.assert_allclose(a, c, atol=1e-5)
+def test_reference_fully_masked_rows_are_zero_and_finite(key):
+    check_fully_masked_rows("reference", key, h=16)
 
 
 def _temp_bytes(fn, *args) -> int:
@@ -281,51 +176,6 @@ def test_cudnn_refuses_what_it_cannot_compute():
 # ----------------------------------------------------------------------------- bad inputs
 
 
-def _qkv(b=1, t=8, s=8, n=4, kh=2, h=16, dtype=jnp.float32):
-    return random_qkv(jax.random.key(0), b, t, s, n, kh, h, dtype)
-
-
-@pytest.mark.parametrize(
-    "mutate, kwargs, exc, match",
-    [
-        (lambda q, k, v: (q[0], k, v), {}, ValueError, r"q must have shape \[batch, seq"),
-        (lambda q, k, v: (q, k[:, :, :1].repeat(3, 2), v[:, :, :1].repeat(3, 2)), {},
-         ValueError, "q has 4 heads but k has 3"),
-        (lambda q, k, v: (q, k[..., :8], v), {}, ValueError, "q has head_dim 16 but k has 8"),
-        (lambda q, k, v: (q, k, v[:, :4]), {}, ValueError, "k and v must agree"),
-        (lambda q, k, v: (q, k.astype(jnp.bfloat16), v), {}, ValueError, "dtypes must match"),
-        (lambda q, k, v: (q.astype(jnp.int32), k.astype(jnp.int32), v.astype(jnp.int32)), {},
-         ValueError, "unsupported dtype int32"),
-        (None, dict(impl="flash9000"), ValueError, "unknown impl 'flash9000'"),
-        (None, dict(impl="cudnn"), NotImplementedError, "needs a CUDA GPU"),
-        (None, dict(local_window_size=(-1, 2)), ValueError, "window_left must be a non-negative"),
-        (None, dict(local_window_size=(1, 2, 3)), ValueError, "local_window_size must be"),
-        (None, dict(q_offset=2, q_positions=jnp.arange(8), kv_positions=jnp.arange(8)),
-         ValueError, "either q_offset/kv_offset or q_positions"),
-        (None, dict(q_positions=jnp.arange(8)), ValueError, "must be given together"),
-        (None, dict(q_positions=jnp.arange(7), kv_positions=jnp.arange(8)), ValueError,
-         r"q_positions must have shape \(8,\)"),
-        (None, dict(segment_ids=jnp.zeros((1, 7), jnp.int32)), ValueError,
-         "segment ids must have shapes"),
-        (None, dict(bias=jnp.ones((1, 3, 8, 8))), ValueError, "bias must be broadcastable"),
-        (None, dict(logits_soft_cap=-1.0), ValueError, "logits_soft_cap must be positive"),
-        (None, dict(q_offset=jnp.arange(2)), ValueError, "q_offset must be a scalar"),
-    ],
-)
-def test_bad_inputs(mutate, kwargs, exc, match):
-    q, k, v = _qkv()
-    if mutate is not None:
-        q, k, v = mutate(q, k, v)
-    with pytest.raises(exc, match=match):
-        attention(q, k, v, **kwargs)
-
-
-def test_single_segment_array_needs_equal_lengths():
-    q, k, v = _qkv(t=8, s=12)
-    with pytest.raises(ValueError, match="a single segment_ids array needs T == S"):
-        attention(q, k, v, segment_ids=jnp.zeros((1, 8), jnp.int32))
-
-
 def test_xla_config_rejects_bad_block():
     with pytest.raises(ValueError, match="block_kv must be positive"):
         XlaConfig(block_kv=0)
@@ -370,31 +220,6 @@ def test_entropy_reference_matches_oracle(case, key):
     q, k, v, kwargs = case_inputs(case, key)
     _, ent = reference(q, k, v, return_entropy=True, **kwargs)
     np.testing.assert_allclose(ent, _numpy_entropy(q, k, v, kwargs, case.t, case.s), atol=3e-5)
-
-
-@pytest.mark.parametrize("case", ATTENTION_CASES, ids=repr)
-def test_xla_entropy_values_and_gradients(case, key):
-    q, k, v, kwargs = case_inputs(case, key)
-    cfg = XlaConfig(block_kv=16)
-
-    def loss(impl, **extra):
-        def f(q, k, v):
-            out, lse, ent = attention(q, k, v, impl=impl, return_residuals=True,
-                                      return_entropy=True, **extra, **kwargs)
-            w = jnp.sin(jnp.arange(ent.size, dtype=jnp.float32).reshape(ent.shape))
-            return jnp.sum(out * jnp.cos(out)) + jnp.sum(ent * w) + 0.1 * jnp.sum(
-                jnp.where(jnp.isfinite(lse), lse, 0.0))
-        return f
-
-    _, ent = attention(q, k, v, impl="xla", config=cfg, return_entropy=True, **kwargs)
-    _, ref_ent = reference(q, k, v, return_entropy=True, **kwargs)
-    np.testing.assert_allclose(ent, ref_ent, atol=2e-5)
-    assert (np.asarray(ent) >= -1e-5).all()
-    g = jax.jit(jax.grad(loss("xla", config=cfg), argnums=(0, 1, 2)))(q, k, v)
-    r = jax.jit(jax.grad(loss("reference"), argnums=(0, 1, 2)))(q, k, v)
-    for a_, r_ in zip(g, r):
-        assert np.isfinite(np.asarray(a_)).all()
-        np.testing.assert_allclose(a_, r_, atol=1e-4)
 
 
 def test_entropy_return_shapes_and_refusals(key):

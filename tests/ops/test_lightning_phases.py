@@ -16,21 +16,18 @@ import jax.numpy as jnp
 import pytest
 
 from attnlab.ops import lightning as L
+from attnlab.testing import linear_tolerance
 from pallas_kernels.gpu.lightning_common import LightningConfig
-from tests.pallas_kernels.test_lightning_triton import (
-    FUSED_CPU_CONFIG,
-    LightningCase,
-    assert_close_rel,
-    case_inputs,
-    jnp_recurrence,
-    tol,
-)
+from tests.ops.lightning_base import LightningCase, assert_close_rel, recurrence
+from tests.pallas_kernels.test_lightning_triton import FUSED_CPU_CONFIG
 
 
-def check_phases(case: LightningCase, key, impl: str, config, *, own: bool) -> None:
+def check_phases(case: LightningCase, key, impl: str, config, *, own: bool,
+                 dtype=jnp.float32) -> None:
     """Runs the phases of ``impl`` on one block and compares every output with the
     recurrence; ``own``: the implementation's own phases are expected (not the generic)."""
-    q, k, v, ld, _, seg, scale = case_inputs(case, key)
+    q, k, v, decay, _, seg = case.inputs(key, dtype)
+    ld, scale = jnp.log(jnp.asarray(decay)), case.h ** -0.5
     b, _, n, h = q.shape
     hv = v.shape[-1]
     ks = jax.random.split(jax.random.fold_in(key, 1), 3)
@@ -47,8 +44,7 @@ def check_phases(case: LightningCase, key, impl: str, config, *, own: bool) -> N
         ds_in, res = phases.state_grad(res, do)
         return state, aux is not None, o, ds_in, phases.backward(res, ds_out)
 
-    def want(q, k, v, s):
-        return jnp_recurrence(q, k, v, ld, s, seg, scale)
+    want = recurrence(decay, seg, scale)
 
     state, has_aux, o, ds_in, grads = run(q, k, v, s_in, do, ds_out)
     assert bool(has_aux) == own, "expected the kernel's own phases" if own else "generic"
@@ -56,17 +52,19 @@ def check_phases(case: LightningCase, key, impl: str, config, *, own: bool) -> N
     (want_o, _), vjp = jax.vjp(want, q, k, v, s_in)
     *want_grads, _ = vjp((do.astype(jnp.float32), ds_out))
     want_ds_in = vjp((do.astype(jnp.float32), jnp.zeros_like(ds_out)))[3]
-    assert_close_rel(state, want_state, tol(case.dtype), "summary state")
-    assert_close_rel(o, want_o, tol(case.dtype), "o")
-    assert_close_rel(ds_in, want_ds_in, tol(case.dtype, grad=True), "ds_in")
+    tol = linear_tolerance(dtype)
+    assert_close_rel(state, want_state, tol.values, "summary state")
+    assert_close_rel(o, want_o, tol.values, "o")
+    assert_close_rel(ds_in, want_ds_in, tol.grads, "ds_in")
     for name, got, w in zip(("dq", "dk", "dv"), grads, want_grads, strict=True):
         assert got.dtype == q.dtype, name
-        assert_close_rel(got, w, tol(case.dtype, grad=True), name)
+        assert_close_rel(got, w, tol.grads, name)
 
 
 # t = 40 with 16-token chunks: three chunks, the last ragged; three documents; N = 3 heads
 # with lambda in {0.05, 0.9, 1.0}.
-CASE = LightningCase("f32_segments_ragged", t=40, h=16, hv=32, b=2, segments=3)
+CASE = LightningCase("f32_segments_ragged", t=40, h=16, hv=32, b=2, segments=3,
+                     decays=(0.05, 0.9, 1.0))
 
 
 @pytest.mark.parametrize("segment_chunks", [1, 2, 0], ids=["3segments", "2+short", "1segment"])
@@ -94,7 +92,7 @@ def test_two_phase_kernel_config_takes_generic_phases(key):
 @pytest.mark.parametrize("t", [2048, 4000], ids=["2K", "4000ragged"])
 def test_triton_phases_gpu(t, key):
     """Compiled, default config (bf16, H = 128: fused forward, several segments)."""
-    case = LightningCase("gpu_bf16_h128", t=t, decays=(0.3, 0.999, 1.0), h=128, hv=128,
-                         b=1, segments=4 if t == 2048 else 0, dtype=jnp.bfloat16)
+    case = LightningCase("gpu_h128", t=t, decays=(0.3, 0.999, 1.0), h=128, hv=128, b=1,
+                         segments=4 if t == 2048 else 0)
     check_phases(case, key, "pallas_triton", LightningConfig.get_default(128, jnp.bfloat16),
-                 own=True)
+                 own=True, dtype=jnp.bfloat16)

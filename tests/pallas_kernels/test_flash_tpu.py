@@ -1,8 +1,10 @@
-"""The Mosaic TPU flash attention kernel (``impl="pallas_tpu"``) against the reference.
+"""``impl="pallas_tpu"`` (the Mosaic TPU flash attention kernel): the shared cases of
+``tests/ops/attention_base.py`` in TPU interpret mode, plus the kernel's own tests (EMPTY /
+FULL tile skipping, the kernel's entropy flag, Hv != H, TPU block-size rules).
 
 Everything here runs in TPU interpret mode on CPU: no TPU is available to the project, so
 this file is the kernel's only verification. Interpret mode is slow (seconds per compile), so
-shapes stay tiny and values and gradients come from one forward pass per case.
+shapes stay tiny and values and gradients come from one program per case.
 """
 
 from __future__ import annotations
@@ -12,19 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnlab.ops.attention import attention, explain
-from pallas_kernels.common.masks import EMPTY, FULL, MaskSpec, SegmentIds, block_metadata
+from attnlab.ops import attention, explain
+from attnlab.ops.masks import EMPTY, FULL, MaskSpec, SegmentIds, block_metadata
+from attnlab.testing import cases
 from pallas_kernels.tpu.flash import TpuFlashConfig, flash_attention
-from tests.helpers import (
-    ATTENTION_CASES,
-    case_inputs,
-    fwd_tol,
-    grad_tol,
-    loss_with_lse,
-    lse_tol,
-    random_qkv,
-    random_segments,
-)
+from tests.helpers import fwd_tol, lse_tol, random_qkv, random_segments
+from tests.ops.attention_base import FAST_COMPILE, AttentionTestBase, check_against_reference
+from tests.ops.attention_grad_base import AttentionBwdTestBase
 
 # Sublane-sized query blocks (forward) and key blocks (dK/dV) so the grid's short sequences
 # still span several, ragged, blocks; lane-axis blocks are 128, the smallest TPUs accept.
@@ -39,112 +35,25 @@ TILE_CONFIG = TpuFlashConfig(
 )
 
 
-def _outputs_and_grads(impl, q, k, v, kwargs, config=None):
-    """(out, lse, (dq, dk, dv)) under jit; the gradients are those of ``loss_with_lse``.
+class TestPallasTpuInterpreted(AttentionTestBase):
+    """The shared grid in TPU interpret mode: every case in float32; bfloat16 and the entropy
+    on a few cases (interpret mode is slow). The kernel takes no float16."""
 
-    One ``jax.vjp`` serves both: the cotangents of (out, lse) are taken from
-    ``loss_with_lse`` itself, so the chain rule gives exactly its gradient.
-    """
-
-    def attn(q, k, v, **kw):
-        return attention(q, k, v, impl=impl, config=config, **kw)
-
-    @jax.jit
-    def run(q, k, v):
-        (out, lse), pullback = jax.vjp(
-            lambda q, k, v: attn(q, k, v, return_residuals=True, **kwargs), q, k, v
-        )
-        cts = jax.grad(
-            lambda o, s: loss_with_lse(lambda *_, **__: (o, s), q, k, v, {}), argnums=(0, 1)
-        )(out, lse)
-        return out, lse, pullback(cts)
-
-    return run(q, k, v)
+    IMPL = "pallas_tpu"
+    CONFIG = GRID_CONFIG
+    INTERPRET = True
+    DTYPES = {"float32": None, "bfloat16": ("causal_mqa", "segments")}
+    ENTROPY = {"float32": ("causal_mqa", "segments", "softcap", "all_masked_rows")}
 
 
-def _check(q, k, v, kwargs, config):
-    out, lse, grads = _outputs_and_grads("pallas_tpu", q, k, v, kwargs, config)
-    want_out, want_lse, want_grads = _outputs_and_grads("reference", q, k, v, kwargs)
-    dtype = q.dtype
-    out, want_out = np.asarray(out, np.float32), np.asarray(want_out, np.float32)
-    np.testing.assert_allclose(out, want_out, atol=fwd_tol(dtype), rtol=0)
+class TestPallasTpuBwdInterpreted(AttentionBwdTestBase):
+    """attention_bwd (one key block's share of the gradient, as the ring backward uses it)
+    through the backward kernels, on a causal, a packed-documents and a no-key-rows case."""
 
-    lse, want_lse = np.asarray(lse), np.asarray(want_lse)
-    np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(want_lse))
-    unseen = np.isneginf(want_lse)
-    np.testing.assert_array_equal(lse[unseen], -np.inf)
-    np.testing.assert_allclose(lse[~unseen], want_lse[~unseen], atol=lse_tol(dtype), rtol=0)
-    # A row that sees no key gives exactly 0 output.
-    np.testing.assert_array_equal(np.moveaxis(out, -1, 0)[:, unseen], 0.0)
-
-    for name, got, want in zip(("dq", "dk", "dv"), grads, want_grads, strict=True):
-        got = np.asarray(got, np.float32)
-        assert np.isfinite(got).all(), f"{name} has NaN/inf"
-        np.testing.assert_allclose(
-            got, np.asarray(want, np.float32), atol=grad_tol(dtype, name), rtol=0, err_msg=name
-        )
-    return want_lse
-
-
-def _entropy_outputs_and_grads(impl, q, k, v, kwargs, config=None):
-    """(out, lse, entropy, (dq, dk, dv)) under jit, for a loss weighting out, lse and H."""
-
-    def loss(q, k, v):
-        out, lse, ent = attention(
-            q, k, v, impl=impl, config=config, return_residuals=True, return_entropy=True,
-            **kwargs,
-        )
-        w = jnp.sin(jnp.arange(ent.size, dtype=jnp.float32).reshape(ent.shape))
-        total = jnp.sum(out * jnp.cos(out)) + jnp.sum(ent * w)
-        return total + 0.1 * jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0)), (out, lse, ent)
-
-    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
-    (_, (out, lse, ent)), grads = fn(q, k, v)
-    return out, lse, ent, grads
-
-
-@pytest.mark.parametrize(
-    "case",
-    [c for c in ATTENTION_CASES if c.name in ("all_masked_rows", "segments", "softcap",
-                                               "causal_mqa")],
-    ids=repr,
-)
-def test_entropy_matches_reference(case, key):
-    """return_entropy: the entropy, and gradients through out, lse and entropy together."""
-    q, k, v, kwargs = case_inputs(case, key)
-    out, lse, ent, grads = _entropy_outputs_and_grads("pallas_tpu", q, k, v, kwargs, GRID_CONFIG)
-    want_out, want_lse, want_ent, want_grads = _entropy_outputs_and_grads(
-        "reference", q, k, v, kwargs
-    )
-    ent, want_lse = np.asarray(ent), np.asarray(want_lse)
-    assert ent.dtype == np.float32 and ent.shape == want_lse.shape
-    assert np.isfinite(ent).all() and (ent >= -1e-5).all()
-    np.testing.assert_array_equal(ent[np.isneginf(want_lse)], 0.0)
-    np.testing.assert_allclose(ent, want_ent, atol=2e-5, rtol=0)
-    np.testing.assert_allclose(out, want_out, atol=fwd_tol(jnp.float32), rtol=0)
-    np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(want_lse))
-    for name, got, want in zip(("dq", "dk", "dv"), grads, want_grads, strict=True):
-        got = np.asarray(got)
-        assert np.isfinite(got).all(), f"{name} has NaN/inf"
-        np.testing.assert_allclose(
-            got, want, atol=grad_tol(jnp.float32, name), rtol=0, err_msg=name
-        )
-
-
-@pytest.mark.parametrize("case", ATTENTION_CASES, ids=repr)
-def test_matches_reference_float32(case, key):
-    q, k, v, kwargs = case_inputs(case, key)
-    want_lse = _check(q, k, v, kwargs, GRID_CONFIG)
-    if case.name == "all_masked_rows":
-        assert np.isneginf(want_lse).any(), "the case must contain rows that see no key"
-
-
-@pytest.mark.parametrize(
-    "case", [c for c in ATTENTION_CASES if c.name in ("causal_mqa", "segments")], ids=repr
-)
-def test_matches_reference_bfloat16(case, key):
-    q, k, v, kwargs = case_inputs(case, key, jnp.bfloat16)
-    _check(q, k, v, kwargs, GRID_CONFIG)
+    IMPL = "pallas_tpu"
+    CONFIG = GRID_CONFIG
+    INTERPRET = True
+    CASES = cases("causal", "segments", "all_masked_rows")
 
 
 @pytest.mark.parametrize(
@@ -175,24 +84,7 @@ def test_skips_empty_and_unmasks_full_tiles(length, kwargs, segments, key):
         assert (md.kind == FULL).any()
     else:
         assert (md.kv_start > 0).any() and (md.q_start > 0).any()
-    _check(q, k, v, kwargs, TILE_CONFIG)
-
-
-def test_jit_and_vmap(key):
-    """vmap over an extra leading axis (the pallas_call grows a grid axis) under jit."""
-    q, k, v = random_qkv(key, 2, 24, 24, 2, 1, 32)
-    q, k, v = (x.reshape(2, 1, *x.shape[1:]) for x in (q, k, v))
-
-    def run(impl):
-        config = GRID_CONFIG if impl == "pallas_tpu" else None  # the reference takes none
-        fn = lambda q, k, v: attention(
-            q, k, v, is_causal=True, impl=impl, config=config, return_residuals=True
-        )
-        return jax.jit(jax.vmap(fn))(q, k, v)
-
-    (out, lse), (want_out, want_lse) = run("pallas_tpu"), run("reference")
-    np.testing.assert_allclose(out, want_out, atol=fwd_tol(jnp.float32), rtol=0)
-    np.testing.assert_allclose(lse, want_lse, atol=lse_tol(jnp.float32), rtol=0)
+    check_against_reference("pallas_tpu", q, k, v, kwargs, TILE_CONFIG, FAST_COMPILE)
 
 
 def test_kernel_entropy_flag(key):
@@ -248,13 +140,6 @@ def test_kernel_value_head_dim_differs(key):
 def test_config_rejects_blocks_illegal_on_tpu(field, value, match):
     with pytest.raises(ValueError, match=match):
         TpuFlashConfig(**{field: value})
-
-
-def test_bias_is_unsupported(key):
-    q, k, v = random_qkv(key, 1, 8, 8, 2, 2, 32)
-    bias = jax.random.normal(jax.random.fold_in(key, 1), (1, 2, 8, 8))
-    with pytest.raises(NotImplementedError, match=r"pallas_tpu.*takes no logits bias"):
-        attention(q, k, v, bias=bias, impl="pallas_tpu")
 
 
 def test_unsupported_calls_say_why(key):

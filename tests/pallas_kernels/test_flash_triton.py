@@ -1,14 +1,16 @@
-"""``impl="pallas_triton"`` (Pallas flash attention lowered to Triton) against the reference.
+"""``impl="pallas_triton"`` (Pallas flash attention lowered to Triton): the shared cases of
+``tests/ops/attention_base.py`` interpreted on CPU and compiled on a GPU, plus the kernel's own
+tests (entropy outputs of the kernel wrapper, lowering to Triton IR, supported head dims, config
+validation).
 
 On CPU the kernels run in the Pallas interpreter, at the shared grid's tiny shapes with tiles
 of 16/32 so that every path runs (edge tiles, FULL runs, EMPTY skips, padding, GQA folding in
-dK/dV). ``TestCompiledOnGpu`` runs the same checks compiled at realistic shapes, and
+dK/dV). ``TestPallasTritonCompiled`` runs the same checks compiled at realistic shapes, and
 ``test_lowers_to_triton`` checks on any machine that the kernels lower to Triton IR.
 """
 
 from __future__ import annotations
 
-import functools
 import re
 
 import jax
@@ -17,157 +19,69 @@ import jaxlib
 import numpy as np
 import pytest
 
-from attnlab.ops import attention, explain, reference
-from pallas_kernels.common.masks import MaskSpec
+from attnlab.ops import MaskSpec, explain
+from attnlab.testing import Case, cases
 from pallas_kernels.gpu.flash_common import FlashConfig
 from pallas_kernels.gpu.flash_fwd import flash_attention
-from tests.helpers import (
-    ATTENTION_CASES,
-    HAS_CUDA,
-    case_inputs,
-    fwd_tol,
-    grad_rtol,
-    grad_tol,
-    loss_with_lse,
-    lse_tol,
-    random_qkv,
-    random_segments,
-)
+from tests.helpers import HAS_CUDA, random_qkv, random_segments
+from tests.ops.attention_base import AttentionTestBase, assert_lse_close
+from tests.ops.attention_grad_base import AttentionBwdTestBase
 
 IMPL = "pallas_triton"
 # Small tiles, different for each kernel, so T, S <= 72 span several tiles of every kind.
 SMALL_TILES = FlashConfig(
     block_q=32, block_kv=16, block_q_dkv=16, block_kv_dkv=32, block_q_dq=32, block_kv_dq=16
 )
-# Interpreted kernels are big XLA programs whose compile time is mostly backend optimization,
-# which is worthless at these sizes; numerics are unchanged.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-BF16_CASES = ("causal_mqa", "segments", "softcap", "ragged")
 
 
-def _values_and_grads(impl, q, k, v, kwargs, config=None, compiler_options=None, jit=True):
-    """(out, lse, (dq, dk, dv)) of ``loss_with_lse``, all from one compiled program."""
-    extra = {} if config is None else {"config": config}
-    seen = {}
+class TestPallasTritonInterpreted(AttentionTestBase):
+    """The shared grid in the Pallas interpreter: every case in float32, bf16 and the
+    entropy on the cases that stress rounding and masking (interpretation is slow)."""
 
-    def attn(q, k, v, **kw):
-        seen["out"] = attention(q, k, v, impl=impl, **extra, **kw)
-        return seen["out"]
-
-    def loss(q, k, v):
-        return loss_with_lse(attn, q, k, v, kwargs), seen["out"]
-
-    fn = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
-    if jit:
-        fn = jax.jit(fn, compiler_options=compiler_options)
-    (_, (out, lse)), grads = fn(q, k, v)
-    return out, lse, grads
+    IMPL = IMPL
+    CONFIG = SMALL_TILES
+    INTERPRET = True
+    DTYPES = {"float32": None, "bfloat16": ("causal_mqa", "segments", "softcap", "ragged")}
+    ENTROPY = {"float32": ("segments", "softcap", "all_masked_rows", "ragged")}
 
 
-def _assert_lse_close(lse, want, tol):
-    lse, want = np.asarray(lse, np.float64), np.asarray(want, np.float64)
-    assert not np.isnan(lse).any()
-    np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(want))
-    np.testing.assert_array_equal(lse[np.isneginf(want)], -np.inf)
-    fin = np.isfinite(want)
-    np.testing.assert_allclose(lse[fin], want[fin], atol=tol, rtol=0)
+class TestPallasTritonBwdInterpreted(AttentionBwdTestBase):
+    """attention_bwd (one key block's share of the gradient, as the ring backward uses it)
+    through the backward kernels, on a causal, a packed-documents and a no-key-rows case."""
+
+    IMPL = IMPL
+    CONFIG = SMALL_TILES
+    INTERPRET = True
+    CASES = cases("causal", "segments", "all_masked_rows")
 
 
-def _check_against_reference(q, k, v, kwargs, config=None, compiler_options=None):
-    dtype = q.dtype
-    out, lse, grads = _values_and_grads(IMPL, q, k, v, kwargs, config, compiler_options)
-    ref_out, ref_lse, ref_grads = _values_and_grads("reference", q, k, v, kwargs)
-    assert out.dtype == dtype and out.shape == ref_out.shape
-    assert lse.dtype == jnp.float32 and lse.shape == ref_lse.shape
-    out32 = np.asarray(out, np.float32)
-    assert np.isfinite(out32).all()
-    np.testing.assert_allclose(out32, np.asarray(ref_out, np.float32), atol=fwd_tol(dtype))
-    _assert_lse_close(lse, ref_lse, lse_tol(dtype))
-    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
-        assert g.dtype == dtype and g.shape == r.shape, name
-        g32 = np.asarray(g, np.float32)
-        assert np.isfinite(g32).all(), name
-        np.testing.assert_allclose(
-            g32, np.asarray(r, np.float32), atol=grad_tol(dtype, name), rtol=grad_rtol(dtype),
-            err_msg=name,
-        )
+@pytest.mark.gpu
+class TestPallasTritonCompiled(AttentionTestBase):
+    """The same checks compiled with Triton at realistic shapes (default tiles); float32 is
+    compared with the TF32 row of the tolerance table (the reference runs at default
+    precision on the GPU)."""
 
-
-def _entropy_values_and_grads(impl, q, k, v, kwargs, config=None, compiler_options=None):
-    """(out, lse, entropy, (dq, dk, dv)) of a loss that weights out, lse and the entropy."""
-    extra = {} if config is None else {"config": config}
-
-    def loss(q, k, v):
-        out, lse, ent = attention(
-            q, k, v, impl=impl, return_residuals=True, return_entropy=True, **extra, **kwargs
-        )
-        w = jnp.sin(jnp.arange(ent.size, dtype=jnp.float32).reshape(ent.shape))
-        out32 = out.astype(jnp.float32)
-        total = jnp.sum(out32 * jnp.cos(out32)) + jnp.sum(ent * w)
-        return total + 0.1 * jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0)), (out, lse, ent)
-
-    fn = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
-    (_, (out, lse, ent)), grads = jax.jit(fn, compiler_options=compiler_options)(q, k, v)
-    return out, lse, ent, grads
-
-
-def _check_entropy_against_reference(q, k, v, kwargs, config=None, compiler_options=None,
-                                     ent_tol=2e-5):
-    dtype = q.dtype
-    out, lse, ent, grads = _entropy_values_and_grads(
-        IMPL, q, k, v, kwargs, config, compiler_options
+    IMPL = IMPL
+    HEAD_DIM = 64  # the compiled kernels take head dims 64, 128 and 256
+    CASES = tuple(
+        Case(f"gqa_h{h}_t{t}_{'causal' if c else 'full'}", b=2, t=t, s=t, n=8, kh=2, h=h,
+             kwargs={"is_causal": c})
+        for h in (64, 128) for t in (1024, 1000) for c in (True, False)
+    ) + (
+        Case("masks_softcap_segments", b=2, t=1000, s=1000, n=8, kh=2, h=128, segments=4,
+             kwargs={"is_causal": True, "local_window_size": (300, 0),
+                     "logits_soft_cap": 30.0}),
+        Case("h256_cross_offsets", b=1, t=500, s=1024, n=4, kh=1, h=256,
+             kwargs={"is_causal": True, "q_offset": 524}),
+        Case("masked_rows_h128", b=1, t=256, s=512, n=4, kh=2, h=128,
+             kwargs={"is_causal": True, "kv_offset": 128}),
     )
-    ref_out, ref_lse, ref_ent, ref_grads = _entropy_values_and_grads(
-        "reference", q, k, v, kwargs
-    )
-    assert ent.dtype == jnp.float32 and ent.shape == ref_ent.shape == lse.shape
-    ent = np.asarray(ent)
-    assert np.isfinite(ent).all()
-    assert (ent >= -1e-4).all()
-    np.testing.assert_array_equal(ent[np.isneginf(np.asarray(ref_lse))], 0.0)
-    np.testing.assert_allclose(ent, np.asarray(ref_ent), atol=ent_tol, rtol=0)
-    np.testing.assert_allclose(
-        np.asarray(out, np.float32), np.asarray(ref_out, np.float32), atol=fwd_tol(dtype)
-    )
-    _assert_lse_close(lse, ref_lse, lse_tol(dtype))
-    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
-        assert g.dtype == dtype and g.shape == r.shape, name
-        g32 = np.asarray(g, np.float32)
-        assert np.isfinite(g32).all(), name
-        np.testing.assert_allclose(
-            g32, np.asarray(r, np.float32), atol=grad_tol(dtype, name), rtol=grad_rtol(dtype),
-            err_msg=name,
-        )
-
-
-# ----------------------------------------------------------------------------- interpreted
-
-
-_GRID = [
-    pytest.param(case, jnp.float32, id=f"{case.name}-f32") for case in ATTENTION_CASES
-] + [
-    pytest.param(case, jnp.bfloat16, id=f"{case.name}-bf16")
-    for case in ATTENTION_CASES
-    if case.name in BF16_CASES
-]
-
-
-@pytest.mark.parametrize("case, dtype", _GRID)
-def test_matches_reference(case, dtype, key):
-    q, k, v, kwargs = case_inputs(case, key, dtype)
-    _check_against_reference(q, k, v, kwargs, SMALL_TILES, FAST_COMPILE)
-
-
-_ENTROPY_CASES = ("all_masked_rows", "segments", "softcap", "ragged")
-
-
-@pytest.mark.parametrize(
-    "case", [c for c in ATTENTION_CASES if c.name in _ENTROPY_CASES], ids=repr
-)
-def test_entropy_matches_reference(case, key):
-    """return_entropy: values and gradients of a loss weighting out, lse and the entropy."""
-    q, k, v, kwargs = case_inputs(case, key)
-    _check_entropy_against_reference(q, k, v, kwargs, SMALL_TILES, FAST_COMPILE)
+    DTYPES = {
+        "bfloat16": None,
+        "float16": ("masks_softcap_segments",),
+        "float32": ("masks_softcap_segments",),
+    }
+    ENTROPY = {"bfloat16": ("gqa_h128_t1000_causal",)}
 
 
 def test_entropy_kernel_outputs(key):
@@ -180,107 +94,11 @@ def test_entropy_kernel_outputs(key):
     out, lse = flash_attention(q, k, v, pos, kv_pos, **common)
     out2, lse2, ent = flash_attention(q, k, v, pos, kv_pos, return_entropy=True, **common)
     np.testing.assert_allclose(out, out2, atol=1e-6, rtol=0)
-    _assert_lse_close(lse2, lse, 1e-6)
+    assert_lse_close(lse2, lse, 1e-6)
     assert ent.shape == lse.shape and ent.dtype == jnp.float32
     np.testing.assert_array_equal(ent[:, :8], 0.0)  # rows 0-7 see no key
     np.testing.assert_allclose(ent[:, 8], 0.0, atol=1e-6)  # row 8 sees one key
     assert (np.asarray(ent[:, 9:]) > 0).all()
-
-
-def test_default_config_short_ragged_sequences(key):
-    """Default tiles are shrunk to fit short sequences (one tile each, padded)."""
-    q, k, v = random_qkv(key, 1, 20, 50, 4, 2, 32)
-    kwargs = dict(is_causal=True, q_offset=30, local_window_size=(40, None))
-    _check_against_reference(q, k, v, kwargs, None, FAST_COMPILE)
-
-
-def test_fully_masked_rows_are_zero_and_finite(key):
-    q, k, v = random_qkv(key, 1, 16, 40, 2, 1, 16)
-
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
-    def run(q, k, v, q_offset):
-        kwargs = dict(is_causal=True, q_offset=q_offset, kv_offset=8)
-        return _values_and_grads(IMPL, q, k, v, kwargs, SMALL_TILES, jit=False)
-
-    # Rows 0-7 see no key (every key comes later); rows 8-15 see keys 0-7, no row sees the rest.
-    out, lse, (dq, dk, dv) = run(q, k, v, 0)
-    np.testing.assert_array_equal(out[:, :8], 0.0)
-    assert np.isneginf(np.asarray(lse[:, :8])).all()
-    assert np.isfinite(np.asarray(lse[:, 8:])).all()
-    for g in (dq, dk, dv):
-        assert np.isfinite(np.asarray(g)).all()
-    np.testing.assert_array_equal(dq[:, :8], 0.0)
-    np.testing.assert_array_equal(dk[:, 8:], 0.0)
-    np.testing.assert_array_equal(dv[:, 8:], 0.0)
-    # Every row masked: zeros everywhere, -inf LSE, zero gradients.
-    out, lse, grads = run(q, k, v, -100)
-    np.testing.assert_array_equal(out, 0.0)
-    assert np.isneginf(np.asarray(lse)).all()
-    for g in grads:
-        np.testing.assert_array_equal(g, 0.0)
-
-
-def test_jit_vmap_grad_traced_offsets(key):
-    k1, k2 = jax.random.split(key)
-    q, k, v = random_qkv(k1, 2, 24, 40, 4, 2, 16)
-    # vmap over an extra leading axis, through the custom VJP, with a traced q_offset.
-    qs, ks, vs = (jnp.stack([x, jax.random.normal(k2, x.shape)]) for x in (q, k, v))
-
-    def loss(impl, **extra):
-        def fn(q, k, v, off):
-            def one(q, k, v):
-                return attention(q, k, v, is_causal=True, q_offset=off, local_window_size=(9, 5),
-                                 impl=impl, **extra)
-
-            return jnp.sum(jnp.sin(jax.vmap(one)(q, k, v)))
-
-        return jax.value_and_grad(fn, argnums=(0, 1, 2))
-
-    got_fn = jax.jit(loss(IMPL, config=SMALL_TILES), compiler_options=FAST_COMPILE)
-    want_fn = jax.jit(loss("reference"))
-    for off in (0, 21, 100):
-        got, want = got_fn(qs, ks, vs, off), want_fn(qs, ks, vs, off)
-        np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
-        for g, r in zip(got[1], want[1], strict=True):
-            np.testing.assert_allclose(g, r, atol=1e-4)
-
-
-def test_position_arrays_and_permuted_keys(key):
-    """Global positions give exact masks for any layout (striped / zigzag sharding)."""
-    k1, k2, k3 = jax.random.split(key, 3)
-    q, k, v = random_qkv(k1, 1, 24, 48, 2, 1, 16)
-    q_pos = 24 + jnp.arange(24, dtype=jnp.int32)
-    perm = jax.random.permutation(k2, 48)
-    kv_pos = jnp.arange(48, dtype=jnp.int32)[perm]
-    seg = random_segments(k3, 1, 48, 3)
-    w = jax.random.normal(k3, (1, 24, 2, 16))
-
-    def loss_kernel(q, k, v):
-        out, lse = flash_attention(
-            q, k, v, q_pos, kv_pos, seg[:, 24:], seg[:, perm],
-            spec=MaskSpec(causal=True, window_left=30), scale=0.25, soft_cap=4.0,
-            config=SMALL_TILES, interpret=True,
-        )
-        return jnp.sum(out * w) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0)), (out, lse)
-
-    def loss_ref(q, k, v):
-        out, lse = reference(
-            q, k, v, is_causal=True, local_window_size=(30, None), q_offset=24,
-            segment_ids=(seg[:, 24:], seg), scale=0.25, logits_soft_cap=4.0,
-            return_residuals=True,
-        )
-        return jnp.sum(out * w) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0)), (out, lse)
-
-    grad = functools.partial(jax.value_and_grad, argnums=(0, 1, 2), has_aux=True)
-    (_, (out, lse)), (dq, dk, dv) = jax.jit(grad(loss_kernel), compiler_options=FAST_COMPILE)(
-        q, k[:, perm], v[:, perm]
-    )
-    (_, (want_out, want_lse)), (rq, rk, rv) = jax.jit(grad(loss_ref))(q, k, v)
-    np.testing.assert_allclose(out, want_out, atol=2e-5)
-    _assert_lse_close(lse, want_lse, 2e-5)
-    np.testing.assert_allclose(dq, rq, atol=1e-4)
-    np.testing.assert_allclose(dk, rk[:, perm], atol=1e-4)
-    np.testing.assert_allclose(dv, rv[:, perm], atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- lowering
@@ -381,7 +199,7 @@ def test_supported_head_dims_on_gpu(h):
         (dict(h=24), "cpu", {}, "multiple of 16 and at most 256, got 24"),
         (dict(h=512), "cpu", {}, "multiple of 16 and at most 256, got 512"),
         (dict(h=64, hv=128), "gpu", {}, r"v head dim \(128\) to equal the q head dim \(64\)"),
-        (dict(h=64), "tpu", {}, "runs on CUDA GPUs"),
+        (dict(h=64), "tpu", {}, "runs on GPU \\(or interpreted on CPU\\), not on tpu"),
         (dict(h=64), "gpu", dict(bias=jnp.zeros((1, 4, 128, 128))), "takes no bias"),
     ],
 )
@@ -389,12 +207,6 @@ def test_unsupported_calls_say_why(spec_kw, plat, kwargs, match):
     why = explain(*_shapes(**spec_kw), plat=plat, impl_names=(IMPL,), **kwargs)[IMPL]
     assert why is not None
     assert re.search(match, why), why
-
-
-def test_bias_is_refused():
-    q, k, v = random_qkv(jax.random.key(0), 1, 16, 16, 2, 2, 16)
-    with pytest.raises(NotImplementedError, match="pallas_triton takes no bias"):
-        attention(q, k, v, bias=jnp.zeros((1, 2, 16, 16)), impl=IMPL)
 
 
 def test_auto_on_gpu_takes_pallas_triton_where_cudnn_cannot():
@@ -446,44 +258,3 @@ def test_kernel_wrapper_rejects_bad_shapes():
         flash_attention(q, k, v, pos, pos, jnp.zeros((1, 16), jnp.int32), None, **common)
     with pytest.raises(ValueError, match="must share one of float32, bfloat16, float16"):
         flash_attention(q, k.astype(jnp.bfloat16), v, pos, pos, **common)
-
-
-# ----------------------------------------------------------------------------- compiled (GPU)
-
-
-@pytest.mark.gpu
-class TestCompiledOnGpu:
-    """The same comparisons, compiled with Triton at realistic shapes (default tiles)."""
-
-    @pytest.mark.parametrize("h", [64, 128])
-    @pytest.mark.parametrize("t", [1024, 1000])
-    @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-    def test_bf16_gqa(self, h, t, causal, key):
-        q, k, v = random_qkv(key, 2, t, t, 8, 2, h, jnp.bfloat16)
-        _check_against_reference(q, k, v, dict(is_causal=causal))
-
-    @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
-    def test_masks_softcap_segments(self, dtype, key):
-        k1, k2 = jax.random.split(key)
-        q, k, v = random_qkv(k1, 2, 1000, 1000, 8, 2, 128, dtype)
-        kwargs = dict(
-            is_causal=True, local_window_size=(300, 0), logits_soft_cap=30.0,
-            segment_ids=random_segments(k2, 2, 1000, 4),
-        )
-        _check_against_reference(q, k, v, kwargs)
-
-    def test_h256_cross_attention_with_offsets(self, key):
-        q, k, v = random_qkv(key, 1, 500, 1024, 4, 1, 256, jnp.bfloat16)
-        _check_against_reference(q, k, v, dict(is_causal=True, q_offset=524))
-
-    def test_entropy_bf16_gqa_causal(self, key):
-        q, k, v = random_qkv(key, 2, 1000, 1000, 8, 2, 128, jnp.bfloat16)
-        _check_entropy_against_reference(q, k, v, dict(is_causal=True), ent_tol=2e-2)
-
-    def test_fully_masked_rows(self, key):
-        q, k, v = random_qkv(key, 1, 256, 512, 4, 2, 128, jnp.bfloat16)
-        out, lse, grads = _values_and_grads(IMPL, q, k, v, dict(is_causal=True, kv_offset=128))
-        np.testing.assert_array_equal(np.asarray(out[:, :128], np.float32), 0.0)
-        assert np.isneginf(np.asarray(lse[:, :128])).all()
-        for g in grads:
-            assert np.isfinite(np.asarray(g, np.float32)).all()
