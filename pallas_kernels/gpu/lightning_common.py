@@ -44,7 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common.lightning import decayed_state_scan
+from pallas_kernels.common.lightning import check_lightning_inputs, decayed_state_scan
 from pallas_kernels.gpu._common import dot_precision
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -281,3 +281,23 @@ def seeded_starts(h0, local, gamma):
     affine maps, seeded with ``h0``."""
     a = jnp.concatenate([jnp.ones((*gamma.shape[:2], 1)), gamma], axis=2)
     return decayed_state_scan(a, jnp.concatenate([h0[:, :, None], local], axis=2), axis=2)
+
+
+def check_args(q, k, v, log_decay, initial_state, segment_ids, interpret) -> None:
+    """``check_lightning_inputs`` plus the head dims these kernels compile for (the entry
+    points of lightning_chunk and lightning_phases)."""
+    _, _, _, h, hv = check_lightning_inputs(
+        q, k, v, log_decay, initial_state, segment_ids, dtypes=SUPPORTED_DTYPES
+    )
+    for name, dim in (("head_dim H", h), ("value head_dim Hv", hv)):
+        if interpret:
+            if dim < MIN_DIM or dim > MAX_INTERPRET_DIM or dim & (dim - 1):
+                raise ValueError(
+                    f"{name} is {dim}; the lightning kernels take powers of two in "
+                    f"[{MIN_DIM}, {MAX_INTERPRET_DIM}] (pad the head dim)"
+                )
+        elif dim not in GPU_HEAD_DIMS:
+            raise ValueError(
+                f"{name} is {dim}; the compiled lightning kernels support {GPU_HEAD_DIMS} "
+                "(pad the head dim, or use the reference implementation)"
+            )

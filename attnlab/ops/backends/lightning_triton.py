@@ -8,6 +8,7 @@ from attnlab.ops._registry import Implementation
 from attnlab.ops.backends import triton_interpret
 from attnlab.ops.lightning import BlockPhases, LightningArgs
 from pallas_kernels.gpu import lightning_chunk as kernels
+from pallas_kernels.gpu import lightning_phases as phases
 from pallas_kernels.gpu.lightning_common import SUPPORTED_DTYPES as DTYPES
 from pallas_kernels.gpu.lightning_common import LightningConfig
 
@@ -30,11 +31,11 @@ def _phases(q, k, v, a: LightningArgs) -> BlockPhases | None:
     kw = dict(config=cfg, interpret=triton_interpret())
     ld, seg = a.log_decay, a.segment_ids
     return BlockPhases(
-        lambda k, v: kernels.block_summarize(k, v, ld, seg, **kw),
-        lambda q, k, v, s_in, aux: kernels.block_forward(q, k, v, ld, seg, s_in, aux,
+        lambda k, v: phases.block_summarize(k, v, ld, seg, **kw),
+        lambda q, k, v, s_in, aux: phases.block_forward(q, k, v, ld, seg, s_in, aux,
                                                          scale=a.scale, **kw),
-        lambda res, do: kernels.block_state_grad(res, do, t=t, scale=a.scale, **kw),
-        lambda res, ds_out: kernels.block_backward(res, ds_out, t=t, scale=a.scale, **kw),
+        lambda res, do: phases.block_state_grad(res, do, t=t, scale=a.scale, **kw),
+        lambda res, ds_out: phases.block_backward(res, ds_out, t=t, scale=a.scale, **kw),
     )
 
 
