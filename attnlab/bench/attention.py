@@ -112,6 +112,8 @@ class BenchConfig:
         if self.heads <= 0 or self.head_dim <= 0:
             raise ValueError(f"heads and head_dim must be positive, got {self.heads}, "
                              f"{self.head_dim}")
+        if self.kv_heads is not None and self.kv_heads <= 0:
+            raise ValueError(f"kv_heads must be positive (or None: K = N), got {self.kv_heads}")
         if self.heads % self.n_kv_heads:
             raise ValueError(
                 f"heads={self.heads} is not a multiple of kv_heads={self.n_kv_heads}"

@@ -89,6 +89,8 @@ def _reference(q, k, v, a: AttentionArgs) -> tuple[jax.Array, ...]:
     )
     if mask is None:
         mask = jnp.ones((1, 1, 1, t, k.shape[1]), bool)
+    if a.bias is not None:  # a -inf bias masks its key (a row of them sees no key, as in xla)
+        mask = mask & (z > -jnp.inf)
     z = jnp.where(mask, z, MASK_VALUE)
     lse = jax.nn.logsumexp(z, axis=-1)
     p = jnp.where(mask, jnp.exp(z - lse[..., None]), 0.0)
@@ -309,6 +311,12 @@ def _normalize(
                 f"segment ids must have shapes ({b}, {t}) and ({b}, {s}), got "
                 f"{jnp.shape(qs)} and {jnp.shape(ks)}"
             )
+        for name, ids in (("q segment ids", qs), ("kv segment ids", ks)):
+            if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
+                raise ValueError(
+                    f"{name} must be integers (one id per document), got dtype "
+                    f"{jnp.result_type(ids)}; casting would merge documents (1.5 -> 1)"
+                )
         seg = SegmentIds(jnp.asarray(qs, jnp.int32), jnp.asarray(ks, jnp.int32))
 
     if bias is not None:

@@ -78,6 +78,11 @@ class TrainConfig:
     debug_nan_step: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "keep", "log_every", "seq_parallel",
+                     "warmup_steps", "checkpoint_every", "eval_every", "eval_batches", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an int, got {value!r}")
         for name in ("steps", "batch_size", "seq_len", "keep", "log_every", "seq_parallel"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")

@@ -110,6 +110,7 @@ def test_bench_rejects_shapes_not_dividing_batch_tokens(
         (["--shapes", "12a"], "comma-separated integers"),
         (["--passes", "fwd,bwd"], "passes must be"),
         (["--heads", "6", "--kv-heads", "4"], "not a multiple of kv_heads=4"),
+        (["--kv-heads", "0"], "kv_heads must be positive (or None: K = N), got 0"),
     ],
 )
 def test_bench_rejects_bad_input(

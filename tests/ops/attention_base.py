@@ -198,6 +198,8 @@ BAD_INPUTS = [
      r"q_positions must have shape \(8,\)"),
     (None, dict(segment_ids=jnp.zeros((1, 7), jnp.int32)), ValueError,
      "segment ids must have shapes"),
+    (None, dict(segment_ids=jnp.zeros((1, 8), jnp.float32) + 0.5), ValueError,
+     "q segment ids must be integers .* got dtype float32; casting would merge documents"),
     (None, dict(bias=jnp.ones((1, 3, 8, 8))), ValueError, "bias must be broadcastable"),
     (None, dict(logits_soft_cap=-1.0), ValueError, "logits_soft_cap must be positive"),
     (None, dict(q_offset=jnp.arange(2)), ValueError, "q_offset must be a scalar"),

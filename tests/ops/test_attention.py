@@ -14,6 +14,7 @@ from attnlab.ops import XlaConfig, attention, auto_choice, explain, reference
 from tests.helpers import (
     ATTENTION_CASES,
     case_inputs,
+    fwd_tol,
     loss_with_lse,
     numpy_oracle,
     random_qkv,
@@ -234,3 +235,22 @@ def test_entropy_return_shapes_and_refusals(key):
     same = jnp.broadcast_to(k[:, :1], k.shape)
     _, ent = attention(q, same, v, return_entropy=True)
     np.testing.assert_allclose(ent, np.log(8), atol=1e-5)
+
+
+def test_minus_inf_bias_row_sees_no_key_in_every_implementation(key):
+    """A -inf bias on every key of a row masks the row: 0 output, LSE -inf, finite gradients,
+    the same in the reference and the xla path (the reference used to give NaN)."""
+    q, k, v = random_qkv(key, 1, 8, 8, 2, 2, 16)
+    bias = jnp.zeros((1, 2, 8, 8)).at[:, :, 3, :].set(-jnp.inf).at[:, :, 5, 2:].set(-jnp.inf)
+    got = {}
+    for impl in ("reference", "xla"):
+        out, lse = attention(q, k, v, bias=bias, impl=impl, return_residuals=True)
+        grads = jax.grad(lambda q, k, v, impl=impl: jnp.sum(attention(q, k, v, bias=bias,
+                                                                      impl=impl) ** 2),
+                         argnums=(0, 1, 2))(q, k, v)
+        assert np.all(np.asarray(out[0, 3]) == 0) and np.all(np.isneginf(np.asarray(lse[0, 3])))
+        assert all(bool(jnp.isfinite(g).all()) for g in grads)
+        got[impl] = (out, grads)
+    np.testing.assert_allclose(got["reference"][0], got["xla"][0], atol=fwd_tol(jnp.float32))
+    for g_ref, g_xla in zip(got["reference"][1], got["xla"][1], strict=True):
+        np.testing.assert_allclose(g_ref, g_xla, atol=1e-4)

@@ -204,6 +204,8 @@ def test_config_files_py_and_yaml(tmp_path: Path) -> None:
         (dict(dtype="float16"), "dtype='float16'; choose one of bfloat16, float32"),
         (dict(batch_size=6, data_parallel=4), "batch_size=6 is not divisible by data_parallel=4"),
         (dict(min_lr_ratio=2.0), r"min_lr_ratio=2.0 must lie in \[0, 1\]"),
+        (dict(steps=2.5), "steps must be an int, got 2.5"),
+        (dict(eval_batches=True), "eval_batches must be an int, got True"),
     ],
 )
 def test_train_config_errors(kwargs: dict, match: str) -> None:
