@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from attnlab.nn.transformer import Transformer
@@ -140,6 +141,20 @@ def _generate(graphdef, state, prompt, rng, temperature, top_k, *,
     return tokens
 
 
+def _check_token_range(tokens: jax.Array, vocab_size: int) -> None:
+    """ValueError for a concrete token id outside [0, vocab_size) (traced ids cannot be read):
+    an embedding lookup would read a wrong row (-1: the last) or NaN instead of failing."""
+    try:
+        ids = np.asarray(tokens)
+    except jax.errors.TracerArrayConversionError:
+        return
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(
+            f"prompt token ids must lie in [0, vocab_size={vocab_size}), got values in "
+            f"[{ids.min()}, {ids.max()}]"
+        )
+
+
 def generate(
     model: Transformer,
     prompt: jax.Array,
@@ -178,6 +193,7 @@ def generate(
         raise ValueError(f"prompt must have shape [batch, T0] with T0 >= 1, got {prompt.shape}")
     if not jnp.issubdtype(prompt.dtype, jnp.integer):
         raise ValueError(f"prompt must hold integer token ids, got dtype {prompt.dtype}")
+    _check_token_range(prompt, cfg.vocab_size)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     total = prompt.shape[1] + max_new_tokens

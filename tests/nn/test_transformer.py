@@ -185,4 +185,9 @@ def test_bad_configs_fail_before_compile(key):
         generate(model, prompt[:, :4], 2, temperature=-1.0)
     with pytest.raises(ValueError, match="prompt must have shape \\[batch, T0\\]"):
         generate(model, prompt[0], 2)
+    # -1 would read the last embedding row, vocab_size a NaN row
+    for bad, seen in ((-1, r"\[-1, \d+\]"), (64, r"\[\d+, 64\]")):
+        match = r"prompt token ids must lie in \[0, vocab_size=64\), got values in " + seen
+        with pytest.raises(ValueError, match=match):
+            generate(model, jnp.asarray(prompt[:, :4]).at[0, 1].set(bad), 2)
     assert SoftmaxAttention.cache_bytes_per_token(model.cfg) == 2 * 2 * 8 * 2
