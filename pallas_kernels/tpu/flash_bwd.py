@@ -7,7 +7,7 @@ equal to the array's), but lowering on real hardware is unconfirmed.
 
 Both kernels recompute the probabilities of a tile from the log-sum-exp saved by the forward
 pass, ``p = exp(z - lse)``, and use ``delta = rowsum(dO * O) - dLSE`` computed in JAX, so the
-cotangent of the returned LSE is folded in exactly as in :mod:`attnlab.ops._xla_flash`:
+cotangent of the returned LSE is folded in exactly as in :mod:`attnlab.ops.backends.attention_xla`:
 
     ds = p * (dO v^T - delta),   dz/draw = 1 - tanh(raw / cap)^2 (soft-cap),
     dq = scale * ds k,   dk = scale * ds^T q,   dv = p^T dO.
