@@ -146,11 +146,12 @@ def linear_tolerance(dtype: Any) -> LinearTolerance:
 
 def random_qkv(
     key: jax.Array, b: int, t: int, s: int, n: int, kh: int, h: int, dtype: Any = jnp.float32,
-    hv: int | None = None,
+    hv: int | None = None, vh: int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Random normal q [B, T, N, H], k [B, S, K, H], v [B, S, K, Hv] (never zeros or ones).
+    """Random normal q [B, T, N, H], k [B, S, K, H], v [B, S, Kv, Hv] (never zeros or ones).
 
-    Drawn in float32 and cast to ``dtype``; ``hv`` defaults to ``h``.
+    Drawn in float32 and cast to ``dtype``; ``hv`` defaults to ``h`` and ``vh`` (the value
+    head count) to ``kh``.
 
     Example:
       >>> q, k, v = random_qkv(jax.random.key(0), 2, 40, 40, 4, 2, 32)
@@ -158,7 +159,7 @@ def random_qkv(
     kq, kk, kv = jax.random.split(key, 3)
     q = jax.random.normal(kq, (b, t, n, h), jnp.float32).astype(dtype)
     k = jax.random.normal(kk, (b, s, kh, h), jnp.float32).astype(dtype)
-    v = jax.random.normal(kv, (b, s, kh, hv or h), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (b, s, vh or kh, hv or h), jnp.float32).astype(dtype)
     return q, k, v
 
 
@@ -180,7 +181,14 @@ class Case:
 
     ``kwargs`` are passed to :func:`attnlab.ops.attention` as they are; ``segments > 0`` adds
     random packed-document ids with that many ids (one array when T == S, else a pair).
+    ``kh``/``h`` are the key head count and head dim; values have ``vh`` heads of ``hv``
+    (both default to the keys').
     """
+
+    @property
+    def out_shape(self) -> tuple[int, int, int, int]:
+        """[B, T, N, Hv] of the attention output."""
+        return (self.b, self.t, self.n, self.hv or self.h)
 
     name: str
     _: dataclasses.KW_ONLY
@@ -191,6 +199,8 @@ class Case:
     n: int = 4
     kh: int = 2
     h: int = 32
+    hv: int | None = None  # value head dim (default h)
+    vh: int | None = None  # value head count (default kh)
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     segments: int = 0
 
@@ -223,6 +233,16 @@ ATTENTION_CASES: tuple[Case, ...] = (
          s=32, kwargs={"is_causal": True, "q_offset": 0, "kv_offset": 8}),
     Case("ragged", description="33 queries over 45 keys, 6 heads over 3, causal", t=33, s=45,
          n=6, kh=3, kwargs={"is_causal": True}),
+    # Head dims kernels pad inside (not a power of two), value dims and head counts of their own.
+    Case("head_dim_40", description="head dim 40, causal", h=40, kwargs={"is_causal": True}),
+    Case("head_dim_80", description="head dim 80, 3 packed documents, causal", h=80,
+         segments=3, kwargs={"is_causal": True}),
+    Case("head_dim_96", description="head dim 96, causal sliding window of 10 keys", h=96,
+         kwargs={"is_causal": True, "local_window_size": (9, 0)}),
+    Case("mla_dims", description="MLA: q/k head dim 192, v head dim 128, causal", n=2, kh=2,
+         h=192, hv=128, kwargs={"is_causal": True}),
+    Case("kv_heads_differ", description="4 q heads over 1 k head and 2 v heads (v dim 48), "
+         "causal", kh=1, vh=2, hv=48, kwargs={"is_causal": True}),
 )
 _BY_NAME = {c.name: c for c in ATTENTION_CASES}
 
@@ -258,7 +278,8 @@ def case_inputs(
       >>> out = attnlab.ops.attention(q, k, v, **kwargs)
     """
     k1, k2, k3 = jax.random.split(key, 3)
-    q, k, v = random_qkv(k1, case.b, case.t, case.s, case.n, case.kh, case.h, dtype)
+    q, k, v = random_qkv(k1, case.b, case.t, case.s, case.n, case.kh, case.h, dtype,
+                         hv=case.hv, vh=case.vh)
     kwargs = dict(case.kwargs)
     if case.segments:
         qs = random_segments(k2, case.b, case.t, case.segments)

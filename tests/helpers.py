@@ -59,8 +59,8 @@ def numpy_oracle(
     """Float64 NumPy attention, written independently of attnlab. Returns (out, lse)."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    g = n // kh
+    s = k.shape[1]
+    gk, gv = n // k.shape[2], n // v.shape[2]  # query head i reads k head i // gk, v i // gv
     scale = 1.0 / np.sqrt(h) if scale is None else scale
     q_pos = np.arange(t) if q_pos is None else np.asarray(q_pos)
     kv_pos = np.arange(s) if kv_pos is None else np.asarray(kv_pos)
@@ -68,7 +68,7 @@ def numpy_oracle(
     lse = np.full((b, t, n), -np.inf)
     for bi in range(b):
         for ni in range(n):
-            z = q[bi, :, ni] @ k[bi, :, ni // g].T * scale
+            z = q[bi, :, ni] @ k[bi, :, ni // gk].T * scale
             if soft_cap is not None:
                 z = soft_cap * np.tanh(z / soft_cap)
             if bias is not None:
@@ -91,7 +91,7 @@ def numpy_oracle(
                 m = zi.max()
                 e = np.exp(zi - m)
                 lse[bi, ti, ni] = m + np.log(e.sum())
-                out[bi, ti, ni] = (e / e.sum()) @ v[bi, ok[ti], ni // g]
+                out[bi, ti, ni] = (e / e.sum()) @ v[bi, ok[ti], ni // gv]
     return out, lse
 
 

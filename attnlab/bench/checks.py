@@ -102,7 +102,7 @@ def check_case(
             return CheckResult(impl=impl, case=case.name, errors=dict.fromkeys(CHECKED),
                                status="n/a", note=why or why_lse)
     kc1, kc2 = jax.random.split(jax.random.fold_in(key, 1))
-    ct_out = jax.random.normal(kc1, (case.b, case.t, case.n, case.h), jnp.float32)
+    ct_out = jax.random.normal(kc1, case.out_shape, jnp.float32)
     ct_lse = jax.random.normal(kc2, (case.b, case.t, case.n), jnp.float32)
     tol = tolerance(dtype, plat)
     t0 = time.perf_counter()

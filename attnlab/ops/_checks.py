@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from pallas_kernels.common.checks import check_heads
+
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
 
 
@@ -21,17 +23,6 @@ def check_qkv(q, k, v) -> None:
 
 
 def check_gqa(q, k, v) -> None:
-    """k [B, S, K, H] and v [B, S, K, Hv] fit q [B, T, N, H] with N a multiple of K."""
-    b, _, n, h = q.shape
-    if k.shape[0] != b or v.shape[0] != b:
-        raise ValueError(f"batch sizes differ: q {q.shape}, k {k.shape}, v {v.shape}")
-    if k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"k and v must agree in [batch, seq, heads], got {k.shape} and {v.shape}")
-    if k.shape[3] != h:
-        raise ValueError(f"q has head_dim {h} but k has {k.shape[3]}; they must be equal")
-    kh = k.shape[2]
-    if kh == 0 or n % kh:
-        raise ValueError(
-            f"q has {n} heads but k has {kh}; the number of q heads must be a multiple of the "
-            "number of kv heads (GQA/MQA)"
-        )
+    """k [B, S, Kk, H] and v [B, S, Kv, Hv] fit q [B, T, N, H]: N a multiple of Kk and of Kv
+    (query head i reads key head i // (N // Kk), value head i // (N // Kv))."""
+    check_heads(q, k, v)

@@ -1,7 +1,9 @@
 """Softmax attention: the definition (``reference``) and the dispatching op (``attention``).
 
 Shapes (letters used everywhere in attnlab): B batch, T queries, S keys, N query heads,
-K key/value heads (N must be a multiple of K: GQA/MQA), H head dim (Hv for values).
+K key/value heads (N must be a multiple of K: GQA/MQA), H head dim (Hv for values). Keys and
+values may have different head counts (Kk, Kv, both dividing N): query head i reads key head
+``i // (N // Kk)`` and value head ``i // (N // Kv)``.
 
     out = softmax(cap(scale * q k^T) + bias, masked) v
     lse = log sum_j exp(logits_ij)       (per query row; -inf for a row that sees no key)
@@ -69,48 +71,44 @@ def _assemble(res: tuple[jax.Array, ...], return_residuals: bool, return_entropy
     return (out, *extra) if extra else out
 
 
+def head_map(n: int, heads: int) -> jax.Array:
+    """[N] int32: the key (or value) head that each of ``n`` query heads reads,
+    ``floor(i * heads / n)`` (GQA/MQA groups of ``n // heads`` consecutive query heads)."""
+    return (jnp.arange(n, dtype=jnp.int32) * heads) // n
+
+
 def _reference(q, k, v, a: AttentionArgs) -> tuple[jax.Array, ...]:
-    b, t, n, h = q.shape
-    kh = k.shape[2]
-    qg = q.reshape(b, t, kh, n // kh, h).astype(jnp.float32)
+    n = q.shape[2]
     hi = jax.lax.Precision.HIGHEST
-    z = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32), precision=hi) * a.scale
+    k_n = k[:, :, head_map(n, k.shape[2])].astype(jnp.float32)  # [B, S, N, H]
+    v_n = v[:, :, head_map(n, v.shape[2])].astype(jnp.float32)  # [B, S, N, Hv]
+    z = jnp.einsum("BTNH,BSNH->BNTS", q.astype(jnp.float32), k_n, precision=hi) * a.scale
     if a.logits_soft_cap is not None:
         z = a.logits_soft_cap * jnp.tanh(z / a.logits_soft_cap)
     if a.bias is not None:
-        z = z + _bias_bkgts(a.bias, kh).astype(jnp.float32)
+        z = z + a.bias.astype(jnp.float32)
     seg = a.segment_ids
     mask = visible(
         a.spec,
         a.q_positions[:, None],
         a.kv_positions[None, :],
-        None if seg is None else seg.q[:, None, None, :, None],
-        None if seg is None else seg.kv[:, None, None, None, :],
+        None if seg is None else seg.q[:, None, :, None],
+        None if seg is None else seg.kv[:, None, None, :],
     )
     if mask is None:
-        mask = jnp.ones((1, 1, 1, t, k.shape[1]), bool)
+        mask = jnp.ones((1, 1, q.shape[1], k.shape[1]), bool)
     if a.bias is not None:  # a -inf bias masks its key (a row of them sees no key, as in xla)
         mask = mask & (z > -jnp.inf)
     z = jnp.where(mask, z, MASK_VALUE)
     lse = jax.nn.logsumexp(z, axis=-1)
     p = jnp.where(mask, jnp.exp(z - lse[..., None]), 0.0)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", p, v.astype(jnp.float32), precision=hi)
+    out = jnp.einsum("BNTS,BSNH->BTNH", p, v_n, precision=hi).astype(q.dtype)
     seen = mask.any(-1)
-    out = out.reshape(b, t, n, v.shape[-1]).astype(q.dtype)
-
-    def to_btn(x):  # [B, K, G, T] -> [B, T, N]
-        return jnp.moveaxis(x, 3, 1).reshape(b, t, n)
-
-    result = (out, to_btn(jnp.where(seen, lse, -jnp.inf)))
+    result = (out, jnp.swapaxes(jnp.where(seen, lse, -jnp.inf), 1, 2))
     if a.return_entropy:
         entropy = jnp.where(seen, lse - jnp.sum(p * z, axis=-1), 0.0)
-        result += (to_btn(entropy),)
+        result += (jnp.swapaxes(entropy, 1, 2),)
     return result
-
-
-def _bias_bkgts(bias: jax.Array, kh: int) -> jax.Array:
-    b, n, t, s = bias.shape
-    return bias.reshape(b, kh, n // kh, t, s) if n > 1 else bias[:, :, None]
 
 
 # ----------------------------------------------------------------------------- registry
@@ -198,8 +196,11 @@ def attention(
 
     Args:
       q: [B, T, N, H] queries.
-      k: [B, S, K, H] keys; N must be a multiple of K (GQA/MQA, never repeated in memory).
-      v: [B, S, K, Hv] values.
+      k: [B, S, Kk, H] keys; N must be a multiple of Kk (GQA/MQA, never repeated in memory).
+      v: [B, S, Kv, Hv] values; N must be a multiple of Kv. Query head i reads key head
+        i // (N // Kk) and value head i // (N // Kv); Hv may differ from H (e.g. MLA's 192
+        query/key and 128 value dims). Any head dims >= 1 (kernels take up to 256 and pad
+        internally).
       bias: optional additive logits bias, shape broadcastable as [B|1, N|1, T|1, S|1].
       is_causal: query at position p sees keys at positions <= p.
       local_window_size: int w or (left, right): query at p sees keys in [p - left, p + right].

@@ -17,23 +17,17 @@ def check_attention_inputs(
 ) -> tuple[int, int, int, int, int, int]:
     """Validates flash-attention inputs; returns (B, T, N, H, S, K).
 
-    q [B, T, N, H], k [B, S, K, H], v [B, S, K, Hv] with N a multiple of K and one shared dtype
-    from ``dtypes``; positions [T] / [S]; segment ids both None or [B, T] / [B, S].
+    q [B, T, N, H], k [B, S, Kk, H], v [B, S, Kv, Hv] (see :func:`check_heads`) of one shared
+    dtype from ``dtypes``; positions [T] / [S]; segment ids both None or [B, T] / [B, S].
 
     Raises:
       ValueError: naming what was given and what was expected.
     """
     _check_rank4(q, k, v)
+    check_heads(q, k, v)
+    _check_dtypes(q, k, v, dtypes)
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
-    if k.shape[0] != b or v.shape[:3] != k.shape[:3]:
-        raise ValueError(
-            f"k must be [B, S, K, H] and v [B, S, K, Hv] for q {q.shape}; got k {k.shape}, "
-            f"v {v.shape}"
-        )
-    if k.shape[3] != h:
-        raise ValueError(f"q has head_dim {h} but k has {k.shape[3]}; they must be equal")
-    _check_heads_dtypes(q, k, v, dtypes)
     if jnp.shape(q_positions) != (t,) or jnp.shape(kv_positions) != (s,):
         raise ValueError(
             f"q_positions must have shape ({t},) and kv_positions ({s},), got "
@@ -56,20 +50,16 @@ def check_decode_inputs(
 ) -> jax.Array:
     """Validates split-K decode inputs; returns the lengths [B] int32 (all S when None).
 
-    q [B, T, N, H]; k and v both [B, S, K, H] with N a multiple of K and one shared dtype from
-    ``dtypes``; kv_lengths None or [B].
+    q [B, T, N, H], k [B, S, Kk, H], v [B, S, Kv, Hv] (see :func:`check_heads`) of one shared
+    dtype from ``dtypes``; kv_lengths None or [B].
 
     Raises:
       ValueError: naming what was given and what was expected.
     """
     _check_rank4(q, k, v)
-    b, _, _, h = q.shape
-    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != h:
-        raise ValueError(
-            f"k and v must both be [B, S, K, H] = [{b}, S, K, {h}] for q {q.shape}; got k "
-            f"{k.shape}, v {v.shape}"
-        )
-    _check_heads_dtypes(q, k, v, dtypes)
+    check_heads(q, k, v)
+    _check_dtypes(q, k, v, dtypes)
+    b = q.shape[0]
     if kv_lengths is None:
         return jnp.full((b,), k.shape[1], jnp.int32)
     if jnp.shape(kv_lengths) != (b,):
@@ -98,13 +88,39 @@ def _check_rank4(q: Any, k: Any, v: Any) -> None:
             )
 
 
-def _check_heads_dtypes(q: Any, k: Any, v: Any, dtypes: Sequence[Any]) -> None:
-    n, kh = q.shape[2], k.shape[2]
-    if kh == 0 or n % kh:
+def check_heads(q: Any, k: Any, v: Any) -> None:
+    """q [B, T, N, H], k [B, S, Kk, H], v [B, S, Kv, Hv]: one batch and key length, q and k
+    share the head dim (H, Hv >= 1), and N is a multiple of both Kk and Kv.
+
+    Query head i reads key head ``i // (N // Kk)`` and value head ``i // (N // Kv)``
+    (``floor(i * Kk / N)``, ``floor(i * Kv / N)``): GQA/MQA when Kk == Kv, DiffQKV-style
+    separate key and value head counts otherwise; heads are never repeated in memory.
+
+    Raises:
+      ValueError: naming the mismatched sizes.
+    """
+    b, _, n, h = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"batch sizes differ: q {q.shape}, k {k.shape}, v {v.shape}")
+    if k.shape[1] != v.shape[1]:
         raise ValueError(
-            f"q has {n} heads but k has {kh}; the number of q heads must be a multiple of the "
-            "number of kv heads (GQA/MQA)"
+            f"k and v must have the same number of keys (axis 1), got k {k.shape} and v {v.shape}"
         )
+    if k.shape[3] != h:
+        raise ValueError(f"q has head_dim {h} but k has {k.shape[3]}; they must be equal")
+    if h < 1 or v.shape[3] < 1:
+        raise ValueError(
+            f"head dims must be at least 1, got q/k head_dim {h} and v head_dim {v.shape[3]}"
+        )
+    for name, heads in (("k", k.shape[2]), ("v", v.shape[2])):
+        if heads == 0 or n % heads:
+            raise ValueError(
+                f"q has {n} heads but {name} has {heads}; the number of q heads must be a "
+                f"multiple of the number of {name} heads (GQA/MQA)"
+            )
+
+
+def _check_dtypes(q: Any, k: Any, v: Any, dtypes: Sequence[Any]) -> None:
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in dtypes:
         names = ", ".join(jnp.dtype(d).name for d in dtypes)
         raise ValueError(

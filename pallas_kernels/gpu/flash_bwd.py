@@ -15,14 +15,17 @@ With ``return_entropy`` the entropy cotangent dH adds ``- dH * p * (z - c)`` to 
 
 * dK/dV: one program per (kv block, batch, kv head); it loops over the G query heads of its
   group and over the query blocks that see the kv block, so GQA needs no atomics and no
-  repeated K/V. It works on transposed tiles (s^T = K Q^T, [block_kv, block_q]) so that no
-  accumulator is ever transposed.
+  repeated K/V. With separate key and value head counts (Kk != Kv) the programs run per
+  query group of the finer split (lcm(Kk, Kv) groups) and the groups' dK/dV are summed.
+  It works on transposed tiles (s^T = K Q^T, [block_kv, block_q]) so that no accumulator
+  is ever transposed.
 * dQ: one program per (q block, batch, q head), looping over kv blocks.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +37,8 @@ from pallas_kernels.gpu._common import LN2, LOG2E, dot, dot_precision, log2_logi
 from pallas_kernels.gpu.flash_common import (
     FlashConfig,
     TilePlan,
+    kernel_head_dim,
+    pad_head,
     pad_inputs,
     q_block_specs,
     tile_loops,
@@ -201,9 +206,14 @@ def flash_backward(
     Returns:
       (dq [B, T, N, H], dk [B, S, K, H], dv [B, S, K, Hv]) in the input dtypes.
     """
-    b, t, n, h = q.shape
-    s, kh, hv = k.shape[1], k.shape[2], v.shape[-1]
-    g = n // kh
+    b, t, n, h_in = q.shape
+    s, kk, kv, hv_in = k.shape[1], k.shape[2], v.shape[2], v.shape[-1]
+    # Query head n reads k head n // gk and v head n // gv. The dK/dV programs run over the
+    # kc = lcm(Kk, Kv) query groups (g heads each); with Kk != Kv their per-group dK/dV are
+    # summed to the key and value heads afterwards (in float32).
+    gk, gv, kc = n // kk, n // kv, math.lcm(kk, kv)
+    g = n // kc
+    h, hv = kernel_head_dim(h_in), kernel_head_dim(hv_in)
     tiles = tiling(config, t, s)
     (bq_dq, bk_dq), (bq_kv, bk_kv) = tiles.dq, tiles.dkv
     tp, sp = tiles.bwd_tp, tiles.bwd_sp
@@ -229,13 +239,13 @@ def flash_backward(
         e_dh = pad_axis(jnp.swapaxes(e_dh, 1, 2), 2, tp)
         e_c = pad_axis(jnp.swapaxes(e_c, 1, 2), 2, tp)
     qp, kp, vp, q_pos, kv_pos, q_seg, kv_seg = pad_inputs(
-        q, k, v, q_pos, kv_pos, q_seg, kv_seg, tp, sp
+        pad_head(q, h), pad_head(k, h), pad_head(v, hv), q_pos, kv_pos, q_seg, kv_seg, tp, sp
     )
-    do = pad_axis(d_out, 1, tp)
+    do = pad_axis(pad_head(d_out, hv), 1, tp)
     common = dict(spec=spec, scale=scale, soft_cap=soft_cap, kv_len=kv_len, precision=precision)
 
     # dQ: grid over (q block, batch, q head), last q blocks first (they are the longest).
-    qi, dq_specs = q_block_specs(plan.dq_kind, bq_dq, sp, h, hv, g, q_seg is not None)
+    qi, dq_specs = q_block_specs(plan.dq_kind, bq_dq, sp, h, hv, gk, gv, q_seg is not None)
 
     # Entropy row terms (only with return_entropy; None keeps the kernels unchanged).
     ent_spec_dq = ent_spec_dkv = None
@@ -264,15 +274,16 @@ def flash_backward(
         q_pos, kv_pos, q_seg, kv_seg, qp, kp, vp, do, lse2, delta, e_dh, e_c,
     )
 
-    # dK/dV: grid over (kv block, batch, kv head); each program covers its G q heads.
+    # dK/dV: grid over (kv block, batch, query group); each program covers its g q heads.
     bm, nk, nq = plan.dkv_kind.shape
+    rk, rv = kc // kk, kc // kv  # query groups per k head, per v head
 
     def kv_meta_map(j, bi, ki):
         return (bi if bm > 1 else 0, j, 0)
 
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, block_q=bq_kv, **common),
-        grid=(nk, b, kh),
+        grid=(nk, b, kc),
         in_specs=[
             pl.BlockSpec((None, None, 4), kv_meta_map),
             pl.BlockSpec((None, None, nq), kv_meta_map),
@@ -281,8 +292,8 @@ def flash_backward(
             None if q_seg is None else pl.BlockSpec((None, tp), lambda j, bi, ki: (bi, 0)),
             None if kv_seg is None else pl.BlockSpec((None, bk_kv), lambda j, bi, ki: (bi, j)),
             pl.BlockSpec((None, tp, g, h), lambda j, bi, ki: (bi, 0, ki, 0)),
-            pl.BlockSpec((None, bk_kv, None, h), lambda j, bi, ki: (bi, j, ki, 0)),
-            pl.BlockSpec((None, bk_kv, None, hv), lambda j, bi, ki: (bi, j, ki, 0)),
+            pl.BlockSpec((None, bk_kv, None, h), lambda j, bi, ki: (bi, j, ki // rk, 0)),
+            pl.BlockSpec((None, bk_kv, None, hv), lambda j, bi, ki: (bi, j, ki // rv, 0)),
             pl.BlockSpec((None, tp, g, hv), lambda j, bi, ki: (bi, 0, ki, 0)),
             pl.BlockSpec((None, g, tp), lambda j, bi, ki: (bi, ki, 0)),
             pl.BlockSpec((None, g, tp), lambda j, bi, ki: (bi, ki, 0)),
@@ -294,8 +305,8 @@ def flash_backward(
             pl.BlockSpec((None, bk_kv, None, hv), lambda j, bi, ki: (bi, j, ki, 0)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((b, sp, kh, h), k.dtype),
-            jax.ShapeDtypeStruct((b, sp, kh, hv), v.dtype),
+            jax.ShapeDtypeStruct((b, sp, kc, h), k.dtype if rk == 1 else jnp.float32),
+            jax.ShapeDtypeStruct((b, sp, kc, hv), v.dtype if rv == 1 else jnp.float32),
         ],
         compiler_params=params,
         interpret=interpret,
@@ -304,4 +315,12 @@ def flash_backward(
         plan.dkv_bounds, plan.dkv_kind,
         q_pos, kv_pos, q_seg, kv_seg, qp, kp, vp, do, lse2, delta, e_dh, e_c,
     )
-    return dq[:, :t], dk[:, :s], dv[:, :s]
+    dk = _fold_groups(dk[:, :s, :, :h_in], kk).astype(k.dtype)
+    dv = _fold_groups(dv[:, :s, :, :hv_in], kv).astype(v.dtype)
+    return dq[:, :t, :, :h_in], dk, dv
+
+
+def _fold_groups(dx: jax.Array, heads: int) -> jax.Array:
+    """[B, S, Kc, D] per-query-group gradients summed to ``heads`` heads (a no-op if equal)."""
+    b, s, kc, d = dx.shape
+    return dx if kc == heads else dx.reshape(b, s, heads, kc // heads, d).sum(3)

@@ -239,14 +239,35 @@ def tile_plan(
     )
 
 
+def kernel_head_dim(h: int) -> int:
+    """The head dim a kernel runs at: ``h`` rounded up to a power of two >= 16 (Triton tiles
+    are powers of two). The wrappers pad q/k (or v) with zero columns, which change no logit
+    and give zero output columns, and slice the padding off again."""
+    return max(MIN_BLOCK, pl.next_power_of_2(h))
+
+
+MAX_HEAD_DIM = 256
+
+
+def config_head_dim(h: int, hv: int) -> int:
+    """The head dim that picks a default :class:`FlashConfig`: the larger padded one."""
+    return max(kernel_head_dim(h), kernel_head_dim(hv))
+
+
+def pad_head(x: jax.Array | None, h: int) -> jax.Array | None:
+    """x [..., d] zero-padded on the last axis to ``h``."""
+    return pad_axis(x, x.ndim - 1, h) if x is not None else None
+
+
 def q_block_specs(
-    kind: jax.Array, bq: int, sp: int, h: int, hv: int, g: int, segmented: bool
+    kind: jax.Array, bq: int, sp: int, h: int, hv: int, gk: int, gv: int, segmented: bool
 ) -> tuple[Callable[[int], int], list[pl.BlockSpec | None]]:
     """The grid (q block, batch, q head) of the forward and dQ kernels, last q blocks first
     (causal rows get longer towards the end).
 
-    kind: the kernel's [Bm, nq, nk] tile kinds; bq: its query tile; sp: the padded S; g: the
-    GQA group size. Returns (qi, specs): ``qi(i)`` the q block of grid step i, and the block
+    kind: the kernel's [Bm, nq, nk] tile kinds; bq: its query tile; sp: the padded S; gk, gv:
+    the query heads per key head and per value head (query head n reads k head n // gk and v
+    head n // gv). Returns (qi, specs): ``qi(i)`` the q block of grid step i, and the block
     specs of the inputs both kernels start with: (bounds, kind, q_pos, kv_pos, q_seg, kv_seg,
     q, k, v), the segment specs None unless ``segmented``.
     """
@@ -266,8 +287,8 @@ def q_block_specs(
         pl.BlockSpec((None, bq), lambda i, bi, ni: (bi, qi(i))) if segmented else None,
         pl.BlockSpec((None, sp), lambda i, bi, ni: (bi, 0)) if segmented else None,
         pl.BlockSpec((None, bq, None, h), lambda i, bi, ni: (bi, qi(i), ni, 0)),
-        pl.BlockSpec((None, sp, None, h), lambda i, bi, ni: (bi, 0, ni // g, 0)),
-        pl.BlockSpec((None, sp, None, hv), lambda i, bi, ni: (bi, 0, ni // g, 0)),
+        pl.BlockSpec((None, sp, None, h), lambda i, bi, ni: (bi, 0, ni // gk, 0)),
+        pl.BlockSpec((None, sp, None, hv), lambda i, bi, ni: (bi, 0, ni // gv, 0)),
     ]
 
 

@@ -35,9 +35,13 @@ from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, tile_mask
 from pallas_kernels.gpu._common import LN2, M_INIT, dot, dot_precision, log2_logits
 from pallas_kernels.gpu.flash_bwd import flash_backward
 from pallas_kernels.gpu.flash_common import (
+    MAX_HEAD_DIM,
     FlashConfig,
     TilePlan,
     Tiling,
+    config_head_dim,
+    kernel_head_dim,
+    pad_head,
     pad_inputs,
     q_block_specs,
     tile_loops,
@@ -144,16 +148,18 @@ def _forward(
 ):
     """Runs the forward kernel. Returns out [B, T, N, Hv] and lse [B, T, N] f32, and with
     ``return_entropy`` also the entropy [B, T, N] f32."""
-    b, t, n, h = q.shape
-    s, kh, hv = k.shape[1], k.shape[2], v.shape[-1]
-    g = n // kh
+    b, t, n, _ = q.shape
+    s, hv_out = k.shape[1], v.shape[-1]
+    gk, gv = n // k.shape[2], n // v.shape[2]
+    h, hv = kernel_head_dim(q.shape[-1]), kernel_head_dim(hv_out)
+    q, k, v = pad_head(q, h), pad_head(k, h), pad_head(v, hv)
     tiles = tiling(config, t, s)
     (bq, bk), tp, sp = tiles.fwd, tiles.fwd_tp, tiles.fwd_sp
     nq = plan.fwd_kind.shape[1]
     q, k, v, q_pos, kv_pos, q_seg, kv_seg = pad_inputs(
         q, k, v, q_pos, kv_pos, q_seg, kv_seg, tp, sp
     )
-    qi, in_specs = q_block_specs(plan.fwd_kind, bq, sp, h, hv, g, q_seg is not None)
+    qi, in_specs = q_block_specs(plan.fwd_kind, bq, sp, h, hv, gk, gv, q_seg is not None)
     out_specs = [
         pl.BlockSpec((None, bq, None, hv), lambda i, bi, ni: (bi, qi(i), ni, 0)),
         pl.BlockSpec((None, None, bq), lambda i, bi, ni: (bi, ni, qi(i))),
@@ -181,7 +187,7 @@ def _forward(
         interpret=interpret,
         name="flash_attention_fwd",
     )(plan.fwd_bounds, plan.fwd_kind, q_pos, kv_pos, q_seg, kv_seg, q, k, v)
-    out = res[0][:, :t]
+    out = res[0][:, :t, :, :hv_out]
     return (out, *(jnp.swapaxes(x[:, :, :t], 1, 2) for x in res[1:]))
 
 
@@ -276,9 +282,10 @@ def flash_attention(
     """Flash attention (Pallas, Triton lowering) with masks, GQA, soft-cap and LSE.
 
     Args:
-      q: [B, T, N, H] queries; k: [B, S, K, H] keys; v: [B, S, K, Hv] values; N a multiple of
-        K (GQA/MQA). Same float dtype (float32, bfloat16 or float16). On a GPU, H and Hv must
-        be powers of two (64, 128, 256 are tuned).
+      q: [B, T, N, H] queries; k: [B, S, Kk, H] keys; v: [B, S, Kv, Hv] values; N a multiple
+        of Kk and of Kv (query head n reads k head n // (N // Kk), v head n // (N // Kv)).
+        Same float dtype (float32, bfloat16 or float16). H and Hv in [1, 256]: other than
+        powers of two >= 16 they are zero-padded to one inside (64, 128, 256 are tuned).
       q_positions: [T] int32 global query positions; kv_positions: [S] int32 key positions.
         NumPy arrays (a static mask) let the tile metadata be built once at trace time;
         jax arrays (e.g. traced offsets) build it inside the program.
@@ -308,8 +315,14 @@ def flash_attention(
         q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
         dtypes=(jnp.float32, jnp.bfloat16, jnp.float16),
     )
+    if max(h, v.shape[-1]) > MAX_HEAD_DIM:
+        raise ValueError(
+            f"head dims must be at most {MAX_HEAD_DIM}, got q/k {h} and v {v.shape[-1]}"
+        )
     if config is None:
-        config = FlashConfig.get_default(head_dim=h, causal=spec.causal, dtype=q.dtype)
+        config = FlashConfig.get_default(
+            head_dim=config_head_dim(h, v.shape[-1]), causal=spec.causal, dtype=q.dtype
+        )
     q_seg = None if q_segment_ids is None else jnp.asarray(q_segment_ids, jnp.int32)
     kv_seg = None if kv_segment_ids is None else jnp.asarray(kv_segment_ids, jnp.int32)
     plan = None

@@ -183,7 +183,7 @@ BAD_INPUTS = [
     (lambda q, k, v: (q, k[:, :, :1].repeat(3, 2), v[:, :, :1].repeat(3, 2)), {},
      ValueError, "q has 4 heads but k has 3"),
     (lambda q, k, v: (q, k[..., :8], v), {}, ValueError, "q has head_dim 16 but k has 8"),
-    (lambda q, k, v: (q, k, v[:, :4]), {}, ValueError, "k and v must agree"),
+    (lambda q, k, v: (q, k, v[:, :4]), {}, ValueError, "k and v must have the same number of keys"),
     (lambda q, k, v: (q, k.astype(jnp.bfloat16), v), {}, ValueError, "dtypes must match"),
     (lambda q, k, v: (q.astype(jnp.int32), k.astype(jnp.int32), v.astype(jnp.int32)), {},
      ValueError, "unsupported dtype int32"),

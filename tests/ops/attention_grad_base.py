@@ -67,7 +67,7 @@ class AttentionBwdTestBase(ImplTestBase):
     def test_block_shares_sum_to_gradient(self, case, key):
         k1, k2 = jax.random.split(key)
         q, k, v, kwargs = case_inputs(case, k1)
-        dout = jax.random.normal(k2, q.shape)
+        dout = jax.random.normal(k2, case.out_shape)
         dlse = jax.random.normal(jax.random.fold_in(k2, 1), q.shape[:3])
 
         def f(q, k, v):

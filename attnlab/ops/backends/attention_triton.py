@@ -9,10 +9,15 @@ import numpy as np
 from attnlab.ops._registry import Implementation
 from attnlab.ops.attention import AttentionArgs
 from attnlab.ops.backends import triton_interpret
-from pallas_kernels.gpu.flash_common import FlashConfig, tile_plan, tiling
+from pallas_kernels.gpu.flash_common import (
+    MAX_HEAD_DIM,
+    FlashConfig,
+    config_head_dim,
+    tile_plan,
+    tiling,
+)
 from pallas_kernels.gpu.flash_fwd import flash_attention, flash_vjp_bwd
 
-_GPU_HEAD_DIMS = (64, 128, 256)
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
@@ -21,17 +26,10 @@ def unsupported(q, k, v, a: AttentionArgs, plat: str) -> str | None:
     if a.bias is not None:
         return "pallas_triton takes no bias; use impl='xla' or 'reference' for a logits bias"
     h, hv = q.shape[-1], v.shape[-1]
-    if hv != h:
-        return f"pallas_triton needs the v head dim ({hv}) to equal the q head dim ({h})"
-    if plat == "gpu" and h not in _GPU_HEAD_DIMS:
+    if max(h, hv) > MAX_HEAD_DIM:
         return (
-            f"pallas_triton supports head dims {_GPU_HEAD_DIMS} on GPU, got {h}; pad the head "
-            "dim or use impl='xla'"
-        )
-    if plat == "cpu" and (h % 16 or h > 256):
-        return (
-            f"pallas_triton (interpreted on CPU) needs a head dim that is a multiple of 16 and "
-            f"at most 256, got {h}"
+            f"pallas_triton takes head dims up to {MAX_HEAD_DIM}, got q/k {h} and v {hv}; use "
+            "impl='xla'"
         )
     return None
 
@@ -56,7 +54,10 @@ def _fn(q, k, v, a: AttentionArgs):
 def _block_bwd(q, k, v, out, lse, dout, dlse, a: AttentionArgs):
     cfg = a.config
     if cfg is None:
-        cfg = FlashConfig.get_default(head_dim=q.shape[-1], causal=a.spec.causal, dtype=q.dtype)
+        cfg = FlashConfig.get_default(
+            head_dim=config_head_dim(q.shape[-1], v.shape[-1]), causal=a.spec.causal,
+            dtype=q.dtype,
+        )
     q_seg, kv_seg = _seg(a)
     plan = tile_plan(
         a.spec, a.q_positions, a.kv_positions, q_seg, kv_seg,

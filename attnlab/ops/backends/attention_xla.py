@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -91,9 +92,26 @@ def _block_mask(spec, q_pos, kp_b, valid_b, q_seg, ks_b):
     return valid if mask is None else jnp.logical_and(mask, valid)
 
 
+def kv_groups(q, k, v) -> int:
+    """Heads of the [B, T, Kc, G, H] query grouping: Kc = lcm(Kk, Kv) divides N, and query
+    group c reads key head c // (Kc // Kk) and value head c // (Kc // Kv)."""
+    return math.lcm(k.shape[2], v.shape[2])
+
+
+def _expand(x: jax.Array, kc: int) -> jax.Array:
+    """One block [B, bk, Kx, .] of keys or values repeated to the Kc query groups."""
+    return x if x.shape[2] == kc else jnp.repeat(x, kc // x.shape[2], axis=2)
+
+
+def _fold(dx: jax.Array, heads: int) -> jax.Array:
+    """The gradient of :func:`_expand`: [B, bk, Kc, .] summed back to ``heads`` heads."""
+    b, bk, kc, d = dx.shape
+    return dx if kc == heads else dx.reshape(b, bk, heads, kc // heads, d).sum(3)
+
+
 def _prepare(q, k, v, bias, kv_pos, q_seg, kv_seg, block_kv):
     b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
+    s, kh = k.shape[1], kv_groups(q, k, v)
     bk = min(block_kv, s)
     s_pad = -(-s // bk) * bk
     pad = s_pad - s
@@ -111,13 +129,14 @@ def _forward(
     q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, spec, scale, soft_cap, block_kv, with_entropy
 ):
     b, t, n, _ = q.shape
-    kh, hv = k.shape[2], v.shape[-1]
+    kh, hv = kv_groups(q, k, v), v.shape[-1]
     g = n // kh
     qg, kb, vb, kp, valid, ks, bb = _prepare(q, k, v, bias, kv_pos, q_seg, kv_seg, block_kv)
 
     def step(carry, xs):
         m, den, pz, acc = carry
         k_b, v_b, kp_b, valid_b, ks_b, bias_b = xs
+        k_b, v_b = _expand(k_b, kh), _expand(v_b, kh)
         z, _ = _logits(qg, k_b, bias_b, scale, soft_cap)
         mask = _block_mask(spec, q_pos, kp_b, valid_b, q_seg, ks_b)
         z = jnp.where(mask, z, MASK_VALUE)
@@ -184,7 +203,7 @@ def _bwd(spec, scale, soft_cap, block_kv, with_entropy, res, cts):
     q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, out, lse, ent = res
     d_out, d_lse, d_ent = cts
     b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
+    s, kh = k.shape[1], kv_groups(q, k, v)
     g = n // kh
     qg, kb, vb, kp, valid, ks, bb = _prepare(q, k, v, bias, kv_pos, q_seg, kv_seg, block_kv)
     dog = d_out.reshape(b, t, kh, g, -1)
@@ -203,6 +222,7 @@ def _bwd(spec, scale, soft_cap, block_kv, with_entropy, res, cts):
 
     def step(dq, xs):
         k_b, v_b, kp_b, valid_b, ks_b, bias_b = xs
+        k_b, v_b = _expand(k_b, kh), _expand(v_b, kh)
         z, raw = _logits(qg, k_b, bias_b, scale, soft_cap)
         mask = _block_mask(spec, q_pos, kp_b, valid_b, q_seg, ks_b)
         p = jnp.where(mask, jnp.exp(z - lse_g[..., None]), 0.0)
@@ -224,7 +244,7 @@ def _bwd(spec, scale, soft_cap, block_kv, with_entropy, res, cts):
         draw = (draw * scale).astype(q.dtype)
         dq = dq + jnp.einsum("BKGTS,BSKH->BTKGH", draw, k_b, preferred_element_type=jnp.float32)
         dk_b = jnp.einsum("BKGTS,BTKGH->BSKH", draw, qg, preferred_element_type=jnp.float32)
-        return dq, (dk_b, dv_b, dbias_b)
+        return dq, (_fold(dk_b, k.shape[2]), _fold(dv_b, v.shape[2]), dbias_b)
 
     dq0 = like_vma(
         jnp.zeros(qg.shape, jnp.float32), q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, out,
