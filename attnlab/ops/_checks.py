@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common.checks import check_heads
@@ -26,3 +27,9 @@ def check_gqa(q, k, v) -> None:
     """k [B, S, Kk, H] and v [B, S, Kv, Hv] fit q [B, T, N, H]: N a multiple of Kk and of Kv
     (query head i reads key head i // (N // Kk), value head i // (N // Kv))."""
     check_heads(q, k, v)
+
+
+def head_map(n: int, heads: int) -> jax.Array:
+    """[N] int32: the key (or value) head that each of ``n`` query heads reads,
+    ``floor(i * heads / n)`` (GQA/MQA groups of ``n // heads`` consecutive query heads)."""
+    return (jnp.arange(n, dtype=jnp.int32) * heads) // n

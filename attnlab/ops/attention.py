@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from attnlab.ops._checks import check_gqa, check_qkv
+from attnlab.ops._checks import check_gqa, check_qkv, head_map
 from attnlab.ops._registry import (  # noqa: F401 (platform: re-export)
     Implementation,
     Registry,
@@ -69,12 +69,6 @@ def _assemble(res: tuple[jax.Array, ...], return_residuals: bool, return_entropy
     out, lse = res[0], res[1]
     extra = ([lse] if return_residuals else []) + ([res[2]] if return_entropy else [])
     return (out, *extra) if extra else out
-
-
-def head_map(n: int, heads: int) -> jax.Array:
-    """[N] int32: the key (or value) head that each of ``n`` query heads reads,
-    ``floor(i * heads / n)`` (GQA/MQA groups of ``n // heads`` consecutive query heads)."""
-    return (jnp.arange(n, dtype=jnp.int32) * heads) // n
 
 
 def _reference(q, k, v, a: AttentionArgs) -> tuple[jax.Array, ...]:

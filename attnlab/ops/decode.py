@@ -1,7 +1,8 @@
 """Decode attention: few queries against a long K/V cache, per-sequence lengths (ragged batch).
 
 Shapes (attnlab letters): B batch, T queries per sequence (1..64; T > 1 is speculative or
-chunked decoding), S cache length, N query heads, K kv heads (N a multiple of K), H head dim.
+chunked decoding), S cache length, N query heads, K kv heads (N a multiple of K), H head dim
+(Hv for values; keys and values may have their own head counts, as in attention).
 
 The T queries of sequence ``b`` are its last T tokens: query ``t`` sits at position
 ``p = kv_lengths[b] - T + t`` and sees cache entry ``j`` iff
@@ -34,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnlab.ops._checks import check_gqa, check_qkv
+from attnlab.ops._checks import check_gqa, check_qkv, head_map
 from attnlab.ops._registry import (  # noqa: F401 (platform: re-export)
     KERNEL_FIRST,
     Implementation,
@@ -83,24 +84,24 @@ def query_positions(kv_lengths: jax.Array | None, b: int, t: int, s: int):
 
 
 def _reference(q, k, v, a: DecodeArgs) -> tuple[jax.Array, jax.Array]:
-    b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    qg = q.reshape(b, t, kh, n // kh, h).astype(jnp.float32)
+    b, t, n, _ = q.shape
+    s = k.shape[1]
     hi = jax.lax.Precision.HIGHEST
-    z = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32), precision=hi) * a.scale
+    k_n = k[:, :, head_map(n, k.shape[2])].astype(jnp.float32)  # [B, S, N, H]
+    v_n = v[:, :, head_map(n, v.shape[2])].astype(jnp.float32)  # [B, S, N, Hv]
+    z = jnp.einsum("BTNH,BSNH->BNTS", q.astype(jnp.float32), k_n, precision=hi) * a.scale
     if a.logits_soft_cap is not None:
         z = a.logits_soft_cap * jnp.tanh(z / a.logits_soft_cap)
     lengths, q_pos = query_positions(a.kv_lengths, b, t, s)
     kv_pos = jnp.arange(s, dtype=jnp.int32)
-    mask = visible(a.spec, q_pos[:, None, None, :, None], kv_pos)  # [B, 1, 1, T, S]
-    mask = mask & (kv_pos < lengths[:, None, None, None, None])
+    mask = visible(a.spec, q_pos[:, None, :, None], kv_pos)  # [B, 1, T, S]
+    mask = mask & (kv_pos < lengths[:, None, None, None])
     z = jnp.where(mask, z, MASK_VALUE)
     lse = jax.nn.logsumexp(z, axis=-1)
     p = jnp.where(mask, jnp.exp(z - lse[..., None]), 0.0)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", p, v.astype(jnp.float32), precision=hi)
-    lse = jnp.where(mask.any(-1), lse, -jnp.inf)  # [B, K, G, T]
-    out = out.reshape(b, t, n, h).astype(q.dtype)
-    return out, jnp.moveaxis(lse, 3, 1).reshape(b, t, n)
+    out = jnp.einsum("BNTS,BSNH->BTNH", p, v_n, precision=hi).astype(q.dtype)
+    lse = jnp.where(mask.any(-1), lse, -jnp.inf)  # [B, N, T]
+    return out, jnp.swapaxes(lse, 1, 2)
 
 
 # ----------------------------------------------------------------------------- shared by backends
@@ -181,8 +182,11 @@ def decode_attention(
 
     Args:
       q: [B, T, N, H] queries of each sequence's last T tokens, 1 <= T <= 64.
-      k: [B, S, K, H] key cache; N must be a multiple of K (GQA/MQA, never repeated).
-      v: [B, S, K, H] value cache (same shape as k).
+      k: [B, S, Kk, H] key cache; N must be a multiple of Kk (GQA/MQA, never repeated).
+      v: [B, S, Kv, Hv] value cache; N a multiple of Kv. Query head i reads key head
+        i // (N // Kk) and value head i // (N // Kv). Any head dims >= 1 (the kernels take
+        up to 256; dims that are not a power of two >= 16 are zero-padded per call, which
+        copies the cache: keep such caches padded if decode speed matters).
       kv_lengths: [B] integer valid cache length per sequence, in [0, S] (None: all S).
         Query t of sequence b sits at position kv_lengths[b] - T + t and sees cache entries
         j < kv_lengths[b] with j <= its position (causal).
@@ -197,7 +201,7 @@ def decode_attention(
         ``pallas_kernels.gpu.decode.DecodeConfig``, ``pallas_kernels.tpu.decode.TpuDecodeConfig``).
 
     Returns:
-      out [B, T, N, H] in q's dtype, or (out, lse) when ``return_residuals``. A row that sees
+      out [B, T, N, Hv] in q's dtype, or (out, lse) when ``return_residuals``. A row that sees
       no key gives 0 output and lse -inf (never NaN).
 
     Raises:
@@ -219,8 +223,6 @@ def _normalize(
     q, k, v, kv_lengths, local_window_size, logits_soft_cap, scale, config
 ) -> DecodeArgs:
     check_qkv(q, k, v)
-    if k.shape != v.shape:
-        raise ValueError(f"k and v caches must have the same shape, got {k.shape} and {v.shape}")
     check_gqa(q, k, v)
     b, t, n, h = q.shape
     s = k.shape[1]

@@ -40,6 +40,21 @@ def pad_axis(x: jax.Array | None, axis: int, length: int, mode: str = "constant"
     return jnp.pad(x, widths, mode=mode)
 
 
+def kernel_head_dim(h: int) -> int:
+    """The head dim a kernel runs at: ``h`` rounded up to a power of two >= 16 (Triton tiles
+    are powers of two). The wrappers pad q/k (or v) with zero columns, which change no logit
+    and give zero output columns, and slice the padding off again."""
+    return max(MIN_BLOCK, 1 << max(h - 1, 0).bit_length())
+
+
+MAX_HEAD_DIM = 256
+
+
+def pad_head(x: jax.Array | None, h: int) -> jax.Array | None:
+    """x [..., d] zero-padded on the last axis to ``h``."""
+    return pad_axis(x, x.ndim - 1, h) if x is not None else None
+
+
 def log2_logits(raw: jax.Array, scale: float, soft_cap: float | None):
     """Logits in the log2 domain from raw q.k (f32), and tanh(.) for the soft-cap gradient."""
     if soft_cap is None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -46,11 +47,14 @@ from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, visible
 from pallas_kernels.gpu._common import (
     LN2,
     M_INIT,
+    MAX_HEAD_DIM,
     MIN_BLOCK,
     dot,
     dot_precision,
+    kernel_head_dim,
     log2_logits,
     pad_axis,
+    pad_head,
     round_up,
 )
 
@@ -163,9 +167,9 @@ def tiling(config: DecodeConfig, b: int, t: int, n: int, kh: int, s: int) -> Til
 def _decode_kernel(
     len_ref,  # [] int32: valid cache length of this sequence
     q_ref,  # [Rb, H] query rows of one (batch, kv head, row block); row r = (t, g) t-major
-    k_ref,  # [S_eff, H] keys of this (batch, kv head); S_eff = max(S, 16)
-    v_ref,  # [S_eff, H] values of this (batch, kv head)
-    o_ref,  # [Rb, H] f32 out: partial output of this split, normalized within the split
+    k_ref,  # [S_eff, H] keys of this (batch, k head); S_eff = max(S, 16)
+    v_ref,  # [S_eff, Hv] values of this (batch, v head)
+    o_ref,  # [Rb, Hv] f32 out: partial output of this split, normalized within the split
     lse_ref,  # [Rb] f32 out: natural-log LSE of this split, -inf for rows that saw no key
     *,
     spec: MaskSpec,
@@ -244,15 +248,19 @@ def _decode_kernel(
     jax.jit, static_argnames=("spec", "scale", "soft_cap", "config", "interpret")
 )
 def _partials(q, k, v, kv_lengths, *, spec, scale, soft_cap, config, interpret):
-    b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    g = n // kh
-    til = tiling(config, b, t, n, kh, s)
+    b, t, n, h_in = q.shape
+    s, kk, kv, hv_in = k.shape[1], k.shape[2], v.shape[2], v.shape[3]
+    # Programs run per query group of the finer head split, kc = lcm(Kk, Kv) groups of g
+    # heads: group c reads k head c // rk and v head c // rv (one group per kv head for GQA).
+    kc = math.lcm(kk, kv)
+    g, rk, rv = n // kc, kc // kk, kc // kv
+    h, hv = kernel_head_dim(h_in), kernel_head_dim(hv_in)
+    til = tiling(config, b, t, n, kc, s)
     rows, rb = til.n_rows, til.block_rows
-    # [B, T, K, G, H] -> [B, K, T*G, H]: the rows of a kv head's group, t-major.
-    q_rows = jnp.swapaxes(q.reshape(b, t, kh, g, h), 1, 2).reshape(b, kh, rows, h)
-    k = pad_axis(k, 1, til.s_eff)
-    v = pad_axis(v, 1, til.s_eff)
+    # [B, T, Kc, G, H] -> [B, Kc, T*G, H]: the rows of a query group, t-major.
+    q_rows = jnp.swapaxes(pad_head(q, h).reshape(b, t, kc, g, h), 1, 2).reshape(b, kc, rows, h)
+    k = pad_axis(pad_head(k, h), 1, til.s_eff)
+    v = pad_axis(pad_head(v, hv), 1, til.s_eff)
     nr, p = til.row_blocks, til.num_splits
 
     kernel = functools.partial(
@@ -262,20 +270,22 @@ def _partials(q, k, v, kv_lengths, *, spec, scale, soft_cap, config, interpret):
     )
     o, lse = pl.pallas_call(
         kernel,
-        grid=(b, kh * nr, p),
+        grid=(b, kc * nr, p),
         in_specs=[
             pl.BlockSpec((None,), lambda bi, j, si: (bi,)),
             pl.BlockSpec((None, None, rb, h), lambda bi, j, si: (bi, j // nr, j % nr, 0)),
-            pl.BlockSpec((None, til.s_eff, None, h), lambda bi, j, si: (bi, 0, j // nr, 0)),
-            pl.BlockSpec((None, til.s_eff, None, h), lambda bi, j, si: (bi, 0, j // nr, 0)),
+            pl.BlockSpec((None, til.s_eff, None, h), lambda bi, j, si: (bi, 0, j // nr // rk, 0)),
+            pl.BlockSpec((None, til.s_eff, None, hv),
+                         lambda bi, j, si: (bi, 0, j // nr // rv, 0)),
         ],
         out_specs=[
-            pl.BlockSpec((None, None, None, rb, h), lambda bi, j, si: (si, bi, j // nr, j % nr, 0)),
+            pl.BlockSpec((None, None, None, rb, hv),
+                         lambda bi, j, si: (si, bi, j // nr, j % nr, 0)),
             pl.BlockSpec((None, None, None, rb), lambda bi, j, si: (si, bi, j // nr, j % nr)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((p, b, kh, rows, h), jnp.float32),
-            jax.ShapeDtypeStruct((p, b, kh, rows), jnp.float32),
+            jax.ShapeDtypeStruct((p, b, kc, rows, hv), jnp.float32),
+            jax.ShapeDtypeStruct((p, b, kc, rows), jnp.float32),
         ],
         compiler_params=plgpu.CompilerParams(
             num_warps=config.num_warps, num_stages=config.num_stages
@@ -283,10 +293,10 @@ def _partials(q, k, v, kv_lengths, *, spec, scale, soft_cap, config, interpret):
         interpret=interpret,
         name="decode_attention_splitk",
     )(kv_lengths, q_rows, k, v)
-    # [P, B, K, T*G, ...] -> [P, B, T, N, ...]
-    o = jnp.swapaxes(o.reshape(p, b, kh, t, g, h), 2, 3).reshape(p, b, t, n, h)
-    lse = jnp.swapaxes(lse.reshape(p, b, kh, t, g), 2, 3).reshape(p, b, t, n)
-    return o, lse
+    # [P, B, Kc, T*G, ...] -> [P, B, T, N, ...]
+    o = jnp.swapaxes(o.reshape(p, b, kc, t, g, hv), 2, 3).reshape(p, b, t, n, hv)
+    lse = jnp.swapaxes(lse.reshape(p, b, kc, t, g), 2, 3).reshape(p, b, t, n)
+    return o[..., :hv_in], lse
 
 
 def decode_partials(
@@ -303,9 +313,10 @@ def decode_partials(
 
     Args:
       q: [B, T, N, H] the last T tokens' queries of each sequence (T small: 1..64).
-      k: [B, S, K, H] key cache; v: [B, S, K, H] value cache. N a multiple of K (GQA/MQA);
-        one float dtype (float32, bfloat16 or float16); H a power of two >= 16 (64, 128, 256
-        on GPU).
+      k: [B, S, Kk, H] key cache; v: [B, S, Kv, Hv] value cache; N a multiple of Kk and of
+        Kv (query head n reads k head n // (N // Kk), v head n // (N // Kv)); one float dtype
+        (float32, bfloat16 or float16). H, Hv in [1, 256]: dims other than a power of two
+        >= 16 are zero-padded inside, which copies the cache on every call.
       kv_lengths: [B] int32 valid cache length per sequence (None: all S). Query t of
         sequence b sits at position kv_lengths[b] - T + t.
       spec: the static position mask; decode uses causal, optionally with a left window.
@@ -314,7 +325,7 @@ def decode_partials(
       interpret: run in the Pallas interpreter (CPU tests).
 
     Returns:
-      (o_parts [P, B, T, N, H] float32, lse_parts [P, B, T, N] float32): per split of the key
+      (o_parts [P, B, T, N, Hv] float32, lse_parts [P, B, T, N] float32): per split of the key
       axis, the output normalized within the split and its natural-log LSE (-inf and 0
       output for a split in which the row sees no key). Combine with ``attnlab.ops.merge_n``.
 
@@ -326,9 +337,10 @@ def decode_partials(
       >>> out, lse = merge_n(o_parts, lse_parts)
     """
     lengths = check_decode_inputs(q, k, v, kv_lengths, dtypes=SUPPORTED_DTYPES)
-    h = q.shape[3]
-    if not _is_pow2(h) or h < MIN_BLOCK:
-        raise ValueError(f"head_dim must be a power of two >= {MIN_BLOCK}, got {h}")
+    if max(q.shape[3], v.shape[3]) > MAX_HEAD_DIM:
+        raise ValueError(
+            f"head dims must be at most {MAX_HEAD_DIM}, got q/k {q.shape[3]} and v {v.shape[3]}"
+        )
     config = check_config(config, DecodeConfig)
     return _partials(
         q, k, v, lengths, spec=spec, scale=float(scale),

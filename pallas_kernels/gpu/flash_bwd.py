@@ -33,12 +33,19 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, tile_mask
-from pallas_kernels.gpu._common import LN2, LOG2E, dot, dot_precision, log2_logits, pad_axis
+from pallas_kernels.gpu._common import (
+    LN2,
+    LOG2E,
+    dot,
+    dot_precision,
+    kernel_head_dim,
+    log2_logits,
+    pad_axis,
+    pad_head,
+)
 from pallas_kernels.gpu.flash_common import (
     FlashConfig,
     TilePlan,
-    kernel_head_dim,
-    pad_head,
     pad_inputs,
     q_block_specs,
     tile_loops,

@@ -25,7 +25,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common.masks import EMPTY, FULL, MaskSpec, tile_metadata
-from pallas_kernels.gpu._common import MIN_BLOCK, pad_axis, round_up
+from pallas_kernels.gpu._common import (
+    MIN_BLOCK,
+    kernel_head_dim,
+    pad_axis,
+    round_up,
+)
 from pallas_kernels.gpu.tuned import tuned_fields
 
 _BLOCK_FIELDS = (
@@ -239,24 +244,9 @@ def tile_plan(
     )
 
 
-def kernel_head_dim(h: int) -> int:
-    """The head dim a kernel runs at: ``h`` rounded up to a power of two >= 16 (Triton tiles
-    are powers of two). The wrappers pad q/k (or v) with zero columns, which change no logit
-    and give zero output columns, and slice the padding off again."""
-    return max(MIN_BLOCK, pl.next_power_of_2(h))
-
-
-MAX_HEAD_DIM = 256
-
-
 def config_head_dim(h: int, hv: int) -> int:
     """The head dim that picks a default :class:`FlashConfig`: the larger padded one."""
     return max(kernel_head_dim(h), kernel_head_dim(hv))
-
-
-def pad_head(x: jax.Array | None, h: int) -> jax.Array | None:
-    """x [..., d] zero-padded on the last axis to ``h``."""
-    return pad_axis(x, x.ndim - 1, h) if x is not None else None
 
 
 def q_block_specs(

@@ -32,16 +32,22 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common.checks import check_attention_inputs
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, tile_mask
-from pallas_kernels.gpu._common import LN2, M_INIT, dot, dot_precision, log2_logits
+from pallas_kernels.gpu._common import (
+    LN2,
+    M_INIT,
+    MAX_HEAD_DIM,
+    dot,
+    dot_precision,
+    kernel_head_dim,
+    log2_logits,
+    pad_head,
+)
 from pallas_kernels.gpu.flash_bwd import flash_backward
 from pallas_kernels.gpu.flash_common import (
-    MAX_HEAD_DIM,
     FlashConfig,
     TilePlan,
     Tiling,
     config_head_dim,
-    kernel_head_dim,
-    pad_head,
     pad_inputs,
     q_block_specs,
     tile_loops,

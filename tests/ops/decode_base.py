@@ -44,6 +44,8 @@ class DecodeCase:
     n: int
     kh: int
     h: int = 128
+    hv: int | None = None  # value head dim (default h)
+    vh: int | None = None  # value head count (default kh)
     lengths: tuple[int, ...] | None = None
     window: int | tuple[int, int] | None = None
     soft_cap: float | None = None
@@ -65,7 +67,8 @@ class DecodeCase:
         return self.window[0] if isinstance(self.window, tuple) else self.window
 
     def inputs(self, key, dtype=jnp.float32):
-        return random_qkv(key, self.b, self.t, self.s, self.n, self.kh, self.h, dtype)
+        return random_qkv(key, self.b, self.t, self.s, self.n, self.kh, self.h, dtype,
+                          hv=self.hv, vh=self.vh)
 
 
 DECODE_CASES = (
@@ -80,6 +83,11 @@ DECODE_CASES = (
     DecodeCase("mqa_t1_window", b=2, t=1, s=64, n=4, kh=1, h=32, lengths=(64, 17), window=20),
     # A cache shorter than one tile (Triton pads it to 16 keys; TPU overhangs it).
     DecodeCase("short_cache", b=2, t=4, s=12, n=8, kh=2, lengths=(12, 2)),
+    # Head dims the kernels pad (40 for q/k, 80 for v), 1 key head and 2 value heads.
+    DecodeCase("kv_heads_differ_h40", b=2, t=2, s=50, n=4, kh=1, vh=2, h=40, hv=80,
+               lengths=(50, 23)),
+    # MLA-like dims: q/k 192, v 128.
+    DecodeCase("mla_dims", b=1, t=1, s=40, n=4, kh=4, h=192, hv=128, lengths=(33,)),
 )
 
 
@@ -128,7 +136,8 @@ BAD_INPUTS = [
     (lambda: (jnp.zeros((2, 8, 128)), *zeros_qkv()[1:]), {}, r"q must have shape \[batch"),
     (lambda: zeros_qkv(n=6, kh=4), {}, "q has 6 heads but k has 4"),
     (lambda: zeros_qkv(t=65), {}, "T=65 queries per sequence; decode takes 1 to 64"),
-    (lambda: (zeros_qkv()[0], zeros_qkv()[1], zeros_qkv(s=32)[2]), {}, "same shape"),
+    (lambda: (zeros_qkv()[0], zeros_qkv()[1], zeros_qkv(s=32)[2]), {},
+     "same number of keys"),
     (lambda: (zeros_qkv()[0], *zeros_qkv(h=64)[1:]), {}, "head_dim 128 but k has 64"),
     (lambda: (zeros_qkv(dtype=jnp.bfloat16)[0], *zeros_qkv()[1:]), {}, "dtypes must match"),
     (lambda: zeros_qkv(), {"kv_lengths": jnp.array([3, 4, 5], jnp.int32)},
@@ -155,7 +164,7 @@ class DecodeTestBase(ImplTestBase):
         "float32": None, "bfloat16": ("gqa_t1_ragged", "gqa_t4_window"),
     }
     DIFFERENTIABLE: ClassVar[bool] = False
-    GRAD_CASES: ClassVar[tuple[str, ...]] = ("gqa_t1_ragged",)
+    GRAD_CASES: ClassVar[tuple[str, ...]] = ("gqa_t1_ragged", "kv_heads_differ_h40")
 
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
         if {"case", "dtype"} <= set(metafunc.fixturenames):

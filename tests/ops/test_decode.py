@@ -43,11 +43,11 @@ def _oracle(q, k, v, lengths, window_left, soft_cap, scale=None):
     """Float64 NumPy decode attention, written from the definition. Returns (out, lse)."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    g = n // kh
+    s = k.shape[1]
+    gk, gv = n // k.shape[2], n // v.shape[2]  # query head i reads k head i // gk, v i // gv
     scale = 1.0 / np.sqrt(h) if scale is None else scale
     lengths = [s] * b if lengths is None else [int(x) for x in lengths]
-    out = np.zeros_like(q)
+    out = np.zeros((b, t, n, v.shape[-1]))
     lse = np.full((b, t, n), -np.inf)
     for bi in range(b):
         for ti in range(t):
@@ -59,13 +59,13 @@ def _oracle(q, k, v, lengths, window_left, soft_cap, scale=None):
             if not keys:
                 continue
             for ni in range(n):
-                z = k[bi, keys, ni // g] @ q[bi, ti, ni] * scale
+                z = k[bi, keys, ni // gk] @ q[bi, ti, ni] * scale
                 if soft_cap is not None:
                     z = soft_cap * np.tanh(z / soft_cap)
                 m = z.max()
                 e = np.exp(z - m)
                 lse[bi, ti, ni] = m + np.log(e.sum())
-                out[bi, ti, ni] = e @ v[bi, keys, ni // g] / e.sum()
+                out[bi, ti, ni] = e @ v[bi, keys, ni // gv] / e.sum()
     return out, lse
 
 

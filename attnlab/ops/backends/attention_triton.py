@@ -9,8 +9,8 @@ import numpy as np
 from attnlab.ops._registry import Implementation
 from attnlab.ops.attention import AttentionArgs
 from attnlab.ops.backends import triton_interpret
+from pallas_kernels.gpu._common import MAX_HEAD_DIM
 from pallas_kernels.gpu.flash_common import (
-    MAX_HEAD_DIM,
     FlashConfig,
     config_head_dim,
     tile_plan,

@@ -7,16 +7,17 @@ from __future__ import annotations
 from attnlab.ops._registry import Implementation
 from attnlab.ops.backends import triton_interpret
 from attnlab.ops.decode import DecodeArgs, forward_only
+from pallas_kernels.gpu._common import MAX_HEAD_DIM
 from pallas_kernels.gpu.decode import SUPPORTED_DTYPES, DecodeConfig, decode_partials
 
 
 def unsupported(q, k, v, a: DecodeArgs, plat: str) -> str | None:
     """None if the Triton decode kernel computes the call on ``plat``, else why not."""
-    h = q.shape[-1]
-    if h & (h - 1) or not 16 <= h <= 256:
+    h, hv = q.shape[-1], v.shape[-1]
+    if max(h, hv) > MAX_HEAD_DIM:
         return (
-            f"pallas_triton needs a head dim that is a power of two in [16, 256] (64, 128, "
-            f"256 on GPU), got {h}; use impl='xla'"
+            f"pallas_triton takes head dims up to {MAX_HEAD_DIM}, got q/k {h} and v {hv}; use "
+            "impl='xla'"
         )
     return None
 

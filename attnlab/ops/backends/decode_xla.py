@@ -41,8 +41,7 @@ class XlaDecodeConfig:
 def _fn(q, k, v, a: DecodeArgs) -> tuple[jax.Array, jax.Array]:
     cfg = a.config if a.config is not None else XlaDecodeConfig.get_default()
     b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    g = n // kh
+    s, kk, kv, hv = k.shape[1], k.shape[2], v.shape[2], v.shape[3]
     # Balanced chunks: P chunks of C keys with P * C - S < P.
     n_chunks = -(-s // min(cfg.keys_per_split, s))
     chunk = -(-s // n_chunks)
@@ -50,30 +49,31 @@ def _fn(q, k, v, a: DecodeArgs) -> tuple[jax.Array, jax.Array]:
     if sp != s:
         k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
         v = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
-    kc = k.reshape(b, n_chunks, chunk, kh, h)
-    vc = v.reshape(b, n_chunks, chunk, kh, h)
-    qg = q.reshape(b, t, kh, g, h)
+    kc = k.reshape(b, n_chunks, chunk, kk, h)
+    vc = v.reshape(b, n_chunks, chunk, kv, hv)
+    qg = q.reshape(b, t, kk, n // kk, h)
     prec = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     f32 = jnp.float32
     z = jnp.einsum(
         "BTKGH,BPCKH->PBKGTC", qg, kc, precision=prec, preferred_element_type=f32
     ) * a.scale
+    z = z.reshape(n_chunks, b, n, t, chunk)  # query heads in order, whatever the grouping
     if a.logits_soft_cap is not None:
         z = a.logits_soft_cap * jnp.tanh(z / a.logits_soft_cap)
     lengths, q_pos = query_positions(a.kv_lengths, b, t, s)
-    kv_pos = jnp.arange(sp, dtype=jnp.int32).reshape(n_chunks, 1, 1, 1, 1, chunk)
-    mask = visible(a.spec, q_pos[None, :, None, None, :, None], kv_pos)  # [P, B, 1, 1, T, C]
-    mask = mask & (kv_pos < jnp.minimum(lengths, s)[None, :, None, None, None, None])
+    kv_pos = jnp.arange(sp, dtype=jnp.int32).reshape(n_chunks, 1, 1, 1, chunk)
+    mask = visible(a.spec, q_pos[None, :, None, :, None], kv_pos)  # [P, B, 1, T, C]
+    mask = mask & (kv_pos < jnp.minimum(lengths, s)[None, :, None, None, None])
     z = jnp.where(mask, z, MASK_VALUE)
     # One partial (out, lse) per chunk, as a split-K kernel would write them.
-    lse = jax.nn.logsumexp(z, axis=-1)  # [P, B, K, G, T]
+    lse = jax.nn.logsumexp(z, axis=-1)  # [P, B, N, T]
     p = jnp.where(mask, jnp.exp(z - lse[..., None]), 0.0)
+    p = p.reshape(n_chunks, b, kv, n // kv, t, chunk)  # grouped by value head
     o = jnp.einsum(
         "PBKGTC,BPCKH->PBTKGH", p.astype(v.dtype), vc, precision=prec,
         preferred_element_type=f32,
-    ).reshape(n_chunks, b, t, n, h)
-    lse = jnp.where(mask.any(-1), lse, -jnp.inf)
-    lse = jnp.moveaxis(lse, 4, 2).reshape(n_chunks, b, t, n)
+    ).reshape(n_chunks, b, t, n, hv)
+    lse = jnp.swapaxes(jnp.where(mask.any(-1), lse, -jnp.inf), 2, 3)  # [P, B, T, N]
     out, lse = merge_n(o, lse)
     return out.astype(q.dtype), lse
 
