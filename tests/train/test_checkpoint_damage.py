@@ -74,7 +74,7 @@ def meta_of_step_4(step: Path) -> None:
     shutil.copy(step.parent / "4" / "meta" / "metadata", step / "meta" / "metadata")
 
 
-def _delete(rel: str) -> Callable[[Path], None]:
+def delete_file(rel: str) -> Callable[[Path], None]:
     def delete(step: Path) -> None:
         (step / rel).unlink()
 
@@ -90,9 +90,9 @@ DAMAGES = [
     (truncate_array_index,
      r"the array index in state/ is unreadable: OUT_OF_RANGE: .*/state/d/\w+\": Requested "
      r"byte range .* is not valid for value of size \d+"),
-    (_delete("state/manifest.ocdbt"), re.escape("state/manifest.ocdbt is missing")),
-    (_delete("state/_METADATA"), re.escape("state/_METADATA is missing")),
-    (_delete("meta/metadata"), re.escape("meta/metadata is missing")),
+    (delete_file("state/manifest.ocdbt"), re.escape("state/manifest.ocdbt is missing")),
+    (delete_file("state/_METADATA"), re.escape("state/_METADATA is missing")),
+    (delete_file("meta/metadata"), re.escape("meta/metadata is missing")),
     (empty_directory, re.escape("the step directory is empty")),
     (truncate_meta, r"meta/metadata is unreadable: .*"),
     (meta_of_step_4, re.escape("meta/metadata says step 4")),
@@ -190,7 +190,7 @@ def test_no_intact_checkpoint_is_an_error_naming_every_step(
     run = _copy(intact_run, tmp_path)
     ckpts = run / "checkpoints"
     empty_directory(ckpts / "6")
-    _delete("state/manifest.ocdbt")(ckpts / "4")
+    delete_file("state/manifest.ocdbt")(ckpts / "4")
     truncate_array_data(ckpts / "2")
     losses = _losses(run)
     with caplog.at_level(logging.WARNING, logger=TRAINER_LOG), pytest.raises(
@@ -210,7 +210,7 @@ def test_load_run_reports_the_damaged_step_without_falling_back(
     intact_run: Path, tmp_path: Path
 ) -> None:
     run = _copy(intact_run, tmp_path)
-    _delete("meta/metadata")(run / "checkpoints" / "6")
+    delete_file("meta/metadata")(run / "checkpoints" / "6")
     with pytest.raises(
         ckpt_lib.DamagedCheckpointError,
         match=rf"^checkpoint step 6 at {re.escape(str(run / 'checkpoints' / '6'))} is damaged "
