@@ -5,7 +5,10 @@ database with ``_METADATA`` and ``manifest.ocdbt``) and ``meta/metadata`` (JSON)
 reads a step, :func:`restore` checks that these files exist and parse and that every array's
 bytes are on disk (the last byte of each stored value is read), so a damaged step is reported
 in one line, :class:`DamagedCheckpointError`, instead of orbax's tensorstore traceback (whose
-background reads also keep printing to stderr after it fails).
+background reads also keep printing to stderr after it fails). Files that are complete but
+corrupt (zeroed, bit flips) pass the check and fail inside orbax: that is caught and reported
+the same way, though tensorstore may then still print "Event loop is closed" tracebacks.
+Catching those too would mean decoding every array twice on each restore.
 """
 
 from __future__ import annotations
