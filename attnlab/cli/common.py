@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -42,10 +43,15 @@ def fmt(x: float | None, spec: str) -> str:
 
 def load_run_or_exit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
     """The run at ``--ckpt`` (:func:`attnlab.train.load_run`); a bad path ends in
-    ``parser.error`` (exit status 2)."""
+    ``parser.error`` (exit status 2), a damaged checkpoint in one line on stderr naming it and
+    what is wrong (exit status 1: the arguments were fine, the files are not)."""
     from attnlab.train import load_run
+    from attnlab.train.checkpoint import CheckpointError
 
     try:
         return load_run(args.ckpt)
+    except CheckpointError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
     except ValueError as e:
         parser.error(str(e))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from typing import Any
 
 from attnlab.cli.common import make_console
@@ -38,9 +39,11 @@ def run_config_from_args(args: argparse.Namespace, parser: argparse.ArgumentPars
 
 
 def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """``attnlab train``: trains (or resumes) a run in ``--out``; exit 1 on a NaN/inf loss."""
+    """``attnlab train``: trains (or resumes) a run in ``--out``; exit 1 on a NaN/inf loss or
+    when every checkpoint of the run is damaged."""
     cfg, tc, _, mesh = run_config_from_args(args, parser)
     from attnlab.train import NonFiniteLossError, plot_losses, train
+    from attnlab.train.checkpoint import CheckpointError
 
     console = make_console()
     sp = f" ({tc.sp_strategy} / LASP-2 over sp)" if tc.seq_parallel > 1 else ""
@@ -53,6 +56,9 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         res = train(cfg, tc, args.out, progress=not args.no_progress)
     except NonFiniteLossError as e:
         console.print(f"[bold red]stopped:[/] {e}", highlight=False)
+        return 1
+    except CheckpointError as e:  # every checkpoint of the run is damaged
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
     png = plot_losses(res.metrics_path, res.out_dir / "loss.png",
                       title=f"{tc.task}, {cfg.layer_pattern}")

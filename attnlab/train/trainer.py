@@ -16,12 +16,15 @@ Layout of a run directory::
 Exact resume: batch i is a pure function of (seed, i) (see :mod:`attnlab.data`), the step RNG
 is ``fold_in(key(seed), i)``, and a checkpoint holds everything else, so a run killed at any
 point and restarted with the same command continues the identical loss curve.
+If the newest checkpoint is damaged, the restart resumes from the newest intact one (see
+:func:`attnlab.train.checkpoint.restore_newest_intact`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -43,6 +46,7 @@ from attnlab.train.metrics import MetricsWriter, mfu
 from attnlab.train.optim import learning_rate, make_optimizer
 from attnlab.train.presets import model_config_from_json, model_config_to_json
 
+_log = logging.getLogger(__name__)
 CONFIG_FILE, METRICS_FILE, CHECKPOINTS = "config.json", "metrics.jsonl", "checkpoints"
 FAST_COMPILE_CPU = {"xla_backend_optimization_level": 0}
 
@@ -277,7 +281,8 @@ def train(
       model_cfg: the model (its dtype fields are replaced by ``tc.dtype`` / float32).
       tc: the training configuration.
       out_dir: run directory; if it holds checkpoints of the same configuration, the run
-        resumes from the latest one.
+        resumes from the latest intact one. Newer damaged ones (missing, empty, truncated or
+        unreadable files) are renamed ``<step>.damaged`` and named in one warning line.
       progress: show a tqdm bar with loss, tokens/s and MFU.
       async_checkpoints: write checkpoints in the background.
       on_log: called with every metrics record.
@@ -290,6 +295,7 @@ def train(
         holding a different configuration.
       NonFiniteLossError: the loss or gradient norm became NaN/inf; the latest checkpoint
         on disk is the last good state.
+      CheckpointError: the run directory has checkpoints but every one is damaged.
 
     Example:
       >>> train(*load_run_config("tiny"), "runs/tiny")
@@ -309,13 +315,19 @@ def train(
     flops_per_token = abstract.flops_per_token(tc.seq_len)
     rng = _rng_data(tc.seed)
     mngr = ckpt_lib.manager(ckpt_dir, keep=tc.keep, async_save=async_checkpoints)
-    restored = ckpt_lib.restore(mngr, _abstract({"params": params, "opt_state": opt_state,
-                                                 "rng": rng}))
+    try:
+        restored = ckpt_lib.restore_newest_intact(
+            mngr, _abstract({"params": params, "opt_state": opt_state, "rng": rng}))
+    except ckpt_lib.CheckpointError:
+        mngr.close()
+        raise
     start, resumed_from = 0, None
     if restored is not None:
-        state, meta = restored
+        state, meta = restored.state, restored.meta
         params, opt_state, rng = state["params"], state["opt_state"], state["rng"]
         start = resumed_from = int(meta["data_cursor"])
+        if restored.damaged:
+            _set_aside_damaged(mngr, restored)
     writer = MetricsWriter(out / METRICS_FILE, tensorboard_dir=out / "tensorboard")
     writer.truncate_after(start)
 
@@ -404,6 +416,15 @@ def train(
                        metrics_path=out / METRICS_FILE, checkpoint_dir=ckpt_dir)
 
 
+def _set_aside_damaged(mngr: Any, restored: ckpt_lib.Restored) -> None:
+    """Moves the damaged checkpoints newer than the one resumed from out of the way (the run
+    saves those steps again) and says so in one warning line."""
+    moved = ckpt_lib.set_aside(mngr, [e.step for e in restored.damaged])
+    what = "; ".join(str(e) for e in restored.damaged)
+    kept = ", ".join(str(p) for p in moved)
+    _log.warning(f"{what}; resuming from step {restored.step} (kept as {kept})")
+
+
 def writer_records(run_dir: Path) -> list[dict[str, Any]]:
     """The metrics records of a run directory ([] when there are none)."""
     from attnlab.train.metrics import read_metrics
@@ -440,7 +461,9 @@ def load_run(path: str | Path, *, step: int | None = None) -> LoadedRun:
     so it can decode with caches.
 
     Raises:
-      ValueError: not a run directory, or no checkpoint in it.
+      ValueError: not a run directory, or no checkpoint (or no checkpoint ``step``) in it.
+      DamagedCheckpointError: the checkpoint is damaged (nothing falls back to an older one
+        here; resuming the run with ``attnlab train`` does).
     """
     run_dir = find_run_dir(path)
     rec = json.loads((run_dir / CONFIG_FILE).read_text())
@@ -453,6 +476,10 @@ def load_run(path: str | Path, *, step: int | None = None) -> LoadedRun:
     mngr = ckpt_lib.manager(ckpt_dir, keep=tc.keep, async_save=False)
     try:
         restored = ckpt_lib.restore(mngr, abstract, step)
+    except ckpt_lib.DamagedCheckpointError as e:
+        raise ckpt_lib.DamagedCheckpointError(
+            e.step, e.path, e.reason, advice=f"`attnlab train --out {run_dir}` with the run's "
+            "settings resumes from the newest intact checkpoint") from None
     finally:
         mngr.close()
     if restored is None:
