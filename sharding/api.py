@@ -109,14 +109,14 @@ def attention(
     check_layout("zigzag" if layout == "zigzag" else "contiguous", t, n_sp, "q sequence")
     check_layout("zigzag" if layout == "zigzag" else "contiguous", s, n_sp, "kv sequence")
     n_tp = 1 if head_axis is None else mesh.shape[head_axis]
-    n_heads, kv_heads = q.shape[2], k.shape[2]
-    if n_heads % n_tp or kv_heads % n_tp:
+    n_heads, kv_heads, v_heads = q.shape[2], k.shape[2], v.shape[2]
+    if n_heads % n_tp or kv_heads % n_tp or v_heads % n_tp:
         raise ValueError(
-            f"head_axis {head_axis!r} has size {n_tp} but q has {n_heads} heads and k has "
-            f"{kv_heads}; both must be divisible by it"
+            f"head_axis {head_axis!r} has size {n_tp} but q has {n_heads} heads, k {kv_heads} "
+            f"and v {v_heads}; each must be divisible by it"
         )
     if strategy == "ulysses":
-        check_heads(n_heads // n_tp, kv_heads // n_tp, n_sp, seq_axis)
+        check_heads(n_heads // n_tp, kv_heads // n_tp, n_sp, seq_axis, v_heads // n_tp)
 
     bspec = batch_axes if len(batch_axes) > 1 else (batch_axes[0] if batch_axes else None)
     x_spec = P(bspec, seq_axis, head_axis, None)

@@ -26,20 +26,23 @@ from attnlab.ops.attention import attention as _attention
 from sharding.layouts import LAYOUTS, shard_positions
 
 
-def check_heads(n_heads: int, kv_heads: int, axis_size: int, axis_name: str = "sp") -> None:
-    """Raises ValueError unless Ulysses can split these heads over ``axis_size`` devices."""
+def check_heads(n_heads: int, kv_heads: int, axis_size: int, axis_name: str = "sp",
+                v_heads: int | None = None) -> None:
+    """Raises ValueError unless Ulysses can split these heads over ``axis_size`` devices
+    (``v_heads``: the value head count where it differs from the key head count)."""
     if n_heads % axis_size:
         raise ValueError(
             f"Ulysses splits heads over the {axis_name!r} axis of size {axis_size}, but q has "
             f"{n_heads} heads; the number of heads must be divisible by the axis size (use "
             "strategy='ring', 'striped' or 'zigzag', or a smaller axis)"
         )
-    if kv_heads % axis_size and axis_size % kv_heads:
-        raise ValueError(
-            f"Ulysses needs the {kv_heads} kv heads to be divisible by the {axis_name!r} axis "
-            f"size {axis_size}, or the axis size to be a multiple of them (kv heads are then "
-            "repeated); use a ring strategy instead"
-        )
+    for what, heads in (("kv", kv_heads), ("v", v_heads)):
+        if heads is not None and heads % axis_size and axis_size % heads:
+            raise ValueError(
+                f"Ulysses needs the {heads} {what} heads to be divisible by the {axis_name!r} "
+                f"axis size {axis_size}, or the axis size to be a multiple of them ({what} "
+                "heads are then repeated); use a ring strategy instead"
+            )
 
 
 def ulysses_attention(
@@ -51,8 +54,9 @@ def ulysses_attention(
     """Ulysses attention over ``axis_name``; call inside ``jax.shard_map`` (per-shard arrays).
 
     Args:
-      q: [B, T, N, H] this shard's queries; k: [B, S, K, H], v: [B, S, K, Hv] its keys and
-        values. N must be divisible by the axis size P; K divisible by P, or P by K.
+      q: [B, T, N, H] this shard's queries; k: [B, S, Kk, H], v: [B, S, Kv, Hv] its keys and
+        values. N must be divisible by the axis size P; Kk and Kv each divisible by P, or P by
+        them.
       axis_name: the mesh axis the sequence is split over.
       **kwargs: ``is_causal``, ``local_window_size``, ``logits_soft_cap``, ``scale``,
         ``impl``, ``config``: as :func:`attnlab.ops.attention` (``impl`` is the single-device
@@ -75,13 +79,15 @@ def ulysses_attention(
     """
     n_dev = lax.axis_size(axis_name)
     b, t, n, _ = q.shape
-    kh = k.shape[2]
-    check_heads(n, kh, n_dev, axis_name)
+    kh, vh = k.shape[2], v.shape[2]
+    check_heads(n, kh, n_dev, axis_name, vh)
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
-    if kh % n_dev:  # fewer kv heads than devices: each device needs one (repeated) kv head
+    # Fewer k (or v) heads than devices: each device needs one (repeated) head.
+    if kh % n_dev:
         k = jnp.repeat(k, n_dev // kh, axis=2)
-        v = jnp.repeat(v, n_dev // kh, axis=2)
+    if vh % n_dev:
+        v = jnp.repeat(v, n_dev // vh, axis=2)
 
     def to_heads(x):  # [B, L, N, .] -> [B, L P, N / P, .]
         return lax.all_to_all(x, axis_name, 2, 1, tiled=True)

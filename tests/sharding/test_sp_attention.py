@@ -63,14 +63,14 @@ def _mesh(name, axis_type=AxisType.Explicit):
     return jax.make_mesh(shape, names, axis_types=(axis_type,) * len(shape)), extra
 
 
-def _inputs(key, mask, b=2, s=64, n=8, kh=2, h=16):
+def _inputs(key, mask, b=2, s=64, n=8, kh=2, h=16, hv=None, vh=None):
     k1, k2, k3 = jax.random.split(key, 3)
-    q, k, v = random_qkv(k1, b, s, s, n, kh, h)
+    q, k, v = random_qkv(k1, b, s, s, n, kh, h, hv=hv, vh=vh)
     kwargs = dict(MASKS[mask])
     segments = kwargs.pop("segments", 0)
     if segments:  # sorted random ids: documents cross shard boundaries
         kwargs["segment_ids"] = random_segments(k2, b, s, segments)
-    w = jax.random.normal(k3, q.shape)
+    w = jax.random.normal(k3, (*q.shape[:3], v.shape[-1]))
     return q, k, v, w, kwargs
 
 
@@ -104,6 +104,19 @@ def test_strategy_matches_reference(strategy, mask, mesh_name, key):
         got = compiled(q, k, v)
     _check(got, want)
     check_sp_collectives(compiled.as_text(), strategy)
+
+
+@pytest.mark.parametrize("strategy", ["ring", "striped", "zigzag", "ulysses"])
+def test_separate_kv_heads_and_head_dims(strategy, key):
+    """1 key head and 4 value heads (Ulysses repeats the key head per device), q/k head dim 40
+    and value head dim 24, causal with packed documents, on an (8,) axis."""
+    q, k, v, w, kwargs = _inputs(key, "causal_segments", b=1, n=8, kh=1, vh=4, h=40, hv=24)
+    mesh, extra = _mesh("sp8")
+    want = _value_and_grad(functools.partial(reference, **kwargs), q, k, v, w)
+    fn = functools.partial(attention, mesh=mesh, strategy=strategy, impl="xla", **kwargs)
+    with jax.set_mesh(mesh):
+        got = jax.jit(lambda q, k, v: _value_and_grad(fn, q, k, v, w))(q, k, v)
+    _check(got, want)
 
 
 def test_zigzag_inputs_already_permuted_auto_mesh(key):
