@@ -172,6 +172,11 @@ def test_cudnn_refuses_what_it_cannot_compute():
     why = explain(x, x, x, plat="gpu", logits_soft_cap=5.0)
     assert "soft_cap" in why["cudnn"]
     assert auto_choice(x, x, x, plat="gpu", return_residuals=True) != "cudnn"
+    v2 = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16)
+    assert "as many value heads" in explain(x, x, v2, plat="gpu")["cudnn"]
+    assert auto_choice(x, x, v2, plat="gpu") == "pallas_triton"
+    v32 = jax.ShapeDtypeStruct((1, 128, 4, 32), jnp.bfloat16)
+    assert "equal q/k and v head dims" in explain(x, x, v32, plat="gpu")["cudnn"]
 
 
 # ----------------------------------------------------------------------------- bad inputs

@@ -24,6 +24,8 @@ def unsupported(q, k, v, a: AttentionArgs, plat: str) -> str | None:
         return "cuDNN (through jax.nn) takes no logits_soft_cap"
     if v.shape[-1] != q.shape[-1]:
         return "cuDNN (through jax.nn) needs equal q/k and v head dims"
+    if v.shape[2] != k.shape[2]:
+        return "cuDNN (through jax.nn) needs as many value heads as key heads"
     if q.shape[-1] % 8 or q.shape[-1] > 256:
         return f"cuDNN needs head_dim a multiple of 8 and <= 256, got {q.shape[-1]}"
     if a.config is not None:
