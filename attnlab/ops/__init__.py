@@ -1,6 +1,6 @@
 """Pure functional attention ops: one module per mechanism, each with a ``reference``."""
 
-from attnlab.ops import decode, lightning, masks, star
+from attnlab.ops import decode, lightning, masks, mla, star
 from attnlab.ops._registry import ops, registry
 from attnlab.ops.attention import (
     AUTO_ORDER,
@@ -36,6 +36,6 @@ __all__ = [
     "XlaDecodeConfig", "XlaLightningConfig", "alibi_slopes", "attention", "attention_bwd",
     "auto_choice", "choose", "chunk_summary", "decode", "decode_attention", "explain",
     "implementations", "lightning", "lightning_attention", "lightning_decode", "masks", "merge",
-    "merge_n", "minimax_decay", "ops", "platform", "reference", "registry", "rope", "star",
+    "merge_n", "minimax_decay", "mla", "ops", "platform", "reference", "registry", "rope", "star",
     "transnormer_decay",
 ]
