@@ -177,7 +177,7 @@ REGISTRY = Registry(
     reference=Implementation(
         name="reference", fn=_reference_latent,
         description="decode reference over the latent cache as one shared K/V head"),
-    adapters=backends("mla_decode", "xla"),
+    adapters=backends("mla_decode", "xla", "pallas_triton"),
 )
 implementations, explain, auto_choice = (REGISTRY.implementations, REGISTRY.explain,
                                          REGISTRY.auto_choice)
