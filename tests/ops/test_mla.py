@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from attnlab.ops import decode_attention, mla
-from tests.helpers import random_segments
+from tests.helpers import HAS_CUDA, random_segments
 
 DIMS = dict(n=4, d_n=16, d_r=8, d_c=24, d_v=12)
 
@@ -184,3 +184,22 @@ def test_triton_latent_kernel_lowers_for_cuda():
 
     text = jax.jit(f).trace(q, cache, lengths).lower(lowering_platforms=("cuda",)).as_text()
     assert 'name = "mla_latent_decode"' in text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU; run scripts/gpu_check.sh on the device")
+@pytest.mark.parametrize("s, t", [(8192, 1), (4099, 4)])
+def test_triton_latent_kernel_compiled(s, t, key):
+    """DeepSeek-V2 sizes compiled: 128 heads, d_c 512, d_R 64, bf16, ragged lengths."""
+    ks = jax.random.split(key, 2)
+    q = jax.random.normal(ks[0], (4, t, 128, 576), jnp.bfloat16)
+    cache = jax.random.normal(ks[1], (4, s, 576), jnp.bfloat16)
+    kw = dict(v_dim=512, kv_lengths=jnp.array([s, 1, s // 3, 0], jnp.int32), scale=192 ** -0.5,
+              return_residuals=True)
+    got, lse = jax.jit(lambda q, c: mla.latent_decode(q, c, impl="pallas_triton", **kw))(q, cache)
+    want, want_lse = jax.jit(lambda q, c: mla.latent_decode(q, c, impl="xla", **kw))(q, cache)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               atol=2e-2)
+    fin = np.isfinite(np.asarray(want_lse))
+    np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), fin)
+    np.testing.assert_allclose(np.asarray(lse)[fin], np.asarray(want_lse)[fin], atol=2e-2)

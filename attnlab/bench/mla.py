@@ -1,0 +1,151 @@
+"""MLA decode benchmark: the latent kernel's GB/s against the copy bandwidth, and per-token
+time against decoding the same model from a materialized per-head K/V cache.
+
+Shapes (DeepSeek-V2): B sequences, one new token each, N query heads, latent rank d_c, RoPE
+dim d_R, per-head no-RoPE dim d_n and value dim d_v; every sequence's cache holds S tokens.
+
+* ``latent``: :func:`attnlab.ops.mla.mla_decode` (absorb W_UK into the query, latent decode
+  over the [c ; k_R] cache, W_UV on the output), per implementation. Bytes = the cache read
+  once (B * S * (d_c + d_R) values) + q in + out; GB/s = bytes / median time.
+* ``materialized``: :func:`attnlab.ops.decode_attention` over per-head K [B, S, N, d_n + d_R]
+  and V [B, S, N, d_v] (what the model would cache without MLA's compression), the query
+  [q^C ; q^R]; the Triton kernel gets its cache already padded to its head dim (a model
+  would allocate it so), so no padding copy is timed. Skipped where the cache does not fit.
+* ``copy``: jit(x + 1) over a large buffer (:func:`attnlab.bench.decode.copy_bandwidth`).
+
+Each implementation is checked against ``impl="xla"`` before it is timed.
+
+Standalone: ``python -m attnlab.bench.mla --out mla.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from attnlab.bench.decode import copy_bandwidth
+from attnlab.bench.harness import ints, max_abs_err, run_record, time_call, write_json
+from attnlab.ops import decode_attention, mla
+from attnlab.ops.attention import platform
+
+
+def _inputs(key, b, s, n, d_c, d_r, d_n, d_v, dtype):
+    ks = jax.random.split(key, 6)
+    q_nope = jax.random.normal(ks[0], (b, 1, n, d_n), dtype)
+    q_rope = jax.random.normal(ks[1], (b, 1, n, d_r), dtype)
+    cache = jax.random.normal(ks[2], (b, s, d_c + d_r), dtype)
+    w_uk = (jax.random.normal(ks[3], (d_c, n, d_n)) * d_c ** -0.5).astype(dtype)
+    w_uv = (jax.random.normal(ks[4], (d_c, n, d_v)) * d_c ** -0.5).astype(dtype)
+    return q_nope, q_rope, cache, w_uk, w_uv
+
+
+def bench_one(s: int, *, b: int, n: int, d_c: int, d_r: int, d_n: int, d_v: int,
+              dtype: Any, impls: Sequence[str], repeats: int, copy_gbps: float,
+              materialize: bool) -> list[dict[str, Any]]:
+    """Rows for one cache length: each latent implementation, then the materialized cache."""
+    q_nope, q_rope, cache, w_uk, w_uv = _inputs(jax.random.key(s), b, s, n, d_c, d_r, d_n,
+                                                d_v, dtype)
+    item = jnp.dtype(dtype).itemsize
+    nbytes = (cache.size + q_nope.size + q_rope.size + b * n * d_v) * item
+    rows = []
+
+    def fn(impl):
+        return jax.jit(lambda *a: mla.mla_decode(*a, impl=impl))
+
+    want = fn("xla")(q_nope, q_rope, cache, w_uk, w_uv)
+    for impl in impls:
+        row = dict(kind="latent", impl=impl, S=s, bytes=nbytes)
+        try:
+            f = fn(impl)
+            row["max_abs_err_vs_xla"] = err = max_abs_err(f(q_nope, q_rope, cache, w_uk, w_uv),
+                                                         want)
+            if not err < 5e-2:
+                row["status"] = "FAILED"
+            else:
+                t = time_call(f, q_nope, q_rope, cache, w_uk, w_uv, repeats=repeats)
+                row.update(status="ok", ms=t.median_ms,
+                           GBps=nbytes / (t.median_ms * 1e-3) / 1e9)
+                row["ratio_copy"] = row["GBps"] / copy_gbps
+        except Exception as e:  # noqa: BLE001 - record and go on
+            row.update(status="ERROR", error=str(e).splitlines()[0][:300])
+        rows.append(row)
+    if not materialize:
+        return rows
+    try:
+        k, v = mla.materialize_kv(cache[..., :d_c], cache[..., d_c:], w_uk, w_uv)
+        q = jnp.concatenate([q_nope, q_rope], -1)
+        del cache
+        scale = (d_n + d_r) ** -0.5
+        hp = 1 << (d_n + d_r - 1).bit_length()  # the Triton kernel's head dim, pre-padded
+        pad = ((0, 0), (0, 0), (0, 0), (0, hp - d_n - d_r))
+        for impl, qq, kk in (("pallas_triton", jnp.pad(q, pad), jnp.pad(k, pad)),
+                             ("xla", q, k)):
+            f = jax.jit(lambda q, k, v, impl=impl: decode_attention(q, k, v, scale=scale,
+                                                                    impl=impl))
+            row = dict(kind="materialized", impl=impl, S=s,
+                       bytes=(kk.size + v.size) * item)
+            row["max_abs_err_vs_xla"] = max_abs_err(
+                f(qq, kk, v), decode_attention(q, k, v, scale=scale, impl="xla"))
+            t = time_call(f, qq, kk, v, repeats=repeats)
+            row.update(status="ok", ms=t.median_ms)
+            rows.append(row)
+            del kk, qq
+    except Exception as e:  # noqa: BLE001 - out of memory at long caches, say
+        rows.append(dict(kind="materialized", S=s, status="ERROR",
+                         error=str(e).splitlines()[0][:300]))
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seq-lens", type=ints, default=[8192, 32768])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--heads", type=int, default=128)
+    p.add_argument("--d-c", type=int, default=512)
+    p.add_argument("--d-r", type=int, default=64)
+    p.add_argument("--d-n", type=int, default=128)
+    p.add_argument("--d-v", type=int, default=128)
+    p.add_argument("--impls", default="pallas_triton,xla")
+    p.add_argument("--materialize-up-to", type=int, default=8192,
+                   help="time the materialized cache for S up to this (memory)")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.seq_lens, args.batch, args.heads = [64], 2, 4
+        args.d_c, args.d_r, args.d_n, args.d_v, args.repeats = 32, 16, 16, 16, 2
+        args.materialize_up_to = 64
+    dims = dict(b=args.batch, n=args.heads, d_c=args.d_c, d_r=args.d_r, d_n=args.d_n,
+                d_v=args.d_v)
+    copy = copy_bandwidth(1 << 30 if platform() == "gpu" else 1 << 22)
+    rows = []
+    for s in args.seq_lens:
+        rows += bench_one(s, **dims, dtype=jnp.bfloat16, impls=args.impls.split(","),
+                          repeats=args.repeats, copy_gbps=copy["GBps"],
+                          materialize=s <= args.materialize_up_to)
+        for r in rows[-4:]:
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+    for s in args.seq_lens:  # speed-up per token over the best materialized decode
+        lat = [r for r in rows if r["S"] == s and r["kind"] == "latent" and r.get("ms")]
+        mat = [r for r in rows if r["S"] == s and r["kind"] == "materialized" and r.get("ms")]
+        if lat and mat:
+            best = min(r["ms"] for r in mat)
+            for r in lat:
+                r["speedup_vs_materialized"] = best / r["ms"]
+    record = run_record(argv, dims=dims, dtype="bfloat16", copy=copy, rows=rows)
+    if args.out:
+        write_json(args.out, record)
+    print({k: record[k] for k in ("device_kind", "jax_version")}, "copy GB/s",
+          round(copy["GBps"], 1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
