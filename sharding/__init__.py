@@ -9,6 +9,7 @@ Every ``*_attention(..., mesh=...)`` wrapper has an inside-``shard_map`` form th
 axis name instead (``ring_attention``, ``ulysses_attention``, ``lasp_shard``, ``lasp2_shard``).
 """
 
+from sharding import mla as _mla  # noqa: F401 (registers the MLA rule)
 from sharding._common import default_check_vma
 from sharding.api import STRATEGIES, attention
 from sharding.lasp import lasp_attention, lasp_shard

@@ -156,7 +156,7 @@ def attention(
 
 
 @register_rule("softmax")
-def _softmax_rule(plan: HybridParallel, q: jax.Array, k: jax.Array, v: jax.Array, *,
+def softmax_rule(plan: HybridParallel, q: jax.Array, k: jax.Array, v: jax.Array, *,
                   is_causal: bool = True, **kwargs: Any) -> Any:
     """Softmax attention of a model layer by the plan's strategy (causal by default)."""
     return attention(q, k, v, mesh=plan.mesh, seq_axis=plan.seq_axis,

@@ -1,20 +1,23 @@
 """Flax NNX modules: one attention module per mechanism, and the decoder LM that mixes them.
 
-Importing this package registers every mechanism it ships (``"S"`` softmax, and ``"L"``
-lightning when its module is present), so a ``Config.layer_pattern`` can name them.
+Importing this package registers every mechanism it ships (``"S"`` softmax, ``"M"``
+multi-head latent attention, and ``"L"`` lightning when its module is present), so a
+``Config.layer_pattern`` can name them.
 """
 
 from attnlab.nn.attention import SoftmaxAttention
 from attnlab.nn.config import Config
 from attnlab.nn.generate import decode_step, generate, init_caches, prefill
 from attnlab.nn.layers import Embed, RMSNorm, SwiGLU
+from attnlab.nn.mla import MultiHeadLatentAttention
 from attnlab.nn.registry import get as get_mechanism
 from attnlab.nn.registry import mechanisms, register
 from attnlab.nn.transformer import Block, Transformer
 from attnlab.ops.rope import rope
 
 __all__ = [
-    "Block", "Config", "Embed", "RMSNorm", "SoftmaxAttention", "SwiGLU", "Transformer",
+    "Block", "Config", "Embed", "MultiHeadLatentAttention", "RMSNorm", "SoftmaxAttention",
+    "SwiGLU", "Transformer",
     "decode_step", "generate", "get_mechanism", "init_caches", "mechanisms", "prefill",
     "register", "rope",
 ]

@@ -39,6 +39,11 @@ class Config:
       dtype: compute dtype (activations); params are kept in ``param_dtype``.
       param_dtype: parameter dtype.
       tie_embeddings: share the input embedding with the output projection.
+      kv_lora_rank: MLA (``"M"`` layers) latent rank d_c (default 4 * head_dim).
+      qk_rope_head_dim: MLA decoupled RoPE dim d_R, even (default head_dim // 2).
+      qk_nope_head_dim: MLA per-head no-RoPE query/key dim d_n (default head_dim).
+      v_head_dim: MLA per-head value dim d_v (default head_dim).
+      q_lora_rank: MLA low-rank query rank, or None for a full-rank query projection.
     """
 
     vocab_size: int = 256
@@ -59,6 +64,11 @@ class Config:
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     tie_embeddings: bool = True
+    kv_lora_rank: int | None = None
+    qk_rope_head_dim: int | None = None
+    qk_nope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    q_lora_rank: int | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -75,8 +85,14 @@ class Config:
             set_("mlp_dim", -(-(8 * self.d_model // 3) // 64) * 64)
         if self.layer_pattern is None:
             set_("layer_pattern", "S" * self.num_layers)
+        for name, default in (("kv_lora_rank", 4 * self.head_dim),
+                              ("qk_rope_head_dim", 2 * max(1, self.head_dim // 4)),
+                              ("qk_nope_head_dim", self.head_dim), ("v_head_dim", self.head_dim)):
+            if getattr(self, name) is None:
+                set_(name, default)
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "mlp_dim", "max_seq_len"):
+                     "head_dim", "mlp_dim", "max_seq_len", "kv_lora_rank", "qk_rope_head_dim",
+                     "qk_nope_head_dim", "v_head_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
         if self.num_heads % self.num_kv_heads:
@@ -97,6 +113,12 @@ class Config:
                 f"rope_fraction={self.rope_fraction} of head_dim={self.head_dim} rotates "
                 f"{rotated} dims; it must be an even number"
             )
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(
+                f"qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE rotates pairs)"
+            )
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            raise ValueError(f"q_lora_rank={self.q_lora_rank} must be positive or None")
         if self.local_window_size is not None and self.local_window_size < 0:
             raise ValueError(f"local_window_size={self.local_window_size} must be >= 0 or None")
 

@@ -55,7 +55,8 @@ def _needs(pattern: str):
 
 
 @pytest.mark.parametrize(
-    "pattern", [pytest.param("SS", marks=_needs("SS")), pytest.param("LS", marks=_needs("LS"))]
+    "pattern", [pytest.param("SS", marks=_needs("SS")), pytest.param("LS", marks=_needs("LS")),
+                pytest.param("MSM", marks=_needs("MSM"))]
 )
 def test_prefill_then_decode_equals_full_forward(key, pattern):
     model = _model(pattern)
