@@ -82,11 +82,12 @@ def assert_lowers(kind: str, fn: Callable[..., Any], args: tuple[Any, ...],
     assert "stablehlo.dot_general" not in text, "an XLA matmul: some attention fell back"
 
 
-def skip_if_refused(kind: str, qkv: tuple[Any, ...], kwargs: Any) -> None:
-    """Skips a case the TPU kernels refuse (``unsupported``: nothing to lower), with the
-    reason; it lowers here once they take it."""
+def skip_if_refused(kind: str, qkv: tuple[Any, ...], kwargs: Any,
+                    explain: Callable[..., Any] = ops.explain) -> None:
+    """Skips a case the TPU kernel refuses (``unsupported``: nothing to lower), with the
+    reason; it lowers here once the kernel takes it. ``explain``: the op's."""
     with jax.sharding.use_abstract_mesh(tpu_mesh(kind)):
-        why = ops.explain(*qkv, impl_names=("pallas_tpu",), **kwargs)["pallas_tpu"]
+        why = explain(*qkv, impl_names=("pallas_tpu",), **kwargs)["pallas_tpu"]
     if why is not None:
         pytest.skip(f"pallas_tpu refuses it: {why}")
 
@@ -238,16 +239,30 @@ def decode_fwd(config: Any = None, **kwargs: Any) -> Callable[..., Any]:
     return fwd
 
 
+# The TPU decode adapter neither refuses nor handles values whose head count or head dim
+# differ from the keys' (it views v as [B, S, K*H]); the interpret tests fail the same way.
+_V_SHAPE_GAP = pytest.mark.xfail(
+    strict=True, raises=TypeError,
+    reason="pallas_tpu decode takes v of k's shape only but does not refuse others: the "
+    "wrapper's reshape of v to [B, S, K*H] raises TypeError")
+DECODE_TEST_CASES = [
+    pytest.param(c, id=c.name, marks=_V_SHAPE_GAP if c.name == "kv_heads_differ_h40" else ())
+    for c in DECODE_CASES
+]
+
+
 @KINDS
-@pytest.mark.parametrize("case", DECODE_CASES, ids=repr)
+@pytest.mark.parametrize("case", DECODE_TEST_CASES)
 def test_decode_test_shapes(case, kind):
     """The shared decode cases, float32 with the interpret tests' tiles and bfloat16 with the
     default ones."""
     kwargs = {k: v for k, v in case.kwargs().items() if k != "kv_lengths"}
     for dtype, config in ((jnp.float32, DECODE_TEST_CONFIG), (BF16, None)):
-        kv = sds(case.b, case.s, case.kh, case.h, dtype=dtype)
-        args = (sds(case.b, case.t, case.n, case.h, dtype=dtype), kv, kv,
+        args = (sds(case.b, case.t, case.n, case.h, dtype=dtype),
+                sds(case.b, case.s, case.kh, case.h, dtype=dtype),
+                sds(case.b, case.s, case.vh or case.kh, case.hv or case.h, dtype=dtype),
                 sds(case.b, dtype=jnp.int32))
+        skip_if_refused(kind, args[:3], kwargs, ops.decode.explain)
         assert_lowers(kind, decode_fwd(config, **kwargs), args, DECODE)
 
 
