@@ -52,7 +52,9 @@ def attention(
     Args:
       q: [B, T, N, H]; k: [B, S, K, H]; v: [B, S, K, Hv] global arrays (any sharding; they are
         resharded to [batch_axis, seq_axis, head_axis, None]). T and S must be divisible by
-        the size P of ``seq_axis`` (2 P for zigzag).
+        the size P of ``seq_axis``; by 2P for zigzag (2P chunks, two per device); by P² for
+        striped with inputs in token order (each device's T / P tokens are dealt out over
+        the P devices by one all-to-all), P with ``inputs_permuted=True``.
       mesh: the device mesh; may span several processes.
       seq_axis: the mesh axis the sequence is split over.
       strategy: "ring" (contiguous shards, K/V travel around the ring), "striped" or
@@ -80,8 +82,8 @@ def attention(
       out [B, T, N, Hv] sharded [batch_axis, seq_axis, head_axis, None] (and lse).
 
     Raises:
-      ValueError: unknown strategy or axis, lengths not divisible by the axis size, heads
-        not divisible (Ulysses, or by ``head_axis``).
+      ValueError: unknown strategy or axis, lengths not divisible as above (checked before
+        any ``shard_map``), heads not divisible (Ulysses, or by ``head_axis``).
 
     Example:
       >>> mesh = jax.make_mesh((2, 4), ("data", "sp"))
@@ -105,9 +107,11 @@ def attention(
                            "head_axis": head_axis})
     n_sp = mesh.shape[seq_axis]
     layout = _LAYOUT[strategy]
+    permute_here = layout != "contiguous" and strategy != "ulysses" and not inputs_permuted
     t, s = q.shape[1], k.shape[1]
-    check_layout("zigzag" if layout == "zigzag" else "contiguous", t, n_sp, "q sequence")
-    check_layout("zigzag" if layout == "zigzag" else "contiguous", s, n_sp, "kv sequence")
+    # Before any shard_map: the striped all-to-all would fail inside it, naming no argument.
+    check_layout(layout, t, n_sp, "q sequence", permute_in_shards=permute_here)
+    check_layout(layout, s, n_sp, "kv sequence", permute_in_shards=permute_here)
     n_tp = 1 if head_axis is None else mesh.shape[head_axis]
     n_heads, kv_heads, v_heads = q.shape[2], k.shape[2], v.shape[2]
     if n_heads % n_tp or kv_heads % n_tp or v_heads % n_tp:
@@ -126,8 +130,6 @@ def attention(
     if segment_ids is not None:
         segs = tuple(segment_ids) if isinstance(segment_ids, (tuple, list)) else segment_ids
     seg_specs = None if segs is None else jax.tree.map(lambda _: seg_spec, segs)
-
-    permute_here = layout != "contiguous" and strategy != "ulysses" and not inputs_permuted
 
     def per_shard(q, k, v, segs):
         if permute_here:

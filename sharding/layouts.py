@@ -27,20 +27,52 @@ import numpy as np
 LAYOUTS = ("contiguous", "striped", "zigzag")
 
 
-def check_layout(layout: str, length: int, num_shards: int, what: str = "sequence") -> None:
-    """Raises ValueError unless ``length`` tokens can be laid out over ``num_shards`` shards.
+def length_multiple(layout: str, num_shards: int, *, permute_in_shards: bool = False) -> int:
+    """What a global sequence length must be a multiple of to be laid out over P shards.
+
+    P for "contiguous", and for "striped" when the data is put in striped order beforehand
+    (:func:`permute`); 2P for "zigzag" (2P chunks, two per shard); P² for "striped" with
+    ``permute_in_shards``: :func:`shard_permute` deals each shard's T / P contiguous tokens
+    out over the P shards, so T / P must itself be divisible by P.
+
+    Example:
+      >>> length_multiple("striped", 8, permute_in_shards=True)
+      64
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    if layout == "zigzag":
+        return 2 * num_shards
+    if layout == "striped" and permute_in_shards:
+        return num_shards * num_shards
+    return num_shards
+
+
+def check_layout(layout: str, length: int, num_shards: int, what: str = "sequence", *,
+                 permute_in_shards: bool = False) -> None:
+    """Raises ValueError unless ``length`` tokens can be laid out over ``num_shards`` shards
+    (the rule is :func:`length_multiple`'s; ``what`` names the sequence in the message).
 
     Example:
       >>> check_layout("zigzag", 4096, 8)   # needs 4096 % 16 == 0
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
-    parts = 2 * num_shards if layout == "zigzag" else num_shards
+    parts = length_multiple(layout, num_shards, permute_in_shards=permute_in_shards)
     if num_shards <= 0 or length % parts:
-        extra = " (zigzag cuts it into 2 x axis size chunks)" if layout == "zigzag" else ""
+        p = num_shards
+        fix = "use a mesh axis of a size that divides it"
+        if layout == "zigzag":
+            why = f"zigzag cuts it into 2 x axis size chunks, two per shard, for P = {p} shards"
+        elif parts != p:
+            why = (f"P² for P = {p} shards: the striped layout is made inside shard_map by "
+                   "dealing each shard's length / P contiguous tokens out over the P shards")
+            fix = (f"put the inputs in striped order beforehand (sharding.layouts.permute; "
+                   f"inputs_permuted=True in sharding.attention), which needs a multiple of "
+                   f"P = {p} only")
+        else:
+            why = f"P: each of the P = {p} shards holds an equal block"
         raise ValueError(
-            f"{what} length {length} is not divisible by {parts}{extra}; pad the {what} to a "
-            f"multiple of {parts} or use a mesh axis of a size that divides it"
+            f"{what} length {length} is not divisible by {parts} ({why}); pad the {what} to a "
+            f"multiple of {parts} or {fix}"
         )
 
 
@@ -143,12 +175,17 @@ def _shard_geometry(
     split (striped: L divisible by P; zigzag: L even)."""
     axis, length, pre, post = _seq_axis(x, axis)
     n = jax.lax.axis_size(axis_name)
-    if layout == "striped":
-        check_layout(layout, length, n, "per-shard sequence")
-    elif layout == "zigzag":
-        check_layout("striped", length, 2, "per-shard sequence")
-    else:
+    if layout not in ("striped", "zigzag"):
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    parts = n if layout == "striped" else 2
+    if length % parts:
+        why = (f"its tokens are dealt out over the {n} shards of {axis_name!r} (a global "
+               f"length divisible by P² = {n * n})" if layout == "striped" else
+               f"it is sent as two halves (a global length divisible by 2P = {2 * n})")
+        raise ValueError(
+            f"shard_permute / shard_unpermute to the {layout} layout: the per-shard sequence "
+            f"length {length} is not divisible by {parts}, as {why} needs; pad the sequence"
+        )
     return axis, n, length, pre, post
 
 

@@ -25,8 +25,20 @@ import jax.numpy as jnp
 
 
 def platform() -> str:
-    """The platform ops dispatch for: 'cpu', 'gpu' or 'tpu'."""
-    p = jax.default_backend()
+    """The platform ops dispatch for: 'cpu', 'gpu' or 'tpu'.
+
+    The platform of the active abstract mesh's device when it names one, else JAX's default
+    backend. The abstract mesh is how a program is lowered for a chip this machine does not
+    have: under ``jax.sharding.use_abstract_mesh(AbstractMesh(..., abstract_device=
+    AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")))`` ops dispatch
+    for TPU (the Pallas TPU kernels run through Mosaic, not in interpret mode), and
+    ``jax.jit(f).trace(...).lower(lowering_platforms=("tpu",))`` gives the module a TPU would
+    compile. ``lowering_platforms`` alone cannot do this: it is only known after tracing,
+    when the dispatch has been made. A concrete mesh (``jax.set_mesh``) names its own
+    devices' platform, which is the default backend's.
+    """
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    p = jax.default_backend() if device is None else device.platform
     return "gpu" if p in ("cuda", "rocm", "gpu") else p
 
 

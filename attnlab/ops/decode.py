@@ -18,10 +18,11 @@ queries) gives 0 output and lse ``-inf``, never NaN.
 Implementations: ``"reference"`` (the definition), ``"xla"`` (split-K in pure JAX: chunk the
 key axis, partial (out, lse) per chunk, :func:`attnlab.ops.merge_n`), ``"pallas_triton"``
 (GPU split-K kernel; Pallas-interpreted on CPU) and ``"pallas_tpu"`` (TPU kernel; TPU interpret
-mode on CPU, verified in interpret mode only). Both Pallas kernels return per-split partials
-that are merged here by :func:`~attnlab.ops.merge_n`. ``reference`` and ``xla`` are
-differentiable by JAX; the Pallas implementations are forward-only (decoding is inference) and
-differentiating through them raises ``NotImplementedError``.
+mode on CPU; lowered for TPU, verified in interpret mode, never run on a TPU). Both Pallas
+kernels return per-split partials that are merged here by :func:`~attnlab.ops.merge_n`.
+``reference`` and ``xla`` are differentiable by JAX; the Pallas implementations are
+forward-only (decoding is inference) and differentiating through them raises
+``NotImplementedError``.
 """
 
 from __future__ import annotations

@@ -111,10 +111,17 @@ def _check_seq_parallel(cfg: Config, tc: TrainConfig) -> None:
     sp = tc.seq_parallel
     if sp == 1:
         return
-    blocks = 2 * sp if tc.sp_strategy == "zigzag" else sp
+    from sharding.layouts import length_multiple
+
+    # The model's inputs are in token order: striped is laid out inside shard_map (sp²).
+    layout = tc.sp_strategy if tc.sp_strategy in ("striped", "zigzag") else "contiguous"
+    blocks = length_multiple(layout, sp, permute_in_shards=True)
     if tc.seq_len % blocks:
-        why = (f"zigzag cuts it into 2 x seq_parallel = {blocks} chunks" if blocks != sp
-               else f"each of the {sp} devices holds an equal block")
+        why = {
+            "zigzag": f"zigzag cuts it into 2 x seq_parallel = {blocks} chunks",
+            "striped": f"striped deals each device's seq_len / {sp} tokens out over the {sp} "
+                       f"devices, so it needs seq_parallel² = {blocks}",
+        }.get(layout, f"each of the {sp} devices holds an equal block")
         raise ValueError(f"seq_len={tc.seq_len} is not divisible by {blocks} ({why}); use a "
                          f"seq_len that is a multiple of {blocks} or another --seq-parallel")
     if tc.sp_strategy == "ulysses":

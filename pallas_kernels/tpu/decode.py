@@ -1,8 +1,9 @@
 """Split-K decode attention for TPU as a Mosaic TPU Pallas kernel.
 
-**Verified in TPU interpret mode only.** No TPU is available to the project: the kernel is
-run on CPU through ``interpret=pltpu.InterpretParams()`` and compared there with the
-reference, and its Mosaic lowering (which checks block shapes) is exercised without a chip.
+**Lowered for TPU (v4, v5e, v5p, v6e), verified in interpret mode, never run on a TPU.** No
+TPU is available to the project: the kernel is run on CPU through
+``interpret=pltpu.InterpretParams()`` and compared there with the reference, and its Mosaic
+lowering is run from CPU for each generation (``tests/pallas_kernels/test_tpu_lowering.py``).
 It has never been compiled for or timed on a real TPU.
 
 Layout, chosen so the K/V cache is never copied: the public ``[B, S, K, H]`` cache is viewed

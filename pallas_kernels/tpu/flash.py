@@ -1,10 +1,11 @@
 """Flash attention for TPU as Mosaic TPU Pallas kernels: forward kernel, config, custom VJP.
 
-**Verified in TPU interpret mode only.** No TPU is available to the project, so these kernels
-are run on CPU through ``interpret=pltpu.InterpretParams()`` (which simulates TPU memory
-spaces, scalar prefetch and the grid) and compared there with the reference. They have never
-been lowered by Mosaic for a real chip or timed; the block shapes follow the TPU tiling rules
-but that is all that can be said.
+**Lowered for TPU (v4, v5e, v5p, v6e), verified in interpret mode, never run on a TPU.** No
+TPU is available to the project, so these kernels are run on CPU through
+``interpret=pltpu.InterpretParams()`` (which simulates TPU memory spaces, scalar prefetch and
+the grid) and compared there with the reference, and lowered by Pallas's Mosaic lowering for
+each generation from CPU (``tests/pallas_kernels/test_tpu_lowering.py``). They have never been
+compiled by Mosaic (its layout and VMEM passes run on a TPU) nor timed.
 
 Layout: the public ``[B, T, N, H]`` arrays are transposed inside the wrapper to heads-major
 ``[B, N, T, H]`` (K/V ``[B, K, S, H]``), and sequence lengths are padded up to a whole number

@@ -1,9 +1,9 @@
 """Flash attention backward as Mosaic TPU Pallas kernels: one for dQ, one for dK/dV.
 
-Verified in TPU interpret mode only (``interpret=pltpu.InterpretParams()`` on CPU): no TPU is
-available to the project, so these kernels have never been compiled by Mosaic or timed on a
-chip. Block shapes follow the TPU tiling rules (last two block dims multiples of (8, 128) or
-equal to the array's), but lowering on real hardware is unconfirmed.
+Lowered for TPU (v4, v5e, v5p, v6e), verified in interpret mode
+(``interpret=pltpu.InterpretParams()`` on CPU), never run on a TPU: no TPU is available to the
+project, so these kernels have been lowered from CPU (``tests/pallas_kernels/
+test_tpu_lowering.py``) but never compiled by Mosaic or timed on a chip.
 
 Both kernels recompute the probabilities of a tile from the log-sum-exp saved by the forward
 pass, ``p = exp(z - lse)``, and use ``delta = rowsum(dO * O) - dLSE`` computed in JAX, so the

@@ -1,10 +1,11 @@
 """Lightning attention (decayed causal linear attention) for TPU as Mosaic TPU Pallas kernels.
 
-**Verified in TPU interpret mode only.** No TPU is available to the project: these kernels run
-on CPU through ``interpret=pltpu.InterpretParams()`` and are compared there with the float64
-oracle and a JAX-differentiated recurrence. They have never been lowered by Mosaic for a real
-chip or timed; block shapes follow the TPU tiling rules (last two block dims multiples of
-(8, 128) or equal to the array's), but that is all that can be said.
+**Lowered for TPU (v4, v5e, v5p, v6e), verified in interpret mode, never run on a TPU.** No
+TPU is available to the project: these kernels run on CPU through
+``interpret=pltpu.InterpretParams()`` and are compared there with the float64 oracle and a
+JAX-differentiated recurrence, and they are lowered by Pallas's Mosaic lowering for each
+generation from CPU (``tests/pallas_kernels/test_tpu_lowering.py``). They have never been
+compiled by Mosaic on a chip or timed.
 
 Semantics and chunked equations are those of :mod:`pallas_kernels.gpu.lightning_common`
 (``S_t = g_t lambda S_{t-1} + k_t^T v_t``, ``o_t = scale q_t S_t``, resets where
@@ -385,7 +386,7 @@ def lightning_attention(
 ) -> tuple[jax.Array, jax.Array]:
     """Lightning attention (decayed causal linear attention), Mosaic TPU Pallas kernels.
 
-    Verified in TPU interpret mode only (no TPU available); see the module docstring.
+    Lowered for TPU, verified in interpret mode, never run on a TPU; see the module docstring.
 
     Args:
       q, k: [B, T, N, H]; v: [B, T, N, Hv]; one dtype (float32 or bfloat16); H and Hv

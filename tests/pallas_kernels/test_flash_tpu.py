@@ -3,8 +3,9 @@
 FULL tile skipping, the kernel's entropy flag, Hv != H, TPU block-size rules).
 
 Everything here runs in TPU interpret mode on CPU: no TPU is available to the project, so
-this file is the kernel's only verification. Interpret mode is slow (seconds per compile), so
-shapes stay tiny and values and gradients come from one program per case.
+this file is the only check of the kernels' arithmetic (``test_tpu_lowering.py`` lowers them
+for TPU). Interpret mode is slow (seconds per compile), so shapes stay tiny and values and
+gradients come from one program per case.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 config checks.
 
 Everything here runs in TPU interpret mode on CPU: no TPU is available to the project, so
-this file is the kernels' only verification. Interpret mode is slow (tens of seconds for one
-case with gradients on the shared CPU), so the grid is two small cases.
+this file is the only check of the kernels' arithmetic (``test_tpu_lowering.py`` lowers them
+for TPU). Interpret mode is slow (tens of seconds for one case with gradients on the shared
+CPU), so the grid is two small cases.
 """
 
 from __future__ import annotations

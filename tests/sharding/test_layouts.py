@@ -9,9 +9,11 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sharding import attention as sp_attention
 from sharding.layouts import (
     LAYOUTS,
     layout_positions,
+    length_multiple,
     permute,
     shard_permute,
     shard_positions,
@@ -73,3 +75,75 @@ def test_bad_layout_arguments():
         permute(x, 1, "zigzag", 8)
     with pytest.raises(ValueError, match="unknown layout"):
         permute(x, 1, "spiral", 4)
+
+
+@pytest.mark.parametrize(
+    "layout, permute_in_shards, want",
+    [("contiguous", False, 8), ("contiguous", True, 8), ("striped", False, 8),
+     ("striped", True, 64), ("zigzag", False, 16), ("zigzag", True, 16)],
+)
+def test_length_multiple(layout, permute_in_shards, want):
+    assert length_multiple(layout, 8, permute_in_shards=permute_in_shards) == want
+
+
+def _sp8():
+    return jax.make_mesh((8,), ("sp",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def _qkv(t, s=None):
+    s = t if s is None else s
+    return (jax.ShapeDtypeStruct((1, t, 8, 16), jnp.float32),
+            *(jax.ShapeDtypeStruct((1, s, 8, 16), jnp.float32),) * 2)
+
+
+@pytest.mark.parametrize(
+    "strategy, t, s, match",
+    [
+        # T = 80 is divisible by P = 8, but each device's 10 tokens cannot be dealt out over 8.
+        ("striped", 80, 80, r"q sequence length 80 is not divisible by 64 \(P² for P = 8 shards: "
+         r"the striped layout is made inside shard_map .*; pad the q sequence to a multiple of "
+         r"64 or put the inputs in striped order beforehand .*inputs_permuted=True.* which "
+         r"needs a multiple of P = 8 only"),
+        ("striped", 64, 72, r"kv sequence length 72 is not divisible by 64 \(P² for P = 8"),
+        ("zigzag", 72, 72, r"q sequence length 72 is not divisible by 16 \(zigzag cuts it into "
+         r"2 x axis size chunks, two per shard, for P = 8 shards\); pad the q sequence to a "
+         r"multiple of 16"),
+        ("zigzag", 80, 88, r"kv sequence length 88 is not divisible by 16 \(zigzag"),
+        ("ring", 36, 36, r"q sequence length 36 is not divisible by 8 \(P: each of the P = 8 "
+         r"shards holds an equal block\)"),
+    ],
+)
+def test_attention_states_the_length_rule_before_shard_map(strategy, t, s, match):
+    """Abstract inputs: shard_map would refuse them, so the message comes from the up-front
+    check."""
+    with pytest.raises(ValueError, match=match):
+        sp_attention(*_qkv(t, s), mesh=_sp8(), strategy=strategy, is_causal=True)
+
+
+@pytest.mark.parametrize("strategy, t", [("striped", 64), ("zigzag", 80)])
+def test_attention_takes_lengths_that_fit_the_rule(strategy, t):
+    mesh = _sp8()
+    out = jax.eval_shape(
+        lambda q, k, v: sp_attention(q, k, v, mesh=mesh, strategy=strategy, is_causal=True),
+        *_qkv(t))
+    assert out.shape == (1, t, 8, 16)
+
+
+def test_striped_inputs_permuted_needs_p_only():
+    """T = 80 in striped order: no in-shard re-layout, so T divisible by P is enough."""
+    mesh = _sp8()
+    out = jax.eval_shape(
+        lambda q, k, v: sp_attention(q, k, v, mesh=mesh, strategy="striped", is_causal=True,
+                                     inputs_permuted=True),
+        *_qkv(80))
+    assert out.shape == (1, 80, 8, 16)
+
+
+def test_shard_permute_states_the_per_shard_rule():
+    mesh = _sp8()
+    fn = jax.shard_map(lambda x: shard_permute(x, 1, "striped", "sp"), mesh=mesh,
+                       in_specs=P(None, "sp"), out_specs=P(None, "sp"))
+    with pytest.raises(ValueError, match=r"to the striped layout: the per-shard sequence length "
+                       r"10 is not divisible by 8, as its tokens are dealt out over the 8 shards "
+                       r"of 'sp' \(a global length divisible by P² = 64\)"):
+        jax.eval_shape(fn, jax.ShapeDtypeStruct((1, 80), jnp.float32))

@@ -180,6 +180,9 @@ def test_bad_sp_runs_fail_before_compiling():
         prepare(_model("SS"), dataclasses.replace(_tc(0, 4), seq_len=36))
     with pytest.raises(ValueError, match="seq_len=42 is not divisible by 4 .* a multiple of 4"):
         prepare(_model("SS"), dataclasses.replace(_tc(0, 4, "ring"), seq_len=42))
+    with pytest.raises(ValueError, match=r"seq_len=40 is not divisible by 16 \(striped deals each "
+                                         r"device's seq_len / 4 tokens out over the 4 devices"):
+        prepare(_model("SS"), dataclasses.replace(_tc(0, 4, "striped"), seq_len=40))
     with pytest.raises(ValueError, match="Ulysses splits heads over the 'sp' axis of size 8, "
                                          "but q has 4 heads"):
         prepare(_model("SS"), dataclasses.replace(_tc(0, 8, "ulysses"), data_parallel=1))

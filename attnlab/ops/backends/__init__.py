@@ -22,5 +22,7 @@ def triton_interpret() -> bool:
 
 
 def tpu_interpret() -> Any:
-    """The Mosaic TPU kernels' ``interpret`` argument: TPU interpret mode on CPU."""
+    """The Mosaic TPU kernels' ``interpret`` argument: TPU interpret mode on CPU; False (Mosaic)
+    on a TPU and under an abstract TPU mesh, where the program is lowered for a TPU from any
+    machine (see :func:`attnlab.ops.platform`)."""
     return pltpu.InterpretParams() if platform() == "cpu" else False

@@ -62,4 +62,4 @@ IMPLEMENTATION = Implementation(
     name="pallas_tpu", fn=_fn, bwd=_block_bwd, unsupported=unsupported, platforms=("tpu", "cpu"),
     dtypes=SUPPORTED_DTYPES, config_cls=TpuFlashConfig, returns_entropy=True,
     description="Mosaic TPU Pallas flash attention (fwd + bwd kernels); LSE, entropy; "
-    "verified in TPU interpret mode only")
+    "lowered for TPU (v4, v5e, v5p, v6e), verified in interpret mode, never run on a TPU")

@@ -1,6 +1,6 @@
 """Decode backend ``"pallas_tpu"``: the Mosaic TPU split-K decode kernel (TPU interpret mode on
-CPU; verified in interpret mode only). Forward only: its per-split partials are merged by LSE
-in :func:`attnlab.ops.decode.forward_only`."""
+CPU; lowered for TPU, verified in interpret mode, never run on a TPU). Forward only: its
+per-split partials are merged by LSE in :func:`attnlab.ops.decode.forward_only`."""
 
 from __future__ import annotations
 
@@ -24,4 +24,4 @@ IMPLEMENTATION = Implementation(
     name="pallas_tpu", fn=forward_only(decode_partials, tpu_interpret), unsupported=unsupported,
     platforms=("tpu", "cpu"), dtypes=SUPPORTED_DTYPES, config_cls=TpuDecodeConfig,
     description="Mosaic TPU Pallas split-K decode kernel, lengths by scalar prefetch; forward "
-    "only; verified in TPU interpret mode only")
+    "only; lowered for TPU (v4, v5e, v5p, v6e), verified in interpret mode, never run on a TPU")

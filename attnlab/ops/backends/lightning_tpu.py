@@ -1,5 +1,6 @@
 """Lightning backend ``"pallas_tpu"``: the chunked Mosaic TPU lightning kernels, forward and
-backward (TPU interpret mode on CPU; verified in interpret mode only). LASP over them uses
+backward (TPU interpret mode on CPU; lowered for TPU, verified in interpret mode, never run
+on a TPU). LASP over them uses
 the generic block phases."""
 
 from __future__ import annotations
@@ -25,5 +26,5 @@ def _fn(q, k, v, a: LightningArgs):
 IMPLEMENTATION = Implementation(
     name="pallas_tpu", fn=_fn, platforms=("tpu", "cpu"), config_cls=TpuLightningConfig,
     dtypes=SUPPORTED_DTYPES, returns_lse=False,
-    description="Pallas chunked lightning kernels on TPU (Mosaic), fwd + bwd; verified in TPU "
-    "interpret mode only")
+    description="Pallas chunked lightning kernels on TPU (Mosaic), fwd + bwd; lowered for TPU "
+    "(v4, v5e, v5p, v6e), verified in interpret mode, never run on a TPU")
