@@ -138,7 +138,8 @@ def _loss_fn(graphdef, rest, tokens, positions, segment_ids, w):
     return jax.jit(jax.value_and_grad(loss, has_aux=True), compiler_options=FAST_COMPILE_CPU)
 
 
-@pytest.mark.parametrize(("pattern", "strategy"), [("SS", "ulysses"), ("LS", "striped")])
+@pytest.mark.parametrize(("pattern", "strategy"),
+                         [("SS", "ulysses"), ("LS", "striped"), ("MS", "zigzag")])
 def test_model_with_parallel_equals_model_without(pattern, strategy, key):
     """Logits and parameter gradients, with packed documents crossing the shard boundaries."""
     cfg = _model(pattern)
