@@ -30,6 +30,7 @@ down-projections and RoPE).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -39,6 +40,7 @@ from attnlab.ops import decode as _decode
 from attnlab.ops._registry import Implementation, Registry, backends
 from attnlab.ops.attention import attention
 from attnlab.ops.attention import reference as attention_reference
+from attnlab.ops.merge import merge_n
 from pallas_kernels.common.masks import MaskSpec
 
 
@@ -171,13 +173,46 @@ def _reference_latent(q, cache, _cache, a: LatentDecodeArgs):
     )
 
 
+def forward_only(decode_partials: Callable[..., tuple[jax.Array, jax.Array]],
+                 interpret: Callable[[], Any]) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """A split-K latent kernel as an implementation's ``fn(q, cache, cache, args)``: its
+    partials merged by LSE, with a VJP that refuses (the kernels have no backward pass).
+
+    ``decode_partials(q, cache, kv_lengths, *, v_dim, spec, scale, config, interpret)``
+    returns per-split (out, lse); ``interpret()`` gives its interpret argument.
+    """
+
+    def fn(q, cache, _cache, a: LatentDecodeArgs):
+        lengths, _ = _decode.query_positions(a.kv_lengths, q.shape[0], q.shape[1],
+                                             cache.shape[1])
+
+        @jax.custom_vjp
+        def run(q, cache, lengths):
+            o_parts, lse_parts = decode_partials(
+                q, cache, lengths, v_dim=a.v_dim, spec=a.spec, scale=a.scale,
+                config=a.config, interpret=interpret(),
+            )
+            out, lse = merge_n(o_parts, lse_parts)
+            return out.astype(q.dtype), lse
+
+        def bwd(_, cts):
+            raise NotImplementedError(
+                "the latent decode kernels are forward-only; use impl='xla' to differentiate"
+            )
+
+        run.defvjp(lambda q, cache, lengths: (run(q, cache, lengths), None), bwd)
+        return run(q, cache, jnp.asarray(lengths, jnp.int32))
+
+    return fn
+
+
 REGISTRY = Registry(
     "mla_decode",
     normalize=args_from_kwargs,
     reference=Implementation(
         name="reference", fn=_reference_latent,
         description="decode reference over the latent cache as one shared K/V head"),
-    adapters=backends("mla_decode", "xla", "pallas_triton"),
+    adapters=backends("mla_decode", "xla", "pallas_triton", "pallas_tpu"),
 )
 implementations, explain, auto_choice = (REGISTRY.implementations, REGISTRY.explain,
                                          REGISTRY.auto_choice)

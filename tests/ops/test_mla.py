@@ -150,16 +150,19 @@ def test_latent_decode_bad_arguments(key):
         (1, 2, 16, 12, 64, 16, (12,), None),  # cache shorter than a tile, two row blocks
     ],
 )
-def test_triton_latent_kernel_interpreted(b, t, n, s, d_c, d_r, lengths, window, key):
+@pytest.mark.parametrize("impl", ["pallas_triton", "pallas_tpu"])
+def test_latent_kernels_interpreted(b, t, n, s, d_c, d_r, lengths, window, impl, key):
     from pallas_kernels.gpu.mla_decode import MlaDecodeConfig
+    from pallas_kernels.tpu.mla_decode import TpuMlaDecodeConfig
 
-    cfg = MlaDecodeConfig(block_kv=16, block_rows=16, keys_per_split=32)
+    cfg = (MlaDecodeConfig(block_kv=16, block_rows=16, keys_per_split=32) if impl == "pallas_triton"
+           else TpuMlaDecodeConfig(block_kv=16, keys_per_split=32))
     ks = jax.random.split(key, 2)
     q = jax.random.normal(ks[0], (b, t, n, d_c + d_r))
     cache = jax.random.normal(ks[1], (b, s, d_c + d_r))
     kw = dict(v_dim=d_c, kv_lengths=jnp.asarray(lengths, jnp.int32), local_window_size=window,
               scale=0.1, return_residuals=True)
-    got, lse = mla.latent_decode(q, cache, impl="pallas_triton", config=cfg, **kw)
+    got, lse = mla.latent_decode(q, cache, impl=impl, config=cfg, **kw)
     want, want_lse = mla.latent_decode(q, cache, impl="reference", **kw)
     assert got.shape == (b, t, n, d_c)
     np.testing.assert_allclose(got, want, atol=2e-5)
@@ -167,6 +170,25 @@ def test_triton_latent_kernel_interpreted(b, t, n, s, d_c, d_r, lengths, window,
     fin = np.isfinite(np.asarray(want_lse))
     np.testing.assert_allclose(np.asarray(lse)[fin], np.asarray(want_lse)[fin], atol=2e-5)
     np.testing.assert_array_equal(np.asarray(got)[~fin], 0.0)
+
+
+def test_tpu_latent_kernel_lowers_for_tpu():
+    """DeepSeek-V2 sizes lower through Mosaic for each TPU generation (no TPU needed)."""
+    from pallas_kernels.common.masks import MaskSpec
+    from pallas_kernels.tpu.mla_decode import decode_partials
+    from tests.lowering import TPU_KINDS, kernels, lower_for_tpu, tpu_mesh
+
+    q = jax.ShapeDtypeStruct((8, 1, 128, 576), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((8, 8192, 576), jnp.bfloat16)
+    lengths = jax.ShapeDtypeStruct((8,), jnp.int32)
+
+    def f(q, cache, lengths):
+        return decode_partials(q, cache, lengths, v_dim=512, spec=MaskSpec(causal=True),
+                               scale=192 ** -0.5)
+
+    for kind in TPU_KINDS.values():
+        text = lower_for_tpu(f, q, cache, lengths, mesh=tpu_mesh(kind))
+        assert kernels(text) == {"attnlab_tpu_mla_latent_decode": 1}, kind
 
 
 def test_triton_latent_kernel_lowers_for_cuda():
