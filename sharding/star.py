@@ -17,8 +17,10 @@ the paper). Two phases, defined in :mod:`attnlab.ops.star`:
   (:func:`attnlab.ops.merge.merge_n`). This is global attention over the cache, exactly.
 
 Both are plain JAX around :func:`attnlab.ops.attention` (any implementation that returns the
-log-sum-exp, e.g. the Pallas kernels), so they differentiate, though the method is meant for
-inference.
+log-sum-exp, e.g. the Pallas kernels) and differentiate exactly with and without
+``check_vma``, though the method is meant for inference: the query phase has its own VJP (one
+all-reduce of the output's cotangent or of dq, then each device's block backward with the
+global output and LSE, :func:`attnlab.ops.attention_bwd`).
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from attnlab.ops._vma import like_vma
+from attnlab.ops._vma import like_vma, varying
 from attnlab.ops.attention import attention as _attention
+from attnlab.ops.attention_grad import attention_bwd
 from attnlab.ops.merge import merge, merge_n
 from attnlab.ops.star import check_blocks
 from sharding._common import check_bsn_axes, default_check_vma, mesh_shard_map
@@ -108,14 +111,48 @@ def star_query_shard(
       [B, Tq, N, Hv] (and lse), the same on every device.
     """
     s = k.shape[1]
-    o, lse = _attention(
-        q, k, v, is_causal=is_causal, q_offset=q_offset,
-        kv_offset=lax.axis_index(axis_name) * s, scale=scale, logits_soft_cap=logits_soft_cap,
-        return_residuals=True, impl=impl, config=config,
-    )
-    outs = lax.all_gather(o, axis_name, to="invarying")
-    lses = lax.all_gather(lse, axis_name, to="invarying")
-    o, lse = merge_n(outs, lses)
+    kw = dict(is_causal=is_causal, scale=scale, logits_soft_cap=logits_soft_cap, config=config)
+    # Under shard_map(check_vma=False) nothing is typed as varying, the replicated output's
+    # cotangent reaches each device as a 1/P share, and the replicated q's cotangents are
+    # summed over the devices afterwards; with check_vma the cotangent comes whole and q's
+    # must leave invariant (summed here). The cache always varies over the axis.
+    shares = axis_name not in varying(k)
+
+    def partial(q, k, v, q_offset):
+        kv_offset = lax.axis_index(axis_name) * s
+        return _attention(q, k, v, q_offset=q_offset, kv_offset=kv_offset,
+                          return_residuals=True, impl=impl, **kw)
+
+    def fwd(q, k, v, q_offset):
+        o, lse = partial(q, k, v, q_offset)
+        outs = lax.all_gather(o, axis_name, to="invarying")
+        lses = lax.all_gather(lse, axis_name, to="invarying")
+        o_all, lse_all = merge_n(outs, lses)
+        return (o_all.astype(q.dtype), lse_all), (q, k, v, q_offset, o_all, lse_all)
+
+    def bwd(res, cts):
+        q, k, v, q_offset, out, lse = res
+        do, dlse = cts
+        if shares:
+            do, dlse = lax.psum(do, axis_name), lax.psum(dlse, axis_name)
+        dlse = jnp.where(jnp.isfinite(lse), dlse, 0.0)
+        # Typed as varying like the cache, so every backward returns this device's share of
+        # dq (summed below), none of them an already-summed one.
+        q = like_vma(q, k)
+        dq, dk, dv = attention_bwd(
+            q, k, v, out.astype(q.dtype), lse, do.astype(q.dtype), dlse, q_offset=q_offset,
+            kv_offset=lax.axis_index(axis_name) * s, impl=impl, **kw,
+        )
+        if not shares:
+            dq = lax.psum(dq, axis_name)
+        return dq, dk, dv, None
+
+    @jax.custom_vjp
+    def run(q, k, v, q_offset):
+        return fwd(q, k, v, q_offset)[0]
+
+    run.defvjp(fwd, bwd)
+    o, lse = run(q, k, v, jnp.asarray(q_offset, jnp.int32))
     return (o, lse) if return_residuals else o
 
 
