@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import jaxprs_in_params
 
 from attnlab.testing import (  # noqa: F401  (re-exported: tests import them from here)
     ATTENTION_CASES,
@@ -159,3 +160,20 @@ def check_sp_collectives(hlo: str, strategy: str) -> None:
         assert "collective-permute" in hlo
         if strategy == "ring":
             assert not gathers, "ring gathers something:\n" + "\n".join(gathers[:3])
+
+
+def primitives_around_kernels(fn, *args) -> set[str]:
+    """Names of the primitives ``fn(*args)`` traces to around its Pallas kernels: nested
+    jaxprs (jit, custom VJPs) included, kernel bodies (``pallas_call``'s) not. For checks
+    such as "no pad or slice where the head dims are the kernels' own"."""
+
+    def walk(jaxpr) -> set[str]:
+        names = set()
+        for eqn in jaxpr.eqns:
+            names.add(eqn.primitive.name)
+            if eqn.primitive.name != "pallas_call":
+                for sub in jaxprs_in_params(eqn.params):
+                    names |= walk(sub)
+        return names
+
+    return walk(jax.make_jaxpr(fn)(*args).jaxpr)

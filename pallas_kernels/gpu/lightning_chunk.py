@@ -17,17 +17,20 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common.checks import check_config
 from pallas_kernels.common.lightning import (
     chunk_run_ids,
 )
-from pallas_kernels.gpu._common import pad_axis, round_up
+from pallas_kernels.gpu._common import pad_axis, pad_head, round_up
 from pallas_kernels.gpu.lightning_bwd import run_bwd, run_dstates
 from pallas_kernels.gpu.lightning_common import (
     LightningConfig,
     check_args,
+    kernel_config,
+    kernel_dims,
     lanes,
     launch_plan,
+    pad_state,
+    unpad,
 )
 from pallas_kernels.gpu.lightning_fwd import (
     lightning_forward,
@@ -73,21 +76,23 @@ _lightning.defvjp(_lightning_fwd, _lightning_bwd)
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
 def _lightning_jit(q, k, v, log_decay, initial_state, segment_ids, *, scale, config, interpret):
-    b, t, n, h = q.shape
-    hv = v.shape[-1]
+    b, t, n, h_in = q.shape
+    hv_in = v.shape[-1]
+    h, hv = kernel_dims(h_in, hv_in)
     chunk = launch_plan(config, t, h, hv)[0]
     tp = round_up(t, chunk)
-    q, k, v = (pad_axis(x, 1, tp) for x in (q, k, v))
+    q, k = (pad_axis(pad_head(x, h), 1, tp) for x in (q, k))
+    v = pad_axis(pad_head(v, hv), 1, tp)
     h0 = (
         jnp.zeros((b, n, h, hv), jnp.float32)
         if initial_state is None
-        else initial_state.astype(jnp.float32)
+        else pad_state(initial_state.astype(jnp.float32), h, hv)
     )
     rel = None if segment_ids is None else chunk_run_ids(segment_ids, tp, chunk)
     o, ht = _lightning(
         q, k, v, log_decay.astype(jnp.float32), h0, rel, t, scale, config, interpret
     )
-    return o[:, :t], ht
+    return unpad(o[:, :t], hv_in), unpad(ht, h_in, hv_in)
 
 
 def lightning_attention(
@@ -103,14 +108,16 @@ def lightning_attention(
     """Lightning attention (decayed causal linear attention), chunked Pallas/Triton kernels.
 
     Args:
-      q, k: [B, T, N, H]; v: [B, T, N, Hv]; one dtype (float32, bfloat16 or float16). On a
-        GPU H and Hv must be 64 or 128; interpreted, any power of two in [16, 256].
+      q, k: [B, T, N, H]; v: [B, T, N, Hv]; one dtype (float32, bfloat16 or float16); H and
+        Hv anything from 1 to 256 (the kernels run at the next power of two >= 16, zero-padded
+        and sliced back inside: 64 and 128 are taken as they are).
       log_decay: [N] float, log lambda per head (lambda in (0, 1]; 0 is plain linear
         attention). Not differentiated (its cotangent is zero).
       initial_state: [B, N, H, Hv] state continued by token 0 (None: zeros); float32 math.
       segment_ids: [B, T] int packed-document ids; the state resets where the id changes.
       scale: multiplies q.
-      config: :class:`LightningConfig`, default ``LightningConfig.get_default(H, q.dtype)``.
+      config: :class:`LightningConfig`, default ``LightningConfig.get_default`` of the
+        padded H and q's dtype.
       interpret: run the kernels in the Pallas interpreter (CPU tests).
 
     Returns:
@@ -118,13 +125,13 @@ def lightning_attention(
       q, k, v and initial_state (both outputs).
 
     Raises:
-      ValueError: inconsistent shapes or dtypes, unsupported head dims.
+      ValueError: inconsistent shapes or dtypes, head dims above 256.
 
     Example:
       >>> o, state = lightning_attention(q, k, v, jnp.log(jnp.full((N,), 0.99)), scale=0.125)
     """
-    check_args(q, k, v, log_decay, initial_state, segment_ids, interpret)
-    config = check_config(config, LightningConfig, q.shape[-1], q.dtype)
+    check_args(q, k, v, log_decay, initial_state, segment_ids)
+    config = kernel_config(config, q.shape[-1], q.dtype)
     return _lightning_jit(
         q, k, v, jnp.asarray(log_decay), initial_state,
         None if segment_ids is None else jnp.asarray(segment_ids),

@@ -29,8 +29,10 @@ This module holds what the kernels of :mod:`~pallas_kernels.gpu.lightning_fwd` a
 factors of the equations above (:func:`real_counts`, :func:`row_gate`, :func:`key_gate`,
 :func:`intra_decay`), the launch geometry (:func:`launch_plan`, :func:`lanes`), the launcher of
 the two sequential state kernels (:func:`run_state_pass`: states forward, state cotangents
-backward) and the XLA glue that carries states across spans of chunks
-(:func:`span_carries`, :func:`seeded_starts`).
+backward), the XLA glue that carries states across spans of chunks
+(:func:`span_carries`, :func:`seeded_starts`) and the head-dim padding of the entry points
+(:func:`kernel_dims`, :func:`kernel_config`, :func:`pad_state`, :func:`unpad`): any H and Hv
+from 1 to 256 run at the next power of two >= 16, zero-padded and sliced back inside.
 """
 
 from __future__ import annotations
@@ -44,15 +46,19 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.common.checks import check_config
 from pallas_kernels.common.lightning import check_lightning_inputs, decayed_state_scan
-from pallas_kernels.gpu._common import dot_precision
+from pallas_kernels.gpu._common import (
+    MAX_HEAD_DIM,
+    dot_precision,
+    kernel_head_dim,
+    pad_axis,
+    pad_head,
+)
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-# Head dims compiled for a GPU (shared-memory and register budgets are sized for these);
-# the interpreter takes any power of two in [MIN_DIM, MAX_INTERPRET_DIM].
-GPU_HEAD_DIMS = (64, 128)
+# The smallest tile Triton's dot accepts: config sizes and kernel head dims are at least this.
 MIN_DIM = 16
-MAX_INTERPRET_DIM = 256
 # exp() of this is exactly 0 in float32: masked decay entries, never -inf (no inf - inf).
 NEG_BIG = -1e30
 # log_decay is handed to the kernels broadcast over this many lanes (a tile Triton accepts).
@@ -129,7 +135,9 @@ class LightningConfig:
     def get_default(
         cls, head_dim: int | None = None, dtype=None, device_kind: str | None = None
     ) -> LightningConfig:
-        """Sizes per dtype and head dim (``device_kind`` is accepted for a future table).
+        """Sizes per dtype and the kernel's q/k head dim (``device_kind`` is accepted for a
+        future table). ``head_dim`` is the padded one the kernels run at
+        (:func:`kernel_dims`; :func:`kernel_config` passes it): 64 for H = 40, 128 for H = 80.
 
         16-bit inputs at H > 64: the fused forward with [128, 128] tiles and 8 warps, the
         fastest forward of ``scripts/lightning_sweep.py --grid`` on an H100 at T = 2K and
@@ -142,8 +150,16 @@ class LightningConfig:
         float32 inputs take [C, 64] value tiles: their operand tiles are twice the bytes of
         16-bit ones and [64, 128] f32 tiles crowd the H100's shared memory; they keep the
         untuned 64-token chunks and the two-phase forward (not timed fused).
+        H = 256 (q/k head dims 129 to 256): untuned and never timed; smaller chunks (64, 32
+        in float32) and [C, 64] value tiles, because the forward and dq/dk/dv kernels hold
+        whole [C, H] rows of q and k (and two [C, H] float32 accumulators) per program.
         """
         del device_kind
+        wide = head_dim is not None and head_dim > 128
+        if wide:
+            f32 = dtype is not None and jnp.dtype(dtype).itemsize > 2
+            return cls(chunk=32 if f32 else 64, block_v=64, num_warps=8, num_warps_bwd=8,
+                       fused_forward=not f32)
         if dtype is not None and jnp.dtype(dtype).itemsize > 2:
             # The dq/dk/dv kernel keeps two [C, H] f32 accumulators and [C, C] tiles live:
             # 8 warps keep them in registers at H = 128.
@@ -283,21 +299,45 @@ def seeded_starts(h0, local, gamma):
     return decayed_state_scan(a, jnp.concatenate([h0[:, :, None], local], axis=2), axis=2)
 
 
-def check_args(q, k, v, log_decay, initial_state, segment_ids, interpret) -> None:
-    """``check_lightning_inputs`` plus the head dims these kernels compile for (the entry
-    points of lightning_chunk and lightning_phases)."""
+def kernel_dims(h: int, hv: int) -> tuple[int, int]:
+    """(H, Hv) the kernels run at: each rounded up to a power of two >= 16 (Triton tiles are
+    powers of two). The entry points zero-pad q, k (H) and v (Hv) to them and slice the
+    padding off again: zero q/k columns add nothing to q.k, zero v columns give zero output
+    and state columns, and a zero-padded state stays zero where it was padded."""
+    return kernel_head_dim(h), kernel_head_dim(hv)
+
+
+def kernel_config(config: LightningConfig | None, h: int, dtype) -> LightningConfig:
+    """``config``, or the default for the q/k head dim ``h`` padded as the kernels run it
+    (Hv is tiled by ``block_v``; H alone sizes the rows a program holds). ``ValueError`` if
+    ``config`` is not a :class:`LightningConfig`."""
+    return check_config(config, LightningConfig, kernel_head_dim(h), dtype)
+
+
+def pad_state(s: jax.Array | None, h: int, hv: int) -> jax.Array | None:
+    """[B, N, H0, Hv0] zero-padded to [B, N, h, hv] (None stays None)."""
+    return None if s is None else pad_head(pad_axis(s, 2, h), hv)
+
+
+def unpad(x: jax.Array, *sizes: int) -> jax.Array:
+    """x with its last ``len(sizes)`` axes cut to ``sizes``; x itself where nothing was
+    padded (no slice at the kernels' own head dims)."""
+    tail = x.shape[x.ndim - len(sizes):]
+    if tuple(tail) == tuple(sizes):
+        return x
+    return x[(Ellipsis, *(slice(0, n) for n in sizes))]
+
+
+def check_args(q, k, v, log_decay, initial_state, segment_ids) -> None:
+    """``check_lightning_inputs`` plus the head dims the kernels take, 1 to ``MAX_HEAD_DIM``
+    (the entry points of lightning_chunk and lightning_phases)."""
     _, _, _, h, hv = check_lightning_inputs(
         q, k, v, log_decay, initial_state, segment_ids, dtypes=SUPPORTED_DTYPES
     )
     for name, dim in (("head_dim H", h), ("value head_dim Hv", hv)):
-        if interpret:
-            if dim < MIN_DIM or dim > MAX_INTERPRET_DIM or dim & (dim - 1):
-                raise ValueError(
-                    f"{name} is {dim}; the lightning kernels take powers of two in "
-                    f"[{MIN_DIM}, {MAX_INTERPRET_DIM}] (pad the head dim)"
-                )
-        elif dim not in GPU_HEAD_DIMS:
+        if not 1 <= dim <= MAX_HEAD_DIM:
             raise ValueError(
-                f"{name} is {dim}; the compiled lightning kernels support {GPU_HEAD_DIMS} "
-                "(pad the head dim, or use the reference implementation)"
+                f"{name} is {dim}; the lightning kernels take head dims from 1 to "
+                f"{MAX_HEAD_DIM} (padded inside to a power of two >= {MIN_DIM}); use "
+                "impl='xla' or 'reference' for larger ones"
             )

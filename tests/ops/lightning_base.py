@@ -148,14 +148,14 @@ def check_case(impl, case: LightningCase, dtype, key, config=None, compiler_opti
 
 def kernel_bad_args(change: Mapping[str, Any]) -> tuple:
     """(q, k, v, log_decay, initial_state, segment_ids) for a kernel wrapper's argument
-    checks: B=1, T=16, N=3, H=16, Hv=16, float32, with ``change`` applied (keys h, dtype,
+    checks: B=1, T=16, N=3, H=16, Hv=16, float32, with ``change`` applied (keys h, hv, dtype,
     dtype_k, v_len, log_decay_shape, state_shape, seg_shape)."""
     b, t, n = 1, 16, 3
     h = change.get("h", 16)
     dtype = change.get("dtype", jnp.float32)
     q = jnp.full((b, t, n, h), 0.5).astype(dtype)
     k = jnp.full((b, t, n, h), 0.25).astype(change.get("dtype_k", dtype))
-    v = jnp.full((b, change.get("v_len", t), n, 16), 0.75).astype(dtype)
+    v = jnp.full((b, change.get("v_len", t), n, change.get("hv", 16)), 0.75).astype(dtype)
     ld = jnp.full(change.get("log_decay_shape", (n,)), -0.1)
     h0 = jnp.zeros(change["state_shape"]) if "state_shape" in change else None
     seg = jnp.zeros(change["seg_shape"], jnp.int32) if "seg_shape" in change else None

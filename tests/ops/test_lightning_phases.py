@@ -76,6 +76,14 @@ def test_triton_phases_interpreted(segment_chunks, key):
     check_phases(CASE, key, "pallas_triton", config, own=True)
 
 
+def test_triton_phases_interpreted_padded_head_dims(key):
+    """H = 20, Hv = 40 (the kernels run at 32 and 64): every phase takes and returns the
+    caller's head dims (summary state, o, the incoming state's cotangent, dq/dk/dv), the
+    incoming state and the outgoing state's cotangent zero-padded inside."""
+    config = dataclasses.replace(FUSED_CPU_CONFIG, segment_chunks=1)
+    check_phases(dataclasses.replace(CASE, h=20, hv=40), key, "pallas_triton", config, own=True)
+
+
 def test_generic_phases_xla(key):
     check_phases(CASE, key, "xla", None, own=False)
 

@@ -14,7 +14,8 @@ import pytest
 
 from attnlab.testing import linear_tolerance
 from pallas_kernels.gpu.lightning_chunk import lightning_attention
-from pallas_kernels.gpu.lightning_common import LightningConfig
+from pallas_kernels.gpu.lightning_common import LightningConfig, kernel_config
+from tests.helpers import primitives_around_kernels
 from tests.ops.lightning_base import (
     LIGHTNING_CASES,
     LightningCase,
@@ -74,8 +75,9 @@ def test_fused_forward_equals_two_phase(segment_chunks, key):
 @pytest.mark.parametrize(
     "change, match",
     [
-        (dict(h=24), "head_dim H is 24"),
-        (dict(h=8), "head_dim H is 8"),
+        (dict(h=264), r"head_dim H is 264; the lightning kernels take head dims from 1 to 256 "
+                      r"\(padded inside to a power of two >= 16\); use impl='xla'"),
+        (dict(hv=257), "value head_dim Hv is 257; the lightning kernels take head dims from 1"),
         (dict(dtype_k=jnp.bfloat16), "must share one dtype"),
         (dict(dtype=jnp.int32), "must share one dtype"),
         (dict(log_decay_shape=(2,)), r"log_decay must be a float array of shape \(3,\)"),
@@ -90,10 +92,61 @@ def test_bad_inputs(change, match):
         lightning_attention(q, k, v, ld, initial_state=h0, segment_ids=seg, interpret=True)
 
 
-def test_compiled_head_dims_are_64_or_128():
-    q = jnp.full((1, 16, 1, 32), 0.5, jnp.bfloat16)
-    with pytest.raises(ValueError, match=r"head_dim H is 32; the compiled lightning kernels"):
-        lightning_attention(q, q, q, jnp.zeros((1,)), interpret=False)
+@pytest.mark.parametrize("h, hv, padded", [(64, 64, False), (128, 64, False), (64, 128, False),
+                                           (32, 16, False), (40, 64, True), (64, 80, True)])
+def test_head_dims_padded_only_off_kernel_dims(h, hv, padded):
+    """The compiled wrapper (traced, not run) pads and slices only head dims the kernels do
+    not run at: no pad, no slice on the 64 / 128 paths (T a whole number of chunks); forward
+    and backward, final state included, come back at the caller's H and Hv."""
+    q = jnp.zeros((1, 32, 2, h), jnp.bfloat16)
+    v = jnp.zeros((1, 32, 2, hv), jnp.bfloat16)
+    h0 = jnp.zeros((1, 2, h, hv), jnp.float32)
+    ld = jnp.zeros((2,))
+
+    def loss(q, k, v, h0):
+        o, s = lightning_attention(q, k, v, ld, initial_state=h0, config=CPU_CONFIG)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s), (o, s)
+
+    fn = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+    prims = primitives_around_kernels(fn, q, q, v, h0)
+    assert ("pad" in prims) == padded and ("slice" in prims) == padded, sorted(prims)
+    grads, (o, s) = jax.eval_shape(fn, q, q, v, h0)
+    assert o.shape == v.shape and s.shape == h0.shape
+    assert [g.shape for g in grads] == [q.shape, q.shape, v.shape, h0.shape]
+
+
+@pytest.mark.parametrize(
+    "h, hv, dtype, kernels",
+    [(192, 128, jnp.bfloat16, ("lightning_fused_fwd", "lightning_dstates", "lightning_bwd")),
+     (96, 80, jnp.float32, ("lightning_states", "lightning_fwd", "lightning_dstates",
+                            "lightning_bwd"))],
+    ids=["bf16_h192_hv128", "f32_h96_hv80"],
+)
+def test_lowers_for_cuda_at_padded_head_dims(h, hv, dtype, kernels):
+    """The compiled kernels at padded head dims (default configs: the fused forward at
+    H = 256, the two-phase one in float32 at 128), forward and backward, lowered to Triton
+    from CPU: block shapes the Pallas Triton lowering accepts. Whether they fit a GPU's
+    shared memory and registers only the ``gpu`` cases below can say."""
+    q = jax.ShapeDtypeStruct((1, 256, 2, h), dtype)
+    v = jax.ShapeDtypeStruct((1, 256, 2, hv), dtype)
+    h0 = jax.ShapeDtypeStruct((1, 2, h, hv), jnp.float32)
+
+    def loss(q, k, v, h0):
+        o, s = lightning_attention(q, k, v, jnp.zeros((2,)), initial_state=h0)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(q, q, v, h0).lower(
+        lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert all(f'name = "{name}"' in text for name in kernels), kernels
+
+
+def test_default_config_follows_padded_head_dim():
+    """The default config is the one of the head dim the kernels run at."""
+    for h, padded in ((40, 64), (64, 64), (80, 128), (96, 128), (192, 256), (5, 16)):
+        for dtype in (jnp.bfloat16, jnp.float32):
+            assert kernel_config(None, h, dtype) == LightningConfig.get_default(padded, dtype)
+    assert kernel_config(CPU_CONFIG, 40, jnp.bfloat16) is CPU_CONFIG
 
 
 @pytest.mark.parametrize(
@@ -120,6 +173,11 @@ def test_config_defaults():
     assert LightningConfig.get_default(128, jnp.bfloat16).fused_forward
     assert LightningConfig.get_default(64, jnp.float16).fused_forward
     assert not LightningConfig.get_default(128, jnp.float32).fused_forward
+    # H = 256 (q/k head dims 129 to 256): narrower chunks, untuned.
+    assert LightningConfig.get_default(256, jnp.bfloat16).chunk == 64
+    assert LightningConfig.get_default(256, jnp.bfloat16).fused_forward
+    assert LightningConfig.get_default(256, jnp.float32).chunk == 32
+    assert not LightningConfig.get_default(256, jnp.float32).fused_forward
 
 
 # ----------------------------------------------------------------------------- GPU (compiled)
@@ -138,6 +196,20 @@ GPU_CASES = [
     pytest.param(LightningCase("gpu_h128_f32", b=1, t=2048, n=2, h=128, hv=128,
                                decays=(0.95, 1.0), initial_state=True),
                  jnp.float32, id="gpu_f32_h128"),
+    # Head dims padded inside the wrappers (80 and 96 run at 128; 192 at 256, whose
+    # untuned config no GPU run had checked when this case was added).
+    pytest.param(LightningCase("gpu_h80", b=1, t=2048, n=4, h=80, hv=80,
+                               decays=(0.3, 0.9, 0.999, 1.0), initial_state=True, segments=4),
+                 jnp.bfloat16, id="gpu_bf16_h80"),
+    pytest.param(LightningCase("gpu_h96_ragged", b=2, t=2000, n=2, h=96, hv=96,
+                               decays=(0.5, 0.99), initial_state=True),
+                 jnp.bfloat16, id="gpu_bf16_h96_ragged"),
+    pytest.param(LightningCase("gpu_h96_f32", b=1, t=2048, n=2, h=96, hv=80,
+                               decays=(0.95, 1.0), initial_state=True, segments=3),
+                 jnp.float32, id="gpu_f32_h96_hv80"),
+    pytest.param(LightningCase("gpu_h192_hv128", b=1, t=2048, n=2, h=192, hv=128,
+                               decays=(0.9, 1.0), initial_state=True),
+                 jnp.bfloat16, id="gpu_bf16_h192_hv128"),
 ]
 
 
@@ -179,12 +251,12 @@ class TestPallasTritonCompiled:
         """Default config (fused forward for 16-bit inputs, automatic segments)."""
         check_case(IMPL, case, dtype, key, want_values="recurrence")
 
-    @pytest.mark.parametrize("case, dtype", GPU_CASES[:2])
+    @pytest.mark.parametrize("case, dtype", [*GPU_CASES[:2], GPU_CASES[4]])
     def test_other_forward_matches_recurrence(self, case, dtype, key):
         """The forward the default config does not take (two-phase for 16-bit inputs), values
         and gradients; the default (fused, automatic segments: at T = 4000, H = 64, 8
         segments with a short last one) runs in ``test_matches_recurrence``."""
-        default = LightningConfig.get_default(case.h, dtype)
+        default = kernel_config(None, case.h, dtype)
         config = dataclasses.replace(default, fused_forward=not default.fused_forward)
         check_case(IMPL, case, dtype, key, config, want_values="recurrence")
 
