@@ -22,6 +22,9 @@ sequential ("arbitrary"), the float32 state carried across it in VMEM scratch:
   the initial state's cotangent at the end.
 
 Layout: ``[B, T, N, H]`` is transposed to heads-major ``[B, N, T, H]`` inside the wrapper.
+Head dims: any H and Hv from 1 to 256; the wrapper zero-pads each to a multiple of 8 (the
+sublane count: the [H, Hv] state's rows), in the same copy as the transpose, and slices the
+padding off the output, the final state and the gradients.
 """
 
 from __future__ import annotations
@@ -350,28 +353,43 @@ def _lightning_bwd(t, chunk, scale, interpret, res, cts):
 _lightning.defvjp(_lightning_fwd, _lightning_bwd)
 
 
+def kernel_dims(h: int, hv: int) -> tuple[int, int]:
+    """(H, Hv) the kernels run at: each rounded up to a multiple of 8. Zero q/k columns add
+    nothing to q.k, zero v columns give zero output and state columns."""
+    return round_up(h, NUM_SUBLANES), round_up(hv, NUM_SUBLANES)
+
+
+def _pad(x: jax.Array, widths: dict[int, int]) -> jax.Array:
+    """x zero-padded at the end of each axis in ``widths`` (axis -> length); x if none."""
+    pads = [(0, widths.get(i, d) - d) for i, d in enumerate(x.shape)]
+    return jnp.pad(x, pads) if any(p for _, p in pads) else x
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
 def _lightning_jit(q, k, v, log_decay, initial_state, segment_ids, *, scale, config, interpret):
-    b, t, n, h = q.shape
-    hv = v.shape[-1]
+    b, t, n, h_in = q.shape
+    hv_in = v.shape[-1]
+    h, hv = kernel_dims(h_in, hv_in)
     chunk = min(config.chunk, round_up(t, NUM_SUBLANES))
     tp = round_up(t, chunk)
 
-    def heads_major(x):
-        x = jnp.swapaxes(x, 1, 2)
-        return jnp.pad(x, ((0, 0), (0, 0), (0, tp - t), (0, 0))) if tp > t else x
+    def heads_major(x, width):
+        return _pad(jnp.swapaxes(x, 1, 2), {2: tp, 3: width})
 
     h0 = (
         jnp.zeros((b, n, h, hv), jnp.float32)
         if initial_state is None
-        else initial_state.astype(jnp.float32)
+        else _pad(initial_state.astype(jnp.float32), {2: h, 3: hv})
     )
     rel = None if segment_ids is None else chunk_run_ids(segment_ids, tp, chunk)
     o, ht = _lightning(
-        heads_major(q), heads_major(k), heads_major(v), log_decay.astype(jnp.float32), h0, rel,
-        t, chunk, scale, interpret,
+        heads_major(q, h), heads_major(k, h), heads_major(v, hv),
+        log_decay.astype(jnp.float32), h0, rel, t, chunk, scale, interpret,
     )
-    return jnp.swapaxes(o[:, :, :t], 1, 2), ht
+    o = jnp.swapaxes(o[:, :, :t], 1, 2)
+    if (h, hv) != (h_in, hv_in):
+        o, ht = o[..., :hv_in], ht[:, :, :h_in, :hv_in]
+    return o, ht
 
 
 def lightning_attention(
@@ -390,12 +408,13 @@ def lightning_attention(
 
     Args:
       q, k: [B, T, N, H]; v: [B, T, N, Hv]; one dtype (float32 or bfloat16); H and Hv
-        multiples of 8, at most 256.
+        anything from 1 to 256 (zero-padded inside to multiples of 8).
       log_decay: [N] float, log lambda per head (lambda in (0, 1]); not differentiated.
       initial_state: [B, N, H, Hv] state continued by token 0 (None: zeros).
       segment_ids: [B, T] int packed-document ids; the state resets where the id changes.
       scale: multiplies q.
-      config: :class:`TpuLightningConfig`, default ``TpuLightningConfig.get_default()``.
+      config: :class:`TpuLightningConfig`, default ``TpuLightningConfig.get_default`` (of
+        the padded H).
       interpret: False on a TPU; ``pltpu.InterpretParams()`` to run on CPU.
 
     Returns:
@@ -403,7 +422,7 @@ def lightning_attention(
       q, k, v and initial_state.
 
     Raises:
-      ValueError: inconsistent shapes or dtypes, unsupported head dims.
+      ValueError: inconsistent shapes or dtypes, head dims above 256.
 
     Example:
       >>> o, s = lightning_attention(q, k, v, log_decay, interpret=pltpu.InterpretParams())
@@ -412,12 +431,13 @@ def lightning_attention(
         q, k, v, log_decay, initial_state, segment_ids, dtypes=SUPPORTED_DTYPES
     )
     for name, dim in (("head_dim H", h), ("value head_dim Hv", hv)):
-        if dim % NUM_SUBLANES or dim > MAX_HEAD_DIM:
+        if not 1 <= dim <= MAX_HEAD_DIM:
             raise ValueError(
-                f"{name} is {dim}; the TPU lightning kernels take multiples of {NUM_SUBLANES} "
-                f"up to {MAX_HEAD_DIM} (pad the head dim)"
+                f"{name} is {dim}; the TPU lightning kernels take head dims from 1 to "
+                f"{MAX_HEAD_DIM} (padded inside to multiples of {NUM_SUBLANES}); use "
+                "impl='xla' or 'reference' for larger ones"
             )
-    config = check_config(config, TpuLightningConfig, h, q.dtype)
+    config = check_config(config, TpuLightningConfig, kernel_dims(h, hv)[0], q.dtype)
     return _lightning_jit(
         q, k, v, jnp.asarray(log_decay), initial_state,
         None if segment_ids is None else jnp.asarray(segment_ids),

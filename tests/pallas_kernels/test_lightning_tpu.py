@@ -16,6 +16,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.tpu.lightning_chunk import TpuLightningConfig, lightning_attention
+from tests.helpers import primitives_around_kernels
 from tests.ops.lightning_base import LightningTestBase, kernel_bad_args
 
 INTERPRET = pltpu.InterpretParams()
@@ -37,8 +38,9 @@ def _interpreted(q, k, v, ld, **kw):
 @pytest.mark.parametrize(
     "change, match",
     [
-        (dict(h=12), "head_dim H is 12; the TPU lightning kernels take multiples of 8"),
-        (dict(h=264), "head_dim H is 264"),
+        (dict(h=264), r"head_dim H is 264; the TPU lightning kernels take head dims from 1 to "
+                      r"256 \(padded inside to multiples of 8\); use impl='xla'"),
+        (dict(hv=300), "value head_dim Hv is 300; the TPU lightning kernels take head dims"),
         (dict(dtype=jnp.float16), "must share one dtype out of float32, bfloat16"),
         (dict(dtype_k=jnp.bfloat16), "must share one dtype"),
         (dict(log_decay_shape=(3, 1)), r"log_decay must be a float array of shape \(3,\)"),
@@ -62,3 +64,24 @@ def test_wrong_config_type():
     q = jnp.full((1, 16, 1, 16), 0.5)
     with pytest.raises(ValueError, match="config must be a TpuLightningConfig"):
         _interpreted(q, q, q, jnp.zeros((1,)), config=jax.tree_util.Partial(len))
+
+
+def test_head_dims_padded_only_off_multiples_of_8():
+    """The wrapper pads H and Hv to multiples of 8 inside (in the transpose's copy) and
+    slices them back, forward and backward: no pad, no slice at multiples of 8 (T a whole
+    chunk); shapes come back as given."""
+    for h, hv, padded in ((64, 128, False), (40, 24, False), (12, 5, True)):
+        q = jnp.zeros((1, 16, 2, h))
+        v = jnp.zeros((1, 16, 2, hv))
+        h0 = jnp.zeros((1, 2, h, hv))
+
+        def loss(q, k, v, h0):
+            o, s = _interpreted(q, k, v, jnp.zeros((2,)), initial_state=h0)
+            return jnp.sum(o) + jnp.sum(s), (o, s)
+
+        fn = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+        prims = primitives_around_kernels(fn, q, q, v, h0)
+        assert ("pad" in prims) == padded and ("slice" in prims) == padded, (h, hv)
+        grads, (o, s) = jax.eval_shape(fn, q, q, v, h0)
+        assert o.shape == v.shape and s.shape == h0.shape
+        assert [g.shape for g in grads] == [q.shape, q.shape, v.shape, h0.shape]

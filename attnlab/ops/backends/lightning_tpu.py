@@ -1,6 +1,6 @@
 """Lightning backend ``"pallas_tpu"``: the chunked Mosaic TPU lightning kernels, forward and
 backward (TPU interpret mode on CPU; lowered for TPU, verified in interpret mode, never run
-on a TPU). LASP over them uses
+on a TPU), head dims from 1 to 256 (padded inside the kernels' wrapper). LASP over them uses
 the generic block phases."""
 
 from __future__ import annotations
@@ -9,10 +9,22 @@ from attnlab.ops._registry import Implementation
 from attnlab.ops.backends import tpu_interpret
 from attnlab.ops.lightning import LightningArgs
 from pallas_kernels.tpu.lightning_chunk import (
+    MAX_HEAD_DIM,
     SUPPORTED_DTYPES,
     TpuLightningConfig,
     lightning_attention,
 )
+
+
+def unsupported(q, k, v, a: LightningArgs, plat: str) -> str | None:
+    """None if the TPU kernels compute the call, else why not (head dims above 256)."""
+    h, hv = q.shape[-1], v.shape[-1]
+    if max(h, hv) > MAX_HEAD_DIM:
+        return (
+            f"pallas_tpu takes head dims up to {MAX_HEAD_DIM}, got q/k {h} and v {hv}; use "
+            "impl='xla'"
+        )
+    return None
 
 
 def _fn(q, k, v, a: LightningArgs):
@@ -24,7 +36,7 @@ def _fn(q, k, v, a: LightningArgs):
 
 
 IMPLEMENTATION = Implementation(
-    name="pallas_tpu", fn=_fn, platforms=("tpu", "cpu"), config_cls=TpuLightningConfig,
-    dtypes=SUPPORTED_DTYPES, returns_lse=False,
-    description="Pallas chunked lightning kernels on TPU (Mosaic), fwd + bwd; lowered for TPU "
-    "(v4, v5e, v5p, v6e), verified in interpret mode, never run on a TPU")
+    name="pallas_tpu", fn=_fn, unsupported=unsupported, platforms=("tpu", "cpu"),
+    config_cls=TpuLightningConfig, dtypes=SUPPORTED_DTYPES, returns_lse=False,
+    description="Pallas chunked lightning kernels on TPU (Mosaic), fwd + bwd, head dims 1 to "
+    "256; lowered for TPU (v4, v5e, v5p, v6e), verified in interpret mode, never run on a TPU")
