@@ -63,6 +63,23 @@ class LightningCase:
         return q, k, v, self.decay(), h0, seg
 
 
+# Head dims the kernels pad inside (Triton: to a power of two >= 16, so 40 -> 64, 80 and
+# 96 -> 128, 192 -> 256; TPU: to a multiple of 8, so 5 -> 8, 13 -> 16) and 32, which both take
+# as it is; padded initial states and sliced final states and gradients. Tiny (T = 20: a
+# whole chunk of 16 and a ragged one): the kernels' subclasses run them all interpreted.
+HEAD_DIM_CASES = (
+    LightningCase("dims_32", b=1, t=20, n=2, h=32, hv=32, decays=(0.9, 1.0),
+                  initial_state=True),
+    LightningCase("dims_40", b=1, t=20, n=2, h=40, hv=40, initial_state=True, segments=2),
+    LightningCase("dims_80", b=1, t=20, n=1, h=80, hv=80, decays=(0.95,), initial_state=True),
+    LightningCase("dims_96", b=1, t=20, n=1, h=96, hv=96, segments=2),
+    LightningCase("dims_192_128", b=1, t=20, n=1, h=192, hv=128, decays=(0.9,),
+                  initial_state=True),
+    LightningCase("dims_40_80", b=1, t=20, n=2, h=40, hv=80, decays=(0.5, 1.0),
+                  initial_state=True, segments=2),
+    LightningCase("dims_5_13", b=1, t=20, n=2, h=5, hv=13, initial_state=True),
+)
+
 # lambda = 1.0 (plain linear attention) is in every case but "minimax"; T = 40 and 37 with
 # chunks of 16 leave a ragged last chunk (padding must leave the state alone).
 LIGHTNING_CASES = (
@@ -80,7 +97,10 @@ LIGHTNING_CASES = (
                   segments=3),
     LightningCase("plain_t48", b=1, t=48, hv=32, decays=(0.05, 0.9, 1.0)),
     LightningCase("plain_t24", b=1, t=24, n=2, decays=(0.8, 1.0)),
+    *HEAD_DIM_CASES,
 )
+# The names of HEAD_DIM_CASES, for a subclass's DTYPES.
+HEAD_DIM_NAMES = tuple(c.name for c in HEAD_DIM_CASES)
 
 
 def assert_close_rel(got, want, rtol: float, name: str) -> None:
@@ -166,11 +186,13 @@ class LightningTestBase(ImplTestBase):
     """Every shared lightning case, for the implementation named by ``IMPL``.
 
     Class attributes: those of ``ImplTestBase``; CASES and DTYPES (dtype name -> names of the
-    cases run in that dtype, None: all of ``CASES``).
+    cases run in that dtype, None: all of ``CASES``); MAX_HEAD_DIM (the largest H and Hv the
+    implementation takes, refused above with ``NotImplementedError``; None: any).
     """
 
     CASES: ClassVar[tuple[LightningCase, ...]] = LIGHTNING_CASES
     DTYPES: ClassVar[Mapping[str, tuple[str, ...] | None]] = {"float32": None}
+    MAX_HEAD_DIM: ClassVar[int | None] = None
 
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
         if {"case", "dtype"} <= set(metafunc.fixturenames):
@@ -234,6 +256,45 @@ class LightningTestBase(ImplTestBase):
         tol = linear_tolerance(jnp.float32).values
         assert_close_rel(got, want, tol, "prefill+decode")
         assert_close_rel(state, want_s, tol, "state")
+
+    def test_state_round_trip_at_padded_head_dims(self, key):
+        """H = 20, Hv = 13 (padded inside the kernels, Triton and TPU alike): prefill, decode
+        two tokens with ``lightning_decode`` from the prefill's [B, N, 20, 13] state, then the
+        rest with that state as ``initial_state``; outputs and the final state as one call."""
+        case = LightningCase("rt", t=30, n=2, h=20, hv=13, decays=(0.6, 0.95))
+        q, k, v, decay, _, _ = case.inputs(key)
+        want, want_s = L.reference(q, k, v, decay=decay, return_state=True)
+
+        def run(q, k, v):
+            o1, state = self.call(q[:, :17], k[:, :17], v[:, :17], decay, return_state=True)
+            o2, state = L.lightning_decode(q[:, 17:19], k[:, 17:19], v[:, 17:19], state, decay)
+            o3, state = self.call(q[:, 19:], k[:, 19:], v[:, 19:], decay, initial_state=state,
+                                  return_state=True)
+            return jnp.concatenate([o1, o2, o3], axis=1), state
+
+        got, state = jax.jit(run, compiler_options=self.options)(q, k, v)
+        assert got.shape == want.shape and state.shape == (2, 2, 20, 13)
+        tol = linear_tolerance(jnp.float32).values
+        assert_close_rel(got, want, tol, "o")
+        assert_close_rel(state, want_s, tol, "state")
+
+    def test_head_dims_above_the_limit(self, key):
+        """Above ``MAX_HEAD_DIM`` (a kernel's 256) the implementation refuses by name;
+        without one (xla) it computes H = 264 and Hv = 300 like the reference."""
+        case = LightningCase("big", b=1, t=8, n=1, h=264, hv=300, decays=(0.9,))
+        q, k, v, decay, _, _ = case.inputs(key)
+        if self.MAX_HEAD_DIM is not None:
+            with pytest.raises(NotImplementedError, match=(
+                    rf"{self.IMPL} takes head dims up to {self.MAX_HEAD_DIM}, got q/k 264 "
+                    r"and v 300; use impl='xla'")):
+                self.call(q, k, v, decay)
+            assert "takes head dims up to" in L.explain(q, k, v, decay=decay)[self.IMPL]
+            return
+        o, s = jax.jit(lambda q, k, v: self.call(q, k, v, decay, return_state=True))(q, k, v)
+        want, want_s = L.reference(q, k, v, decay=decay, return_state=True)
+        tol = linear_tolerance(jnp.float32).values
+        assert_close_rel(o, want, tol, "o")
+        assert_close_rel(s, want_s, tol, "state")
 
     def test_traced_decay_and_vmap(self, key):
         """vmap over the batch with the decay a traced argument (as in a model's parameters)."""

@@ -17,7 +17,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.tpu.lightning_chunk import TpuLightningConfig, lightning_attention
 from tests.helpers import primitives_around_kernels
-from tests.ops.lightning_base import LightningTestBase, kernel_bad_args
+from tests.ops.lightning_base import HEAD_DIM_NAMES, LightningTestBase, kernel_bad_args
 
 INTERPRET = pltpu.InterpretParams()
 
@@ -27,8 +27,10 @@ class TestPallasTpuInterpreted(LightningTestBase):
     # A sublane-sized chunk so the tiny sequences still span several chunks, the last ragged.
     CONFIG = TpuLightningConfig(chunk=16)
     INTERPRET = True
-    # lambda in {0.05, 0.9, 1.0}, state, three documents, T = 40; bf16 without either, T = 24.
-    DTYPES = {"float32": ("state_segments",), "bfloat16": ("plain_t24",)}
+    # lambda in {0.05, 0.9, 1.0}, state, three documents, T = 40; bf16 without either, T = 24;
+    # the tiny head-dim cases (5 / 13 padded to 8 / 16 inside; the others multiples of 8).
+    DTYPES = {"float32": ("state_segments", *HEAD_DIM_NAMES), "bfloat16": ("plain_t24",)}
+    MAX_HEAD_DIM = 256
 
 
 def _interpreted(q, k, v, ld, **kw):

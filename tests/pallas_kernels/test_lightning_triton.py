@@ -17,6 +17,7 @@ from pallas_kernels.gpu.lightning_chunk import lightning_attention
 from pallas_kernels.gpu.lightning_common import LightningConfig, kernel_config
 from tests.helpers import primitives_around_kernels
 from tests.ops.lightning_base import (
+    HEAD_DIM_NAMES,
     LIGHTNING_CASES,
     LightningCase,
     LightningTestBase,
@@ -33,13 +34,16 @@ FUSED_CPU_CONFIG = dataclasses.replace(CPU_CONFIG, fused_forward=True)
 
 
 class TestPallasTritonInterpreted(LightningTestBase):
-    """Interpreted: ~20 s a case with gradients on the shared CPU, hence two grid cases that
-    cover it between them (state / none, documents / none, float32 / bfloat16)."""
+    """Interpreted: ~10 s a case with gradients on the shared CPU, hence two of the general
+    grid cases that cover it between them (state / none, documents / none, float32 /
+    bfloat16), and the tiny head-dim cases (padded inside: 40, 80, 96, 192 / 128, 40 / 80,
+    5 / 13; and 32 as it is)."""
 
     IMPL = IMPL
     CONFIG = CPU_CONFIG
     INTERPRET = True
-    DTYPES = {"float32": ("state_segments_h32",), "bfloat16": ("plain_t48",)}
+    DTYPES = {"float32": ("state_segments_h32", *HEAD_DIM_NAMES), "bfloat16": ("plain_t48",)}
+    MAX_HEAD_DIM = 256
 
 
 def _case(name: str) -> LightningCase:
