@@ -39,6 +39,17 @@ def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+def pad_axis(x: jax.Array, axis: int, length: int, mode: str = "constant") -> jax.Array:
+    """``x`` padded at the end of ``axis`` to ``length`` (zeros, or ``mode="edge"`` repeating
+    the last value); ``x`` itself, no copy, when it is that long already."""
+    pad = length - x.shape[axis]
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths, mode=mode)
+
+
 def tile_logits(
     a: jax.Array, b: jax.Array, *, scale: float, soft_cap: float | None
 ) -> tuple[jax.Array, jax.Array]:
@@ -98,18 +109,28 @@ def clamp_block(j: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
     return jnp.minimum(jnp.maximum(j, lo), jnp.maximum(hi - 1, 0))
 
 
+def head_of(i: jax.Array, group: int) -> jax.Array:
+    """The head that query head (or query group) ``i`` reads when ``group`` consecutive ones
+    share it: ``i // group``, as a truncating division (``i`` is a non-negative grid index;
+    floor division would lower to sign and remainder arithmetic), and ``i`` itself when
+    ``group`` is 1."""
+    return i if group == 1 else lax.div(i, jnp.int32(group))
+
+
 def q_row_specs(
-    g: int, nq: int, per_batch: bool, bq: int, bkv: int, segmented: bool
-) -> tuple[Any, Any, list[pl.BlockSpec | None]]:
+    gk: int, gv: int, nq: int, per_batch: bool, bq: int, bkv: int, segmented: bool
+) -> tuple[Any, Any, Any, list[pl.BlockSpec | None]]:
     """Index maps of a kernel over grid (B, N, q blocks, kv blocks) with scalar prefetch
     (kind, kv_lo, kv_hi), whose kv steps are clamped into [kv_lo, kv_hi) of their q block
     (the forward and dQ kernels).
 
-    g: the GQA group size; nq: q blocks; per_batch: the metadata has a row per batch (segment
-    ids). Returns (q_map, kv_map, mask_specs): q_map for [B, N, T_pad, .] blocks of bq rows,
-    kv_map for [B, K, S_pad, .] blocks of bkv keys, and the specs of the mask inputs (q_pos
-    [T_pad, NUM_LANES], kv_pos [1, S_pad], q_seg [B, T_pad, NUM_LANES], kv_seg [B, 1, S_pad]),
-    the segment specs None unless ``segmented``.
+    gk, gv: query heads per key head and per value head (query head n reads key head
+    ``n // gk`` and value head ``n // gv``); nq: q blocks; per_batch: the metadata has a row
+    per batch (segment ids). Returns (q_map, k_map, v_map, mask_specs): q_map for
+    [B, N, T_pad, .] blocks of bq rows, k_map / v_map for [B, Kk, S_pad, H] / [B, Kv, S_pad, Hv]
+    blocks of bkv keys, and the specs of the mask inputs (q_pos [T_pad, NUM_LANES], kv_pos
+    [1, S_pad], q_seg [B, T_pad, NUM_LANES], kv_seg [B, 1, S_pad]), the segment specs None
+    unless ``segmented``.
     """
 
     def kv_j(bi, i, j, lo_ref, hi_ref):
@@ -119,16 +140,19 @@ def q_row_specs(
     def q_map(bi, ni, i, j, kind_ref, lo_ref, hi_ref):
         return bi, ni, i, 0
 
-    def kv_map(bi, ni, i, j, kind_ref, lo_ref, hi_ref):
-        return bi, ni // g, kv_j(bi, i, j, lo_ref, hi_ref), 0
+    def k_map(bi, ni, i, j, kind_ref, lo_ref, hi_ref):
+        return bi, head_of(ni, gk), kv_j(bi, i, j, lo_ref, hi_ref), 0
+
+    def v_map(bi, ni, i, j, kind_ref, lo_ref, hi_ref):
+        return bi, head_of(ni, gv), kv_j(bi, i, j, lo_ref, hi_ref), 0
 
     mask_specs = [
         pl.BlockSpec((bq, NUM_LANES), lambda bi, ni, i, j, *_: (i, 0)),
         pl.BlockSpec((1, bkv), lambda bi, ni, i, j, kd, lo, hi: (0, kv_j(bi, i, j, lo, hi))),
     ]
     if not segmented:
-        return q_map, kv_map, [*mask_specs, None, None]
-    return q_map, kv_map, [
+        return q_map, k_map, v_map, [*mask_specs, None, None]
+    return q_map, k_map, v_map, [
         *mask_specs,
         pl.BlockSpec((None, bq, NUM_LANES), lambda bi, ni, i, j, *_: (bi, i, 0)),
         pl.BlockSpec(

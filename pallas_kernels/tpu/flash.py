@@ -8,9 +8,13 @@ each generation from CPU (``tests/pallas_kernels/test_tpu_lowering.py``). They h
 compiled by Mosaic (its layout and VMEM passes run on a TPU) nor timed.
 
 Layout: the public ``[B, T, N, H]`` arrays are transposed inside the wrapper to heads-major
-``[B, N, T, H]`` (K/V ``[B, K, S, H]``), and sequence lengths are padded up to a whole number
-of blocks (padded keys are masked, padded query rows are sliced off). GQA/MQA never repeats
-K/V: the index map sends query head ``n`` to KV head ``n // G``.
+``[B, N, T, H]`` (K ``[B, Kk, S, H]``, V ``[B, Kv, S, Hv]``), and sequence lengths are padded
+up to a whole number of blocks (padded keys are masked, padded query rows are sliced off).
+Head dims need no padding: a block spans the whole head dim, which the TPU tiling rule
+accepts whatever its size, and Mosaic's matmul masks the lanes past it. K/V heads are never
+repeated: the index maps send query head ``n`` to key head ``n // (N / Kk)`` and value head
+``n // (N / Kv)`` (GQA/MQA, or separate key and value head counts); the value head dim Hv
+may differ from H (MLA).
 
 Masks are data: :func:`pallas_kernels.common.masks.block_metadata` classifies every
 (query block, key block) tile as EMPTY, PARTIAL or FULL from the positions and segment ids;
@@ -51,6 +55,7 @@ from pallas_kernels.tpu._common import (
     NUM_SUBLANES,
     ROW_SEMANTICS,
     compiler_params,
+    pad_axis,
     q_row_specs,
     ref_tile_mask,
     round_up,
@@ -115,34 +120,25 @@ def _fit(block: int, length: int) -> int:
     return min(block, round_up(length, NUM_SUBLANES))
 
 
-def _pad(x: jax.Array, axis: int, length: int, mode: str = "constant") -> jax.Array:
-    pad = length - x.shape[axis]
-    if pad == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(x, widths, mode=mode)
-
-
 def _heads_major(x: jax.Array, length: int) -> jax.Array:
     """[B, T, N, H] -> [B, N, T_pad, H], zero-padded along T."""
-    return _pad(jnp.swapaxes(x, 1, 2), 2, length)
+    return pad_axis(jnp.swapaxes(x, 1, 2), 2, length)
 
 
 def _lane_column(x: jax.Array, length: int) -> jax.Array:
     """[..., T] int -> [..., T_pad, NUM_LANES]: one value per sublane row, repeated on lanes."""
-    x = _pad(x, x.ndim - 1, length, mode="edge")
+    x = pad_axis(x, x.ndim - 1, length, mode="edge")
     return jnp.broadcast_to(x[..., None], (*x.shape, NUM_LANES))
 
 
 def _sublane_row(x: jax.Array, length: int) -> jax.Array:
     """[..., T] -> [..., 1, T_pad]: values along lanes."""
-    return _pad(x, x.ndim - 1, length, mode="edge")[..., None, :]
+    return pad_axis(x, x.ndim - 1, length, mode="edge")[..., None, :]
 
 
 def _row_bnt(x: jax.Array, length: int) -> jax.Array:
     """[B, T, N] f32 -> [B, N, 1, T_pad] (zero-padded)."""
-    return _pad(jnp.swapaxes(x, 1, 2), 2, length)[:, :, None, :]
+    return pad_axis(jnp.swapaxes(x, 1, 2), 2, length)[:, :, None, :]
 
 
 def _metadata(spec: MaskSpec, q_pos: jax.Array, kv_pos: jax.Array, q_seg: jax.Array | None,
@@ -255,19 +251,20 @@ def _forward(
 ) -> tuple[jax.Array, ...]:
     """(out [B, T, N, Hv], lse [B, T, N]) and, with ``return_entropy``, entropy [B, T, N]."""
     b, t, n, h = q.shape
-    s, kh, hv = k.shape[1], k.shape[2], v.shape[3]
-    g = n // kh
+    s, hv = k.shape[1], v.shape[3]
     bq, bkv = _fit(config.block_q, t), _fit(config.block_kv, s)
     t_pad, s_pad = round_up(t, bq), round_up(s, bkv)
     nq, nk = t_pad // bq, s_pad // bkv
     per_batch = q_seg is not None
     md = _metadata(spec, q_pos, kv_pos, q_seg, kv_seg, block_q=bq, block_kv=bkv)
 
-    q_map, kv_map, mask_specs = q_row_specs(g, nq, per_batch, bq, bkv, q_seg is not None)
+    q_map, k_map, v_map, mask_specs = q_row_specs(
+        n // k.shape[2], n // v.shape[2], nq, per_batch, bq, bkv, q_seg is not None
+    )
     in_specs = [
         pl.BlockSpec((None, None, bq, h), q_map),
-        pl.BlockSpec((None, None, bkv, h), kv_map),
-        pl.BlockSpec((None, None, bkv, hv), kv_map),
+        pl.BlockSpec((None, None, bkv, h), k_map),
+        pl.BlockSpec((None, None, bkv, hv), v_map),
         *mask_specs,
     ]
     q_seg_c = kv_seg_r = None
@@ -419,8 +416,9 @@ def flash_attention(
 
     Args:
       q: [B, T, N, H] queries, float32 or bfloat16.
-      k: [B, S, K, H] keys; N must be a multiple of K (GQA/MQA).
-      v: [B, S, K, Hv] values.
+      k: [B, S, Kk, H] keys; v: [B, S, Kv, Hv] values. N must be a multiple of Kk and of Kv:
+        query head n reads key head n // (N / Kk) and value head n // (N / Kv). Any head
+        dims H, Hv >= 1.
       q_positions: [T] int32 global query positions; kv_positions: [S] int32.
       q_segment_ids, kv_segment_ids: [B, T] / [B, S] int32 packed-document ids, or both None.
       spec: the static mask (causal, window).

@@ -17,7 +17,10 @@ With the entropy output (``entropy=(dH, c)`` rows, c = lse - H) its cotangent ad
 unchanged.
 
 The dQ kernel walks a query block's key blocks as its reduction axis; the dK/dV kernel walks
-the query blocks of every query head of a KV head group (GQA/MQA), so K/V are never repeated.
+the query blocks of every query head of a query group: a KV head's group (GQA/MQA), or with
+separate key and value head counts Kk != Kv one of the lcm(Kk, Kv) groups that read one key
+head and one value head, whose float32 dK/dV are summed per head afterwards. K/V are never
+repeated.
 It works in the transposed orientation (keys on sublanes, queries on lanes), so no tile is
 transposed inside the kernel.
 
@@ -29,6 +32,7 @@ The tile helpers shared with the forward, decode and lightning kernels are in
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -45,6 +49,7 @@ from pallas_kernels.tpu._common import (
     ROW_SEMANTICS,
     clamp_block,
     compiler_params,
+    head_of,
     q_row_specs,
     ref_tile_mask,
     tile_logits,
@@ -60,16 +65,16 @@ def soft_cap_grad(dz: jax.Array, raw: jax.Array, soft_cap: float | None) -> jax.
 
 
 def _grad_in_specs(
-    q_map: Any, kv_map: Any, row_map: Any, block_q: int, block_kv: int, h: int, hv: int,
-    entropy: Any,
+    q_map: Any, k_map: Any, v_map: Any, row_map: Any, block_q: int, block_kv: int, h: int,
+    hv: int, entropy: Any,
 ) -> list[Any]:
     """Block specs of (q, k, v, dO, lse, delta, dH, c), the inputs both backward kernels take
     alike (the row terms [B, N, 1, T_pad]; dH and c are None without entropy)."""
     row = pl.BlockSpec((None, None, 1, block_q), row_map)
     return [
         pl.BlockSpec((None, None, block_q, h), q_map),
-        pl.BlockSpec((None, None, block_kv, h), kv_map),
-        pl.BlockSpec((None, None, block_kv, hv), kv_map),
+        pl.BlockSpec((None, None, block_kv, h), k_map),
+        pl.BlockSpec((None, None, block_kv, hv), v_map),
         pl.BlockSpec((None, None, block_q, hv), q_map),
         row,
         row,
@@ -151,8 +156,8 @@ def _dq_kernel(
 
 def flash_dq(
     q: jax.Array,  # [B, N, T_pad, H]
-    k: jax.Array,  # [B, K, S_pad, H]
-    v: jax.Array,  # [B, K, S_pad, Hv]
+    k: jax.Array,  # [B, Kk, S_pad, H]
+    v: jax.Array,  # [B, Kv, S_pad, Hv]
     do: jax.Array,  # [B, N, T_pad, Hv]
     lse: jax.Array,  # [B, N, 1, T_pad] f32
     delta: jax.Array,  # [B, N, 1, T_pad] f32
@@ -174,17 +179,19 @@ def flash_dq(
 ) -> jax.Array:
     """dQ [B, N, T_pad, H] in q's dtype, in kernel layout (the caller slices off padding)."""
     b, n, t_pad, h = q.shape
-    kh, s_pad = k.shape[1], k.shape[2]
-    g = n // kh
+    s_pad = k.shape[2]
     nq, nk = t_pad // block_q, s_pad // block_kv
 
-    q_map, kv_map, mask_specs = q_row_specs(g, nq, per_batch, block_q, block_kv, q_seg is not None)
+    q_map, k_map, v_map, mask_specs = q_row_specs(
+        n // k.shape[1], n // v.shape[1], nq, per_batch, block_q, block_kv, q_seg is not None
+    )
 
     def row_map(bi, ni, i, j, kind_ref, lo_ref, hi_ref):
         return bi, ni, 0, i
 
     in_specs = [
-        *_grad_in_specs(q_map, kv_map, row_map, block_q, block_kv, h, v.shape[3], entropy),
+        *_grad_in_specs(q_map, k_map, v_map, row_map, block_q, block_kv, h, v.shape[3],
+                        entropy),
         *mask_specs,
     ]
     kernel = functools.partial(
@@ -285,8 +292,8 @@ def _dkv_kernel(
 
 def flash_dkv(
     q: jax.Array,  # [B, N, T_pad, H]
-    k: jax.Array,  # [B, K, S_pad, H]
-    v: jax.Array,  # [B, K, S_pad, Hv]
+    k: jax.Array,  # [B, Kk, S_pad, H]
+    v: jax.Array,  # [B, Kv, S_pad, Hv]
     do: jax.Array,  # [B, N, T_pad, Hv]
     lse: jax.Array,  # [B, N, 1, T_pad] f32
     delta: jax.Array,  # [B, N, 1, T_pad] f32
@@ -306,35 +313,46 @@ def flash_dkv(
     interpret: Any,
     entropy: tuple[jax.Array, jax.Array] | None = None,  # ([B, N, 1, T_pad] f32 dH, c)
 ) -> tuple[jax.Array, jax.Array]:
-    """(dK [B, K, S_pad, H], dV [B, K, S_pad, Hv]) in k's / v's dtype, in kernel layout.
+    """(dK [B, Kk, S_pad, H], dV [B, Kv, S_pad, Hv]) in k's / v's dtype, in kernel layout.
 
-    The grid is (B, K, kv blocks, G, q blocks); the last two axes are the reduction, so the
-    G query heads that share a KV head accumulate into one dK/dV block.
+    The grid is (B, Kc, kv blocks, G, q blocks) over the Kc = lcm(Kk, Kv) query groups of
+    G = N / Kc heads (each group reads one key head and one value head); the last two axes
+    are the reduction, so a group's G query heads accumulate into one dK/dV block. With
+    Kk == Kv (GQA/MQA) the groups are the KV heads and the kernel writes dK/dV directly; else
+    it writes one float32 block per group and the groups that share a key (value) head are
+    summed here.
     """
     b, n, t_pad, h = q.shape
-    kh, s_pad, hv = k.shape[1], k.shape[2], v.shape[3]
-    g = n // kh
+    kk, kv, s_pad, hv = k.shape[1], v.shape[1], k.shape[2], v.shape[3]
+    kc = math.lcm(kk, kv)
+    g, rk, rv = n // kc, kc // kk, kc // kv  # heads per group; groups per k head, per v head
     nq, nk = t_pad // block_q, s_pad // block_kv
 
     def q_i(bi, i, j, q_lo_ref, q_hi_ref):
         r = (bi if per_batch else 0) * nk + j
         return clamp_block(i, q_lo_ref[r], q_hi_ref[r])
 
-    def q_map(bi, ki, j, gi, i, kind_ref, lo_ref, hi_ref):
-        return bi, ki * g + gi, q_i(bi, i, j, lo_ref, hi_ref), 0
+    def q_map(bi, ci, j, gi, i, kind_ref, lo_ref, hi_ref):
+        return bi, ci * g + gi, q_i(bi, i, j, lo_ref, hi_ref), 0
 
-    def row_map(bi, ki, j, gi, i, kind_ref, lo_ref, hi_ref):
-        return bi, ki * g + gi, 0, q_i(bi, i, j, lo_ref, hi_ref)
+    def row_map(bi, ci, j, gi, i, kind_ref, lo_ref, hi_ref):
+        return bi, ci * g + gi, 0, q_i(bi, i, j, lo_ref, hi_ref)
 
-    def kv_map(bi, ki, j, gi, i, *_):
-        return bi, ki, j, 0
+    def k_map(bi, ci, j, gi, i, *_):
+        return bi, head_of(ci, rk), j, 0
 
-    in_specs = _grad_in_specs(q_map, kv_map, row_map, block_q, block_kv, h, hv, entropy)
+    def v_map(bi, ci, j, gi, i, *_):
+        return bi, head_of(ci, rv), j, 0
+
+    def out_map(bi, ci, j, gi, i, *_):
+        return bi, ci, j, 0
+
+    in_specs = _grad_in_specs(q_map, k_map, v_map, row_map, block_q, block_kv, h, hv, entropy)
     in_specs += [
         pl.BlockSpec(
-            (1, block_q), lambda bi, ki, j, gi, i, kd, lo, hi: (0, q_i(bi, i, j, lo, hi))
+            (1, block_q), lambda bi, ci, j, gi, i, kd, lo, hi: (0, q_i(bi, i, j, lo, hi))
         ),
-        pl.BlockSpec((block_kv, NUM_LANES), lambda bi, ki, j, gi, i, *_: (j, 0)),
+        pl.BlockSpec((block_kv, NUM_LANES), lambda bi, ci, j, gi, i, *_: (j, 0)),
     ]
     if q_seg is None:
         in_specs += [None, None]
@@ -342,23 +360,23 @@ def flash_dkv(
         in_specs += [
             pl.BlockSpec(
                 (None, 1, block_q),
-                lambda bi, ki, j, gi, i, kd, lo, hi: (bi, 0, q_i(bi, i, j, lo, hi)),
+                lambda bi, ci, j, gi, i, kd, lo, hi: (bi, 0, q_i(bi, i, j, lo, hi)),
             ),
-            pl.BlockSpec((None, block_kv, NUM_LANES), lambda bi, ki, j, gi, i, *_: (bi, j, 0)),
+            pl.BlockSpec((None, block_kv, NUM_LANES), lambda bi, ci, j, gi, i, *_: (bi, j, 0)),
         ]
     kernel = functools.partial(
         _dkv_kernel, spec=spec, scale=scale, soft_cap=soft_cap, kv_len=kv_len, bkv=block_kv,
         nq=nq, nk=nk, groups=g, per_batch=per_batch,
     )
-    return pl.pallas_call(
+    dk, dv = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3,
-            grid=(b, kh, nk, g, nq),
+            grid=(b, kc, nk, g, nq),
             in_specs=in_specs,
             out_specs=[
-                pl.BlockSpec((None, None, block_kv, h), kv_map),
-                pl.BlockSpec((None, None, block_kv, hv), kv_map),
+                pl.BlockSpec((None, None, block_kv, h), out_map),
+                pl.BlockSpec((None, None, block_kv, hv), out_map),
             ],
             scratch_shapes=[
                 pltpu.VMEM((block_kv, h), jnp.float32),
@@ -366,10 +384,17 @@ def flash_dkv(
             ],
         ),
         out_shape=[
-            jax.ShapeDtypeStruct(k.shape, k.dtype),
-            jax.ShapeDtypeStruct(v.shape, v.dtype),
+            jax.ShapeDtypeStruct((b, kc, s_pad, h), k.dtype if rk == 1 else jnp.float32),
+            jax.ShapeDtypeStruct((b, kc, s_pad, hv), v.dtype if rv == 1 else jnp.float32),
         ],
         compiler_params=compiler_params(("parallel",) * 3 + ("arbitrary",) * 2, interpret),
         interpret=interpret,
         name="attnlab_tpu_flash_dkv",
     )(*meta, q, k, v, do, lse, delta, *(entropy or (None, None)), q_pos, kv_pos, q_seg, kv_seg)
+    return _fold_groups(dk, kk).astype(k.dtype), _fold_groups(dv, kv).astype(v.dtype)
+
+
+def _fold_groups(dx: jax.Array, heads: int) -> jax.Array:
+    """[B, Kc, S, D] per-query-group gradients summed to ``heads`` heads (a no-op if equal)."""
+    b, kc, s, d = dx.shape
+    return dx if kc == heads else dx.reshape(b, heads, kc // heads, s, d).sum(2)

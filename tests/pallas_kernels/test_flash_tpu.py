@@ -1,6 +1,7 @@
 """``impl="pallas_tpu"`` (the Mosaic TPU flash attention kernel): the shared cases of
 ``tests/ops/attention_base.py`` in TPU interpret mode, plus the kernel's own tests (EMPTY /
-FULL tile skipping, the kernel's entropy flag, Hv != H, TPU block-size rules).
+FULL tile skipping, the kernel's entropy flag, key and value head counts that do not divide
+each other, TPU block-size rules, Mosaic lowering at the grid's head dims).
 
 Everything here runs in TPU interpret mode on CPU: no TPU is available to the project, so
 this file is the only check of the kernels' arithmetic (``test_tpu_lowering.py`` lowers them
@@ -14,12 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 from attnlab.ops import attention, explain
 from attnlab.ops.masks import EMPTY, FULL, MaskSpec, SegmentIds, block_metadata
 from attnlab.testing import cases
 from pallas_kernels.tpu.flash import TpuFlashConfig, flash_attention
-from tests.helpers import fwd_tol, lse_tol, random_qkv, random_segments
+from tests.helpers import random_qkv, random_segments
 from tests.ops.attention_base import FAST_COMPILE, AttentionTestBase, check_against_reference
 from tests.ops.attention_grad_base import AttentionBwdTestBase
 
@@ -38,23 +40,33 @@ TILE_CONFIG = TpuFlashConfig(
 
 class TestPallasTpuInterpreted(AttentionTestBase):
     """The shared grid in TPU interpret mode: every case in float32; bfloat16 and the entropy
-    on a few cases (interpret mode is slow). The kernel takes no float16."""
+    on a few cases (interpret mode is slow), among them separate key / value head counts and
+    head dims (H 192 over Hv 128). The kernel takes no float16."""
 
     IMPL = "pallas_tpu"
     CONFIG = GRID_CONFIG
     INTERPRET = True
-    DTYPES = {"float32": None, "bfloat16": ("causal_mqa", "segments")}
-    ENTROPY = {"float32": ("causal_mqa", "segments", "softcap", "all_masked_rows")}
+    DTYPES = {
+        "float32": None,
+        "bfloat16": ("causal_mqa", "segments", "kv_heads_differ", "mla_dims"),
+    }
+    ENTROPY = {
+        "float32": ("causal_mqa", "segments", "softcap", "all_masked_rows", "kv_heads_differ"),
+    }
 
 
 class TestPallasTpuBwdInterpreted(AttentionBwdTestBase):
     """attention_bwd (one key block's share of the gradient, as the ring backward uses it)
-    through the backward kernels, on a causal, a packed-documents and a no-key-rows case."""
+    through the backward kernels, on a causal, a packed-documents and a no-key-rows case, and
+    with head dims and head counts of their own (H 80; H 192 over Hv 128; 1 key head and 2
+    value heads)."""
 
     IMPL = "pallas_tpu"
     CONFIG = GRID_CONFIG
     INTERPRET = True
-    CASES = cases("causal", "segments", "all_masked_rows")
+    CASES = cases(
+        "causal", "segments", "all_masked_rows", "head_dim_80", "mla_dims", "kv_heads_differ"
+    )
 
 
 @pytest.mark.parametrize(
@@ -109,21 +121,17 @@ def test_kernel_entropy_flag(key):
     assert (np.asarray(ent[:, 9:]) > 0).all()
 
 
-def test_kernel_value_head_dim_differs(key):
-    """The kernel itself handles Hv != H (the registry still declines it)."""
-    q, k, _ = random_qkv(key, 1, 24, 40, 2, 2, 32)
-    v = jax.random.normal(jax.random.fold_in(key, 1), (1, 40, 2, 16))
-    out, lse = jax.jit(
-        lambda q, k, v: flash_attention(
-            q, k, v, jnp.arange(24), jnp.arange(40), spec=MaskSpec(causal=True), scale=0.2,
-            config=GRID_CONFIG, interpret=True,
-        )
-    )(q, k, v)
-    want_out, want_lse = attention(
-        q, k, v, is_causal=True, scale=0.2, impl="reference", return_residuals=True
-    )
-    np.testing.assert_allclose(out, want_out, atol=fwd_tol(jnp.float32), rtol=0)
-    np.testing.assert_allclose(lse, want_lse, atol=lse_tol(jnp.float32), rtol=0)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_key_and_value_head_counts_not_dividing_each_other(dtype, key):
+    """6 query heads over 2 key heads and 3 value heads: each of the lcm = 6 query groups
+    reads its own (key, value) head pair, and the dK/dV kernel's per-group float32 results are
+    summed per head (3 groups per key head, 2 per value head). Odd head dims (H 20, Hv 3),
+    values and gradients against the reference."""
+    k1, k2 = jax.random.split(key)
+    q, k, _ = random_qkv(k1, 1, 24, 40, 6, 2, 20, dtype)
+    v = jax.random.normal(k2, (1, 40, 3, 3)).astype(dtype)
+    check_against_reference("pallas_tpu", q, k, v, {"is_causal": True, "kv_offset": -8},
+                            GRID_CONFIG, FAST_COMPILE)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -147,14 +155,60 @@ def test_unsupported_calls_say_why(key):
     q, k, v = random_qkv(key, 1, 8, 8, 2, 2, 32)
     for plat in ("tpu", "cpu"):
         assert explain(q, k, v, impl_names=("pallas_tpu",), plat=plat)["pallas_tpu"] is None
+    # Value head dims, key / value head counts and head dims of their own are taken.
+    q40, k40, v24 = random_qkv(key, 1, 8, 8, 4, 1, 40, hv=24, vh=2)
+    assert explain(q40, k40, v24, impl_names=("pallas_tpu",), plat="tpu")["pallas_tpu"] is None
     why = explain(q, k, v, impl_names=("pallas_tpu",), plat="gpu")["pallas_tpu"]
     assert "runs on TPU (or interpreted on CPU), not on gpu" in why
     with pytest.raises(NotImplementedError, match=r"float32 or bfloat16 inputs, got float16"):
         attention(*(x.astype(jnp.float16) for x in (q, k, v)), impl="pallas_tpu")
-    v16 = v[..., :16]
-    with pytest.raises(NotImplementedError, match=r"v head dim to equal the q head dim"):
-        attention(q, k, v16, impl="pallas_tpu")
+    with pytest.raises(NotImplementedError, match=r"the TPU kernel takes no logits bias"):
+        attention(q, k, v, bias=jnp.zeros((1, 2, 8, 8)), impl="pallas_tpu")
     with pytest.raises(ValueError, match=r"config must be a TpuFlashConfig"):
         flash_attention(
             q, k, v, jnp.arange(8), jnp.arange(8), spec=MaskSpec(), scale=1.0, config=object()
         )
+
+
+# ----------------------------------------------------------------------------- TPU lowering
+
+# (H, Hv, Kk, Kv): the head dims the TPU tiling rule might refuse (80, 96; 192 over 128; 40
+# over 80; 1) and key / value head counts of their own.
+LOWERING_DIMS = [
+    pytest.param((80, 80, 2, 2), id="H80"),
+    pytest.param((96, 96, 2, 2), id="H96"),
+    pytest.param((192, 128, 2, 2), id="H192-Hv128"),
+    pytest.param((40, 80, 2, 4), id="H40-Hv80-Kk2-Kv4"),
+    pytest.param((128, 128, 3, 2), id="H128-Kk3-Kv2"),
+    pytest.param((1, 1, 1, 2), id="H1-Kk1-Kv2"),
+]
+
+
+def tpu_mesh(device_kind: str = "TPU v5 lite") -> AbstractMesh:
+    """A one-device abstract mesh of ``device_kind`` TPUs: Pallas lowers for its generation."""
+    device = AbstractDevice(device_kind=device_kind, num_cores=1, platform="tpu")
+    return AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,), abstract_device=device)
+
+
+@pytest.mark.parametrize("dims", LOWERING_DIMS)
+def test_kernels_lower_for_tpu_at_new_head_dims(dims):
+    """Forward, dQ and dK/dV kernels (interpret off) lowered for TPU v5e from CPU, bfloat16:
+    Pallas's Mosaic lowering checks every block shape against the (8, 128) tiling rule (head
+    dims are whole blocks, so no padding). Lowering does not compile: Mosaic's own layout
+    passes run only where a TPU compiles the module."""
+    h, hv, kk, kv = dims
+    b, t, s, n = 2, 256, 1024, 12
+    args = [jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+            for shape in ((b, t, n, h), (b, s, kk, h), (b, s, kv, hv))]
+
+    def loss(q, k, v):
+        out, lse = flash_attention(q, k, v, jnp.arange(t) + s - t, jnp.arange(s),
+                                   spec=MaskSpec(causal=True), scale=0.1, interpret=False)
+        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
+
+    with jax.sharding.use_abstract_mesh(tpu_mesh()):
+        lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(
+            lowering_platforms=("tpu",))
+    text = lowered.as_text()
+    for name in ("attnlab_tpu_flash_fwd", "attnlab_tpu_flash_dq", "attnlab_tpu_flash_dkv"):
+        assert f'kernel_name = "{name}"' in text, name

@@ -24,11 +24,6 @@ def unsupported(q, k, v, a: AttentionArgs, plat: str) -> str | None:
     """None if the TPU kernels compute the call on ``plat``, else why not."""
     if a.bias is not None:
         return "the TPU kernel takes no logits bias; use impl='xla' or 'reference' for a bias"
-    if v.shape[-1] != q.shape[-1]:
-        return (
-            f"the TPU kernel needs the v head dim to equal the q head dim, got "
-            f"{v.shape[-1]} and {q.shape[-1]}"
-        )
     return None
 
 
