@@ -6,15 +6,23 @@ TPU is available to the project: the kernel is run on CPU through
 lowering is run from CPU for each generation (``tests/pallas_kernels/test_tpu_lowering.py``).
 It has never been compiled for or timed on a real TPU.
 
-Layout, chosen so the K/V cache is never copied: the public ``[B, S, K, H]`` cache is viewed
-(a free reshape) as ``[B, S, K * H]``, and one kv head's tile is the block
-``[block_kv, H]`` at column block ``kh``: its last two dims are (a multiple of 8, H), legal on
-TPU when H is a multiple of 128 (or K == 1, where H is the full last dim). The DMA engine does
-the strided gather. The G = N / K query heads of a kv head and its T queries are packed into
-the ``G * T`` rows of one query tile (padded to a multiple of 8), so each K/V tile is read once
-for all of them.
+Layout, chosen so the K/V cache is not copied: the public ``[B, S, K, H]`` cache is viewed
+(a free reshape) as ``[B, S, K * H]``, and one kv head's tile is the block ``[block_kv, H]`` at
+column block ``kh``: its last two dims are (a multiple of 8, H), legal on TPU when H is a
+multiple of 128 (or K == 1, where H is the full last dim). The DMA engine does the strided
+gather. A cache whose head dim breaks that rule (K > 1 and H not a multiple of 128) is
+zero-padded to the next multiple of 128 inside the wrapper, a copy of the cache on every call
+(see :func:`cache_head_dim`): zero key columns (q padded alike) change no logit, zero value
+columns give output columns that are sliced off. Keys and values are laid out separately, so
+each pads only if its own head count and dim need it.
 
-Grid ``(B, K, P, tiles_per_split)``: P splits of the key axis (parallel) and the tiles of a
+Query heads are packed by query group: Kc = lcm(Kk, Kv) groups of G = N / Kc heads, each
+reading one key head and one value head (Kc = K for GQA/MQA; query head n reads key head
+n // (N / Kk) and value head n // (N / Kv)). A group's G heads and its T queries are the
+``G * T`` rows of one query tile (padded to a multiple of 8), so each K/V tile is read once
+for all of them (once per group that reads it when Kk != Kv).
+
+Grid ``(B, Kc, P, tiles_per_split)``: P splits of the key axis (parallel) and the tiles of a
 split (the reduction, last). Per-sequence lengths arrive by scalar prefetch (SMEM); the
 index map clamps the key block into the range a sequence can see (its length, and its window
 if any), so tiles past a sequence's end issue no DMA and are skipped by ``pl.when``. Each
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -43,6 +52,8 @@ from pallas_kernels.tpu._common import (
     NUM_SUBLANES,
     clamp_block,
     compiler_params,
+    head_of,
+    pad_axis,
     round_up,
     tile_logits,
 )
@@ -88,15 +99,12 @@ class TpuDecodeConfig:
         return cls()
 
 
-def unsupported_shape(kv_shape: tuple[int, ...]) -> str | None:
-    """Why a [B, S, K, H] cache cannot be tiled legally on TPU, or None if it can."""
-    kh, h = kv_shape[2], kv_shape[3]
-    if kh > 1 and h % NUM_LANES:
-        return (
-            f"the TPU decode kernel reads [block_kv, H] tiles of the [B, S, K*H] cache, so H "
-            f"must be a multiple of {NUM_LANES} (the lane width) when K > 1; got H={h}, K={kh}"
-        )
-    return None
+def cache_head_dim(heads: int, dim: int) -> int:
+    """The head dim a [B, S, heads, dim] cache is read at: ``dim`` where a [block_kv, dim]
+    tile of its [B, S, heads * dim] view is legal on TPU (one head, or ``dim`` a multiple of
+    128, the lane width), else ``dim`` rounded up to a multiple of 128 (the wrapper zero-pads
+    the cache, a copy per call)."""
+    return dim if heads == 1 or dim % NUM_LANES == 0 else round_up(dim, NUM_LANES)
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -104,15 +112,15 @@ def unsupported_shape(kv_shape: tuple[int, ...]) -> str | None:
 
 def _decode_kernel(
     len_ref,  # [B] int32 (SMEM, scalar prefetch): valid cache length per sequence
-    q_ref,  # [Rp, H] query rows of one (batch, kv head); row r = (t, g), t-major
+    q_ref,  # [Rp, H] query rows of one (batch, query group); row r = (t, g), t-major
     row_t_ref,  # [Rp, NUM_LANES] int32: query index t of each row, lane-broadcast
-    k_ref,  # [bkv, H] key tile of kv head kh
-    v_ref,  # [bkv, H] value tile of kv head kh
-    o_ref,  # [Rp, H] f32 out: this split's output, normalized within the split
+    k_ref,  # [bkv, H] key tile of the group's key head
+    v_ref,  # [bkv, Hv] value tile of the group's value head
+    o_ref,  # [Rp, Hv] f32 out: this split's output, normalized within the split
     lse_ref,  # [Rp, NUM_LANES] f32 out: this split's LSE (-inf: saw no key), lane-broadcast
     m_ref,  # [Rp, NUM_LANES] f32 scratch: running row max
     l_ref,  # [Rp, NUM_LANES] f32 scratch: running row sum of exp
-    acc_ref,  # [Rp, H] f32 scratch: unnormalized output
+    acc_ref,  # [Rp, Hv] f32 scratch: unnormalized output
     *,
     spec: MaskSpec,
     scale: float,
@@ -177,9 +185,11 @@ def _decode_kernel(
     jax.jit, static_argnames=("spec", "scale", "soft_cap", "config", "interpret")
 )
 def _partials(q, k, v, kv_lengths, *, spec, scale, soft_cap, config, interpret):
-    b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    g = n // kh
+    b, t, n, h_in = q.shape
+    s, kk, kv, hv_in = k.shape[1], k.shape[2], v.shape[2], v.shape[3]
+    kc = math.lcm(kk, kv)
+    g, rk, rv = n // kc, kc // kk, kc // kv  # heads per group; groups per k head, per v head
+    h, hv = cache_head_dim(kk, h_in), cache_head_dim(kv, hv_in)
     rows = g * t
     rp = round_up(rows, NUM_SUBLANES)
     bkv = min(config.block_kv, round_up(s, NUM_SUBLANES))
@@ -187,28 +197,35 @@ def _partials(q, k, v, kv_lengths, *, spec, scale, soft_cap, config, interpret):
     tiles_per_split = max(1, min(config.keys_per_split // bkv, n_tiles))
     p = -(-n_tiles // tiles_per_split)
 
-    # [B, T, K, G, H] -> [B, K, T*G, H] (t-major rows), padded to Rp rows: a small copy of q.
-    q_rows = jnp.swapaxes(q.reshape(b, t, kh, g, h), 1, 2).reshape(b, kh, rows, h)
-    q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rp - rows), (0, 0)))
+    # [B, T, Kc, G, H] -> [B, Kc, T*G, H] (t-major rows), padded to Rp rows (and to the key
+    # cache's head dim): a small copy of q.
+    q_rows = jnp.swapaxes(q.reshape(b, t, kc, g, h_in), 1, 2).reshape(b, kc, rows, h_in)
+    q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rp - rows), (0, h - h_in)))
     row_t = jnp.minimum(jnp.arange(rp, dtype=jnp.int32) // g, t - 1)
     row_t = jnp.broadcast_to(row_t[:, None], (rp, NUM_LANES))
-    # A free view: kv head kh is the column block kh of width H.
-    k2 = k.reshape(b, s, kh * h)
-    v2 = v.reshape(b, s, kh * h)
+    # Views (no copy unless a head dim is padded): head c is the column block c of width H.
+    k2 = pad_axis(k, 3, h).reshape(b, s, kk * h)
+    v2 = pad_axis(v, 3, hv).reshape(b, s, kv * hv)
 
-    def kv_map(bi, hi_, si, i, len_ref):
+    def kv_block(bi, si, i, len_ref):
         length = len_ref[bi]
         hi_blk = lax.div(jnp.minimum(length, s) + bkv - 1, bkv)
         lo_blk = jnp.int32(0)
         if spec.window_left is not None:
             lo_blk = lax.div(jnp.maximum(length - t - spec.window_left, 0), bkv)
-        return bi, clamp_block(si * tiles_per_split + i, lo_blk, hi_blk), hi_
+        return clamp_block(si * tiles_per_split + i, lo_blk, hi_blk)
 
-    def row_map(bi, hi_, si, i, len_ref):
-        return bi, hi_, 0, 0
+    def k_map(bi, ci, si, i, len_ref):
+        return bi, kv_block(bi, si, i, len_ref), head_of(ci, rk)
 
-    def out_map(bi, hi_, si, i, len_ref):
-        return si, bi, hi_, 0, 0
+    def v_map(bi, ci, si, i, len_ref):
+        return bi, kv_block(bi, si, i, len_ref), head_of(ci, rv)
+
+    def row_map(bi, ci, si, i, len_ref):
+        return bi, ci, 0, 0
+
+    def out_map(bi, ci, si, i, len_ref):
+        return si, bi, ci, 0, 0
 
     kernel = functools.partial(
         _decode_kernel, spec=spec, scale=scale, soft_cap=soft_cap, t=t, s=s, bkv=bkv,
@@ -218,34 +235,35 @@ def _partials(q, k, v, kv_lengths, *, spec, scale, soft_cap, config, interpret):
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
-            grid=(b, kh, p, tiles_per_split),
+            grid=(b, kc, p, tiles_per_split),
             in_specs=[
                 pl.BlockSpec((None, None, rp, h), row_map),
                 pl.BlockSpec((rp, NUM_LANES), lambda *_: (0, 0)),
-                pl.BlockSpec((None, bkv, h), kv_map),
-                pl.BlockSpec((None, bkv, h), kv_map),
+                pl.BlockSpec((None, bkv, h), k_map),
+                pl.BlockSpec((None, bkv, hv), v_map),
             ],
             out_specs=[
-                pl.BlockSpec((None, None, None, rp, h), out_map),
+                pl.BlockSpec((None, None, None, rp, hv), out_map),
                 pl.BlockSpec((None, None, None, rp, NUM_LANES), out_map),
             ],
             scratch_shapes=[
                 pltpu.VMEM((rp, NUM_LANES), jnp.float32),
                 pltpu.VMEM((rp, NUM_LANES), jnp.float32),
-                pltpu.VMEM((rp, h), jnp.float32),
+                pltpu.VMEM((rp, hv), jnp.float32),
             ],
         ),
         out_shape=[
-            jax.ShapeDtypeStruct((p, b, kh, rp, h), jnp.float32),
-            jax.ShapeDtypeStruct((p, b, kh, rp, NUM_LANES), jnp.float32),
+            jax.ShapeDtypeStruct((p, b, kc, rp, hv), jnp.float32),
+            jax.ShapeDtypeStruct((p, b, kc, rp, NUM_LANES), jnp.float32),
         ],
         compiler_params=compiler_params(DECODE_SEMANTICS, interpret),
         interpret=interpret,
         name="attnlab_tpu_decode_splitk",
     )(kv_lengths, q_rows, row_t, k2, v2)
-    # [P, B, K, T*G, ...] -> [P, B, T, N, ...]
-    o = jnp.swapaxes(o[:, :, :, :rows].reshape(p, b, kh, t, g, h), 2, 3).reshape(p, b, t, n, h)
-    lse = lse[:, :, :, :rows, 0].reshape(p, b, kh, t, g)
+    # [P, B, Kc, T*G, ...] -> [P, B, T, N, ...]
+    o = o[:, :, :, :rows, :hv_in].reshape(p, b, kc, t, g, hv_in)
+    o = jnp.swapaxes(o, 2, 3).reshape(p, b, t, n, hv_in)
+    lse = lse[:, :, :, :rows, 0].reshape(p, b, kc, t, g)
     lse = jnp.swapaxes(lse, 2, 3).reshape(p, b, t, n)
     return o, lse
 
@@ -264,8 +282,11 @@ def decode_partials(
 
     Args:
       q: [B, T, N, H] the last T tokens' queries of each sequence (float32 or bfloat16).
-      k: [B, S, K, H] key cache; v: [B, S, K, H] value cache; N a multiple of K. H must be a
-        multiple of 128 unless K == 1.
+      k: [B, S, Kk, H] key cache; v: [B, S, Kv, Hv] value cache; N a multiple of Kk and of Kv
+        (query head n reads key head n // (N / Kk), value head n // (N / Kv)). Any H, Hv >= 1;
+        read in place when its head count is 1 or its dim a multiple of 128, else
+        zero-padded to a multiple of 128 inside (a copy of that cache per call; see
+        :func:`cache_head_dim`).
       kv_lengths: [B] int32 valid cache length per sequence (None: all S). Query t of
         sequence b sits at position kv_lengths[b] - T + t.
       spec: the static position mask; decode uses causal, optionally with a left window.
@@ -275,20 +296,17 @@ def decode_partials(
         the default one) for TPU interpret mode on CPU, the only mode verified so far.
 
     Returns:
-      (o_parts [P, B, T, N, H] float32, lse_parts [P, B, T, N] float32): per split of the key
+      (o_parts [P, B, T, N, Hv] float32, lse_parts [P, B, T, N] float32): per split of the key
       axis, the output normalized within the split and its natural-log LSE (-inf, output 0,
       where the row sees no key in the split). Combine with ``attnlab.ops.merge_n``.
 
     Raises:
-      ValueError: inconsistent shapes, dtypes, kv_lengths, or a cache that cannot be tiled.
+      ValueError: inconsistent shapes, dtypes or kv_lengths.
 
     Example:
       >>> o_parts, lse_parts = decode_partials(q, k, v, lengths, scale=0.125, interpret=True)
     """
     lengths = check_decode_inputs(q, k, v, kv_lengths, dtypes=SUPPORTED_DTYPES)
-    why = unsupported_shape(k.shape)
-    if why is not None:
-        raise ValueError(why)
     config = check_config(config, TpuDecodeConfig)
     if interpret is True:
         interpret = pltpu.InterpretParams()

@@ -6,22 +6,13 @@ from __future__ import annotations
 
 from attnlab.ops._registry import Implementation
 from attnlab.ops.backends import tpu_interpret
-from attnlab.ops.decode import DecodeArgs, forward_only
-from pallas_kernels.tpu.decode import (
-    SUPPORTED_DTYPES,
-    TpuDecodeConfig,
-    decode_partials,
-    unsupported_shape,
-)
+from attnlab.ops.decode import forward_only
+from pallas_kernels.tpu.decode import SUPPORTED_DTYPES, TpuDecodeConfig, decode_partials
 
-
-def unsupported(q, k, v, a: DecodeArgs, plat: str) -> str | None:
-    """None if the TPU decode kernel takes the cache's shape, else why not."""
-    return unsupported_shape(k.shape)
-
-
+# No ``unsupported``: the kernel takes every head count and head dim the op does (a cache
+# whose [B, S, K*H] view a TPU cannot tile is zero-padded inside its wrapper).
 IMPLEMENTATION = Implementation(
-    name="pallas_tpu", fn=forward_only(decode_partials, tpu_interpret), unsupported=unsupported,
+    name="pallas_tpu", fn=forward_only(decode_partials, tpu_interpret),
     platforms=("tpu", "cpu"), dtypes=SUPPORTED_DTYPES, config_cls=TpuDecodeConfig,
     description="Mosaic TPU Pallas split-K decode kernel, lengths by scalar prefetch; forward "
     "only; lowered for TPU (v4, v5e, v5p, v6e), verified in interpret mode, never run on a TPU")
