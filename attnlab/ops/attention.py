@@ -193,8 +193,8 @@ def attention(
       k: [B, S, Kk, H] keys; N must be a multiple of Kk (GQA/MQA, never repeated in memory).
       v: [B, S, Kv, Hv] values; N must be a multiple of Kv. Query head i reads key head
         i // (N // Kk) and value head i // (N // Kv); Hv may differ from H (e.g. MLA's 192
-        query/key and 128 value dims). Any head dims >= 1 (kernels take up to 256 and pad
-        internally).
+        query/key and 128 value dims). Any head dims >= 1 (pallas_triton takes up to 256 and
+        pads internally; pallas_tpu reads whole head dims and needs no padding).
       bias: optional additive logits bias, shape broadcastable as [B|1, N|1, T|1, S|1].
       is_causal: query at position p sees keys at positions <= p.
       local_window_size: int w or (left, right): query at p sees keys in [p - left, p + right].

@@ -185,9 +185,10 @@ def decode_attention(
       q: [B, T, N, H] queries of each sequence's last T tokens, 1 <= T <= 64.
       k: [B, S, Kk, H] key cache; N must be a multiple of Kk (GQA/MQA, never repeated).
       v: [B, S, Kv, Hv] value cache; N a multiple of Kv. Query head i reads key head
-        i // (N // Kk) and value head i // (N // Kv). Any head dims >= 1 (the kernels take
-        up to 256; dims that are not a power of two >= 16 are zero-padded per call, which
-        copies the cache: keep such caches padded if decode speed matters).
+        i // (N // Kk) and value head i // (N // Kv). Any head dims >= 1 (pallas_triton
+        takes up to 256 and zero-pads dims that are not a power of two >= 16; pallas_tpu
+        zero-pads a cache of more than one head whose dim is not a multiple of 128; either
+        pad copies the cache per call: keep such caches padded if decode speed matters).
       kv_lengths: [B] integer valid cache length per sequence, in [0, S] (None: all S).
         Query t of sequence b sits at position kv_lengths[b] - T + t and sees cache entries
         j < kv_lengths[b] with j <= its position (causal).
