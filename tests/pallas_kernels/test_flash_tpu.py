@@ -15,13 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 from attnlab.ops import attention, explain
 from attnlab.ops.masks import EMPTY, FULL, MaskSpec, SegmentIds, block_metadata
 from attnlab.testing import cases
 from pallas_kernels.tpu.flash import TpuFlashConfig, flash_attention
 from tests.helpers import random_qkv, random_segments
+from tests.lowering import TPU_KINDS, kernels, lower_for_tpu, tpu_mesh
 from tests.ops.attention_base import FAST_COMPILE, AttentionTestBase, check_against_reference
 from tests.ops.attention_grad_base import AttentionBwdTestBase
 
@@ -184,18 +184,13 @@ LOWERING_DIMS = [
 ]
 
 
-def tpu_mesh(device_kind: str = "TPU v5 lite") -> AbstractMesh:
-    """A one-device abstract mesh of ``device_kind`` TPUs: Pallas lowers for its generation."""
-    device = AbstractDevice(device_kind=device_kind, num_cores=1, platform="tpu")
-    return AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,), abstract_device=device)
-
-
 @pytest.mark.parametrize("dims", LOWERING_DIMS)
 def test_kernels_lower_for_tpu_at_new_head_dims(dims):
-    """Forward, dQ and dK/dV kernels (interpret off) lowered for TPU v5e from CPU, bfloat16:
-    Pallas's Mosaic lowering checks every block shape against the (8, 128) tiling rule (head
-    dims are whole blocks, so no padding). Lowering does not compile: Mosaic's own layout
-    passes run only where a TPU compiles the module."""
+    """Forward, dQ and dK/dV kernels (interpret off) lowered for TPU v5e from CPU, bfloat16,
+    at dims and head counts beyond the grid's (``test_tpu_lowering.py`` lowers the grid on
+    every generation): Pallas's Mosaic lowering checks every block shape against the (8, 128)
+    tiling rule (head dims are whole blocks, so no padding). Lowering does not compile:
+    Mosaic's own layout passes run only where a TPU compiles the module."""
     h, hv, kk, kv = dims
     b, t, s, n = 2, 256, 1024, 12
     args = [jax.ShapeDtypeStruct(shape, jnp.bfloat16)
@@ -206,9 +201,8 @@ def test_kernels_lower_for_tpu_at_new_head_dims(dims):
                                    spec=MaskSpec(causal=True), scale=0.1, interpret=False)
         return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
 
-    with jax.sharding.use_abstract_mesh(tpu_mesh()):
-        lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(
-            lowering_platforms=("tpu",))
-    text = lowered.as_text()
-    for name in ("attnlab_tpu_flash_fwd", "attnlab_tpu_flash_dq", "attnlab_tpu_flash_dkv"):
-        assert f'kernel_name = "{name}"' in text, name
+    text = lower_for_tpu(jax.grad(loss, argnums=(0, 1, 2)), *args,
+                         mesh=tpu_mesh(TPU_KINDS["v5e"]))
+    assert kernels(text) == {
+        "attnlab_tpu_flash_fwd": 1, "attnlab_tpu_flash_dq": 1, "attnlab_tpu_flash_dkv": 1
+    }

@@ -239,20 +239,8 @@ def decode_fwd(config: Any = None, **kwargs: Any) -> Callable[..., Any]:
     return fwd
 
 
-# The TPU decode adapter neither refuses nor handles values whose head count or head dim
-# differ from the keys' (it views v as [B, S, K*H]); the interpret tests fail the same way.
-_V_SHAPE_GAP = pytest.mark.xfail(
-    strict=True, raises=TypeError,
-    reason="pallas_tpu decode takes v of k's shape only but does not refuse others: the "
-    "wrapper's reshape of v to [B, S, K*H] raises TypeError")
-DECODE_TEST_CASES = [
-    pytest.param(c, id=c.name, marks=_V_SHAPE_GAP if c.name == "kv_heads_differ_h40" else ())
-    for c in DECODE_CASES
-]
-
-
 @KINDS
-@pytest.mark.parametrize("case", DECODE_TEST_CASES)
+@pytest.mark.parametrize("case", DECODE_CASES, ids=repr)
 def test_decode_test_shapes(case, kind):
     """The shared decode cases, float32 with the interpret tests' tiles and bfloat16 with the
     default ones."""
@@ -286,15 +274,13 @@ def test_decode_realistic(shape, kind):
     assert_lowers(kind, decode_fwd(**kwargs), args, DECODE)
 
 
-def test_decode_h64_gqa_is_refused_and_auto_takes_xla():
-    """The decode kernel's one shape limit (H < 128 with K > 1: a [block_kv, H] tile of the
-    [B, S, K*H] cache is not lane-aligned) is a refusal, not a lowering failure; "auto"
-    then lowers the XLA path."""
+def test_decode_h64_gqa_lowers_through_the_padded_cache():
+    """H < 128 with K > 1 (a [block_kv, H] tile of the [B, S, K*H] cache is not lane-aligned):
+    the wrapper zero-pads the cache to H = 128, so "auto" takes the kernel and it lowers."""
     q, kv = sds(8, 1, 8, 64), sds(8, 16384, 2, 64)
     with jax.sharding.use_abstract_mesh(tpu_mesh(TPU_KINDS["v5e"])):
-        with pytest.raises(NotImplementedError, match="H must be a multiple of 128"):
-            ops.decode_attention(q, kv, kv, impl="pallas_tpu")
-        assert ops.decode.auto_choice(q, kv, kv) == "xla"
+        assert ops.decode.auto_choice(q, kv, kv) == "pallas_tpu"
+    assert_lowers(TPU_KINDS["v5e"], decode_fwd(), (q, kv, kv, sds(8, dtype=jnp.int32)), DECODE)
 
 
 # ----------------------------------------------------------------------------- lightning
