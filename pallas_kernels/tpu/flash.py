@@ -11,7 +11,9 @@ Layout: the public ``[B, T, N, H]`` arrays are transposed inside the wrapper to 
 ``[B, N, T, H]`` (K ``[B, Kk, S, H]``, V ``[B, Kv, S, Hv]``), and sequence lengths are padded
 up to a whole number of blocks (padded keys are masked, padded query rows are sliced off).
 Head dims need no padding: a block spans the whole head dim, which the TPU tiling rule
-accepts whatever its size, and Mosaic's matmul masks the lanes past it. K/V heads are never
+accepts whatever its size, and every head dim sits on lanes (never sublanes) in every tile
+and matmul; Mosaic's matmul masks the lanes past a short contraction (its layout pass, which
+runs only where a TPU compiles the kernel, never here). K/V heads are never
 repeated: the index maps send query head ``n`` to key head ``n // (N / Kk)`` and value head
 ``n // (N / Kv)`` (GQA/MQA, or separate key and value head counts); the value head dim Hv
 may differ from H (MLA).
