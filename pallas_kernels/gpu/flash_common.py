@@ -141,7 +141,7 @@ def loop_bounds(kind: jax.Array, start: jax.Array, stop: jax.Array) -> jax.Array
     kernels walk without any elementwise mask; the tiles around it are checked one by one.
     """
     n = kind.shape[-1]
-    idx = jnp.arange(n, dtype=jnp.int32)
+    idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), kind.shape)  # strict rank promotion
     is_full = kind == FULL
     last_break = lax.cummax(jnp.where(is_full, -1, idx), axis=kind.ndim - 1)
     run_len = jnp.where(is_full, idx - last_break, 0)
