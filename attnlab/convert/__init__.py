@@ -6,6 +6,14 @@ Nothing in attnlab imports this package (only the CLI, experiments and tests); i
 
 from attnlab.convert._params import build_model, model_params
 from attnlab.convert.gqa_to_mla import check_gqa, exact_config, gqa_to_mla, repeat_matrices
+from attnlab.convert.transmla import (
+    ConversionError,
+    calibrate,
+    conversion_error,
+    rorope_basis,
+    transmla,
+)
 
-__all__ = ["build_model", "check_gqa", "exact_config", "gqa_to_mla", "model_params",
-           "repeat_matrices"]
+__all__ = ["ConversionError", "build_model", "calibrate", "check_gqa", "conversion_error",
+           "exact_config", "gqa_to_mla", "model_params", "repeat_matrices", "rorope_basis",
+           "transmla"]
