@@ -155,3 +155,20 @@ def test_per_head_rope_wider_than_the_head_is_refused():
     with pytest.raises(ValueError, match="rotates rope_dim=4 dims of each head but "
                                          "qk_nope_head_dim=2"):
         MultiHeadLatentAttention(cfg, layer_idx=0, rngs=nnx.Rngs(0))
+
+
+def test_per_head_sequence_parallel_equals_local(key):
+    """The per-head mode under a ring over 4 simulated devices: the local forward's output."""
+    from attnlab.train.mesh import batch_sharding, make_mesh, model_parallel
+
+    cfg = Config(**PER_HEAD)
+    mesh = make_mesh(2, data=1, sp=4)
+    local = MultiHeadLatentAttention(cfg, layer_idx=0, rngs=nnx.Rngs(5))
+    sharded = MultiHeadLatentAttention(cfg, layer_idx=0, rngs=nnx.Rngs(5),
+                                       parallel=model_parallel(mesh, "ring", impl="xla"))
+    rng = _rng(key)
+    x = jnp.asarray(rng.normal(size=(2, 32, 32)), jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(32), (2, 32))
+    put = lambda a: jax.device_put(a, batch_sharding(mesh))  # noqa: E731
+    got = nnx.jit(lambda m, x, p: m(x, positions=p)[0])(sharded, put(x), put(pos))
+    np.testing.assert_allclose(got, local(x, positions=pos)[0], atol=1e-5)
