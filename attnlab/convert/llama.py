@@ -44,7 +44,8 @@ REQUIRED_FIELDS = ("hidden_size", "num_attention_heads", "intermediate_size",
                    "num_hidden_layers", "vocab_size")
 # Fields that would change the function, and the only values attnlab's Llama reads.
 _FIXED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-          "rope_scaling": None, "partial_rotary_factor": 1.0}
+          "rope_scaling": None, "partial_rotary_factor": 1.0, "sliding_window": None}
+_MODEL_TYPES = ("llama", "mistral")
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -52,8 +53,9 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
     Raises:
       ValueError: no such directory or file; a required field missing (the message names
-        it); a field value attnlab's Llama does not compute (rope_scaling, biases, another
-        activation); heads that do not divide.
+        it); a model_type other than llama / mistral; a field value attnlab's Llama does not
+        compute (rope_scaling, biases, a sliding window, another activation); heads that do
+        not divide.
     """
     path = Path(path)
     file = path / CONFIG_FILE
@@ -65,6 +67,9 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if missing:
         raise ValueError(f"{file} lacks the field(s) {missing}; a Llama config needs "
                          f"{list(REQUIRED_FIELDS)}")
+    if hf.get("model_type", "llama") not in _MODEL_TYPES:
+        raise ValueError(f"{file}: model_type={hf['model_type']!r} is not a Llama-layout "
+                         f"architecture attnlab loads; expected one of {list(_MODEL_TYPES)}")
     for field, allowed in _FIXED.items():
         if hf.get(field, allowed) != allowed:
             raise ValueError(f"{file}: {field}={hf[field]!r} is not supported; attnlab's Llama "
@@ -129,8 +134,14 @@ def params_from_llama(hf: Mapping[str, Any], weights: Mapping[str, np.ndarray]
     """attnlab parameter names (see :func:`attnlab.convert.model_params`) of Llama tensors.
 
     Raises:
-      ValueError: a tensor missing (the message names it).
+      ValueError: a tensor missing (the message names it); bias tensors (Qwen-style layers
+        would load silently wrong without them).
     """
+    biases = sorted(name for name in weights if name.endswith(".bias"))
+    if biases:
+        raise ValueError(f"the checkpoint has bias tensors ({biases[:3]}, ...), which a Llama "
+                         "layer does not have; convert a bias-free checkpoint")
+
     def get(name: str) -> np.ndarray:
         if name not in weights:
             raise ValueError(f"the checkpoint has no tensor {name!r}")

@@ -99,12 +99,22 @@ def _edit_config(path, **changes):
          "hidden_size=64 is not divisible by num_attention_heads=5"),
         (dict(num_hidden_layers=3), "the checkpoint has no tensor "
                                     "'model.layers.2.input_layernorm.weight'"),
+        (dict(model_type="qwen2"), "model_type='qwen2' is not a Llama-layout architecture"),
     ],
 )
 def test_bad_checkpoints(edit, match, tmp_path):
     write_random_llama(tmp_path)
     _edit_config(tmp_path, **edit)
     with pytest.raises(ValueError, match=match):
+        load_llama(tmp_path)
+
+
+def test_bias_tensors_are_refused(tmp_path):
+    write_random_llama(tmp_path)
+    w = load_file(tmp_path / "model.safetensors")
+    w["model.layers.0.self_attn.q_proj.bias"] = np.zeros(64, np.float32)
+    save_file(w, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="the checkpoint has bias tensors"):
         load_llama(tmp_path)
 
 
