@@ -54,6 +54,21 @@ def _latent_impl(impl: str) -> str:
     return impl if impl in {"auto", "pallas", *mla.implementations()} else "auto"
 
 
+def _write_latent(cache: Cache, latent: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Writes the T new latents [B, T, W] at each row's length: (cache [B, L, W], length,
+    length + T). Raises ValueError when T > L."""
+    t, max_len = latent.shape[1], cache["latent"].shape[1]
+    if t > max_len:
+        raise ValueError(
+            f"{t} new tokens do not fit a cache of max_len={max_len}; make the cache "
+            "longer (init_caches(model, batch_size, max_len))"
+        )
+    length = cache["length"]
+    write = jax.vmap(lambda c, new, at: jax.lax.dynamic_update_slice_in_dim(c, new, at, 0))
+    lat = write(cache["latent"], latent.astype(cache["latent"].dtype), length)
+    return lat, length, length + t
+
+
 def _softmax_decode_impl(impl: str) -> str:
     """The decode op's impl for a model's ``attention_impl`` (per_head mode; others: auto)."""
     return impl if impl in {"auto", "pallas", *decode_implementations()} else "auto"
@@ -193,17 +208,8 @@ class MultiHeadLatentAttention(nnx.Module):
 
     def _cached(self, q_nope, q_rope, latent, w_uk, w_uv, cache: Cache):
         cfg = self.cfg
-        b, t = q_nope.shape[:2]
-        max_len = cache["latent"].shape[1]
-        if t > max_len:
-            raise ValueError(
-                f"{t} new tokens do not fit a cache of max_len={max_len}; make the cache "
-                "longer (init_caches(model, batch_size, max_len))"
-            )
-        length = cache["length"]
-        write = jax.vmap(lambda c, new, at: jax.lax.dynamic_update_slice_in_dim(c, new, at, 0))
-        lat = write(cache["latent"], latent.astype(cache["latent"].dtype), length)
-        new_len = length + t
+        t = q_nope.shape[1]
+        lat, length, new_len = _write_latent(cache, latent)
         w = cfg.local_window_size
         dt = lat.dtype
         if t <= MAX_QUERIES:
@@ -245,17 +251,8 @@ class MultiHeadLatentAttention(nnx.Module):
             return self.parallel.layer(self.mechanism_name)(q, k, v, is_causal=True,
                                                             scale=scale, **mask), None
         b, t = q.shape[:2]
-        max_len = cache["latent"].shape[1]
-        if t > max_len:
-            raise ValueError(
-                f"{t} new tokens do not fit a cache of max_len={max_len}; make the cache "
-                "longer (init_caches(model, batch_size, max_len))"
-            )
-        length = cache["length"]
-        write = jax.vmap(lambda c, new, at: jax.lax.dynamic_update_slice_in_dim(c, new, at, 0))
-        lat = write(cache["latent"], c.astype(cache["latent"].dtype), length)
-        new_len = length + t
-        dt = lat.dtype
+        lat, length, new_len = _write_latent(cache, c)
+        dt, max_len = lat.dtype, lat.shape[1]
         slots = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (b, max_len))
         k, v = self._per_head_kv(lat, slots, w_uk.astype(dt), w_uv.astype(dt))
         q = q.astype(dt)
