@@ -1,4 +1,5 @@
-"""The ``attnlab`` command: ``info``, ``bench``, ``demo``, ``train``, ``eval`` and ``generate``.
+"""The ``attnlab`` command: ``info``, ``bench``, ``demo``, ``train``, ``eval``, ``generate``,
+``convert``.
 
     attnlab info [--json]
     attnlab bench attention --shapes 2048,8192 --causal both --passes fwd,fwdbwd --out r.json
@@ -6,14 +7,15 @@
     attnlab train --config tiny --attention hybrid --task mqar --steps 200 --out runs/t
     attnlab eval --ckpt runs/t
     attnlab generate --ckpt runs/t --prompt "def " --max-new-tokens 64 [--temperature 0.8]
+    attnlab convert --from llama_ckpt/ [--rank 256] --out mla/
 
 Also runs as ``python -m attnlab.cli`` (the GPU machine has the repo on PYTHONPATH only).
 One module per subcommand (:mod:`~attnlab.cli.info`, :mod:`~attnlab.cli.bench`,
 :mod:`~attnlab.cli.demo`, :mod:`~attnlab.cli.train`, :mod:`~attnlab.cli.evaluate`,
-:mod:`~attnlab.cli.generate`), each with an ``add_parser(sub)`` that registers its arguments
-and its ``cmd_*(args, parser)``; this module wires them. Heavy imports happen inside the
-subcommands so that ``--help`` and argument errors are quick, and so that ``demo`` can pick
-JAX's platform before any backend starts.
+:mod:`~attnlab.cli.generate`, :mod:`~attnlab.cli.convert`), each with an ``add_parser(sub)``
+that registers its arguments and its ``cmd_*(args, parser)``; this module wires them. Heavy
+imports happen inside the subcommands so that ``--help`` and argument errors are quick, and so
+that ``demo`` can pick JAX's platform before any backend starts.
 """
 
 from __future__ import annotations
@@ -22,19 +24,20 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from attnlab.cli import bench, demo, evaluate, generate, info, train
+from attnlab.cli import bench, convert, demo, evaluate, generate, info, train
 
-SUBCOMMANDS = (info, bench, demo, train, evaluate, generate)
+SUBCOMMANDS = (info, bench, demo, train, evaluate, generate, convert)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``attnlab`` command."""
     p = argparse.ArgumentParser(
         prog="attnlab",
-        description="attnlab: attention in JAX (info, bench, demo, train, eval, generate)",
+        description="attnlab: attention in JAX (info, bench, demo, train, eval, generate, "
+                    "convert)",
     )
     sub = p.add_subparsers(dest="command", required=True,
-                           metavar="{info,bench,demo,train,eval,generate}")
+                           metavar="{info,bench,demo,train,eval,generate,convert}")
     for module in SUBCOMMANDS:
         module.add_parser(sub)
     return p

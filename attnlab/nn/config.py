@@ -44,6 +44,11 @@ class Config:
       qk_nope_head_dim: MLA per-head no-RoPE query/key dim d_n (default head_dim).
       v_head_dim: MLA per-head value dim d_v (default head_dim).
       q_lora_rank: MLA low-rank query rank, or None for a full-rank query projection.
+      mla_rope: where MLA applies RoPE. ``"decoupled"`` (DeepSeek): a shared rotated key k_R
+        of qk_rope_head_dim dims beside the latent, absorbable at decode. ``"per_head"``
+        (TransMLA's exact GQA form): RoPE on the first ``rope_dim`` dims of each head's
+        up-projected query and key, so qk_rope_head_dim is 0 (its default in this mode) and
+        decoding materializes K/V from the latent cache (correct, not absorbed).
     """
 
     vocab_size: int = 256
@@ -69,6 +74,7 @@ class Config:
     qk_nope_head_dim: int | None = None
     v_head_dim: int | None = None
     q_lora_rank: int | None = None
+    mla_rope: str = "decoupled"
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -85,14 +91,30 @@ class Config:
             set_("mlp_dim", -(-(8 * self.d_model // 3) // 64) * 64)
         if self.layer_pattern is None:
             set_("layer_pattern", "S" * self.num_layers)
+        if self.mla_rope not in ("decoupled", "per_head"):
+            raise ValueError(
+                f"mla_rope={self.mla_rope!r} is not an MLA RoPE placement; choose 'decoupled' "
+                "(shared k_R, absorbed decode) or 'per_head' (RoPE on each head's up-projected "
+                "key, TransMLA's exact form of GQA)"
+            )
+        per_head = self.mla_rope == "per_head"
+        if per_head and self.qk_rope_head_dim is None:
+            set_("qk_rope_head_dim", 0)
+        if per_head and self.qk_rope_head_dim != 0:
+            raise ValueError(
+                f"qk_rope_head_dim={self.qk_rope_head_dim} must be 0 with mla_rope='per_head' "
+                "(RoPE sits on each head's first rope_dim dims, there is no decoupled k_R); "
+                "leave it unset or use mla_rope='decoupled'"
+            )
         for name, default in (("kv_lora_rank", 4 * self.head_dim),
                               ("qk_rope_head_dim", 2 * max(1, self.head_dim // 4)),
                               ("qk_nope_head_dim", self.head_dim), ("v_head_dim", self.head_dim)):
             if getattr(self, name) is None:
                 set_(name, default)
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "mlp_dim", "max_seq_len", "kv_lora_rank", "qk_rope_head_dim",
-                     "qk_nope_head_dim", "v_head_dim"):
+                     "head_dim", "mlp_dim", "max_seq_len", "kv_lora_rank",
+                     *(() if per_head else ("qk_rope_head_dim",)), "qk_nope_head_dim",
+                     "v_head_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
         if self.num_heads % self.num_kv_heads:

@@ -12,6 +12,16 @@ The cache holds only ``[c ; k_R]``: d_c + d_R values per token per layer (a GQA 
 2 K H). Training and prefill materialize per-head K/V and run softmax attention (sequence
 parallel through the ``"mla"`` rule of ``sharding/mla.py``); decoding (T <= 64 new tokens)
 attends in latent space with the up-projections absorbed (:func:`attnlab.ops.mla.mla_decode`).
+
+``cfg.mla_rope == "per_head"`` is TransMLA's exact form of GQA (``attnlab.convert``): no
+k_R (d_R = 0), and RoPE rotates the first ``cfg.rope_dim`` dims of each head's query and
+*up-projected* key::
+
+    c = x W_DKV,   k_i = RoPE(c W_UK,i),   v_i = c W_UV,i,   q_i = RoPE(x W_Q,i)
+
+RoPE between the factors means W_UK cannot be absorbed into the query, so this mode
+materializes per-head K/V from the latent cache at every step (cache slot l holds the token
+at position l): the cache is as compact (d_c values per token), the decode is not.
 """
 
 from __future__ import annotations
@@ -28,7 +38,8 @@ from attnlab.nn.layers import Linear
 from attnlab.nn.registry import check_no_cache, register
 from attnlab.ops import mla
 from attnlab.ops.attention import attention
-from attnlab.ops.decode import MAX_QUERIES
+from attnlab.ops.decode import MAX_QUERIES, decode_attention
+from attnlab.ops.decode import implementations as decode_implementations
 from attnlab.ops.rope import rope
 
 if TYPE_CHECKING:
@@ -43,12 +54,33 @@ def _latent_impl(impl: str) -> str:
     return impl if impl in {"auto", "pallas", *mla.implementations()} else "auto"
 
 
+def _write_latent(cache: Cache, latent: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Writes the T new latents [B, T, W] at each row's length: (cache [B, L, W], length,
+    length + T). Raises ValueError when T > L."""
+    t, max_len = latent.shape[1], cache["latent"].shape[1]
+    if t > max_len:
+        raise ValueError(
+            f"{t} new tokens do not fit a cache of max_len={max_len}; make the cache "
+            "longer (init_caches(model, batch_size, max_len))"
+        )
+    length = cache["length"]
+    write = jax.vmap(lambda c, new, at: jax.lax.dynamic_update_slice_in_dim(c, new, at, 0))
+    lat = write(cache["latent"], latent.astype(cache["latent"].dtype), length)
+    return lat, length, length + t
+
+
+def _softmax_decode_impl(impl: str) -> str:
+    """The decode op's impl for a model's ``attention_impl`` (per_head mode; others: auto)."""
+    return impl if impl in {"auto", "pallas", *decode_implementations()} else "auto"
+
+
 @register("M", "mla", ops=("attention", "mla_decode"), experiment=None)
 class MultiHeadLatentAttention(nnx.Module):
     """Causal MLA: low-rank joint KV latent, decoupled RoPE key, absorbed latent decoding.
 
     Reads ``cfg.num_heads``, ``kv_lora_rank``, ``qk_rope_head_dim``, ``qk_nope_head_dim``,
-    ``v_head_dim``, ``q_lora_rank``, ``rope_theta``, ``local_window_size``,
+    ``v_head_dim``, ``q_lora_rank``, ``mla_rope`` (and ``rope_dim`` when it is
+    ``"per_head"``), ``rope_theta``, ``local_window_size``,
     ``attention_impl``, ``dtype``, ``param_dtype``. Parameters: ``q_proj`` (or ``q_down`` and
     ``q_up``), ``kv_down`` [D, d_c + d_R], ``w_uk`` [d_c, N, d_n], ``w_uv`` [d_c, N, d_v],
     ``o_proj`` [N d_v, D].
@@ -61,6 +93,12 @@ class MultiHeadLatentAttention(nnx.Module):
     def __init__(self, cfg: Config, *, layer_idx: int, rngs: nnx.Rngs,
                  parallel: HybridParallel | None = None) -> None:
         check_impl(cfg.attention_impl)
+        if cfg.mla_rope == "per_head" and cfg.rope_dim > cfg.qk_nope_head_dim:
+            raise ValueError(
+                f"mla_rope='per_head' rotates rope_dim={cfg.rope_dim} dims of each head but "
+                f"qk_nope_head_dim={cfg.qk_nope_head_dim}; lower rope_fraction or raise "
+                "qk_nope_head_dim"
+            )
         self.cfg = cfg
         self.layer_idx = layer_idx
         self.parallel = parallel
@@ -110,6 +148,8 @@ class MultiHeadLatentAttention(nnx.Module):
         n, d_r, d_n = cfg.num_heads, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim
         q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_up(self.q_down(x))
         q = q.reshape(b, t, n, d_n + d_r)
+        if cfg.mla_rope == "per_head":  # the whole head is "q_nope"; RoPE on its first dims
+            q = rope(q, positions, theta=cfg.rope_theta, rope_dim=cfg.rope_dim)
         q_nope = q[..., :d_n]
         q_rope = rope(q[..., d_n:], positions, theta=cfg.rope_theta)
         latent = self.kv_down(x)
@@ -138,14 +178,17 @@ class MultiHeadLatentAttention(nnx.Module):
         w_uk, w_uv = self.w_uk[...].astype(cfg.dtype), self.w_uv[...].astype(cfg.dtype)
         w = cfg.local_window_size
         window = None if w is None else (w, 0)
-        if cache is None:
+        if cache is not None and segment_ids is not None:
+            raise ValueError(
+                "segment_ids are for packed training batches; pass segment_ids=None "
+                "when decoding with a cache (one sequence per row)"
+            )
+        if cfg.mla_rope == "per_head":
+            out, cache = self._per_head(q_nope, latent, w_uk, w_uv, positions, window,
+                                        segment_ids, cache)
+        elif cache is None:
             out = self._full(q_nope, q_rope, latent, w_uk, w_uv, window, segment_ids)
         else:
-            if segment_ids is not None:
-                raise ValueError(
-                    "segment_ids are for packed training batches; pass segment_ids=None "
-                    "when decoding with a cache (one sequence per row)"
-                )
             out, cache = self._cached(q_nope, q_rope, latent, w_uk, w_uv, cache)
         y = self.o_proj(out.astype(cfg.dtype).reshape(b, t, cfg.num_heads * cfg.v_head_dim))
         return y, cache
@@ -165,17 +208,8 @@ class MultiHeadLatentAttention(nnx.Module):
 
     def _cached(self, q_nope, q_rope, latent, w_uk, w_uv, cache: Cache):
         cfg = self.cfg
-        b, t = q_nope.shape[:2]
-        max_len = cache["latent"].shape[1]
-        if t > max_len:
-            raise ValueError(
-                f"{t} new tokens do not fit a cache of max_len={max_len}; make the cache "
-                "longer (init_caches(model, batch_size, max_len))"
-            )
-        length = cache["length"]
-        write = jax.vmap(lambda c, new, at: jax.lax.dynamic_update_slice_in_dim(c, new, at, 0))
-        lat = write(cache["latent"], latent.astype(cache["latent"].dtype), length)
-        new_len = length + t
+        t = q_nope.shape[1]
+        lat, length, new_len = _write_latent(cache, latent)
         w = cfg.local_window_size
         dt = lat.dtype
         if t <= MAX_QUERIES:
@@ -192,6 +226,44 @@ class MultiHeadLatentAttention(nnx.Module):
             def one_row(qr, kr, vr, offset):
                 return attention(qr[None], kr[None], vr[None], is_causal=True, q_offset=offset,
                                  local_window_size=None if w is None else (w, 0), scale=scale,
+                                 impl=cfg.attention_impl)[0]
+
+            out = jax.vmap(one_row)(q, k, v, length)
+        return out, {"latent": lat, "length": new_len}
+
+    def _per_head_kv(self, c, positions, w_uk, w_uv):
+        """Per-head K = RoPE(c W_UK) [B, S, N, d_n] and V = c W_UV [B, S, N, d_v]."""
+        empty = c[..., :0]  # no decoupled k_R in this mode
+        k, v = mla.materialize_kv(c, empty, w_uk, w_uv)
+        cfg = self.cfg
+        return rope(k, positions, theta=cfg.rope_theta, rope_dim=cfg.rope_dim), v
+
+    def _per_head(self, q, c, w_uk, w_uv, positions, window, segment_ids, cache):
+        """TransMLA's exact GQA form: materialized per-head K/V with RoPE after W_UK."""
+        cfg = self.cfg
+        scale = q.shape[-1] ** -0.5
+        if cache is None:
+            k, v = self._per_head_kv(c, positions, w_uk, w_uv)
+            mask = dict(local_window_size=window, segment_ids=segment_ids)
+            if self.parallel is None:
+                return attention(q, k, v, is_causal=True, scale=scale,
+                                 impl=cfg.attention_impl, **mask), None
+            return self.parallel.layer(self.mechanism_name)(q, k, v, is_causal=True,
+                                                            scale=scale, **mask), None
+        b, t = q.shape[:2]
+        lat, length, new_len = _write_latent(cache, c)
+        dt, max_len = lat.dtype, lat.shape[1]
+        slots = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (b, max_len))
+        k, v = self._per_head_kv(lat, slots, w_uk.astype(dt), w_uv.astype(dt))
+        q = q.astype(dt)
+        w = cfg.local_window_size
+        if t <= MAX_QUERIES:
+            out = decode_attention(q, k, v, kv_lengths=new_len, local_window_size=w,
+                                   scale=scale, impl=_softmax_decode_impl(cfg.attention_impl))
+        else:  # a long prefill chunk: one attention call per row (its q_offset)
+            def one_row(qr, kr, vr, offset):
+                return attention(qr[None], kr[None], vr[None], is_causal=True, q_offset=offset,
+                                 local_window_size=window, scale=scale,
                                  impl=cfg.attention_impl)[0]
 
             out = jax.vmap(one_row)(q, k, v, length)

@@ -85,3 +85,90 @@ def test_cache_is_compact():
 def test_bad_configs(kw, match):
     with pytest.raises(ValueError, match=match):
         Config(**{**BASE, **kw})
+
+
+# ----------------------------------------------------------- per-head RoPE (TransMLA's exact form)
+
+PER_HEAD = dict(BASE, mla_rope="per_head", kv_lora_rank=32, qk_rope_head_dim=None,
+                qk_nope_head_dim=8, v_head_dim=8, head_dim=8, rope_fraction=0.5,
+                attention_impl="reference")
+
+
+def test_per_head_forward_is_rope_after_the_up_projection(key):
+    cfg = Config(**PER_HEAD)
+    assert cfg.qk_rope_head_dim == 0 and cfg.rope_dim == 4
+    attn = MultiHeadLatentAttention(cfg, layer_idx=0, rngs=nnx.Rngs(3))
+    rng = _rng(key)
+    b, t = 2, 13
+    x = jnp.asarray(rng.normal(size=(b, t, 32)), jnp.float32)
+    pos = jnp.asarray(rng.integers(0, 50, size=(b, t)))  # RoPE angles only: any positions
+    y, _ = attn(x, positions=pos)
+    q = rope(attn.q_proj(x).reshape(b, t, 4, 8), pos, rope_dim=4)
+    c = attn.kv_down(x)
+    k = rope(jnp.einsum("btc,cnd->btnd", c, attn.w_uk[...]), pos, rope_dim=4)
+    v = jnp.einsum("btc,cnd->btnd", c, attn.w_uv[...])
+    from attnlab.ops.attention import reference
+    out = reference(q, k, v, is_causal=True)
+    np.testing.assert_allclose(y, attn.o_proj(out.reshape(b, t, 32)), atol=1e-5)
+    assert MultiHeadLatentAttention.cache_bytes_per_token(cfg) == 32 * 2
+
+
+def test_per_head_cache_chunks_match_full_forward(key):
+    """Prefill 5, a materialized chunk of 66 (> 64), decode steps of 1 and 2; a window."""
+    cfg = Config(**PER_HEAD, local_window_size=30)
+    attn = MultiHeadLatentAttention(cfg, layer_idx=0, rngs=nnx.Rngs(4))
+    rng = _rng(key)
+    b, total = 2, 74
+    x = jnp.asarray(rng.normal(size=(b, total, 32)), jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(total), (b, total))
+
+    @nnx.jit
+    def step(attn, x, pos, cache):
+        return attn(x, positions=pos, cache=cache)
+
+    full, _ = step(attn, x, pos, None)
+    cache = attn.init_cache(b, 80, jnp.float32)
+    assert cache["latent"].shape == (b, 80, 32)
+    outs = []
+    for lo, hi in ((0, 5), (5, 71), (71, 72), (72, 74)):
+        y, cache = step(attn, x[:, lo:hi], pos[:, lo:hi], cache)
+        outs.append(y)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(mla_rope="rotary"), "mla_rope='rotary' is not an MLA RoPE placement"),
+        (dict(mla_rope="per_head", qk_rope_head_dim=8),
+         "qk_rope_head_dim=8 must be 0 with mla_rope='per_head'"),
+        (dict(mla_rope="decoupled", qk_rope_head_dim=0), "qk_rope_head_dim=0 must be positive"),
+    ],
+)
+def test_bad_rope_placement(kw, match):
+    with pytest.raises(ValueError, match=match):
+        Config(**{**BASE, **kw})
+
+
+def test_per_head_rope_wider_than_the_head_is_refused():
+    cfg = Config(**{**PER_HEAD, "qk_nope_head_dim": 2})
+    with pytest.raises(ValueError, match="rotates rope_dim=4 dims of each head but "
+                                         "qk_nope_head_dim=2"):
+        MultiHeadLatentAttention(cfg, layer_idx=0, rngs=nnx.Rngs(0))
+
+
+def test_per_head_sequence_parallel_equals_local(key):
+    """The per-head mode under a ring over 4 simulated devices: the local forward's output."""
+    from attnlab.train.mesh import batch_sharding, make_mesh, model_parallel
+
+    cfg = Config(**PER_HEAD)
+    mesh = make_mesh(2, data=1, sp=4)
+    local = MultiHeadLatentAttention(cfg, layer_idx=0, rngs=nnx.Rngs(5))
+    sharded = MultiHeadLatentAttention(cfg, layer_idx=0, rngs=nnx.Rngs(5),
+                                       parallel=model_parallel(mesh, "ring", impl="xla"))
+    rng = _rng(key)
+    x = jnp.asarray(rng.normal(size=(2, 32, 32)), jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(32), (2, 32))
+    put = lambda a: jax.device_put(a, batch_sharding(mesh))  # noqa: E731
+    got = nnx.jit(lambda m, x, p: m(x, positions=p)[0])(sharded, put(x), put(pos))
+    np.testing.assert_allclose(got, local(x, positions=pos)[0], atol=1e-5)
