@@ -74,7 +74,7 @@ def _softmax_decode_impl(impl: str) -> str:
     return impl if impl in {"auto", "pallas", *decode_implementations()} else "auto"
 
 
-@register("M", "mla", ops=("attention", "mla_decode"), experiment=None)
+@register("M", "mla", ops=("attention", "mla_decode"), experiment="transmla")
 class MultiHeadLatentAttention(nnx.Module):
     """Causal MLA: low-rank joint KV latent, decoupled RoPE key, absorbed latent decoding.
 
