@@ -35,3 +35,7 @@ def test_quickstart_notebook_runs(capsys):
     want_query = g["ops"].reference(g["query"], g["k"], g["v"], is_causal=True, q_offset=256)
     assert _max_err(g["o_query"], want_query) < 1e-4
     assert g["tokens"].shape == (1, 16) and g["tokens"].dtype == jnp.int32
+    assert g["exact_diff"] < 1e-4 and "exact conversion" in out
+    values = g["cache_values"]
+    assert values["MLA exact"] == values["GQA"] == 2 * 2 * 16  # 2 K H
+    assert values["MLA d_c=16"] == 16 + 16 < values["GQA"]  # d_c + d_R
