@@ -188,7 +188,8 @@ BAD_INPUTS = [
     (lambda q, k, v: (q.astype(jnp.int32), k.astype(jnp.int32), v.astype(jnp.int32)), {},
      ValueError, "unsupported dtype int32"),
     (None, dict(impl="flash9000"), ValueError, "unknown impl 'flash9000'"),
-    (None, dict(impl="cudnn"), NotImplementedError, "needs a CUDA GPU"),
+    (None, dict(impl="cudnn"), NotImplementedError,
+     "needs a CUDA GPU|needs bfloat16 or float16 inputs"),  # float32 inputs, on a GPU
     (None, dict(local_window_size=(-1, 2)), ValueError, "window_left must be a non-negative"),
     (None, dict(local_window_size=(1, 2, 3)), ValueError, "local_window_size must be"),
     (None, dict(q_offset=2, q_positions=jnp.arange(8), kv_positions=jnp.arange(8)),
