@@ -83,7 +83,8 @@ def check_static_float(
     """
     if isinstance(value, jax.core.Tracer):
         raise ValueError(
-            f"{name} must be a static Python float, got a traced array {value.aval}; under "
+            f"{name} must be a static Python float, got a traced {value.dtype} array of shape "
+            f"{value.shape}; under "
             "jax.jit pass it as a static argument (static_argnames, functools.partial) or "
             "close over it"
         )
