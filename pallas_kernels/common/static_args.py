@@ -102,9 +102,13 @@ def check_static_float(
     if positive and not f > 0:
         raise ValueError(f"{name} must be positive, got {f}")
     if (minimum is not None and f < minimum) or (maximum is not None and f > maximum):
-        lo = "-inf" if minimum is None else minimum
-        hi = "inf" if maximum is None else maximum
-        raise ValueError(f"{name} must lie in [{lo}, {hi}], got {f}")
+        if maximum is None:
+            rule = f"be >= {minimum}"
+        elif minimum is None:
+            rule = f"be <= {maximum}"
+        else:
+            rule = f"lie in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must {rule}, got {f}")
     return f
 
 
