@@ -112,15 +112,25 @@ def load_run_config(
             raise ValueError(f"BASE/base {base!r} in {path} is not a preset; choose one of "
                              f"{', '.join(PRESETS)}")
         bm, bt = PRESETS[base] if base else (Config(), TrainConfig())
-        unknown = set(mfields) - {f.name for f in dataclasses.fields(Config)}
-        if unknown:
-            raise ValueError(f"unknown model field(s) {sorted(unknown)} in {path}")
+        _check_fields(Config, mfields, "model field(s)", f" in {path}")
+        _check_fields(TrainConfig, tfields, "train field(s)", f" in {path}")
         model = replace_model(bm, **mfields)
         train = dataclasses.replace(bt, **tfields)
     if attention is not None:
         model = replace_model(model, layer_pattern=attention_pattern(attention, model.num_layers))
     overrides = {k: v for k, v in train_overrides.items() if v is not None}
+    _check_fields(TrainConfig, overrides, "train override(s)")
     return model, dataclasses.replace(train, **overrides)
+
+
+def _check_fields(cls: type, fields: dict[str, Any], what: str, where: str = "") -> None:
+    """ValueError naming the keys of ``fields`` that are not fields of ``cls``, and the
+    fields that are (a typo in a config file was a TypeError from ``dataclasses.replace``)."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}{where}; {cls.__name__} has "
+                         f"{', '.join(known)}")
 
 
 def replace_model(cfg: Config, **fields: Any) -> Config:
