@@ -62,7 +62,12 @@ def attention_pattern(kind: str, num_layers: int) -> str:
 
 def _load_file(path: Path) -> tuple[str | None, dict[str, Any], dict[str, Any]]:
     if path.suffix == ".py":
-        ns = runpy.run_path(str(path))
+        try:
+            ns = runpy.run_path(str(path))
+        except ValueError:  # e.g. a Config(...) in the file refused its fields: already clear
+            raise
+        except Exception as e:  # the user's code: any error is a bad config, said in one line
+            raise ValueError(f"config file {path} failed to run: {type(e).__name__}: {e}") from e
         model, train, base = ns.get("MODEL", {}), ns.get("TRAIN", {}), ns.get("BASE")
     elif path.suffix in (".yaml", ".yml"):
         try:
@@ -70,7 +75,11 @@ def _load_file(path: Path) -> tuple[str | None, dict[str, Any], dict[str, Any]]:
         except ImportError as e:
             raise ValueError(f"{path} is YAML but PyYAML is not installed; pip install pyyaml "
                              "or write the config as a .py file") from e
-        doc = yaml.safe_load(path.read_text()) or {}
+        try:
+            doc = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            where = " ".join(str(e).split())  # one line: the CLI prints it as one
+            raise ValueError(f"config file {path} is not valid YAML: {where}") from e
         if not isinstance(doc, dict):
             raise ValueError(f"{path} must hold a mapping with keys base, model, train")
         model, train, base = doc.get("model", {}), doc.get("train", {}), doc.get("base")
@@ -80,6 +89,13 @@ def _load_file(path: Path) -> tuple[str | None, dict[str, Any], dict[str, Any]]:
         model = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)}
     if isinstance(train, TrainConfig):
         train = train.to_json()
+    for name, value, cls in (("MODEL/model", model, "Config"), ("TRAIN/train", train,
+                                                                  "TrainConfig")):
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} in {path} must be a {cls} or a dict of its fields, got "
+                             f"{value!r}")
+    if base is not None and not isinstance(base, str):
+        raise ValueError(f"BASE/base in {path} must be a preset name, got {base!r}")
     return base, dict(model), dict(train)
 
 
