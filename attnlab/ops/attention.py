@@ -272,8 +272,6 @@ def _normalize(
     check_gqa(q, k, v)
     b, t, n, h = q.shape
     s = k.shape[1]
-    if h == 0:
-        raise ValueError(f"q and k have head_dim H=0 (q {q.shape}); H must be at least 1")
     if s == 0:
         raise ValueError(
             f"k and v hold no keys (S=0: k {k.shape}); attention needs at least one key"

@@ -238,8 +238,6 @@ def _normalize(
         )
     if s == 0:
         raise ValueError(f"the cache is empty (k has shape {k.shape}); S must be at least 1")
-    if h == 0:
-        raise ValueError(f"q and k have head_dim H=0 (q {q.shape}); H must be at least 1")
     lengths = None
     if kv_lengths is not None:
         if jnp.shape(kv_lengths) != (b,):

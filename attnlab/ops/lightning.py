@@ -114,8 +114,10 @@ def _normalize(
 ) -> LightningArgs:
     check_qkv(q, k, v)
     b, t, n, h = q.shape
-    if h == 0:
-        raise ValueError(f"q and k have head_dim H=0 (q {q.shape}); H must be at least 1")
+    if h < 1 or v.shape[-1] < 1:  # as attention's check_heads says it
+        raise ValueError(
+            f"head dims must be at least 1, got q/k head_dim {h} and v head_dim {v.shape[-1]}"
+        )
     if k.shape != q.shape:
         raise ValueError(f"k must have q's shape {q.shape} [B, T, N, H], got {k.shape}")
     if v.shape[:3] != q.shape[:3]:

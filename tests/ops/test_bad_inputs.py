@@ -38,7 +38,7 @@ def _jit(fn, *args):
 CASES = [
     # ---- attention: shapes the kernels cannot take
     ("attention-head_dim-0", lambda: ops.attention(NO_HEAD_DIM, NO_HEAD_DIM, NO_HEAD_DIM),
-     r"q and k have head_dim H=0 \(q \(1, 4, 2, 0\)\); H must be at least 1"),
+     "head dims must be at least 1, got q/k head_dim 0 and v head_dim 0"),
     ("attention-no-keys", lambda: ops.attention(Q, Q[:, :0], Q[:, :0]),
      r"k and v hold no keys \(S=0: k \(1, 0, 2, 8\)\); attention needs at least one key"),
     # ---- attention: static arguments
@@ -90,7 +90,7 @@ CASES = [
     # ---- decode
     ("decode-head_dim-0", lambda: ops.decode_attention(NO_HEAD_DIM[:, :1], NO_HEAD_DIM,
                                                         NO_HEAD_DIM),
-     "q and k have head_dim H=0 .* H must be at least 1"),
+     "head dims must be at least 1, got q/k head_dim 0 and v head_dim 0"),
     ("decode-traced-scale",
      _jit(lambda q, s: ops.decode_attention(q[:, :1], q, q, scale=s), Q, 0.5),
      "scale must be a static Python float, got a traced float32 array"),
@@ -111,7 +111,10 @@ CASES = [
     # ---- lightning
     ("lightning-head_dim-0",
      lambda: ops.lightning_attention(NO_HEAD_DIM, NO_HEAD_DIM, Q, decay=0.5),
-     "q and k have head_dim H=0 .* H must be at least 1"),
+     "head dims must be at least 1, got q/k head_dim 0 and v head_dim 8"),
+    ("lightning-value_head_dim-0",
+     lambda: ops.lightning_attention(Q, Q, NO_HEAD_DIM, decay=0.5),
+     "head dims must be at least 1, got q/k head_dim 8 and v head_dim 0"),
     ("lightning-traced-scale",
      _jit(lambda q, s: ops.lightning_attention(q, q, q, decay=0.5, scale=s), Q, 0.5),
      "scale must be a static Python float, got a traced float32 array"),

@@ -87,7 +87,7 @@ CASES = [
      lambda: jax.jit(lambda q, s: sharding.attention(q, q, q, mesh=MESH, scale=s))(X, 0.5),
      "scale must be a static Python float, got a traced float32 array"),
     ("attention-head_dim-0", _attention(args=(X[..., :0],) * 3),
-     r"q and k have head_dim H=0 \(q \(2, 16, 2, 0\)\); H must be at least 1"),
+     "head dims must be at least 1, got q/k head_dim 0 and v head_dim 0"),
     ("attention-q-rank-3", _attention(args=(X[0], X, X)),
      r"q must be \[batch, seq, heads, head_dim\], got shape \(16, 2, 8\)"),
     ("attention-window", _attention(local_window_size="wide"),
