@@ -30,7 +30,7 @@ from attnlab.ops._registry import (  # noqa: F401 (platform: re-export)
     platform,
 )
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, SegmentIds, visible
-from pallas_kernels.common.static_args import check_static_float
+from pallas_kernels.common.static_args import check_bool, check_static_float
 
 
 class AttentionArgs(NamedTuple):
@@ -128,10 +128,8 @@ def _reference_bwd(q, k, v, out, lse, dout, dlse, a: AttentionArgs):
 def args_from_kwargs(q, k, v, **kwargs: Any) -> AttentionArgs:
     """The validated, normalized arguments of ``attention(q, k, v, **kwargs)`` (this op's
     registry normalizer); ValueError on bad or unknown arguments."""
-    flags = {
-        "return_residuals": kwargs.pop("return_residuals", False),
-        "return_entropy": kwargs.pop("return_entropy", False),
-    }
+    flags = {name: check_bool(name, kwargs.pop(name, False))
+             for name in ("return_residuals", "return_entropy")}
     a = _normalize(
         q, k, v, kwargs.pop("bias", None), kwargs.pop("is_causal", False),
         kwargs.pop("local_window_size", None), kwargs.pop("segment_ids", None),
@@ -234,6 +232,8 @@ def attention(
     Example:
       >>> out = attention(q, k, v, is_causal=True)
     """
+    return_residuals = check_bool("return_residuals", return_residuals)
+    return_entropy = check_bool("return_entropy", return_entropy)
     a = _normalize(
         q, k, v, bias, is_causal, local_window_size, segment_ids, q_offset, kv_offset,
         q_positions, kv_positions, logits_soft_cap, scale, config,

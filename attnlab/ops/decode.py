@@ -46,7 +46,7 @@ from attnlab.ops._registry import (  # noqa: F401 (platform: re-export)
 )
 from attnlab.ops.merge import merge_n
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, visible
-from pallas_kernels.common.static_args import check_static_float, is_int
+from pallas_kernels.common.static_args import check_bool, check_static_float, is_int
 
 MAX_QUERIES = 64
 _FORWARD_ONLY = "decode kernels are forward-only; use impl='xla' to differentiate"
@@ -145,7 +145,7 @@ def forward_only(decode_partials: Callable[..., tuple[jax.Array, jax.Array]],
 def args_from_kwargs(q, k, v, **kwargs: Any) -> DecodeArgs:
     """The validated, normalized arguments of ``decode_attention(q, k, v, **kwargs)`` (this op's
     registry normalizer); ValueError on bad or unknown arguments."""
-    return_residuals = kwargs.pop("return_residuals", False)
+    return_residuals = check_bool("return_residuals", kwargs.pop("return_residuals", False))
     a = _normalize(
         q, k, v, kwargs.pop("kv_lengths", None), kwargs.pop("local_window_size", None),
         kwargs.pop("logits_soft_cap", None), kwargs.pop("scale", None),
@@ -217,6 +217,7 @@ def decode_attention(
     Example:
       >>> out = decode_attention(q, k_cache, v_cache, kv_lengths=lengths)
     """
+    return_residuals = check_bool("return_residuals", return_residuals)
     a = _normalize(
         q, k, v, kv_lengths, local_window_size, logits_soft_cap, scale, config
     )._replace(return_residuals=return_residuals)

@@ -29,7 +29,7 @@ import numpy as np
 
 from attnlab.ops._checks import check_qkv
 from attnlab.ops._registry import KERNEL_FIRST, Implementation, Registry, backends, platform
-from pallas_kernels.common.static_args import check_int, check_static_float
+from pallas_kernels.common.static_args import check_bool, check_int, check_static_float
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -409,6 +409,7 @@ def lightning_attention(
     Example:
       >>> o, s = lightning_attention(q, k, v, decay=minimax_decay(8, 0, 4), return_state=True)
     """
+    return_state = check_bool("return_state", return_state)
     a = _normalize(q, k, v, decay, initial_state, segment_ids, scale, chunk_size, config)
     chosen = REGISTRY.choose(q, k, v, a, impl)
     if q.shape[1] == 0:  # no tokens: an empty output, and the state passes through unchanged

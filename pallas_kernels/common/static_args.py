@@ -112,4 +112,14 @@ def check_static_float(
     return f
 
 
-__all__ = ["check_int", "check_static_float", "is_int"]
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` as a Python bool (NumPy bools accepted), or ValueError naming ``name``: a flag
+    that picks what is computed cannot be a traced value, a string or a number."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(
+            f"{name} must be a bool, got {value!r} of type {type(value).__name__}"
+        )
+    return bool(value)
+
+
+__all__ = ["check_bool", "check_int", "check_static_float", "is_int"]

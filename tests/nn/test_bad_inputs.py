@@ -12,13 +12,27 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from attnlab.nn import Config, Embed, RMSNorm, SwiGLU, Transformer, generate, get_mechanism
+from attnlab.nn import (
+    Config,
+    Embed,
+    LightningAttention,
+    RMSNorm,
+    SoftmaxAttention,
+    SwiGLU,
+    Transformer,
+    generate,
+    get_mechanism,
+)
 from attnlab.nn import init_caches as make_caches
 from attnlab.nn.layers import Linear
 
 CFG = Config(vocab_size=64, d_model=32, num_layers=2, num_heads=2, max_seq_len=16)
 MODEL = nnx.eval_shape(lambda: Transformer(CFG, rngs=nnx.Rngs(0)))
 TOKENS = np.zeros((1, 8), np.int32)
+SOFTMAX = nnx.eval_shape(lambda: SoftmaxAttention(CFG, layer_idx=0, rngs=nnx.Rngs(0)))
+LIGHTNING = nnx.eval_shape(lambda: LightningAttention(CFG, layer_idx=0, rngs=nnx.Rngs(0)))
+X = np.zeros((1, 8, 32), np.float32)
+POS = np.zeros((1, 8), np.int32)
 
 
 def _config(**fields):
@@ -136,6 +150,21 @@ CASES = [
      "d_model must be a positive int, got 0"),
     ("Linear-float-features", lambda: Linear(8, 2.5, rngs=nnx.Rngs(0)),
      "out_features must be a positive int, got 2.5 of type float"),
+    ("SoftmaxAttention-x-width", lambda: SOFTMAX(X[..., :16], positions=POS),
+     r"x must have shape \[batch, seq, 32\], got \(1, 8, 16\)"),
+    ("SoftmaxAttention-float-positions", lambda: SOFTMAX(X, positions=POS.astype(np.float32)),
+     r"positions must be an integer array \(int32\), got dtype float32"),
+    ("SoftmaxAttention-no-positions", lambda: SOFTMAX(X, positions=None),
+     r"positions are required: \[B, T\] int32 global token positions"),
+    ("SoftmaxAttention-init_cache-0", lambda: SOFTMAX.init_cache(0, 8),
+     "batch_size must be a positive int, got 0"),
+    ("LightningAttention-x-rank", lambda: LIGHTNING(X[0]),
+     r"x must have shape \[batch, seq, 32\], got \(8, 32\)"),
+    ("LightningAttention-float-segment_ids",
+     lambda: LIGHTNING(X, segment_ids=POS.astype(np.float32)),
+     r"segment_ids must be an integer array \(int32\), got dtype float32"),
+    ("LightningAttention-init_cache-negative", lambda: LIGHTNING.init_cache(-1),
+     "batch_size must be a positive int, got -1"),
     ("get_mechanism-unknown", lambda: get_mechanism("Q"),
      "unknown attention mechanism 'Q'; known: .*S=softmax"),
 ]
