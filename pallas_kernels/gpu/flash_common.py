@@ -183,6 +183,8 @@ class Tiling(NamedTuple):
 
 
 def tiling(config: FlashConfig, t: int, s: int) -> Tiling:
+    if not isinstance(config, FlashConfig):  # every kernel reads its config through here
+        raise ValueError(f"config must be a FlashConfig, got {type(config).__name__}")
     fwd = (fit_block(config.block_q, t), fit_block(config.block_kv, s))
     dq = (fit_block(config.block_q_dq, t), fit_block(config.block_kv_dq, s))
     dkv = (fit_block(config.block_q_dkv, t), fit_block(config.block_kv_dkv, s))

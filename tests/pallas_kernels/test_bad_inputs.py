@@ -7,14 +7,22 @@ arguments before tracing anything.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from attnlab.ops import XlaConfig, XlaDecodeConfig, XlaLightningConfig
-from pallas_kernels.common.static_args import check_int, check_static_float
+from pallas_kernels.common.masks import MaskSpec
+from pallas_kernels.common.static_args import check_bool, check_int, check_static_float
+from pallas_kernels.gpu import decode as gpu_decode
+from pallas_kernels.gpu import flash_fwd as gpu_flash
+from pallas_kernels.gpu import lightning_chunk as gpu_lightning
 from pallas_kernels.gpu.decode import DecodeConfig
 from pallas_kernels.gpu.flash_common import FlashConfig
 from pallas_kernels.gpu.lightning_common import LightningConfig
+from pallas_kernels.tpu import decode as tpu_decode
+from pallas_kernels.tpu import flash as tpu_flash
+from pallas_kernels.tpu import lightning_chunk as tpu_lightning
 from pallas_kernels.tpu.decode import TpuDecodeConfig
 from pallas_kernels.tpu.flash import TpuFlashConfig
 from pallas_kernels.tpu.lightning_chunk import TpuLightningConfig
@@ -148,12 +156,114 @@ CHECK_CASES = [
     (lambda: check_static_float("cap", 0.0, positive=True), "cap must be positive, got 0.0"),
     (lambda: check_static_float("p", 1.5, minimum=0.0, maximum=1.0), r"p must lie in "
      r"\[0\.0, 1\.0\], got 1\.5"),
+    (lambda: check_bool("flag", "yes"), "flag must be a bool, got 'yes' of type str"),
 ]
 
 
 @pytest.mark.parametrize("call, match", CHECK_CASES,
                          ids=["float", "str", "range", "multiple", "float-str", "float-list",
-                              "float-nan", "float-positive", "float-range"])
+                              "float-nan", "float-positive", "float-range", "bool-str"])
 def test_shared_static_checks(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# ----------------------------------------------------------------------------- entry points
+# The kernels' public wrappers, called directly (interpreted): each refuses before tracing.
+
+Q, K = jnp.zeros((1, 16, 4, 16)), jnp.zeros((1, 16, 2, 16))
+K3 = jnp.zeros((1, 16, 3, 16))
+POS = jnp.arange(16)
+SEG = jnp.zeros((1, 16), jnp.int32)
+Q1, CACHE = jnp.zeros((1, 1, 4, 16)), jnp.zeros((1, 32, 2, 16))
+QL, NO_DECAY = jnp.zeros((1, 16, 1, 16)), jnp.zeros((1,))
+FLASH = dict(spec=MaskSpec(), scale=0.25, interpret=True)
+
+ENTRY_CASES = []
+for _name, _flash in (("gpu", gpu_flash.flash_attention), ("tpu", tpu_flash.flash_attention)):
+    ENTRY_CASES += [
+        (f"{_name}-flash-kv_positions", lambda f=_flash: f(Q, K, K, POS, POS[:8], **FLASH),
+         r"q_positions must have shape \(16,\) and kv_positions \(16,\), got \(16,\) and "
+         r"\(8,\)"),
+        (f"{_name}-flash-heads", lambda f=_flash: f(Q, K3, K3, POS, POS, **FLASH),
+         "q has 4 heads but k has 3; the number of q heads must be a multiple"),
+        (f"{_name}-flash-one-segment-array", lambda f=_flash: f(Q, K, K, POS, POS, SEG, None,
+                                                                 **FLASH),
+         "q_segment_ids and kv_segment_ids must be given together"),
+        (f"{_name}-flash-segment-shape",
+         lambda f=_flash: f(Q, K, K, POS, POS, SEG[:, :8], SEG, **FLASH),
+         r"segment ids must have shapes \(1, 16\) and \(1, 16\), got \(1, 8\) and "
+         r"\(1, 16\)"),
+        (f"{_name}-flash-dtypes",
+         lambda f=_flash: f(Q, K.astype(jnp.bfloat16), K, POS, POS, **FLASH),
+         "q, k, v must share one of float32, bfloat16.*; got float32, bfloat16, float32"),
+        (f"{_name}-flash-rank", lambda f=_flash: f(Q[0], K, K, POS, POS, **FLASH),
+         r"q must have shape \[batch, seq, heads, head_dim\], got \(16, 4, 16\)"),
+    ]
+ENTRY_CASES += [
+    ("gpu-flash-config-type",
+     lambda: gpu_flash.flash_attention(Q, K, K, POS, POS, config=object(), **FLASH),
+     "config must be a FlashConfig, got object"),
+    ("tpu-flash-config-type",
+     lambda: tpu_flash.flash_attention(Q, K, K, POS, POS, config=FlashConfig(), **FLASH),
+     "config must be a TpuFlashConfig, got FlashConfig"),
+]
+for _name, _decode in (("gpu", gpu_decode.decode_partials), ("tpu", tpu_decode.decode_partials)):
+    ENTRY_CASES += [
+        (f"{_name}-decode-kv_lengths",
+         lambda f=_decode: f(Q1, CACHE, CACHE, jnp.zeros((3,), jnp.int32), scale=0.25,
+                             interpret=True),
+         r"kv_lengths must have shape \(1,\), got \(3,\)"),
+        (f"{_name}-decode-rank",
+         lambda f=_decode: f(Q1[0], CACHE, CACHE, None, scale=0.25, interpret=True),
+         r"q must have shape \[batch, seq, heads, head_dim\], got \(1, 4, 16\)"),
+        (f"{_name}-decode-heads",
+         lambda f=_decode: f(jnp.zeros((1, 1, 3, 16)), CACHE, CACHE, None, scale=0.25,
+                             interpret=True),
+         "q has 3 heads but k has 2"),
+    ]
+ENTRY_CASES += [
+    ("gpu-decode-config-type",
+     lambda: gpu_decode.decode_partials(Q1, CACHE, CACHE, None, scale=0.25, config=object(),
+                                        interpret=True),
+     "config must be a DecodeConfig, got object"),
+    ("tpu-decode-lane-width",
+     lambda: tpu_decode.decode_partials(Q1, CACHE, CACHE, None, scale=0.25, interpret=True),
+     r"H must be a multiple of 128 \(the lane width\) when K > 1; got H=16, K=2"),
+]
+for _name, _light in (("gpu", gpu_lightning.lightning_attention),
+                      ("tpu", tpu_lightning.lightning_attention)):
+    ENTRY_CASES += [
+        (f"{_name}-lightning-log_decay",
+         lambda f=_light: f(QL, QL, QL, jnp.zeros((3,)), interpret=True),
+         r"log_decay must be a float array of shape \(1,\) \(log lambda per head\), got "
+         r"shape \(3,\)"),
+        (f"{_name}-lightning-initial_state",
+         lambda f=_light: f(QL, QL, QL, NO_DECAY, initial_state=jnp.zeros((1, 1, 16, 8)),
+                            interpret=True),
+         r"initial_state must have shape \[B, N, H, Hv\] = \(1, 1, 16, 16\), got "
+         r"\(1, 1, 16, 8\); pass None to start from zeros"),
+        (f"{_name}-lightning-segment_ids",
+         lambda f=_light: f(QL, QL, QL, NO_DECAY, segment_ids=SEG[:, :8], interpret=True),
+         r"segment_ids must be an integer array of shape \[B, T\] = \(1, 16\), got shape "
+         r"\(1, 8\)"),
+        (f"{_name}-lightning-rank", lambda f=_light: f(QL[0], QL, QL, NO_DECAY, interpret=True),
+         r"q must have shape \[batch, seq, heads, head_dim\], got \(16, 1, 16\)"),
+    ]
+ENTRY_CASES += [
+    ("gpu-lightning-config-type",
+     lambda: gpu_lightning.lightning_attention(QL, QL, QL, NO_DECAY, config=object(),
+                                               interpret=True),
+     "config must be a LightningConfig, got object"),
+    ("tpu-lightning-config-type",
+     lambda: tpu_lightning.lightning_attention(QL, QL, QL, NO_DECAY, config=LightningConfig(),
+                                               interpret=True),
+     "config must be a TpuLightningConfig, got LightningConfig"),
+]
+
+
+@pytest.mark.parametrize("call, match", [c[1:] for c in ENTRY_CASES],
+                         ids=[c[0] for c in ENTRY_CASES])
+def test_bad_entry_point_call(call, match):
     with pytest.raises(ValueError, match=match):
         call()
