@@ -36,6 +36,36 @@ def _jit(fn, *args):
 
 
 CASES = [
+    # ---- q, k, v themselves (the shared checks in ops/_checks and pallas_kernels/common)
+    ("attention-k-rank-3", lambda: ops.attention(Q, Q[0], Q),
+     r"k must have shape \[batch, seq, heads, head_dim\], got shape \(4, 2, 8\)"),
+    ("attention-batch-sizes", lambda: ops.attention(_x(2, T, N, H), Q, Q),
+     r"batch sizes differ: q \(2, 4, 2, 8\), k \(1, 4, 2, 8\), v \(1, 4, 2, 8\)"),
+    ("attention-k-v-lengths", lambda: ops.attention(Q, Q, Q[:, :3]),
+     r"k and v must have the same number of keys \(axis 1\), got k \(1, 4, 2, 8\) and v "
+     r"\(1, 3, 2, 8\)"),
+    ("attention-q-k-head_dim", lambda: ops.attention(Q, Q[..., :4], Q),
+     "q has head_dim 8 but k has 4; they must be equal"),
+    ("attention-k-heads", lambda: ops.attention(_x(B, T, 4, H), _x(B, T, 3, H), _x(B, T, 4, H)),
+     r"q has 4 heads but k has 3; the number of q heads must be a multiple of the number of k "
+     r"heads \(GQA/MQA\)"),
+    ("attention-v-heads", lambda: ops.attention(_x(B, T, 4, H), _x(B, T, 4, H), _x(B, T, 3, H)),
+     "q has 4 heads but v has 3; the number of q heads must be a multiple of the number of v"),
+    ("attention-dtypes", lambda: ops.attention(Q, Q.astype(jnp.bfloat16), Q),
+     "q, k, v dtypes must match, got float32, bfloat16, float32"),
+    ("attention-int-dtype", lambda: ops.attention(*(Q.astype(jnp.int32),) * 3),
+     "unsupported dtype int32; use float32, bfloat16 or float16"),
+    ("decode-too-many-queries", lambda: ops.decode_attention(_x(B, 65, N, H), Q, Q),
+     r"q has T=65 queries per sequence; decode takes 1 to 64 \(use attnlab.ops.attention for "
+     "prefill\\)"),
+    ("decode-empty-cache", lambda: ops.decode_attention(Q1, Q[:, :0], Q[:, :0]),
+     r"the cache is empty \(k has shape \(1, 0, 2, 8\)\); S must be at least 1"),
+    ("lightning-k-shape", lambda: ops.lightning_attention(Q, Q[..., :4], Q, decay=0.5),
+     r"k must have q's shape \(1, 4, 2, 8\) \[B, T, N, H\], got \(1, 4, 2, 4\)"),
+    ("lightning-v-heads", lambda: ops.lightning_attention(Q, Q, Q[:, :, :1], decay=0.5),
+     r"v must agree with q in \[batch, seq, heads\] = \(1, 4, 2\), got \(1, 4, 1, 8\)"),
+    ("lightning-dtypes", lambda: ops.lightning_attention(Q, Q, Q.astype(jnp.bfloat16), decay=0.5),
+     "q, k, v dtypes must match, got float32, float32, bfloat16"),
     # ---- attention: shapes the kernels cannot take
     ("attention-head_dim-0", lambda: ops.attention(NO_HEAD_DIM, NO_HEAD_DIM, NO_HEAD_DIM),
      "head dims must be at least 1, got q/k head_dim 0 and v head_dim 0"),
