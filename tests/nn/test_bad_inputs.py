@@ -31,6 +31,7 @@ MODEL = nnx.eval_shape(lambda: Transformer(CFG, rngs=nnx.Rngs(0)))
 TOKENS = np.zeros((1, 8), np.int32)
 SOFTMAX = nnx.eval_shape(lambda: SoftmaxAttention(CFG, layer_idx=0, rngs=nnx.Rngs(0)))
 LIGHTNING = nnx.eval_shape(lambda: LightningAttention(CFG, layer_idx=0, rngs=nnx.Rngs(0)))
+MLA = nnx.eval_shape(lambda: get_mechanism("M")(CFG, layer_idx=0, rngs=nnx.Rngs(0)))
 X = np.zeros((1, 8, 32), np.float32)
 POS = np.zeros((1, 8), np.int32)
 
@@ -165,6 +166,15 @@ CASES = [
      r"segment_ids must be an integer array \(int32\), got dtype float32"),
     ("LightningAttention-init_cache-negative", lambda: LIGHTNING.init_cache(-1),
      "batch_size must be a positive int, got -1"),
+    ("MLA-x-width", lambda: MLA(X[..., :16], positions=POS),
+     r"x must have shape \[batch, seq, 32\], got \(1, 8, 16\)"),
+    ("MLA-init_cache-0", lambda: MLA.init_cache(1, 0), "max_len must be a positive int, got 0"),
+    ("Config-kv_lora_rank-0", _config(kv_lora_rank=0),
+     r"kv_lora_rank must be a positive int \(or None: derived\), got 0"),
+    ("Config-q_lora_rank-float", _config(q_lora_rank=2.5),
+     r"q_lora_rank must be a positive int \(or None: a full-rank query\), got 2\.5"),
+    ("Config-qk_rope_head_dim-odd", _config(qk_rope_head_dim=3),
+     r"qk_rope_head_dim=3 must be even \(RoPE rotates pairs\)"),
     ("get_mechanism-unknown", lambda: get_mechanism("Q"),
      "unknown attention mechanism 'Q'; known: .*S=softmax"),
 ]

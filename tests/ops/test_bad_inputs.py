@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from attnlab import ops
-from attnlab.ops import star
+from attnlab.ops import mla, star
 
 B, T, N, H = 1, 4, 2, 8
 
@@ -190,6 +190,12 @@ CASES = [
      r"layer_idx=4 must lie in \[0, num_layers=4\)"),
     ("transnormer_decay-no-layers", lambda: ops.transnormer_decay(4, 0, 0),
      "num_layers must be a positive int, got 0"),
+    # ---- MLA's latent decode
+    ("latent_decode-v_dim-float",
+     lambda: mla.latent_decode(_x(B, 1, N, 12), _x(B, 4, 12), v_dim=8.0),
+     r"v_dim must be an int in \[1, 12\] \(the cache's width\), got 8\.0"),
+    ("latent_decode-cache-rank", lambda: mla.latent_decode(_x(B, 1, N, 12), Q, v_dim=4),
+     r"cache must have shape \[batch, seq, d_c \+ d_R\], got \(1, 4, 2, 8\)"),
     # ---- merge
     ("merge_n-part-count", lambda: ops.merge_n(_x(3, 1, 4, 2, 8), _x(2, 1, 4, 2)),
      "outs has 3 parts but lses has 2; give one lse per partial output"),
