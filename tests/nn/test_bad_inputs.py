@@ -175,6 +175,10 @@ CASES = [
      r"q_lora_rank must be a positive int \(or None: a full-rank query\), got 2\.5"),
     ("Config-qk_rope_head_dim-odd", _config(qk_rope_head_dim=3),
      r"qk_rope_head_dim=3 must be even \(RoPE rotates pairs\)"),
+    ("Config-qk_rope_head_dim-0-decoupled", _config(qk_rope_head_dim=0),
+     "qk_rope_head_dim=0 needs mla_rope='per_head'; with mla_rope='decoupled' the shared"),
+    ("Config-qk_rope_head_dim-float", _config(qk_rope_head_dim=8.0),
+     r"qk_rope_head_dim must be an int >= 0 \(or None: derived\), got 8\.0 of type float"),
     ("get_mechanism-unknown", lambda: get_mechanism("Q"),
      "unknown attention mechanism 'Q'; known: .*S=softmax"),
 ]

@@ -143,7 +143,8 @@ def test_per_head_cache_chunks_match_full_forward(key):
         (dict(mla_rope="rotary"), "mla_rope='rotary' is not an MLA RoPE placement"),
         (dict(mla_rope="per_head", qk_rope_head_dim=8),
          "qk_rope_head_dim=8 must be 0 with mla_rope='per_head'"),
-        (dict(mla_rope="decoupled", qk_rope_head_dim=0), "qk_rope_head_dim=0 must be positive"),
+        (dict(mla_rope="decoupled", qk_rope_head_dim=0),
+         "qk_rope_head_dim=0 needs mla_rope='per_head'"),
     ],
 )
 def test_bad_rope_placement(kw, match):

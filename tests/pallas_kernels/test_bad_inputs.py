@@ -227,9 +227,10 @@ ENTRY_CASES += [
      lambda: gpu_decode.decode_partials(Q1, CACHE, CACHE, None, scale=0.25, config=object(),
                                         interpret=True),
      "config must be a DecodeConfig, got object"),
-    ("tpu-decode-lane-width",
-     lambda: tpu_decode.decode_partials(Q1, CACHE, CACHE, None, scale=0.25, interpret=True),
-     r"H must be a multiple of 128 \(the lane width\) when K > 1; got H=16, K=2"),
+    ("tpu-decode-config-type",
+     lambda: tpu_decode.decode_partials(Q1, CACHE, CACHE, None, scale=0.25, config=object(),
+                                        interpret=True),
+     "config must be a TpuDecodeConfig, got object"),
 ]
 for _name, _light in (("gpu", gpu_lightning.lightning_attention),
                       ("tpu", tpu_lightning.lightning_attention)):
