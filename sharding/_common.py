@@ -11,10 +11,11 @@ from jax.sharding import PartitionSpec as P
 
 from attnlab.ops._registry import platform
 from attnlab.ops._vma import vary, varying
+from attnlab.ops.attention import args_from_kwargs
 
 __all__ = [
-    "check_bsn_axes", "check_mesh_axes", "default_check_vma", "mesh_shard_map", "vary",
-    "varying_axes",
+    "check_bsn_axes", "check_mesh_axes", "check_softmax_call", "default_check_vma",
+    "mesh_shard_map", "vary", "varying_axes",
 ]
 
 
@@ -37,10 +38,29 @@ def check_mesh_axes(mesh: Mesh, axes: dict[str, str | tuple[str, ...] | None],
         ``{"seq_axis": "sp", "batch_axis": None}``.
       sizes: what -> (size, axis or axes), e.g. ``{"sequence length T": (t, "sp")}``.
     """
+    if not isinstance(mesh, Mesh):
+        raise ValueError(
+            f"mesh must be a jax.sharding.Mesh (e.g. jax.make_mesh((4,), ('sp',))), got "
+            f"{mesh!r} of type {type(mesh).__name__}"
+        )
     names = tuple(mesh.axis_names)
     used: list[str] = []
     for arg, ax in axes.items():
-        for a in (ax,) if isinstance(ax, str) else (ax or ()):
+        if isinstance(ax, str):
+            group: tuple[Any, ...] = (ax,)
+        elif ax is None and arg != "seq_axis":
+            group = ()
+        elif isinstance(ax, (tuple, list)) and arg == "batch_axis":
+            group = tuple(ax)
+        else:
+            group = (ax,)
+        for a in group:
+            if not isinstance(a, str):
+                allowed = {"seq_axis": "", "batch_axis": ", a tuple of them or None"}
+                raise ValueError(
+                    f"{arg} must be the name of a mesh axis (one of {names})"
+                    f"{allowed.get(arg, ' or None')}, got {ax!r}"
+                )
             if a not in names:
                 raise ValueError(
                     f"{arg}={a!r} is not an axis of the mesh, whose axes are {names}; pass one "
@@ -55,26 +75,49 @@ def check_mesh_axes(mesh: Mesh, axes: dict[str, str | tuple[str, ...] | None],
         for a in group:
             parts *= mesh.shape[a]
         if size % parts:
+            fix = "use" if "heads" in what else "pad it to"
             raise ValueError(
-                f"{what}={size} is not divisible by the {ax!r} mesh axis of size {parts}; pad "
-                f"it to a multiple of {parts}"
+                f"{what}={size} is not divisible by the {ax!r} mesh axis of size {parts}; "
+                f"{fix} a multiple of {parts}"
             )
 
 
 def check_bsn_axes(
     mesh: Mesh, seq_axis: str, batch_axis: str | None, head_axis: str | None, *,
     seq: tuple[str, int], batch: int, heads: int, kv_heads: int | None = None,
+    v_heads: int | None = None,
 ) -> None:
     """:func:`check_mesh_axes` for [B, seq, N, ...] arrays split over (batch_axis, seq_axis,
     head_axis): ``seq`` is (what, length), e.g. ``("sequence length T", t)``; ``kv_heads``
-    (K) is checked against ``head_axis`` too when given."""
+    (K) and ``v_heads`` (value heads, where they differ from K) are checked against
+    ``head_axis`` too when given."""
     sizes = {seq[0]: (seq[1], seq_axis), "batch B": (batch, batch_axis),
              "heads N": (heads, head_axis)}
     if kv_heads is not None:
         sizes["kv heads K"] = (kv_heads, head_axis)
+    if v_heads is not None:
+        sizes["v heads"] = (v_heads, head_axis)
     check_mesh_axes(
         mesh, {"seq_axis": seq_axis, "batch_axis": batch_axis, "head_axis": head_axis}, sizes
     )
+
+
+def check_softmax_call(q: Any, k: Any, v: Any, **kwargs: Any) -> None:
+    """Checks a sequence-parallel softmax call on the caller's global arrays, as
+    :func:`attnlab.ops.attention` would (ranks, shapes, dtypes, masks, segment ids, static
+    scale and soft-cap, offsets), so that a mistake is reported with the shapes the caller
+    gave, not a shard's or ``shard_map``'s.
+
+    Raises:
+      ValueError: naming the argument, what was given and what is allowed.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if len(getattr(x, "shape", ())) != 4:
+            raise ValueError(
+                f"{name} must be [batch, seq, heads, head_dim], got shape "
+                f"{getattr(x, 'shape', None)}"
+            )
+    args_from_kwargs(q, k, v, **kwargs)
 
 
 def default_check_vma(impl: str) -> bool:

@@ -16,7 +16,13 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from sharding._common import check_mesh_axes, default_check_vma, mesh_shard_map
+from sharding._common import (
+    check_bsn_axes,
+    check_mesh_axes,
+    check_softmax_call,
+    default_check_vma,
+    mesh_shard_map,
+)
 from sharding.hybrid import SOFTMAX_STRATEGIES, HybridParallel, register_rule
 from sharding.layouts import check_layout, shard_permute, shard_unpermute
 from sharding.ring import ring_attention
@@ -82,8 +88,11 @@ def attention(
       out [B, T, N, Hv] sharded [batch_axis, seq_axis, head_axis, None] (and lse).
 
     Raises:
-      ValueError: unknown strategy or axis, lengths not divisible as above (checked before
-        any ``shard_map``), heads not divisible (Ulysses, or by ``head_axis``).
+      ValueError: bad arguments as :func:`attnlab.ops.attention` reports them (checked on the
+        global arrays: segment ids of the wrong length name the caller's shapes), unknown
+        strategy or axis, lengths not divisible as above, a batch the batch axes do not
+        divide, heads not divisible (Ulysses, or by ``head_axis``); all before any
+        ``shard_map``.
 
     Example:
       >>> mesh = jax.make_mesh((2, 4), ("data", "sp"))
@@ -97,32 +106,28 @@ def attention(
             f"inputs_permuted=True applies to the striped and zigzag layouts, not to "
             f"strategy={strategy!r} (whose inputs are in token order)"
         )
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if len(x.shape) != 4:
-            raise ValueError(f"{name} must be [batch, seq, heads, head_dim], got {x.shape}")
+    check_softmax_call(q, k, v, is_causal=is_causal, local_window_size=local_window_size,
+                       segment_ids=segment_ids, logits_soft_cap=logits_soft_cap, scale=scale)
+    check_mesh_axes(mesh, {"seq_axis": seq_axis, "batch_axis": batch_axis,
+                           "head_axis": head_axis})
     batch_axes = () if batch_axis is None else (
         (batch_axis,) if isinstance(batch_axis, str) else tuple(batch_axis)
     )
-    check_mesh_axes(mesh, {"seq_axis": seq_axis, "batch_axis": batch_axes,
-                           "head_axis": head_axis})
     n_sp = mesh.shape[seq_axis]
     layout = _LAYOUT[strategy]
     permute_here = layout != "contiguous" and strategy != "ulysses" and not inputs_permuted
-    t, s = q.shape[1], k.shape[1]
+    b, t, n_heads, _ = q.shape
+    s, kv_heads, v_heads = k.shape[1], k.shape[2], v.shape[2]
     # Before any shard_map: the striped all-to-all would fail inside it, naming no argument.
     check_layout(layout, t, n_sp, "q sequence", permute_in_shards=permute_here)
     check_layout(layout, s, n_sp, "kv sequence", permute_in_shards=permute_here)
+    bspec = batch_axes if len(batch_axes) > 1 else (batch_axes[0] if batch_axes else None)
+    check_bsn_axes(mesh, seq_axis, bspec, head_axis, seq=("sequence length T", t),
+                   batch=b, heads=n_heads, kv_heads=kv_heads, v_heads=v_heads)
     n_tp = 1 if head_axis is None else mesh.shape[head_axis]
-    n_heads, kv_heads, v_heads = q.shape[2], k.shape[2], v.shape[2]
-    if n_heads % n_tp or kv_heads % n_tp or v_heads % n_tp:
-        raise ValueError(
-            f"head_axis {head_axis!r} has size {n_tp} but q has {n_heads} heads, k {kv_heads} "
-            f"and v {v_heads}; each must be divisible by it"
-        )
     if strategy == "ulysses":
         check_heads(n_heads // n_tp, kv_heads // n_tp, n_sp, seq_axis, v_heads // n_tp)
 
-    bspec = batch_axes if len(batch_axes) > 1 else (batch_axes[0] if batch_axes else None)
     x_spec = P(bspec, seq_axis, head_axis, None)
     row_spec = P(bspec, seq_axis, head_axis)
     seg_spec = P(bspec, seq_axis)

@@ -21,6 +21,8 @@ from typing import Any
 
 from jax.sharding import Mesh
 
+from sharding._common import check_mesh_axes
+
 # mechanism name -> rule(plan, q, k, v, **kwargs)
 _RULES: dict[str, Callable[..., Any]] = {}
 # mechanism name -> why it has no sequence-parallel form
@@ -105,15 +107,14 @@ class HybridParallel:
     impl: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.seq_axis not in self.mesh.axis_names:
-            raise ValueError(
-                f"seq_axis {self.seq_axis!r} is not an axis of the mesh {self.mesh.axis_names}; "
-                "name one of its axes"
-            )
+        check_mesh_axes(self.mesh, {"seq_axis": self.seq_axis, "batch_axis": self.batch_axis})
         if self.softmax_strategy not in SOFTMAX_STRATEGIES:
             raise ValueError(
                 f"softmax_strategy {self.softmax_strategy!r} is not one of {SOFTMAX_STRATEGIES}"
             )
+        if not isinstance(self.impl, str):
+            raise ValueError(f"impl must be an implementation name such as 'auto', got "
+                             f"{self.impl!r}")
 
     def layer(self, name: str) -> Callable[..., Any]:
         """The sharded attention of mechanism ``name``, from its registered rule.

@@ -153,6 +153,12 @@ def ring_attention(
                 f"segment ids must have shapes ({b}, {t}) and ({b}, {s}) (this shard's "
                 f"tokens), got {jnp.shape(q_seg)} and {jnp.shape(kv_seg)}"
             )
+        for ids in (q_seg, kv_seg):
+            if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
+                raise ValueError(
+                    f"segment ids must be integers (one id per document), got dtype "
+                    f"{jnp.result_type(ids)}; casting would merge documents (1.5 -> 1)"
+                )
         q_seg, kv_seg = jnp.asarray(q_seg, jnp.int32), jnp.asarray(kv_seg, jnp.int32)
     spec = MaskSpec.from_jax_nn(is_causal=is_causal, local_window_size=local_window_size)
     if bwd_impl is None:

@@ -38,7 +38,12 @@ from attnlab.ops.attention import attention as _attention
 from attnlab.ops.attention_grad import attention_bwd
 from attnlab.ops.merge import merge, merge_n
 from attnlab.ops.star import check_blocks
-from sharding._common import check_bsn_axes, default_check_vma, mesh_shard_map
+from sharding._common import (
+    check_bsn_axes,
+    check_softmax_call,
+    default_check_vma,
+    mesh_shard_map,
+)
 
 
 def star_context_shard(
@@ -193,9 +198,8 @@ def star_attention(
       >>> mesh = jax.make_mesh((4,), ("sp",))
       >>> out = star_attention(q, k, v, mesh=mesh)  # 4 blocks, anchor = block 1
     """
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if len(x.shape) != 4:
-            raise ValueError(f"{name} must be [batch, seq, heads, head_dim], got {x.shape}")
+    check_softmax_call(q, k, v, is_causal=is_causal, scale=scale,
+                       logits_soft_cap=logits_soft_cap)
     if k.shape[1] != q.shape[1]:
         raise ValueError(
             f"Star Attention's context phase is self-attention: q has {q.shape[1]} tokens, k "
@@ -203,7 +207,7 @@ def star_attention(
         )
     b, t, n, _ = q.shape
     check_bsn_axes(mesh, seq_axis, batch_axis, head_axis, seq=("sequence length T", t),
-                   batch=b, heads=n, kv_heads=k.shape[2])
+                   batch=b, heads=n, kv_heads=k.shape[2], v_heads=v.shape[2])
     check_blocks(t, t // mesh.shape[seq_axis], anchor_size)
     spec = P(batch_axis, seq_axis, head_axis, None)
 
@@ -246,13 +250,20 @@ def star_query(
     Returns:
       [B, Tq, N, Hv] replicated over ``seq_axis`` (and lse [B, Tq, N]).
 
+    Raises:
+      ValueError: bad arguments as :func:`attnlab.ops.attention` reports them (q, k, v not
+        [B, T, heads, head_dim], mismatched shapes, a traced scale), unknown or repeated mesh
+        axes, a cache length or batch not divisible by its axes.
+
     Example:
       >>> out = star_query(q_block, k_cache, v_cache, mesh=mesh)
     """
+    offset = k.shape[1] if q_offset is None and jnp.ndim(k) == 4 else q_offset
+    check_softmax_call(q, k, v, is_causal=is_causal, scale=scale,
+                       logits_soft_cap=logits_soft_cap, q_offset=0 if offset is None else offset)
     b, s, kh, _ = k.shape
     check_bsn_axes(mesh, seq_axis, batch_axis, head_axis, seq=("cache length S", s), batch=b,
-                   heads=q.shape[2], kv_heads=kh)
-    offset = s if q_offset is None else q_offset
+                   heads=q.shape[2], kv_heads=kh, v_heads=v.shape[2])
     q_spec = P(batch_axis, None, head_axis, None)
     kv_spec = P(batch_axis, seq_axis, head_axis, None)
     out_specs = (q_spec, P(batch_axis, None, head_axis)) if return_residuals else q_spec

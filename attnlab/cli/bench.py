@@ -10,7 +10,14 @@ import argparse
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from attnlab.cli.common import fmt, make_console, progress
+from attnlab.cli.common import (
+    fmt,
+    make_console,
+    nonneg_float,
+    nonneg_int,
+    positive_int,
+    progress,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -40,6 +47,9 @@ def bench_config_from_args(
     impls: tuple[str, ...] | None = None
     if args.impls != "auto":
         impls = tuple(n.strip() for n in args.impls.split(",") if n.strip())
+        if not impls:
+            parser.error(f"--impls {args.impls!r} names no implementation; give a comma list "
+                         "or 'auto'")
         known = candidates.registered_names()
         unknown = [n for n in impls if n not in known]
         if unknown:
@@ -168,13 +178,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("op", choices=["attention"], help="the op to benchmark")
     p.add_argument("--shapes", default="2048,8192",
                    help="comma-separated sequence lengths S (T == S); default 2048,8192")
-    p.add_argument("--batch-tokens", type=int, default=32768,
+    p.add_argument("--batch-tokens", type=positive_int, default=32768,
                    help="B*S tokens per call; B = batch_tokens // S (default 32768)")
-    p.add_argument("--batch", type=int, default=None,
+    p.add_argument("--batch", type=positive_int, default=None,
                    help="a fixed batch size B for every shape (overrides --batch-tokens)")
-    p.add_argument("--heads", type=int, default=16, help="query heads N (default 16)")
-    p.add_argument("--kv-heads", type=int, default=None, help="kv heads K (default N)")
-    p.add_argument("--head-dim", type=int, default=128, help="head dim H (default 128)")
+    p.add_argument("--heads", type=positive_int, default=16, help="query heads N (default 16)")
+    p.add_argument("--kv-heads", type=positive_int, default=None, help="kv heads K (default N)")
+    p.add_argument("--head-dim", type=positive_int, default=128, help="head dim H (default 128)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--causal", default="both", choices=["both", "true", "false"])
     p.add_argument("--passes", default="fwd,fwdbwd",
@@ -186,13 +196,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-anchors", action="store_true", help="skip jax.nn and tokamax anchors")
     p.add_argument("--out", default=None, help="write the JSON record here "
                    "(e.g. experiments/results/bench_attention_h100.json)")
-    p.add_argument("--repeats", type=int, default=20, help="timed calls per point (median)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls first")
-    p.add_argument("--max-ref-gib", type=float, default=2.0,
+    p.add_argument("--repeats", type=positive_int, default=20,
+                   help="timed calls per point (median)")
+    p.add_argument("--warmup", type=positive_int, default=2, help="untimed calls first")
+    p.add_argument("--max-ref-gib", type=nonneg_float, default=2.0,
                    help="do not time the reference above this many GiB of logits")
-    p.add_argument("--max-logits-gib", type=float, default=8.0,
+    p.add_argument("--max-logits-gib", type=nonneg_float, default=8.0,
                    help="do not time jax.nn xla above this many GiB of S x S logits")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.set_defaults(run=cmd_bench, subparser=p)  # input errors print the bench usage
     return p
 

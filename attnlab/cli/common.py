@@ -1,8 +1,17 @@
-"""Pieces the ``attnlab`` subcommands share: the console, the progress bar, loading a run."""
+"""Pieces the ``attnlab`` subcommands share: the console, the progress bar, loading a run,
+and the argument types of counts and amounts.
+
+Every argument error ends in ``parser.error``: one line naming the argument, what was given
+and what is allowed, exit status 2, no traceback. Counts and amounts are checked by their
+argparse ``type`` (:func:`positive_int`, :func:`nonneg_int`, :func:`positive_float`,
+:func:`nonneg_float`); what needs several arguments together is checked by the subcommand,
+which turns the library's ``ValueError`` into ``parser.error``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +43,46 @@ def progress(console: Console) -> Any:
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), console=console,
     )
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (``--steps``, ``--batches``, ``--heads`` ...)."""
+    return _int(text, 1, "a positive integer")
+
+
+def nonneg_int(text: str) -> int:
+    """argparse type: an int >= 0 (``--seed``, ``--max-new-tokens``, ``--checkpoint-every``)."""
+    return _int(text, 0, "an integer >= 0")
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0 (``--lr``)."""
+    return _float(text, lambda x: x > 0, "a positive number")
+
+
+def nonneg_float(text: str) -> float:
+    """argparse type: a finite float >= 0 (``--temperature``, ``--max-ref-gib``)."""
+    return _float(text, lambda x: x >= 0, "a number >= 0")
+
+
+def _int(text: str, minimum: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+    return value
+
+
+def _float(text: str, ok: Any, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if not math.isfinite(value) or not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+    return value
 
 
 def fmt(x: float | None, spec: str) -> str:

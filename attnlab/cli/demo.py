@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from attnlab.cli.bench import bench_table, run_bench
-from attnlab.cli.common import fmt, make_console, progress
+from attnlab.cli.common import fmt, make_console, nonneg_int, positive_int, progress
 from attnlab.cli.demo_train import training_section
 from attnlab.cli.info import collect_info, print_info
 
@@ -338,9 +338,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="a report computed on the spot: correctness, merge, timing")
     p.add_argument("--platform", default="cpu", choices=["cpu", "gpu", "tpu", "default"],
                    help="JAX platform to run on (default cpu)")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per point (median)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--jobs", type=int, default=2,
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed calls per point (median)")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--jobs", type=positive_int, default=2,
                    help="threads for the correctness checks (compile-bound; default 2)")
     p.add_argument("--json", default=None, metavar="PATH", help="also save the results here")
     p.add_argument("--run-dir", default=None,

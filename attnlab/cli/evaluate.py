@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from attnlab.cli.common import load_run_or_exit, make_console
+from attnlab.cli.common import load_run_or_exit, make_console, positive_int
 
 
 def cmd_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -29,7 +29,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Adds ``eval`` to the ``attnlab`` subparsers ``sub``."""
     p = sub.add_parser("eval", help="validation loss and task accuracy of a run")
     p.add_argument("--ckpt", required=True, help="run directory (or its checkpoints folder)")
-    p.add_argument("--batches", type=int, default=None, help="validation batches")
+    p.add_argument("--batches", type=positive_int, default=None, help="validation batches")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_eval, subparser=p)
     return p

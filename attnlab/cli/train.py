@@ -7,7 +7,12 @@ import dataclasses
 import sys
 from typing import Any
 
-from attnlab.cli.common import make_console
+from attnlab.cli.common import (
+    make_console,
+    nonneg_int,
+    positive_float,
+    positive_int,
+)
 
 
 def run_config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
@@ -82,26 +87,26 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--task", default=None,
                    choices=["mqar", "induction", "passkey", "calendar", "stdlib"],
                    help="dataset (default: the config's)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    p.add_argument("--steps", type=positive_int, default=None, help="optimizer steps")
     p.add_argument("--out", required=True, help="run directory (resumes if it has checkpoints)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=None)
+    p.add_argument("--seq-len", type=positive_int, default=None)
+    p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate")
+    p.add_argument("--seed", type=nonneg_int, default=None)
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                    help="compute dtype (params stay float32)")
-    p.add_argument("--checkpoint-every", type=int, default=None)
-    p.add_argument("--keep", type=int, default=None, help="checkpoints kept on disk")
-    p.add_argument("--log-every", type=int, default=None)
-    p.add_argument("--data-parallel", type=int, default=None,
+    p.add_argument("--checkpoint-every", type=nonneg_int, default=None)
+    p.add_argument("--keep", type=positive_int, default=None, help="checkpoints kept on disk")
+    p.add_argument("--log-every", type=positive_int, default=None)
+    p.add_argument("--data-parallel", type=positive_int, default=None,
                    help="devices on the data axis (default: as many as divide the batch)")
-    p.add_argument("--seq-parallel", type=int, default=None, metavar="N",
+    p.add_argument("--seq-parallel", type=positive_int, default=None, metavar="N",
                    help="devices on the sequence axis: each sequence is split into N blocks "
                    "and attention runs across them (default 1)")
     p.add_argument("--sp-strategy", default=None,
                    help="softmax layers' sequence-parallel strategy: ring, striped, zigzag "
                    "or ulysses (default zigzag; lightning layers use LASP-2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--debug-nan-step", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--debug-nan-step", type=nonneg_int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(run=cmd_train, subparser=p)
     return p

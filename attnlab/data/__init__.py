@@ -6,6 +6,7 @@ function of ``(seed, split, step)``. :func:`make_dataset` builds one by name.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from attnlab.data.batch import Batch, pack_documents, positions_from_segments, rows_from_windows
@@ -27,7 +28,13 @@ def make_dataset(name: str, *, seq_len: int, seed: int = 0, **kwargs: Any) -> An
     """
     if name not in DATASETS:
         raise ValueError(f"unknown task {name!r}; choose one of {', '.join(DATASETS)}")
-    return DATASETS[name](seq_len=seq_len, seed=seed, **kwargs)
+    cls = DATASETS[name]
+    options = [f.name for f in dataclasses.fields(cls) if f.name not in ("seq_len", "seed")]
+    unknown = sorted(set(kwargs) - set(options))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for task {name!r}; its options are "
+                         f"{', '.join(options) or 'none'}")
+    return cls(seq_len=seq_len, seed=seed, **kwargs)
 
 
 __all__ = [

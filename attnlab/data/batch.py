@@ -10,6 +10,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from attnlab.data.tokenizer import check_token_ids
+from pallas_kernels.common.static_args import check_int
+
 # Segment id of padding; documents in a row are numbered 1, 2, ... in order.
 PAD_SEGMENT = 0
 # Data splits and the number each one mixes into its random streams.
@@ -68,6 +71,10 @@ def rows_from_windows(
             f"tokens {tokens.shape} and doc_ids {doc_ids.shape} must both be [B, T+1] with "
             "T >= 1"
         )
+    check_token_ids(tokens, "tokens")
+    if loss is not None and np.shape(loss) != tokens.shape:
+        raise ValueError(f"loss must have the tokens' shape {tokens.shape}, got "
+                         f"{np.shape(loss)}")
     seg_in, seg_tg = doc_ids[:, :-1], doc_ids[:, 1:]
     change = np.ones(seg_in.shape, bool)
     change[:, 1:] = seg_in[:, 1:] != seg_in[:, :-1]
@@ -100,7 +107,17 @@ def pack_documents(
 
     Returns:
       A :class:`Batch` of shape [rows, seq_len].
+
+    Raises:
+      ValueError: rows or seq_len not a positive int; a document whose tokens are not
+        integer ids in [0, VOCAB_SIZE) or whose loss is not one weight per token.
     """
+    rows, seq_len = check_int("rows", rows), check_int("seq_len", seq_len)
+    for i, (tokens, loss) in enumerate(docs):
+        check_token_ids(tokens, f"tokens of document {i}")
+        if np.ndim(tokens) != 1 or np.shape(loss) != np.shape(tokens):
+            raise ValueError(f"document {i} must be (tokens [L], loss [L]), got shapes "
+                             f"{np.shape(tokens)} and {np.shape(loss)}")
     width = seq_len + 1
     tok = np.zeros((rows, width), np.int32)
     doc = np.full((rows, width), -1, np.int64)
@@ -125,10 +142,18 @@ def pack_documents(
 def rng_for(seed: int, step: int, split: str) -> np.random.Generator:
     """The NumPy generator of batch ``step`` of ``split``: a pure function of its arguments,
     identical on every machine (PCG64 seeded through SeedSequence)."""
-    if step < 0:
-        raise ValueError(f"step={step} must be >= 0")
+    check_int("seed", seed, minimum=0)
+    check_int("step", step, minimum=0)
     check_split(split)
     return np.random.default_rng([seed, SPLITS[split], step])
+
+
+def check_batch_request(step: int, batch_size: int, split: str) -> None:
+    """ValueError unless ``step`` is an int >= 0, ``batch_size`` a positive int and
+    ``split`` 'train' or 'validation' (what every dataset's ``batch`` takes)."""
+    check_int("step", step, minimum=0)
+    check_int("batch_size", batch_size)
+    check_split(split)
 
 
 def check_split(split: str) -> None:

@@ -23,8 +23,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from attnlab.data.batch import SPLITS, Batch, check_split, rows_from_windows
+from attnlab.data.batch import SPLITS, Batch, check_batch_request, check_split, rows_from_windows
 from attnlab.data.tokenizer import EOS
+from pallas_kernels.common.static_args import check_int
 
 _SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
 
@@ -80,8 +81,9 @@ class StdlibCorpus:
     is_text: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if self.seq_len <= 0:
-            raise ValueError(f"seq_len={self.seq_len} must be positive")
+        check_int("seq_len", self.seq_len)
+        check_int("seed", self.seed, minimum=0)
+        check_int("validation_percent", self.validation_percent, minimum=0)
         if not 0 < self.validation_percent < 100:
             raise ValueError(f"validation_percent={self.validation_percent} must lie in (0, 100)")
 
@@ -99,9 +101,7 @@ class StdlibCorpus:
 
     def batch(self, step: int, batch_size: int, split: str = "train") -> Batch:
         """Batch ``step`` of ``split`` [batch_size, seq_len] (see the module docstring)."""
-        check_split(split)
-        if step < 0 or batch_size <= 0:
-            raise ValueError(f"step={step} must be >= 0 and batch_size={batch_size} positive")
+        check_batch_request(step, batch_size, split)
         width = self.seq_len + 1
         per_epoch = self.num_tokens(split) // width
         if per_epoch == 0:

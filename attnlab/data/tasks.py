@@ -19,8 +19,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from attnlab.data.batch import Batch, pack_documents, rng_for
+from attnlab.data.batch import Batch, check_batch_request, pack_documents, rng_for
 from attnlab.data.tokenizer import encode
+from pallas_kernels.common.static_args import check_int
 
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
@@ -31,10 +32,11 @@ MQAR_KEYS = (1, 128)
 MQAR_VALUES = (128, 256)
 
 
-def _check_positive(**kw: int) -> None:
-    for name, v in kw.items():
-        if v <= 0:
-            raise ValueError(f"{name}={v} must be positive")
+def _check_sizes(seed: int, **sizes: int) -> None:
+    """ValueError unless ``seed`` is an int >= 0 and every size a positive int."""
+    check_int("seed", seed, minimum=0)
+    for name, v in sizes.items():
+        check_int(name, v)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,7 +61,7 @@ class MQAR:
     is_text: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        _check_positive(seq_len=self.seq_len, num_kv_pairs=self.num_kv_pairs)
+        _check_sizes(self.seed, seq_len=self.seq_len, num_kv_pairs=self.num_kv_pairs)
         if self.num_kv_pairs > MQAR_KEYS[1] - MQAR_KEYS[0]:
             raise ValueError(f"num_kv_pairs={self.num_kv_pairs} exceeds the "
                              f"{MQAR_KEYS[1] - MQAR_KEYS[0]} distinct keys; use fewer pairs")
@@ -84,6 +86,7 @@ class MQAR:
 
     def batch(self, step: int, batch_size: int, split: str = "train") -> Batch:
         """Batch ``step`` of ``split`` [batch_size, seq_len]."""
+        check_batch_request(step, batch_size, split)
         rng = rng_for(self.seed, step, split)
         per_row = (self.seq_len + 1) // (4 * self.num_kv_pairs)
         docs = [self.example(rng) for _ in range(batch_size * per_row)]
@@ -113,7 +116,7 @@ class Induction:
     is_text: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        _check_positive(seq_len=self.seq_len, prefix_len=self.prefix_len)
+        _check_sizes(self.seed, seq_len=self.seq_len, prefix_len=self.prefix_len)
         if 2 * self.prefix_len > self.seq_len + 1:
             raise ValueError(f"prefix_len={self.prefix_len} needs seq_len >= "
                              f"{2 * self.prefix_len - 1}; got seq_len={self.seq_len}")
@@ -130,6 +133,7 @@ class Induction:
 
     def batch(self, step: int, batch_size: int, split: str = "train") -> Batch:
         """Batch ``step`` of ``split`` [batch_size, seq_len]."""
+        check_batch_request(step, batch_size, split)
         rng = rng_for(self.seed, step, split)
         per_row = (self.seq_len + 1) // (2 * self.prefix_len)
         return pack_documents([self.example(rng) for _ in range(batch_size * per_row)],
@@ -161,7 +165,7 @@ class Passkey:
     is_text: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        _check_positive(seq_len=self.seq_len, digits=self.digits)
+        _check_sizes(self.seed, seq_len=self.seq_len, digits=self.digits)
         fixed = len(self.text("0" * self.digits, 0.0, 0))
         if self.seq_len + 1 < fixed:
             raise ValueError(f"seq_len={self.seq_len} is too short for a passkey example "
@@ -186,6 +190,7 @@ class Passkey:
 
     def batch(self, step: int, batch_size: int, split: str = "train") -> Batch:
         """Batch ``step`` of ``split`` [batch_size, seq_len]."""
+        check_batch_request(step, batch_size, split)
         rng = rng_for(self.seed, step, split)
         docs = [self.example(rng)[:2] for _ in range(batch_size)]
         return pack_documents(docs, batch_size, self.seq_len)
@@ -222,7 +227,7 @@ class Calendar:
     is_text: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        _check_positive(seq_len=self.seq_len, max_offset=self.max_offset)
+        _check_sizes(self.seed, seq_len=self.seq_len, max_offset=self.max_offset)
         if self.seq_len < 63:
             raise ValueError(f"seq_len={self.seq_len} is too short for a calendar question; "
                              "use seq_len >= 63")
@@ -244,6 +249,7 @@ class Calendar:
 
     def batch(self, step: int, batch_size: int, split: str = "train") -> Batch:
         """Batch ``step`` of ``split`` [batch_size, seq_len]."""
+        check_batch_request(step, batch_size, split)
         rng = rng_for(self.seed, step, split)
         # Questions are at most 47 bytes; this many always fill the rows.
         n = batch_size * ((self.seq_len + 1) // 30 + 1)

@@ -14,12 +14,13 @@ from flax import nnx
 
 from attnlab.nn.config import Config
 from attnlab.nn.layers import Linear
-from attnlab.nn.registry import check_no_cache, register
+from attnlab.nn.registry import check_inputs, check_no_cache, register
 from attnlab.ops.attention import attention
 from attnlab.ops.attention import implementations as attention_implementations
 from attnlab.ops.decode import MAX_QUERIES, decode_attention
 from attnlab.ops.decode import implementations as decode_implementations
 from attnlab.ops.rope import rope
+from pallas_kernels.common.static_args import check_int
 
 if TYPE_CHECKING:
     from sharding.hybrid import HybridParallel
@@ -96,10 +97,7 @@ class SoftmaxAttention(nnx.Module):
 
     def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> Cache:
         """Empty cache: zero K/V [B, max_len, K, H] in ``dtype`` (default cfg.dtype), length 0."""
-        if batch_size <= 0 or max_len <= 0:
-            raise ValueError(
-                f"batch_size={batch_size} and max_len={max_len} must be positive"
-            )
+        batch_size, max_len = check_int("batch_size", batch_size), check_int("max_len", max_len)
         cfg = self.cfg
         shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
         dtype = cfg.dtype if dtype is None else dtype
@@ -125,11 +123,9 @@ class SoftmaxAttention(nnx.Module):
         """
         cfg = self.cfg
         check_no_cache(self.parallel, cache, "softmax")
-        if x.ndim != 3 or x.shape[-1] != cfg.d_model:
-            raise ValueError(f"x must have shape [batch, seq, {cfg.d_model}], got {x.shape}")
-        b, t, _ = x.shape
-        if positions.shape != (b, t):
-            raise ValueError(f"positions must have shape ({b}, {t}), got {positions.shape}")
+        if positions is None:
+            raise ValueError("positions are required: [B, T] int32 global token positions")
+        b, t = check_inputs(x, cfg.d_model, positions, segment_ids)
         n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q = self.q_proj(x).reshape(b, t, n, h)
         kk = self.k_proj(x).reshape(b, t, k, h)

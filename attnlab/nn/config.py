@@ -10,8 +10,12 @@ that needs more adds a field here with a default, so one ``Config`` describes a 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.common.static_args import check_int, check_static_float
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,6 +53,12 @@ class Config:
         (TransMLA's exact GQA form): RoPE on the first ``rope_dim`` dims of each head's
         up-projected query and key, so qk_rope_head_dim is 0 (its default in this mode) and
         decoding materializes K/V from the latent cache (correct, not absorbed).
+
+    Raises:
+      ValueError: a size that is not a positive int (NumPy integers are accepted), heads
+        that do not divide, a pattern of the wrong length, an odd number of rotated dims,
+        a non-finite or out-of-range float, a dtype that is not a float type. Mechanism
+        letters and ``attention_impl`` are checked by the model (``transformer.validate``).
     """
 
     vocab_size: int = 256
@@ -78,6 +88,40 @@ class Config:
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        # Types first (NumPy integers become Python ints), so the derivations below and the
+        # messages are about values, never a ZeroDivisionError or a TypeError.
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len"):
+            set_(name, check_int(name, getattr(self, name)))
+        for name in ("num_kv_heads", "head_dim", "mlp_dim", "kv_lora_rank", "qk_nope_head_dim",
+                     "v_head_dim"):
+            if getattr(self, name) is not None:
+                set_(name, check_int(name, getattr(self, name), why="or None: derived"))
+        if self.qk_rope_head_dim is not None:  # 0 with mla_rope="per_head", checked below
+            set_("qk_rope_head_dim", check_int("qk_rope_head_dim", self.qk_rope_head_dim,
+                                               minimum=0, why="or None: derived"))
+        if self.q_lora_rank is not None:
+            set_("q_lora_rank", check_int("q_lora_rank", self.q_lora_rank,
+                                          why="or None: a full-rank query"))
+        if self.local_window_size is not None:
+            set_("local_window_size", check_int("local_window_size", self.local_window_size,
+                                                minimum=0, why="or None: full causal"))
+        set_("rope_theta", check_static_float("rope_theta", self.rope_theta, positive=True))
+        set_("rope_fraction", check_static_float("rope_fraction", self.rope_fraction,
+                                                 minimum=0.0, maximum=1.0))
+        if self.logits_soft_cap is not None:
+            set_("logits_soft_cap", check_static_float("logits_soft_cap", self.logits_soft_cap,
+                                                       positive=True))
+        set_("norm_eps", check_static_float("norm_eps", self.norm_eps, minimum=0.0))
+        if not isinstance(self.attention_impl, str):
+            raise ValueError(f"attention_impl must be an implementation name such as 'auto', "
+                             f"got {self.attention_impl!r}")
+        if self.layer_pattern is not None and not isinstance(self.layer_pattern, str):
+            raise ValueError(f"layer_pattern must be a string of mechanism letters such as "
+                             f"'LLLS', or None, got {self.layer_pattern!r}")
+        if not isinstance(self.tie_embeddings, (bool, np.bool_)):
+            raise ValueError(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+        for name in ("dtype", "param_dtype"):
+            _check_float_dtype(name, getattr(self, name))
         if self.num_kv_heads is None:
             set_("num_kv_heads", self.num_heads)
         if self.head_dim is None:
@@ -111,12 +155,11 @@ class Config:
                               ("qk_nope_head_dim", self.head_dim), ("v_head_dim", self.head_dim)):
             if getattr(self, name) is None:
                 set_(name, default)
-        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "mlp_dim", "max_seq_len", "kv_lora_rank",
-                     *(() if per_head else ("qk_rope_head_dim",)), "qk_nope_head_dim",
-                     "v_head_dim"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if not per_head and self.qk_rope_head_dim == 0:
+            raise ValueError(
+                "qk_rope_head_dim=0 needs mla_rope='per_head'; with mla_rope='decoupled' the "
+                "shared rotated key k_R has qk_rope_head_dim >= 2 dims (even)"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads="
@@ -127,8 +170,6 @@ class Config:
                 f"layer_pattern {self.layer_pattern!r} has {len(self.layer_pattern)} letters but "
                 f"num_layers={self.num_layers}; give one letter per layer"
             )
-        if not 0.0 <= self.rope_fraction <= 1.0:
-            raise ValueError(f"rope_fraction={self.rope_fraction} must lie in [0, 1]")
         rotated = int(round(self.head_dim * self.rope_fraction))
         if rotated % 2:
             raise ValueError(
@@ -139,12 +180,19 @@ class Config:
             raise ValueError(
                 f"qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE rotates pairs)"
             )
-        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
-            raise ValueError(f"q_lora_rank={self.q_lora_rank} must be positive or None")
-        if self.local_window_size is not None and self.local_window_size < 0:
-            raise ValueError(f"local_window_size={self.local_window_size} must be >= 0 or None")
 
     @property
     def rope_dim(self) -> int:
         """Number of leading head dims that RoPE rotates (even)."""
         return int(round(self.head_dim * self.rope_fraction))
+
+
+def _check_float_dtype(name: str, dtype: Any) -> None:
+    try:
+        ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{name} must be a float dtype (float32, bfloat16, float16), got {dtype!r}"
+        )

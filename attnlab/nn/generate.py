@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from attnlab.nn.transformer import Transformer
+from pallas_kernels.common.static_args import check_static_float, is_int
 
 
 def init_caches(
@@ -43,6 +44,10 @@ def init_caches(
       >>> caches = init_caches(model, 4, 128)
     """
     cfg = model.cfg
+    for name, value in (("batch_size", batch_size), ("max_len", max_len)):
+        if not is_int(value):
+            raise ValueError(f"{name} must be an int, got {value!r} of type "
+                             f"{type(value).__name__}")
     if batch_size <= 0:
         raise ValueError(f"batch_size={batch_size} must be positive")
     if not 0 < max_len <= cfg.max_seq_len:
@@ -194,6 +199,13 @@ def generate(
     if not jnp.issubdtype(prompt.dtype, jnp.integer):
         raise ValueError(f"prompt must hold integer token ids, got dtype {prompt.dtype}")
     _check_token_range(prompt, cfg.vocab_size)
+    if not is_int(max_new_tokens):
+        raise ValueError(f"max_new_tokens must be an int, got {max_new_tokens!r} of type "
+                         f"{type(max_new_tokens).__name__}")
+    if top_k is not None and not is_int(top_k):
+        raise ValueError(f"top_k must be an int or None, got {top_k!r} of type "
+                         f"{type(top_k).__name__}")
+    temperature = check_static_float("temperature", temperature)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     total = prompt.shape[1] + max_new_tokens

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.common.static_args import check_int, check_static_float
+
 # LeCun normal (variance 1/fan_in), untruncated: the truncated form compiles several times
 # slower on CPU, once per weight shape, which dominates building a small model.
 _default_init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal")
@@ -31,9 +33,8 @@ class RMSNorm(nnx.Module):
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs | None = None,
     ) -> None:
-        if num_features <= 0:
-            raise ValueError(f"num_features={num_features} must be positive")
-        self.eps = eps
+        num_features = check_int("num_features", num_features)
+        self.eps = check_static_float("eps", eps, minimum=0.0)
         self.dtype = dtype
         self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
 
@@ -58,7 +59,7 @@ class Linear(nnx.Module):
         rngs: nnx.Rngs,
     ) -> None:
         self.dtype = dtype
-        shape = (in_features, out_features)
+        shape = (check_int("in_features", in_features), check_int("out_features", out_features))
         self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -78,6 +79,7 @@ class SwiGLU(nnx.Module):
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
+        d_model, hidden_dim = check_int("d_model", d_model), check_int("hidden_dim", hidden_dim)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.gate = Linear(d_model, hidden_dim, **kw)
         self.up = Linear(d_model, hidden_dim, **kw)
@@ -100,7 +102,8 @@ class Embed(nnx.Module):
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
-        self.vocab_size = vocab_size
+        self.vocab_size = vocab_size = check_int("vocab_size", vocab_size)
+        d_model = check_int("d_model", d_model)
         self.dtype = dtype
         # std 1/sqrt(D): tied logits start O(1) (the final RMSNorm output has unit scale).
         init = nnx.initializers.normal(stddev=d_model**-0.5)

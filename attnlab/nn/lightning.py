@@ -20,8 +20,9 @@ import numpy as np
 from flax import nnx
 
 from attnlab.nn.config import Config
-from attnlab.nn.registry import check_no_cache, register
+from attnlab.nn.registry import check_inputs, check_no_cache, register
 from attnlab.ops import lightning as _L
+from pallas_kernels.common.static_args import check_int
 
 if TYPE_CHECKING:
     from sharding.hybrid import HybridParallel
@@ -71,7 +72,7 @@ class LightningAttention(nnx.Module):
         )
         # A static tuple, not an array attribute: the decay is a constant of the layer.
         self.decay = tuple(float(x) for x in _L.minimax_decay(n, layer_idx, cfg.num_layers))
-        self.num_heads, self.head_dim = n, h
+        self.num_heads, self.head_dim, self.d_model = n, h, d
         self.impl = cfg.attention_impl
         self.dtype = cfg.dtype
         self.parallel = parallel  # static (part of the graph definition), not a parameter
@@ -87,10 +88,11 @@ class LightningAttention(nnx.Module):
         """x [B, T, D] -> (y [B, T, D], updated cache or None). ``positions`` are unused.
 
         Raises:
-          ValueError: a cache given to a module built with ``parallel``.
+          ValueError: x not [B, T, D]; positions or segment_ids not [B, T] integers; a cache
+            given to a module built with ``parallel``.
         """
         check_no_cache(self.parallel, cache, "lightning")
-        b, t, _ = x.shape
+        b, t = check_inputs(x, self.d_model, positions, segment_ids)
         n, h = self.num_heads, self.head_dim
         qkv = jax.nn.silu(self.qkv(x.astype(self.dtype))).reshape(b, t, 3, n, h)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -120,6 +122,7 @@ class LightningAttention(nnx.Module):
                    ) -> Cache:
         """An empty cache: the zero state [B, N, H, H] float32 (``max_len`` and ``dtype`` do
         not apply: the state is constant-size and kept in float32)."""
+        batch_size = check_int("batch_size", batch_size)
         return {"state": jnp.zeros((batch_size, self.num_heads, self.head_dim, self.head_dim),
                                    jnp.float32)}
 

@@ -35,12 +35,13 @@ from flax import nnx
 from attnlab.nn.attention import check_impl
 from attnlab.nn.config import Config
 from attnlab.nn.layers import Linear
-from attnlab.nn.registry import check_no_cache, register
+from attnlab.nn.registry import check_inputs, check_no_cache, register
 from attnlab.ops import mla
 from attnlab.ops.attention import attention
 from attnlab.ops.decode import MAX_QUERIES, decode_attention
 from attnlab.ops.decode import implementations as decode_implementations
 from attnlab.ops.rope import rope
+from pallas_kernels.common.static_args import check_int
 
 if TYPE_CHECKING:
     from sharding.hybrid import HybridParallel
@@ -133,8 +134,7 @@ class MultiHeadLatentAttention(nnx.Module):
 
     def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> Cache:
         """Empty cache: zero latents [B, max_len, d_c + d_R] in ``dtype``, length 0."""
-        if batch_size <= 0 or max_len <= 0:
-            raise ValueError(f"batch_size={batch_size} and max_len={max_len} must be positive")
+        batch_size, max_len = check_int("batch_size", batch_size), check_int("max_len", max_len)
         cfg = self.cfg
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         return {"latent": jnp.zeros((batch_size, max_len, width), cfg.dtype if dtype is None
@@ -164,16 +164,15 @@ class MultiHeadLatentAttention(nnx.Module):
         """x [B, T, D], positions [B, T] -> (y [B, T, D], cache), as every mechanism.
 
         Raises:
-          ValueError: x or positions of the wrong shape; segment_ids with a cache; more new
+          ValueError: x, positions or segment_ids of the wrong shape or dtype; segment_ids
+            with a cache; more new
             tokens than the cache holds; a cache given to a module built with ``parallel``.
         """
         cfg = self.cfg
         check_no_cache(self.parallel, cache, "mla")
-        if x.ndim != 3 or x.shape[-1] != cfg.d_model:
-            raise ValueError(f"x must have shape [batch, seq, {cfg.d_model}], got {x.shape}")
-        b, t, _ = x.shape
-        if positions.shape != (b, t):
-            raise ValueError(f"positions must have shape ({b}, {t}), got {positions.shape}")
+        if positions is None:
+            raise ValueError("positions are required: [B, T] int32 global token positions")
+        b, t = check_inputs(x, cfg.d_model, positions, segment_ids)
         q_nope, q_rope, latent = self._project(x, positions)
         w_uk, w_uv = self.w_uk[...].astype(cfg.dtype), self.w_uv[...].astype(cfg.dtype)
         w = cfg.local_window_size

@@ -34,6 +34,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax.numpy as jnp
+
 _BY_LETTER: dict[str, type] = {}
 _BY_NAME: dict[str, type] = {}
 
@@ -80,6 +82,23 @@ def get(letter_or_name: str) -> Any:
         known = ", ".join(f"{k}={v}" for k, v in mechanisms().items())
         raise ValueError(f"unknown attention mechanism {letter_or_name!r}; known: {known}")
     return cls
+
+
+def check_inputs(x: Any, d_model: int, positions: Any, segment_ids: Any) -> tuple[int, int]:
+    """(B, T) of a mechanism's input x [B, T, D]; ValueError naming the argument when x is not
+    [B, T, d_model] or positions / segment_ids (each may be None) are not [B, T] integers."""
+    if jnp.ndim(x) != 3 or jnp.shape(x)[-1] != d_model:
+        raise ValueError(f"x must have shape [batch, seq, {d_model}], got {jnp.shape(x)}")
+    b, t, _ = jnp.shape(x)
+    for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
+        if arr is None:
+            continue
+        if jnp.shape(arr) != (b, t):
+            raise ValueError(f"{name} must have shape ({b}, {t}), got {jnp.shape(arr)}")
+        if not jnp.issubdtype(jnp.result_type(arr), jnp.integer):
+            raise ValueError(f"{name} must be an integer array (int32), got dtype "
+                             f"{jnp.result_type(arr)}")
+    return b, t
 
 
 def check_no_cache(parallel: Any, cache: Any, mechanism: str) -> None:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from attnlab.nn import registry
@@ -110,7 +111,10 @@ class Transformer(nnx.Module):
         """Logits of every token, and the updated caches when decoding.
 
         Args:
-          tokens: [B, T] int32.
+          tokens: [B, T] int32 ids in [0, vocab_size). Ids are not range-checked here (they
+            may be traced): an id outside the range reads a wrong embedding row (-1: the
+            last) or NaN. The data loaders (``attnlab.data``), ``generate`` and the CLI
+            check them.
           positions: [B, T] int32 global positions; default ``arange(T)`` per row (with
             ``caches``: each softmax cache's ``length + arange(T)``).
           segment_ids: [B, T] int32 document ids of packed rows, or None (training only).
@@ -120,22 +124,33 @@ class Transformer(nnx.Module):
           (logits [B, T, V] float32, caches): caches is None when None was given.
 
         Raises:
-          ValueError: tokens not [B, T]; T > cfg.max_seq_len; positions/segment_ids of the
-            wrong shape; a cache list of the wrong length; positions needed but not derivable;
-            caches given to a model built with ``parallel``.
+          ValueError: tokens not [B, T]; tokens, positions or segment_ids not integers;
+            T > cfg.max_seq_len; positions/segment_ids of the wrong shape; a cache list of
+            the wrong length; positions needed but not derivable; caches given to a model
+            built with ``parallel``.
         """
         cfg = self.cfg
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must have shape [batch, seq], got {tokens.shape}")
-        b, t = tokens.shape
+        if isinstance(tokens, (list, tuple)):
+            tokens = np.asarray(tokens)
+        if jnp.ndim(tokens) != 2:
+            raise ValueError(f"tokens must have shape [batch, seq], got {jnp.shape(tokens)}")
+        b, t = jnp.shape(tokens)
+        for name, arr in (("tokens", tokens), ("positions", positions),
+                          ("segment_ids", segment_ids)):
+            if arr is not None and not jnp.issubdtype(jnp.result_type(arr), jnp.integer):
+                raise ValueError(
+                    f"{name} must be an integer array (int32), got dtype {jnp.result_type(arr)}"
+                )
         if t > cfg.max_seq_len:
             raise ValueError(
                 f"sequence of {t} tokens is longer than max_seq_len={cfg.max_seq_len}; raise "
                 "Config.max_seq_len or shorten the input"
             )
         for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
-            if arr is not None and arr.shape != (b, t):
-                raise ValueError(f"{name} must have shape ({b}, {t}) like tokens, got {arr.shape}")
+            if arr is not None and jnp.shape(arr) != (b, t):
+                raise ValueError(
+                    f"{name} must have shape ({b}, {t}) like tokens, got {jnp.shape(arr)}"
+                )
         registry.check_no_cache(self.parallel, caches, "this model's")
         if caches is not None and len(caches) != len(self.blocks):
             raise ValueError(
@@ -146,7 +161,7 @@ class Transformer(nnx.Module):
             start = jnp.zeros((b,), jnp.int32) if caches is None else _cache_length(caches)
             positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)
         positions = jnp.asarray(positions, jnp.int32)
-        x = self.embed(tokens)
+        x = self.embed(jnp.asarray(tokens))
         new_caches = None if caches is None else []
         for i, block in enumerate(self.blocks):
             x, c = block(

@@ -206,6 +206,11 @@ class Registry:
     ) -> Implementation:
         """Resolves ``impl`` ("auto", "pallas" or a name) for normalized arguments ``a``."""
         self._load()
+        if not isinstance(impl, str):
+            raise ValueError(
+                f"impl must be a name, 'auto' or 'pallas', got {impl!r} of type "
+                f"{type(impl).__name__}; registered: {sorted(self._impls)}"
+            )
         plat = plat or platform()
         if impl == "pallas":
             impl = self.pallas.get(plat, "pallas_triton")
@@ -248,6 +253,11 @@ class Registry:
         self._load()
         plat = plat or platform()
         names = impl_names or (*self._impls, *self._import_errors)
+        unknown = [n for n in names if n not in self._impls and n not in self._import_errors]
+        if unknown:
+            raise ValueError(
+                f"unknown impl name(s) {unknown} in impl_names; registered: {sorted(self._impls)}"
+            )
         out: dict[str, str | None] = {}
         for n in names:
             if n in self._impls:

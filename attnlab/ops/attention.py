@@ -30,6 +30,7 @@ from attnlab.ops._registry import (  # noqa: F401 (platform: re-export)
     platform,
 )
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, SegmentIds, visible
+from pallas_kernels.common.static_args import check_bool, check_static_float
 
 
 class AttentionArgs(NamedTuple):
@@ -127,10 +128,8 @@ def _reference_bwd(q, k, v, out, lse, dout, dlse, a: AttentionArgs):
 def args_from_kwargs(q, k, v, **kwargs: Any) -> AttentionArgs:
     """The validated, normalized arguments of ``attention(q, k, v, **kwargs)`` (this op's
     registry normalizer); ValueError on bad or unknown arguments."""
-    flags = {
-        "return_residuals": kwargs.pop("return_residuals", False),
-        "return_entropy": kwargs.pop("return_entropy", False),
-    }
+    flags = {name: check_bool(name, kwargs.pop(name, False))
+             for name in ("return_residuals", "return_entropy")}
     a = _normalize(
         q, k, v, kwargs.pop("bias", None), kwargs.pop("is_causal", False),
         kwargs.pop("local_window_size", None), kwargs.pop("segment_ids", None),
@@ -205,8 +204,13 @@ def attention(
         so a block of a longer sequence gets the right mask.
       q_positions, kv_positions: [T] / [S] int32 global positions (instead of offsets), for
         permuted layouts such as striped or zigzag sequence parallelism.
-      logits_soft_cap: c: logits become c * tanh(logits / c) (Gemma 2 style), before the bias.
+      logits_soft_cap: c > 0: logits become c * tanh(logits / c) (Gemma 2 style), before the
+        bias.
       scale: logits scale, default 1 / sqrt(H).
+        ``scale`` and ``logits_soft_cap`` are static Python floats: under ``jax.jit`` they
+        cannot be traced arguments (pass them as static arguments), as ``is_causal`` and
+        ``local_window_size`` cannot. Traced offsets, positions and segment ids are fine, but
+        their values are not checked (positions in range, ids per document).
       return_residuals: also return lse [B, T, N] float32, the natural log-sum-exp of each
         row's logits (-inf for a row that sees no key).
       return_entropy: also return the attention entropy of each row, [B, T, N] float32,
@@ -221,12 +225,15 @@ def attention(
       output (never NaN).
 
     Raises:
-      ValueError: bad shapes, dtypes or arguments, unknown impl.
+      ValueError: bad shapes (H = 0 or S = 0 included), dtypes or arguments (non-integer
+        offsets or positions, traced or non-finite scale / soft-cap), unknown impl.
       NotImplementedError: the named impl cannot compute this call (the message says why).
 
     Example:
       >>> out = attention(q, k, v, is_causal=True)
     """
+    return_residuals = check_bool("return_residuals", return_residuals)
+    return_entropy = check_bool("return_entropy", return_entropy)
     a = _normalize(
         q, k, v, bias, is_causal, local_window_size, segment_ids, q_offset, kv_offset,
         q_positions, kv_positions, logits_soft_cap, scale, config,
@@ -265,6 +272,10 @@ def _normalize(
     check_gqa(q, k, v)
     b, t, n, h = q.shape
     s = k.shape[1]
+    if s == 0:
+        raise ValueError(
+            f"k and v hold no keys (S=0: k {k.shape}); attention needs at least one key"
+        )
     spec = MaskSpec.from_jax_nn(is_causal=is_causal, local_window_size=local_window_size)
 
     default_pos = q_positions is None and kv_positions is None
@@ -278,12 +289,15 @@ def _normalize(
                 f"q_positions must have shape ({t},) and kv_positions ({s},), got "
                 f"{jnp.shape(q_positions)} and {jnp.shape(kv_positions)}"
             )
+        for name, pos in (("q_positions", q_positions), ("kv_positions", kv_positions)):
+            _check_integer(name, pos)
         q_pos = jnp.asarray(q_positions, jnp.int32)
         kv_pos = jnp.asarray(kv_positions, jnp.int32)
     else:
         for name, off in (("q_offset", q_offset), ("kv_offset", kv_offset)):
             if jnp.ndim(off) != 0:
                 raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(off)}")
+            _check_integer(name, off)
         default_pos = _is_zero(q_offset) and _is_zero(kv_offset)
         q_pos = jnp.asarray(q_offset, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
         kv_pos = jnp.asarray(kv_offset, jnp.int32) + jnp.arange(s, dtype=jnp.int32)
@@ -320,15 +334,21 @@ def _normalize(
             raise ValueError(
                 f"bias must be broadcastable as [B|1, N|1, T|1, S|1] = {want}, got {bias.shape}"
             )
-    if logits_soft_cap is not None and not logits_soft_cap > 0:
-        raise ValueError(f"logits_soft_cap must be positive, got {logits_soft_cap}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(h)
+    if logits_soft_cap is not None:
+        logits_soft_cap = check_static_float("logits_soft_cap", logits_soft_cap, positive=True)
+    scale = 1.0 / math.sqrt(h) if scale is None else check_static_float("scale", scale)
     return AttentionArgs(
-        spec, q_pos, kv_pos, seg, bias, float(scale),
-        None if logits_soft_cap is None else float(logits_soft_cap), default_pos, config,
+        spec, q_pos, kv_pos, seg, bias, scale, logits_soft_cap, default_pos, config,
     )
 
 
 def _is_zero(x) -> bool:
     return isinstance(x, (int, float)) and x == 0
+
+
+def _check_integer(name: str, x: Any) -> None:
+    """Positions and offsets are integers: a float would be truncated into another mask."""
+    dtype = x.dtype if isinstance(x, jax.ShapeDtypeStruct) else jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.integer):
+        given = f"{x!r} of " if isinstance(x, (float, bool)) else ""
+        raise ValueError(f"{name} must hold integers (token positions), got {given}dtype {dtype}")

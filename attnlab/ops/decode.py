@@ -46,6 +46,7 @@ from attnlab.ops._registry import (  # noqa: F401 (platform: re-export)
 )
 from attnlab.ops.merge import merge_n
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, visible
+from pallas_kernels.common.static_args import check_bool, check_static_float, is_int
 
 MAX_QUERIES = 64
 _FORWARD_ONLY = "decode kernels are forward-only; use impl='xla' to differentiate"
@@ -144,7 +145,7 @@ def forward_only(decode_partials: Callable[..., tuple[jax.Array, jax.Array]],
 def args_from_kwargs(q, k, v, **kwargs: Any) -> DecodeArgs:
     """The validated, normalized arguments of ``decode_attention(q, k, v, **kwargs)`` (this op's
     registry normalizer); ValueError on bad or unknown arguments."""
-    return_residuals = kwargs.pop("return_residuals", False)
+    return_residuals = check_bool("return_residuals", kwargs.pop("return_residuals", False))
     a = _normalize(
         q, k, v, kwargs.pop("kv_lengths", None), kwargs.pop("local_window_size", None),
         kwargs.pop("logits_soft_cap", None), kwargs.pop("scale", None),
@@ -194,8 +195,10 @@ def decode_attention(
         j < kv_lengths[b] with j <= its position (causal).
       local_window_size: w or (w, 0): a query at position p also needs j >= p - w. The
         window is left-only (decoding is causal); a right side must be 0 or None.
-      logits_soft_cap: c: logits become c * tanh(logits / c).
-      scale: logits scale, default 1 / sqrt(H).
+      logits_soft_cap: c > 0: logits become c * tanh(logits / c).
+      scale: logits scale, default 1 / sqrt(H). ``scale``, ``logits_soft_cap`` and
+        ``local_window_size`` are static (Python numbers, not traced under ``jax.jit``);
+        traced ``kv_lengths`` are fine, but only concrete ones are checked to lie in [0, S].
       return_residuals: also return lse [B, T, N] float32 (-inf for a row that sees no key).
       impl: "auto" (GPU: pallas_triton, TPU: pallas_tpu, CPU: xla), "pallas" (the platform's
         kernel), "reference", "xla", "pallas_triton", "pallas_tpu".
@@ -214,6 +217,7 @@ def decode_attention(
     Example:
       >>> out = decode_attention(q, k_cache, v_cache, kv_lengths=lengths)
     """
+    return_residuals = check_bool("return_residuals", return_residuals)
     a = _normalize(
         q, k, v, kv_lengths, local_window_size, logits_soft_cap, scale, config
     )._replace(return_residuals=return_residuals)
@@ -253,13 +257,11 @@ def _normalize(
             _check_length_values(lengths, s)
             lengths = lengths.astype(jnp.int32)
     left = _window_left(local_window_size)
-    if logits_soft_cap is not None and not logits_soft_cap > 0:
-        raise ValueError(f"logits_soft_cap must be positive, got {logits_soft_cap}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(h)
+    if logits_soft_cap is not None:
+        logits_soft_cap = check_static_float("logits_soft_cap", logits_soft_cap, positive=True)
+    scale = 1.0 / math.sqrt(h) if scale is None else check_static_float("scale", scale)
     return DecodeArgs(
-        MaskSpec(causal=True, window_left=left), lengths, float(scale),
-        None if logits_soft_cap is None else float(logits_soft_cap), config,
+        MaskSpec(causal=True, window_left=left), lengths, scale, logits_soft_cap, config,
     )
 
 
@@ -278,21 +280,23 @@ def _check_length_values(lengths: jax.Array, s: int) -> None:
 def _window_left(local_window_size) -> int | None:
     if local_window_size is None:
         return None
-    if isinstance(local_window_size, int) and not isinstance(local_window_size, bool):
+    if is_int(local_window_size):
         left, right = local_window_size, None
+    elif isinstance(local_window_size, (tuple, list)) and len(local_window_size) == 2:
+        left, right = local_window_size
     else:
-        try:
-            left, right = local_window_size
-        except (TypeError, ValueError):
-            raise ValueError(
-                "local_window_size must be an int or a (left, 0) pair, got "
-                f"{local_window_size!r}"
-            ) from None
-    if right not in (None, 0):
         raise ValueError(
-            f"local_window_size={local_window_size!r} has a right side of {right}; decode is "
+            "local_window_size must be None, a non-negative int w or a (w, 0) pair, got "
+            f"{local_window_size!r}"
+        )
+    if right is not None and not (is_int(right) and right == 0):
+        raise ValueError(
+            f"local_window_size={local_window_size!r} has a right side of {right!r}; decode is "
             "causal, so the window is left-only: pass an int w or (w, 0)"
         )
-    if left is not None and (not isinstance(left, int) or isinstance(left, bool) or left < 0):
-        raise ValueError(f"the left window must be a non-negative int or None, got {left!r}")
-    return left
+    if left is not None and (not is_int(left) or left < 0):
+        raise ValueError(
+            f"local_window_size={local_window_size!r}: the left window must be a non-negative "
+            f"int or None, got {left!r}"
+        )
+    return None if left is None else int(left)

@@ -29,6 +29,7 @@ import numpy as np
 
 from attnlab.ops._checks import check_qkv
 from attnlab.ops._registry import KERNEL_FIRST, Implementation, Registry, backends, platform
+from pallas_kernels.common.static_args import check_bool, check_int, check_static_float
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -53,8 +54,7 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
     Example:
       >>> alibi_slopes(8)[0]   # 0.5
     """
-    if num_heads <= 0:
-        raise ValueError(f"num_heads must be positive, got {num_heads}")
+    num_heads = check_int("num_heads", num_heads)
 
     def power_of_two(n: int) -> list[float]:
         return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
@@ -78,8 +78,9 @@ def minimax_decay(num_heads: int, layer_idx: int, num_layers: int) -> np.ndarray
     Example:
       >>> decay = minimax_decay(16, layer_idx=3, num_layers=8)
     """
-    if num_layers <= 0 or num_heads <= 0:
-        raise ValueError(f"num_heads={num_heads} and num_layers={num_layers} must be positive")
+    num_heads = check_int("num_heads", num_heads)
+    num_layers = check_int("num_layers", num_layers)
+    layer_idx = check_int("layer_idx", layer_idx, minimum=0)
     if not 0 <= layer_idx < num_layers:
         raise ValueError(f"layer_idx={layer_idx} must lie in [0, num_layers={num_layers})")
     depth = layer_idx / (num_layers - 1) if num_layers > 1 else 0.0
@@ -96,6 +97,8 @@ def transnormer_decay(num_heads: int, layer_idx: int = 0, num_layers: int = 1) -
     Example:
       >>> decay = transnormer_decay(8)
     """
+    num_layers = check_int("num_layers", num_layers)
+    layer_idx = check_int("layer_idx", layer_idx, minimum=0)
     if not 0 <= layer_idx < num_layers:
         raise ValueError(f"layer_idx={layer_idx} must lie in [0, num_layers={num_layers})")
     m = alibi_slopes(num_heads).astype(np.float64)
@@ -106,10 +109,15 @@ def transnormer_decay(num_heads: int, layer_idx: int = 0, num_layers: int = 1) -
 
 
 def _normalize(
-    q, k, v, decay, initial_state, segment_ids, scale, chunk_size, config
+    q, k, v, decay, initial_state, segment_ids, scale, chunk_size, config, *,
+    state_name: str = "initial_state",
 ) -> LightningArgs:
     check_qkv(q, k, v)
     b, t, n, h = q.shape
+    if h < 1 or v.shape[-1] < 1:  # as attention's check_heads says it
+        raise ValueError(
+            f"head dims must be at least 1, got q/k head_dim {h} and v head_dim {v.shape[-1]}"
+        )
     if k.shape != q.shape:
         raise ValueError(f"k must have q's shape {q.shape} [B, T, N, H], got {k.shape}")
     if v.shape[:3] != q.shape[:3]:
@@ -121,9 +129,12 @@ def _normalize(
     if initial_state is not None:
         if jnp.shape(initial_state) != (b, n, h, hv):
             raise ValueError(
-                f"initial_state must have shape [B, N, H, Hv] = {(b, n, h, hv)}, got "
+                f"{state_name} must have shape [B, N, H, Hv] = {(b, n, h, hv)}, got "
                 f"{jnp.shape(initial_state)}"
             )
+        if not jnp.issubdtype(jnp.result_type(initial_state), jnp.floating):
+            raise ValueError(f"{state_name} must be a float array (float32), got dtype "
+                             f"{jnp.result_type(initial_state)}")
         initial_state = jnp.asarray(initial_state, jnp.float32)
     if segment_ids is not None:
         if jnp.shape(segment_ids) != (b, t):
@@ -133,9 +144,9 @@ def _normalize(
         if not jnp.issubdtype(jnp.asarray(segment_ids).dtype, jnp.integer):
             raise ValueError(f"segment_ids must be integers, got {jnp.asarray(segment_ids).dtype}")
         segment_ids = jnp.asarray(segment_ids, jnp.int32)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    scale = 1.0 if scale is None else float(scale)
+    if chunk_size is not None:
+        chunk_size = check_int("chunk_size", chunk_size, why="or None")
+    scale = 1.0 if scale is None else check_static_float("scale", scale)
     return LightningArgs(log_decay, initial_state, segment_ids, scale, chunk_size, config)
 
 
@@ -231,10 +242,24 @@ def chunk_summary(
       (state [B, N, H, Hv] float32: the block's final state from a zero initial state,
        carry [B, N] float32: lambda^T, or 0 if a document starts inside the block).
 
+    Raises:
+      ValueError: k, v, log_decay or segment_ids of shapes that do not fit together.
+
     Example:
       >>> state, carry = chunk_summary(k, v, jnp.log(decay))
     """
-    b, t = k.shape[:2]
+    if jnp.ndim(k) != 4 or jnp.ndim(v) != 4 or jnp.shape(k)[:3] != jnp.shape(v)[:3]:
+        raise ValueError(
+            f"k must be [B, T, N, H] and v [B, T, N, Hv] with the same B, T, N; got k "
+            f"{jnp.shape(k)} and v {jnp.shape(v)}"
+        )
+    b, t, n = k.shape[:3]
+    if jnp.shape(log_decay) != (n,):
+        raise ValueError(f"log_decay must have shape [N] = ({n},), got {jnp.shape(log_decay)}")
+    if segment_ids is not None and jnp.shape(segment_ids) != (b, t):
+        raise ValueError(
+            f"segment_ids must have shape [B, T] = ({b}, {t}), got {jnp.shape(segment_ids)}"
+        )
     starts = segment_starts(segment_ids, b, t)
     r = jnp.cumsum(starts.astype(jnp.int32), axis=1)  # [B, T]
     age = (t - 1 - jnp.arange(t, dtype=jnp.float32))  # tokens after j in the block
@@ -365,22 +390,35 @@ def lightning_attention(
       return_state: also return the state after the last token, [B, N, H, Hv] float32.
       segment_ids: [B, T] int document ids; the state resets where the id changes.
       chunk_size: block length C of the ``"xla"`` path (default 64); kernels take ``config``.
-      scale: q is multiplied by it; default 1.0 (MiniMax-01 uses no 1/sqrt(H)).
+      scale: q is multiplied by it; default 1.0 (MiniMax-01 uses no 1/sqrt(H)). A static
+        Python float (not a traced value under ``jax.jit``), as ``chunk_size`` is an int.
+        Traced ``decay`` values and segment ids are fine but unchecked (concrete decays must
+        lie in (0, 1]).
       impl: "auto", "reference", "xla", "pallas", "pallas_triton", "pallas_tpu".
       config: block config of the chosen implementation (``XlaLightningConfig`` or a kernel's).
 
     Returns:
-      o [B, T, N, Hv] in q's dtype, or (o, final_state) with ``return_state``.
+      o [B, T, N, Hv] in q's dtype, or (o, final_state) with ``return_state``. T = 0 gives an
+      empty o and the initial state (zeros when None) as the final state.
 
     Raises:
-      ValueError: bad shapes, dtypes, decay values or impl name.
+      ValueError: bad shapes (H = 0 included), dtypes, decay values, scale, chunk_size or impl
+        name.
       NotImplementedError: the named impl cannot compute this call (the message says why).
 
     Example:
       >>> o, s = lightning_attention(q, k, v, decay=minimax_decay(8, 0, 4), return_state=True)
     """
+    return_state = check_bool("return_state", return_state)
     a = _normalize(q, k, v, decay, initial_state, segment_ids, scale, chunk_size, config)
     chosen = REGISTRY.choose(q, k, v, a, impl)
+    if q.shape[1] == 0:  # no tokens: an empty output, and the state passes through unchanged
+        b, _, n, h = q.shape
+        o = jnp.zeros((b, 0, n, v.shape[-1]), q.dtype)
+        s = a.initial_state
+        if s is None:
+            s = jnp.zeros((b, n, h, v.shape[-1]), jnp.float32)
+        return (o, s) if return_state else o
     o, s = chosen.fn(q, k, v, a)
     return (o, s) if return_state else o
 
@@ -413,7 +451,7 @@ def lightning_decode(
     """
     if state is None:
         raise ValueError("state is required: [B, N, H, Hv] float32 (zeros for an empty cache)")
-    a = _normalize(q, k, v, decay, state, None, scale, None, None)
+    a = _normalize(q, k, v, decay, state, None, scale, None, None, state_name="state")
     return _reference(q, k, v, a)
 
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def merge_n(
@@ -32,19 +33,28 @@ def merge_n(
       (out [B, T, N, H] in the outputs' dtype, lse [B, T, N] float32).
 
     Raises:
-      ValueError: if shapes do not line up.
+      ValueError: no parts, different numbers of outputs and lses, parts of different
+        shapes, or an lse that is not its output's shape without the head_dim axis.
 
     Example:
       >>> o, lse = merge_n([o1, o2, o3], [l1, l2, l3])
     """
-    if not isinstance(outs, jax.Array):
-        outs = jnp.stack(list(outs))
-    if not isinstance(lses, jax.Array):
-        lses = jnp.stack(list(lses))
+    outs, lses = _stack("outs", outs), _stack("lses", lses)
+    if outs.ndim < 2 or lses.ndim < 1:
+        raise ValueError(
+            f"outs must be [P, ..., H] and lses [P, ...], got outs {outs.shape} and lses "
+            f"{lses.shape}"
+        )
+    if outs.shape[0] != lses.shape[0]:
+        raise ValueError(
+            f"outs has {outs.shape[0]} parts but lses has {lses.shape[0]}; give one lse per "
+            "partial output"
+        )
     if outs.shape[:-1] != lses.shape:
         raise ValueError(
-            f"outs must be lses' shape plus a head_dim axis, got outs {outs.shape} and "
-            f"lses {lses.shape}"
+            f"each lse must be its output's shape without the head_dim axis: outs "
+            f"{outs.shape} (parts of {outs.shape[1:]}) need lses {outs.shape[:-1]}, got lses "
+            f"{lses.shape}"
         )
     lses = lses.astype(jnp.float32)
     m = jnp.max(lses, axis=0)
@@ -59,6 +69,24 @@ def merge_n(
     return out.astype(outs.dtype), lse
 
 
+def _stack(name: str, parts: jax.Array | Sequence[jax.Array]) -> jax.Array:
+    """Stacked parts [P, ...] of ``name``: an array as given, a sequence stacked after its
+    parts' shapes are checked to agree."""
+    if isinstance(parts, (jax.Array, np.ndarray)):
+        return jnp.asarray(parts)
+    parts = list(parts)
+    if not parts:
+        raise ValueError(f"{name} is empty; merge_n needs at least one partial result")
+    shapes = [jnp.shape(p) for p in parts]
+    for i, shape in enumerate(shapes):
+        if shape != shapes[0]:
+            raise ValueError(
+                f"{name} parts must share one shape, but part 0 has shape {shapes[0]} and "
+                f"part {i} has {shape}"
+            )
+    return jnp.stack(parts)
+
+
 def merge(
     o_a: jax.Array, lse_a: jax.Array, o_b: jax.Array, lse_b: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
@@ -71,9 +99,10 @@ def merge(
     Returns:
       (out [B, T, N, H], lse [B, T, N] float32).
     """
-    if o_a.shape != o_b.shape or lse_a.shape != lse_b.shape:
+    if o_a.shape != o_b.shape:
+        raise ValueError(f"o_a and o_b must have one shape, got {o_a.shape} and {o_b.shape}")
+    if lse_a.shape != lse_b.shape:
         raise ValueError(
-            f"parts must have equal shapes, got {o_a.shape}/{o_b.shape} and "
-            f"{lse_a.shape}/{lse_b.shape}"
+            f"lse_a and lse_b must have one shape, got {lse_a.shape} and {lse_b.shape}"
         )
     return merge_n(jnp.stack([o_a, o_b]), jnp.stack([lse_a, lse_b]))

@@ -42,6 +42,7 @@ from attnlab.ops.attention import attention
 from attnlab.ops.attention import reference as attention_reference
 from attnlab.ops.merge import merge_n
 from pallas_kernels.common.masks import MaskSpec
+from pallas_kernels.common.static_args import check_bool, is_int
 
 
 def _check_up(name: str, w: Any, d_c: int, n: int) -> None:
@@ -157,12 +158,13 @@ def args_from_kwargs(q, cache, _cache=None, **kwargs: Any) -> LatentDecodeArgs:
         raise ValueError("latent_decode needs v_dim (d_c: the cache's leading value columns)")
     v_dim = kwargs.pop("v_dim")
     d = cache.shape[2]
-    if not isinstance(v_dim, int) or isinstance(v_dim, bool) or not 1 <= v_dim <= d:
+    if not is_int(v_dim) or not 1 <= v_dim <= d:
         raise ValueError(f"v_dim must be an int in [1, {d}] (the cache's width), got {v_dim!r}")
-    return_residuals = kwargs.pop("return_residuals", False)
+    return_residuals = check_bool("return_residuals", kwargs.pop("return_residuals", False))
     k, v = as_decode_kv(cache, v_dim)
     a = _decode.args_from_kwargs(q, k, v, **kwargs)
-    return LatentDecodeArgs(a.spec, a.kv_lengths, a.scale, v_dim, a.config, return_residuals)
+    return LatentDecodeArgs(a.spec, a.kv_lengths, a.scale, int(v_dim), a.config,
+                            return_residuals)
 
 
 def _reference_latent(q, cache, _cache, a: LatentDecodeArgs):

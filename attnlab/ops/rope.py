@@ -15,6 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common.static_args import check_int, check_static_float
+
 
 def rope(
     x: jax.Array,
@@ -31,7 +33,7 @@ def rope(
     Args:
       x: [B, T, N, H] queries or keys.
       positions: [B, T] integer global token positions.
-      theta: RoPE base.
+      theta: RoPE base, a static Python float (not traced under ``jax.jit``).
       rope_dim: R, the number of leading head dims rotated; even, 0 <= R <= H (default H).
         0 returns x unchanged.
 
@@ -52,13 +54,13 @@ def rope(
             f"positions must have shape [batch, seq] = ({b}, {t}) to match x {x.shape}, got "
             f"{jnp.shape(positions)}"
         )
-    rope_dim = h if rope_dim is None else rope_dim
+    rope_dim = h if rope_dim is None else check_int("rope_dim", rope_dim, minimum=0)
     if rope_dim % 2 or not 0 <= rope_dim <= h:
         raise ValueError(
             f"rope_dim={rope_dim} must be an even number in [0, head_dim={h}]; pick an even "
             "number of dims to rotate"
         )
-    if not theta > 0:
+    if not check_static_float("theta", theta) > 0:
         raise ValueError(f"theta={theta} must be positive (10000 is the usual base)")
     if rope_dim == 0:
         return x

@@ -93,7 +93,16 @@ def reference(
 
     Returns:
       [B, T, N, Hv] in q's dtype. With T == block_size (one block) this is plain attention.
+
+    Raises:
+      ValueError: q, k, v not [B, T, heads, head_dim], k of another length than q, a block
+        split that does not fit (see :func:`check_blocks`), or bad attention arguments.
     """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if jnp.ndim(x) != 4:
+            raise ValueError(
+                f"{name} must have shape [batch, seq, heads, head_dim], got {jnp.shape(x)}"
+            )
     t = q.shape[1]
     if k.shape[1] != t:
         raise ValueError(

@@ -6,6 +6,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from attnlab.data import DATASETS
+from pallas_kernels.common.static_args import check_int, check_static_float
 from sharding.api import STRATEGIES
 
 # Compute dtypes a run may ask for; parameters and optimizer state stay float32.
@@ -50,6 +52,11 @@ class TrainConfig:
         longer than they run; results are deterministic either way).
       debug_nan_step: testing aid: the loss of this (0-based) step is multiplied by inf, so
         the NaN/inf guard can be exercised. None in real runs.
+
+    Raises:
+      ValueError: a count that is not an int in its range (NumPy integers are accepted), a
+        hyperparameter that is not a finite float in its range (lr > 0, b1 and b2 in [0, 1),
+        ...), an unknown task, dtype or sp_strategy, a batch data_parallel does not divide.
     """
 
     steps: int = 200
@@ -79,20 +86,40 @@ class TrainConfig:
     debug_nan_step: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "keep", "log_every", "seq_parallel",
-                     "warmup_steps", "checkpoint_every", "eval_every", "eval_batches", "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"{name} must be an int, got {value!r}")
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        # Counts: Python ints (NumPy integers accepted; the record must be JSON).
         for name in ("steps", "batch_size", "seq_len", "keep", "log_every", "seq_parallel"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
-        for name in ("warmup_steps", "checkpoint_every", "eval_every", "eval_batches",
-                     "weight_decay", "clip_norm"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr} must be positive")
+            set_(name, check_int(name, getattr(self, name)))
+        for name in ("warmup_steps", "checkpoint_every", "eval_every", "eval_batches", "seed"):
+            set_(name, check_int(name, getattr(self, name), minimum=0))
+        if self.data_parallel is not None:
+            set_("data_parallel", check_int("data_parallel", self.data_parallel,
+                                            why="or None: as many as divide the batch"))
+        if self.debug_nan_step is not None:
+            set_("debug_nan_step", check_int("debug_nan_step", self.debug_nan_step, minimum=0,
+                                             why="or None"))
+        # Hyperparameters: finite Python floats (a YAML "3e-3" is a string: write 3.0e-3).
+        set_("lr", check_static_float("lr", self.lr, positive=True))
+        set_("min_lr_ratio", check_static_float("min_lr_ratio", self.min_lr_ratio,
+                                                minimum=0.0, maximum=1.0))
+        for name in ("weight_decay", "clip_norm"):
+            set_(name, check_static_float(name, getattr(self, name), minimum=0.0))
+        for name in ("b1", "b2"):
+            value = check_static_float(name, getattr(self, name), minimum=0.0)
+            if value >= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1) (an Adam moment decay), got {value}")
+            set_(name, value)
+        if not isinstance(self.fast_compile, bool):
+            raise ValueError(f"fast_compile must be a bool, got {self.fast_compile!r}")
+        if not isinstance(self.task, str) or self.task not in DATASETS:
+            raise ValueError(f"task={self.task!r} is not a dataset; choose one of "
+                             f"{', '.join(DATASETS)}")
+        if not isinstance(self.task_options, Mapping):
+            raise ValueError(f"task_options must be a mapping of option names to values, got "
+                             f"{self.task_options!r}")
+        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):
+            raise ValueError(f"checkpoint_dir must be a path string or None, got "
+                             f"{self.checkpoint_dir!r}")
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}; "
                              "lower warmup_steps")
@@ -100,8 +127,6 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}; choose one of {', '.join(DTYPES)}")
-        if self.data_parallel is not None and self.data_parallel <= 0:
-            raise ValueError(f"data_parallel={self.data_parallel} must be positive or None")
         if self.data_parallel is not None and self.batch_size % self.data_parallel:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by data_parallel="
                              f"{self.data_parallel}; make the batch a multiple of it")

@@ -11,6 +11,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels.common.static_args import check_int, is_int
 from sharding.hybrid import HybridParallel
 
 DATA, SEQ = "data", "sp"
@@ -41,8 +42,13 @@ def make_mesh(
       >>> mesh = make_mesh(8, data=2, sp=4)   # 2 x 4 devices; batch 8 split in 2
     """
     devs = list(jax.devices() if devices is None else devices)
+    batch_size = check_int("batch_size", batch_size)
+    if not is_int(sp):
+        raise ValueError(f"seq_parallel must be an int, got {sp!r} of type {type(sp).__name__}")
     if sp < 1:
         raise ValueError(f"seq_parallel={sp} must be at least 1")
+    if data is not None:
+        data = check_int("data_parallel", data, why="or None: as many as divide the batch")
     if data is None:  # the largest data axis that fits beside sp and divides B
         data = max(d for d in range(1, max(len(devs) // sp, 1) + 1) if batch_size % d == 0)
     if data * sp > len(devs):

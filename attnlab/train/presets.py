@@ -62,7 +62,12 @@ def attention_pattern(kind: str, num_layers: int) -> str:
 
 def _load_file(path: Path) -> tuple[str | None, dict[str, Any], dict[str, Any]]:
     if path.suffix == ".py":
-        ns = runpy.run_path(str(path))
+        try:
+            ns = runpy.run_path(str(path))
+        except ValueError:  # e.g. a Config(...) in the file refused its fields: already clear
+            raise
+        except Exception as e:  # the user's code: any error is a bad config, said in one line
+            raise ValueError(f"config file {path} failed to run: {type(e).__name__}: {e}") from e
         model, train, base = ns.get("MODEL", {}), ns.get("TRAIN", {}), ns.get("BASE")
     elif path.suffix in (".yaml", ".yml"):
         try:
@@ -70,7 +75,11 @@ def _load_file(path: Path) -> tuple[str | None, dict[str, Any], dict[str, Any]]:
         except ImportError as e:
             raise ValueError(f"{path} is YAML but PyYAML is not installed; pip install pyyaml "
                              "or write the config as a .py file") from e
-        doc = yaml.safe_load(path.read_text()) or {}
+        try:
+            doc = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            where = " ".join(str(e).split())  # one line: the CLI prints it as one
+            raise ValueError(f"config file {path} is not valid YAML: {where}") from e
         if not isinstance(doc, dict):
             raise ValueError(f"{path} must hold a mapping with keys base, model, train")
         model, train, base = doc.get("model", {}), doc.get("train", {}), doc.get("base")
@@ -80,6 +89,13 @@ def _load_file(path: Path) -> tuple[str | None, dict[str, Any], dict[str, Any]]:
         model = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)}
     if isinstance(train, TrainConfig):
         train = train.to_json()
+    for name, value, cls in (("MODEL/model", model, "Config"), ("TRAIN/train", train,
+                                                                  "TrainConfig")):
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} in {path} must be a {cls} or a dict of its fields, got "
+                             f"{value!r}")
+    if base is not None and not isinstance(base, str):
+        raise ValueError(f"BASE/base in {path} must be a preset name, got {base!r}")
     return base, dict(model), dict(train)
 
 
@@ -112,15 +128,25 @@ def load_run_config(
             raise ValueError(f"BASE/base {base!r} in {path} is not a preset; choose one of "
                              f"{', '.join(PRESETS)}")
         bm, bt = PRESETS[base] if base else (Config(), TrainConfig())
-        unknown = set(mfields) - {f.name for f in dataclasses.fields(Config)}
-        if unknown:
-            raise ValueError(f"unknown model field(s) {sorted(unknown)} in {path}")
+        _check_fields(Config, mfields, "model field(s)", f" in {path}")
+        _check_fields(TrainConfig, tfields, "train field(s)", f" in {path}")
         model = replace_model(bm, **mfields)
         train = dataclasses.replace(bt, **tfields)
     if attention is not None:
         model = replace_model(model, layer_pattern=attention_pattern(attention, model.num_layers))
     overrides = {k: v for k, v in train_overrides.items() if v is not None}
+    _check_fields(TrainConfig, overrides, "train override(s)")
     return model, dataclasses.replace(train, **overrides)
+
+
+def _check_fields(cls: type, fields: dict[str, Any], what: str, where: str = "") -> None:
+    """ValueError naming the keys of ``fields`` that are not fields of ``cls``, and the
+    fields that are (a typo in a config file was a TypeError from ``dataclasses.replace``)."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}{where}; {cls.__name__} has "
+                         f"{', '.join(known)}")
 
 
 def replace_model(cfg: Config, **fields: Any) -> Config:

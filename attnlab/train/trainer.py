@@ -45,6 +45,7 @@ from attnlab.train.config import TrainConfig
 from attnlab.train.metrics import MetricsWriter, mfu
 from attnlab.train.optim import learning_rate, make_optimizer
 from attnlab.train.presets import model_config_from_json, model_config_to_json
+from pallas_kernels.common.static_args import check_int
 
 _log = logging.getLogger(__name__)
 CONFIG_FILE, METRICS_FILE, CHECKPOINTS = "config.json", "metrics.jsonl", "checkpoints"
@@ -500,8 +501,14 @@ def load_run(path: str | Path, *, step: int | None = None) -> LoadedRun:
 
 def evaluate_run(run: LoadedRun, *, batches: int | None = None) -> dict[str, float]:
     """Validation loss and task accuracy of a loaded run (``batches`` defaults to the run's
-    ``eval_batches``)."""
+    ``eval_batches``, or 4 when that is 0).
+
+    Raises:
+      ValueError: ``batches`` not a positive int or None.
+    """
     tc = run.train_config
+    if batches is not None:
+        batches = check_int("batches", batches)
     tc = dataclasses.replace(tc, eval_batches=batches or tc.eval_batches or 4)
     dataset = data_lib.make_dataset(tc.task, seq_len=tc.seq_len, seed=tc.seed, **tc.task_options)
     graphdef, params, rest = nnx.split(run.model, nnx.Param, ...)

@@ -27,6 +27,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.common.static_args import is_int
 
 # Masked logits use a large finite negative value inside kernels (never -inf), so that a tile
 # whose every entry is masked gives exp(x - max) = exp(0) * 0-weight instead of NaN.
@@ -53,10 +56,18 @@ class MaskSpec:
     window_right: int | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.causal, (bool, np.bool_)):
+            raise ValueError(
+                f"causal (is_causal) must be a bool, got {self.causal!r} of type "
+                f"{type(self.causal).__name__}; a traced value cannot choose the mask"
+            )
+        object.__setattr__(self, "causal", bool(self.causal))
         for name in ("window_left", "window_right"):
             w = getattr(self, name)
-            if w is not None and (not isinstance(w, int) or w < 0):
-                raise ValueError(f"{name} must be a non-negative int or None, got {w!r}")
+            if w is not None:
+                if not is_int(w) or w < 0:
+                    raise ValueError(f"{name} must be a non-negative int or None, got {w!r}")
+                object.__setattr__(self, name, int(w))
 
     @property
     def is_trivial(self) -> bool:
@@ -67,24 +78,30 @@ class MaskSpec:
     def from_jax_nn(
         cls, *, is_causal: bool = False, local_window_size: int | tuple[int, int] | None = None
     ) -> MaskSpec:
-        """Builds a spec from ``jax.nn.dot_product_attention``-style arguments."""
+        """Builds a spec from ``jax.nn.dot_product_attention``-style arguments.
+
+        ``local_window_size``: None, an int w (w keys on each side) or a (left, right) pair
+        of ints or None (unbounded side); Python or NumPy integers, never traced values.
+
+        Raises:
+          ValueError: naming ``local_window_size`` and the value given.
+        """
         if local_window_size is None:
             return cls(causal=is_causal)
-        if isinstance(local_window_size, int):
-            left, right = local_window_size, local_window_size
-        else:
-            try:
-                left, right = local_window_size
-            except (TypeError, ValueError):
-                raise ValueError(
-                    "local_window_size must be an int or a (left, right) pair, got "
-                    f"{local_window_size!r}"
-                ) from None
-        return cls(
-            causal=is_causal,
-            window_left=None if left is None else int(left),
-            window_right=None if right is None else int(right),
+        bad = ValueError(
+            "local_window_size must be None, a non-negative int or a (left, right) pair of "
+            f"non-negative ints or None, got {local_window_size!r}"
         )
+        if is_int(local_window_size):
+            left = right = local_window_size
+        elif isinstance(local_window_size, (tuple, list)) and len(local_window_size) == 2:
+            left, right = local_window_size
+        else:
+            raise bad
+        for side in (left, right):
+            if side is not None and (not is_int(side) or side < 0):
+                raise bad
+        return cls(causal=is_causal, window_left=left, window_right=right)
 
 
 class SegmentIds(NamedTuple):

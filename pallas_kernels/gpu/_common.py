@@ -24,6 +24,8 @@ LN2 = math.log(2.0)
 M_INIT = 0.5 * MASK_VALUE
 # Triton's dot needs every tile dimension to be at least 16.
 MIN_BLOCK = 16
+# Why config block sizes are checked as they are (shown in the configs' error messages).
+TILE_RULE = f"Triton tiles are; {MIN_BLOCK} is the smallest its dot accepts"
 
 
 def round_up(length: int, block: int) -> int:

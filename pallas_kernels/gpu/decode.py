@@ -44,11 +44,13 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common.checks import check_config, check_decode_inputs
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, visible
+from pallas_kernels.common.static_args import check_int
 from pallas_kernels.gpu._common import (
     LN2,
     M_INIT,
     MAX_HEAD_DIM,
     MIN_BLOCK,
+    TILE_RULE,
     dot,
     dot_precision,
     kernel_head_dim,
@@ -93,29 +95,16 @@ class DecodeConfig:
     num_stages: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("block_kv", "block_rows"):
-            b = getattr(self, name)
-            if not isinstance(b, int) or isinstance(b, bool) or not _is_pow2(b):
-                raise ValueError(f"{name} must be a power of two, got {b!r}")
-            if b < MIN_BLOCK:
-                raise ValueError(
-                    f"{name} must be at least {MIN_BLOCK} (the smallest tile Triton's dot "
-                    f"accepts), got {b}"
-                )
-        kps = self.keys_per_split
-        if kps is not None:
-            if not isinstance(kps, int) or isinstance(kps, bool) or kps <= 0:
-                raise ValueError(f"keys_per_split must be a positive int or None, got {kps!r}")
-            if kps % self.block_kv:
-                raise ValueError(
-                    f"keys_per_split={kps} must be a multiple of block_kv={self.block_kv}; try "
-                    f"{-(-kps // self.block_kv) * self.block_kv}"
-                )
-        w = self.num_warps
-        if not isinstance(w, int) or not _is_pow2(w) or w > 32:
-            raise ValueError(f"num_warps must be a power of two in [1, 32], got {w!r}")
-        if not isinstance(self.num_stages, int) or self.num_stages <= 0:
-            raise ValueError(f"num_stages must be a positive int, got {self.num_stages!r}")
+        rules = {name: dict(minimum=MIN_BLOCK, power_of_two=True, why=TILE_RULE)
+                 for name in ("block_kv", "block_rows")}
+        rules["num_warps"] = dict(maximum=32, power_of_two=True)
+        rules["num_stages"] = {}
+        for name, rule in rules.items():
+            object.__setattr__(self, name, check_int(name, getattr(self, name), **rule))
+        if self.keys_per_split is not None:
+            kps = check_int("keys_per_split", self.keys_per_split, multiple_of=self.block_kv,
+                            why=f"block_kv={self.block_kv}; or None")
+            object.__setattr__(self, "keys_per_split", kps)
 
     @classmethod
     def get_default(cls) -> DecodeConfig:

@@ -25,8 +25,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common.masks import EMPTY, FULL, MaskSpec, tile_metadata
+from pallas_kernels.common.static_args import check_int
 from pallas_kernels.gpu._common import (
     MIN_BLOCK,
+    TILE_RULE,
     kernel_head_dim,
     pad_axis,
     round_up,
@@ -66,28 +68,13 @@ class FlashConfig:
     num_stages_bwd: int = 2
 
     def __post_init__(self) -> None:
-        for name in _BLOCK_FIELDS:
-            b = getattr(self, name)
-            if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
-                raise ValueError(f"{name} must be a positive int, got {b!r}")
-            if b & (b - 1):
-                raise ValueError(
-                    f"{name} must be a power of two (Triton tiles are), got {b}; "
-                    f"try {1 << (b.bit_length() - 1)} or {1 << b.bit_length()}"
-                )
-            if b < MIN_BLOCK:
-                raise ValueError(
-                    f"{name} must be at least {MIN_BLOCK} (the smallest tile Triton's dot "
-                    f"accepts), got {b}"
-                )
-        for name in ("num_warps", "num_warps_bwd"):
-            w = getattr(self, name)
-            if not isinstance(w, int) or w <= 0 or w & (w - 1) or w > 32:
-                raise ValueError(f"{name} must be a power of two in [1, 32], got {w!r}")
-        for name in ("num_stages", "num_stages_bwd"):
-            st = getattr(self, name)
-            if not isinstance(st, int) or st <= 0:
-                raise ValueError(f"{name} must be a positive int, got {st!r}")
+        rules = {name: dict(minimum=MIN_BLOCK, power_of_two=True, why=TILE_RULE)
+                 for name in _BLOCK_FIELDS}
+        rules |= {name: dict(maximum=32, power_of_two=True)
+                  for name in ("num_warps", "num_warps_bwd")}
+        rules |= {name: {} for name in ("num_stages", "num_stages_bwd")}
+        for name, rule in rules.items():
+            object.__setattr__(self, name, check_int(name, getattr(self, name), **rule))
 
     @classmethod
     def get_default(
@@ -196,6 +183,8 @@ class Tiling(NamedTuple):
 
 
 def tiling(config: FlashConfig, t: int, s: int) -> Tiling:
+    if not isinstance(config, FlashConfig):  # every kernel reads its config through here
+        raise ValueError(f"config must be a FlashConfig, got {type(config).__name__}")
     fwd = (fit_block(config.block_q, t), fit_block(config.block_kv, s))
     dq = (fit_block(config.block_q_dq, t), fit_block(config.block_kv_dq, s))
     dkv = (fit_block(config.block_q_dkv, t), fit_block(config.block_kv_dkv, s))

@@ -42,14 +42,17 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common.checks import check_config
 from pallas_kernels.common.lightning import check_lightning_inputs, decayed_state_scan
+from pallas_kernels.common.static_args import check_int
 from pallas_kernels.gpu._common import (
     MAX_HEAD_DIM,
+    TILE_RULE,
     dot_precision,
     kernel_head_dim,
     pad_axis,
@@ -110,26 +113,17 @@ class LightningConfig:
     segment_chunks: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("chunk", "block_v", "block_k_state", "block_v_state"):
-            b = getattr(self, name)
-            if not isinstance(b, int) or isinstance(b, bool) or b < MIN_DIM or b & (b - 1):
-                raise ValueError(
-                    f"{name} must be a power of two of at least {MIN_DIM} (Triton tiles are), "
-                    f"got {b!r}; try 64"
-                )
-        for name in ("num_warps", "num_warps_state", "num_warps_bwd"):
-            w = getattr(self, name)
-            if not isinstance(w, int) or w <= 0 or w & (w - 1) or w > 32:
-                raise ValueError(f"{name} must be a power of two in [1, 32], got {w!r}")
-        for name in ("num_stages", "num_stages_state", "num_stages_bwd"):
-            s = getattr(self, name)
-            if not isinstance(s, int) or s <= 0:
-                raise ValueError(f"{name} must be a positive int, got {s!r}")
-        if not isinstance(self.fused_forward, bool):
+        rules = {name: dict(minimum=MIN_DIM, power_of_two=True, why=TILE_RULE)
+                 for name in ("chunk", "block_v", "block_k_state", "block_v_state")}
+        rules |= {name: dict(maximum=32, power_of_two=True)
+                  for name in ("num_warps", "num_warps_state", "num_warps_bwd")}
+        rules |= {name: {} for name in ("num_stages", "num_stages_state", "num_stages_bwd")}
+        rules["segment_chunks"] = dict(minimum=0, why="0: automatic")
+        for name, rule in rules.items():
+            object.__setattr__(self, name, check_int(name, getattr(self, name), **rule))
+        if not isinstance(self.fused_forward, (bool, np.bool_)):
             raise ValueError(f"fused_forward must be a bool, got {self.fused_forward!r}")
-        sc = self.segment_chunks
-        if not isinstance(sc, int) or isinstance(sc, bool) or sc < 0:
-            raise ValueError(f"segment_chunks must be an int >= 0 (0: automatic), got {sc!r}")
+        object.__setattr__(self, "fused_forward", bool(self.fused_forward))
 
     @classmethod
     def get_default(

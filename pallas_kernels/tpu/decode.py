@@ -46,6 +46,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common.checks import check_config, check_decode_inputs
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, visible
+from pallas_kernels.common.static_args import check_int
 from pallas_kernels.tpu._common import (
     NN,
     NUM_LANES,
@@ -80,9 +81,7 @@ class TpuDecodeConfig:
 
     def __post_init__(self) -> None:
         for name in ("block_kv", "keys_per_split"):
-            x = getattr(self, name)
-            if not isinstance(x, int) or isinstance(x, bool) or x <= 0:
-                raise ValueError(f"{name} must be a positive int, got {x!r}")
+            object.__setattr__(self, name, check_int(name, getattr(self, name)))
         if self.block_kv % NUM_SUBLANES:
             raise ValueError(
                 f"block_kv={self.block_kv} is not legal on TPU: it must be a multiple of "

@@ -51,6 +51,7 @@ from pallas_kernels.common.masks import (
     MaskSpec,
     tile_metadata,
 )
+from pallas_kernels.common.static_args import check_int
 from pallas_kernels.tpu._common import (
     NN,
     NUM_LANES,
@@ -97,9 +98,8 @@ class TpuFlashConfig:
 
     def __post_init__(self) -> None:
         for name in self._LANE_FIELDS + self._SUBLANE_FIELDS:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            value = check_int(name, getattr(self, name))
+            object.__setattr__(self, name, value)
             multiple = NUM_LANES if name in self._LANE_FIELDS else NUM_SUBLANES
             if value % multiple:
                 what = "lane width" if multiple == NUM_LANES else "sublane count"

@@ -41,6 +41,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common.checks import check_config
 from pallas_kernels.common.lightning import check_lightning_inputs, chunk_run_ids
+from pallas_kernels.common.static_args import check_int
 from pallas_kernels.tpu._common import (
     NN,
     NT,
@@ -71,12 +72,9 @@ class TpuLightningConfig:
     chunk: int = 128
 
     def __post_init__(self) -> None:
-        c = self.chunk
-        if not isinstance(c, int) or isinstance(c, bool) or c <= 0 or c % NUM_SUBLANES:
-            raise ValueError(
-                f"chunk must be a positive multiple of {NUM_SUBLANES} (the TPU sublane count), "
-                f"got {c!r}; use 64 or 128"
-            )
+        chunk = check_int("chunk", self.chunk, multiple_of=NUM_SUBLANES,
+                          why="the TPU sublane count; 64 or 128 on a real TPU")
+        object.__setattr__(self, "chunk", chunk)
 
     @classmethod
     def get_default(

@@ -77,9 +77,10 @@ def test_cache_is_compact():
     "kw, match",
     [
         (dict(qk_rope_head_dim=7), "qk_rope_head_dim=7 must be even"),
-        (dict(kv_lora_rank=0), "kv_lora_rank=0 must be positive"),
-        (dict(v_head_dim=-1), "v_head_dim=-1 must be positive"),
-        (dict(q_lora_rank=0), "q_lora_rank=0 must be positive or None"),
+        (dict(kv_lora_rank=0), "kv_lora_rank must be a positive int .* got 0"),
+        (dict(v_head_dim=-1), "v_head_dim must be a positive int .* got -1"),
+        (dict(q_lora_rank=0), r"q_lora_rank must be a positive int \(or None: a full-rank "
+         r"query\), got 0"),
     ],
 )
 def test_bad_configs(kw, match):
@@ -142,7 +143,8 @@ def test_per_head_cache_chunks_match_full_forward(key):
         (dict(mla_rope="rotary"), "mla_rope='rotary' is not an MLA RoPE placement"),
         (dict(mla_rope="per_head", qk_rope_head_dim=8),
          "qk_rope_head_dim=8 must be 0 with mla_rope='per_head'"),
-        (dict(mla_rope="decoupled", qk_rope_head_dim=0), "qk_rope_head_dim=0 must be positive"),
+        (dict(mla_rope="decoupled", qk_rope_head_dim=0),
+         "qk_rope_head_dim=0 needs mla_rope='per_head'"),
     ],
 )
 def test_bad_rope_placement(kw, match):

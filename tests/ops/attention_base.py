@@ -190,7 +190,8 @@ BAD_INPUTS = [
     (None, dict(impl="flash9000"), ValueError, "unknown impl 'flash9000'"),
     (None, dict(impl="cudnn"), NotImplementedError,
      "needs a CUDA GPU|needs bfloat16 or float16 inputs"),  # float32 inputs, on a GPU
-    (None, dict(local_window_size=(-1, 2)), ValueError, "window_left must be a non-negative"),
+    (None, dict(local_window_size=(-1, 2)), ValueError,
+     r"local_window_size must be None, a non-negative int .* got \(-1, 2\)"),
     (None, dict(local_window_size=(1, 2, 3)), ValueError, "local_window_size must be"),
     (None, dict(q_offset=2, q_positions=jnp.arange(8), kv_positions=jnp.arange(8)),
      ValueError, "either q_offset/kv_offset or q_positions"),

@@ -146,7 +146,7 @@ BAD_INPUTS = [
     (lambda: zeros_qkv(), {"kv_lengths": jnp.array([3, 65], jnp.int32)},
      r"must lie in \[0, S=64\], got values in \[3, 65\]"),
     (lambda: zeros_qkv(), {"local_window_size": (8, 2)}, "left-only"),
-    (lambda: zeros_qkv(), {"local_window_size": "wide"}, "int or a"),
+    (lambda: zeros_qkv(), {"local_window_size": "wide"}, "a non-negative int w or a"),
     (lambda: zeros_qkv(), {"logits_soft_cap": -1.0}, "logits_soft_cap must be positive"),
     (lambda: zeros_qkv(), {"impl": "magic"}, "unknown impl 'magic'"),
 ]

@@ -179,14 +179,6 @@ def test_cudnn_refuses_what_it_cannot_compute():
     assert "equal q/k and v head dims" in explain(x, x, v32, plat="gpu")["cudnn"]
 
 
-# ----------------------------------------------------------------------------- bad inputs
-
-
-def test_xla_config_rejects_bad_block():
-    with pytest.raises(ValueError, match="block_kv must be positive"):
-        XlaConfig(block_kv=0)
-
-
 # ----------------------------------------------------------------------------- entropy
 
 

@@ -147,11 +147,6 @@ def test_config_of_another_impl_raises_not_implemented(kwargs, match):
         decode_attention(*zeros_qkv(), **kwargs)
 
 
-def test_bad_xla_config():
-    with pytest.raises(ValueError, match="positive int"):
-        XlaDecodeConfig(keys_per_split=0)
-
-
 # ----------------------------------------------------------------------------- benchmark
 
 

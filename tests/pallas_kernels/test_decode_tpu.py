@@ -98,15 +98,3 @@ def test_cache_padded_only_where_tiling_needs_it(key):
 def test_unsupported_calls_raise_not_implemented():
     with pytest.raises(NotImplementedError, match="float32 or bfloat16"):
         decode_attention(*zeros_qkv(dtype=jnp.float16), impl="pallas_tpu")
-
-
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(block_kv=12), "multiple of 8"),
-        (dict(block_kv=16, keys_per_split=40), "multiple of block_kv=16"),
-    ],
-)
-def test_bad_configs(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        TpuDecodeConfig(**kwargs)

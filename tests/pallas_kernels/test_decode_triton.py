@@ -112,17 +112,3 @@ def test_triton_kernel_lowers_for_cuda(shape):
 def test_unsupported_head_dim():
     with pytest.raises(NotImplementedError, match="head dims up to 256, got q/k 320 and v 320"):
         decode_attention(*zeros_qkv(h=320), impl="pallas_triton")
-
-
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(block_kv=24), "block_kv must be a power of two"),
-        (dict(block_kv=8), "at least 16"),
-        (dict(keys_per_split=100), "multiple of block_kv=64; try 128"),
-        (dict(num_warps=3), "num_warps"),
-    ],
-)
-def test_bad_configs(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        DecodeConfig(**kwargs)

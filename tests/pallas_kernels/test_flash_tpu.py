@@ -137,20 +137,6 @@ def test_key_and_value_head_counts_not_dividing_each_other(dtype, key):
 # ----------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize(
-    "field, value, match",
-    [
-        ("block_kv", 100, r"block_kv=100 is not legal on TPU: it must be a multiple of 128"),
-        ("block_q_dkv", 64, r"block_q_dkv=64 .* multiple of 128 \(the lane width\)"),
-        ("block_q", 12, r"block_q=12 .* multiple of 8 \(the sublane count\); try block_q=16"),
-        ("block_kv_dkv", 0, r"block_kv_dkv must be a positive int, got 0"),
-    ],
-)
-def test_config_rejects_blocks_illegal_on_tpu(field, value, match):
-    with pytest.raises(ValueError, match=match):
-        TpuFlashConfig(**{field: value})
-
-
 def test_unsupported_calls_say_why(key):
     q, k, v = random_qkv(key, 1, 8, 8, 2, 2, 32)
     for plat in ("tpu", "cpu"):

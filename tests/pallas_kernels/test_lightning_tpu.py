@@ -56,12 +56,6 @@ def test_bad_inputs(change, match):
         _interpreted(q, k, v, ld, initial_state=h0, segment_ids=seg)
 
 
-@pytest.mark.parametrize("chunk", [0, 12, 100, True])
-def test_bad_chunk(chunk):
-    with pytest.raises(ValueError, match="chunk must be a positive multiple of 8"):
-        TpuLightningConfig(chunk=chunk)
-
-
 def test_wrong_config_type():
     q = jnp.full((1, 16, 1, 16), 0.5)
     with pytest.raises(ValueError, match="config must be a TpuLightningConfig"):

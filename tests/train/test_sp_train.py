@@ -189,7 +189,7 @@ def test_bad_sp_runs_fail_before_compiling():
         prepare(_model("SS"), dataclasses.replace(_tc(0, 8, "ulysses"), data_parallel=1))
     with pytest.raises(ValueError, match="needs 16 devices but 8 are available"):
         prepare(_model("SS"), _tc(0, 8))
-    with pytest.raises(ValueError, match="seq_parallel=0 must be positive"):
+    with pytest.raises(ValueError, match="seq_parallel must be a positive int, got 0"):
         _tc(0, 0)
 
 

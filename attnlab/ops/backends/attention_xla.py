@@ -21,6 +21,7 @@ from attnlab.ops._registry import Implementation
 from attnlab.ops._vma import like_vma
 from attnlab.ops.attention import AttentionArgs
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, visible
+from pallas_kernels.common.static_args import check_int
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -30,8 +31,7 @@ class XlaConfig:
     block_kv: int = 512
 
     def __post_init__(self) -> None:
-        if self.block_kv <= 0:
-            raise ValueError(f"block_kv must be positive, got {self.block_kv}")
+        object.__setattr__(self, "block_kv", check_int("block_kv", self.block_kv))
 
     @classmethod
     def get_default(cls) -> XlaConfig:

@@ -13,6 +13,7 @@ from attnlab.ops._registry import Implementation
 from attnlab.ops.decode import DecodeArgs, query_positions
 from attnlab.ops.merge import merge_n
 from pallas_kernels.common.masks import MASK_VALUE, visible
+from pallas_kernels.common.static_args import check_int
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -29,9 +30,8 @@ class XlaDecodeConfig:
     keys_per_split: int = 512
 
     def __post_init__(self) -> None:
-        kps = self.keys_per_split
-        if not isinstance(kps, int) or isinstance(kps, bool) or kps <= 0:
-            raise ValueError(f"keys_per_split must be a positive int, got {kps!r}")
+        kps = check_int("keys_per_split", self.keys_per_split)
+        object.__setattr__(self, "keys_per_split", kps)
 
     @classmethod
     def get_default(cls) -> XlaDecodeConfig:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from attnlab.ops._registry import Implementation
 from attnlab.ops.lightning import LightningArgs, matmul_dtype, segment_starts
 from pallas_kernels.common.lightning import decayed_state_scan
+from pallas_kernels.common.static_args import check_int
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -20,8 +21,7 @@ class XlaLightningConfig:
     chunk_size: int = 64
 
     def __post_init__(self) -> None:
-        if self.chunk_size <= 0:
-            raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
+        object.__setattr__(self, "chunk_size", check_int("chunk_size", self.chunk_size))
 
     @classmethod
     def get_default(cls) -> XlaLightningConfig:
