@@ -109,6 +109,24 @@ def _reference(q, k, v, a: DecodeArgs) -> tuple[jax.Array, jax.Array]:
 # ----------------------------------------------------------------------------- shared by backends
 
 
+def merged_forward_only(partials: Callable[..., tuple[jax.Array, jax.Array]], *args: Any
+                        ) -> tuple[jax.Array, jax.Array]:
+    """(out in args[0]'s dtype, lse): ``partials(*args)``'s per-split (out, lse) merged by LSE,
+    under a VJP that refuses (the split-K kernels have no backward pass)."""
+
+    @jax.custom_vjp
+    def run(*args):
+        o_parts, lse_parts = partials(*args)
+        out, lse = merge_n(o_parts, lse_parts)
+        return out.astype(args[0].dtype), lse
+
+    def bwd(_, cts):
+        raise NotImplementedError(_FORWARD_ONLY)
+
+    run.defvjp(lambda *args: (run(*args), None), bwd)
+    return run(*args)
+
+
 def forward_only(decode_partials: Callable[..., tuple[jax.Array, jax.Array]],
                  interpret: Callable[[], Any]) -> Callable[..., tuple[jax.Array, jax.Array]]:
     """A split-K kernel as an implementation's ``fn(q, k, v, args) -> (out, lse)``: its
@@ -123,18 +141,7 @@ def forward_only(decode_partials: Callable[..., tuple[jax.Array, jax.Array]],
             decode_partials, spec=a.spec, scale=a.scale, soft_cap=a.logits_soft_cap,
             config=a.config, interpret=interpret(),
         )
-
-        @jax.custom_vjp
-        def run(q, k, v, kv_lengths):
-            o_parts, lse_parts = partials(q, k, v, kv_lengths)
-            out, lse = merge_n(o_parts, lse_parts)
-            return out.astype(q.dtype), lse
-
-        def bwd(_, cts):
-            raise NotImplementedError(_FORWARD_ONLY)
-
-        run.defvjp(lambda q, k, v, kv_lengths: (run(q, k, v, kv_lengths), None), bwd)
-        return run(q, k, v, a.kv_lengths)
+        return merged_forward_only(partials, q, k, v, a.kv_lengths)
 
     return fn
 

@@ -29,6 +29,7 @@ down-projections and RoPE).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -40,7 +41,6 @@ from attnlab.ops import decode as _decode
 from attnlab.ops._registry import Implementation, Registry, backends
 from attnlab.ops.attention import attention
 from attnlab.ops.attention import reference as attention_reference
-from attnlab.ops.merge import merge_n
 from pallas_kernels.common.masks import MaskSpec
 from pallas_kernels.common.static_args import check_bool, is_int
 
@@ -175,6 +175,13 @@ def _reference_latent(q, cache, _cache, a: LatentDecodeArgs):
     )
 
 
+def kernel_unsupported(q, cache, _cache, a: LatentDecodeArgs, plat: str) -> str | None:
+    """The latent decode kernels' one limit: the cache needs a RoPE part (v_dim < width)."""
+    if a.v_dim >= cache.shape[-1]:
+        return "the latent decode kernels need a RoPE part (v_dim < the cache's width)"
+    return None
+
+
 def forward_only(decode_partials: Callable[..., tuple[jax.Array, jax.Array]],
                  interpret: Callable[[], Any]) -> Callable[..., tuple[jax.Array, jax.Array]]:
     """A split-K latent kernel as an implementation's ``fn(q, cache, cache, args)``: its
@@ -187,23 +194,9 @@ def forward_only(decode_partials: Callable[..., tuple[jax.Array, jax.Array]],
     def fn(q, cache, _cache, a: LatentDecodeArgs):
         lengths, _ = _decode.query_positions(a.kv_lengths, q.shape[0], q.shape[1],
                                              cache.shape[1])
-
-        @jax.custom_vjp
-        def run(q, cache, lengths):
-            o_parts, lse_parts = decode_partials(
-                q, cache, lengths, v_dim=a.v_dim, spec=a.spec, scale=a.scale,
-                config=a.config, interpret=interpret(),
-            )
-            out, lse = merge_n(o_parts, lse_parts)
-            return out.astype(q.dtype), lse
-
-        def bwd(_, cts):
-            raise NotImplementedError(
-                "the latent decode kernels are forward-only; use impl='xla' to differentiate"
-            )
-
-        run.defvjp(lambda q, cache, lengths: (run(q, cache, lengths), None), bwd)
-        return run(q, cache, jnp.asarray(lengths, jnp.int32))
+        partials = functools.partial(decode_partials, v_dim=a.v_dim, spec=a.spec,
+                                     scale=a.scale, config=a.config, interpret=interpret())
+        return _decode.merged_forward_only(partials, q, cache, jnp.asarray(lengths, jnp.int32))
 
     return fn
 

@@ -67,6 +67,31 @@ def check_decode_inputs(
     return jnp.asarray(kv_lengths, jnp.int32)
 
 
+def check_latent_decode_inputs(
+    q: Any, cache: Any, kv_lengths: Any, v_dim: int, dtypes: Sequence[Any]
+) -> None:
+    """Validates latent (MLA) decode inputs: q [B, T, N, D], cache [B, S, D] whose first
+    ``v_dim`` columns are the values (1 <= v_dim < D), one dtype from ``dtypes``, lengths [B].
+
+    Raises:
+      ValueError: naming what was given and what was expected.
+    """
+    if jnp.ndim(q) != 4 or jnp.ndim(cache) != 3:
+        raise ValueError(
+            f"q must be [B, T, N, D] and cache [B, S, D], got {jnp.shape(q)}, {jnp.shape(cache)}"
+        )
+    b, _, _, d = q.shape
+    if cache.shape[0] != b or cache.shape[2] != d:
+        raise ValueError(f"cache must be [{b}, S, {d}] for q {q.shape}, got {cache.shape}")
+    if not 1 <= v_dim < d:
+        raise ValueError(f"v_dim must lie in [1, {d - 1}] (the cache has a RoPE part), got {v_dim}")
+    if q.dtype != cache.dtype or q.dtype not in dtypes:
+        names = ", ".join(jnp.dtype(x).name for x in dtypes)
+        raise ValueError(f"q and cache must share one of {names}, got {q.dtype}, {cache.dtype}")
+    if jnp.shape(kv_lengths) != (b,):
+        raise ValueError(f"kv_lengths must have shape ({b},), got {jnp.shape(kv_lengths)}")
+
+
 def check_config(config: C | None, cls: type[C], *default_args: Any) -> C:
     """``config``, or ``cls.get_default(*default_args)`` when None.
 

@@ -35,6 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.common.checks import check_latent_decode_inputs
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, visible
 from pallas_kernels.gpu._common import (
     LN2,
@@ -48,30 +49,23 @@ from pallas_kernels.gpu._common import (
     pad_head,
     round_up,
 )
+from pallas_kernels.gpu.decode import DecodeConfig
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-MAX_QUERIES = 64
 # About this many programs in flight (several waves of an H100's 132 SMs).
 TARGET_PROGRAMS = 512
 MIN_SPLIT = 256
 MAX_SPLIT = 8192
 
 
-def _is_pow2(x: int) -> bool:
-    return x > 0 and not x & (x - 1)
-
-
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class MlaDecodeConfig:
-    """Tiling and launch parameters of the latent decode kernel.
+class MlaDecodeConfig(DecodeConfig):
+    """Tiling and launch parameters of the latent decode kernel: the fields (and rules) of
+    :class:`~pallas_kernels.gpu.decode.DecodeConfig`, with defaults for its wide rows.
 
-    Attributes:
-      block_kv: keys per inner step (power of two >= 16; shrunk for short caches).
-      block_rows: query rows (heads x queries) per program (power of two >= 16); the
-        [block_rows, d_c] float32 accumulator is the register budget.
-      keys_per_split: keys per program, a multiple of ``block_kv``; None: about
-        ``TARGET_PROGRAMS`` programs in all.
-      num_warps, num_stages: Triton launch parameters.
+    ``block_rows`` query rows (heads x queries) per program keep a [block_rows, d_c] float32
+    accumulator: the register budget. ``keys_per_split`` None gives about
+    ``TARGET_PROGRAMS`` programs in all.
     """
 
     block_kv: int = 32
@@ -79,26 +73,6 @@ class MlaDecodeConfig:
     keys_per_split: int | None = None
     num_warps: int = 8
     num_stages: int = 2
-
-    def __post_init__(self) -> None:
-        for name in ("block_kv", "block_rows"):
-            b = getattr(self, name)
-            if not isinstance(b, int) or isinstance(b, bool) or not _is_pow2(b) or b < MIN_BLOCK:
-                raise ValueError(f"{name} must be a power of two >= {MIN_BLOCK}, got {b!r}")
-        kps = self.keys_per_split
-        if kps is not None and (
-            not isinstance(kps, int) or isinstance(kps, bool) or kps <= 0 or kps % self.block_kv
-        ):
-            raise ValueError(
-                f"keys_per_split must be None or a positive multiple of block_kv="
-                f"{self.block_kv}, got {kps!r}"
-            )
-        w = self.num_warps
-        if not isinstance(w, int) or isinstance(w, bool) or not _is_pow2(w) or w > 32:
-            raise ValueError(f"num_warps must be a power of two in [1, 32], got {w!r}")
-        st = self.num_stages
-        if not isinstance(st, int) or isinstance(st, bool) or st <= 0:
-            raise ValueError(f"num_stages must be a positive int, got {st!r}")
 
     @classmethod
     def get_default(cls) -> MlaDecodeConfig:
@@ -272,22 +246,7 @@ def decode_partials(
     Raises:
       ValueError: inconsistent shapes, dtypes or dims.
     """
-    if jnp.ndim(q) != 4 or jnp.ndim(cache) != 3:
-        raise ValueError(
-            f"q must be [B, T, N, D] and cache [B, S, D], got {jnp.shape(q)}, {jnp.shape(cache)}"
-        )
-    b, t, n, d = q.shape
-    if cache.shape[0] != b or cache.shape[2] != d:
-        raise ValueError(f"cache must be [{b}, S, {d}] for q {q.shape}, got {cache.shape}")
-    if not 1 <= v_dim < d:
-        raise ValueError(f"v_dim must lie in [1, {d - 1}] (the cache has a RoPE part), got {v_dim}")
-    if q.dtype != cache.dtype or q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"q and cache must share float32, bfloat16 or float16, got {q.dtype}, "
-                         f"{cache.dtype}")
-    if not 1 <= t <= MAX_QUERIES:
-        raise ValueError(f"q has T={t} queries per sequence; decode takes 1 to {MAX_QUERIES}")
-    if jnp.shape(kv_lengths) != (b,):
-        raise ValueError(f"kv_lengths must have shape ({b},), got {jnp.shape(kv_lengths)}")
+    check_latent_decode_inputs(q, cache, kv_lengths, v_dim, SUPPORTED_DTYPES)
     config = MlaDecodeConfig.get_default() if config is None else config
     if not isinstance(config, MlaDecodeConfig):
         raise ValueError(f"config must be a MlaDecodeConfig, got {type(config).__name__}")

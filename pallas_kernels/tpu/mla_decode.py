@@ -27,6 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.common.checks import check_latent_decode_inputs
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, visible
 from pallas_kernels.tpu._common import (
     NN,
@@ -37,35 +38,20 @@ from pallas_kernels.tpu._common import (
     round_up,
     tile_logits,
 )
+from pallas_kernels.tpu.decode import TpuDecodeConfig
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
 SEMANTICS = ("parallel", "parallel", "arbitrary")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class TpuMlaDecodeConfig:
-    """Tiling of the TPU latent decode kernel (untuned: no TPU to tune on).
-
-    Attributes:
-      block_kv: keys per tile, a multiple of 8.
-      keys_per_split: keys per split (a parallel grid row), a multiple of ``block_kv``.
-    """
+class TpuMlaDecodeConfig(TpuDecodeConfig):
+    """Tiling of the TPU latent decode kernel (untuned: no TPU to tune on): the fields and
+    rules of :class:`~pallas_kernels.tpu.decode.TpuDecodeConfig`, with smaller default tiles
+    (each is [block_kv, d_c + d_R] wide)."""
 
     block_kv: int = 256
     keys_per_split: int = 2048
-
-    def __post_init__(self) -> None:
-        for name in ("block_kv", "keys_per_split"):
-            x = getattr(self, name)
-            if not isinstance(x, int) or isinstance(x, bool) or x <= 0:
-                raise ValueError(f"{name} must be a positive int, got {x!r}")
-        if self.block_kv % NUM_SUBLANES:
-            raise ValueError(f"block_kv={self.block_kv} must be a multiple of {NUM_SUBLANES}")
-        if self.keys_per_split % self.block_kv:
-            raise ValueError(
-                f"keys_per_split={self.keys_per_split} must be a multiple of block_kv="
-                f"{self.block_kv}"
-            )
 
     @classmethod
     def get_default(cls) -> TpuMlaDecodeConfig:
@@ -206,20 +192,7 @@ def decode_partials(
     Raises:
       ValueError: inconsistent shapes or dtypes.
     """
-    if jnp.ndim(q) != 4 or jnp.ndim(cache) != 3:
-        raise ValueError(
-            f"q must be [B, T, N, D] and cache [B, S, D], got {jnp.shape(q)}, {jnp.shape(cache)}"
-        )
-    b, _, _, d = q.shape
-    if cache.shape[0] != b or cache.shape[2] != d:
-        raise ValueError(f"cache must be [{b}, S, {d}] for q {q.shape}, got {cache.shape}")
-    if not 1 <= v_dim <= d:
-        raise ValueError(f"v_dim must lie in [1, {d}], got {v_dim}")
-    if q.dtype != cache.dtype or q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"q and cache must share float32 or bfloat16, got {q.dtype}, "
-                         f"{cache.dtype}")
-    if jnp.shape(kv_lengths) != (b,):
-        raise ValueError(f"kv_lengths must have shape ({b},), got {jnp.shape(kv_lengths)}")
+    check_latent_decode_inputs(q, cache, kv_lengths, v_dim, SUPPORTED_DTYPES)
     config = TpuMlaDecodeConfig.get_default() if config is None else config
     if not isinstance(config, TpuMlaDecodeConfig):
         raise ValueError(f"config must be a TpuMlaDecodeConfig, got {type(config).__name__}")

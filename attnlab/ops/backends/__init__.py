@@ -26,3 +26,11 @@ def tpu_interpret() -> Any:
     on a TPU and under an abstract TPU mesh, where the program is lowered for a TPU from any
     machine (see :func:`attnlab.ops.platform`)."""
     return pltpu.InterpretParams() if platform() == "cpu" else False
+
+
+def head_dims_over(name: str, q: Any, v: Any, limit: int) -> str | None:
+    """The refusal of a kernel ``name`` that takes head dims up to ``limit``, or None."""
+    h, hv = q.shape[-1], v.shape[-1]
+    if max(h, hv) > limit:
+        return f"{name} takes head dims up to {limit}, got q/k {h} and v {hv}; use impl='xla'"
+    return None

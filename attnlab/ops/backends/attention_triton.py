@@ -8,7 +8,7 @@ import numpy as np
 
 from attnlab.ops._registry import Implementation
 from attnlab.ops.attention import AttentionArgs
-from attnlab.ops.backends import triton_interpret
+from attnlab.ops.backends import head_dims_over, triton_interpret
 from pallas_kernels.gpu._common import MAX_HEAD_DIM
 from pallas_kernels.gpu.flash_common import (
     FlashConfig,
@@ -25,13 +25,7 @@ def unsupported(q, k, v, a: AttentionArgs, plat: str) -> str | None:
     """None if the Triton kernels compute the call on ``plat``, else why not."""
     if a.bias is not None:
         return "pallas_triton takes no bias; use impl='xla' or 'reference' for a logits bias"
-    h, hv = q.shape[-1], v.shape[-1]
-    if max(h, hv) > MAX_HEAD_DIM:
-        return (
-            f"pallas_triton takes head dims up to {MAX_HEAD_DIM}, got q/k {h} and v {hv}; use "
-            "impl='xla'"
-        )
-    return None
+    return head_dims_over("pallas_triton", q, v, MAX_HEAD_DIM)
 
 
 def _seg(a: AttentionArgs):

@@ -5,7 +5,7 @@ are merged by LSE in :func:`attnlab.ops.decode.forward_only`."""
 from __future__ import annotations
 
 from attnlab.ops._registry import Implementation
-from attnlab.ops.backends import triton_interpret
+from attnlab.ops.backends import head_dims_over, triton_interpret
 from attnlab.ops.decode import DecodeArgs, forward_only
 from pallas_kernels.gpu._common import MAX_HEAD_DIM
 from pallas_kernels.gpu.decode import SUPPORTED_DTYPES, DecodeConfig, decode_partials
@@ -13,13 +13,7 @@ from pallas_kernels.gpu.decode import SUPPORTED_DTYPES, DecodeConfig, decode_par
 
 def unsupported(q, k, v, a: DecodeArgs, plat: str) -> str | None:
     """None if the Triton decode kernel computes the call on ``plat``, else why not."""
-    h, hv = q.shape[-1], v.shape[-1]
-    if max(h, hv) > MAX_HEAD_DIM:
-        return (
-            f"pallas_triton takes head dims up to {MAX_HEAD_DIM}, got q/k {h} and v {hv}; use "
-            "impl='xla'"
-        )
-    return None
+    return head_dims_over("pallas_triton", q, v, MAX_HEAD_DIM)
 
 
 IMPLEMENTATION = Implementation(

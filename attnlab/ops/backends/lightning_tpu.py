@@ -6,7 +6,7 @@ the generic block phases."""
 from __future__ import annotations
 
 from attnlab.ops._registry import Implementation
-from attnlab.ops.backends import tpu_interpret
+from attnlab.ops.backends import head_dims_over, tpu_interpret
 from attnlab.ops.lightning import LightningArgs
 from pallas_kernels.tpu.lightning_chunk import (
     MAX_HEAD_DIM,
@@ -18,13 +18,7 @@ from pallas_kernels.tpu.lightning_chunk import (
 
 def unsupported(q, k, v, a: LightningArgs, plat: str) -> str | None:
     """None if the TPU kernels compute the call, else why not (head dims above 256)."""
-    h, hv = q.shape[-1], v.shape[-1]
-    if max(h, hv) > MAX_HEAD_DIM:
-        return (
-            f"pallas_tpu takes head dims up to {MAX_HEAD_DIM}, got q/k {h} and v {hv}; use "
-            "impl='xla'"
-        )
-    return None
+    return head_dims_over("pallas_tpu", q, v, MAX_HEAD_DIM)
 
 
 def _fn(q, k, v, a: LightningArgs):

@@ -6,7 +6,7 @@ from 1 to 256 (padded inside the kernels' entry points)."""
 from __future__ import annotations
 
 from attnlab.ops._registry import Implementation
-from attnlab.ops.backends import triton_interpret
+from attnlab.ops.backends import head_dims_over, triton_interpret
 from attnlab.ops.lightning import BlockPhases, LightningArgs
 from pallas_kernels.gpu import lightning_chunk as kernels
 from pallas_kernels.gpu import lightning_phases as phases
@@ -17,13 +17,7 @@ from pallas_kernels.gpu.lightning_common import LightningConfig, kernel_config
 
 def unsupported(q, k, v, a: LightningArgs, plat: str) -> str | None:
     """None if the Triton kernels compute the call, else why not (head dims above 256)."""
-    h, hv = q.shape[-1], v.shape[-1]
-    if max(h, hv) > MAX_HEAD_DIM:
-        return (
-            f"pallas_triton takes head dims up to {MAX_HEAD_DIM}, got q/k {h} and v {hv}; use "
-            "impl='xla'"
-        )
-    return None
+    return head_dims_over("pallas_triton", q, v, MAX_HEAD_DIM)
 
 
 def _fn(q, k, v, a: LightningArgs):
