@@ -16,6 +16,9 @@ from attnlab.ops import mla, rope
 BASE = dict(vocab_size=64, d_model=32, num_layers=1, layer_pattern="M", num_heads=4,
             kv_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12,
             max_seq_len=128, attention_impl="xla")
+PER_HEAD = dict(BASE, mla_rope="per_head", kv_lora_rank=32, qk_rope_head_dim=None,
+                qk_nope_head_dim=8, v_head_dim=8, head_dim=8, rope_fraction=0.5,
+                attention_impl="reference")
 
 
 def _rng(key):
@@ -41,10 +44,12 @@ def test_forward_is_the_op_on_its_projections(q_lora_rank, key):
     np.testing.assert_allclose(y, attn.o_proj(out.reshape(b, t, 48)), atol=1e-5)
 
 
-def test_cache_chunks_match_full_forward(key):
-    """Prefill 5, a chunk of 66 (> 64: materialized per row), then absorbed decode steps of 1
-    and 2 tokens; with a window, ragged rows."""
-    cfg = Config(**BASE, local_window_size=30)
+@pytest.mark.parametrize("rope_kind", ["decoupled", "per_head"])
+def test_cache_chunks_match_full_forward(rope_kind, key):
+    """Prefill 5, a chunk of 66 (> 64: materialized per row), then decode steps of 1 and 2
+    tokens (absorbed with decoupled RoPE, materialized per head otherwise); with a window."""
+    fields, width = (BASE, 24 + 8) if rope_kind == "decoupled" else (PER_HEAD, 32)
+    cfg = Config(**fields, local_window_size=30)
     attn = MultiHeadLatentAttention(cfg, layer_idx=0, rngs=nnx.Rngs(2))
     rng = _rng(key)
     b, total = 2, 74
@@ -57,7 +62,7 @@ def test_cache_chunks_match_full_forward(key):
 
     full, _ = step(attn, x, pos, None)
     cache = attn.init_cache(b, 80, jnp.float32)
-    assert cache["latent"].shape == (b, 80, 24 + 8)
+    assert cache["latent"].shape == (b, 80, width)
     outs = []
     for lo, hi in ((0, 5), (5, 71), (71, 72), (72, 74)):
         y, cache = step(attn, x[:, lo:hi], pos[:, lo:hi], cache)
@@ -90,10 +95,6 @@ def test_bad_configs(kw, match):
 
 # ----------------------------------------------------------- per-head RoPE (TransMLA's exact form)
 
-PER_HEAD = dict(BASE, mla_rope="per_head", kv_lora_rank=32, qk_rope_head_dim=None,
-                qk_nope_head_dim=8, v_head_dim=8, head_dim=8, rope_fraction=0.5,
-                attention_impl="reference")
-
 
 def test_per_head_forward_is_rope_after_the_up_projection(key):
     cfg = Config(**PER_HEAD)
@@ -112,29 +113,6 @@ def test_per_head_forward_is_rope_after_the_up_projection(key):
     out = reference(q, k, v, is_causal=True)
     np.testing.assert_allclose(y, attn.o_proj(out.reshape(b, t, 32)), atol=1e-5)
     assert MultiHeadLatentAttention.cache_bytes_per_token(cfg) == 32 * 2
-
-
-def test_per_head_cache_chunks_match_full_forward(key):
-    """Prefill 5, a materialized chunk of 66 (> 64), decode steps of 1 and 2; a window."""
-    cfg = Config(**PER_HEAD, local_window_size=30)
-    attn = MultiHeadLatentAttention(cfg, layer_idx=0, rngs=nnx.Rngs(4))
-    rng = _rng(key)
-    b, total = 2, 74
-    x = jnp.asarray(rng.normal(size=(b, total, 32)), jnp.float32)
-    pos = jnp.broadcast_to(jnp.arange(total), (b, total))
-
-    @nnx.jit
-    def step(attn, x, pos, cache):
-        return attn(x, positions=pos, cache=cache)
-
-    full, _ = step(attn, x, pos, None)
-    cache = attn.init_cache(b, 80, jnp.float32)
-    assert cache["latent"].shape == (b, 80, 32)
-    outs = []
-    for lo, hi in ((0, 5), (5, 71), (71, 72), (72, 74)):
-        y, cache = step(attn, x[:, lo:hi], pos[:, lo:hi], cache)
-        outs.append(y)
-    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -172,39 +172,39 @@ def test_latent_kernels_interpreted(b, t, n, s, d_c, d_r, lengths, window, impl,
     np.testing.assert_array_equal(np.asarray(got)[~fin], 0.0)
 
 
-def test_tpu_latent_kernel_lowers_for_tpu():
-    """DeepSeek-V2 sizes lower through Mosaic for each TPU generation (no TPU needed)."""
+def _deepseek_lowering_call(decode_partials, b):
+    """(f, abstract args) of a latent kernel at DeepSeek-V2 sizes: 128 heads, d_c 512 + d_R 64,
+    an 8K bf16 cache, batch ``b``."""
     from pallas_kernels.common.masks import MaskSpec
-    from pallas_kernels.tpu.mla_decode import decode_partials
-    from tests.lowering import TPU_KINDS, kernels, lower_for_tpu, tpu_mesh
 
-    q = jax.ShapeDtypeStruct((8, 1, 128, 576), jnp.bfloat16)
-    cache = jax.ShapeDtypeStruct((8, 8192, 576), jnp.bfloat16)
-    lengths = jax.ShapeDtypeStruct((8,), jnp.int32)
+    args = (jax.ShapeDtypeStruct((b, 1, 128, 576), jnp.bfloat16),
+            jax.ShapeDtypeStruct((b, 8192, 576), jnp.bfloat16),
+            jax.ShapeDtypeStruct((b,), jnp.int32))
 
     def f(q, cache, lengths):
         return decode_partials(q, cache, lengths, v_dim=512, spec=MaskSpec(causal=True),
                                scale=192 ** -0.5)
 
+    return f, args
+
+
+def test_tpu_latent_kernel_lowers_for_tpu():
+    """The TPU kernel lowers through Mosaic for each TPU generation (no TPU needed)."""
+    from pallas_kernels.tpu.mla_decode import decode_partials
+    from tests.lowering import TPU_KINDS, kernels, lower_for_tpu, tpu_mesh
+
+    f, args = _deepseek_lowering_call(decode_partials, 8)
     for kind in TPU_KINDS.values():
-        text = lower_for_tpu(f, q, cache, lengths, mesh=tpu_mesh(kind))
+        text = lower_for_tpu(f, *args, mesh=tpu_mesh(kind))
         assert kernels(text) == {"attnlab_tpu_mla_latent_decode": 1}, kind
 
 
 def test_triton_latent_kernel_lowers_for_cuda():
-    """DeepSeek-V2 sizes (128 heads, d_c 512, d_R 64) lower to Triton IR without a GPU."""
-    from pallas_kernels.common.masks import MaskSpec
+    """The Triton kernel lowers to Triton IR without a GPU."""
     from pallas_kernels.gpu.mla_decode import decode_partials
 
-    q = jax.ShapeDtypeStruct((32, 1, 128, 576), jnp.bfloat16)
-    cache = jax.ShapeDtypeStruct((32, 8192, 576), jnp.bfloat16)
-    lengths = jax.ShapeDtypeStruct((32,), jnp.int32)
-
-    def f(q, cache, lengths):
-        return decode_partials(q, cache, lengths, v_dim=512, spec=MaskSpec(causal=True),
-                               scale=192 ** -0.5)
-
-    text = jax.jit(f).trace(q, cache, lengths).lower(lowering_platforms=("cuda",)).as_text()
+    f, args = _deepseek_lowering_call(decode_partials, 32)
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert 'name = "mla_latent_decode"' in text
 
 
