@@ -7,8 +7,9 @@ A ∪ B is
     o   = exp(lse_a - lse) * o_a + exp(lse_b - lse) * o_b
 
 Ring attention, star attention's second phase and split-K decoding are all this merge. A part
-with lse = -inf (it saw no key) gets weight 0; if every part is -inf the result is o = 0 and
-lse = -inf, never NaN, and gradients stay finite.
+with lse = -inf (it saw no key) gets weight 0 and its output is never read (even NaN there
+stays out); if every part is -inf the result is o = 0 and lse = -inf, never NaN, and
+gradients stay finite.
 """
 
 from __future__ import annotations
@@ -61,11 +62,14 @@ def merge_n(
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     w = jnp.exp(lses - m)  # -inf parts -> 0
     total = jnp.sum(w, axis=0)
-    seen = total > 0
+    seen = total != 0  # a NaN part (the row saw garbage) stays NaN rather than "saw nothing"
     safe_total = jnp.where(seen, total, 1.0)
     lse = jnp.where(seen, m + jnp.log(safe_total), -jnp.inf)
     weights = w / safe_total
-    out = jnp.sum(weights[..., None] * outs.astype(jnp.float32), axis=0)
+    # Select, don't multiply: a part of weight 0 (it saw no key) brings nothing in, whatever
+    # its output holds (0 * NaN is NaN, also in the gradient of its weight).
+    parts = jnp.where((w > 0)[..., None], outs.astype(jnp.float32), 0.0)
+    out = jnp.sum(weights[..., None] * parts, axis=0)
     return out.astype(outs.dtype), lse
 
 

@@ -17,12 +17,20 @@ the right positions; no call site needs its own flag.
 per-tile ranges of positions and segment ids, which kernels use to skip empty tiles and to
 drop the elementwise mask on full ones; :func:`tile_metadata` is the same from the kernels'
 (positions, segment ids) arguments, and :func:`tile_mask` the elementwise mask of one kernel
-tile, padded keys included.
+tile, padded keys (and, for kernels that reduce over queries, padded queries) included.
+
+Masked positions never influence a row: a masked logit is *selected* away (``MASK_VALUE``) and
+its probability is *selected* to 0, and the other operand of every matmul whose zero weights
+sit on masked positions (``v`` in ``p @ v``; ``k``, ``q``, ``dO`` in the backward) goes
+through :func:`finite_or_zero` where a tile is partially masked, because ``0 * NaN`` is NaN.
+So NaN or inf in a key, value, query or cotangent that a row cannot see (an uninitialized
+cache slot, a padding document, the padded rows of a partial tile) never reaches that row.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -288,16 +296,68 @@ def tile_metadata(spec: MaskSpec, q_pos: jax.Array, kv_pos: jax.Array, q_seg: ja
 
 
 def tile_mask(spec: MaskSpec, q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array | None,
-              k_seg: jax.Array | None, k_index: jax.Array, kv_len: int | None
+              k_seg: jax.Array | None, k_index: jax.Array, kv_len: int | None,
+              q_index: jax.Array | None = None, q_len: int | None = None,
               ) -> jax.Array | None:
     """Visibility of one kernel tile, or None when every pair is visible.
 
     Any orientation: the arguments broadcast against each other ([bq, 1] vs [1, bk] or the
     transpose). ``k_index`` holds the keys' indices into the padded key axis; keys at or past
-    ``kv_len`` (static) are padding and never visible (``kv_len=None``: no padding).
+    ``kv_len`` (static) are padding and never visible (``kv_len=None``: no padding). Likewise
+    ``q_index`` / ``q_len`` for padded query rows, which kernels that sum over queries (dK/dV)
+    must mask: whatever a padded row holds must not reach a real key's gradient.
     """
     mask = visible(spec, q_pos, k_pos, q_seg, k_seg)
-    if kv_len is not None:
-        valid = k_index < kv_len
-        mask = valid if mask is None else jnp.logical_and(mask, valid)
+    for index, length in ((k_index, kv_len), (q_index, q_len)):
+        if length is not None:
+            valid = index < length
+            mask = valid if mask is None else jnp.logical_and(mask, valid)
     return mask
+
+
+def finite_or_zero(x: jax.Array) -> jax.Array:
+    """``x`` with its non-finite entries (NaN, +-inf) replaced by 0.
+
+    The operand of a matmul whose zero weights sit on masked positions: the probability of a
+    masked key is exactly 0, but ``0 * NaN`` is NaN, so ``p @ v`` (or ``ds @ k``,
+    ``ds^T @ q``, ``p^T @ dO``) would carry garbage from a position a row cannot see into the
+    row. Select, don't multiply. Kernels apply it on partially masked tiles only (a FULL tile
+    has no masked position; an EMPTY one is skipped). A row that does see a non-finite value
+    gets an unspecified result: NaN, or this zero where the value was read through here.
+    """
+    # The test in float32: Mosaic has no 16-bit is_finite (chips without a bf16 VPU).
+    finite = jnp.isfinite(x if jnp.dtype(x.dtype).itemsize >= 4 else x.astype(jnp.float32))
+    return jnp.where(finite, x, jnp.zeros_like(x))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def weighted_sum(spec: str, w: jax.Array, x: jax.Array, precision=None,
+                 preferred_element_type=None) -> jax.Array:
+    """``jnp.einsum(spec, w, x)`` for weights ``w`` that are exactly 0 on masked pairs
+    (probabilities, decay-masked scores), differentiable without letting a row's garbage
+    cotangent out: the gradient of ``x`` (a sum over rows, ``w^T dO``) reads the cotangent
+    through :func:`finite_or_zero`, since a masked pair's weight is 0 but 0 * NaN is NaN.
+    The gradient of ``w`` is the plain one (``dO x^T``, selected by the caller's mask).
+
+    For code differentiated by JAX (the references, the XLA paths); kernels with their own
+    backward select and sanitize in place. ``x`` must be finite (:func:`finite_or_zero`).
+    """
+    return jnp.einsum(spec, w, x, precision=precision,
+                      preferred_element_type=preferred_element_type)
+
+
+def _weighted_sum_fwd(spec, w, x, precision, preferred_element_type):
+    return weighted_sum(spec, w, x, precision, preferred_element_type), (w, x)
+
+
+def _weighted_sum_bwd(spec, precision, preferred_element_type, res, ct):
+    w, x = res
+    (a, b), out = spec.split("->")[0].split(","), spec.split("->")[1]
+    f32 = jnp.float32
+    dw = jnp.einsum(f"{out},{b}->{a}", ct, x, precision=precision, preferred_element_type=f32)
+    dx = jnp.einsum(f"{a},{out}->{b}", w, finite_or_zero(ct), precision=precision,
+                    preferred_element_type=f32)
+    return dw.astype(w.dtype), dx.astype(x.dtype)
+
+
+weighted_sum.defvjp(_weighted_sum_fwd, _weighted_sum_bwd)

@@ -20,9 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnlab.ops import attention, platform
+from attnlab.ops import attention, implementations, platform
 from attnlab.testing import ATTENTION_CASES, Case, Tolerance, tolerance
 from tests.helpers import case_inputs, loss_with_lse, random_qkv, random_segments
+from tests.ops.masked_garbage import (
+    FILLS,
+    SOFTMAX_SCENARIOS,
+    check_softmax_garbage,
+    softmax_scenario,
+)
 
 # Interpreted kernels are big XLA programs whose compile time is mostly backend optimization,
 # which is worthless at test sizes; numerics are unchanged.
@@ -380,6 +386,24 @@ class AttentionTestBase(ImplTestBase):
             for a_, b_, name in zip(g, r, ("dq", "dk", "dv", "dbias")):
                 assert a_.shape == b_.shape, name
                 np.testing.assert_allclose(a_, b_, atol=1e-4, err_msg=f"{name} {bias_shape}")
+
+    @pytest.mark.parametrize("fill", sorted(FILLS))
+    @pytest.mark.parametrize("scenario", SOFTMAX_SCENARIOS)
+    def test_masked_garbage_never_reaches_a_row(self, scenario, fill, key):
+        """NaN or +inf in queries, keys, values and cotangents where rows cannot see (every
+        kind of mask): the other rows' out, LSE, entropy and gradients are finite and equal
+        those with zeros there (tests/ops/masked_garbage.py)."""
+        if scenario == "bias_minus_inf" and not self.SUPPORTS_BIAS:
+            pytest.skip(f"{self.IMPL} takes no bias")
+        entropy = implementations()[self.IMPL].returns_entropy
+        extra = {} if self.CONFIG is None else {"config": self.CONFIG}
+
+        def fn(q, k, v, **kw):
+            return attention(q, k, v, impl=self.IMPL, return_residuals=True,
+                             return_entropy=entropy, **extra, **kw)
+
+        check_softmax_garbage(fn, softmax_scenario(scenario, key, self.HEAD_DIM), FILLS[fill],
+                              entropy=entropy, compiler_options=self.options, plat=self.plat)
 
     # --------------------------------------------------------------------------- bad inputs
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from attnlab.ops._registry import Implementation
 from attnlab.ops._vma import like_vma
 from attnlab.ops.attention import AttentionArgs
-from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, visible
+from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, finite_or_zero, visible
 from pallas_kernels.common.static_args import check_int
 
 
@@ -79,8 +79,8 @@ def _logits(qg, kb, bias_b, scale, soft_cap):
     return s, raw
 
 
-def _block_mask(spec, q_pos, kp_b, valid_b, q_seg, ks_b):
-    """Visibility [B|1, 1, 1, T, bk] for one key block."""
+def _block_mask(spec, q_pos, kp_b, valid_b, q_seg, ks_b, bias_b=None):
+    """Visibility [B|1, K|1, G|1, T, bk] for one key block; a -inf bias masks its key."""
     mask = visible(
         spec,
         q_pos[:, None],
@@ -89,7 +89,8 @@ def _block_mask(spec, q_pos, kp_b, valid_b, q_seg, ks_b):
         None if ks_b is None else ks_b[:, None, None, None, :],
     )
     valid = valid_b[None, None, None, None, :]
-    return valid if mask is None else jnp.logical_and(mask, valid)
+    mask = valid if mask is None else jnp.logical_and(mask, valid)
+    return mask if bias_b is None else jnp.logical_and(mask, bias_b > -jnp.inf)
 
 
 def kv_groups(q, k, v) -> int:
@@ -116,7 +117,9 @@ def _prepare(q, k, v, bias, kv_pos, q_seg, kv_seg, block_kv):
     s_pad = -(-s // bk) * bk
     pad = s_pad - s
     kb = _blocks(_pad_axis(k, 1, pad), 1, bk)
-    vb = _blocks(_pad_axis(v, 1, pad), 1, bk)
+    # v only ever meets probabilities (p @ v, dO v^T), which are 0 on masked keys: made finite
+    # once here, so garbage in a key a row cannot see never reaches it (0 * NaN is NaN).
+    vb = _blocks(_pad_axis(finite_or_zero(v), 1, pad), 1, bk)
     kp = _blocks(_pad_axis(kv_pos, 0, pad), 0, bk)
     valid = _blocks(jnp.arange(s_pad) < s, 0, bk)
     ks = None if kv_seg is None else _blocks(_pad_axis(kv_seg, 1, pad, -1), 1, bk)
@@ -138,7 +141,7 @@ def _forward(
         k_b, v_b, kp_b, valid_b, ks_b, bias_b = xs
         k_b, v_b = _expand(k_b, kh), _expand(v_b, kh)
         z, _ = _logits(qg, k_b, bias_b, scale, soft_cap)
-        mask = _block_mask(spec, q_pos, kp_b, valid_b, q_seg, ks_b)
+        mask = _block_mask(spec, q_pos, kp_b, valid_b, q_seg, ks_b, bias_b)
         z = jnp.where(mask, z, MASK_VALUE)
         m_new = jnp.maximum(m, z.max(-1))
         alpha = jnp.exp(m - m_new)
@@ -207,6 +210,9 @@ def _bwd(spec, scale, soft_cap, block_kv, with_entropy, res, cts):
     g = n // kh
     qg, kb, vb, kp, valid, ks, bb = _prepare(q, k, v, bias, kv_pos, q_seg, kv_seg, block_kv)
     dog = d_out.reshape(b, t, kh, g, -1)
+    # Operands of the matmuls that sum over masked pairs (dV = p^T dO, dK = ds^T q, and dQ =
+    # ds k per block below) are made finite: their weights there are 0, and 0 * NaN is NaN.
+    dog_safe, qg_safe = finite_or_zero(dog), finite_or_zero(qg)
 
     def to_bkgt(x):  # [B, T, N] -> [B, K, G, T]
         return jnp.moveaxis(x.reshape(b, t, kh, g), 1, 3)
@@ -224,26 +230,30 @@ def _bwd(spec, scale, soft_cap, block_kv, with_entropy, res, cts):
         k_b, v_b, kp_b, valid_b, ks_b, bias_b = xs
         k_b, v_b = _expand(k_b, kh), _expand(v_b, kh)
         z, raw = _logits(qg, k_b, bias_b, scale, soft_cap)
-        mask = _block_mask(spec, q_pos, kp_b, valid_b, q_seg, ks_b)
+        mask = _block_mask(spec, q_pos, kp_b, valid_b, q_seg, ks_b, bias_b)
         p = jnp.where(mask, jnp.exp(z - lse_g[..., None]), 0.0)
         dv_b = jnp.einsum(
-            "BKGTS,BTKGH->BSKH", p.astype(d_out.dtype), dog, preferred_element_type=jnp.float32
+            "BKGTS,BTKGH->BSKH", p.astype(d_out.dtype), dog_safe,
+            preferred_element_type=jnp.float32,
         )
         dp = jnp.einsum("BTKGH,BSKH->BKGTS", dog, v_b, preferred_element_type=jnp.float32)
         dz = p * (dp - delta[..., None])
         if with_entropy:
             dz = dz - d_ent_g[..., None] * p * jnp.where(mask, z - c_g[..., None], 0.0)
+        dz = jnp.where(mask, dz, 0.0)  # a row's NaN delta or dO must not reach masked pairs
         dbias_b = None
         if bias_b is not None:
             dbias_b = dz.sum(
                 axis=tuple(i for i in range(5) if bias_b.shape[i] == 1), keepdims=True
             )
         draw = dz
-        if soft_cap is not None:
-            draw = dz * (1.0 - jnp.square(jnp.tanh(raw / soft_cap)))
+        if soft_cap is not None:  # (raw is NaN on a masked pair of garbage: select it too)
+            draw = dz * (1.0 - jnp.square(jnp.tanh(jnp.where(mask, raw, 0.0) / soft_cap)))
         draw = (draw * scale).astype(q.dtype)
-        dq = dq + jnp.einsum("BKGTS,BSKH->BTKGH", draw, k_b, preferred_element_type=jnp.float32)
-        dk_b = jnp.einsum("BKGTS,BTKGH->BSKH", draw, qg, preferred_element_type=jnp.float32)
+        dq = dq + jnp.einsum(
+            "BKGTS,BSKH->BTKGH", draw, finite_or_zero(k_b), preferred_element_type=jnp.float32
+        )
+        dk_b = jnp.einsum("BKGTS,BTKGH->BSKH", draw, qg_safe, preferred_element_type=jnp.float32)
         return dq, (_fold(dk_b, k.shape[2]), _fold(dv_b, v.shape[2]), dbias_b)
 
     dq0 = like_vma(
