@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, tile_mask
+from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, finite_or_zero, tile_mask
 from pallas_kernels.gpu._common import (
     LN2,
     LOG2E,
@@ -102,6 +102,8 @@ def _dq_kernel(
             mask = tile_mask(spec, q_pos, kv_pos, q_seg, kv_seg, kv_idx, kv_len)
             if mask is not None:
                 s = jnp.where(mask, s, MASK_VALUE)
+        else:
+            mask = None
         p = jnp.exp2(s - lse)
         dp = dot(do, v, tb=True, precision=precision)
         ds = p * (dp - delta)
@@ -110,6 +112,11 @@ def _dq_kernel(
             ds = ds - (p * e_dh) * (s - e_c)
         if t is not None:
             ds = ds * (1.0 - t * t)
+        if mask is not None:
+            # Select, don't multiply: a row's NaN lse, delta or dO, or a masked key's NaN v,
+            # must not reach masked pairs, nor a masked key's NaN k the sum over them.
+            ds = jnp.where(mask, ds, 0.0)
+            k = finite_or_zero(k)
         return dq + dot(ds.astype(k.dtype), k, precision=precision)
 
     dq = tile_loops(
@@ -145,6 +152,7 @@ def _dkv_kernel(
     soft_cap: float | None,
     block_q: int,
     kv_len: int | None,
+    q_len: int | None,
     precision,
 ):
     bk = k_ref.shape[0]
@@ -166,11 +174,20 @@ def _dkv_kernel(
         if masked:
             q_pos = q_pos_ref[pl.ds(start, block_q)][None, :]
             q_seg = None if q_seg_ref is None else q_seg_ref[pl.ds(start, block_q)][None, :]
-            mask = tile_mask(spec, q_pos, kv_pos, q_seg, kv_seg, kv_idx, kv_len)
+            q_idx = (start + jnp.arange(block_q, dtype=jnp.int32))[None, :]
+            mask = tile_mask(spec, q_pos, kv_pos, q_seg, kv_seg, kv_idx, kv_len, q_idx, q_len)
             if mask is not None:
                 s_t = jnp.where(mask, s_t, MASK_VALUE)
+        else:
+            mask = None
         p_t = jnp.exp2(s_t - lse)  # [bk, bq]
-        dv = dv + dot(p_t.astype(do.dtype), do, precision=precision)
+        q_mm, do_mm = q, do
+        if mask is not None:
+            # Select, don't multiply: masked pairs (padded query rows included) add nothing,
+            # whatever the query, its dO, lse or delta hold (0 * NaN is NaN).
+            p_t = jnp.where(mask, p_t, 0.0)
+            q_mm, do_mm = finite_or_zero(q), finite_or_zero(do)
+        dv = dv + dot(p_t.astype(do.dtype), do_mm, precision=precision)
         dp_t = dot(v, do, tb=True, precision=precision)
         ds_t = p_t * (dp_t - delta)
         if dh_ref is not None:
@@ -179,7 +196,9 @@ def _dkv_kernel(
             ds_t = ds_t - (p_t * e_dh) * (s_t - e_c)
         if t_t is not None:
             ds_t = ds_t * (1.0 - t_t * t_t)
-        dk = dk + dot(ds_t.astype(q.dtype), q, precision=precision)
+        if mask is not None:
+            ds_t = jnp.where(mask, ds_t, 0.0)
+        dk = dk + dot(ds_t.astype(q.dtype), q_mm, precision=precision)
         return dk, dv
 
     # Every q block of every head in the group; one flat loop per kind of tile.
@@ -289,7 +308,7 @@ def flash_backward(
         return (bi if bm > 1 else 0, j, 0)
 
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, block_q=bq_kv, **common),
+        functools.partial(_dkv_kernel, block_q=bq_kv, q_len=None if tp == t else t, **common),
         grid=(nk, b, kc),
         in_specs=[
             pl.BlockSpec((None, None, 4), kv_meta_map),

@@ -12,8 +12,10 @@ skip EMPTY ones and mask the rest.
 
 Numerics: logits are carried in the log2 domain (``log2(e)`` folded into the scale, ``exp2``
 in the inner loop), matmuls take the input dtype and accumulate in float32, masked logits are
-``MASK_VALUE`` (finite). The public log-sum-exp is natural-log, and ``-inf`` for a row that
-sees no key (whose output is 0).
+``MASK_VALUE`` (finite), and partially masked tiles read values through
+:func:`~pallas_kernels.common.masks.finite_or_zero` (p is 0 on a masked key, but 0 * NaN is
+NaN), so NaN or inf where a row cannot see never reaches it. The public log-sum-exp is
+natural-log, and ``-inf`` for a row that sees no key (whose output is 0).
 
 This file also holds the ``jax.custom_vjp`` public wrapper; the config and tile planning
 shared with the backward live in :mod:`pallas_kernels.gpu.flash_common`, the backward kernels
@@ -31,7 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common.checks import check_attention_inputs
-from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, tile_mask
+from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, finite_or_zero, tile_mask
 from pallas_kernels.gpu._common import (
     LN2,
     M_INIT,
@@ -108,6 +110,7 @@ def _fwd_kernel(
             mask = tile_mask(spec, q_pos, kv_pos, q_seg, kv_seg, kv_idx, kv_len)
             if mask is not None:
                 s = jnp.where(mask, s, MASK_VALUE)
+                v = finite_or_zero(v)  # p is 0 on masked keys, but 0 * NaN is NaN
         m_new = jnp.maximum(m, s.max(axis=-1))
         alpha = jnp.exp2(m - m_new)
         if with_entropy:

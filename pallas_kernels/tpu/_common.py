@@ -62,13 +62,15 @@ def tile_logits(
 
 def ref_tile_mask(
     spec: MaskSpec, refs: tuple[Any, Any, Any, Any], j: jax.Array, bkv: int, kv_len: int, *,
-    keys_on_lanes: bool = True,
+    keys_on_lanes: bool = True, q_block: tuple[jax.Array, int, int] | None = None,
 ) -> jax.Array | None:
     """:func:`~pallas_kernels.common.masks.tile_mask` of key block ``j`` (``bkv`` keys, of
     ``kv_len`` real ones), read from the kernel's (q_pos, kv_pos, q_seg, kv_seg) refs.
 
     ``keys_on_lanes``: logits [bq, bkv]; the query refs are lane-broadcast [bq, NUM_LANES], the
     key refs [1, bkv]. Else the transpose (logits [bkv, bq]). Segment refs may be None.
+    ``q_block``: (i, bq, q_len), query block i of bq rows, of q_len real ones: padded query
+    rows are masked too (kernels that sum over queries need it; others slice them off).
     """
     q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref = refs
     if keys_on_lanes:
@@ -77,6 +79,11 @@ def ref_tile_mask(
     else:
         k_index = j * bkv + lax.broadcasted_iota(jnp.int32, (bkv, 1), 0)
         q_col, kv_col = slice(None), slice(None, 1)
+    q_index = q_len = None
+    if q_block is not None and q_block[2] % q_block[1]:
+        i, bq, q_len = q_block
+        q_shape, q_axis = ((bq, 1), 0) if keys_on_lanes else ((1, bq), 1)
+        q_index = i * bq + lax.broadcasted_iota(jnp.int32, q_shape, q_axis)
     return tile_mask(
         spec,
         q_pos_ref[:, q_col],
@@ -85,6 +92,8 @@ def ref_tile_mask(
         None if kv_seg_ref is None else kv_seg_ref[:, kv_col],
         k_index,
         None if kv_len % bkv == 0 else kv_len,
+        q_index,
+        q_len,
     )
 
 

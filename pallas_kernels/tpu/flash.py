@@ -24,7 +24,10 @@ the flags and per-block loop bounds reach the kernel through scalar prefetch (SM
 tiles are skipped (and their K/V copies elided, because the index map clamps the key block
 into the non-empty range), FULL tiles run without the elementwise mask, and only PARTIAL
 tiles evaluate :func:`~pallas_kernels.common.masks.visible`. Masked logits use the finite
-``MASK_VALUE``; a row that sees no key gives 0 output and an LSE of ``-inf``.
+``MASK_VALUE``; a row that sees no key gives 0 output and an LSE of ``-inf``. PARTIAL tiles
+also read the operands of their matmuls (v; k, q, dO in the backward) through
+:func:`~pallas_kernels.common.masks.finite_or_zero` and select ds: a masked pair's weight is
+0, but 0 * NaN is NaN, and garbage where a row cannot see must never reach it.
 
 The backward kernels are in :mod:`pallas_kernels.tpu.flash_bwd`, the tile helpers shared with
 them in :mod:`pallas_kernels.tpu._common`.
@@ -49,6 +52,7 @@ from pallas_kernels.common.masks import (
     PARTIAL,
     BlockMetadata,
     MaskSpec,
+    finite_or_zero,
     tile_metadata,
 )
 from pallas_kernels.common.static_args import check_int
@@ -206,8 +210,10 @@ def _fwd_kernel(
         if masked:
             mask = ref_tile_mask(spec, (q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref), j, bkv,
                                  kv_len)
+        v = v_ref[...]
         if mask is not None:
             z = jnp.where(mask, z, MASK_VALUE)
+            v = finite_or_zero(v)  # p is 0 on masked keys, but 0 * NaN is NaN
         m_prev = m_ref[...]
         m_next = jnp.maximum(m_prev, jnp.max(z, axis=-1, keepdims=True))  # [bq, NUM_LANES]
         d = z - m_next[:, :1]
@@ -227,7 +233,6 @@ def _fwd_kernel(
             u_ref[...] = alpha * (u_ref[...] + (m_prev - m_next) * l_prev) + jnp.sum(
                 p * d, axis=-1, keepdims=True
             )
-        v = v_ref[...]
         pv = lax.dot_general(p.astype(v.dtype), v, NN, preferred_element_type=jnp.float32)
         acc_ref[...] = alpha[:, :1] * acc_ref[...] + pv
 
@@ -384,6 +389,7 @@ def flash_vjp_bwd(spec, scale, soft_cap, config, interpret, return_entropy, res,
             None if q_seg is None else q_lay(q_seg, t_pad),
             None if kv_seg is None else kv_lay(kv_seg, s_pad),
             (md.kind, *bounds), block_q=bq, block_kv=bkv, entropy=ent_pad, **common,
+            **({} if keys_on_lanes else {"q_len": t}),
         )
 
     dq = run(flash_dq, config.block_q_dq, config.block_kv_dq, keys_on_lanes=True)

@@ -41,7 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common.masks import FULL, PARTIAL, MaskSpec
+from pallas_kernels.common.masks import FULL, PARTIAL, MaskSpec, finite_or_zero
 from pallas_kernels.tpu._common import (
     NN,
     NT,
@@ -129,6 +129,7 @@ def _dq_kernel(
         lse = jnp.expand_dims(lse_ref[0], -1)  # [bq, 1]
         delta = jnp.expand_dims(delta_ref[0], -1)  # [bq, 1]
         p = jnp.exp(z - lse)
+        mask = None
         if masked:
             mask = ref_tile_mask(spec, (q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref), j, bkv,
                                  kv_len)
@@ -142,6 +143,11 @@ def _dq_kernel(
             c = jnp.expand_dims(c_ref[0], -1)  # [bq, 1]
             dz = dz - dh * (z - c)
         ds = soft_cap_grad(p * dz, raw, soft_cap) * scale
+        if mask is not None:
+            # Select, don't multiply: a row's NaN lse, delta or dO, or a masked key's NaN v
+            # or k, must not reach masked pairs or the sum over them (0 * NaN is NaN).
+            ds = jnp.where(mask, ds, 0.0)
+            k = finite_or_zero(k)
         dq_acc_ref[...] += lax.dot_general(
             ds.astype(k.dtype), k, NN, preferred_element_type=jnp.float32
         )
@@ -242,6 +248,8 @@ def _dkv_kernel(
     scale: float,
     soft_cap: float | None,
     kv_len: int,
+    q_len: int,
+    bq: int,
     bkv: int,
     nq: int,
     nk: int,
@@ -264,21 +272,27 @@ def _dkv_kernel(
         # Transposed orientation: keys on sublanes, queries on lanes; [bkv, bq] tiles.
         z, raw = tile_logits(k_ref[...], q, scale=scale, soft_cap=soft_cap)
         p = jnp.exp(z - lse_ref[...])
+        mask = None
         if masked:
             mask = ref_tile_mask(spec, (q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref), j, bkv,
-                                 kv_len, keys_on_lanes=False)
+                                 kv_len, keys_on_lanes=False, q_block=(i, bq, q_len))
             if mask is not None:
                 p = jnp.where(mask, p, 0.0)
+        # Masked pairs (padded query rows included) add nothing, whatever the query, its dO,
+        # lse or delta hold: select, and read the summed operands through finite_or_zero.
+        q_mm, do_mm = (q, do) if mask is None else (finite_or_zero(q), finite_or_zero(do))
         dv_acc_ref[...] += lax.dot_general(
-            p.astype(do.dtype), do, NN, preferred_element_type=jnp.float32
+            p.astype(do.dtype), do_mm, NN, preferred_element_type=jnp.float32
         )
         dp = lax.dot_general(v_ref[...], do, NT, preferred_element_type=jnp.float32)
         dz = dp - delta_ref[...]
         if dh_ref is not None:
             dz = dz - dh_ref[...] * (z - c_ref[...])
         ds = soft_cap_grad(p * dz, raw, soft_cap) * scale
+        if mask is not None:
+            ds = jnp.where(mask, ds, 0.0)
         dk_acc_ref[...] += lax.dot_general(
-            ds.astype(q.dtype), q, NN, preferred_element_type=jnp.float32
+            ds.astype(q.dtype), q_mm, NN, preferred_element_type=jnp.float32
         )
 
     pl.when(kind == FULL)(lambda: step(False))
@@ -312,6 +326,7 @@ def flash_dkv(
     per_batch: bool,
     interpret: Any,
     entropy: tuple[jax.Array, jax.Array] | None = None,  # ([B, N, 1, T_pad] f32 dH, c)
+    q_len: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(dK [B, Kk, S_pad, H], dV [B, Kv, S_pad, Hv]) in k's / v's dtype, in kernel layout.
 
@@ -320,9 +335,11 @@ def flash_dkv(
     are the reduction, so a group's G query heads accumulate into one dK/dV block. With
     Kk == Kv (GQA/MQA) the groups are the KV heads and the kernel writes dK/dV directly; else
     it writes one float32 block per group and the groups that share a key (value) head are
-    summed here.
+    summed here. ``q_len``: the real query rows (None: T_pad); the padded ones are masked,
+    whatever they hold.
     """
     b, n, t_pad, h = q.shape
+    q_len = t_pad if q_len is None else q_len
     kk, kv, s_pad, hv = k.shape[1], v.shape[1], k.shape[2], v.shape[3]
     kc = math.lcm(kk, kv)
     g, rk, rv = n // kc, kc // kk, kc // kv  # heads per group; groups per k head, per v head
@@ -365,8 +382,8 @@ def flash_dkv(
             pl.BlockSpec((None, block_kv, NUM_LANES), lambda bi, ci, j, gi, i, *_: (bi, j, 0)),
         ]
     kernel = functools.partial(
-        _dkv_kernel, spec=spec, scale=scale, soft_cap=soft_cap, kv_len=kv_len, bkv=block_kv,
-        nq=nq, nk=nk, groups=g, per_batch=per_batch,
+        _dkv_kernel, spec=spec, scale=scale, soft_cap=soft_cap, kv_len=kv_len, q_len=q_len,
+        bq=block_q, bkv=block_kv, nq=nq, nk=nk, groups=g, per_batch=per_batch,
     )
     dk, dv = pl.pallas_call(
         kernel,
