@@ -15,6 +15,12 @@ The T queries of sequence ``b`` are its last T tokens: query ``t`` sits at posit
 A row that sees no key (``kv_lengths[b] == 0``, or ``kv_lengths[b] < T`` for the earliest
 queries) gives 0 output and lse ``-inf``, never NaN.
 
+Masked positions never influence a row: non-finite values in a query, cache slot or output
+cotangent at a position a row cannot see (uninitialized slots past ``kv_lengths`` are
+common) never reach that row's output or LSE, nor the gradients of visible positions. A row
+that sees a non-finite value gets an unspecified result (NaN, or a value computed with the
+non-finite entries read as 0).
+
 Implementations: ``"reference"`` (the definition), ``"xla"`` (split-K in pure JAX: chunk the
 key axis, partial (out, lse) per chunk, :func:`attnlab.ops.merge_n`), ``"pallas_triton"``
 (GPU split-K kernel; Pallas-interpreted on CPU) and ``"pallas_tpu"`` (TPU kernel; TPU interpret
@@ -45,7 +51,13 @@ from attnlab.ops._registry import (  # noqa: F401 (platform: re-export)
     platform,
 )
 from attnlab.ops.merge import merge_n
-from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, visible
+from pallas_kernels.common.masks import (
+    MASK_VALUE,
+    MaskSpec,
+    finite_or_zero,
+    visible,
+    weighted_sum,
+)
 from pallas_kernels.common.static_args import check_bool, check_static_float, is_int
 
 MAX_QUERIES = 64
@@ -89,9 +101,12 @@ def _reference(q, k, v, a: DecodeArgs) -> tuple[jax.Array, jax.Array]:
     b, t, n, _ = q.shape
     s = k.shape[1]
     hi = jax.lax.Precision.HIGHEST
-    k_n = k[:, :, head_map(n, k.shape[2])].astype(jnp.float32)  # [B, S, N, H]
-    v_n = v[:, :, head_map(n, v.shape[2])].astype(jnp.float32)  # [B, S, N, Hv]
-    z = jnp.einsum("BTNH,BSNH->BNTS", q.astype(jnp.float32), k_n, precision=hi) * a.scale
+    # Select, don't multiply (as in attention's reference): matmul operands are made finite,
+    # so a NaN in a cache slot a row cannot see (past kv_lengths) never reaches it.
+    k_n = finite_or_zero(k[:, :, head_map(n, k.shape[2])].astype(jnp.float32))  # [B, S, N, H]
+    v_n = finite_or_zero(v[:, :, head_map(n, v.shape[2])].astype(jnp.float32))  # [B, S, N, Hv]
+    q_f = finite_or_zero(q.astype(jnp.float32))
+    z = jnp.einsum("BTNH,BSNH->BNTS", q_f, k_n, precision=hi) * a.scale
     if a.logits_soft_cap is not None:
         z = a.logits_soft_cap * jnp.tanh(z / a.logits_soft_cap)
     lengths, q_pos = query_positions(a.kv_lengths, b, t, s)
@@ -101,7 +116,7 @@ def _reference(q, k, v, a: DecodeArgs) -> tuple[jax.Array, jax.Array]:
     z = jnp.where(mask, z, MASK_VALUE)
     lse = jax.nn.logsumexp(z, axis=-1)
     p = jnp.where(mask, jnp.exp(z - lse[..., None]), 0.0)
-    out = jnp.einsum("BNTS,BSNH->BTNH", p, v_n, precision=hi).astype(q.dtype)
+    out = weighted_sum("BNTS,BSNH->BTNH", p, v_n, hi).astype(q.dtype)
     lse = jnp.where(mask.any(-1), lse, -jnp.inf)  # [B, N, T]
     return out, jnp.swapaxes(lse, 1, 2)
 
@@ -214,7 +229,8 @@ def decode_attention(
 
     Returns:
       out [B, T, N, Hv] in q's dtype, or (out, lse) when ``return_residuals``. A row that sees
-      no key gives 0 output and lse -inf (never NaN).
+      no key gives 0 output and lse -inf (never NaN). Cache slots a row cannot see (past
+      kv_lengths: uninitialized, even NaN) never influence it (module docstring).
 
     Raises:
       ValueError: bad shapes, dtypes, kv_lengths or arguments; unknown impl.

@@ -26,7 +26,10 @@ here. Forward only: there is no VJP (decoding is inference).
 Semantics of the mask: query ``t`` of sequence ``b`` sits at position
 ``kv_lengths[b] - T + t`` (the T queries are the sequence's last T tokens) and sees cache key
 ``j`` iff ``j < kv_lengths[b]`` and :func:`~pallas_kernels.common.masks.visible` allows the
-pair (causal, optional window). Masked logits use the finite ``MASK_VALUE``.
+pair (causal, optional window). Masked logits use the finite ``MASK_VALUE``, and tiles that
+some row cannot wholly see read values through
+:func:`~pallas_kernels.common.masks.finite_or_zero`: NaN or inf in a cache slot past
+``kv_lengths`` (an uninitialized cache) never reaches a row.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common.checks import check_config, check_decode_inputs
-from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, visible
+from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, finite_or_zero, visible
 from pallas_kernels.common.static_args import check_int
 from pallas_kernels.gpu._common import (
     LN2,
@@ -203,6 +206,13 @@ def _decode_kernel(
         start_c = jnp.minimum(start, s_eff - block_kv)
         k = k_ref[pl.ds(start_c, block_kv), :]
         v = v_ref[pl.ds(start_c, block_kv), :]
+        # A tile some row cannot wholly see (past the length: uninitialized slots; the shifted
+        # last tile; the causal or window edge) reads v through finite_or_zero: p is 0 there,
+        # but 0 * NaN is NaN. Tiles every row sees whole skip it.
+        full = (start_c == start) & (start + block_kv <= jnp.minimum(split_hi, length - t + 1))
+        if spec.window_left is not None:
+            full = full & (start >= length - 1 - spec.window_left)
+        v = lax.cond(full, lambda v: v, finite_or_zero, v)
         z, _ = log2_logits(dot(q, k, tb=True, precision=precision), scale, soft_cap)
         kv_idx = (start_c + jnp.arange(block_kv, dtype=jnp.int32))[None, :]
         mask = (kv_idx >= start) & (kv_idx < split_hi)

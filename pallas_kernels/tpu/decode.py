@@ -28,7 +28,9 @@ index map clamps the key block into the range a sequence can see (its length, an
 if any), so tiles past a sequence's end issue no DMA and are skipped by ``pl.when``. Each
 split writes its partial result (output normalized within the split, natural-log LSE, ``-inf``
 where the row saw no key); the caller merges them with ``attnlab.ops.merge_n``. Masked logits
-use the finite ``MASK_VALUE``. Forward only.
+use the finite ``MASK_VALUE``, and tiles that some row cannot wholly see read values through
+:func:`~pallas_kernels.common.masks.finite_or_zero`: NaN or inf in a cache slot past the
+length (an uninitialized cache) never reaches a row. Forward only.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common.checks import check_config, check_decode_inputs
-from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, visible
+from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, finite_or_zero, visible
 from pallas_kernels.common.static_args import check_int
 from pallas_kernels.tpu._common import (
     NN,
@@ -144,8 +146,15 @@ def _decode_kernel(
     if spec.window_left is not None:
         needed = jnp.logical_and(needed, start + bkv > length - t - spec.window_left)
 
-    @pl.when(needed)
-    def _step():
+    # Every row sees every key of the tile (none past the length or the causal or window edge):
+    # values are used as they are. Other tiles read them through finite_or_zero, since p is 0
+    # on a masked key but 0 * NaN is NaN (uninitialized cache slots; the overhang of the last
+    # tile, NaN in interpret mode).
+    full = start + bkv <= jnp.minimum(hi, length - t + 1)
+    if spec.window_left is not None:
+        full = jnp.logical_and(full, start >= length - 1 - spec.window_left)
+
+    def step(partial: bool):
         z, _ = tile_logits(q_ref[...], k_ref[...], scale=scale, soft_cap=soft_cap)  # [Rp, bkv]
         kv_idx = start + lax.broadcasted_iota(jnp.int32, (1, bkv), 1)
         q_pos = length - t + row_t_ref[:, :1]  # [Rp, 1]
@@ -161,14 +170,12 @@ def _decode_kernel(
         alpha = jnp.exp(m_prev - m_next)
         l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=-1, keepdims=True)
         m_ref[...] = m_next
-        v = v_ref[...]
-        if s % bkv:
-            # The last tile overhangs the cache: those rows are not data (NaN in interpret
-            # mode), and 0 * NaN would poison the product.
-            rows = start + lax.broadcasted_iota(jnp.int32, (bkv, 1), 0)
-            v = jnp.where(rows < s, v, jnp.zeros_like(v))
+        v = finite_or_zero(v_ref[...]) if partial else v_ref[...]
         pv = lax.dot_general(p.astype(v.dtype), v, NN, preferred_element_type=jnp.float32)
         acc_ref[...] = alpha[:, :1] * acc_ref[...] + pv
+
+    pl.when(jnp.logical_and(needed, full))(lambda: step(False))
+    pl.when(jnp.logical_and(needed, jnp.logical_not(full)))(lambda: step(True))
 
     @pl.when(i == tiles_per_split - 1)
     def _finish():

@@ -31,6 +31,12 @@ from tests.ops.attention_base import (
     assert_lse_close,
     grid,
 )
+from tests.ops.masked_garbage import (
+    DECODE_SCENARIOS,
+    FILLS,
+    check_softmax_garbage,
+    decode_scenario,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,6 +243,21 @@ class DecodeTestBase(ImplTestBase):
         for name, a, r in zip(GRADS, got, want, strict=True):
             assert np.isfinite(np.asarray(a)).all(), name
             np.testing.assert_allclose(a, r, atol=self.tol().get(name), err_msg=name)
+
+    @pytest.mark.parametrize("fill", sorted(FILLS))
+    @pytest.mark.parametrize("scenario", sorted(DECODE_SCENARIOS))
+    def test_masked_garbage_in_cache_slots(self, scenario, fill, key):
+        """NaN or +inf in every cache slot no query sees (past kv_lengths, before the window;
+        an uninitialized cache): out, LSE and (differentiable implementations) gradients
+        equal those with zeros there (tests/ops/masked_garbage.py)."""
+
+        def fn(q, k, v, **kw):
+            return decode_attention(q, k, v, impl=self.IMPL, config=self.CONFIG,
+                                    return_residuals=True, **kw)
+
+        check_softmax_garbage(fn, decode_scenario(scenario, key), FILLS[fill],
+                              grads=self.DIFFERENTIABLE, compiler_options=self.options,
+                              plat=self.plat)
 
     @pytest.mark.parametrize("make, kwargs, match", BAD_INPUTS)
     def test_bad_inputs_raise_value_error(self, make, kwargs, match):

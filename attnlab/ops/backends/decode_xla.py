@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from attnlab.ops._registry import Implementation
 from attnlab.ops.decode import DecodeArgs, query_positions
 from attnlab.ops.merge import merge_n
-from pallas_kernels.common.masks import MASK_VALUE, visible
+from pallas_kernels.common.masks import MASK_VALUE, finite_or_zero, visible, weighted_sum
 from pallas_kernels.common.static_args import check_int
 
 
@@ -46,6 +46,10 @@ def _fn(q, k, v, a: DecodeArgs) -> tuple[jax.Array, jax.Array]:
     n_chunks = -(-s // min(cfg.keys_per_split, s))
     chunk = -(-s // n_chunks)
     sp = n_chunks * chunk
+    # Uninitialized cache slots (past kv_lengths) are common: every matmul operand is made
+    # finite (differentiable by JAX, so k and q too) and p @ v is a weighted_sum (its dv
+    # reads dO through finite_or_zero), since a masked slot's weight is 0 but 0 * NaN is NaN.
+    q, k, v = (finite_or_zero(x) for x in (q, k, v))
     if sp != s:
         k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
         v = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
@@ -69,10 +73,8 @@ def _fn(q, k, v, a: DecodeArgs) -> tuple[jax.Array, jax.Array]:
     lse = jax.nn.logsumexp(z, axis=-1)  # [P, B, N, T]
     p = jnp.where(mask, jnp.exp(z - lse[..., None]), 0.0)
     p = p.reshape(n_chunks, b, kv, n // kv, t, chunk)  # grouped by value head
-    o = jnp.einsum(
-        "PBKGTC,BPCKH->PBTKGH", p.astype(v.dtype), vc, precision=prec,
-        preferred_element_type=f32,
-    ).reshape(n_chunks, b, t, n, hv)
+    o = weighted_sum("PBKGTC,BPCKH->PBTKGH", p.astype(v.dtype), vc, prec, f32)
+    o = o.reshape(n_chunks, b, t, n, hv)
     lse = jnp.swapaxes(jnp.where(mask.any(-1), lse, -jnp.inf), 2, 3)  # [P, B, T, N]
     out, lse = merge_n(o, lse)
     return out.astype(q.dtype), lse
