@@ -29,6 +29,8 @@ import numpy as np
 
 from attnlab.ops._checks import check_qkv
 from attnlab.ops._registry import KERNEL_FIRST, Implementation, Registry, backends, platform
+from pallas_kernels.common.lightning import decay_power, scale_state
+from pallas_kernels.common.masks import finite_or_zero, weighted_sum
 from pallas_kernels.common.static_args import check_bool, check_int, check_static_float
 
 _HI = jax.lax.Precision.HIGHEST
@@ -204,7 +206,7 @@ def reference(q: jax.Array, k: jax.Array, v: jax.Array, **kwargs: Any
 
 def _reference(q, k, v, a: LightningArgs) -> tuple[jax.Array, jax.Array]:
     b, t, n, h = q.shape
-    lam = jnp.exp(a.log_decay)[None, :, None, None]  # [1, N, 1, 1]
+    lam = jnp.exp(a.log_decay)[None, :, None, None]  # [1, N, 1, 1]; decay 0: lam = 0
     s0 = a.initial_state
     if s0 is None:
         s0 = jnp.zeros((b, n, h, v.shape[-1]), jnp.float32)
@@ -212,7 +214,9 @@ def _reference(q, k, v, a: LightningArgs) -> tuple[jax.Array, jax.Array]:
 
     def step(s, xs):
         q_t, k_t, v_t, keep_t = xs  # [B, N, H], [B, N, H], [B, N, Hv], [B]
-        s = keep_t[:, None, None, None] * lam * s + jnp.einsum(
+        # Select, don't multiply: a state dropped at a document start (or by decay 0) brings
+        # nothing along, not even NaN (0 * NaN is NaN).
+        s = scale_state(keep_t[:, None, None, None] * lam, s) + jnp.einsum(
             "BNH,BNV->BNHV", k_t, v_t, precision=_HI
         )
         return s, jnp.einsum("BNH,BNHV->BNV", a.scale * q_t, s, precision=_HI)
@@ -263,11 +267,12 @@ def chunk_summary(
     starts = segment_starts(segment_ids, b, t)
     r = jnp.cumsum(starts.astype(jnp.int32), axis=1)  # [B, T]
     age = (t - 1 - jnp.arange(t, dtype=jnp.float32))  # tokens after j in the block
-    w = jnp.exp(age[:, None] * log_decay[None, :])[None]  # [1, T, N]
-    w = w * (r == r[:, -1:]).astype(jnp.float32)[..., None]  # only the last document
-    dt = matmul_dtype(k.dtype)
-    wk = (k.astype(jnp.float32) * w[..., None]).astype(dt)
-    state = jnp.einsum("BTNH,BTNV->BNHV", wk, v.astype(dt), preferred_element_type=jnp.float32)
+    w = decay_power(log_decay[None, :], age[:, None])[None]  # [1, T, N]
+    last = (r == r[:, -1:])[..., None, None]  # only the last document; selected, as earlier
+    dt = matmul_dtype(k.dtype)  # documents' k and v may hold garbage (0 * NaN is NaN)
+    wk = jnp.where(last, finite_or_zero(k).astype(jnp.float32) * w[..., None], 0.0).astype(dt)
+    state = weighted_sum("BTNH,BTNV->BNHV", wk, finite_or_zero(v).astype(dt), None,
+                         jnp.float32)
     return state, block_carry(log_decay, segment_ids, b, t)
 
 
@@ -279,7 +284,7 @@ def block_carry(log_decay: jax.Array, segment_ids: jax.Array | None, b: int, t: 
     if segment_ids is not None:
         unbroken = (jnp.sum(segment_starts(segment_ids, b, t), axis=1, keepdims=True) == 0
                     ).astype(jnp.float32)
-    return jnp.exp(t * log_decay)[None, :] * unbroken
+    return decay_power(log_decay, t)[None, :] * unbroken
 
 
 class BlockPhases(NamedTuple):

@@ -6,6 +6,12 @@ where a new packed document starts and 1 elsewhere. The chunked kernels never re
 ids directly: :func:`chunk_run_ids` turns them into one small integer per token that answers
 every question a chunk asks (does this row still see the carried state? do rows i and j lie
 in one run? which keys reach the chunk's final state?).
+
+Masked tokens (later ones, other documents) never influence a row: factors that are 0 there
+(the decay mask, a dropped state, a row's gate) *select* rather than multiply
+(:func:`scale_state`, ``jnp.where``), and the other operand of a matmul summed over masked
+tokens is read through :func:`~pallas_kernels.common.masks.finite_or_zero`, since 0 * NaN is
+NaN. :func:`decay_power` keeps decay 0 exact (only the current token) where m * log(0) is NaN.
 """
 
 from __future__ import annotations
@@ -93,6 +99,19 @@ def chunk_run_ids(segment_ids: jax.Array, t_pad: int, chunk: int) -> jax.Array:
     return (runs - before[..., None]).reshape(b, t_pad).astype(jnp.int32)
 
 
+def decay_power(log_decay: jax.Array, m: jax.Array) -> jax.Array:
+    """lambda^m = exp(m log lambda) for token counts m >= 0, with lambda^0 = 1 also at decay 0
+    (log lambda = -inf, where 0 * -inf would be NaN): decay 0 keeps the current token only."""
+    return jnp.exp(jnp.where(m == 0, 0.0, log_decay * m))
+
+
+def scale_state(factor: jax.Array, state: jax.Array) -> jax.Array:
+    """``factor * state``, exactly 0 where ``factor`` is 0: a state dropped at a document
+    start (or decayed to nothing) must not bring its NaN or inf along (0 * NaN is NaN).
+    ``factor`` broadcasts against ``state``."""
+    return jnp.where(factor == 0, jnp.zeros_like(state), factor * state)
+
+
 def decayed_state_scan(carry: jax.Array, local: jax.Array, axis: int) -> jax.Array:
     """The state after each step of ``S_out = carry * S_in + local``, from a zero start.
 
@@ -113,6 +132,6 @@ def decayed_state_scan(carry: jax.Array, local: jax.Array, axis: int) -> jax.Arr
 
     def compose(first, second):  # apply ``first`` then ``second``
         (a1, x1), (a2, x2) = first, second
-        return a1 * a2, a2[..., None, None] * x1 + x2
+        return a1 * a2, scale_state(a2[..., None, None], x1) + x2
 
     return jax.lax.associative_scan(compose, (carry, local), axis=axis)[1]

@@ -23,6 +23,12 @@ from attnlab.ops import lightning as L
 from attnlab.testing import linear_tolerance
 from tests.helpers import lightning_oracle, random_segments
 from tests.ops.attention_base import ImplTestBase, grid
+from tests.ops.masked_garbage import (
+    FILLS,
+    LIGHTNING_SCENARIOS,
+    check_lightning_garbage,
+    lightning_scenario,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,6 +312,38 @@ class LightningTestBase(ImplTestBase):
         ), compiler_options=self.options)
         assert_close_rel(vm(q, k, v, jnp.asarray(decay))[:, 0], want,
                          linear_tolerance(jnp.float32).values, "vmap, traced decay")
+
+    @pytest.mark.parametrize("fill", sorted(FILLS))
+    @pytest.mark.parametrize("scenario", LIGHTNING_SCENARIOS)
+    def test_masked_garbage_never_reaches_a_row(self, scenario, fill, key):
+        """NaN or +inf in later tokens and in other documents (q, k, v and dO): the rows that
+        cannot see them get finite o and gradients equal to those with zeros there, and so
+        do the final state and the initial state's gradient where no garbage reaches them
+        (tests/ops/masked_garbage.py)."""
+
+        def fn(q, k, v, **kw):
+            return self.call(q, k, v, return_state=True, **kw)
+
+        check_lightning_garbage(fn, lightning_scenario(scenario, key), FILLS[fill],
+                                compiler_options=self.options)
+
+    def test_decay_zero_keeps_the_current_token(self, key):
+        """A traced decay of 0 (log 0 = -inf) is exact: o_t = scale q_t k_t^T v_t, as the
+        reference's recurrence (S_t = 0 * S_{t-1} + k_t^T v_t) defines it; no NaN."""
+        q, k, v, _, _, seg = LightningCase("d0", t=24, n=2, segments=2).inputs(key)
+        decay = jnp.asarray([0.0, 0.7])
+
+        def run(impl, config):
+            return jax.jit(lambda q, k, v, d: L.lightning_attention(
+                q, k, v, decay=d, impl=impl, config=config, segment_ids=seg,
+                return_state=True), compiler_options=self.options)(q, k, v, decay)
+
+        (o, s), (want, want_s) = run(self.IMPL, self.CONFIG), run("reference", None)
+        tol = linear_tolerance(jnp.float32).values
+        assert_close_rel(o, want, tol, "o")
+        assert_close_rel(s, want_s, tol, "state")
+        only_own = jnp.einsum("btnh,btnh,btnv->btnv", q, k, v)[:, :, 0]
+        assert_close_rel(o[:, :, 0], only_own, tol, "decay 0: the current token only")
 
     def test_bad_inputs(self, key):
         q, k, v, decay, _, _ = LightningCase("x", b=1, t=8, n=2, h=8, hv=8).inputs(key)

@@ -5,11 +5,14 @@ dispatch and the decay helpers. The kernels' subclasses live in ``tests/pallas_k
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from attnlab.ops import XlaLightningConfig
 from attnlab.ops import lightning as L
+from attnlab.testing import linear_tolerance
 from tests.helpers import lightning_oracle
 from tests.ops.lightning_base import (
     LIGHTNING_CASES,
@@ -64,3 +67,22 @@ def test_decay_helpers():
     np.testing.assert_allclose(L.transnormer_decay(8), np.exp(-L.alibi_slopes(8)), rtol=1e-6)
     assert L.minimax_decay(4, 0, 1).shape == (4,)
 
+
+def test_xla_float16_scores_beyond_its_range(key):
+    """float16 inputs whose q.k (86436) is beyond float16's range (65504) while o is not:
+    the xla path keeps the score tile and the states in float32, as the reference does, and
+    returns o within float16's tolerance of it (it overflowed to inf)."""
+    b, t, n, h = 1, 24, 2, 16
+    k1, k2 = jax.random.split(key)
+    big = 73.5 + jax.random.uniform(k1, (b, t, n, h), minval=-0.05, maxval=0.05)
+    q = k = big.astype(jnp.float16)  # q.k ~ 16 * 73.5^2
+    v = (1e-3 * jax.random.normal(k2, (b, t, n, h))).astype(jnp.float16)
+    kw = dict(decay=[0.9, 1.0], return_state=True)
+    want, want_s = L.reference(q, k, v, **kw)
+    assert np.isfinite(np.asarray(want, np.float32)).all()
+    for chunk in (8, 64):
+        o, s = jax.jit(lambda q, k, v, c=chunk: L.lightning_attention(
+            q, k, v, impl="xla", chunk_size=c, **kw))(q, k, v)
+        tol = linear_tolerance(jnp.float16).values
+        assert_close_rel(o.astype(jnp.float32), want.astype(jnp.float32), tol, f"o, C={chunk}")
+        assert_close_rel(s, want_s, tol, f"state, C={chunk}")
