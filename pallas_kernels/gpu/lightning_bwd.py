@@ -22,6 +22,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.common.lightning import scale_state
+from pallas_kernels.common.masks import finite_or_zero
 from pallas_kernels.gpu._common import dot, dot_precision
 from pallas_kernels.gpu.lightning_common import (
     LANES,
@@ -66,8 +68,12 @@ def _dstates_kernel(
         rel = None if rel_ref is None else rel_ref[pl.ds(start, chunk)]
         e, valid = real_counts(c, chunk, t)
         _, gamma = key_gate(ld, e, valid, rel)
-        qg = (q.astype(jnp.float32) * (scale * row_gate(ld, e, rel))[:, None]).astype(q.dtype)
-        return gamma * ds + dot(qg, do, ta=True, precision=precision)
+        # Select, don't multiply: rows after a reset (gate 0) and a dropped state add nothing,
+        # whatever their q, dO or the later cotangent hold (0 * NaN is NaN).
+        gate = (scale * row_gate(ld, e, rel))[:, None]
+        qg = jnp.where(gate != 0, q.astype(jnp.float32) * gate, 0.0).astype(q.dtype)
+        return scale_state(gamma, ds) + dot(qg, finite_or_zero(do), ta=True,
+                                            precision=precision)
 
     dh0_ref[...] = lax.fori_loop(0, n_chunks, body, dht_ref[...].astype(jnp.float32))
 
@@ -99,9 +105,14 @@ def _bwd_kernel(
     e, valid = real_counts(c, chunk, t)
     q, k = q_ref[...], k_ref[...]
     dt = q.dtype
+    # Select, don't multiply (the forward's rule): pairs off the decay mask, keys of weight 0
+    # and rows after a reset add nothing, and the operands summed over them are read finite.
     d = scale * intra_decay(ld, e, rel)
-    a = (dot(q, k, tb=True, precision=precision) * d).astype(dt)
+    keep = d != 0
+    a = jnp.where(keep, dot(q, k, tb=True, precision=precision) * d, 0.0).astype(dt)
     w, _ = key_gate(ld, e, valid, rel)
+    w_on = (w > 0)[:, None]
+    gate = (scale * row_gate(ld, e, rel))[:, None]
     h = q.shape[-1]
     da = jnp.zeros((chunk, chunk), jnp.float32)
     dq_inter = jnp.zeros((chunk, h), jnp.float32)
@@ -113,17 +124,19 @@ def _bwd_kernel(
         v, do = v_ref[:, cols], do_ref[:, cols]
         ds = ds_ref[:, cols]
         if dht_ref is not None:  # dS_c += tail_c * dS_T: a final-state cotangent seeded late
-            ds = ds.astype(jnp.float32) + tail_ref[0] * dht_ref[:, cols]
+            ds = ds.astype(jnp.float32) + scale_state(tail_ref[0], dht_ref[:, cols])
         s, ds = s_ref[:, cols].astype(dt), ds.astype(dt)
         da = da + dot(do, v, tb=True, precision=precision)
         dq_inter = dq_inter + dot(do, s, tb=True, precision=precision)
         dk_inter = dk_inter + dot(v, ds, tb=True, precision=precision)
-        dv = dot(a, do, ta=True, precision=precision)
-        dv = dv + w[:, None] * dot(k, ds, precision=precision)
+        dv = dot(a, finite_or_zero(do), ta=True, precision=precision)
+        dv = dv + jnp.where(w_on, w[:, None] * dot(k, ds, precision=precision), 0.0)
         dv_ref[:, cols] = dv.astype(dv_ref.dtype)
-    da = (da * d).astype(dt)
-    dq = dot(da, k, precision=precision) + (scale * row_gate(ld, e, rel))[:, None] * dq_inter
-    dk = dot(da, q, ta=True, precision=precision) + w[:, None] * dk_inter
+    da = jnp.where(keep, da * d, 0.0).astype(dt)
+    dq = dot(da, finite_or_zero(k), precision=precision)
+    dq = dq + jnp.where(gate != 0, gate * dq_inter, 0.0)
+    dk = dot(da, finite_or_zero(q), ta=True, precision=precision)
+    dk = dk + jnp.where(w_on, w[:, None] * dk_inter, 0.0)
     dq_ref[...] = dq.astype(dq_ref.dtype)
     dk_ref[...] = dk.astype(dk_ref.dtype)
 

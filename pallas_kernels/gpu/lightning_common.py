@@ -48,7 +48,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common.checks import check_config
-from pallas_kernels.common.lightning import check_lightning_inputs, decayed_state_scan
+from pallas_kernels.common.lightning import (
+    check_lightning_inputs,
+    decay_power,
+    decayed_state_scan,
+)
 from pallas_kernels.common.static_args import check_int
 from pallas_kernels.gpu._common import (
     MAX_HEAD_DIM,
@@ -183,10 +187,12 @@ def row_gate(ld, e, rel):
 
 
 def key_gate(ld, e, valid, rel):
-    """(w [C] f32, gamma scalar f32): each key's weight in the chunk's final state, and the
-    factor on the carried state (0 if the chunk contains a reset)."""
-    w = jnp.exp(ld * (valid - e))
-    gamma = jnp.exp(ld * valid)
+    """(w [C] f32, gamma scalar f32): each key's weight in the chunk's final state (0 for the
+    padding past the real tokens), and the factor on the carried state (0 if the chunk
+    contains a reset)."""
+    w = decay_power(ld, valid - e)
+    w = jnp.where(jnp.arange(e.shape[0], dtype=jnp.float32) < valid, w, 0.0)
+    gamma = decay_power(ld, valid)
     if rel is None:
         return w, gamma
     last = jnp.max(rel)
@@ -201,7 +207,8 @@ def intra_decay(ld, e, rel):
     keep = i >= j
     if rel is not None:
         keep = jnp.logical_and(keep, rel[:, None] == rel[None, :])
-    return jnp.exp(jnp.where(keep, ld * (e[:, None] - e[None, :]), NEG_BIG))
+    age = e[:, None] - e[None, :]  # lambda^0 = 1 also at decay 0 (0 * log 0 is NaN)
+    return jnp.exp(jnp.where(keep, jnp.where(age == 0, 0.0, ld * age), NEG_BIG))
 
 
 # ----------------------------------------------------------------------------- launch geometry
@@ -274,7 +281,7 @@ def span_carries(log_decay, rel, *, b, t, span, count):
     on the state entering it: lambda^(real tokens), 0 if a document starts inside (chunks
     and segments alike)."""
     real = jnp.clip(t - span * jnp.arange(count), 0, span).astype(jnp.float32)
-    gamma = jnp.exp(log_decay[None, :, None] * real[None, None, :])  # [1, N, count]
+    gamma = decay_power(log_decay[None, :, None], real[None, None, :])  # [1, N, count]
     gamma = jnp.broadcast_to(gamma, (b, log_decay.shape[0], count))
     if rel is not None:  # a reset anywhere in the span drops the entering state
         runs = rel[:, : count * span]  # a short last span: zeros (no reset) fill it up

@@ -35,6 +35,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.common.lightning import scale_state
+from pallas_kernels.common.masks import finite_or_zero
 from pallas_kernels.gpu._common import dot, dot_precision
 from pallas_kernels.gpu.lightning_common import (
     FUSED_TARGET_PROGRAMS,
@@ -57,18 +59,25 @@ from pallas_kernels.gpu.lightning_common import (
 
 def _chunk_output(q, k, v, s, ld, e, rel, scale, precision):
     """[C, BV] f32: one chunk's output, intra-chunk [(scale Q K^T) . D] V plus the inter-chunk
-    term from the state ``s`` entering it (used in the input dtype, as the states are stored)."""
-    a = dot(q, k, tb=True, precision=precision) * (scale * intra_decay(ld, e, rel))
-    o = dot(a.astype(v.dtype), v, precision=precision)
+    term from the state ``s`` entering it (used in the input dtype, as the states are stored).
+
+    Select, don't multiply: a later token's or another document's NaN never reaches a row
+    (its decay-mask entry is 0, but 0 * NaN is NaN), nor does the carried state reach a row
+    after a reset."""
+    d = intra_decay(ld, e, rel)
+    a = jnp.where(d > 0, dot(q, k, tb=True, precision=precision) * (scale * d), 0.0)
+    o = dot(a.astype(v.dtype), finite_or_zero(v), precision=precision)
     inter = dot(q, s.astype(q.dtype), precision=precision)
-    return o + (scale * row_gate(ld, e, rel))[:, None] * inter
+    gate = scale * row_gate(ld, e, rel)
+    return o + jnp.where((gate != 0)[:, None], gate[:, None] * inter, 0.0)
 
 
 def _next_state(s, k, v, ld, e, valid, rel, precision):
-    """[BK, BV] f32: the state after a chunk, from the float32 state ``s`` entering it."""
+    """[BK, BV] f32: the state after a chunk, from the float32 state ``s`` entering it; keys
+    of earlier documents (weight 0) and a dropped state select 0 (0 * NaN is NaN)."""
     w, gamma = key_gate(ld, e, valid, rel)
-    kw = (k.astype(jnp.float32) * w[:, None]).astype(k.dtype)
-    return gamma * s + dot(kw, v, ta=True, precision=precision)
+    kw = jnp.where((w > 0)[:, None], k.astype(jnp.float32) * w[:, None], 0.0).astype(k.dtype)
+    return scale_state(gamma, s) + dot(kw, finite_or_zero(v), ta=True, precision=precision)
 
 
 def _chunk_step(c, s, ld, rel_ref, k_ref, v_ref, *, chunk: int, t: int, precision):

@@ -40,7 +40,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common.checks import check_config
-from pallas_kernels.common.lightning import check_lightning_inputs, chunk_run_ids
+from pallas_kernels.common.lightning import (
+    check_lightning_inputs,
+    chunk_run_ids,
+    decay_power,
+    scale_state,
+)
+from pallas_kernels.common.masks import finite_or_zero
 from pallas_kernels.common.static_args import check_int
 from pallas_kernels.tpu._common import (
     NN,
@@ -92,8 +98,9 @@ def _chunk_terms(ld, c, rel_row_ref, rel_col_ref, *, chunk: int, t: int, scale: 
 
     Returns (d [C, C]: scale * lambda^(e_i - e_j) for j <= i in one run, else 0;
     row_gate [C, 1]: scale * lambda^e_i if row i still sees the carried state, else 0;
-    w [C, 1]: each key's weight in the chunk's final state; gamma: the carried state's factor),
-    with e_i the real (unpadded) tokens from the chunk start up to and including i.
+    w [C, 1]: each key's weight in the chunk's final state (0 for padding); gamma: the carried
+    state's factor), with e_i the real (unpadded) tokens from the chunk start up to and
+    including i. Powers lambda^0 are 1 also at decay 0 (0 * log 0 is NaN).
     """
     valid = jnp.minimum(chunk, t - c * chunk).astype(jnp.float32)
     i = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
@@ -103,8 +110,9 @@ def _chunk_terms(ld, c, rel_row_ref, rel_col_ref, *, chunk: int, t: int, scale: 
     e_row, e_col = e_row.astype(jnp.float32), e_col.astype(jnp.float32)
     keep = i >= j
     row_gate = scale * jnp.exp(ld * e_row)
-    w = jnp.exp(ld * (valid - e_row))
-    gamma = jnp.exp(ld * valid)
+    w = decay_power(ld, valid - e_row)
+    w = jnp.where(lax.broadcasted_iota(jnp.int32, (chunk, 1), 0) < valid, w, 0.0)
+    gamma = decay_power(ld, valid)
     if rel_row_ref is not None:
         rel_row = rel_row_ref[:, :1]  # [C, 1]
         rel_col = rel_col_ref[...]  # [1, C]
@@ -113,7 +121,8 @@ def _chunk_terms(ld, c, rel_row_ref, rel_col_ref, *, chunk: int, t: int, scale: 
         row_gate = jnp.where(rel_row == 0, row_gate, 0.0)
         w = jnp.where(rel_row == last, w, 0.0)
         gamma = jnp.where(last == 0, gamma, 0.0)
-    d = scale * jnp.exp(jnp.where(keep, ld * (e_row - e_col), NEG_BIG))
+    age = e_row - e_col
+    d = scale * jnp.exp(jnp.where(keep, jnp.where(age == 0, 0.0, ld * age), NEG_BIG))
     return d, row_gate, w, gamma
 
 
@@ -156,11 +165,15 @@ def _fwd_kernel(
     s = s_scr[...]
     if states_ref is not None:
         states_ref[...] = s
-    a = (_dot(q, k, NT) * d).astype(v.dtype)
-    o = _dot(a, v, NN) + row_gate * _dot(q, s.astype(q.dtype), NN)
+    # Select, don't multiply: a later token's or another document's NaN never reaches a row
+    # (its factor is 0, but 0 * NaN is NaN), nor the carried state a row after a reset.
+    v_f = finite_or_zero(v)
+    a = jnp.where(d != 0, _dot(q, k, NT) * d, 0.0).astype(v.dtype)
+    inter = jnp.where(row_gate != 0, row_gate * _dot(q, s.astype(q.dtype), NN), 0.0)
+    o = _dot(a, v_f, NN) + inter
     o_ref[...] = o.astype(o_ref.dtype)
-    kw = (k.astype(jnp.float32) * w).astype(k.dtype)
-    s = gamma * s + _dot(kw, v, TN)
+    kw = jnp.where(w > 0, k.astype(jnp.float32) * w, 0.0).astype(k.dtype)
+    s = scale_state(gamma, s) + _dot(kw, v_f, TN)
     s_scr[...] = s
 
     @pl.when(c == n_chunks - 1)
@@ -202,16 +215,21 @@ def _bwd_kernel(
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
     dt = q.dtype
     ds = ds_scr[...]
-    a = (_dot(q, k, NT) * d).astype(dt)
-    da = (_dot(do, v, NT) * d).astype(dt)
-    dq = _dot(da, k, NN) + row_gate * _dot(do, s_ref[...].astype(dt), NT)
-    dk = _dot(da, q, TN) + w * _dot(v, ds.astype(dt), NT)
-    dv = _dot(a, do, TN) + w * _dot(k, ds.astype(dt), NN)
+    # The forward's rule: pairs off the decay mask, keys of weight 0 and rows after a reset
+    # select 0, and the operands summed over them are read finite (0 * NaN is NaN).
+    keep, on, seen = d != 0, w > 0, row_gate != 0
+    do_f = finite_or_zero(do)
+    a = jnp.where(keep, _dot(q, k, NT) * d, 0.0).astype(dt)
+    da = jnp.where(keep, _dot(do, v, NT) * d, 0.0).astype(dt)
+    dq = _dot(da, finite_or_zero(k), NN) + jnp.where(
+        seen, row_gate * _dot(do, s_ref[...].astype(dt), NT), 0.0)
+    dk = _dot(da, finite_or_zero(q), TN) + jnp.where(on, w * _dot(v, ds.astype(dt), NT), 0.0)
+    dv = _dot(a, do_f, TN) + jnp.where(on, w * _dot(k, ds.astype(dt), NN), 0.0)
     dq_ref[...] = dq.astype(dq_ref.dtype)
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
-    qg = (q.astype(jnp.float32) * row_gate).astype(dt)
-    ds = gamma * ds + _dot(qg, do, TN)
+    qg = jnp.where(seen, q.astype(jnp.float32) * row_gate, 0.0).astype(dt)
+    ds = scale_state(gamma, ds) + _dot(qg, do_f, TN)
     ds_scr[...] = ds
 
     @pl.when(step == n_chunks - 1)

@@ -12,10 +12,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from attnlab.ops import lightning as L
 from attnlab.testing import linear_tolerance
 from pallas_kernels.gpu.lightning_chunk import lightning_attention
 from pallas_kernels.gpu.lightning_common import LightningConfig, kernel_config
 from tests.helpers import primitives_around_kernels
+from tests.ops.attention_base import FAST_COMPILE
 from tests.ops.lightning_base import (
     HEAD_DIM_NAMES,
     LIGHTNING_CASES,
@@ -25,6 +27,7 @@ from tests.ops.lightning_base import (
     check_case,
     kernel_bad_args,
 )
+from tests.ops.masked_garbage import FILLS, check_lightning_garbage, lightning_scenario
 
 IMPL = "pallas_triton"
 # Chunks of 16 and 16-wide value / state blocks, so the grid's T <= 48 spans several chunks
@@ -74,6 +77,20 @@ def test_fused_forward_equals_two_phase(segment_chunks, key):
     o1, s1 = lightning_attention(q, k, v, ld, config=config, **kw)
     assert_close_rel(o1, o2, 1e-2, "o fused vs two-phase")
     assert_close_rel(s1, s2, 1e-5, "state fused vs two-phase")
+
+
+@pytest.mark.parametrize("scenario", ["documents", "padding_tail"])
+def test_fused_forward_masked_garbage(scenario, key):
+    """The fused forward, one segment per chunk (the segments' entering states come from an
+    associative scan across a garbage document): the shared masked-garbage check."""
+    config = dataclasses.replace(FUSED_CPU_CONFIG, segment_chunks=1)
+
+    def fn(q, k, v, **kw):
+        return L.lightning_attention(q, k, v, impl=IMPL, config=config, return_state=True,
+                                     **kw)
+
+    check_lightning_garbage(fn, lightning_scenario(scenario, key), FILLS["nan"],
+                            compiler_options=FAST_COMPILE)
 
 
 @pytest.mark.parametrize(
