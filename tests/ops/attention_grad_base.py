@@ -19,6 +19,7 @@ from attnlab.ops import attention_bwd, reference
 from attnlab.testing import ATTENTION_CASES, Case
 from tests.helpers import case_inputs, random_qkv
 from tests.ops.attention_base import ImplTestBase
+from tests.ops.masked_garbage import FILLS, check_block_share_garbage, softmax_scenario
 
 # Window and soft-cap together (the grid has each alone).
 WINDOW_SOFTCAP = Case("window_softcap", t=32, s=32, h=16,
@@ -86,6 +87,21 @@ class AttentionBwdTestBase(ImplTestBase):
             assert np.isfinite(np.asarray(g)).all(), name
             # Twice the table's bound: N_BLOCKS shares are summed.
             np.testing.assert_allclose(g, w, atol=2 * tol.get(name), err_msg=name)
+
+    @pytest.mark.parametrize(
+        "scenario", ["causal_future", "window_both_sides", "segments_padding",
+                     "offsets_no_key_rows"])
+    def test_masked_garbage_in_block_shares(self, scenario, key):
+        """NaN in queries, keys, values and cotangents where rows cannot see: the summed block
+        shares (the ring backward's) of the clean rows and keys equal those with zeros
+        there (tests/ops/masked_garbage.py)."""
+        p = softmax_scenario(scenario, key, 32)
+
+        def grads(q, k, v, dout, dlse):
+            return split_grads(q, k, v, dout, dlse, p.kwargs, self.IMPL, self.CONFIG)
+
+        check_block_share_garbage(grads, p, FILLS["nan"], compiler_options=self.options,
+                                  plat=self.plat)
 
     def test_bad_shapes_and_impl(self, key):
         q, k, v = random_qkv(key, 1, 16, 16, 2, 1, 16)

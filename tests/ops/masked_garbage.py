@@ -196,6 +196,31 @@ def check_softmax_garbage(
         _close(g[rows], w[rows], tol.get(name), tol.grad_rtol, what=name)
 
 
+def check_block_share_garbage(
+    grads_fn: Callable[..., tuple[jax.Array, jax.Array, jax.Array]], p: Planted, fill: float,
+    *, compiler_options=None, plat: str = "cpu",
+) -> None:
+    """``grads_fn(q, k, v, dout, dlse)`` -> (dq, dk, dv) (a backward given the cotangents,
+    such as the sum of ``attention_bwd`` block shares) with garbage and with zeros planted in
+    the inputs and the cotangents: clean rows' dq and checked keys' dk, dv agree."""
+    kd, kl = jax.random.split(jax.random.key(5))
+    unseen = ~p.visible.any(-1)[:, :, None]
+    dout = jax.random.normal(kd, (*p.q.shape[:3], p.v.shape[-1]), jnp.float32)
+    dlse = jnp.where(unseen, 0.0, jax.random.normal(kl, p.q.shape[:3]))
+    run = jax.jit(grads_fn, compiler_options=compiler_options)
+
+    def planted(fill):
+        return run(plant(p.q, p.bad_q, fill), plant(p.k, p.bad_kv, fill),
+                   plant(p.v, p.bad_kv, fill), plant(dout, p.bad_q, fill),
+                   plant(dlse, p.bad_q, fill))
+
+    got, want = planted(fill), planted(0.0)
+    tol = tolerance(p.q.dtype, plat)
+    clean, keys = ~dirty_rows(p), checked_keys(p)
+    for name, g, w, rows in zip(("dq", "dk", "dv"), got, want, (clean, keys, keys)):
+        _close(g[rows], w[rows], tol.get(name), tol.grad_rtol, what=name)
+
+
 # ----------------------------------------------------------------------------- decode
 
 
