@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 from attnlab.ops import lightning as _L
 from attnlab.ops._vma import like_vma, vary, varying
 from attnlab.ops.lightning import LightningArgs
+from pallas_kernels.common.lightning import scale_state
 from sharding._common import check_bsn_axes, default_check_vma, mesh_shard_map
 
 
@@ -134,13 +135,17 @@ def ring_exchange(axis_name: str) -> StateExchange:
         # every axis the block states vary over (data axes too), so its start must too.
         x = like_vma(jnp.where(first, init, 0.0), state)
 
+        # A state dropped at a document start (carry or keep 0) is selected away, not
+        # multiplied: an earlier document's NaN must not cross it (0 * NaN is NaN).
         def hop(x, _):
-            y = carry * x + state  # this block's outgoing state, given its current incoming one
-            return jnp.where(first, x, keep * jax.lax.ppermute(y, axis_name, to_next)), None
+            y = scale_state(carry, x) + state  # this block's outgoing state, given its incoming
+            sent = scale_state(keep, jax.lax.ppermute(y, axis_name, to_next))
+            return jnp.where(first, x, sent), None
 
         # After hop s, devices 0..s hold their final incoming states.
         x, _ = jax.lax.scan(hop, x, None, length=p - 1)
-        final = jax.lax.psum(jnp.where(idx == p - 1, carry * x + state, 0.0), axis_name)
+        final = jax.lax.psum(jnp.where(idx == p - 1, scale_state(carry, x) + state, 0.0),
+                             axis_name)
         return x, final, (carry, keep)
 
     def backward(ds_in, dfinal, res, shares):
@@ -154,12 +159,12 @@ def ring_exchange(axis_name: str) -> StateExchange:
         g = like_vma(jnp.where(last, dfinal, 0.0), ds_in)
 
         def hop(g, _):  # block m+1 sends keep_{m+1} * (its whole incoming-state cotangent)
-            sent = keep * (ds_in + carry * g)
+            sent = scale_state(keep, ds_in + scale_state(carry, g))
             return jnp.where(last, g, jax.lax.ppermute(sent, axis_name, to_prev)), None
 
         # After hop s, devices P-1-s..P-1 hold their outgoing states' final cotangents.
         g, _ = jax.lax.scan(hop, g, None, length=p - 1)
-        dinit = jnp.where(idx == 0, ds_in + carry * g, 0.0)
+        dinit = jnp.where(idx == 0, ds_in + scale_state(carry, g), 0.0)
         return g, (dinit if shares else jax.lax.psum(dinit, axis_name))
 
     return StateExchange(forward, backward)

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from attnlab.ops._vma import like_vma
+from pallas_kernels.common.lightning import scale_state
 from sharding.hybrid import HybridParallel, register_rule
 from sharding.lasp import StateExchange, phased_shard, sharded_lightning
 
@@ -67,8 +68,9 @@ def _prefix(states, carries, keeps, init):
 
     def step(prev_out, xs):
         st, c, kp = xs
-        s_in = kp[:, None, None, None] * prev_out
-        return c[..., None, None] * s_in + st, s_in
+        # Dropped states (keep or carry 0) are selected away: 0 * NaN is NaN.
+        s_in = scale_state(kp[:, None, None, None], prev_out)
+        return scale_state(c[..., None, None], s_in) + st, s_in
 
     final, s_ins = jax.lax.scan(step, like_vma(init, states), (states, carries, keeps))
     return s_ins, final
@@ -79,8 +81,8 @@ def _suffix(ds_ins, carries, keeps, dfinal):
 
     def step(g_out, xs):
         ds, c, kp = xs
-        g_in = ds + c[..., None, None] * g_out
-        return kp[:, None, None, None] * g_in, g_out
+        g_in = ds + scale_state(c[..., None, None], g_out)
+        return scale_state(kp[:, None, None, None], g_in), g_out
 
     dinit, g_outs = jax.lax.scan(step, like_vma(dfinal, ds_ins), (ds_ins, carries, keeps),
                                  reverse=True)
