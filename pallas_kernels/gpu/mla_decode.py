@@ -17,7 +17,10 @@ Absorbed multi-head latent attention decodes every query head against one cache 
   :mod:`pallas_kernels.gpu.decode`.
 
 Each program writes its split's output (normalized within the split, float32) and LSE
-(``-inf`` if it saw no key); the caller merges the P partials by LSE. Forward only.
+(``-inf`` if it saw no key); the caller merges the P partials by LSE. Forward only. Tiles
+that some row cannot wholly see read their values through
+:func:`~pallas_kernels.common.masks.finite_or_zero`: NaN in an uninitialized slot past the
+length never reaches a row.
 
 Dims: d_c and d_R powers of two >= 16 with d_c a multiple of d_R run as they are (DeepSeek's
 512 + 64); other dims are zero-padded inside (a copy of the cache per call).
@@ -36,7 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common.checks import check_latent_decode_inputs
-from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, visible
+from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, finite_or_zero, visible
 from pallas_kernels.gpu._common import (
     LN2,
     M_INIT,
@@ -149,6 +152,13 @@ def _kernel(
         start_c = jnp.minimum(start, s_eff - block_kv)
         c = c_ref[pl.ds(start_c, block_kv), :]
         r = r_ref[pl.ds(start_c, block_kv), :]
+        # A tile some row cannot wholly see (past the length: uninitialized slots; the shifted
+        # last tile; the causal or window edge) reads its values through finite_or_zero: p is
+        # 0 there, but 0 * NaN is NaN. Tiles every row sees whole skip it.
+        full = (start_c == start) & (start + block_kv <= jnp.minimum(split_hi, length - t + 1))
+        if spec.window_left is not None:
+            full = full & (start >= length - 1 - spec.window_left)
+        c_v = lax.cond(full, lambda c: c, finite_or_zero, c)
         raw = dot(q_c, c, tb=True, precision=precision) + dot(q_r, r, tb=True, precision=precision)
         z, _ = log2_logits(raw, scale, None)
         kv_idx = (start_c + jnp.arange(block_kv, dtype=jnp.int32))[None, :]
@@ -161,7 +171,7 @@ def _kernel(
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(z - m_new[:, None])
         row_sum = alpha * row_sum + p.sum(axis=-1)
-        acc = alpha[:, None] * acc + dot(p.astype(c.dtype), c, precision=precision)
+        acc = alpha[:, None] * acc + dot(p.astype(c.dtype), c_v, precision=precision)
         return m_new, row_sum, acc
 
     carry = (

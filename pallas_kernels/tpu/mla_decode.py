@@ -12,7 +12,9 @@ Grid ``(B, P, tiles_per_split)``: P splits of the key axis (parallel), the tiles
 (the reduction, last). Lengths arrive by scalar prefetch; the index map clamps the key block
 into the range a sequence can see, so tiles past its end issue no copy and are skipped. Each
 split writes its partial output (normalized within the split) and LSE (``-inf`` where a row
-saw no key); the caller merges them by LSE. Forward only.
+saw no key); the caller merges them by LSE. Forward only. Tiles that some row cannot wholly
+see read their values through :func:`~pallas_kernels.common.masks.finite_or_zero`: NaN in an
+uninitialized slot past the length never reaches a row.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common.checks import check_latent_decode_inputs
-from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, visible
+from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, finite_or_zero, visible
 from pallas_kernels.tpu._common import (
     NN,
     NUM_LANES,
@@ -84,12 +86,16 @@ def _kernel(
     if spec.window_left is not None:
         needed = jnp.logical_and(needed, start + bkv > length - t - spec.window_left)
 
-    @pl.when(needed)
-    def _step():
+    # Every row sees every key of the tile: values are used as they are. Other tiles read
+    # them through finite_or_zero, since p is 0 on a masked key but 0 * NaN is NaN
+    # (uninitialized slots past the length; the overhang of the last tile, NaN in interpret
+    # mode).
+    full = start + bkv <= jnp.minimum(hi, length - t + 1)
+    if spec.window_left is not None:
+        full = jnp.logical_and(full, start >= length - 1 - spec.window_left)
+
+    def step(partial: bool):
         kv = kv_ref[...]
-        rows = start + lax.broadcasted_iota(jnp.int32, (bkv, 1), 0)
-        if s % bkv:  # the last tile overhangs the cache: not data (NaN when interpreted)
-            kv = jnp.where(rows < s, kv, jnp.zeros_like(kv))
         z, _ = tile_logits(q_ref[...], kv, scale=scale, soft_cap=None)  # [Rp, bkv]
         kv_idx = start + lax.broadcasted_iota(jnp.int32, (1, bkv), 1)
         mask = kv_idx < hi
@@ -103,9 +109,12 @@ def _kernel(
         alpha = jnp.exp(m_prev - m_next)
         l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=-1, keepdims=True)
         m_ref[...] = m_next
-        pv = lax.dot_general(p.astype(kv.dtype), kv[:, :v_dim], NN,
-                             preferred_element_type=jnp.float32)
+        values = finite_or_zero(kv[:, :v_dim]) if partial else kv[:, :v_dim]
+        pv = lax.dot_general(p.astype(kv.dtype), values, NN, preferred_element_type=jnp.float32)
         acc_ref[...] = alpha[:, :1] * acc_ref[...] + pv
+
+    pl.when(jnp.logical_and(needed, full))(lambda: step(False))
+    pl.when(jnp.logical_and(needed, jnp.logical_not(full)))(lambda: step(True))
 
     @pl.when(i == tiles_per_split - 1)
     def _finish():

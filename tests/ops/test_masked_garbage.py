@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
-from attnlab.ops import attention, decode_attention, lightning_attention, merge, merge_n
+from attnlab.ops import attention, decode_attention, lightning_attention, merge, merge_n, mla
 from attnlab.testing import random_qkv
 from pallas_kernels.gpu.flash_common import FlashConfig
 from sharding.api import attention as sp_attention
@@ -30,6 +30,7 @@ from tests.ops.masked_garbage import (
     check_softmax_garbage,
     decode_scenario,
     lightning_scenario,
+    plant,
     softmax_scenario,
     softmax_visible,
 )
@@ -202,3 +203,49 @@ def test_lasp2_over_the_fused_triton_kernels(key):
 
     check_lightning_garbage(fn, lightning_scenario("documents", key), FILLS["nan"],
                             compiler_options=FAST_COMPILE)
+
+
+# ----------------------------------------------------------------------------- MLA decode
+
+
+@pytest.mark.parametrize("fill", sorted(FILLS))
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas_triton", "pallas_tpu"])
+def test_mla_latent_decode_uninitialized_cache(impl, fill, key):
+    """MLA's latent decode (one cache that is keys and values): NaN or +inf in every slot no
+    query sees (past the length, before the window) changes no output or LSE, nor (xla,
+    reference) the gradients of q and of the slots seen."""
+    from pallas_kernels.gpu.mla_decode import MlaDecodeConfig
+    from pallas_kernels.tpu.mla_decode import TpuMlaDecodeConfig
+
+    b, t, n, s, d_c, d_r, window = 2, 3, 6, 50, 24, 8, 9
+    lengths = np.array([50, 13])
+    config = {"pallas_triton": MlaDecodeConfig(block_kv=16, block_rows=16, keys_per_split=32),
+              "pallas_tpu": TpuMlaDecodeConfig(block_kv=16, keys_per_split=32)}.get(impl)
+    k1, k2, k3 = jax.random.split(key, 3)
+    q = jax.random.normal(k1, (b, t, n, d_c + d_r))
+    cache = jax.random.normal(k2, (b, s, d_c + d_r))
+    slot = np.arange(s)[None, :]
+    bad = (slot >= lengths[:, None]) | (slot < lengths[:, None] - t - window)
+    grads = impl in ("reference", "xla")
+    dout = jax.random.normal(k3, (b, t, n, d_c))
+
+    def f(q, cache):
+        return mla.latent_decode(q, cache, v_dim=d_c, kv_lengths=jnp.asarray(lengths, jnp.int32),
+                                 local_window_size=window, scale=0.1, impl=impl, config=config,
+                                 return_residuals=True)
+
+    def run(q, cache):
+        if not grads:
+            return f(q, cache), ()
+        (out, lse), vjp = jax.vjp(f, q, cache)
+        return (out, lse), vjp((dout, jnp.zeros_like(lse)))
+
+    run = jax.jit(run, compiler_options=None if grads else FAST_COMPILE)
+    ((out, lse), g), ((out0, lse0), g0) = (run(q, plant(cache, bad, x))
+                                           for x in (FILLS[fill], 0.0))
+    np.testing.assert_allclose(out, out0, atol=2e-5)
+    np.testing.assert_array_equal(lse, lse0)  # all finite: every row sees a slot
+    for name, x, x0, rows in zip(("dq", "dcache"), g, g0, (np.ones((b, t), bool), ~bad)):
+        assert np.isfinite(np.asarray(x)[rows]).all(), name
+        np.testing.assert_allclose(np.asarray(x)[rows], np.asarray(x0)[rows], atol=1e-4,
+                                   err_msg=name)
