@@ -12,6 +12,14 @@ values may have different head counts (Kk, Kv, both dividing N): query head i re
 Every implementation registered here computes exactly this function; ``impl="auto"`` picks
 the fastest one that supports the call on the current platform, and never a different
 function.
+
+Masked positions never influence a row, in any implementation: non-finite values (NaN, inf)
+in a query, key, value or output cotangent at a position a row cannot see (causal future,
+outside a window, another document, a -inf bias, padding) never reach that row's output, LSE
+or entropy, nor the gradients of the positions only such clean rows see. A row that sees a
+non-finite value gets an unspecified result (usually NaN; an implementation may read the
+value as 0). Implementations select rather than multiply by a zero weight (0 * NaN is NaN):
+``attnlab/ops/README.md``.
 """
 
 from __future__ import annotations
@@ -234,7 +242,8 @@ def attention(
     Returns:
       out [B, T, N, Hv] in q's dtype; with ``return_residuals`` and/or ``return_entropy`` a
       tuple (out, lse) / (out, entropy) / (out, lse, entropy). Rows that see no key give 0
-      output (never NaN).
+      output (never NaN). Whatever a row cannot see (even NaN or inf) never influences its
+      results or the gradients of what it sees (module docstring).
 
     Raises:
       ValueError: bad shapes (H = 0 or S = 0 included), dtypes or arguments (non-integer

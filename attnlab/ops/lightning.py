@@ -6,10 +6,22 @@ Shapes (attnlab letters): B batch, T sequence, N heads, H q/k head dim, Hv value
     S_t = lambda_n S_{t-1} + k_t^T v_t          state [H, Hv], float32
     o_t = (scale q_t) S_t                        no softmax, no denominator
 
-``lambda = 1`` is plain causal linear attention. With ``segment_ids`` [B, T] (packed documents)
-the carried state is dropped (multiplied by 0) where ``seg_t != seg_{t-1}``; token 0 always
-continues ``initial_state``. The parallel form is O = [(Q K^T) * D] V with
+``lambda = 1`` is plain causal linear attention; ``lambda = 0`` (accepted traced, e.g. a
+learned decay under ``jit``) keeps the current token only, exactly. With ``segment_ids``
+[B, T] (packed documents) the carried state is dropped where ``seg_t != seg_{t-1}``; token 0
+always continues ``initial_state``. The parallel form is O = [(Q K^T) * D] V with
 D_ij = lambda^(i-j) for j <= i (same document) and 0 otherwise.
+
+Masked tokens never influence a row, in any implementation: non-finite values in a query,
+key, value or output cotangent at a token a row cannot see (a later one, another document)
+never reach that row's output, nor the gradients of the tokens (and the initial and final
+states) that only clean rows see. A row that sees a non-finite value gets an unspecified
+result (usually NaN; an implementation may read the value as 0). Zero factors (D off the
+mask, a dropped state, a row after a reset) select rather than multiply (0 * NaN is NaN);
+see ``attnlab/ops/README.md``. For float16 inputs the reference and ``"xla"`` keep the
+score tile and the states in float32 (q.k beyond float16's 65504 is ordinary); the Triton
+kernels round them to float16 (as they round every score tile and stored state to the input
+dtype), so scores that large overflow there.
 
 Implementations: ``"reference"`` (the recurrence above, token by token: the definition),
 ``"xla"`` (the chunked intra/inter-block form of Lightning Attention-2 in pure JAX),
@@ -405,6 +417,8 @@ def lightning_attention(
     Returns:
       o [B, T, N, Hv] in q's dtype, or (o, final_state) with ``return_state``. T = 0 gives an
       empty o and the initial state (zeros when None) as the final state.
+      A token a row cannot see (later, or in another document; even NaN or inf) never
+      influences it (module docstring).
 
     Raises:
       ValueError: bad shapes (H = 0 included), dtypes, decay values, scale, chunk_size or impl

@@ -20,6 +20,11 @@ With ``return_entropy`` the entropy cotangent dH adds ``- dH * p * (z - c)`` to 
   It works on transposed tiles (s^T = K Q^T, [block_kv, block_q]) so that no accumulator
   is ever transposed.
 * dQ: one program per (q block, batch, q head), looping over kv blocks.
+
+On partially masked tiles both kernels select ``p`` and ``ds`` by the mask (padded query rows
+included in dK/dV) and read the operands they sum over masked pairs (k; q and dO) through
+:func:`~pallas_kernels.common.masks.finite_or_zero`: NaN where a row cannot see, or in a
+garbage row's lse, delta or dO, never reaches a visible position's gradient.
 """
 
 from __future__ import annotations

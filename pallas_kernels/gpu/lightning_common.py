@@ -20,8 +20,13 @@ with ``e_i`` the number of real tokens from the chunk start up to and including 
 where L = e_(C-1) is the number of real tokens in the chunk. Counting only real tokens makes
 padded positions (zero keys and values) leave the state untouched, so padding never changes
 the final state. All decay factors are powers lambda^m with m >= 0: nothing is divided by a
-small decay, so lambda near 0 is as stable as lambda = 1. Segment resets come in as
-:func:`pallas_kernels.common.lightning.chunk_run_ids` (one int per token).
+small decay, so lambda near 0 is as stable as lambda = 1, and lambda^0 is 1 also at
+lambda = 0 (:func:`~pallas_kernels.common.lightning.decay_power`). Segment resets come in as
+:func:`pallas_kernels.common.lightning.chunk_run_ids` (one int per token). Zero factors (D off
+the mask, a row after a reset, an earlier document's key, a dropped state) select instead of
+multiplying, and operands summed over masked tokens are read through
+:func:`~pallas_kernels.common.masks.finite_or_zero`: a token a row cannot see never reaches
+it, even NaN.
 
 This module holds what the kernels of :mod:`~pallas_kernels.gpu.lightning_fwd` and
 :mod:`~pallas_kernels.gpu.lightning_bwd` and the entry points of

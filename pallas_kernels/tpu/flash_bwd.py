@@ -16,6 +16,11 @@ With the entropy output (``entropy=(dH, c)`` rows, c = lse - H) its cotangent ad
 ``- dH * p * (z - c)`` to ds before the soft-cap chain rule; without it the kernels are
 unchanged.
 
+PARTIAL tiles select ``p`` and ``ds`` by the mask (padded query rows included in dK/dV) and
+read the operands they sum over masked pairs (k; q and dO) through
+:func:`~pallas_kernels.common.masks.finite_or_zero`: garbage where a row cannot see never
+reaches a visible position's gradient.
+
 The dQ kernel walks a query block's key blocks as its reduction axis; the dK/dV kernel walks
 the query blocks of every query head of a query group: a KV head's group (GQA/MQA), or with
 separate key and value head counts Kk != Kv one of the lcm(Kk, Kv) groups that read one key

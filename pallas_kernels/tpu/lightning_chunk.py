@@ -21,6 +21,11 @@ sequential ("arbitrary"), the float32 state carried across it in VMEM scratch:
   scratch; dq, dk, dv of a chunk from its saved starting state and the carried cotangent;
   the initial state's cotangent at the end.
 
+Both select where a factor is 0 (the decay mask, a row after a reset, an earlier document's
+key, a dropped state) and read operands summed over masked tokens through
+:func:`~pallas_kernels.common.masks.finite_or_zero`, so a token a row cannot see never reaches
+it, even NaN; decay 0 is exact (:func:`~pallas_kernels.common.lightning.decay_power`).
+
 Layout: ``[B, T, N, H]`` is transposed to heads-major ``[B, N, T, H]`` inside the wrapper.
 Head dims: any H and Hv from 1 to 256; the wrapper zero-pads each to a multiple of 8 (the
 sublane count: the [H, Hv] state's rows), in the same copy as the transpose, and slices the
