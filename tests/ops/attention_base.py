@@ -27,6 +27,7 @@ from tests.ops.masked_garbage import (
     FILLS,
     SOFTMAX_SCENARIOS,
     check_softmax_garbage,
+    garbage_grid,
     softmax_scenario,
 )
 
@@ -387,9 +388,9 @@ class AttentionTestBase(ImplTestBase):
                 assert a_.shape == b_.shape, name
                 np.testing.assert_allclose(a_, b_, atol=1e-4, err_msg=f"{name} {bias_shape}")
 
-    @pytest.mark.parametrize("fill", sorted(FILLS))
-    @pytest.mark.parametrize("scenario", SOFTMAX_SCENARIOS)
-    def test_masked_garbage_never_reaches_a_row(self, scenario, fill, key):
+    @pytest.mark.parametrize("scenario, fill, dtype",
+                             garbage_grid(SOFTMAX_SCENARIOS, "segments_padding"))
+    def test_masked_garbage_never_reaches_a_row(self, scenario, fill, dtype, key):
         """NaN or +inf in queries, keys, values and cotangents where rows cannot see (every
         kind of mask): the other rows' out, LSE, entropy and gradients are finite and equal
         those with zeros there (tests/ops/masked_garbage.py)."""
@@ -402,8 +403,9 @@ class AttentionTestBase(ImplTestBase):
             return attention(q, k, v, impl=self.IMPL, return_residuals=True,
                              return_entropy=entropy, **extra, **kw)
 
-        check_softmax_garbage(fn, softmax_scenario(scenario, key, self.HEAD_DIM), FILLS[fill],
-                              entropy=entropy, compiler_options=self.options, plat=self.plat)
+        check_softmax_garbage(fn, softmax_scenario(scenario, key, self.HEAD_DIM, dtype),
+                              FILLS[fill], entropy=entropy, compiler_options=self.options,
+                              plat=self.plat)
 
     # --------------------------------------------------------------------------- bad inputs
 

@@ -27,6 +27,7 @@ from tests.ops.masked_garbage import (
     FILLS,
     LIGHTNING_SCENARIOS,
     check_lightning_garbage,
+    garbage_grid,
     lightning_scenario,
 )
 
@@ -313,9 +314,9 @@ class LightningTestBase(ImplTestBase):
         assert_close_rel(vm(q, k, v, jnp.asarray(decay))[:, 0], want,
                          linear_tolerance(jnp.float32).values, "vmap, traced decay")
 
-    @pytest.mark.parametrize("fill", sorted(FILLS))
-    @pytest.mark.parametrize("scenario", LIGHTNING_SCENARIOS)
-    def test_masked_garbage_never_reaches_a_row(self, scenario, fill, key):
+    @pytest.mark.parametrize("scenario, fill, dtype",
+                             garbage_grid(LIGHTNING_SCENARIOS, "documents"))
+    def test_masked_garbage_never_reaches_a_row(self, scenario, fill, dtype, key):
         """NaN or +inf in later tokens and in other documents (q, k, v and dO): the rows that
         cannot see them get finite o and gradients equal to those with zeros there, and so
         do the final state and the initial state's gradient where no garbage reaches them
@@ -324,7 +325,7 @@ class LightningTestBase(ImplTestBase):
         def fn(q, k, v, **kw):
             return self.call(q, k, v, return_state=True, **kw)
 
-        check_lightning_garbage(fn, lightning_scenario(scenario, key), FILLS[fill],
+        check_lightning_garbage(fn, lightning_scenario(scenario, key, dtype=dtype), FILLS[fill],
                                 compiler_options=self.options)
 
     def test_decay_zero_keeps_the_current_token(self, key):
