@@ -196,7 +196,7 @@ def key_gate(ld, e, valid, rel):
     padding past the real tokens), and the factor on the carried state (0 if the chunk
     contains a reset)."""
     w = decay_power(ld, valid - e)
-    w = jnp.where(jnp.arange(e.shape[0], dtype=jnp.float32) < valid, w, 0.0)
+    w = jnp.where(jnp.arange(e.shape[0], dtype=jnp.int32).astype(jnp.float32) < valid, w, 0.0)
     gamma = decay_power(ld, valid)
     if rel is None:
         return w, gamma
