@@ -94,7 +94,7 @@ def reference(q: jax.Array, k: jax.Array, v: jax.Array, **kwargs: Any
 def query_positions(kv_lengths: jax.Array | None, b: int, t: int, s: int):
     """(lengths [B], query positions [B, T]) as int32."""
     lengths = jnp.full((b,), s, jnp.int32) if kv_lengths is None else kv_lengths
-    return lengths, lengths[:, None] - t + jnp.arange(t, dtype=jnp.int32)
+    return lengths, lengths[:, None] - t + jnp.arange(t, dtype=jnp.int32)[None, :]
 
 
 def _reference(q, k, v, a: DecodeArgs) -> tuple[jax.Array, jax.Array]:
@@ -110,7 +110,7 @@ def _reference(q, k, v, a: DecodeArgs) -> tuple[jax.Array, jax.Array]:
     if a.logits_soft_cap is not None:
         z = a.logits_soft_cap * jnp.tanh(z / a.logits_soft_cap)
     lengths, q_pos = query_positions(a.kv_lengths, b, t, s)
-    kv_pos = jnp.arange(s, dtype=jnp.int32)
+    kv_pos = jnp.arange(s, dtype=jnp.int32)[None, None, None, :]
     mask = visible(a.spec, q_pos[:, None, :, None], kv_pos)  # [B, 1, T, S]
     mask = mask & (kv_pos < lengths[:, None, None, None])
     z = jnp.where(mask, z, MASK_VALUE)

@@ -60,12 +60,12 @@ def merge_n(
     lses = lses.astype(jnp.float32)
     m = jnp.max(lses, axis=0)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
-    w = jnp.exp(lses - m)  # -inf parts -> 0
+    w = jnp.exp(lses - m[None])  # -inf parts -> 0
     total = jnp.sum(w, axis=0)
     seen = total != 0  # a NaN part (the row saw garbage) stays NaN rather than "saw nothing"
     safe_total = jnp.where(seen, total, 1.0)
     lse = jnp.where(seen, m + jnp.log(safe_total), -jnp.inf)
-    weights = w / safe_total
+    weights = w / safe_total[None]
     # Select, don't multiply: a part of weight 0 (it saw no key) brings nothing in, whatever
     # its output holds (0 * NaN is NaN, also in the gradient of its weight).
     parts = jnp.where((w > 0)[..., None], outs.astype(jnp.float32), 0.0)

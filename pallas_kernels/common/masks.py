@@ -127,6 +127,13 @@ def positions_from_offset(offset: int | jax.Array, length: int) -> jax.Array:
     return jnp.asarray(offset, jnp.int32) + jnp.arange(length, dtype=jnp.int32)
 
 
+def mask_and(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a & b`` broadcast explicitly (ranks may differ), so it holds under
+    ``jax_numpy_rank_promotion="raise"``."""
+    shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b))
+    return jnp.logical_and(jnp.broadcast_to(a, shape), jnp.broadcast_to(b, shape))
+
+
 def visible(
     spec: MaskSpec,
     q_pos: jax.Array,
@@ -149,7 +156,7 @@ def visible(
     mask = None
 
     def both(a: jax.Array | None, b: jax.Array) -> jax.Array:
-        return b if a is None else jnp.logical_and(a, b)
+        return b if a is None else mask_and(a, b)
 
     if spec.causal:
         mask = both(mask, k_pos <= q_pos)

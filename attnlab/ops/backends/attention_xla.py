@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from attnlab.ops._registry import Implementation
 from attnlab.ops._vma import like_vma
 from attnlab.ops.attention import AttentionArgs
-from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, finite_or_zero, visible
+from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, finite_or_zero, mask_and, visible
 from pallas_kernels.common.static_args import check_int
 
 
@@ -89,8 +89,8 @@ def _block_mask(spec, q_pos, kp_b, valid_b, q_seg, ks_b, bias_b=None):
         None if ks_b is None else ks_b[:, None, None, None, :],
     )
     valid = valid_b[None, None, None, None, :]
-    mask = valid if mask is None else jnp.logical_and(mask, valid)
-    return mask if bias_b is None else jnp.logical_and(mask, bias_b > -jnp.inf)
+    mask = valid if mask is None else mask_and(mask, valid)
+    return mask if bias_b is None else mask_and(mask, bias_b > -jnp.inf)
 
 
 def kv_groups(q, k, v) -> int:

@@ -80,7 +80,7 @@ def lightning_chunked_xla(q, k, v, a: LightningArgs, chunk: int) -> tuple[jax.Ar
 
     # Intra-chunk scores with the decay mask D_ij = lambda^(e_i - e_j) (j <= i, same document).
     tri = jnp.tril(jnp.ones((c, c), bool))
-    keep = tri & (rc[:, :, :, None] == rc[:, :, None, :])  # [B, nc, C, C]
+    keep = tri[None, None] & (rc[:, :, :, None] == rc[:, :, None, :])  # [B, nc, C, C]
     age = jnp.maximum(e[:, :, None] - e[:, None, :], 0.0)  # [nc, C, C]
     dmask = decay_power(ld[..., None], age[None])  # [N, nc, C, C]
     scores = jnp.einsum("BCINH,BCJNH->BNCIJ", qc, kc, preferred_element_type=f32)
