@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from attnlab.ops._registry import platform
@@ -38,7 +38,7 @@ def check_mesh_axes(mesh: Mesh, axes: dict[str, str | tuple[str, ...] | None],
         ``{"seq_axis": "sp", "batch_axis": None}``.
       sizes: what -> (size, axis or axes), e.g. ``{"sequence length T": (t, "sp")}``.
     """
-    if not isinstance(mesh, Mesh):
+    if not isinstance(mesh, (Mesh, AbstractMesh)):  # abstract: lowering for another platform
         raise ValueError(
             f"mesh must be a jax.sharding.Mesh (e.g. jax.make_mesh((4,), ('sp',))), got "
             f"{mesh!r} of type {type(mesh).__name__}"
