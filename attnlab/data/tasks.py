@@ -43,20 +43,29 @@ def _check_sizes(seed: int, **sizes: int) -> None:
 class MQAR:
     """Multi-query associative recall.
 
-    An example is ``k1 v1 k2 v2 ... kn vn  q1 a1 q2 a2 ...`` with distinct keys, each query a
-    key from the pairs (all n keys in a random order) and its answer the paired value. Only
-    the answers are in the loss. Examples are packed, one document each, as many per row as
-    fit (at least one: ``4 * num_kv_pairs <= seq_len + 1``).
+    An example is ``k1 v1 k2 v2 ... kn vn  q1 a1 q2 a2 ...`` with distinct keys, n queries,
+    each a key from the pairs, and its answer the paired value. Only the answers are in the
+    loss. Examples are packed, one document each, as many per row as fit (at least one:
+    ``4 * num_kv_pairs <= seq_len + 1``).
+
+    By default the queries are all n keys in a random order, so the answers are a permutation
+    of the values: a model that never looks a key up can still answer the last query by
+    elimination (expected accuracy ``H_n / n``, 52 % at n = 4, against ``1 / n`` for a guess
+    among the values in context). With ``queries_with_replacement`` each query is drawn
+    independently from the n keys, so nothing but recall beats ``1 / n``.
 
     Attributes:
       seq_len: T.
       seed: data seed.
       num_kv_pairs: n (at most 127 distinct keys).
+      queries_with_replacement: draw the n queries independently (keys may repeat, some
+        are not asked) instead of asking every key once.
     """
 
     seq_len: int
     seed: int = 0
     num_kv_pairs: int = 8
+    queries_with_replacement: bool = False
     name: ClassVar[str] = "mqar"
     is_text: ClassVar[bool] = False
 
@@ -77,7 +86,8 @@ class MQAR:
         n = self.num_kv_pairs
         keys = rng.choice(np.arange(*MQAR_KEYS), n, replace=False)
         vals = rng.integers(*MQAR_VALUES, size=n)
-        order = rng.permutation(n)
+        replace = self.queries_with_replacement
+        order = rng.integers(0, n, size=n) if replace else rng.permutation(n)
         tokens = np.concatenate([np.stack([keys, vals], 1).reshape(-1),
                                  np.stack([keys[order], vals[order]], 1).reshape(-1)])
         loss = np.zeros(4 * n, np.float32)

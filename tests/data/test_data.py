@@ -101,6 +101,26 @@ def test_mqar_answers_are_the_paired_values(key) -> None:
                 assert b.targets[r, t] == kv[int(b.inputs[r, t])]
 
 
+def test_mqar_queries_with_replacement_repeat_keys_and_answer_right(key) -> None:
+    task = MQAR(seq_len=127, seed=_seed(key), num_kv_pairs=8, queries_with_replacement=True)
+    b = task.batch(0, 4)
+    _check_layout(b, 4, 127)
+    assert b.mask.sum() == 4 * 4 * 8
+    repeated = 0
+    for r in range(4):
+        for s in np.unique(b.segment_ids[r]):
+            idx = np.flatnonzero(b.segment_ids[r] == s)
+            toks = b.inputs[r, idx]
+            kv = dict(zip(toks[0:16:2].tolist(), toks[1:16:2].tolist()))
+            asked = toks[16::2].tolist()
+            assert set(asked) <= set(kv)
+            repeated += len(set(asked)) < len(asked)
+            for t in idx[b.mask[r, idx] > 0]:
+                assert b.targets[r, t] == kv[int(b.inputs[r, t])]
+    # 8 draws from 8 keys repeat one with probability 1 - 8!/8^8 > 0.99 per example.
+    assert repeated >= 12
+
+
 def test_induction_second_copy_is_predictable(key) -> None:
     task = Induction(seq_len=127, seed=_seed(key), prefix_len=16)
     b = task.batch(2, 2)
