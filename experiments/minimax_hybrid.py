@@ -21,9 +21,10 @@ training step and of a prefill (forward) at ``throughput_lengths`` on this devic
 shortest length to the first that fails (out of memory).
 
 ``python experiments/minimax_hybrid.py --preset tiny`` (CPU, under a minute: every code path,
-at a size that does not learn recall), ``--preset cpu`` (CPU, about 10 minutes: the recall
-experiment at the smallest size where a model here learns it) or ``--preset full`` (one GPU,
-about 10 minutes; not yet run). Writes ``experiments/results/minimax_hybrid_<preset>.{json,png}``.
+at a size that does not learn recall), ``--preset cpu`` (about 14 minutes on 2 CPU cores: the
+recall experiment at the smallest size where a model here learns it) or ``--preset full`` (one
+GPU, about 10 minutes; not yet run).
+Writes ``experiments/results/minimax_hybrid_<preset>.{json,png}``.
 """
 
 from __future__ import annotations
@@ -91,8 +92,8 @@ PRESETS = {
         eval_pairs=(2, 4, 8), passkey_lengths=(128,), eval_batches=1, eval_batch_size=8,
         throughput_lengths=(128, 512), throughput_models=("softmax", "lightning", "hybrid 7:1"),
         throughput_repeats=5, throughput_train=False, attention_impl="xla", fast_compile=True),
-    # CPU, about 10 minutes: the smallest setting in which a model here learns recall on a CPU
-    # (the all-softmax one after about 400 steps of 32 x 64 tokens on 2 key-value pairs).
+    # About 14 minutes on 2 shared CPU cores: the smallest setting in which a model here learns
+    # recall on a CPU (the all-softmax one, after about 350 steps of 32 x 64 tokens, 2 pairs).
     "cpu": Preset(
         d_model=64, num_layers=8, num_heads=4, mlp_dim=64, steps=600, batch_size=32,
         seq_len=64, lr=3e-3, warmup_steps=20, min_lr_ratio=1.0, pairs=(2,), mix=("mqar",),
@@ -226,7 +227,7 @@ def _evaluate(fn: Any, data: Any, p: Preset) -> dict[str, float]:
     tot = np.zeros(5)
     for i in range(p.eval_batches):
         tot += fn(data.batch(i, p.eval_batch_size, split="validation"))
-    loss, hits, count, rows_right, rows = tot
+    loss, hits, count, rows_right, rows = (float(x) for x in tot)
     return dict(loss=loss / max(count, 1), accuracy=hits / max(count, 1),
                 row_accuracy=rows_right / max(rows, 1))
 
