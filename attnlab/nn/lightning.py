@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 Cache = dict[str, jax.Array]
 
 
-@register("L", "lightning", ops=("lightning_attention",), experiment=None)
+@register("L", "lightning", ops=("lightning_attention",), experiment="minimax_hybrid")
 class LightningAttention(nnx.Module):
     """MiniMax-01 lightning attention layer with a recurrent-state cache.
 
