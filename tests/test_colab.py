@@ -39,3 +39,7 @@ def test_quickstart_notebook_runs(capsys):
     values = g["cache_values"]
     assert values["MLA exact"] == values["GQA"] == 2 * 2 * 16  # 2 K H
     assert values["MLA d_c=16"] == 16 + 16 < values["GQA"]  # d_c + d_R
+    # Without recall: H_4 / 4 = 25/48 by elimination when every key is asked once, 1/4 otherwise.
+    assert abs(g["elimination"] - 25 / 48) < 0.03 and abs(g["guess"] - 0.25) < 0.03
+    recall = g["recall"]  # the committed CPU run: only all-softmax recalls at 2 pairs
+    assert recall["softmax"][0] > 0.9 > max(recall[m][0] for m in recall if m != "softmax")
