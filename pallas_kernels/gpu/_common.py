@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.common.masks import MASK_VALUE
+from pallas_kernels.common.masks import MASK_VALUE, visible
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -76,3 +76,34 @@ def dot(a: jax.Array, b: jax.Array, *, ta: bool = False, tb: bool = False, preci
 def dot_precision(dtype) -> lax.Precision | None:
     """float32 inputs get true f32 matmuls (IEEE, not TF32) so results match the reference."""
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def decode_tile(spec, q_pos, start, start_c, split_hi, length, t: int, block_kv: int):
+    """(full, mask) of one split-K decode tile: ``mask`` [R, block_kv] the keys each row sees
+    (in the split, causal/window, not seen by the previous shifted tile); ``full`` whether
+    every row sees the whole tile (then its values need no finite_or_zero)."""
+    full = (start_c == start) & (start + block_kv <= jnp.minimum(split_hi, length - t + 1))
+    if spec.window_left is not None:
+        full = full & (start >= length - 1 - spec.window_left)
+    kv_idx = (start_c + jnp.arange(block_kv, dtype=jnp.int32))[None, :]
+    mask = (kv_idx >= start) & (kv_idx < split_hi)
+    pos_mask = visible(spec, q_pos, kv_idx)
+    return full, mask if pos_mask is None else mask & pos_mask
+
+
+def softmax_step(m, row_sum, acc, z, v, precision):
+    """One online-softmax step (log2 domain) over masked logits z [R, bk] and values v."""
+    m_new = jnp.maximum(m, z.max(axis=-1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(z - m_new[:, None])
+    row_sum = alpha * row_sum + p.sum(axis=-1)
+    acc = alpha[:, None] * acc + dot(p.astype(v.dtype), v, precision=precision)
+    return m_new, row_sum, acc
+
+
+def softmax_finish(m, row_sum, acc):
+    """(output, natural-log LSE) of an online softmax; a row that saw no key gives 0 and -inf
+    (the public contract for "saw no key", not a logit)."""
+    seen = row_sum > 0.0
+    l_safe = jnp.where(seen, row_sum, 1.0)
+    return acc / l_safe[:, None], jnp.where(seen, (m + jnp.log2(l_safe)) * LN2, -jnp.inf)

@@ -46,14 +46,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common.checks import check_config, check_decode_inputs
-from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, finite_or_zero, visible
+from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, finite_or_zero
 from pallas_kernels.common.static_args import check_int
 from pallas_kernels.gpu._common import (
-    LN2,
     M_INIT,
     MAX_HEAD_DIM,
     MIN_BLOCK,
     TILE_RULE,
+    decode_tile,
     dot,
     dot_precision,
     kernel_head_dim,
@@ -61,6 +61,8 @@ from pallas_kernels.gpu._common import (
     pad_axis,
     pad_head,
     round_up,
+    softmax_finish,
+    softmax_step,
 )
 
 CAUSAL = MaskSpec(causal=True)
@@ -209,36 +211,18 @@ def _decode_kernel(
         # A tile some row cannot wholly see (past the length: uninitialized slots; the shifted
         # last tile; the causal or window edge) reads v through finite_or_zero: p is 0 there,
         # but 0 * NaN is NaN. Tiles every row sees whole skip it.
-        full = (start_c == start) & (start + block_kv <= jnp.minimum(split_hi, length - t + 1))
-        if spec.window_left is not None:
-            full = full & (start >= length - 1 - spec.window_left)
+        full, mask = decode_tile(spec, q_pos, start, start_c, split_hi, length, t, block_kv)
         v = lax.cond(full, lambda v: v, finite_or_zero, v)
         z, _ = log2_logits(dot(q, k, tb=True, precision=precision), scale, soft_cap)
-        kv_idx = (start_c + jnp.arange(block_kv, dtype=jnp.int32))[None, :]
-        mask = (kv_idx >= start) & (kv_idx < split_hi)
-        pos_mask = visible(spec, q_pos, kv_idx)
-        if pos_mask is not None:
-            mask = mask & pos_mask
         z = jnp.where(mask, z, MASK_VALUE)
-        m_new = jnp.maximum(m, z.max(axis=-1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(z - m_new[:, None])
-        row_sum = alpha * row_sum + p.sum(axis=-1)
-        acc = alpha[:, None] * acc + dot(p.astype(v.dtype), v, precision=precision)
-        return m_new, row_sum, acc
+        return softmax_step(m, row_sum, acc, z, v, precision)
 
     carry = (
         jnp.full((rb_size,), M_INIT, jnp.float32),
         jnp.zeros((rb_size,), jnp.float32),
         jnp.zeros((rb_size, v_ref.shape[-1]), jnp.float32),
     )
-    m, row_sum, acc = lax.fori_loop(first, n_tiles, step, carry)
-
-    seen = row_sum > 0.0
-    l_safe = jnp.where(seen, row_sum, 1.0)
-    o = acc / l_safe[:, None]
-    # -inf is the public contract for "saw no key", not a logit.
-    lse = jnp.where(seen, (m + jnp.log2(l_safe)) * LN2, -jnp.inf)
+    o, lse = softmax_finish(*lax.fori_loop(first, n_tiles, step, carry))
     plgpu.store(o_ref, o, mask=tile_mask)
     plgpu.store(lse_ref, lse, mask=row_mask)
 
