@@ -111,28 +111,19 @@ def cache_head_dim(heads: int, dim: int) -> int:
 # ----------------------------------------------------------------------------- kernel
 
 
-def _decode_kernel(
-    len_ref,  # [B] int32 (SMEM, scalar prefetch): valid cache length per sequence
-    q_ref,  # [Rp, H] query rows of one (batch, query group); row r = (t, g), t-major
-    row_t_ref,  # [Rp, NUM_LANES] int32: query index t of each row, lane-broadcast
-    k_ref,  # [bkv, H] key tile of the group's key head
-    v_ref,  # [bkv, Hv] value tile of the group's value head
-    o_ref,  # [Rp, Hv] f32 out: this split's output, normalized within the split
-    lse_ref,  # [Rp, NUM_LANES] f32 out: this split's LSE (-inf: saw no key), lane-broadcast
-    m_ref,  # [Rp, NUM_LANES] f32 scratch: running row max
-    l_ref,  # [Rp, NUM_LANES] f32 scratch: running row sum of exp
-    acc_ref,  # [Rp, Hv] f32 scratch: unnormalized output
-    *,
-    spec: MaskSpec,
-    scale: float,
-    soft_cap: float | None,
-    t: int,
-    s: int,
-    bkv: int,
-    tiles_per_split: int,
+def split_decode_step(
+    len_ref, row_t_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, *,
+    load, batch: jax.Array, split: jax.Array, i: jax.Array, spec: MaskSpec, scale: float,
+    soft_cap: float | None, t: int, s: int, bkv: int, tiles_per_split: int,
 ):
-    bi, split, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    length = len_ref[bi]
+    """One grid step of a split-K decode: tile ``i`` of split ``split`` of sequence ``batch``.
+
+    Shared by this kernel and the MLA latent decode
+    (:mod:`pallas_kernels.tpu.mla_decode`). ``load()`` returns the step's
+    ``(q [Rp, H], k [bkv, H], v [bkv, Hv])`` tiles; it is called only on tiles that some row
+    can see. Refs as in :func:`_decode_kernel`.
+    """
+    length = len_ref[batch]
     start = (split * tiles_per_split + i) * bkv
     hi = jnp.minimum(length, s)
 
@@ -155,7 +146,8 @@ def _decode_kernel(
         full = jnp.logical_and(full, start >= length - 1 - spec.window_left)
 
     def step(partial: bool):
-        z, _ = tile_logits(q_ref[...], k_ref[...], scale=scale, soft_cap=soft_cap)  # [Rp, bkv]
+        q, k, v = load()
+        z, _ = tile_logits(q, k, scale=scale, soft_cap=soft_cap)  # [Rp, bkv]
         kv_idx = start + lax.broadcasted_iota(jnp.int32, (1, bkv), 1)
         q_pos = length - t + row_t_ref[:, :1]  # [Rp, 1]
         mask = kv_idx < hi
@@ -170,7 +162,8 @@ def _decode_kernel(
         alpha = jnp.exp(m_prev - m_next)
         l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=-1, keepdims=True)
         m_ref[...] = m_next
-        v = finite_or_zero(v_ref[...]) if partial else v_ref[...]
+        if partial:
+            v = finite_or_zero(v)
         pv = lax.dot_general(p.astype(v.dtype), v, NN, preferred_element_type=jnp.float32)
         acc_ref[...] = alpha[:, :1] * acc_ref[...] + pv
 
@@ -185,6 +178,38 @@ def _decode_kernel(
         o_ref[...] = acc_ref[...] / l_safe[:, :1]
         # -inf here is the public contract for a row that sees no key, not a logit.
         lse_ref[...] = jnp.where(seen, m_ref[...] + jnp.log(l_safe), -jnp.inf)
+
+
+def clamped_kv_block(len_ref, batch, split, i, *, spec: MaskSpec, t: int, s: int, bkv: int,
+                     tiles_per_split: int) -> jax.Array:
+    """The key block a split-K decode step reads, clamped into the range sequence ``batch``
+    can see (its length, and its window if any): tiles outside it repeat a neighbour's
+    block index, so they issue no copy."""
+    length = len_ref[batch]
+    hi_blk = lax.div(jnp.minimum(length, s) + bkv - 1, bkv)
+    lo_blk = jnp.int32(0)
+    if spec.window_left is not None:
+        lo_blk = lax.div(jnp.maximum(length - t - spec.window_left, 0), bkv)
+    return clamp_block(split * tiles_per_split + i, lo_blk, hi_blk)
+
+
+def _decode_kernel(
+    len_ref,  # [B] int32 (SMEM, scalar prefetch): valid cache length per sequence
+    q_ref,  # [Rp, H] query rows of one (batch, query group); row r = (t, g), t-major
+    row_t_ref,  # [Rp, NUM_LANES] int32: query index t of each row, lane-broadcast
+    k_ref,  # [bkv, H] key tile of the group's key head
+    v_ref,  # [bkv, Hv] value tile of the group's value head
+    o_ref,  # [Rp, Hv] f32 out: this split's output, normalized within the split
+    lse_ref,  # [Rp, NUM_LANES] f32 out: this split's LSE (-inf: saw no key), lane-broadcast
+    m_ref,  # [Rp, NUM_LANES] f32 scratch: running row max
+    l_ref,  # [Rp, NUM_LANES] f32 scratch: running row sum of exp
+    acc_ref,  # [Rp, Hv] f32 scratch: unnormalized output
+    **static,
+):
+    split_decode_step(
+        len_ref, row_t_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref,
+        load=lambda: (q_ref[...], k_ref[...], v_ref[...]), batch=pl.program_id(0),
+        split=pl.program_id(2), i=pl.program_id(3), **static)
 
 
 @functools.partial(
@@ -214,12 +239,8 @@ def _partials(q, k, v, kv_lengths, *, spec, scale, soft_cap, config, interpret):
     v2 = pad_axis(v, 3, hv).reshape(b, s, kv * hv)
 
     def kv_block(bi, si, i, len_ref):
-        length = len_ref[bi]
-        hi_blk = lax.div(jnp.minimum(length, s) + bkv - 1, bkv)
-        lo_blk = jnp.int32(0)
-        if spec.window_left is not None:
-            lo_blk = lax.div(jnp.maximum(length - t - spec.window_left, 0), bkv)
-        return clamp_block(si * tiles_per_split + i, lo_blk, hi_blk)
+        return clamped_kv_block(len_ref, bi, si, i, spec=spec, t=t, s=s, bkv=bkv,
+                                tiles_per_split=tiles_per_split)
 
     def k_map(bi, ci, si, i, len_ref):
         return bi, kv_block(bi, si, i, len_ref), head_of(ci, rk)

@@ -25,22 +25,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common.checks import check_latent_decode_inputs
-from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, finite_or_zero, visible
+from pallas_kernels.common.masks import MaskSpec
 from pallas_kernels.tpu._common import (
-    NN,
     NUM_LANES,
     NUM_SUBLANES,
-    clamp_block,
     compiler_params,
     round_up,
-    tile_logits,
 )
-from pallas_kernels.tpu.decode import TpuDecodeConfig
+from pallas_kernels.tpu.decode import TpuDecodeConfig, clamped_kv_block, split_decode_step
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
 SEMANTICS = ("parallel", "parallel", "arbitrary")
@@ -68,61 +64,15 @@ def _kernel(
     o_ref,  # [Rp, d_c] f32 out
     lse_ref,  # [Rp, NUM_LANES] f32 out
     m_ref, l_ref, acc_ref,  # scratch: [Rp, NUM_LANES], [Rp, NUM_LANES], [Rp, d_c] f32
-    *, spec: MaskSpec, scale: float, v_dim: int, t: int, s: int, bkv: int,
-    tiles_per_split: int,
+    *, v_dim: int, **static,
 ):
-    bi, split, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    length = len_ref[bi]
-    start = (split * tiles_per_split + i) * bkv
-    hi = jnp.minimum(length, s)
-
-    @pl.when(i == 0)
-    def _init():
-        m_ref[...] = jnp.full_like(m_ref, MASK_VALUE)
-        l_ref[...] = jnp.zeros_like(l_ref)
-        acc_ref[...] = jnp.zeros_like(acc_ref)
-
-    needed = start < hi
-    if spec.window_left is not None:
-        needed = jnp.logical_and(needed, start + bkv > length - t - spec.window_left)
-
-    # Every row sees every key of the tile: values are used as they are. Other tiles read
-    # them through finite_or_zero, since p is 0 on a masked key but 0 * NaN is NaN
-    # (uninitialized slots past the length; the overhang of the last tile, NaN in interpret
-    # mode).
-    full = start + bkv <= jnp.minimum(hi, length - t + 1)
-    if spec.window_left is not None:
-        full = jnp.logical_and(full, start >= length - 1 - spec.window_left)
-
-    def step(partial: bool):
+    def load():
         kv = kv_ref[...]
-        z, _ = tile_logits(q_ref[...], kv, scale=scale, soft_cap=None)  # [Rp, bkv]
-        kv_idx = start + lax.broadcasted_iota(jnp.int32, (1, bkv), 1)
-        mask = kv_idx < hi
-        pos_mask = visible(spec, length - t + row_t_ref[:, :1], kv_idx)
-        if pos_mask is not None:
-            mask = jnp.logical_and(mask, pos_mask)
-        z = jnp.where(mask, z, MASK_VALUE)
-        m_prev = m_ref[...]
-        m_next = jnp.maximum(m_prev, jnp.max(z, axis=-1, keepdims=True))
-        p = jnp.where(mask, jnp.exp(z - m_next[:, :1]), 0.0)
-        alpha = jnp.exp(m_prev - m_next)
-        l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=-1, keepdims=True)
-        m_ref[...] = m_next
-        values = finite_or_zero(kv[:, :v_dim]) if partial else kv[:, :v_dim]
-        pv = lax.dot_general(p.astype(kv.dtype), values, NN, preferred_element_type=jnp.float32)
-        acc_ref[...] = alpha[:, :1] * acc_ref[...] + pv
+        return q_ref[...], kv, kv[:, :v_dim]
 
-    pl.when(jnp.logical_and(needed, full))(lambda: step(False))
-    pl.when(jnp.logical_and(needed, jnp.logical_not(full)))(lambda: step(True))
-
-    @pl.when(i == tiles_per_split - 1)
-    def _finish():
-        row_sum = l_ref[...]
-        seen = row_sum > 0.0
-        l_safe = jnp.where(seen, row_sum, 1.0)
-        o_ref[...] = acc_ref[...] / l_safe[:, :1]
-        lse_ref[...] = jnp.where(seen, m_ref[...] + jnp.log(l_safe), -jnp.inf)
+    split_decode_step(len_ref, row_t_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, load=load,
+                      batch=pl.program_id(0), split=pl.program_id(1), i=pl.program_id(2),
+                      soft_cap=None, **static)
 
 
 @functools.partial(jax.jit, static_argnames=("v_dim", "spec", "scale", "config", "interpret"))
@@ -140,12 +90,8 @@ def _partials(q, cache, kv_lengths, *, v_dim, spec, scale, config, interpret):
     row_t = jnp.broadcast_to(row_t[:, None], (rp, NUM_LANES))
 
     def kv_map(bi, si, i, len_ref):
-        length = len_ref[bi]
-        hi_blk = lax.div(jnp.minimum(length, s) + bkv - 1, bkv)
-        lo_blk = jnp.int32(0)
-        if spec.window_left is not None:
-            lo_blk = lax.div(jnp.maximum(length - t - spec.window_left, 0), bkv)
-        return bi, clamp_block(si * tiles_per_split + i, lo_blk, hi_blk), 0
+        return bi, clamped_kv_block(len_ref, bi, si, i, spec=spec, t=t, s=s, bkv=bkv,
+                                    tiles_per_split=tiles_per_split), 0
 
     kernel = functools.partial(_kernel, spec=spec, scale=scale, v_dim=v_dim, t=t, s=s, bkv=bkv,
                                tiles_per_split=tiles_per_split)
