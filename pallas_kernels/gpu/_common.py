@@ -14,6 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common.masks import MASK_VALUE, visible
 
@@ -76,6 +77,44 @@ def dot(a: jax.Array, b: jax.Array, *, ta: bool = False, tb: bool = False, preci
 def dot_precision(dtype) -> lax.Precision | None:
     """float32 inputs get true f32 matmuls (IEEE, not TF32) so results match the reference."""
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def split_range(split, length, s: int, t: int, spec, keys_per_split: int, block_kv: int):
+    """(split_lo, split_hi, first, n_tiles) of split-K decode split ``split``: its key range
+    [split_lo, split_hi) cut at the sequence's length and the cache's real length ``s``, and
+    the tiles ``first .. n_tiles - 1`` a row can see (a left window skips the earliest)."""
+    split_lo = split * keys_per_split
+    split_hi = jnp.minimum(jnp.minimum(split_lo + keys_per_split, length), s)
+    first = jnp.int32(0)
+    if spec.window_left is not None:
+        # The earliest query (position length - T) sees nothing before this key.
+        lo = length - t - spec.window_left
+        first = lax.div(jnp.maximum(lo - split_lo, 0), block_kv)
+    n_tiles = lax.div(jnp.maximum(split_hi - split_lo, 0) + block_kv - 1, block_kv)
+    return split_lo, split_hi, first, n_tiles
+
+
+def row_block(rb, rb_size: int, n_rows: int):
+    """(rows [Rb], row_mask, tile_mask) of row block ``rb``: the masks are None when the
+    rows divide evenly, else they mark the real rows (padding rows are neither loaded nor
+    stored)."""
+    rows = rb * rb_size + jnp.arange(rb_size, dtype=jnp.int32)
+    row_mask = None if n_rows % rb_size == 0 else (rows < n_rows)
+    return rows, row_mask, None if row_mask is None else row_mask[:, None]
+
+
+def finish_split(step, first, n_tiles, o_ref, lse_ref, row_mask, tile_mask) -> None:
+    """Runs a split's online softmax ``step`` over tiles ``first .. n_tiles - 1`` and stores
+    its normalized output and LSE (masked to the real rows)."""
+    rb_size, width = o_ref.shape
+    carry = (
+        jnp.full((rb_size,), M_INIT, jnp.float32),
+        jnp.zeros((rb_size,), jnp.float32),
+        jnp.zeros((rb_size, width), jnp.float32),
+    )
+    o, lse = softmax_finish(*lax.fori_loop(first, n_tiles, step, carry))
+    plgpu.store(o_ref, o, mask=tile_mask)
+    plgpu.store(lse_ref, lse, mask=row_mask)
 
 
 def decode_tile(spec, q_pos, start, start_c, split_hi, length, t: int, block_kv: int):

@@ -49,20 +49,21 @@ from pallas_kernels.common.checks import check_config, check_decode_inputs
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, finite_or_zero
 from pallas_kernels.common.static_args import check_int
 from pallas_kernels.gpu._common import (
-    M_INIT,
     MAX_HEAD_DIM,
     MIN_BLOCK,
     TILE_RULE,
     decode_tile,
     dot,
     dot_precision,
+    finish_split,
     kernel_head_dim,
     log2_logits,
     pad_axis,
     pad_head,
     round_up,
-    softmax_finish,
+    row_block,
     softmax_step,
+    split_range,
 )
 
 CAUSAL = MaskSpec(causal=True)
@@ -184,19 +185,10 @@ def _decode_kernel(
     split = pl.program_id(2)
     length = len_ref[()]
 
-    split_lo = split * keys_per_split
-    split_hi = jnp.minimum(jnp.minimum(split_lo + keys_per_split, length), s)  # real S
-    first = jnp.int32(0)
-    if spec.window_left is not None:
-        # The earliest query (position length - T) sees nothing before this key.
-        lo = length - t - spec.window_left
-        first = lax.div(jnp.maximum(lo - split_lo, 0), block_kv)
-    n_tiles = lax.div(jnp.maximum(split_hi - split_lo, 0) + block_kv - 1, block_kv)
-
-    rows = rb * rb_size + jnp.arange(rb_size, dtype=jnp.int32)
+    split_lo, split_hi, first, n_tiles = split_range(split, length, s, t, spec,
+                                                     keys_per_split, block_kv)
     # Rows past G * T (the group padded to a power of two) are neither loaded nor stored.
-    row_mask = None if n_rows % rb_size == 0 else (rows < n_rows)
-    tile_mask = None if row_mask is None else row_mask[:, None]
+    rows, row_mask, tile_mask = row_block(rb, rb_size, n_rows)
     q = plgpu.load(q_ref, mask=tile_mask, other=None if row_mask is None else 0.0)
     q_pos = (length - t + lax.div(rows, g))[:, None]  # [Rb, 1]
 
@@ -217,14 +209,7 @@ def _decode_kernel(
         z = jnp.where(mask, z, MASK_VALUE)
         return softmax_step(m, row_sum, acc, z, v, precision)
 
-    carry = (
-        jnp.full((rb_size,), M_INIT, jnp.float32),
-        jnp.zeros((rb_size,), jnp.float32),
-        jnp.zeros((rb_size, v_ref.shape[-1]), jnp.float32),
-    )
-    o, lse = softmax_finish(*lax.fori_loop(first, n_tiles, step, carry))
-    plgpu.store(o_ref, o, mask=tile_mask)
-    plgpu.store(lse_ref, lse, mask=row_mask)
+    finish_split(step, first, n_tiles, o_ref, lse_ref, row_mask, tile_mask)
 
 
 @functools.partial(

@@ -41,18 +41,19 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.common.checks import check_latent_decode_inputs
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, finite_or_zero
 from pallas_kernels.gpu._common import (
-    M_INIT,
     MIN_BLOCK,
     decode_tile,
     dot,
     dot_precision,
+    finish_split,
     kernel_head_dim,
     log2_logits,
     pad_axis,
     pad_head,
     round_up,
-    softmax_finish,
+    row_block,
     softmax_step,
+    split_range,
 )
 from pallas_kernels.gpu.decode import DecodeConfig
 
@@ -132,17 +133,9 @@ def _kernel(
     rb_size = qc_ref.shape[0]
     split, rb = pl.program_id(1), pl.program_id(2)  # grid (B, P, row blocks)
     length = len_ref[()]
-    split_lo = split * keys_per_split
-    split_hi = jnp.minimum(jnp.minimum(split_lo + keys_per_split, length), s)
-    first = jnp.int32(0)
-    if spec.window_left is not None:
-        lo = length - t - spec.window_left
-        first = lax.div(jnp.maximum(lo - split_lo, 0), block_kv)
-    n_tiles = lax.div(jnp.maximum(split_hi - split_lo, 0) + block_kv - 1, block_kv)
-
-    rows = rb * rb_size + jnp.arange(rb_size, dtype=jnp.int32)
-    row_mask = None if n_rows % rb_size == 0 else (rows < n_rows)
-    tile_mask = None if row_mask is None else row_mask[:, None]
+    split_lo, split_hi, first, n_tiles = split_range(split, length, s, t, spec,
+                                                     keys_per_split, block_kv)
+    rows, row_mask, tile_mask = row_block(rb, rb_size, n_rows)
     other = None if row_mask is None else 0.0
     q_c = plgpu.load(qc_ref, mask=tile_mask, other=other)
     q_r = plgpu.load(qr_ref, mask=tile_mask, other=other)
@@ -164,14 +157,7 @@ def _kernel(
         z = jnp.where(mask, z, MASK_VALUE)
         return softmax_step(m, row_sum, acc, z, c_v, precision)
 
-    carry = (
-        jnp.full((rb_size,), M_INIT, jnp.float32),
-        jnp.zeros((rb_size,), jnp.float32),
-        jnp.zeros((rb_size, c_ref.shape[-1]), jnp.float32),
-    )
-    o, lse = softmax_finish(*lax.fori_loop(first, n_tiles, step, carry))
-    plgpu.store(o_ref, o, mask=tile_mask)
-    plgpu.store(lse_ref, lse, mask=row_mask)
+    finish_split(step, first, n_tiles, o_ref, lse_ref, row_mask, tile_mask)
 
 
 @functools.partial(jax.jit, static_argnames=("v_dim", "spec", "scale", "config", "interpret"))
