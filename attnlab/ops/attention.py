@@ -30,20 +30,18 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from attnlab.ops._checks import check_gqa, check_qkv, head_map
+from attnlab.ops._checks import check_gqa, check_qkv
 from attnlab.ops._registry import (  # noqa: F401 (platform: re-export)
     Implementation,
     Registry,
     backends,
     platform,
 )
+from attnlab.ops._softmax import head_logits, masked_softmax
 from pallas_kernels.common.masks import (
-    MASK_VALUE,
     MaskSpec,
     SegmentIds,
-    finite_or_zero,
     visible,
-    weighted_sum,
 )
 from pallas_kernels.common.static_args import check_bool, check_static_float
 
@@ -88,18 +86,7 @@ def _assemble(res: tuple[jax.Array, ...], return_residuals: bool, return_entropy
 
 
 def _reference(q, k, v, a: AttentionArgs) -> tuple[jax.Array, ...]:
-    n = q.shape[2]
-    hi = jax.lax.Precision.HIGHEST
-    # Select, don't multiply: a masked pair has p = 0, but 0 * NaN is NaN in p @ v and in the
-    # matmuls autodiff makes of these einsums (ds @ k, ds^T @ q, p^T dO): their operands are
-    # made finite, masked logits replaced and p @ v is a weighted_sum (whose dv reads dO
-    # through finite_or_zero), so garbage a row cannot see never reaches it.
-    k_n = finite_or_zero(k[:, :, head_map(n, k.shape[2])].astype(jnp.float32))  # [B, S, N, H]
-    v_n = finite_or_zero(v[:, :, head_map(n, v.shape[2])].astype(jnp.float32))  # [B, S, N, Hv]
-    q_f = finite_or_zero(q.astype(jnp.float32))
-    z = jnp.einsum("BTNH,BSNH->BNTS", q_f, k_n, precision=hi) * a.scale
-    if a.logits_soft_cap is not None:
-        z = a.logits_soft_cap * jnp.tanh(z / a.logits_soft_cap)
+    z, v_n = head_logits(q, k, v, a.scale, a.logits_soft_cap)
     if a.bias is not None:
         z = z + a.bias.astype(jnp.float32)
     seg = a.segment_ids
@@ -114,12 +101,8 @@ def _reference(q, k, v, a: AttentionArgs) -> tuple[jax.Array, ...]:
         mask = jnp.ones((1, 1, q.shape[1], k.shape[1]), bool)
     if a.bias is not None:  # a -inf bias masks its key (a row of them sees no key, as in xla)
         mask = mask & (z > -jnp.inf)
-    z = jnp.where(mask, z, MASK_VALUE)
-    lse = jax.nn.logsumexp(z, axis=-1)
-    p = jnp.where(mask, jnp.exp(z - lse[..., None]), 0.0)
-    out = weighted_sum("BNTS,BSNH->BTNH", p, v_n, hi).astype(q.dtype)
-    seen = mask.any(-1)
-    result = (out, jnp.swapaxes(jnp.where(seen, lse, -jnp.inf), 1, 2))
+    out, lse, p, z, seen = masked_softmax(z, mask, v_n, q.dtype)
+    result = (out, jnp.swapaxes(lse, 1, 2))
     if a.return_entropy:
         entropy = jnp.where(seen, lse - jnp.sum(p * z, axis=-1), 0.0)
         result += (jnp.swapaxes(entropy, 1, 2),)

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnlab.ops._checks import check_gqa, check_qkv, head_map
+from attnlab.ops._checks import check_gqa, check_qkv
 from attnlab.ops._registry import (  # noqa: F401 (platform: re-export)
     KERNEL_FIRST,
     Implementation,
@@ -50,13 +50,11 @@ from attnlab.ops._registry import (  # noqa: F401 (platform: re-export)
     backends,
     platform,
 )
+from attnlab.ops._softmax import head_logits, masked_softmax
 from attnlab.ops.merge import merge_n
 from pallas_kernels.common.masks import (
-    MASK_VALUE,
     MaskSpec,
-    finite_or_zero,
     visible,
-    weighted_sum,
 )
 from pallas_kernels.common.static_args import check_bool, check_static_float, is_int
 
@@ -98,26 +96,15 @@ def query_positions(kv_lengths: jax.Array | None, b: int, t: int, s: int):
 
 
 def _reference(q, k, v, a: DecodeArgs) -> tuple[jax.Array, jax.Array]:
-    b, t, n, _ = q.shape
+    b, t, _, _ = q.shape
     s = k.shape[1]
-    hi = jax.lax.Precision.HIGHEST
-    # Select, don't multiply (as in attention's reference): matmul operands are made finite,
-    # so a NaN in a cache slot a row cannot see (past kv_lengths) never reaches it.
-    k_n = finite_or_zero(k[:, :, head_map(n, k.shape[2])].astype(jnp.float32))  # [B, S, N, H]
-    v_n = finite_or_zero(v[:, :, head_map(n, v.shape[2])].astype(jnp.float32))  # [B, S, N, Hv]
-    q_f = finite_or_zero(q.astype(jnp.float32))
-    z = jnp.einsum("BTNH,BSNH->BNTS", q_f, k_n, precision=hi) * a.scale
-    if a.logits_soft_cap is not None:
-        z = a.logits_soft_cap * jnp.tanh(z / a.logits_soft_cap)
+    # A NaN in a cache slot a row cannot see (past kv_lengths) never reaches it (_softmax).
+    z, v_n = head_logits(q, k, v, a.scale, a.logits_soft_cap)
     lengths, q_pos = query_positions(a.kv_lengths, b, t, s)
     kv_pos = jnp.arange(s, dtype=jnp.int32)[None, None, None, :]
     mask = visible(a.spec, q_pos[:, None, :, None], kv_pos)  # [B, 1, T, S]
     mask = mask & (kv_pos < lengths[:, None, None, None])
-    z = jnp.where(mask, z, MASK_VALUE)
-    lse = jax.nn.logsumexp(z, axis=-1)
-    p = jnp.where(mask, jnp.exp(z - lse[..., None]), 0.0)
-    out = weighted_sum("BNTS,BSNH->BTNH", p, v_n, hi).astype(q.dtype)
-    lse = jnp.where(mask.any(-1), lse, -jnp.inf)  # [B, N, T]
+    out, lse, *_ = masked_softmax(z, mask, v_n, q.dtype)
     return out, jnp.swapaxes(lse, 1, 2)
 
 
