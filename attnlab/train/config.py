@@ -19,7 +19,9 @@ class TrainConfig:
     """What a training run does (optimizer, schedule, data, checkpoints, logging).
 
     Attributes:
-      steps: optimizer steps of the whole run (a resumed run stops at the same step).
+      steps: optimizer steps of the whole run (a resumed run stops at the same step; a
+        larger value extends a finished run from its last checkpoint, the learning-rate
+        schedule then being the new length's from there).
       batch_size: global batch B (sequences per step), split over the mesh's data axis.
       seq_len: T tokens per sequence; at most the model's ``max_seq_len``.
       lr: peak learning rate of AdamW.
