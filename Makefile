@@ -1,11 +1,11 @@
-# Two commands: `make demo` (the main job) and `make test`. Both (re)build .venv from
-# pyproject.toml when it is missing or older than pyproject.toml.
+# Two commands: `make demo` (the main job) and `make test`; `make docs` builds the API
+# reference. All (re)build .venv from pyproject.toml when it is missing or older than it.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint info bench-gpu clean
+.PHONY: demo test docs lint info bench-gpu clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "attnlab needs Python >= 3.11"'
@@ -21,6 +21,11 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
 
+# The API reference from the docstrings (Sphinx autodoc + napoleon): nitpicky, warnings as
+# errors, as tests/test_docs.py builds it. Opens at docs/_build/html/index.html.
+docs: $(STAMP)
+	JAX_PLATFORMS=cpu $(BIN)/python -m sphinx -W --keep-going -n -j 1 -b html docs docs/_build/html
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
@@ -28,4 +33,4 @@ info: $(STAMP)
 	$(BIN)/attnlab info
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis docs/_build

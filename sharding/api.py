@@ -3,7 +3,7 @@
 It takes global arrays and a mesh, runs one strategy inside ``jax.shard_map`` over the
 sequence axis (composing with data- and tensor-parallel axes of the same mesh), and returns
 a global array sharded like the input. Inside your own ``shard_map`` call the per-shard
-functions directly by axis name: :func:`sharding.ring.ring_attention` (layouts contiguous,
+functions directly by axis name: :func:`sharding.ring_attention` (layouts contiguous,
 striped, zigzag) and :func:`sharding.ulysses.ulysses_attention`.
 """
 
@@ -79,7 +79,7 @@ def attention(
       impl: the single-device implementation used per block ("auto": fastest that fits).
       config: its block-size config.
       grad_accum_dtype: ring strategies: dtype of the backward's dQ/dK/dV accumulators
-        (see :func:`sharding.ring.ring_attention`; None: the input dtype, less memory).
+        (see :func:`sharding.ring_attention`; None: the input dtype, less memory).
       check_vma: the ``shard_map`` flag. Default: on, except when the per-block work may run
         a Pallas kernel (impl "pallas*", or "auto" on GPU/TPU), whose outputs carry no
         varying-axes types yet.

@@ -122,11 +122,11 @@ def lasp2_shard(
     Args:
       q, k: [B, Tl, N, H] this device's block; v: [B, Tl, N, Hv]; log_decay: [N] float32.
       initial_state ([B, N, H, Hv] or None), segment_ids ([B, Tl] or None), axis_name,
-        **kwargs (scale, chunk_size, impl, config): as :func:`sharding.lasp.lasp_shard`.
+        and the other keywords (scale, chunk_size, impl, config): as :func:`sharding.lasp_shard`.
 
     Returns:
       (o [B, Tl, N, Hv], final_state [B, N, H, Hv] float32), as
-      :func:`sharding.lasp.lasp_shard`. Differentiable in q, k, v and initial_state (custom
+      :func:`sharding.lasp_shard`. Differentiable in q, k, v and initial_state (custom
       VJP with one all-gather); log_decay gets a zero cotangent.
 
     Example:
@@ -142,20 +142,21 @@ def lasp2_attention(
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Lightning attention with the sequence split over ``mesh`` axis ``seq_axis`` (LASP-2).
 
-    The same computation as :func:`sharding.lasp.lasp_attention`, with one all-gather of the
+    The same computation as :func:`sharding.lasp_attention`, with one all-gather of the
     block states in place of LASP's P - 1 ring hops.
 
     Args:
       q, k: [B, T, N, H] global arrays; v: [B, T, N, Hv]; T divisible by the size of
         ``seq_axis``.
-      decay, mesh, seq_axis, **kwargs (batch_axis, head_axis, initial_state, return_state,
-        segment_ids, chunk_size, scale, impl, config): as :func:`sharding.lasp.lasp_attention`.
+      decay, mesh, seq_axis and the other keywords (batch_axis, head_axis, initial_state,
+        return_state, segment_ids, chunk_size, scale, impl, config): as
+        :func:`sharding.lasp_attention`.
 
     Returns:
       o [B, T, N, Hv] (sharded like q), or (o, final_state [B, N, H, Hv]) with return_state.
 
     Raises:
-      ValueError: as :func:`sharding.lasp.lasp_attention`.
+      ValueError: as :func:`sharding.lasp_attention`.
 
     Example:
       >>> o = lasp2_attention(q, k, v, decay=decay, mesh=jax.make_mesh((8,), ("sp",)))

@@ -17,7 +17,7 @@ both key chunks, or both query chunks against one key chunk), and only that half
 
 The backward is a second ring (``jax.custom_vjp``): k, v travel as in the forward, together
 with f32 accumulators of dK and dV; each step adds that block's share from
-:func:`attnlab.ops.attention_grad.attention_bwd` (which takes the *global* out and lse), and
+:func:`attnlab.ops.attention_bwd` (which takes the *global* out and lse), and
 after P hops the accumulators are back on the device that owns the block.
 
 Token layouts (contiguous, striped, zigzag) only change which positions each shard holds;
@@ -98,7 +98,7 @@ def ring_attention(
       return_residuals: also return lse [B, T, N] float32.
       impl: per-block forward implementation of :func:`attnlab.ops.attention` ("auto" picks
         the fastest that supports positions and the LSE).
-      bwd_impl: per-block backward of :func:`attnlab.ops.attention_grad.attention_bwd`;
+      bwd_impl: per-block backward of :func:`attnlab.ops.attention_bwd`;
         default: ``impl`` when it has a backward there, else "auto".
       config: block-size config handed to the per-block calls.
       grad_accum_dtype: dtype in which the backward sums the P per-step shares of dQ, dK, dV

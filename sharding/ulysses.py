@@ -72,7 +72,7 @@ def ulysses_attention(
       out [B, T, N, Hv] (and lse), sequence-sharded like q.
 
     Raises:
-      ValueError: heads not divisible by the axis size (see :func:`check_heads`).
+      ValueError: heads not divisible by the axis size (see ``check_heads``).
 
     Example:
       >>> out = ulysses_attention(q, k, v, axis_name="sp", is_causal=True)  # in shard_map

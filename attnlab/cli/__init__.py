@@ -25,6 +25,7 @@ import sys
 from collections.abc import Sequence
 
 from attnlab.cli import bench, convert, demo, evaluate, generate, info, train
+from attnlab.cli.common import show_defaults
 
 SUBCOMMANDS = (info, bench, demo, train, evaluate, generate, convert)
 
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True,
                            metavar="{info,bench,demo,train,eval,generate,convert}")
     for module in SUBCOMMANDS:
-        module.add_parser(sub)
+        show_defaults(module.add_parser(sub))
     return p
 
 

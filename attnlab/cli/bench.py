@@ -7,6 +7,7 @@ its :class:`~attnlab.bench.attention.BenchConfig`, shows progress and prints the
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -35,12 +36,47 @@ def _int_list(text: str, what: str, parser: argparse.ArgumentParser) -> tuple[in
     return vals
 
 
+# Defaults of the sizes and timing options: on a GPU or TPU the sizes of the published
+# tables; on CPU about a minute (the same heads and head dim, fewer tokens, float32,
+# which a CPU computes natively, and fewer timed calls).
+ACCELERATOR_DEFAULTS = {"shapes": "2048,8192", "batch_tokens": 32768, "dtype": "bfloat16",
+                        "repeats": 20, "warmup": 2}
+CPU_DEFAULTS = {"shapes": "256,512", "batch_tokens": 1024, "dtype": "float32", "repeats": 3,
+                "warmup": 1}
+RESULTS_DIR = "experiments/results"
+
+
+def apply_platform_defaults(args: argparse.Namespace, plat: str) -> dict[str, Any]:
+    """Fills the options left unset (None) with :data:`CPU_DEFAULTS` on ``plat`` "cpu", else
+    :data:`ACCELERATOR_DEFAULTS`; returns the ones filled from the CPU table (empty on an
+    accelerator), for the note the command prints."""
+    table = CPU_DEFAULTS if plat == "cpu" else ACCELERATOR_DEFAULTS
+    filled = {k: v for k, v in table.items() if getattr(args, k) is None}
+    for k, v in filled.items():
+        setattr(args, k, v)
+    return filled if plat == "cpu" else {}
+
+
+def default_out(device_kind: str) -> str:
+    """``experiments/results/bench_attention_<device kind>_<UTC date and time>.json`` (relative
+    to the working directory): where the record goes without ``--out``."""
+    import datetime
+
+    kind = re.sub(r"[^a-z0-9]+", "_", device_kind.lower()).strip("_") or "unknown"
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d_%H%M%S")
+    return f"{RESULTS_DIR}/bench_attention_{kind}_{stamp}.json"
+
+
 def bench_config_from_args(
     args: argparse.Namespace, parser: argparse.ArgumentParser
 ) -> BenchConfig:
     """Builds and validates a :class:`attnlab.bench.attention.BenchConfig`; bad input ends in
-    ``parser.error`` (exit status 2 with a message saying what to change)."""
+    ``parser.error`` (exit status 2 with a message saying what to change). Options left unset
+    take :data:`CPU_DEFAULTS` on CPU and :data:`ACCELERATOR_DEFAULTS` elsewhere."""
     from attnlab.bench import attention, candidates, harness
+    from attnlab.ops import platform
+
+    args.cpu_defaults = apply_platform_defaults(args, platform())
 
     causal = {"both": (False, True), "true": (True,), "false": (False,)}[args.causal]
     passes = tuple(p.strip() for p in args.passes.split(",") if p.strip())
@@ -151,18 +187,23 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     console = make_console()
     env = harness.environment()
+    if args.cpu_defaults:
+        given = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in args.cpu_defaults.items())
+        console.print(f"note: no GPU or TPU, so CPU-sized defaults: {given} (the GPU defaults "
+                      f"are {ACCELERATOR_DEFAULTS['shapes']} tokens in bfloat16; CPU timings "
+                      "say nothing about GPU speed)", highlight=False, markup=False)
+    out = args.out or default_out(env["device_kind"])
     console.print(
         f"[bold]bench attention[/] on {env['device_kind']} ({env['platform']}), JAX "
         f"{env['jax_version']}; H={cfg.head_dim} N={cfg.heads} K={cfg.n_kv_heads} {cfg.dtype}; "
         f"median of {cfg.repeats} after {cfg.warmup} warm-up calls"
     )
     argv = ["attnlab", *args.argv]
-    rows = run_bench(cfg, console, out=args.out, argv=argv)
+    rows = run_bench(cfg, console, out=out, argv=argv)
     console.print(bench_table(rows, "attention: fwd counts 4*B*S*S*N*H FLOPs (halved causal), "
                                     "fwdbwd 3.5x"))
-    if args.out:
-        harness.write_json(args.out, attention.bench_record(cfg, rows, argv))
-        console.print(f"wrote {args.out}")
+    harness.write_json(out, attention.bench_record(cfg, rows, argv))
+    console.print(f"wrote {out}", highlight=False, markup=False)
     failed = [r for r in rows if r.status == harness.FAILED]
     if failed:
         console.print(f"{len(failed)} check(s) FAILED: "
@@ -174,18 +215,30 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Adds ``bench`` to the ``attnlab`` subparsers ``sub``."""
-    p = sub.add_parser("bench", help="check and time implementations against the anchors")
+    p = sub.add_parser(
+        "bench", help="check and time implementations against the anchors",
+        description="Checks every implementation against the reference, then times it and "
+        "the anchors (jax.nn.dot_product_attention with cuDNN and XLA, tokamax where "
+        "installed); prints a table and writes a JSON record. Without a GPU or TPU the sizes "
+        "default to CPU-sized ones (a note says which).",
+    )
     p.add_argument("op", choices=["attention"], help="the op to benchmark")
-    p.add_argument("--shapes", default="2048,8192",
-                   help="comma-separated sequence lengths S (T == S); default 2048,8192")
-    p.add_argument("--batch-tokens", type=positive_int, default=32768,
-                   help="B*S tokens per call; B = batch_tokens // S (default 32768)")
+    acc, cpu = ACCELERATOR_DEFAULTS, CPU_DEFAULTS
+    p.add_argument("--shapes", default=None,
+                   help="comma-separated sequence lengths S (T == S) (default: "
+                   f"{acc['shapes']} on a GPU or TPU, {cpu['shapes']} on CPU)")
+    p.add_argument("--batch-tokens", type=positive_int, default=None,
+                   help="B*S tokens per call; B = batch_tokens // S (default: "
+                   f"{acc['batch_tokens']} on a GPU or TPU, {cpu['batch_tokens']} on CPU)")
     p.add_argument("--batch", type=positive_int, default=None,
-                   help="a fixed batch size B for every shape (overrides --batch-tokens)")
+                   help="a fixed batch size B for every shape, overriding --batch-tokens (default: "
+                   "from --batch-tokens)")
     p.add_argument("--heads", type=positive_int, default=16, help="query heads N (default 16)")
     p.add_argument("--kv-heads", type=positive_int, default=None, help="kv heads K (default N)")
     p.add_argument("--head-dim", type=positive_int, default=128, help="head dim H (default 128)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help=f"input dtype (default: {acc['dtype']} on a GPU or TPU, {cpu['dtype']} "
+                   "on CPU)")
     p.add_argument("--causal", default="both", choices=["both", "true", "false"])
     p.add_argument("--passes", default="fwd,fwdbwd",
                    help="comma list of fwd, fwdbwd (forward+backward); default both")
@@ -194,11 +247,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--impls", default="auto",
                    help="'auto' (every registered impl that supports the call) or a comma list")
     p.add_argument("--no-anchors", action="store_true", help="skip jax.nn and tokamax anchors")
-    p.add_argument("--out", default=None, help="write the JSON record here "
-                   "(e.g. experiments/results/bench_attention_h100.json)")
-    p.add_argument("--repeats", type=positive_int, default=20,
-                   help="timed calls per point (median)")
-    p.add_argument("--warmup", type=positive_int, default=2, help="untimed calls first")
+    p.add_argument("--out", default=None, help="write the JSON record here (default: "
+                   f"{RESULTS_DIR}/bench_attention_<device kind>_<date>_<time>.json)")
+    p.add_argument("--repeats", type=positive_int, default=None,
+                   help=f"timed calls per point, median reported (default: {acc['repeats']} on "
+                   f"a GPU or TPU, {cpu['repeats']} on CPU)")
+    p.add_argument("--warmup", type=positive_int, default=None,
+                   help=f"untimed calls first (default: {acc['warmup']} on a GPU or TPU, "
+                   f"{cpu['warmup']} on CPU)")
     p.add_argument("--max-ref-gib", type=nonneg_float, default=2.0,
                    help="do not time the reference above this many GiB of logits")
     p.add_argument("--max-logits-gib", type=nonneg_float, default=8.0,

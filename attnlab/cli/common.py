@@ -19,6 +19,51 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` that shows every option's default: ``(default: X)`` is appended unless the
+    help text already says what the default is (``default`` in it), and an option without help
+    text still gets its default line. Flags (``store_true``) have none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (not action.option_strings or _no_default(action.default)
+                or "default" in text.lower() or action.help == argparse.SUPPRESS):
+            return action.help
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+def _no_default(default: Any) -> bool:
+    # Identity, not ==: a default of 0 is a default to show, not False.
+    return default is None or default is False or default is argparse.SUPPRESS
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Makes ``parser``'s ``--help`` list the defaults (:class:`HelpFormatter`); an option
+    without help text gets a help line holding just its default ("not set" for None)."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if (action.help is None and action.option_strings and not action.required
+                and action.nargs != 0):
+            action.help = ("(default: not set)" if action.default is None
+                           else "(default: %(default)s)")
+
+
+def warn_if_not_text(run: Any) -> None:
+    """One warning line on stderr when ``run`` (a :class:`attnlab.train.LoadedRun`) was
+    trained on a task that is not text (MQAR, induction: token ids that are not bytes of
+    text), so a continued text prompt is noise rather than a bug."""
+    from attnlab.data import DATASETS
+
+    task = run.train_config.task
+    if getattr(DATASETS.get(task), "is_text", True):
+        return
+    text_tasks = ", ".join(name for name, cls in DATASETS.items() if cls.is_text)
+    print(f"warning: {run.run_dir} was trained on the {task!r} task ({DATASETS[task].__name__}: "
+          "synthetic token sequences, not text), so its continuation of a text prompt is not "
+          f"meaningful; for a model that writes text, train on a text task ({text_tasks}), "
+          "e.g. `attnlab train --task stdlib`", file=sys.stderr)
+
+
 def make_console() -> Console:
     """A rich console; 160 columns wide when output goes to a file or pipe (logs stay readable
     instead of being cut at rich's default of 80)."""

@@ -65,10 +65,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="Llama-layout checkpoint directory (config.json, model.safetensors)")
     p.add_argument("--out", required=True, help="output directory (attnlab files)")
     p.add_argument("--rank", type=int, default=None,
-                   help="latent rank d_c; omit for the exact conversion (d_c = 2 K H)")
+                   help="latent rank d_c (default: the exact conversion, d_c = 2 K H)")
     p.add_argument("--rope-dim", type=int, default=None,
                    help="decoupled RoPE dims d_R (default head_dim; R / d_R must be an int)")
-    p.add_argument("--calibration", default=None, help=".npy of [B, T] calibration token ids")
+    p.add_argument("--calibration", default=None,
+                   help=".npy of [B, T] calibration token ids (default: random tokens, "
+                   "--calibration-rows x --calibration-len)")
     p.add_argument("--calibration-rows", type=int, default=8)
     p.add_argument("--calibration-len", type=int, default=128)
     p.add_argument("--check", action="store_true",

@@ -342,7 +342,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--jobs", type=positive_int, default=2,
                    help="threads for the correctness checks (compile-bound; default 2)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also save the results here")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also save the results here as JSON (default: not saved)")
     p.add_argument("--run-dir", default=None,
                    help="run directory of the training section (default: a new temp dir)")
     p.add_argument("--no-train", action="store_true", help="skip the training section")

@@ -29,7 +29,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Adds ``eval`` to the ``attnlab`` subparsers ``sub``."""
     p = sub.add_parser("eval", help="validation loss and task accuracy of a run")
     p.add_argument("--ckpt", required=True, help="run directory (or its checkpoints folder)")
-    p.add_argument("--batches", type=positive_int, default=None, help="validation batches")
+    p.add_argument("--batches", type=positive_int, default=None,
+                   help="validation batches (default: the run's eval_batches, or 4 if it has "
+                   "none)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_eval, subparser=p)
     return p

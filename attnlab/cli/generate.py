@@ -11,6 +11,9 @@ from attnlab.cli.common import load_run_or_exit, nonneg_float, nonneg_int, posit
 def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """``attnlab generate``: continues a byte-level prompt with a run's model."""
     run = load_run_or_exit(args, parser)
+    from attnlab.cli.common import warn_if_not_text
+
+    warn_if_not_text(run)  # an MQAR-trained model continues text with noise: say why
     import jax
     import jax.numpy as jnp
     import numpy as np

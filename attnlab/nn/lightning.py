@@ -41,7 +41,7 @@ class LightningAttention(nnx.Module):
     :func:`attnlab.ops.lightning_attention` (``"auto"`` picks per platform).
 
     With a cache, the T new tokens continue the cached state (one token: the recurrence
-    :func:`attnlab.ops.lightning.lightning_decode`; more: the chunked op with ``initial_state``).
+    :func:`attnlab.ops.lightning_decode`; more: the chunked op with ``initial_state``).
     ``segment_ids`` reset the state at document boundaries inside the T tokens.
 
     With ``parallel`` (a :class:`sharding.hybrid.HybridParallel`) the forward without a cache

@@ -68,7 +68,7 @@ class Transformer(nnx.Module):
       parallel: None (single device, or data parallelism only) or the sequence-parallel plan.
 
     Raises:
-      ValueError: a bad ``cfg`` (see :func:`validate`); ``parallel`` without a
+      ValueError: a bad ``cfg`` (see ``attnlab.nn.transformer.validate``); ``parallel`` without a
         sequence-parallel rule for one of the pattern's mechanisms.
 
     Example:

@@ -117,7 +117,7 @@ def mla_attention(q_nope: jax.Array, q_rope: jax.Array, c: jax.Array, k_rope: ja
         ``return_residuals``, ``impl``, ...); ``scale`` defaults to 1 / sqrt(d_n + d_R).
 
     Returns:
-      out [B, T, N, d_v] (and the LSE / entropy when asked), as :func:`attention`.
+      out [B, T, N, d_v] (and the LSE / entropy when asked), as :func:`attnlab.ops.attention`.
 
     Example:
       >>> out = mla_attention(q_nope, q_rope, c, k_rope, w_uk, w_uv, is_causal=True)

@@ -19,7 +19,9 @@ class TrainConfig:
     """What a training run does (optimizer, schedule, data, checkpoints, logging).
 
     Attributes:
-      steps: optimizer steps of the whole run (a resumed run stops at the same step).
+      steps: optimizer steps of the whole run (a resumed run stops at the same step; a
+        larger value extends a finished run from its last checkpoint, the learning-rate
+        schedule then being the new length's from there).
       batch_size: global batch B (sequences per step), split over the mesh's data axis.
       seq_len: T tokens per sequence; at most the model's ``max_seq_len``.
       lr: peak learning rate of AdamW.
@@ -41,9 +43,9 @@ class TrainConfig:
       dtype: compute dtype, ``"bfloat16"`` or ``"float32"`` (params stay float32).
       data_parallel: devices on the mesh's ``data`` axis (None: as many as divide B).
       seq_parallel: devices on the mesh's ``sp`` axis: every sequence is split into that many
-        blocks and each attention layer attends across them (:func:`attnlab.train.mesh.
-        model_parallel`); ``seq_len`` must be divisible by it (twice it for zigzag, its square
-        for striped).
+        blocks and each attention layer attends across them
+        (:func:`attnlab.train.mesh.model_parallel`); ``seq_len`` must be divisible by it
+        (twice it for zigzag, its square for striped).
       sp_strategy: how softmax layers attend across the ``sp`` axis when seq_parallel > 1:
         ``"ring"``, ``"striped"``, ``"zigzag"`` (load-balanced causal ring, the default) or
         ``"ulysses"`` (all-to-all to head shards; heads divisible by seq_parallel); see

@@ -52,8 +52,13 @@ def make_mesh(
     if data is None:  # the largest data axis that fits beside sp and divides B
         data = max(d for d in range(1, max(len(devs) // sp, 1) + 1) if batch_size % d == 0)
     if data * sp > len(devs):
+        hint = ""
+        if devs and devs[0].platform == "cpu":  # CPU devices can be simulated
+            hint = (f", or simulate {data * sp} CPU devices by starting with XLA_FLAGS="
+                    f"--xla_force_host_platform_device_count={data * sp} (set before JAX "
+                    "starts)")
         raise ValueError(f"data_parallel={data} x seq_parallel={sp} needs {data * sp} devices "
-                         f"but {len(devs)} are available; ask for fewer")
+                         f"but {len(devs)} are available; ask for fewer{hint}")
     if batch_size % data:
         raise ValueError(f"batch_size={batch_size} is not divisible by data_parallel={data}")
     return Mesh(np.array(devs[: data * sp]).reshape(data, sp), (DATA, SEQ))

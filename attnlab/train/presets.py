@@ -43,6 +43,22 @@ PRESETS: dict[str, tuple[Config, TrainConfig]] = {
 }
 
 
+def describe_preset(name: str) -> str:
+    """One line saying what preset ``name`` trains, read from :data:`PRESETS` (so help texts
+    and the README cannot drift from it). Example: ``describe_preset("tiny")`` starts with
+    ``"tiny: 2 softmax layers, d_model 64, 4 heads; task mqar (num_kv_pairs=4)"``."""
+    model, train = PRESETS[name]
+    pattern = model.layer_pattern or "S" * model.num_layers
+    kinds = {"S": "softmax", "L": "lightning", "M": "MLA"}
+    layers = (f"{model.num_layers} {kinds.get(pattern[0], pattern[0])} layers"
+              if len(set(pattern)) == 1 else f"{model.num_layers} layers ({pattern})")
+    opts = ", ".join(f"{k}={v}" for k, v in train.task_options.items())
+    return (f"{name}: {layers}, d_model {model.d_model}, "
+            f"{model.num_heads} heads; task {train.task}{f' ({opts})' if opts else ''}, "
+            f"{train.steps} steps of {train.batch_size} x {train.seq_len} tokens, "
+            f"{train.dtype} compute")
+
+
 def attention_pattern(kind: str, num_layers: int) -> str:
     """The ``layer_pattern`` for ``--attention``: ``softmax`` ("S" * n), ``lightning``
     ("L" * n) or ``hybrid`` ("LLLLLLLS" repeated and cut to n layers, the last layer made

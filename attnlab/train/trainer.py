@@ -259,8 +259,18 @@ def run_record(cfg: Config, tc: TrainConfig) -> dict[str, Any]:
 
 def check_run_dir(out_dir: str | Path, cfg: Config, tc: TrainConfig) -> None:
     """ValueError if ``out_dir`` holds a run of a different configuration (resuming it with
-    this one would not continue the same run). ``cfg`` as returned by :func:`prepare`."""
+    this one would not continue the same run), or a run longer than ``tc.steps``. A larger
+    ``steps`` is not a different configuration: it extends the run. ``cfg`` as returned by
+    :func:`prepare`."""
     _check_same_config(Path(out_dir) / CONFIG_FILE, run_record(cfg, tc))
+
+
+def recorded_train_config(out_dir: str | Path) -> TrainConfig | None:
+    """The TrainConfig recorded in run directory ``out_dir`` (None when there is no run)."""
+    path = Path(out_dir) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    return TrainConfig(**json.loads(path.read_text())["train"])
 
 
 def _check_same_config(path: Path, record: dict[str, Any]) -> None:
@@ -270,10 +280,18 @@ def _check_same_config(path: Path, record: dict[str, Any]) -> None:
     # A run written before a TrainConfig field existed (e.g. sp_strategy) ran with its default.
     for k, v in json.loads(json.dumps(TrainConfig().to_json())).items():
         old.setdefault("train", {}).setdefault(k, v)
-    if old != json.loads(json.dumps(record)):
+    new = json.loads(json.dumps(record))
+    # steps is how far the run goes, not what it is: more steps extend it from its newest
+    # checkpoint (the cosine schedule then runs to the new end from there).
+    old_steps, new_steps = old["train"].pop("steps", None), new["train"].pop("steps")
+    if old_steps is not None and new_steps < old_steps:
+        raise ValueError(f"{path.parent} holds a run of {old_steps} steps and steps="
+                         f"{new_steps} would end it earlier; pass --steps {old_steps} or more "
+                         "to resume or extend it, or choose a new --out directory")
+    if old != new:
         diff = sorted(f"{part}.{k}" for part in ("model", "train")
-                      for k in set(old.get(part, {})) | set(record[part])
-                      if old.get(part, {}).get(k) != json.loads(json.dumps(record[part])).get(k))
+                      for k in set(old.get(part, {})) | set(new[part])
+                      if old.get(part, {}).get(k) != new[part].get(k))
         raise ValueError(f"{path.parent} holds a run with a different configuration "
                          f"(differs in {', '.join(diff)}); resume with the same settings or "
                          "choose a new --out directory")
@@ -289,7 +307,8 @@ def train(
       model_cfg: the model (its dtype fields are replaced by ``tc.dtype`` / float32).
       tc: the training configuration.
       out_dir: run directory; if it holds checkpoints of the same configuration, the run
-        resumes from the latest intact one. Newer damaged ones (missing, empty, truncated or
+        resumes from the latest intact one (with a larger ``tc.steps`` than it was run with,
+        it continues to the new step count). Newer damaged ones (missing, empty, truncated or
         unreadable files) are renamed ``<step>.damaged`` and named in one warning line.
       progress: show a tqdm bar with loss, tokens/s and MFU.
       async_checkpoints: write checkpoints in the background.
@@ -300,7 +319,7 @@ def train(
 
     Raises:
       ValueError: a bad configuration (before anything is compiled), or a run directory
-        holding a different configuration.
+        holding a different configuration or more steps than ``tc.steps``.
       NonFiniteLossError: the loss or gradient norm became NaN/inf; the latest checkpoint
         on disk is the last good state.
       CheckpointError: the run directory has checkpoints but every one is damaged.

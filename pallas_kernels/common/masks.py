@@ -214,10 +214,12 @@ def _tile_ranges(x: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
 class BlockMetadata(NamedTuple):
     """Per-tile mask metadata.
 
-    kind: [B or 1, num_q_blocks, num_kv_blocks] int32 in {EMPTY, PARTIAL, FULL}.
-    kv_start, kv_stop: [B or 1, num_q_blocks] int32, the half-open range of kv blocks that
-      contains every non-empty tile of a query block (so kernels can bound their loop).
-    q_start, q_stop: [B or 1, num_kv_blocks] int32, likewise for a kv block (backward dK/dV).
+    Attributes:
+      kind: [B or 1, num_q_blocks, num_kv_blocks] int32 in {EMPTY, PARTIAL, FULL}.
+      kv_start, kv_stop: [B or 1, num_q_blocks] int32, the half-open range of kv blocks that
+        contains every non-empty tile of a query block (so kernels can bound their loop).
+      q_start, q_stop: [B or 1, num_kv_blocks] int32, likewise for a kv block (backward
+        dK/dV).
     """
 
     kind: jax.Array

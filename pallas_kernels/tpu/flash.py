@@ -114,6 +114,7 @@ class TpuFlashConfig:
 
     @classmethod
     def get_default(cls) -> TpuFlashConfig:
+        """The default block sizes."""
         return cls()
 
 
