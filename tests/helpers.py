@@ -177,3 +177,24 @@ def primitives_around_kernels(fn, *args) -> set[str]:
         return names
 
     return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def assert_cache_chunks_match_full(attn, x, pos, cache,
+                                   chunks=((0, 5), (5, 71), (71, 72), (72, 74))):
+    """Feeds ``x`` [B, T, D] through an attention module's cache chunk by chunk (a prefill,
+    a long chunk, single tokens): the outputs equal the full forward, the cache holds T.
+    Returns the cache."""
+    from flax import nnx
+
+    @nnx.jit
+    def step(attn, x, pos, cache):
+        return attn(x, positions=pos, cache=cache)
+
+    full, _ = step(attn, x, pos, None)
+    outs = []
+    for lo, hi in chunks:
+        y, cache = step(attn, x[:, lo:hi], pos[:, lo:hi], cache)
+        outs.append(y)
+    np.testing.assert_array_equal(cache["length"], [x.shape[1]] * x.shape[0])
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-4, rtol=1e-4)
+    return cache

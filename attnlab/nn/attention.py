@@ -40,6 +40,12 @@ def check_impl(impl: str) -> None:
 
 
 @register("S", "softmax", ops=("attention", "decode"), experiment=None)
+def keys_seen(cfg: Config, seq_len: int) -> int:
+    """Keys a query sees in a sequence of ``seq_len``: all of them, or its window."""
+    w = cfg.local_window_size
+    return seq_len if w is None else min(seq_len, w + 1)
+
+
 class SoftmaxAttention(nnx.Module):
     """Causal softmax attention with GQA/MQA, (partial) RoPE, sliding window and soft-cap.
 
@@ -91,9 +97,7 @@ class SoftmaxAttention(nnx.Module):
         PaLM convention: 12 * N * H * S with S the keys a query sees (seq_len, or the window),
         not halved for causality.
         """
-        w = cfg.local_window_size
-        seen = seq_len if w is None else min(seq_len, w + 1)
-        return float(12 * cfg.num_heads * cfg.head_dim * seen)
+        return float(12 * cfg.num_heads * cfg.head_dim * keys_seen(cfg, seq_len))
 
     def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> Cache:
         """Empty cache: zero K/V [B, max_len, K, H] in ``dtype`` (default cfg.dtype), length 0."""

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attnlab.nn.attention import check_impl
+from attnlab.nn.attention import check_impl, keys_seen
 from attnlab.nn.config import Config
 from attnlab.nn.layers import Linear
 from attnlab.nn.registry import check_inputs, check_no_cache, register
@@ -127,10 +127,8 @@ class MultiHeadLatentAttention(nnx.Module):
     def attention_flops_per_token(cfg: Config, seq_len: int) -> float:
         """Training FLOPs per token of the score and value matmuls (forward + backward), as
         softmax's (PaLM convention): 6 N (d_n + d_R + d_v) S."""
-        w = cfg.local_window_size
-        seen = seq_len if w is None else min(seq_len, w + 1)
         dims = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim
-        return float(6 * cfg.num_heads * dims * seen)
+        return float(6 * cfg.num_heads * dims * keys_seen(cfg, seq_len))
 
     def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> Cache:
         """Empty cache: zero latents [B, max_len, d_c + d_R] in ``dtype``, length 0."""

@@ -12,6 +12,7 @@ from flax import nnx
 
 from attnlab.nn import Config, MultiHeadLatentAttention, SoftmaxAttention
 from attnlab.ops import mla, rope
+from tests.helpers import assert_cache_chunks_match_full
 
 BASE = dict(vocab_size=64, d_model=32, num_layers=1, layer_pattern="M", num_heads=4,
             kv_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12,
@@ -56,19 +57,9 @@ def test_cache_chunks_match_full_forward(rope_kind, key):
     x = jnp.asarray(rng.normal(size=(b, total, 32)), jnp.float32)
     pos = jnp.broadcast_to(jnp.arange(total), (b, total))
 
-    @nnx.jit
-    def step(attn, x, pos, cache):
-        return attn(x, positions=pos, cache=cache)
-
-    full, _ = step(attn, x, pos, None)
     cache = attn.init_cache(b, 80, jnp.float32)
     assert cache["latent"].shape == (b, 80, width)
-    outs = []
-    for lo, hi in ((0, 5), (5, 71), (71, 72), (72, 74)):
-        y, cache = step(attn, x[:, lo:hi], pos[:, lo:hi], cache)
-        outs.append(y)
-    np.testing.assert_array_equal(cache["length"], [total, total])
-    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-4, rtol=1e-4)
+    cache = assert_cache_chunks_match_full(attn, x, pos, cache)
 
 
 def test_cache_is_compact():
