@@ -62,8 +62,9 @@ class _Call(NamedTuple):
     unbatched: bool  # [T, N, H] inputs
 
 
-def _impl_name(implementation: str | None) -> str:
-    """attnlab's impl name for ``implementation`` (jax.nn's or attnlab's); ValueError if unknown."""
+def resolve_implementation(implementation: str | None) -> str:
+    """attnlab's impl name for ``implementation`` (jax.nn's or attnlab's name; None is
+    ``"auto"``); ValueError naming the choices if unknown."""
     if implementation is None:
         return "auto"
     known = {"auto", "pallas", *implementations()}
@@ -122,7 +123,7 @@ def _translate(
     query, key, value, bias, mask, scale, is_causal, query_seq_lengths, key_value_seq_lengths,
     local_window_size, implementation,
 ) -> _Call:
-    impl = _impl_name(implementation)
+    impl = resolve_implementation(implementation)
     rank = jnp.ndim(query)
     if rank not in (3, 4):
         raise ValueError(
