@@ -44,9 +44,6 @@ from pallas_kernels.common.masks import MaskSpec
 # log-sum-exp of a row that sees no key is this value (log S is below its float32 ulp).
 MASKED_LSE = -0.7 * float(np.finfo(np.float32).max)
 
-# jax.nn's implementation names; "cudnn" runs jax.nn's own cuDNN path unchanged.
-JAX_NN_IMPLEMENTATIONS = (None, "xla", "cudnn")
-
 
 class _Call(NamedTuple):
     """One jax.nn call translated into an attnlab call."""

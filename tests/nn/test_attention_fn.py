@@ -1,6 +1,7 @@
 """``attnlab.nn.attention_fn`` in Flax's attention modules: the same outputs and gradients as
 their default ``attention_fn`` (nnx.MultiHeadAttention and linen.MultiHeadDotProductAttention),
-by ``implementation=None`` (auto) and the two Pallas kernels (interpreted on CPU); plus the
+by ``implementation=None`` (auto) and the two Pallas kernels (interpreted on CPU), under
+``jax_numpy_rank_promotion="raise"``; plus the
 Flax module tests that exercise ``attention_fn`` (``tests/nnx/nn/attention_test.py`` and
 ``tests/linen/linen_attention_test.py`` in google/flax), ported with ours substituted.
 """
@@ -22,6 +23,12 @@ from tests.ops.attention_base import FAST_COMPILE
 IMPLS = [None, "pallas_triton", "pallas_tpu"]
 KERNELS = IMPLS[1:]
 ATOL = tolerance(jnp.float32).out
+
+
+@pytest.fixture(autouse=True)
+def _strict_rank_promotion():
+    with jax.numpy_rank_promotion("raise"):
+        yield
 
 
 def _fn(impl):
