@@ -6,6 +6,7 @@ multi-head latent attention, and ``"L"`` lightning when its module is present), 
 """
 
 from attnlab.nn.attention import SoftmaxAttention
+from attnlab.nn.attention_fn import attention_fn, make_attention_fn
 from attnlab.nn.config import Config
 from attnlab.nn.generate import decode_step, generate, init_caches, prefill
 from attnlab.nn.layers import Embed, RMSNorm, SwiGLU
@@ -18,7 +19,8 @@ from attnlab.ops.rope import rope
 __all__ = [
     "Block", "Config", "Embed", "MultiHeadLatentAttention", "RMSNorm", "SoftmaxAttention",
     "SwiGLU", "Transformer",
-    "decode_step", "generate", "get_mechanism", "init_caches", "mechanisms", "prefill",
+    "attention_fn", "decode_step", "generate", "get_mechanism", "init_caches",
+    "make_attention_fn", "mechanisms", "prefill",
     "register", "rope",
 ]
 

@@ -19,6 +19,10 @@ from attnlab.ops.backends.attention_xla import XlaConfig
 from attnlab.ops.backends.decode_xla import XlaDecodeConfig
 from attnlab.ops.backends.lightning_xla import XlaLightningConfig
 from attnlab.ops.decode import decode_attention
+from attnlab.ops.dot_product_attention import (
+    dot_product_attention,
+    explain_dot_product_attention,
+)
 from attnlab.ops.lightning import (
     alibi_slopes,
     chunk_summary,
@@ -34,7 +38,8 @@ from attnlab.ops.rope import rope
 __all__ = [
     "AUTO_ORDER", "AttentionArgs", "Implementation", "MaskSpec", "SegmentIds", "XlaConfig",
     "XlaDecodeConfig", "XlaLightningConfig", "alibi_slopes", "attention", "attention_bwd",
-    "auto_choice", "choose", "chunk_summary", "decode", "decode_attention", "explain",
+    "auto_choice", "choose", "chunk_summary", "decode", "decode_attention", "dot_product_attention",
+    "explain", "explain_dot_product_attention",
     "implementations", "lightning", "lightning_attention", "lightning_decode", "masks", "merge",
     "merge_n", "minimax_decay", "mla", "ops", "platform", "reference", "registry", "rope", "star",
     "transnormer_decay",
