@@ -39,13 +39,13 @@ def check_impl(impl: str) -> None:
         )
 
 
-@register("S", "softmax", ops=("attention", "decode"), experiment=None)
 def keys_seen(cfg: Config, seq_len: int) -> int:
     """Keys a query sees in a sequence of ``seq_len``: all of them, or its window."""
     w = cfg.local_window_size
     return seq_len if w is None else min(seq_len, w + 1)
 
 
+@register("S", "softmax", ops=("attention", "decode"), experiment=None)
 class SoftmaxAttention(nnx.Module):
     """Causal softmax attention with GQA/MQA, (partial) RoPE, sliding window and soft-cap.
 
