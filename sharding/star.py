@@ -8,7 +8,9 @@ the paper). Two phases, defined in :mod:`attnlab.ops.star`:
   ``anchor_size`` tokens, on device 0); the two partial results are merged by log-sum-exp.
   The only communication is the anchor's keys and values, broadcast once from device 0 (a
   ``psum`` in which the other devices add zeros): ``anchor_size`` tokens, whatever the number
-  of devices and the context length. Ring attention instead passes every block's K and V
+  of devices and the context length. The ablation's other anchors: ``"previous"`` (the last
+  ``anchor_size`` tokens of the block before, one ``ppermute`` to the next device) and
+  ``"none"`` (no communication). Ring attention instead passes every block's K and V
   around the whole ring. This phase is approximate by design: a token sees the anchor and its
   own block only (:func:`attnlab.ops.star.reference`).
 * **Query encoding and decoding** (:func:`star_query_shard`, :func:`star_query`): the query
@@ -37,7 +39,7 @@ from attnlab.ops._vma import like_vma, varying
 from attnlab.ops.attention import attention as _attention
 from attnlab.ops.attention_grad import attention_bwd
 from attnlab.ops.merge import merge, merge_n
-from attnlab.ops.star import check_blocks
+from attnlab.ops.star import ANCHORS, check_blocks
 from sharding._common import (
     check_bsn_axes,
     check_softmax_call,
@@ -55,6 +57,7 @@ def star_context_shard(
     logits_soft_cap: float | None = None,
     impl: str = "auto",
     config: Any = None,
+    anchor: str = "first",
 ) -> jax.Array:
     """Star Attention's context phase over ``axis_name``; call inside ``jax.shard_map``.
 
@@ -63,6 +66,8 @@ def star_context_shard(
         k: [B, T, K, H], v: [B, T, K, Hv] its keys and values.
       axis_name: the mesh axis the context is split over.
       anchor_size: anchor tokens (default: one whole block, T); at most T.
+      anchor: ``"first"`` (the paper), ``"previous"`` or ``"none"``
+        (:mod:`attnlab.ops.star`).
       is_causal, scale, logits_soft_cap, impl, config: as :func:`attnlab.ops.attention`
         (``impl`` must be able to return the log-sum-exp, so "auto" never picks cuDNN here).
 
@@ -71,19 +76,28 @@ def star_context_shard(
       context with ``block_size = T``.
     """
     t = q.shape[1]
-    anchor = check_blocks(t, t, anchor_size)
+    size = check_blocks(t, t, anchor_size)
+    if anchor not in ANCHORS:
+        raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}")
     first = lax.axis_index(axis_name) == 0
+    common = dict(scale=scale, logits_soft_cap=logits_soft_cap, return_residuals=True,
+                  impl=impl, config=config)
+    if anchor == "none":
+        return _attention(q, k, v, is_causal=is_causal, **common)[0]
 
     def from_first(x):  # device 0's anchor on every device: the others add zeros
-        a = x[:, :anchor]
+        a = x[:, :size]
         # Typed as varying like the local block, so its cotangent is too.
         return like_vma(lax.psum(jnp.where(first, a, jnp.zeros_like(a)), axis_name), x)
 
-    common = dict(scale=scale, logits_soft_cap=logits_soft_cap, return_residuals=True,
-                  impl=impl, config=config)
+    def from_previous(x):  # the end of device m - 1's block on device m (zeros on device 0)
+        p = lax.axis_size(axis_name)
+        return lax.ppermute(x[:, t - size:], axis_name, [(i, i + 1) for i in range(p - 1)])
+
+    fetch = from_first if anchor == "first" else from_previous
     o_own, lse_own = _attention(q, k, v, is_causal=is_causal, **common)
-    o_anchor, lse_anchor = _attention(q, from_first(k), from_first(v), **common)
-    # Device 0's block already holds the anchor: its anchor part gets weight 0.
+    o_anchor, lse_anchor = _attention(q, fetch(k), fetch(v), **common)
+    # Device 0's block already holds the anchor (or has none): its anchor part gets weight 0.
     lse_anchor = jnp.where(first, -jnp.inf, lse_anchor)
     return merge(o_own, lse_own, o_anchor, lse_anchor)[0]
 
@@ -174,6 +188,7 @@ def star_attention(
     impl: str = "auto",
     config: Any = None,
     check_vma: bool | None = None,
+    anchor: str = "first",
 ) -> jax.Array:
     """Star Attention's context phase (prefill) with the context split over ``seq_axis``.
 
@@ -183,16 +198,17 @@ def star_attention(
       mesh: the device mesh; seq_axis, batch_axis, head_axis: its axes for the sequence, the
         batch (data parallelism) and the heads (tensor parallelism; N and K divisible).
       anchor_size: anchor tokens (default: one block, T / P, as in the paper).
+      anchor: ``"first"`` (the paper), ``"previous"`` or ``"none"`` (:mod:`attnlab.ops.star`).
       is_causal, scale, logits_soft_cap, impl, config: as :func:`star_context_shard`.
       check_vma: the ``shard_map`` flag (default: on unless a Pallas kernel may run).
 
     Returns:
       [B, T, N, Hv] sharded like q: :func:`attnlab.ops.star.reference` with
-      ``block_size = T / P`` (plain causal attention when P = 1).
+      ``block_size = T / P`` and the same anchor (plain causal attention when P = 1).
 
     Raises:
       ValueError: unknown or repeated mesh axes, sizes not divisible by their axes, an anchor
-        longer than a block.
+        longer than a block, an unknown anchor.
 
     Example:
       >>> mesh = jax.make_mesh((4,), ("sp",))
@@ -209,12 +225,15 @@ def star_attention(
     check_bsn_axes(mesh, seq_axis, batch_axis, head_axis, seq=("sequence length T", t),
                    batch=b, heads=n, kv_heads=k.shape[2], v_heads=v.shape[2])
     check_blocks(t, t // mesh.shape[seq_axis], anchor_size)
+    if anchor not in ANCHORS:
+        raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}")
     spec = P(batch_axis, seq_axis, head_axis, None)
 
     def per_shard(q, k, v):
         return star_context_shard(
             q, k, v, axis_name=seq_axis, anchor_size=anchor_size, is_causal=is_causal,
             scale=scale, logits_soft_cap=logits_soft_cap, impl=impl, config=config,
+            anchor=anchor,
         )
 
     return mesh_shard_map(per_shard, mesh, (q, k, v), (spec, spec, spec), spec,

@@ -11,12 +11,20 @@ from typing import Any
 
 from attnlab.data.batch import Batch, pack_documents, positions_from_segments, rows_from_windows
 from attnlab.data.corpus import StdlibCorpus, stdlib_files
-from attnlab.data.tasks import MQAR, Calendar, Induction, Passkey, calendar_answer
+from attnlab.data.tasks import (
+    MQAR,
+    Calendar,
+    Induction,
+    NeedleInHaystack,
+    Passkey,
+    VariableTracking,
+    calendar_answer,
+)
 from attnlab.data.tokenizer import EOS, VOCAB_SIZE, decode, encode
 
 DATASETS: dict[str, Any] = {
     "mqar": MQAR, "induction": Induction, "passkey": Passkey, "calendar": Calendar,
-    "stdlib": StdlibCorpus,
+    "stdlib": StdlibCorpus, "needle": NeedleInHaystack, "variable_tracking": VariableTracking,
 }
 
 
@@ -38,7 +46,8 @@ def make_dataset(name: str, *, seq_len: int, seed: int = 0, **kwargs: Any) -> An
 
 
 __all__ = [
-    "DATASETS", "EOS", "MQAR", "VOCAB_SIZE", "Batch", "Calendar", "Induction", "Passkey",
+    "DATASETS", "EOS", "MQAR", "VOCAB_SIZE", "Batch", "Calendar", "Induction",
+    "NeedleInHaystack", "Passkey", "VariableTracking",
     "StdlibCorpus", "calendar_answer", "decode", "encode", "make_dataset", "pack_documents",
     "positions_from_segments", "rows_from_windows", "stdlib_files",
 ]

@@ -10,6 +10,15 @@ tokens, so the masked accuracy is the task accuracy.
 * :class:`Induction` a random token sequence repeated once; predict the second copy.
 * :class:`Passkey` a number hidden at a random depth of filler text, asked for at the end.
 * :class:`Calendar` "What day is 17 days after Tuesday? Friday." modular arithmetic in text.
+* :class:`NeedleInHaystack` token-level needle(s) in a haystack (RULER's NIAH; with several
+  needles its multi-key variant), one asked at the end.
+* :class:`VariableTracking` token-level chains of assignments ``x2 = x1``, ``x1 = v``
+  (RULER's variable tracking: multi-hop), one chain's last variable asked at the end.
+
+The two retrieval tasks share one layout, a row per example:
+``BOS <context with the statements> QUERY name <answer>``, so their prompts
+(:meth:`~NeedleInHaystack.prompts`: everything before the answer) have one length, and the
+context (BOS through the haystack) is ``seq_len - 2 - value_len + 1`` tokens.
 """
 
 from __future__ import annotations
@@ -264,3 +273,177 @@ class Calendar:
         # Questions are at most 47 bytes; this many always fill the rows.
         n = batch_size * ((self.seq_len + 1) // 30 + 1)
         return pack_documents([self.example(rng) for _ in range(n)], batch_size, self.seq_len)
+
+
+# Token ids of the retrieval tasks (no text): markers, filler, names (keys, variables), values.
+RETRIEVAL_BOS, RETRIEVAL_NEEDLE, RETRIEVAL_QUERY, RETRIEVAL_ASSIGN = 1, 2, 3, 4
+RETRIEVAL_FILLER = (16, 128)
+RETRIEVAL_NAMES = (128, 192)
+RETRIEVAL_VALUES = (192, 256)
+_QUERY_LEN = 2  # QUERY name
+
+
+def _retrieval_row(rng: np.random.Generator, seq_len: int, statements: list[np.ndarray],
+                   name: int, answer: np.ndarray) -> np.ndarray:
+    """``BOS haystack-with-statements QUERY name answer``: T+1 tokens, the statements in the
+    given order at random depths of random filler."""
+    context = seq_len + 1 - _QUERY_LEN - len(answer)
+    filler = rng.integers(*RETRIEVAL_FILLER, size=context - 1 - sum(map(len, statements)))
+    cuts = np.sort(rng.integers(0, len(filler) + 1, size=len(statements)))
+    parts, start = [np.array([RETRIEVAL_BOS])], 0
+    for cut, st in zip(cuts, statements, strict=True):
+        parts += [filler[start:cut], st]
+        start = cut
+    parts += [filler[start:], np.array([RETRIEVAL_QUERY, name]), answer]
+    return np.concatenate(parts).astype(np.int32)
+
+
+def _retrieval_batch(task, step: int, batch_size: int, split: str) -> Batch:
+    check_batch_request(step, batch_size, split)
+    rng = rng_for(task.seed, step, split)
+    docs = []
+    for _ in range(batch_size):
+        tokens = task.row(rng)
+        loss = np.zeros(len(tokens), np.float32)
+        loss[-task.value_len:] = 1.0
+        docs.append((tokens, loss))
+    return pack_documents(docs, batch_size, task.seq_len)
+
+
+def _retrieval_prompts(task, step: int, batch_size: int,
+                       split: str) -> tuple[np.ndarray, np.ndarray]:
+    check_batch_request(step, batch_size, split)
+    rng = rng_for(task.seed, step, split)
+    rows = np.stack([task.row(rng) for _ in range(batch_size)])
+    return rows[:, :-task.value_len], rows[:, -task.value_len:]
+
+
+def _check_retrieval(seq_len: int, seed: int, value_len: int, statement_tokens: int,
+                     what: str, **sizes: int) -> None:
+    _check_sizes(seed, seq_len=seq_len, value_len=value_len, **sizes)
+    need = 1 + statement_tokens + _QUERY_LEN + value_len - 1
+    if seq_len < need:
+        raise ValueError(f"seq_len={seq_len} is too short for {what}; use seq_len >= {need}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class NeedleInHaystack:
+    """Needle(s) in a haystack, token-level (RULER's NIAH single and multi-key variants).
+
+    ``BOS f f .. NEEDLE k1 v1 .. f .. NEEDLE k2 v2 .. f QUERY k2 v2``: ``num_needles`` needles
+    with distinct keys at random depths of random filler; one key is asked, its value (of
+    ``value_len`` tokens) is the answer and the only thing in the loss.
+
+    Attributes:
+      seq_len: T; one example per row (T + 1 tokens).
+      seed: data seed.
+      num_needles: needles in the haystack (1: single NIAH; more: multi-key).
+      value_len: tokens of a value.
+    """
+
+    seq_len: int
+    seed: int = 0
+    num_needles: int = 1
+    value_len: int = 2
+    name: ClassVar[str] = "needle"
+    is_text: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        _check_retrieval(self.seq_len, self.seed, self.value_len,
+                         self.num_needles * (2 + self.value_len),
+                         f"{self.num_needles} needle(s)", num_needles=self.num_needles)
+        if self.num_needles > RETRIEVAL_NAMES[1] - RETRIEVAL_NAMES[0]:
+            raise ValueError(f"num_needles={self.num_needles} exceeds the "
+                             f"{RETRIEVAL_NAMES[1] - RETRIEVAL_NAMES[0]} distinct keys")
+
+    @property
+    def context_len(self) -> int:
+        """Tokens before ``QUERY`` (BOS and the haystack)."""
+        return self.seq_len + 1 - _QUERY_LEN - self.value_len
+
+    def row(self, rng: np.random.Generator) -> np.ndarray:
+        """One example, T + 1 tokens; the last ``value_len`` are the answer."""
+        keys = rng.choice(np.arange(*RETRIEVAL_NAMES), self.num_needles, replace=False)
+        vals = rng.integers(*RETRIEVAL_VALUES, size=(self.num_needles, self.value_len))
+        needles = [np.concatenate([[RETRIEVAL_NEEDLE, k], v]) for k, v in zip(keys, vals)]
+        asked = int(rng.integers(self.num_needles))
+        return _retrieval_row(rng, self.seq_len, needles, int(keys[asked]), vals[asked])
+
+    def batch(self, step: int, batch_size: int, split: str = "train") -> Batch:
+        """Batch ``step`` of ``split`` [batch_size, seq_len], one example per row."""
+        return _retrieval_batch(self, step, batch_size, split)
+
+    def prompts(self, step: int, batch_size: int, split: str = "validation"
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """(prompts [B, T + 1 - value_len], answers [B, value_len]) int32: batch ``step``'s
+        examples cut before their answers, for generation."""
+        return _retrieval_prompts(self, step, batch_size, split)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class VariableTracking:
+    """Variable tracking, token-level (RULER's VT): multi-hop chains of assignments.
+
+    A chain is ``ASSIGN x1 v`` then ``ASSIGN x2 x1`` .. ``ASSIGN xh x(h-1)`` (``hops``
+    statements, in this order at random depths; the chains interleave). One chain's last
+    variable is asked: ``QUERY xh``; the answer is the chain's value v (``value_len`` tokens).
+    Answering needs ``hops`` look-ups, each maybe in another part of the context.
+
+    Attributes:
+      seq_len: T; one example per row (T + 1 tokens).
+      seed: data seed.
+      hops: assignments per chain (1: a needle; 2 or more: multi-hop).
+      num_chains: chains in the context (the others are distractors).
+      value_len: tokens of a value.
+    """
+
+    seq_len: int
+    seed: int = 0
+    hops: int = 2
+    num_chains: int = 2
+    value_len: int = 2
+    name: ClassVar[str] = "variable_tracking"
+    is_text: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        per_chain = 2 + self.value_len + 3 * (self.hops - 1)
+        _check_retrieval(self.seq_len, self.seed, self.value_len, self.num_chains * per_chain,
+                         f"{self.num_chains} chain(s) of {self.hops} hops", hops=self.hops,
+                         num_chains=self.num_chains)
+        if self.hops * self.num_chains > RETRIEVAL_NAMES[1] - RETRIEVAL_NAMES[0]:
+            raise ValueError(f"hops * num_chains = {self.hops * self.num_chains} exceeds the "
+                             f"{RETRIEVAL_NAMES[1] - RETRIEVAL_NAMES[0]} distinct variables")
+
+    @property
+    def context_len(self) -> int:
+        """Tokens before ``QUERY`` (BOS and the haystack)."""
+        return self.seq_len + 1 - _QUERY_LEN - self.value_len
+
+    def row(self, rng: np.random.Generator) -> np.ndarray:
+        """One example, T + 1 tokens; the last ``value_len`` are the answer."""
+        h, n = self.hops, self.num_chains
+        names = rng.choice(np.arange(*RETRIEVAL_NAMES), h * n, replace=False).reshape(n, h)
+        vals = rng.integers(*RETRIEVAL_VALUES, size=(n, self.value_len))
+        chains = [[np.concatenate([[RETRIEVAL_ASSIGN, names[c, 0]], vals[c]])]
+                  + [np.array([RETRIEVAL_ASSIGN, names[c, j], names[c, j - 1]])
+                     for j in range(1, h)] for c in range(n)]
+        # A random interleaving that keeps each chain in order.
+        order = rng.permutation(np.repeat(np.arange(n), h))
+        nxt = [0] * n
+        statements = []
+        for c in order:
+            statements.append(chains[c][nxt[c]])
+            nxt[c] += 1
+        asked = int(rng.integers(n))
+        return _retrieval_row(rng, self.seq_len, statements, int(names[asked, -1]),
+                              vals[asked])
+
+    def batch(self, step: int, batch_size: int, split: str = "train") -> Batch:
+        """Batch ``step`` of ``split`` [batch_size, seq_len], one example per row."""
+        return _retrieval_batch(self, step, batch_size, split)
+
+    def prompts(self, step: int, batch_size: int, split: str = "validation"
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """(prompts [B, T + 1 - value_len], answers [B, value_len]) int32, as
+        :meth:`NeedleInHaystack.prompts`."""
+        return _retrieval_prompts(self, step, batch_size, split)

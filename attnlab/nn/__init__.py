@@ -13,15 +13,16 @@ from attnlab.nn.layers import Embed, RMSNorm, SwiGLU
 from attnlab.nn.mla import MultiHeadLatentAttention
 from attnlab.nn.registry import get as get_mechanism
 from attnlab.nn.registry import mechanisms, register
+from attnlab.nn.star import StarConfig, star_generate
 from attnlab.nn.transformer import Block, Transformer
 from attnlab.ops.rope import rope
 
 __all__ = [
     "Block", "Config", "Embed", "MultiHeadLatentAttention", "RMSNorm", "SoftmaxAttention",
-    "SwiGLU", "Transformer",
+    "StarConfig", "SwiGLU", "Transformer",
     "attention_fn", "decode_step", "generate", "get_mechanism", "init_caches",
     "make_attention_fn", "mechanisms", "prefill",
-    "register", "rope",
+    "register", "rope", "star_generate",
 ]
 
 try:  # the lightning module registers "L" when it is there

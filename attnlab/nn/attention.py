@@ -15,6 +15,7 @@ from flax import nnx
 from attnlab.nn.config import Config
 from attnlab.nn.layers import Linear
 from attnlab.nn.registry import check_inputs, check_no_cache, register
+from attnlab.nn.star_cache import StarCache
 from attnlab.ops.attention import attention
 from attnlab.ops.attention import implementations as attention_implementations
 from attnlab.ops.decode import MAX_QUERIES, decode_attention
@@ -151,7 +152,11 @@ class SoftmaxAttention(nnx.Module):
                     "segment_ids are for packed training batches; pass segment_ids=None "
                     "when decoding with a cache (one sequence per row)"
                 )
-            out, cache = self._cached(q, kk, v, cache)
+            if isinstance(cache, StarCache):  # a Star Attention phase (attnlab.nn.star)
+                out, cache = cache.attend(q, kk, v, logits_soft_cap=cfg.logits_soft_cap,
+                                          impl=cfg.attention_impl)
+            else:
+                out, cache = self._cached(q, kk, v, cache)
         y = self.o_proj(out.astype(cfg.dtype).reshape(b, t, n * h))
         return y, cache
 

@@ -126,24 +126,43 @@ def _generate(graphdef, state, prompt, rng, temperature, top_k, *,
               max_new_tokens: int) -> jax.Array:
     model = nnx.merge(graphdef, state)
     b, t0 = prompt.shape
-    total = t0 + max_new_tokens
-    caches = init_caches(model, b, total)
+    caches = init_caches(model, b, t0 + max_new_tokens)
     logits, caches = _prefill(model, prompt, caches)
-    tokens = jnp.zeros((b, total), jnp.int32).at[:, :t0].set(prompt)
-    first = _sample(logits[:, -1], jax.random.fold_in(rng, 0), temperature, top_k)
+    return _decode_loop(model, prompt, logits[:, -1], caches, rng, temperature, top_k,
+                        max_new_tokens=max_new_tokens)[0]
+
+
+def _decode_loop(model: Transformer, prompt: jax.Array, logits: jax.Array, caches: list[Any],
+                 rng: jax.Array, temperature: jax.Array, top_k: jax.Array, *,
+                 max_new_tokens: int, keep_logits: bool = False
+                 ) -> tuple[jax.Array, jax.Array | None]:
+    """Samples ``max_new_tokens`` tokens after ``prompt`` [B, T0], whose caches are filled and
+    whose last logits [B, V] are given: a ``lax.fori_loop`` of one-token decode steps.
+
+    Returns (tokens [B, T0 + max_new_tokens], and with ``keep_logits`` the logits [B,
+    max_new_tokens, V] each new token was drawn from, else None).
+    """
+    b, t0 = prompt.shape
+    tokens = jnp.zeros((b, t0 + max_new_tokens), jnp.int32).at[:, :t0].set(prompt)
+    first = _sample(logits, jax.random.fold_in(rng, 0), temperature, top_k)
     tokens = tokens.at[:, t0].set(first)
+    seen = None
+    if keep_logits:
+        seen = jnp.zeros((b, max_new_tokens, logits.shape[-1]), jnp.float32).at[:, 0].set(logits)
 
     def body(i, carry):
-        tokens, caches = carry
+        tokens, caches, seen = carry
         pos = t0 + i - 1  # position of the token fed in; its successor goes to pos + 1
         token = jax.lax.dynamic_index_in_dim(tokens, pos, axis=1, keepdims=False)
         logits, caches = _decode_step(model, token, caches, jnp.full((b,), pos, jnp.int32))
         nxt = _sample(logits, jax.random.fold_in(rng, i), temperature, top_k)
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, pos + 1, axis=1)
-        return tokens, caches
+        if seen is not None:
+            seen = jax.lax.dynamic_update_index_in_dim(seen, logits, i, axis=1)
+        return tokens, caches, seen
 
-    tokens, _ = jax.lax.fori_loop(1, max_new_tokens, body, (tokens, caches))
-    return tokens
+    tokens, _, seen = jax.lax.fori_loop(1, max_new_tokens, body, (tokens, caches, seen))
+    return tokens, seen
 
 
 def _check_token_range(tokens: jax.Array, vocab_size: int) -> None:
@@ -192,6 +211,21 @@ def generate(
     Example:
       >>> out = generate(model, prompt, 32, temperature=0.8, top_k=40, rng=jax.random.key(1))
     """
+    prompt, temperature = _check_request(model, prompt, max_new_tokens, temperature, top_k)
+    if max_new_tokens == 0:
+        return prompt
+    rng = jax.random.key(0) if rng is None else rng
+    graphdef, state = nnx.split(model)
+    return _generate(
+        graphdef, state, prompt, rng, jnp.float32(temperature),
+        jnp.int32(model.cfg.vocab_size if top_k is None else top_k),
+        max_new_tokens=max_new_tokens,
+    )
+
+
+def _check_request(model: Transformer, prompt: Any, max_new_tokens: Any, temperature: Any,
+                   top_k: Any) -> tuple[jax.Array, float]:
+    """(prompt as int32 [B, T0], temperature as float) after :func:`generate`'s checks."""
     cfg = model.cfg
     prompt = jnp.asarray(prompt)
     if prompt.ndim != 2 or prompt.shape[1] < 1:
@@ -219,12 +253,5 @@ def generate(
         raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
     if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
         raise ValueError(f"top_k={top_k} must lie in [1, vocab_size={cfg.vocab_size}] or be None")
-    prompt = prompt.astype(jnp.int32)
-    if max_new_tokens == 0:
-        return prompt
-    rng = jax.random.key(0) if rng is None else rng
-    graphdef, state = nnx.split(model)
-    return _generate(
-        graphdef, state, prompt, rng, jnp.float32(temperature),
-        jnp.int32(cfg.vocab_size if top_k is None else top_k), max_new_tokens=max_new_tokens,
-    )
+    return prompt.astype(jnp.int32), temperature
+

@@ -34,9 +34,11 @@ from attnlab.ops.lightning import (
 from attnlab.ops.masks import MaskSpec, SegmentIds
 from attnlab.ops.merge import merge, merge_n
 from attnlab.ops.rope import rope
+from attnlab.ops.star import StarConfig
 
 __all__ = [
-    "AUTO_ORDER", "AttentionArgs", "Implementation", "MaskSpec", "SegmentIds", "XlaConfig",
+    "AUTO_ORDER", "AttentionArgs", "Implementation", "MaskSpec", "SegmentIds", "StarConfig",
+    "XlaConfig",
     "XlaDecodeConfig", "XlaLightningConfig", "alibi_slopes", "attention", "attention_bwd",
     "auto_choice", "choose", "chunk_summary", "decode", "decode_attention", "dot_product_attention",
     "explain", "explain_dot_product_attention",

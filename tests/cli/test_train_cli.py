@@ -111,3 +111,26 @@ def test_seq_parallel_flags_reach_the_run(tmp_path: Path) -> None:
     _, tc, _, mesh = run_config_from_args(args, parser)
     assert (tc.seq_parallel, tc.sp_strategy) == (4, "ring")
     assert dict(mesh.shape) == {"data": 2, "sp": 4}
+
+
+def test_generate_with_star_attention(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``attnlab generate --star``: a softmax run continues its prompt with a blockwise
+    context; a block size that does not divide the context exits 2 naming both."""
+    out = tmp_path / "run"
+    assert main(["train", "--config", _config(tmp_path), "--out", str(out), "--no-progress",
+                 "--steps", "2"]) == 0
+    capsys.readouterr()
+    prompt = "What day is 3 days after Monday? "  # 33 bytes: a 32-byte context, 1 query
+    assert main(["generate", "--ckpt", str(out), "--prompt", prompt, "--max-new-tokens", "4",
+                 "--star", "--block-size", "8", "--anchor", "previous"]) == 0
+    assert capsys.readouterr().out.startswith(prompt)
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--ckpt", str(out), "--prompt", prompt, "--star", "--block-size", "8",
+              "--context-length", "20"])
+    assert e.value.code == 2
+    assert "block_size=8 must divide the context length 20" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--ckpt", str(out), "--prompt", prompt, "--star", "--block-size", "8",
+              "--max-new-tokens", "100"])
+    assert e.value.code == 2
+    assert "exceeds max_seq_len=128" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -10,15 +12,28 @@ from attnlab.data import (
     MQAR,
     Calendar,
     Induction,
+    NeedleInHaystack,
     Passkey,
     StdlibCorpus,
+    VariableTracking,
     calendar_answer,
     decode,
     encode,
     make_dataset,
     pack_documents,
 )
-from attnlab.data.tasks import DAYS, MONTHS, MQAR_KEYS, MQAR_VALUES
+from attnlab.data.tasks import (
+    DAYS,
+    MONTHS,
+    MQAR_KEYS,
+    MQAR_VALUES,
+    RETRIEVAL_ASSIGN,
+    RETRIEVAL_BOS,
+    RETRIEVAL_NAMES,
+    RETRIEVAL_NEEDLE,
+    RETRIEVAL_QUERY,
+    RETRIEVAL_VALUES,
+)
 
 
 def _seed(key) -> int:
@@ -211,3 +226,53 @@ def test_stdlib_corpus_files_split_and_resume(key) -> None:
 def test_bad_options_name_the_fix(make, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def _solve_needle(prompt: np.ndarray, value_len: int) -> list[int]:
+    """The answer read off a needle prompt: the value after ``NEEDLE key``."""
+    key = prompt[-1]
+    at = [i for i in range(len(prompt) - 2)
+          if prompt[i] == RETRIEVAL_NEEDLE and prompt[i + 1] == key]
+    assert len(at) == 1, at
+    return prompt[at[0] + 2: at[0] + 2 + value_len].tolist()
+
+
+def _solve_chain(prompt: np.ndarray, value_len: int, hops: int) -> list[int]:
+    """Follows ``ASSIGN x y`` back from the asked variable ``hops`` times."""
+    name, seen = prompt[-1], 0
+    while True:
+        at = [i for i in range(len(prompt) - 2)
+              if prompt[i] == RETRIEVAL_ASSIGN and prompt[i + 1] == name]
+        assert len(at) == 1, at
+        seen += 1
+        ref = prompt[at[0] + 2]
+        if RETRIEVAL_VALUES[0] <= ref < RETRIEVAL_VALUES[1]:
+            assert seen == hops
+            return prompt[at[0] + 2: at[0] + 2 + value_len].tolist()
+        assert RETRIEVAL_NAMES[0] <= ref < RETRIEVAL_NAMES[1]
+        name = ref
+
+
+@pytest.mark.parametrize("task", [
+    NeedleInHaystack(seq_len=67, num_needles=1),
+    NeedleInHaystack(seq_len=67, num_needles=4, value_len=3),
+    VariableTracking(seq_len=67, hops=1, num_chains=2),
+    VariableTracking(seq_len=67, hops=3, num_chains=2),
+], ids=["needle", "multikey", "vt1", "vt3"])
+def test_retrieval_tasks_answer_what_the_context_says(task, key) -> None:
+    task = dataclasses.replace(task, seed=_seed(key))
+    b = task.batch(3, 4, split="validation")
+    _check_layout(b, 4, task.seq_len)
+    prompts, answers = task.prompts(3, 4)
+    assert prompts.shape == (4, task.context_len + 2) and answers.shape == (4, task.value_len)
+    # The batch holds the same examples: its masked targets are the answers.
+    np.testing.assert_array_equal(b.targets[b.mask > 0].reshape(4, -1), answers)
+    np.testing.assert_array_equal(b.inputs[:, : prompts.shape[1]], prompts)
+    assert (prompts[:, 0] == RETRIEVAL_BOS).all() and (prompts[:, -2] == RETRIEVAL_QUERY).all()
+    for p, a in zip(prompts, answers):
+        if isinstance(task, NeedleInHaystack):
+            assert _solve_needle(p, task.value_len) == a.tolist()
+            assert (p == RETRIEVAL_NEEDLE).sum() == task.num_needles
+        else:
+            assert _solve_chain(p, task.value_len, task.hops) == a.tolist()
+            assert (p == RETRIEVAL_ASSIGN).sum() == task.hops * task.num_chains

@@ -53,6 +53,51 @@ def test_context_mask_is_the_paper_window():
     assert (star.context_mask(4, 4) == np.tril(np.ones((4, 4), bool))).all()
 
 
+def test_previous_and_no_anchor_masks():
+    """"previous": the anchor_size tokens right before the block; "none": the block alone."""
+    prev = star.context_mask(6, 2, 1, anchor="previous").astype(int)
+    assert prev.tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [0, 1, 1, 0, 0, 0],
+        [0, 1, 1, 1, 0, 0],
+        [0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 1, 1, 1],
+    ]
+    none = star.context_mask(6, 2, anchor="none")
+    assert (none == (np.tril(np.ones((6, 6), bool))
+                     & (np.arange(6)[:, None] // 2 == np.arange(6) // 2))).all()
+    # A whole previous block as the anchor of block 1 is the first block: the same mask.
+    assert (star.context_mask(4, 2, anchor="previous") == star.context_mask(4, 2)).all()
+
+
+ANCHOR_CASES = [("first", None), ("first", 3), ("previous", None), ("previous", 3),
+                ("none", None)]
+
+
+@pytest.mark.parametrize("anchor, anchor_size", ANCHOR_CASES)
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_one_device_context_attention_matches_reference(anchor, anchor_size, impl, key):
+    """The blocks-as-batch context phase equals the masked definition (GQA 4:2, B=2)."""
+    q, k, v = _qkv(key, b=2)
+    cfg = star.StarConfig(block_size=8, anchor=anchor, anchor_size=anchor_size)
+    got = star.context_attention(q, k, v, star=cfg, impl=impl)
+    _close(got, star.reference(q, k, v, block_size=8, anchor_size=anchor_size, anchor=anchor),
+           "o")
+
+
+@pytest.mark.parametrize("anchor, anchor_size", [("previous", None), ("previous", 3),
+                                                 ("none", None)])
+def test_context_phase_other_anchors_match_reference(anchor, anchor_size, key):
+    """4 devices: the previous-block anchor (one ppermute) and no anchor, against the mask."""
+    q, k, v = _qkv(key)
+    mesh = _mesh((4,), ("sp",))
+    got = jax.jit(lambda q, k, v: star_attention(q, k, v, mesh=mesh, anchor=anchor,
+                                                 anchor_size=anchor_size, impl=IMPL))(q, k, v)
+    want = star.reference(q, k, v, block_size=8, anchor_size=anchor_size, anchor=anchor)
+    _close(got, want, "o")
+
+
 @pytest.mark.parametrize("anchor, impl", [(None, "xla"), (3, IMPL)],
                          ids=["anchor_block_xla", "anchor3"])
 def test_context_phase_matches_reference(anchor, impl, key):
@@ -135,6 +180,7 @@ def test_query_phase_is_exact_attention(q_offset, key):
         (dict(kv_len=16), "context phase is self-attention"),
         (dict(batch_axis="sp"), r"mesh axes of \['seq_axis', 'batch_axis', 'head_axis'\] must be "
                                 "distinct"),
+        (dict(anchor="last"), "anchor must be one of"),
     ],
 )
 def test_bad_inputs(kwargs, match, key):
