@@ -14,6 +14,10 @@ os.environ["XLA_FLAGS"] = (
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# The whole suite runs in JAX's strict mode, as JAX's own tests and many research codebases
+# do: an implicit rank promotion anywhere in attnlab is an error, not a silent broadcast.
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
 from tests.helpers import HAS_CUDA  # noqa: E402
 
 

@@ -42,7 +42,8 @@ class RMSNorm(nnx.Module):
         """x [..., D] -> [..., D] in ``dtype``."""
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+        scale = self.scale[...].astype(jnp.float32)
+        return (y * scale.reshape((1,) * (y.ndim - 1) + scale.shape)).astype(self.dtype)
 
 
 class Linear(nnx.Module):

@@ -159,7 +159,7 @@ class Transformer(nnx.Module):
             )
         if positions is None:
             start = jnp.zeros((b,), jnp.int32) if caches is None else _cache_length(caches)
-            positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)
+            positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         positions = jnp.asarray(positions, jnp.int32)
         x = self.embed(jnp.asarray(tokens))
         new_caches = None if caches is None else []

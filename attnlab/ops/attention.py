@@ -41,6 +41,7 @@ from attnlab.ops._softmax import head_logits, masked_softmax
 from pallas_kernels.common.masks import (
     MaskSpec,
     SegmentIds,
+    mask_and,
     visible,
 )
 from pallas_kernels.common.static_args import check_bool, check_static_float
@@ -100,7 +101,7 @@ def _reference(q, k, v, a: AttentionArgs) -> tuple[jax.Array, ...]:
     if mask is None:
         mask = jnp.ones((1, 1, q.shape[1], k.shape[1]), bool)
     if a.bias is not None:  # a -inf bias masks its key (a row of them sees no key, as in xla)
-        mask = mask & (z > -jnp.inf)
+        mask = mask_and(mask, z > -jnp.inf)
     out, lse, p, z, seen = masked_softmax(z, mask, v_n, q.dtype)
     result = (out, jnp.swapaxes(lse, 1, 2))
     if a.return_entropy:

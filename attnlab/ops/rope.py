@@ -66,7 +66,8 @@ def rope(
         return x
     half = rope_dim // 2
     inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / rope_dim)  # [R/2]
-    angle = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # [B, T, 1, R/2]
+    pos = positions.astype(jnp.float32)[:, :, None, None]  # [B, T, 1, 1]
+    angle = pos * inv_freq[None, None, None]  # [B, T, 1, R/2]
     cos, sin = jnp.cos(angle), jnp.sin(angle)
     xf = x.astype(jnp.float32)
     x1, x2, rest = xf[..., :half], xf[..., half:rope_dim], xf[..., rope_dim:]

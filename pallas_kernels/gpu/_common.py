@@ -89,8 +89,8 @@ def split_range(split, length, s: int, t: int, spec, keys_per_split: int, block_
     if spec.window_left is not None:
         # The earliest query (position length - T) sees nothing before this key.
         lo = length - t - spec.window_left
-        first = lax.div(jnp.maximum(lo - split_lo, 0), block_kv)
-    n_tiles = lax.div(jnp.maximum(split_hi - split_lo, 0) + block_kv - 1, block_kv)
+        first = lax.div(jnp.maximum(lo - split_lo, 0), jnp.int32(block_kv))
+    n_tiles = lax.div(jnp.maximum(split_hi - split_lo, 0) + block_kv - 1, jnp.int32(block_kv))
     return split_lo, split_hi, first, n_tiles
 
 

@@ -190,7 +190,7 @@ def _decode_kernel(
     # Rows past G * T (the group padded to a power of two) are neither loaded nor stored.
     rows, row_mask, tile_mask = row_block(rb, rb_size, n_rows)
     q = plgpu.load(q_ref, mask=tile_mask, other=None if row_mask is None else 0.0)
-    q_pos = (length - t + lax.div(rows, g))[:, None]  # [Rb, 1]
+    q_pos = (length - t + lax.div(rows, jnp.int32(g)))[:, None]  # [Rb, 1]
 
     def step(i, carry):
         m, row_sum, acc = carry

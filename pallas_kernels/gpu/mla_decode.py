@@ -139,7 +139,7 @@ def _kernel(
     other = None if row_mask is None else 0.0
     q_c = plgpu.load(qc_ref, mask=tile_mask, other=other)
     q_r = plgpu.load(qr_ref, mask=tile_mask, other=other)
-    q_pos = (length - t + lax.div(rows, n))[:, None]
+    q_pos = (length - t + lax.div(rows, jnp.int32(n)))[:, None]
 
     def step(i, carry):
         m, row_sum, acc = carry

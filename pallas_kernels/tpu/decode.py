@@ -186,10 +186,10 @@ def clamped_kv_block(len_ref, batch, split, i, *, spec: MaskSpec, t: int, s: int
     can see (its length, and its window if any): tiles outside it repeat a neighbour's
     block index, so they issue no copy."""
     length = len_ref[batch]
-    hi_blk = lax.div(jnp.minimum(length, s) + bkv - 1, bkv)
+    hi_blk = lax.div(jnp.minimum(length, s) + bkv - 1, jnp.int32(bkv))
     lo_blk = jnp.int32(0)
     if spec.window_left is not None:
-        lo_blk = lax.div(jnp.maximum(length - t - spec.window_left, 0), bkv)
+        lo_blk = lax.div(jnp.maximum(length - t - spec.window_left, 0), jnp.int32(bkv))
     return clamp_block(split * tiles_per_split + i, lo_blk, hi_blk)
 
 

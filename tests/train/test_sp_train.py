@@ -150,7 +150,7 @@ def test_model_with_parallel_equals_model_without(pattern, strategy, key):
     starts = jnp.concatenate([jnp.ones((2, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
                              axis=1)
     idx = jnp.arange(T)
-    positions = idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)  # restart per document
+    positions = idx[None, :] - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)  # restart per document
     w = jax.random.normal(k_w, (2, T, cfg.vocab_size))
     params = _init_params(cfg, 0)
 
