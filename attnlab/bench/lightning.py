@@ -79,7 +79,7 @@ def scan_anchor(q, k, v, log_decay, chunk: int = 64) -> tuple[jax.Array, jax.Arr
     hv = v.shape[-1]
     nc = t // chunk
     i = jnp.arange(chunk, dtype=jnp.float32)
-    diff = i[:, None] - i[None, :]
+    diff = (i[:, None] - i[None, :])[None]  # [1, C, C]
     dmask = jnp.where(diff >= 0, jnp.exp(log_decay[:, None, None] * jnp.maximum(diff, 0)), 0.0)
     q_w = jnp.exp(log_decay[None, :] * (i[:, None] + 1))  # [C, N] lambda^(i+1)
     k_w = jnp.exp(log_decay[None, :] * (chunk - 1 - i[:, None]))  # [C, N] lambda^(C-1-j)
