@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -143,6 +144,24 @@ def check_heads(q: Any, k: Any, v: Any) -> None:
                 f"q has {n} heads but {name} has {heads}; the number of q heads must be a "
                 f"multiple of the number of {name} heads (GQA/MQA)"
             )
+
+
+def head_groups(n: int, kk: int, kv: int) -> tuple[int, int, int, int]:
+    """(kc, g, rk, rv) of N query heads over Kk key and Kv value heads (see check_heads).
+
+    Decode kernels run per query group of the finer head split: kc = lcm(Kk, Kv) groups of
+    g = N / kc heads; group c reads key head ``c // rk`` and value head ``c // rv`` (one group
+    per K/V head for GQA, rk = rv = 1).
+    """
+    kc = math.lcm(kk, kv)
+    return kc, n // kc, kc // kk, kc // kv
+
+
+def group_rows(q: jax.Array, kc: int) -> jax.Array:
+    """q [B, T, N, H] -> [B, Kc, T * G, H]: each query group's rows, t-major (row r is the
+    token r // G of head r % G of the group)."""
+    b, t, n, h = q.shape
+    return jnp.swapaxes(q.reshape(b, t, kc, n // kc, h), 1, 2).reshape(b, kc, t * (n // kc), h)
 
 
 def _check_dtypes(q: Any, k: Any, v: Any, dtypes: Sequence[Any]) -> None:

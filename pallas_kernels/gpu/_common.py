@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common.masks import MASK_VALUE, visible
+from pallas_kernels.common.masks import MASK_VALUE, finite_or_zero, visible
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -128,6 +128,29 @@ def decode_tile(spec, q_pos, start, start_c, split_hi, length, t: int, block_kv:
     mask = (kv_idx >= start) & (kv_idx < split_hi)
     pos_mask = visible(spec, q_pos, kv_idx)
     return full, mask if pos_mask is None else mask & pos_mask
+
+
+def split_step(load, raw_logits, *, spec, q_pos, split_lo, split_hi, length, s_eff: int,
+               t: int, block_kv: int, scale: float, soft_cap: float | None, precision):
+    """The online-softmax step over tile ``i`` of a split-K decode split, for ``finish_split``.
+
+    ``load(start)`` reads the keys (any pytree) and values of the ``block_kv`` cache rows from
+    ``start``; ``raw_logits(keys)`` gives the [R, block_kv] unscaled q.k. The cache's last
+    tile is shifted back to end at ``s_eff`` (no out-of-bounds load); keys it shares with the
+    previous tile are masked. A tile some row cannot wholly see (past the length:
+    uninitialized slots; the shifted last tile; the causal or window edge) reads its values
+    through ``finite_or_zero``: p is 0 there, but 0 * NaN is NaN. Tiles every row sees whole
+    skip it.
+    """
+    def step(i, carry):
+        start = split_lo + i * block_kv
+        start_c = jnp.minimum(start, s_eff - block_kv)
+        keys, v = load(start_c)
+        full, mask = decode_tile(spec, q_pos, start, start_c, split_hi, length, t, block_kv)
+        v = lax.cond(full, lambda v: v, finite_or_zero, v)
+        z, _ = log2_logits(raw_logits(keys), scale, soft_cap)
+        return softmax_step(*carry, jnp.where(mask, z, MASK_VALUE), v, precision)
+    return step
 
 
 def softmax_step(m, row_sum, acc, z, v, precision):

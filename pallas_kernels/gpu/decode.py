@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -45,25 +44,28 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common.checks import check_config, check_decode_inputs
-from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, finite_or_zero
+from pallas_kernels.common.checks import (
+    check_config,
+    check_decode_inputs,
+    group_rows,
+    head_groups,
+)
+from pallas_kernels.common.masks import MaskSpec
 from pallas_kernels.common.static_args import check_int
 from pallas_kernels.gpu._common import (
     MAX_HEAD_DIM,
     MIN_BLOCK,
     TILE_RULE,
-    decode_tile,
     dot,
     dot_precision,
     finish_split,
     kernel_head_dim,
-    log2_logits,
     pad_axis,
     pad_head,
     round_up,
     row_block,
-    softmax_step,
     split_range,
+    split_step,
 )
 
 CAUSAL = MaskSpec(causal=True)
@@ -192,23 +194,13 @@ def _decode_kernel(
     q = plgpu.load(q_ref, mask=tile_mask, other=None if row_mask is None else 0.0)
     q_pos = (length - t + lax.div(rows, jnp.int32(g)))[:, None]  # [Rb, 1]
 
-    def step(i, carry):
-        m, row_sum, acc = carry
-        start = split_lo + i * block_kv
-        # The cache's last tile is shifted back to end at S (no out-of-bounds load); keys it
-        # shares with the previous tile are masked by `kv_idx >= start`.
-        start_c = jnp.minimum(start, s_eff - block_kv)
-        k = k_ref[pl.ds(start_c, block_kv), :]
-        v = v_ref[pl.ds(start_c, block_kv), :]
-        # A tile some row cannot wholly see (past the length: uninitialized slots; the shifted
-        # last tile; the causal or window edge) reads v through finite_or_zero: p is 0 there,
-        # but 0 * NaN is NaN. Tiles every row sees whole skip it.
-        full, mask = decode_tile(spec, q_pos, start, start_c, split_hi, length, t, block_kv)
-        v = lax.cond(full, lambda v: v, finite_or_zero, v)
-        z, _ = log2_logits(dot(q, k, tb=True, precision=precision), scale, soft_cap)
-        z = jnp.where(mask, z, MASK_VALUE)
-        return softmax_step(m, row_sum, acc, z, v, precision)
+    def load(start):
+        return k_ref[pl.ds(start, block_kv), :], v_ref[pl.ds(start, block_kv), :]
 
+    step = split_step(load, lambda k: dot(q, k, tb=True, precision=precision), spec=spec,
+                      q_pos=q_pos, split_lo=split_lo, split_hi=split_hi, length=length,
+                      s_eff=s_eff, t=t, block_kv=block_kv, scale=scale, soft_cap=soft_cap,
+                      precision=precision)
     finish_split(step, first, n_tiles, o_ref, lse_ref, row_mask, tile_mask)
 
 
@@ -218,15 +210,11 @@ def _decode_kernel(
 def _partials(q, k, v, kv_lengths, *, spec, scale, soft_cap, config, interpret):
     b, t, n, h_in = q.shape
     s, kk, kv, hv_in = k.shape[1], k.shape[2], v.shape[2], v.shape[3]
-    # Programs run per query group of the finer head split, kc = lcm(Kk, Kv) groups of g
-    # heads: group c reads k head c // rk and v head c // rv (one group per kv head for GQA).
-    kc = math.lcm(kk, kv)
-    g, rk, rv = n // kc, kc // kk, kc // kv
+    kc, g, rk, rv = head_groups(n, kk, kv)  # programs run per query group
     h, hv = kernel_head_dim(h_in), kernel_head_dim(hv_in)
     til = tiling(config, b, t, n, kc, s)
     rows, rb = til.n_rows, til.block_rows
-    # [B, T, Kc, G, H] -> [B, Kc, T*G, H]: the rows of a query group, t-major.
-    q_rows = jnp.swapaxes(pad_head(q, h).reshape(b, t, kc, g, h), 1, 2).reshape(b, kc, rows, h)
+    q_rows = group_rows(pad_head(q, h), kc)  # [B, Kc, T*G, H]
     k = pad_axis(pad_head(k, h), 1, til.s_eff)
     v = pad_axis(pad_head(v, hv), 1, til.s_eff)
     nr, p = til.row_blocks, til.num_splits

@@ -39,21 +39,19 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common.checks import check_latent_decode_inputs
-from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, finite_or_zero
+from pallas_kernels.common.masks import MaskSpec
 from pallas_kernels.gpu._common import (
     MIN_BLOCK,
-    decode_tile,
     dot,
     dot_precision,
     finish_split,
     kernel_head_dim,
-    log2_logits,
     pad_axis,
     pad_head,
     round_up,
     row_block,
-    softmax_step,
     split_range,
+    split_step,
 )
 from pallas_kernels.gpu.decode import DecodeConfig
 
@@ -141,22 +139,17 @@ def _kernel(
     q_r = plgpu.load(qr_ref, mask=tile_mask, other=other)
     q_pos = (length - t + lax.div(rows, jnp.int32(n)))[:, None]
 
-    def step(i, carry):
-        m, row_sum, acc = carry
-        start = split_lo + i * block_kv
-        start_c = jnp.minimum(start, s_eff - block_kv)
-        c = c_ref[pl.ds(start_c, block_kv), :]
-        r = r_ref[pl.ds(start_c, block_kv), :]
-        # A tile some row cannot wholly see (past the length: uninitialized slots; the shifted
-        # last tile; the causal or window edge) reads its values through finite_or_zero: p is
-        # 0 there, but 0 * NaN is NaN. Tiles every row sees whole skip it.
-        full, mask = decode_tile(spec, q_pos, start, start_c, split_hi, length, t, block_kv)
-        c_v = lax.cond(full, lambda c: c, finite_or_zero, c)
-        raw = dot(q_c, c, tb=True, precision=precision) + dot(q_r, r, tb=True, precision=precision)
-        z, _ = log2_logits(raw, scale, None)
-        z = jnp.where(mask, z, MASK_VALUE)
-        return softmax_step(m, row_sum, acc, z, c_v, precision)
+    def load(start):  # keys (c, k^R); the values are c again
+        c = c_ref[pl.ds(start, block_kv), :]
+        return (c, r_ref[pl.ds(start, block_kv), :]), c
 
+    def raw_logits(keys):
+        c, r = keys
+        return dot(q_c, c, tb=True, precision=precision) + dot(q_r, r, tb=True, precision=precision)
+
+    step = split_step(load, raw_logits, spec=spec, q_pos=q_pos, split_lo=split_lo,
+                      split_hi=split_hi, length=length, s_eff=s_eff, t=t, block_kv=block_kv,
+                      scale=scale, soft_cap=None, precision=precision)
     finish_split(step, first, n_tiles, o_ref, lse_ref, row_mask, tile_mask)
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
@@ -46,7 +45,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common.checks import check_config, check_decode_inputs
+from pallas_kernels.common.checks import (
+    check_config,
+    check_decode_inputs,
+    group_rows,
+    head_groups,
+)
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, finite_or_zero, visible
 from pallas_kernels.common.static_args import check_int
 from pallas_kernels.tpu._common import (
@@ -218,8 +222,7 @@ def _decode_kernel(
 def _partials(q, k, v, kv_lengths, *, spec, scale, soft_cap, config, interpret):
     b, t, n, h_in = q.shape
     s, kk, kv, hv_in = k.shape[1], k.shape[2], v.shape[2], v.shape[3]
-    kc = math.lcm(kk, kv)
-    g, rk, rv = n // kc, kc // kk, kc // kv  # heads per group; groups per k head, per v head
+    kc, g, rk, rv = head_groups(n, kk, kv)  # programs run per query group
     h, hv = cache_head_dim(kk, h_in), cache_head_dim(kv, hv_in)
     rows = g * t
     rp = round_up(rows, NUM_SUBLANES)
@@ -228,9 +231,9 @@ def _partials(q, k, v, kv_lengths, *, spec, scale, soft_cap, config, interpret):
     tiles_per_split = max(1, min(config.keys_per_split // bkv, n_tiles))
     p = -(-n_tiles // tiles_per_split)
 
-    # [B, T, Kc, G, H] -> [B, Kc, T*G, H] (t-major rows), padded to Rp rows (and to the key
-    # cache's head dim): a small copy of q.
-    q_rows = jnp.swapaxes(q.reshape(b, t, kc, g, h_in), 1, 2).reshape(b, kc, rows, h_in)
+    # [B, Kc, T*G, H] (t-major rows), padded to Rp rows (and to the key cache's head dim): a
+    # small copy of q.
+    q_rows = group_rows(q, kc)
     q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rp - rows), (0, h - h_in)))
     row_t = jnp.minimum(jnp.arange(rp, dtype=jnp.int32) // g, t - 1)
     row_t = jnp.broadcast_to(row_t[:, None], (rp, NUM_LANES))
