@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +59,25 @@ def save(name: str, preset: str, out: str | Path, fields: Mapping[str, Any], fig
     png_path = stem.with_suffix(".png")
     fig.savefig(png_path, dpi=120, bbox_inches="tight")
     return json_path, png_path
+
+
+def device_name() -> str:
+    """"CPU", or the accelerator's kind ("NVIDIA H100 80GB HBM3", ...), for titles."""
+    return "CPU" if jax.default_backend() == "cpu" else jax.devices()[0].device_kind
+
+
+def run_experiment(name: str, doc: str, presets: Mapping[str, Any], argv: Sequence[str] | None,
+                   run: Callable[[Any, Progress], dict[str, Any]],
+                   plot: Callable[[dict[str, Any], str], Any], title: str,
+                   setup: Callable[[Any], dict[str, Any]]) -> int:
+    """An experiment's ``main``: parse ``--preset``, ``run(preset, progress)``, plot the result
+    titled ``"<title> (<preset>, <device>)"``, save the record (``setup(preset)`` and the
+    result) as JSON and the figure as PNG; returns the exit status 0."""
+    args, p = parse(doc.splitlines()[0], presets, argv)
+    log = Progress(args.quiet)
+    result = run(p, log)
+    fig = plot(result, f"{title} ({args.preset}, {device_name()})")
+    paths = save(name, args.preset, args.out, dict(setup=setup(p), **result), fig, argv)
+    wall = f" ({result['wall_s']:.0f} s)" if "wall_s" in result else ""
+    log(f"wrote {paths[0]} and {paths[1]}{wall}")
+    return 0

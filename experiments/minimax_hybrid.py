@@ -51,7 +51,7 @@ from attnlab.nn import Config, Transformer
 from attnlab.train import TrainConfig, make_optimizer
 from attnlab.train.presets import attention_pattern
 from attnlab.train.trainer import make_train_step
-from experiments._common import Progress, parse, save
+from experiments._common import Progress, device_name, run_experiment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,17 +393,11 @@ def plot(result: dict[str, Any], title: str, device: str):
 
 
 def main(argv=None) -> int:
-    args, p = parse(__doc__.splitlines()[0], PRESETS, argv)
-    log = Progress(args.quiet)
-    result = run(p, log)
-    device = jax.devices()[0].device_kind
-    device = "CPU" if jax.default_backend() == "cpu" else device
-    fig = plot(result, f"MiniMax-01 hybrid vs softmax vs lightning ({args.preset}, {device})",
-               device)
-    setup = dataclasses.asdict(p) | dict(patterns=patterns(p.num_layers))
-    paths = save("minimax_hybrid", args.preset, args.out, dict(setup=setup, **result), fig, argv)
-    log(f"wrote {paths[0]} and {paths[1]} ({result['wall_s']:.0f} s)")
-    return 0
+    return run_experiment(
+        "minimax_hybrid", __doc__, PRESETS, argv, run,
+        lambda result, title: plot(result, title, device_name()),
+        "MiniMax-01 hybrid vs softmax vs lightning",
+        lambda p: dataclasses.asdict(p) | dict(patterns=patterns(p.num_layers)))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from attnlab.data import NeedleInHaystack, VariableTracking
 from attnlab.nn import Config, StarConfig, Transformer, generate, star_generate
 from attnlab.train import TrainConfig, make_optimizer
 from attnlab.train.trainer import make_train_step
-from experiments._common import Progress, parse, save
+from experiments._common import Progress, run_experiment
 
 VALUE_LEN = 2
 # The anchors of the paper's ablation, in the order the plot shows them.
@@ -242,17 +242,11 @@ def plot(result: dict[str, Any], title: str):
 
 
 def main(argv=None) -> int:
-    args, p = parse(__doc__.splitlines()[0], PRESETS, argv)
-    log = Progress(args.quiet)
-    result = run(p, log)
-    device = "CPU" if jax.default_backend() == "cpu" else jax.devices()[0].device_kind
-    fig = plot(result, f"Star Attention anchors vs global attention ({args.preset}, {device})")
-    setup = dataclasses.asdict(p) | dict(
-        value_len=VALUE_LEN, task_options={t: TASKS[t][1] for t in p.tasks})
-    paths = save("star_attention", args.preset, args.out, dict(setup=setup, **result), fig,
-                 argv)
-    log(f"wrote {paths[0]} and {paths[1]} ({result['wall_s']:.0f} s)")
-    return 0
+    return run_experiment(
+        "star_attention", __doc__, PRESETS, argv, run, plot,
+        "Star Attention anchors vs global attention",
+        lambda p: dataclasses.asdict(p) | dict(
+            value_len=VALUE_LEN, task_options={t: TASKS[t][1] for t in p.tasks}))
 
 
 if __name__ == "__main__":

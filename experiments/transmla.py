@@ -35,7 +35,7 @@ from attnlab.nn import Config, Transformer
 from attnlab.nn.mla import MultiHeadLatentAttention
 from attnlab.train import TrainConfig, make_optimizer
 from attnlab.train.trainer import make_eval_step, make_train_step
-from experiments._common import Progress, parse, save
+from experiments._common import Progress, run_experiment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,17 +157,15 @@ def plot(result: dict[str, Any], title: str):
     return fig
 
 
+def _setup(p: Preset) -> dict[str, Any]:
+    model = dataclasses.asdict(p.model) | {"dtype": str(p.model.dtype),
+                                           "param_dtype": str(p.model.param_dtype)}
+    return dict(model=model, **{k: v for k, v in dataclasses.asdict(p).items() if k != "model"})
+
+
 def main(argv=None) -> int:
-    args, p = parse(__doc__.splitlines()[0], PRESETS, argv)
-    log = Progress(args.quiet)
-    result = run(p, log)
-    fig = plot(result, f"TransMLA on the stdlib corpus ({args.preset})")
-    setup = dict(model=dataclasses.asdict(p.model) | {"dtype": str(p.model.dtype),
-                                                      "param_dtype": str(p.model.param_dtype)},
-                 **{k: v for k, v in dataclasses.asdict(p).items() if k != "model"})
-    paths = save("transmla", args.preset, args.out, dict(setup=setup, **result), fig, argv)
-    log(f"wrote {paths[0]} and {paths[1]}")
-    return 0
+    return run_experiment("transmla", __doc__, PRESETS, argv, run, plot,
+                          "TransMLA on the stdlib corpus", _setup)
 
 
 if __name__ == "__main__":
