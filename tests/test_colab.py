@@ -43,3 +43,11 @@ def test_quickstart_notebook_runs(capsys):
     assert abs(g["elimination"] - 25 / 48) < 0.03 and abs(g["guess"] - 0.25) < 0.03
     recall = g["recall"]  # the committed CPU run: only all-softmax recalls at 2 pairs
     assert recall["softmax"][0] > 0.9 > max(recall[m][0] for m in recall if m != "softmax")
+    # Star Attention generation: one block is global attention, 4 devices equal one.
+    assert "one block is global attention: True" in out
+    np.testing.assert_array_equal(np.asarray(g["one_block"]), np.asarray(g["full"]))
+    np.testing.assert_array_equal(np.asarray(g["sharded_tokens"]), np.asarray(g["star_tokens"]))
+    assert _max_err(g["sharded_logits"], g["star_logits"]) < 1e-4
+    accuracy = g["star_accuracy"]  # the committed CPU run: one block is global, exactly
+    assert set(accuracy) == {"niah", "multikey", "vt 2 hops"}
+    assert all(a["star, 1 block"] == a["global"] for a in accuracy.values())

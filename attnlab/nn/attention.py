@@ -68,6 +68,10 @@ class SoftmaxAttention(nnx.Module):
     ``HybridParallel`` says; its ``impl`` is the per-block implementation). Giving a cache
     then raises: generation is single-device.
 
+    A ``attnlab.nn.star_cache.StarCache`` in place of the dict runs one of Star
+    Attention's phases (blockwise context on one device or a mesh, exact query over a
+    sharded cache) on the same projected q, k, v: :func:`attnlab.nn.star_generate`.
+
     Example:
       >>> attn = SoftmaxAttention(cfg, layer_idx=0, rngs=nnx.Rngs(0))
       >>> y, _ = attn(x, positions=jnp.broadcast_to(jnp.arange(T), (B, T)))

@@ -86,7 +86,8 @@ class StarConfig:
 
     @property
     def anchor_tokens(self) -> int:
-        """Anchor tokens each later block sees: 0 for ``"none"``, else anchor_size or a block."""
+        """The number of anchor tokens each later block sees (0 for ``"none"``, else anchor_size
+        or one block)."""
         if self.anchor == "none":
             return 0
         return self.block_size if self.anchor_size is None else int(self.anchor_size)
