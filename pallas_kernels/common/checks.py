@@ -164,6 +164,14 @@ def group_rows(q: jax.Array, kc: int) -> jax.Array:
     return jnp.swapaxes(q.reshape(b, t, kc, n // kc, h), 1, 2).reshape(b, kc, t * (n // kc), h)
 
 
+def ungroup_rows(x: jax.Array, t: int) -> jax.Array:
+    """The inverse of :func:`group_rows` for per-split results: x [P, B, Kc, T * G, ...] ->
+    [P, B, T, Kc * G, ...]."""
+    p, b, kc, rows, *rest = x.shape
+    g = rows // t
+    return jnp.swapaxes(x.reshape(p, b, kc, t, g, *rest), 2, 3).reshape(p, b, t, kc * g, *rest)
+
+
 def _check_dtypes(q: Any, k: Any, v: Any, dtypes: Sequence[Any]) -> None:
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in dtypes:
         names = ", ".join(jnp.dtype(d).name for d in dtypes)

@@ -49,6 +49,7 @@ from pallas_kernels.common.checks import (
     check_decode_inputs,
     group_rows,
     head_groups,
+    ungroup_rows,
 )
 from pallas_kernels.common.masks import MaskSpec
 from pallas_kernels.common.static_args import check_int
@@ -249,10 +250,7 @@ def _partials(q, k, v, kv_lengths, *, spec, scale, soft_cap, config, interpret):
         interpret=interpret,
         name="decode_attention_splitk",
     )(kv_lengths, q_rows, k, v)
-    # [P, B, Kc, T*G, ...] -> [P, B, T, N, ...]
-    o = jnp.swapaxes(o.reshape(p, b, kc, t, g, hv), 2, 3).reshape(p, b, t, n, hv)
-    lse = jnp.swapaxes(lse.reshape(p, b, kc, t, g), 2, 3).reshape(p, b, t, n)
-    return o[..., :hv_in], lse
+    return ungroup_rows(o, t)[..., :hv_in], ungroup_rows(lse, t)  # [P, B, T, N, ...]
 
 
 def decode_partials(

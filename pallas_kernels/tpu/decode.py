@@ -50,6 +50,7 @@ from pallas_kernels.common.checks import (
     check_decode_inputs,
     group_rows,
     head_groups,
+    ungroup_rows,
 )
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, finite_or_zero, visible
 from pallas_kernels.common.static_args import check_int
@@ -291,11 +292,7 @@ def _partials(q, k, v, kv_lengths, *, spec, scale, soft_cap, config, interpret):
         name="attnlab_tpu_decode_splitk",
     )(kv_lengths, q_rows, row_t, k2, v2)
     # [P, B, Kc, T*G, ...] -> [P, B, T, N, ...]
-    o = o[:, :, :, :rows, :hv_in].reshape(p, b, kc, t, g, hv_in)
-    o = jnp.swapaxes(o, 2, 3).reshape(p, b, t, n, hv_in)
-    lse = lse[:, :, :, :rows, 0].reshape(p, b, kc, t, g)
-    lse = jnp.swapaxes(lse, 2, 3).reshape(p, b, t, n)
-    return o, lse
+    return ungroup_rows(o[:, :, :, :rows, :hv_in], t), ungroup_rows(lse[:, :, :, :rows, 0], t)
 
 
 def decode_partials(
