@@ -90,7 +90,7 @@ class MosaicFlashConfig:
 
     @property
     def block_q(self) -> int:
-        """Queries per block: 64 per compute warpgroup."""
+        """The queries of a block, 64 per compute warpgroup."""
         return WG_ROWS * self.compute_wgs
 
     @classmethod
