@@ -149,7 +149,8 @@ def args_from_kwargs(q, k, v, **kwargs: Any) -> AttentionArgs:
 # Fastest first; "auto" takes the first that supports the call. On GPU cuDNN is measured
 # faster than our Triton kernel (experiments/results/bench_attention_h100_*.json), so it goes
 # first where it applies; the Triton kernel takes what cuDNN cannot (offsets, position arrays,
-# segment ids, soft-cap, the LSE, entropy).
+# segment ids, soft-cap, the LSE, entropy). pallas_mosaic_gpu (the Hopper forward) is not in
+# the order: it has never been timed on an H100 (attnlab/ops/README.md); name it to use it.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "gpu": ("cudnn", "pallas_triton", "xla"),
     "tpu": ("pallas_tpu", "xla"),
@@ -162,7 +163,9 @@ REGISTRY = Registry(
         name="reference", description="plain jnp definition; materializes [B, N, T, S]",
         fn=_reference, bwd=_reference_bwd, returns_entropy=True,
     ),
-    adapters=backends("attention", "xla", "cudnn", "pallas_triton", "pallas_tpu"),
+    adapters=backends(
+        "attention", "xla", "cudnn", "pallas_triton", "pallas_tpu", "pallas_mosaic_gpu"
+    ),
     auto_order=AUTO_ORDER,
 )
 register, choose, implementations = REGISTRY.register, REGISTRY.choose, REGISTRY.implementations
@@ -220,7 +223,8 @@ def attention(
       return_entropy: also return the attention entropy of each row, [B, T, N] float32,
         -sum_j p_ij log p_ij (0 for a row that sees no key), computed from the same pass
         (lse - sum_j p_ij z_ij) and differentiable (entropy-regularized training).
-      impl: "auto", "reference", "xla", "cudnn", "pallas", "pallas_triton", "pallas_tpu".
+      impl: "auto", "reference", "xla", "cudnn", "pallas", "pallas_triton", "pallas_tpu",
+        "pallas_mosaic_gpu" (Hopper; bfloat16/float16; never chosen by "auto").
       config: block-size config of the chosen implementation (e.g. ``XlaConfig``).
 
     Returns:

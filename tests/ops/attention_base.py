@@ -141,9 +141,10 @@ def check_entropy_against_reference(impl, q, k, v, kwargs, config=None, compiler
     assert_grads_close(grads, ref_grads, tol, dtype)
 
 
-def check_fully_masked_rows(impl, key, h: int, config=None, compiler_options=None) -> None:
+def check_fully_masked_rows(impl, key, h: int, config=None, compiler_options=None,
+                            dtype=jnp.float32) -> None:
     """Rows that see no key: output 0, LSE -inf, finite zero gradients (partly and wholly)."""
-    q, k, v = random_qkv(key, 1, 16, 40, 2, 1, h)
+    q, k, v = random_qkv(key, 1, 16, 40, 2, 1, h, dtype)
 
     @functools.partial(jax.jit, compiler_options=compiler_options)
     def run(q, k, v, q_offset):
@@ -253,6 +254,8 @@ class AttentionTestBase(ImplTestBase):
       ENTROPY: the same for ``return_entropy``.
       SUPPORTS_BIAS: values and gradients with a logits bias; else it must refuse a bias.
       HEAD_DIM: head dim of the tests outside the grid (one the implementation supports).
+      DTYPE: input dtype of the tests outside the grid (float32; an implementation that
+        takes 16-bit inputs only, such as pallas_mosaic_gpu, sets bfloat16).
     """
 
     CASES: ClassVar[tuple[Case, ...]] = ATTENTION_CASES
@@ -260,6 +263,7 @@ class AttentionTestBase(ImplTestBase):
     ENTROPY: ClassVar[Mapping[str, tuple[str, ...] | None]] = {"float32": None}
     SUPPORTS_BIAS: ClassVar[bool] = False
     HEAD_DIM: ClassVar[int] = 16
+    DTYPE: ClassVar[Any] = jnp.float32
 
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
         """Parametrizes ``case, dtype`` from this class's grid (the entropy test from its own)."""
@@ -285,18 +289,19 @@ class AttentionTestBase(ImplTestBase):
 
     def test_default_config_short_ragged_sequences(self, key):
         """No config: default tiles fit short, ragged sequences (one tile each, padded)."""
-        q, k, v = random_qkv(key, 1, 20, 50, 4, 2, self.HEAD_DIM)
+        q, k, v = random_qkv(key, 1, 20, 50, 4, 2, self.HEAD_DIM, self.DTYPE)
         kwargs = dict(is_causal=True, q_offset=30, local_window_size=(40, None))
         check_against_reference(self.IMPL, q, k, v, kwargs, None, self.options, self.plat)
 
     def test_fully_masked_rows_are_zero_and_finite(self, key):
-        check_fully_masked_rows(self.IMPL, key, self.HEAD_DIM, self.CONFIG, self.options)
+        check_fully_masked_rows(self.IMPL, key, self.HEAD_DIM, self.CONFIG, self.options,
+                                self.DTYPE)
 
     def test_jit_vmap_grad_traced_offsets(self, key):
         """vmap over an extra leading axis, through the custom VJP, with a traced q_offset."""
         k1, k2 = jax.random.split(key)
-        q, k, v = random_qkv(k1, 2, 24, 40, 4, 2, self.HEAD_DIM)
-        qs, ks, vs = (jnp.stack([x, jax.random.normal(k2, x.shape)]) for x in (q, k, v))
+        q, k, v = random_qkv(k1, 2, 24, 40, 4, 2, self.HEAD_DIM, self.DTYPE)
+        qs, ks, vs = (jnp.stack([x, jax.random.normal(k2, x.shape, x.dtype)]) for x in (q, k, v))
 
         def run(impl, **extra):
             def fn(q, k, v, off):
@@ -311,19 +316,19 @@ class AttentionTestBase(ImplTestBase):
 
         got_fn = jax.jit(run(self.IMPL, config=self.CONFIG), compiler_options=self.options)
         want_fn = jax.jit(run("reference"))
-        tol = self.tol()
+        tol = self.tol(self.DTYPE)
         for off in (0, 21, 100):
             (_, out), grads = got_fn(qs, ks, vs, off)
             (_, want), want_grads = want_fn(qs, ks, vs, off)
             assert_out_close(out, want, tol)
-            assert_grads_close(grads, want_grads, tol, jnp.float32)
+            assert_grads_close(grads, want_grads, tol, self.DTYPE)
 
     def test_position_arrays_equal_offsets(self, key):
         """Global positions give exact masks for any layout: position arrays equal offsets,
         and permuting keys with their positions (striped / zigzag sharding) changes nothing,
         with segments, a window and a soft-cap; values, LSE and gradients."""
         k1, k2, k3, k4 = jax.random.split(key, 4)
-        q, k, v = random_qkv(k1, 1, 24, 48, 2, 1, self.HEAD_DIM)
+        q, k, v = random_qkv(k1, 1, 24, 48, 2, 1, self.HEAD_DIM, self.DTYPE)
         perm = jax.random.permutation(k2, 48)
         seg = random_segments(k3, 1, 48, 3)
         w = jax.random.normal(k4, (1, 24, 2, self.HEAD_DIM))
@@ -336,7 +341,7 @@ class AttentionTestBase(ImplTestBase):
             def fn(q, k, v):
                 out, lse = attention(q, k, v, impl=impl, **common, **extra, **kw)
                 lse_part = jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
-                return jnp.sum(out * w) + lse_part, (out, lse)
+                return jnp.sum(out.astype(jnp.float32) * w) + lse_part, (out, lse)
 
             return jax.value_and_grad(fn, argnums=(0, 1, 2), has_aux=True)
 
@@ -353,7 +358,7 @@ class AttentionTestBase(ImplTestBase):
         (_, (want, want_lse)), want_grads = jax.jit(
             loss("reference", {}, q_offset=24, segment_ids=(seg[:, 24:], seg))
         )(q, k, v)
-        tol = self.tol()
+        tol = self.tol(self.DTYPE)
         for (_, (out, lse)), grads, unperm in (
             (*got_offset, lambda g: g),
             (*got_position, lambda g: jnp.zeros_like(g).at[:, perm].set(g)),
@@ -361,13 +366,13 @@ class AttentionTestBase(ImplTestBase):
             assert_out_close(out, want, tol, want_lse)
             assert_lse_close(lse, want_lse, tol.lse)
             dq, dk, dv = grads
-            assert_grads_close((dq, unperm(dk), unperm(dv)), want_grads, tol, jnp.float32)
+            assert_grads_close((dq, unperm(dk), unperm(dv)), want_grads, tol, self.DTYPE)
 
     def test_bias(self, key):
         """A logits bias of every broadcast shape (values and gradients, dbias included), or a
         refusal that names the implementation."""
         k1, k2 = jax.random.split(key)
-        q, k, v = random_qkv(k1, 2, 20, 36, 4, 2, self.HEAD_DIM)
+        q, k, v = random_qkv(k1, 2, 20, 36, 4, 2, self.HEAD_DIM, self.DTYPE)
         if not self.SUPPORTS_BIAS:
             with pytest.raises(NotImplementedError, match=f"{self.IMPL}.*bias"):
                 attention(q, k, v, bias=jax.random.normal(k2, (2, 4, 20, 36)), impl=self.IMPL)

@@ -28,6 +28,15 @@ def tpu_interpret() -> Any:
     return pltpu.InterpretParams() if platform() == "cpu" else False
 
 
+def mosaic_gpu_interpret() -> Any:
+    """The Mosaic GPU kernels' ``interpret`` argument: JAX's Mosaic GPU interpreter on CPU;
+    None (compiled by Mosaic GPU) on a GPU and under an abstract GPU mesh, where the program
+    is lowered for a GPU from any machine (see :func:`attnlab.ops.platform`)."""
+    from pallas_kernels.gpu.mgpu_common import interpret_params
+
+    return interpret_params() if platform() == "cpu" else None
+
+
 def head_dims_over(name: str, q: Any, v: Any, limit: int) -> str | None:
     """The refusal of a kernel ``name`` that takes head dims up to ``limit``, or None."""
     h, hv = q.shape[-1], v.shape[-1]

@@ -45,7 +45,9 @@ def _fn(q, k, v, a: AttentionArgs):
     )
 
 
-def _block_bwd(q, k, v, out, lse, dout, dlse, a: AttentionArgs):
+def block_bwd(q, k, v, out, lse, dout, dlse, a: AttentionArgs):
+    """The Triton backward kernels on one block, from the forward's output and LSE: (dq, dk,
+    dv). Also the backward of ``pallas_mosaic_gpu``, whose forward computes the same LSE."""
     cfg = a.config
     if cfg is None:
         cfg = FlashConfig.get_default(
@@ -65,6 +67,6 @@ def _block_bwd(q, k, v, out, lse, dout, dlse, a: AttentionArgs):
 
 
 IMPLEMENTATION = Implementation(
-    name="pallas_triton", fn=_fn, bwd=_block_bwd, unsupported=unsupported, platforms=("gpu", "cpu"),
+    name="pallas_triton", fn=_fn, bwd=block_bwd, unsupported=unsupported, platforms=("gpu", "cpu"),
     dtypes=_DTYPES, config_cls=FlashConfig, returns_entropy=True, description="Pallas flash "
     "attention lowered to Triton (GPU); masks as block metadata, GQA, soft-cap, LSE, entropy")

@@ -1,0 +1,147 @@
+"""What the Mosaic GPU (Hopper) attention kernels share: config, head-dim padding, SMEM layout.
+
+:class:`MosaicFlashConfig` holds the tile sizes and warp specialization of the Mosaic GPU
+flash-attention forward (:mod:`~pallas_kernels.gpu.mgpu_flash_fwd`). The helpers here pad head
+dims to what wgmma and 128-byte-swizzled TMA tiles take, choose the SMEM tiling/swizzle of a
+tile, estimate a kernel's SMEM footprint against the H100's 227 KiB, and name the CPU
+interpreter's parameters (:func:`interpret_params`).
+
+Mosaic GPU interpret mode (JAX 0.10.2, ``InterpretGPUParams``) and what it runs is written up
+in ``pallas_kernels/gpu/README.md``; the kernels are written within that subset so that the
+code the tests interpret is the code a Hopper GPU compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.common.static_args import check_int
+
+# wgmma works on 64-row slabs per warpgroup (m64nNk16): every compute warpgroup owns 64 queries.
+WG_ROWS = 64
+# Head dims are padded to a multiple of this: one 128-byte swizzle row of 16-bit elements, the
+# granule of the K (contraction) dim of a swizzled wgmma operand and of TMA boxes.
+HEAD_DIM_GRANULE = 64
+MAX_HEAD_DIM = 256
+# Shared memory per block on an H100 (sm_90): 227 KiB of the SM's 228.
+SMEM_BYTES = 227 * 1024
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+# Why float32 is refused (shown in the adapter's and the wrapper's messages).
+FLOAT32_REASON = (
+    "wgmma multiplies float32 inputs as TF32 (10-bit mantissa), which is not the float32 "
+    "function the other implementations compute"
+)
+
+
+def padded_head_dim(h: int) -> int:
+    """The head dim the kernels run at: ``h`` rounded up to a multiple of 64 (64, 128, 192,
+    256). The wrapper pads q/k (or v) with zero columns, which change no logit and give zero
+    output columns, and slices them off again."""
+    return -(-max(h, 1) // HEAD_DIM_GRANULE) * HEAD_DIM_GRANULE
+
+
+def smem_tile(shape: tuple[int, ...], dtype: Any) -> plgpu.SMEM:
+    """An SMEM buffer of ``shape`` whose last two dims are a wgmma/TMA tile: tiled (8, w) and
+    swizzled to the widest swizzle (32, 64 or 128 bytes) its minor dim fills."""
+    itemsize = jnp.dtype(dtype).itemsize
+    row_bytes = shape[-1] * itemsize
+    swizzle = next(sw for sw in (128, 64, 32) if row_bytes % sw == 0)
+    transforms = (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+    return plgpu.SMEM(shape, dtype, transforms=transforms)
+
+
+# wgmma needs its two SMEM operands equally swizzled: Q's [64, H] and the K^T tile [H, block_kv]
+# (H a multiple of 64, so 128-byte swizzle) force 128 bytes = 64 16-bit keys per K^T row.
+_BLOCK_KV_RULE = "the K^T tile must share Q's 128-byte swizzle, 64 16-bit keys"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class MosaicFlashConfig:
+    """Tiles and warp specialization of the Mosaic GPU flash-attention forward.
+
+    Attributes:
+      block_kv: keys per pipeline step (the N dim of the QK^T wgmma, the K dim of PV); a
+        multiple of 64 (see ``_BLOCK_KV_RULE``).
+      compute_wgs: compute warpgroups per block, each owning 64 queries (1 or 2); the block
+        has one more warpgroup, the producer, that only issues TMA copies of K and V.
+      max_concurrent_steps: K/V tiles in flight (SMEM slots of the producer's pipeline), >= 2.
+
+    The query tile of a block is ``64 * compute_wgs``. Sequences need not be multiples of the
+    tiles (the wrapper pads them and masks the padding).
+    """
+
+    block_kv: int = 64
+    compute_wgs: int = 2
+    max_concurrent_steps: int = 2
+
+    def __post_init__(self) -> None:
+        rules = {
+            "block_kv": dict(minimum=64, multiple_of=64, why=_BLOCK_KV_RULE),
+            "compute_wgs": dict(minimum=1, maximum=2),
+            "max_concurrent_steps": dict(minimum=2),
+        }
+        for name, rule in rules.items():
+            object.__setattr__(self, name, check_int(name, getattr(self, name), **rule))
+
+    @property
+    def block_q(self) -> int:
+        """The queries of a block, 64 per compute warpgroup."""
+        return WG_ROWS * self.compute_wgs
+
+    @classmethod
+    def get_default(cls, *, head_dim: int | None = None) -> MosaicFlashConfig:
+        """Hand-picked tiles (not yet timed on an H100): two compute warpgroups and 64-key
+        steps up to head dim 128 (FlashAttention-3's shape); one compute warpgroup at larger
+        head dims, where two would not fit their tiles in shared memory."""
+        if head_dim is not None and head_dim > 128:
+            return cls(block_kv=64, compute_wgs=1, max_concurrent_steps=2)
+        return cls()
+
+    def smem_bytes(self, h: int, hv: int, itemsize: int = 2) -> int:
+        """Shared memory the forward kernel allocates at padded head dims (h, hv)."""
+        wgs, bk, steps = self.compute_wgs, self.block_kv, self.max_concurrent_steps
+        out = 0 if hv == h else WG_ROWS * hv  # the output reuses the queries' tile if it fits
+        per_wg = WG_ROWS * h + out + WG_ROWS * bk + bk * hv  # q, out, p, clean v
+        kv = steps * (h * bk + bk * hv)
+        # + each warpgroup's f32 LSE row and int32 position / segment-id rows.
+        return (wgs * per_wg + kv) * itemsize + wgs * (3 * WG_ROWS + 2 * bk) * 4
+
+    def check_fits(self, h: int, hv: int) -> None:
+        """Raises ValueError if the forward's tiles at head dims (h, hv) exceed SMEM."""
+        need = self.smem_bytes(h, hv)
+        if need > SMEM_BYTES:
+            raise ValueError(
+                f"MosaicFlashConfig {self} needs {need // 1024} KiB of shared memory at head "
+                f"dims {h}/{hv}, over the H100's {SMEM_BYTES // 1024} KiB; use compute_wgs=1, "
+                "a smaller block_kv or max_concurrent_steps=2"
+            )
+
+
+def interpret_params() -> Any:
+    """The ``interpret`` argument that runs a Mosaic GPU kernel in JAX's CPU interpreter."""
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams()
+
+
+def reset_interpreter() -> None:
+    """Clears the interpreter's simulated GPU state; JAX requires it after a kernel raised
+    while interpreted, before the next interpreted kernel runs."""
+    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import (
+        reset_gpu_interpret_mode_state,
+    )
+
+    reset_gpu_interpret_mode_state()
+
+
+def finite_or_zero(x: jax.Array) -> jax.Array:
+    """:func:`pallas_kernels.common.masks.finite_or_zero` as Mosaic GPU can lower it: it has
+    no ``is_finite`` rule, so finiteness is ``|x| < inf`` (false for NaN and +-inf alike),
+    tested in float32."""
+    finite = jnp.abs(x.astype(jnp.float32)) < jnp.inf
+    return jnp.where(finite, x, jnp.zeros_like(x))

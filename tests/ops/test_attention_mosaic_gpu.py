@@ -1,0 +1,245 @@
+"""``impl="pallas_mosaic_gpu"`` (the Pallas Mosaic GPU forward for Hopper, Triton backward): the
+shared cases of ``tests/ops/attention_base.py`` in JAX's Mosaic GPU interpreter on CPU, the
+same compiled on an H100 (``gpu``), lowering for CUDA from CPU, and the refusals.
+
+The interpreter runs every warpgroup of every block as a thread and every SMEM/GMEM access,
+TMA copy, barrier and wgmma as a host callback: about a second per block here, so the
+interpreted grid is a few bfloat16 and float16 cases with one compute warpgroup (64 queries,
+64 keys per step); the rest of the grid runs compiled in ``TestPallasMosaicGpuCompiled``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AbstractDevice, AbstractMesh
+
+from attnlab.ops import MaskSpec, attention, auto_choice, explain
+from attnlab.testing import ATTENTION_CASES, Case
+from pallas_kernels.gpu.flash_common import FlashConfig
+from pallas_kernels.gpu.mgpu_common import MosaicFlashConfig, interpret_params
+from pallas_kernels.gpu.mgpu_flash_fwd import mgpu_flash_attention_fwd
+from tests.helpers import random_qkv
+from tests.ops.attention_base import AttentionTestBase, assert_lse_close
+from tests.ops.masked_garbage import FILLS, check_softmax_garbage, softmax_scenario
+
+IMPL = "pallas_mosaic_gpu"
+ONE_WG = MosaicFlashConfig(compute_wgs=1)
+
+
+class MosaicGpuTestBase(AttentionTestBase):
+    """The shared base for the 16-bit-only, entropy-free Mosaic GPU implementation."""
+
+    IMPL = IMPL
+    DTYPE = jnp.bfloat16
+
+    def test_entropy_matches_reference(self, key):
+        """No entropy output: a named call says so (``"auto"`` never picks it anyway)."""
+        q, k, v = random_qkv(key, 1, 16, 16, 2, 1, 64, jnp.bfloat16)
+        with pytest.raises(NotImplementedError, match="does not compute the attention entropy"):
+            attention(q, k, v, return_entropy=True, impl=IMPL)
+
+    # Interpreted, each scenario takes ~25 s (twice the forward, the Triton backward, the
+    # reference): one runs on CPU, both run compiled on a GPU.
+    @pytest.mark.parametrize("scenario", ["segments_padding",
+                                          pytest.param("causal_future", marks=pytest.mark.gpu)])
+    def test_masked_garbage_never_reaches_a_row(self, scenario, key):
+        """NaN planted where rows cannot see (bfloat16: the kernel takes no float32)."""
+        extra = {} if self.CONFIG is None else {"config": self.CONFIG}
+
+        def fn(q, k, v, **kw):
+            return attention(q, k, v, impl=IMPL, return_residuals=True, **extra, **kw)
+
+        check_softmax_garbage(fn, softmax_scenario(scenario, key, self.HEAD_DIM, jnp.bfloat16),
+                              FILLS["nan"], entropy=False, compiler_options=self.options,
+                              plat=self.plat)
+
+
+class TestPallasMosaicGpuInterpreted(MosaicGpuTestBase):
+    """The shared grid in the Mosaic GPU interpreter, on the cases that cross key tiles,
+    pad head dims, share heads and see no key; one compute warpgroup per block."""
+
+    CONFIG = ONE_WG
+    INTERPRET = True
+    # ~20-30 s each interpreted (forward, Triton backward, reference); every other case (and
+    # these) runs compiled in TestPallasMosaicGpuCompiled.
+    DTYPES = {"bfloat16": ("segments", "all_masked_rows"), "float16": ("offsets",)}
+
+    @pytest.mark.gpu
+    def test_jit_vmap_grad_traced_offsets(self, key):
+        """Marked gpu: interpreted it takes ~70 s on two CPU cores (2 x 2 x 4 blocks, three
+        offsets); it passed interpreted when the kernel was written, and runs compiled in
+        TestPallasMosaicGpuCompiled."""
+        super().test_jit_vmap_grad_traced_offsets(key)
+
+
+def test_two_compute_warpgroups_and_deep_pipeline(key):
+    """The default shape (two consumer warpgroups sharing one producer) and a 3-slot ring over
+    more key tiles than slots, with a causal window and GQA: out and LSE."""
+    q, k, v = random_qkv(key, 1, 40, 256, 2, 1, 64, jnp.bfloat16)
+    kw = dict(is_causal=True, q_offset=200, local_window_size=(220, None),
+              return_residuals=True)
+    want, want_lse = attention(q, k, v, impl="reference", **kw)
+    for cfg in (MosaicFlashConfig(), MosaicFlashConfig(compute_wgs=1, max_concurrent_steps=3)):
+        out, lse = jax.jit(lambda q, k, v, c=cfg: attention(q, k, v, impl=IMPL, config=c, **kw))(
+            q, k, v)
+        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32),
+                                   atol=3e-2, rtol=0)
+        assert_lse_close(lse, want_lse, 2e-2)
+
+
+@pytest.mark.gpu
+class TestPallasMosaicGpuCompiled(MosaicGpuTestBase):
+    """Every case of the grid compiled by Mosaic GPU on an H100, and realistic shapes."""
+
+    HEAD_DIM = 64
+    CASES = ATTENTION_CASES + tuple(
+        Case(f"gqa_h{h}_t{t}_{'causal' if c else 'full'}", b=2, t=t, s=t, n=8, kh=2, h=h,
+             kwargs={"is_causal": c})
+        for h in (64, 128, 256) for t in (1024, 1000) for c in (True, False)
+    )
+    DTYPES = {"bfloat16": None, "float16": None}
+
+
+# ----------------------------------------------------------------------------- lowering
+
+
+def _h100_mesh(kind: str = "NVIDIA H100 80GB HBM3") -> AbstractMesh:
+    return AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
+        device_kind=kind, num_cores=132, platform="gpu"))
+
+
+@pytest.mark.parametrize(
+    "dtype, h, hv, n, kh, t, kwargs",
+    [
+        (jnp.bfloat16, 128, 128, 8, 2, 1000, dict(is_causal=True)),
+        (jnp.float16, 64, 64, 4, 4, 600, dict(local_window_size=(64, 32), logits_soft_cap=30.0,
+                                              segment_ids=True)),
+        (jnp.bfloat16, 256, 256, 4, 1, 300, dict(is_causal=True, q_offset=100)),
+        (jnp.bfloat16, 192, 128, 2, 2, 256, dict(is_causal=True)),
+    ],
+    ids=["bf16-h128-gqa-causal", "f16-h64-window-softcap-segments", "bf16-h256-mqa-offset",
+         "bf16-mla-192-128"],
+)
+def test_lowers_for_hopper(dtype, h, hv, n, kh, t, kwargs, key):
+    """Under an abstract H100 mesh the op dispatches to the Mosaic GPU kernel with the
+    interpreter off, and forward (Mosaic GPU) and backward (Triton) lower for CUDA from CPU:
+    Pallas's Mosaic GPU lowering (TMA, barriers, wgmma operand swizzles, register layouts)
+    accepts the kernel. PTX is made when a GPU compiles the module, not here."""
+    kwargs = dict(kwargs)
+    if kwargs.pop("segment_ids", False):
+        kwargs["segment_ids"] = jnp.sort(jax.random.randint(key, (2, t), 0, 5), axis=-1)
+    q = jax.ShapeDtypeStruct((2, t, n, h), dtype)
+    k = jax.ShapeDtypeStruct((2, t, kh, h), dtype)
+    v = jax.ShapeDtypeStruct((2, t, kh, hv), dtype)
+
+    def loss(q, k, v):
+        out, lse = attention(q, k, v, impl=IMPL, return_residuals=True, **kwargs)
+        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0))
+
+    with jax.sharding.use_abstract_mesh(_h100_mesh()):
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.custom_call @mosaic_gpu_v2(") == 1
+    assert "mgpu_flash_attention_fwd" in text
+    for name in ("flash_attention_bwd_dq", "flash_attention_bwd_dkv"):
+        assert f'name = "{name}"' in text, name
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def _shapes(h=64, dtype=jnp.bfloat16, hv=None, t=128):
+    return (
+        jax.ShapeDtypeStruct((1, t, 4, h), dtype),
+        jax.ShapeDtypeStruct((1, t, 2, h), dtype),
+        jax.ShapeDtypeStruct((1, t, 2, hv or h), dtype),
+    )
+
+
+@pytest.mark.parametrize("h, hv", [(16, 16), (64, 64), (80, 80), (128, 128), (192, 128),
+                                   (256, 256), (64, 200)])
+def test_supported_head_dims(h, hv):
+    """Any head dims up to 256 (padded inside to a multiple of 64), on CPU and on an H100."""
+    assert explain(*_shapes(h, hv=hv), impl_names=(IMPL,))[IMPL] is None
+    with jax.sharding.use_abstract_mesh(_h100_mesh()):
+        assert explain(*_shapes(h, hv=hv), impl_names=(IMPL,))[IMPL] is None
+
+
+@pytest.mark.parametrize(
+    "shape_kw, kwargs, match",
+    [
+        (dict(dtype=jnp.float32), {}, "takes bfloat16 or float16 inputs, got float32: wgmma "
+         "multiplies float32 inputs as TF32"),
+        (dict(h=512), {}, "head dims up to 256, got q/k 512 and v 512"),
+        (dict(h=64, hv=320), {}, "head dims up to 256, got q/k 64 and v 320"),
+        ({}, dict(bias=jnp.zeros((1, 4, 128, 128))), "pallas_mosaic_gpu takes no bias"),
+        ({}, dict(return_entropy=True), "does not compute the attention entropy"),
+        ({}, dict(config=FlashConfig()),
+         "config must be a MosaicFlashConfig for pallas_mosaic_gpu, got FlashConfig"),
+    ],
+)
+def test_unsupported_calls_say_why(shape_kw, kwargs, match):
+    why = explain(*_shapes(**shape_kw), impl_names=(IMPL,), **kwargs)[IMPL]
+    assert why is not None and re.search(match, why), why
+    q, k, v = (jnp.zeros(s.shape, s.dtype) for s in _shapes(**shape_kw))
+    with pytest.raises(NotImplementedError, match=match):
+        attention(q, k, v, impl=IMPL, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["NVIDIA A100-SXM4-80GB", "NVIDIA L4"])
+def test_refuses_gpus_before_hopper(kind):
+    with jax.sharding.use_abstract_mesh(_h100_mesh(kind)):
+        why = explain(*_shapes(), impl_names=(IMPL,))[IMPL]
+    assert why == (f"pallas_mosaic_gpu needs a Hopper GPU (sm_90: wgmma, TMA), got {kind}; "
+                   "use impl='pallas_triton'")
+
+
+def test_auto_never_picks_it():
+    """No H100 timings exist: "auto" keeps choosing cuDNN / Triton / XLA on a GPU and CPU."""
+    bf16 = _shapes(128)
+    with jax.sharding.use_abstract_mesh(_h100_mesh()):
+        assert auto_choice(*bf16, is_causal=True) == "cudnn"
+        assert auto_choice(*bf16, is_causal=True, return_residuals=True) == "pallas_triton"
+    assert auto_choice(*bf16, is_causal=True) == "xla"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(block_kv=32), r"block_kv must be .*multiple of 64.* \(the K\^T tile must share"),
+        (dict(block_kv=100), "block_kv must be"),
+        (dict(compute_wgs=3), "compute_wgs must be"),
+        (dict(max_concurrent_steps=1), "max_concurrent_steps must be"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MosaicFlashConfig(**kwargs)
+
+
+def test_config_defaults_fit_shared_memory():
+    for h in (64, 128, 192, 256):
+        cfg = MosaicFlashConfig.get_default(head_dim=h)
+        cfg.check_fits(h, h)
+    with pytest.raises(ValueError, match="KiB of shared memory at head dims 256/256"):
+        MosaicFlashConfig(block_kv=128, compute_wgs=2, max_concurrent_steps=3).check_fits(256, 256)
+
+
+def test_kernel_wrapper_rejects_bad_inputs():
+    q, k, v = random_qkv(jax.random.key(0), 1, 16, 16, 4, 2, 64, jnp.bfloat16)
+    pos = np.arange(16, dtype=np.int32)
+    common = dict(spec=MaskSpec(), scale=0.125, interpret=interpret_params())
+    with pytest.raises(ValueError, match="takes bfloat16 or float16, not float32: wgmma"):
+        mgpu_flash_attention_fwd(*(x.astype(jnp.float32) for x in (q, k, v)), pos, pos, **common)
+    with pytest.raises(ValueError, match=r"kv_positions \(16,\)"):
+        mgpu_flash_attention_fwd(q, k, v, pos, pos[:8], **common)
+    with pytest.raises(ValueError, match="head dims must be at most 256"):
+        mgpu_flash_attention_fwd(q, k, jnp.zeros((1, 16, 2, 320), jnp.bfloat16), pos, pos,
+                                 **common)
+    with pytest.raises(ValueError, match="config must be a MosaicFlashConfig"):
+        mgpu_flash_attention_fwd(q, k, v, pos, pos, config=object(), **common)
