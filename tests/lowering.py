@@ -35,6 +35,13 @@ def tpu_mesh(device_kind: str, shape: tuple[int, ...] = (1,),
                         abstract_device=device)
 
 
+def h100_mesh(device_kind: str = "NVIDIA H100 80GB HBM3") -> AbstractMesh:
+    """A one-device abstract mesh of a Hopper GPU (``device_kind`` as an H100 reports it):
+    under it the ops dispatch for a GPU with interpret mode off, for lowering for CUDA."""
+    return AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
+        device_kind=device_kind, num_cores=132, platform="gpu"))
+
+
 def lower_for_tpu(fn: Callable[..., Any], *args: Any, mesh: AbstractMesh) -> str:
     """The StableHLO text of ``jit(fn)(*args)`` traced under ``mesh`` and lowered for TPU."""
     with jax.sharding.use_abstract_mesh(mesh):

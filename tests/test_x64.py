@@ -19,6 +19,7 @@ from attnlab.ops import attention, decode_attention, dot_product_attention, ligh
 from sharding import attention as sp_attention
 from sharding import lasp2_attention, lasp_attention, star_attention
 from tests.helpers import random_qkv
+from tests.lowering import h100_mesh
 
 IMPLS = ["reference", "xla", "pallas_triton", "pallas_tpu"]
 
@@ -130,3 +131,25 @@ def test_model_train_step_and_generation():
     assert a[0].dtype == np.float32 and a[2].dtype == np.int32
     _close(a[:2], b[:2], tol=1e-4)
     np.testing.assert_array_equal(a[2], b[2])
+
+
+def test_mosaic_gpu_lowers_under_x64():
+    """The Mosaic GPU kernel (16-bit inputs only) lowers for CUDA under x64 (forward Mosaic GPU,
+    backward Triton) with 16-bit outputs and a float32 LSE. It is not interpreted here: JAX
+    0.10.2's Mosaic GPU interpreter fails on this kernel under x64 inside its own loop state
+    (a while loop whose carried scalars it types i32 in the condition, i64 in the body)."""
+    q = jax.ShapeDtypeStruct((2, 128, 4, 64), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, 128, 2, 64), jnp.bfloat16)
+
+    def fwd(q, k, v):
+        return attention(q, k, v, impl="pallas_mosaic_gpu", return_residuals=True,
+                         is_causal=True)
+
+    def loss(q, k, v):
+        return jnp.sum(fwd(q, k, v)[0].astype(jnp.float32))
+    with jax.enable_x64(True), jax.sharding.use_abstract_mesh(h100_mesh()):
+        out, lse = jax.eval_shape(fwd, q, k, k)
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert out.dtype == jnp.bfloat16 and lse.dtype == jnp.float32
+    assert text.count("stablehlo.custom_call @mosaic_gpu_v2(") == 1

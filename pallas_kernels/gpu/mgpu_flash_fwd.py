@@ -139,7 +139,7 @@ def _fwd_kernel(
 
         def step(j, carry, *, masked: bool):
             m, row_sum, acc = carry
-            slot = lax.rem(j - start, steps)
+            slot = lax.rem(j - start, jnp.int32(steps))
             if masked:  # positions (and ids) of the tile's keys, while K and V land
                 plgpu.copy_gmem_to_smem(
                     kv_meta_ref.at[bm, :, pl.ds(j * bk, bk)], kv_meta_smem.at[wg],
@@ -225,7 +225,7 @@ def _fwd_kernel(
         vh = lax.div(n_idx, jnp.int32(gv))
 
         def load(j, _):
-            slot = lax.rem(j - start, steps)
+            slot = lax.rem(j - start, jnp.int32(steps))
 
             @pl.when(j - start >= steps)  # wait until every consumer released the slot
             def _():
@@ -248,7 +248,7 @@ def _fwd_kernel(
 
         # Observe the consumers' last releases, so every barrier phase is seen by its waiter.
         def drain(j, _):
-            slot = lax.rem(j - start, steps)
+            slot = lax.rem(j - start, jnp.int32(steps))
             plgpu.barrier_wait(k_free.at[slot])
             plgpu.barrier_wait(v_free.at[slot])
             return _

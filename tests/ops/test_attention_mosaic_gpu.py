@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AbstractDevice, AbstractMesh
 
 from attnlab.ops import MaskSpec, attention, auto_choice, explain
 from attnlab.testing import ATTENTION_CASES, Case
@@ -24,6 +23,7 @@ from pallas_kernels.gpu.flash_common import FlashConfig
 from pallas_kernels.gpu.mgpu_common import MosaicFlashConfig, interpret_params
 from pallas_kernels.gpu.mgpu_flash_fwd import mgpu_flash_attention_fwd
 from tests.helpers import random_qkv
+from tests.lowering import h100_mesh
 from tests.ops.attention_base import AttentionTestBase, assert_lse_close
 from tests.ops.masked_garbage import FILLS, check_softmax_garbage, softmax_scenario
 
@@ -108,11 +108,6 @@ class TestPallasMosaicGpuCompiled(MosaicGpuTestBase):
 # ----------------------------------------------------------------------------- lowering
 
 
-def _h100_mesh(kind: str = "NVIDIA H100 80GB HBM3") -> AbstractMesh:
-    return AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
-        device_kind=kind, num_cores=132, platform="gpu"))
-
-
 @pytest.mark.parametrize(
     "dtype, h, hv, n, kh, t, kwargs",
     [
@@ -141,7 +136,7 @@ def test_lowers_for_hopper(dtype, h, hv, n, kh, t, kwargs, key):
         out, lse = attention(q, k, v, impl=IMPL, return_residuals=True, **kwargs)
         return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0))
 
-    with jax.sharding.use_abstract_mesh(_h100_mesh()):
+    with jax.sharding.use_abstract_mesh(h100_mesh()):
         text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(
             lowering_platforms=("cuda",)).as_text()
     assert text.count("stablehlo.custom_call @mosaic_gpu_v2(") == 1
@@ -166,7 +161,7 @@ def _shapes(h=64, dtype=jnp.bfloat16, hv=None, t=128):
 def test_supported_head_dims(h, hv):
     """Any head dims up to 256 (padded inside to a multiple of 64), on CPU and on an H100."""
     assert explain(*_shapes(h, hv=hv), impl_names=(IMPL,))[IMPL] is None
-    with jax.sharding.use_abstract_mesh(_h100_mesh()):
+    with jax.sharding.use_abstract_mesh(h100_mesh()):
         assert explain(*_shapes(h, hv=hv), impl_names=(IMPL,))[IMPL] is None
 
 
@@ -193,7 +188,7 @@ def test_unsupported_calls_say_why(shape_kw, kwargs, match):
 
 @pytest.mark.parametrize("kind", ["NVIDIA A100-SXM4-80GB", "NVIDIA L4"])
 def test_refuses_gpus_before_hopper(kind):
-    with jax.sharding.use_abstract_mesh(_h100_mesh(kind)):
+    with jax.sharding.use_abstract_mesh(h100_mesh(kind)):
         why = explain(*_shapes(), impl_names=(IMPL,))[IMPL]
     assert why == (f"pallas_mosaic_gpu needs a Hopper GPU (sm_90: wgmma, TMA), got {kind}; "
                    "use impl='pallas_triton'")
@@ -202,7 +197,7 @@ def test_refuses_gpus_before_hopper(kind):
 def test_auto_never_picks_it():
     """No H100 timings exist: "auto" keeps choosing cuDNN / Triton / XLA on a GPU and CPU."""
     bf16 = _shapes(128)
-    with jax.sharding.use_abstract_mesh(_h100_mesh()):
+    with jax.sharding.use_abstract_mesh(h100_mesh()):
         assert auto_choice(*bf16, is_causal=True) == "cudnn"
         assert auto_choice(*bf16, is_causal=True, return_residuals=True) == "pallas_triton"
     assert auto_choice(*bf16, is_causal=True) == "xla"
