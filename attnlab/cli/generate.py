@@ -78,7 +78,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                       help="encode the prompt's context block by block with an anchor, then "
                            "decode with exact attention (softmax-only models)")
     star.add_argument("--block-size", type=positive_int, default=None,
-                      help="tokens per context block")
+                      help="tokens per context block (no default: --star needs it)")
     star.add_argument("--anchor", choices=("first", "none", "previous"), default=None,
                       help="what each later block sees besides itself (default first: the "
                            "start of block 1, as the paper)")
