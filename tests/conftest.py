@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import os
 
+# The suite compiles thousands of small programs and runs each a few times: without LLVM's
+# optimisation passes XLA's CPU backend compiles them about twice as fast, and the suite takes
+# about half the time (the numerics are the same: neither setting uses fast-math).
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 ).strip()
 
 import jax  # noqa: E402
