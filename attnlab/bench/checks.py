@@ -61,10 +61,6 @@ def _compiled(fn: Callable[..., Any], args: Sequence[Any], options: Mapping[str,
 # mode keeps global state in its host callbacks and breaks when two kernels run at once.
 _RUN_LOCK = threading.Lock()
 
-# The correctness grid is compiled, not timed: on CPU, XLA's backend optimizations only cost
-# compile time there (about a third of it for the interpreted Pallas kernels).
-FAST_COMPILE_CPU = {"xla_backend_optimization_level": 0}
-
 
 def check_case(
     impl: str, case: Case, key: jax.Array, *, dtype: Any = jnp.float32,

@@ -39,6 +39,7 @@ from flax import nnx
 
 from attnlab import data as data_lib
 from attnlab.nn.config import Config
+from attnlab.testing import FAST_COMPILE_CPU
 from attnlab.train import checkpoint as ckpt_lib
 from attnlab.train import mesh as mesh_lib
 from attnlab.train.config import TrainConfig
@@ -49,7 +50,6 @@ from pallas_kernels.common.static_args import check_int
 
 _log = logging.getLogger(__name__)
 CONFIG_FILE, METRICS_FILE, CHECKPOINTS = "config.json", "metrics.jsonl", "checkpoints"
-FAST_COMPILE_CPU = {"xla_backend_optimization_level": 0}
 
 
 class NonFiniteLossError(RuntimeError):

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from attnlab.ops import attention, implementations, platform
-from attnlab.testing import ATTENTION_CASES, Case, Tolerance, tolerance
+from attnlab.testing import ATTENTION_CASES, FAST_COMPILE_CPU, Case, Tolerance, tolerance
 from tests.helpers import case_inputs, loss_with_lse, random_qkv, random_segments
 from tests.ops.masked_garbage import (
     FILLS,
@@ -32,8 +32,8 @@ from tests.ops.masked_garbage import (
 )
 
 # Interpreted kernels are big XLA programs whose compile time is mostly backend optimization,
-# which is worthless at test sizes; numerics are unchanged.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
+# which is worthless at test sizes.
+FAST_COMPILE = FAST_COMPILE_CPU
 GRADS = ("dq", "dk", "dv")
 
 
