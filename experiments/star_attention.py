@@ -72,6 +72,7 @@ class Preset:
     dtype: str = "float32"
     attention_impl: str = "auto"
     fast_compile: bool = False
+    train_budget_s: float | None = None  # training stops after this many seconds (recorded)
 
 
 # name -> (task class, options): what the JSON and the plot call each task.
@@ -104,7 +105,8 @@ PRESETS = {
         d_model=256, num_layers=4, num_heads=4, mlp_dim=1024, steps=3000, batch_size=16,
         context_len=2048, lr=1e-3, warmup_steps=150,
         tasks=("niah", "multikey", "vt 2 hops", "vt 3 hops"), num_blocks=4,
-        eval_lengths=(2048, 4096), eval_batches=8, eval_batch_size=32, dtype="bfloat16"),
+        eval_lengths=(2048, 4096), eval_batches=8, eval_batch_size=32, dtype="bfloat16",
+        train_budget_s=330.0),
 }
 
 
@@ -137,7 +139,12 @@ def train(p: Preset, log: Progress) -> tuple[Transformer, dict[str, Any]]:
     rounds = p.steps // len(tasks)
     every = max(1, rounds // 20)  # record one step of each task every `every` rounds
     t0 = time.perf_counter()
+    steps_done = p.steps
     for i in range(p.steps):
+        if p.train_budget_s is not None and time.perf_counter() - t0 > p.train_budget_s:
+            steps_done = i
+            log(f"training stopped at step {i} of {p.steps}: time budget {p.train_budget_s} s")
+            break
         k, r = i % len(tasks), i // len(tasks)
         batch = tasks[k].batch(r, p.batch_size)
         params, opt_state, m = step_fn(params, opt_state, batch, jnp.asarray(i))
@@ -147,7 +154,7 @@ def train(p: Preset, log: Progress) -> tuple[Transformer, dict[str, Any]]:
             if k == 0:
                 log(f"step {i + 1}/{p.steps} {p.tasks[k]} loss {loss:.3f} accuracy {acc:.3f}")
     jax.block_until_ready(params)
-    return nnx.merge(graphdef, params, rest), dict(curves=curves,
+    return nnx.merge(graphdef, params, rest), dict(curves=curves, steps_done=steps_done,
                                                    train_s=time.perf_counter() - t0)
 
 

@@ -4,9 +4,11 @@
 #
 # Run from the repo root there (the device tool's working tree):
 #   bash scripts/gpu_check.sh [steps]         # carry [".whl"] as well to time tokamax
-# steps: any of tests, info, bench, decode, memory, lightning, model, sp, lasp, lasp1, scaling
-# (default: the first five; lightning/model/sp/lasp/lasp1/scaling are the later issues'
-# benchmarks and are asked for by name; lasp1 runs on one GPU; scaling needs several GPUs
+# steps: any of tests, info, bench, decode, memory, lightning, model, mosaic, star, mla, sp, lasp,
+# lasp1, scaling, and full-<experiment> (experiments/<experiment>.py --preset full, its JSON and
+# PNG into $OUT; one 10-minute call each)
+# (default: the first five; the others are the later issues' benchmarks and are asked for by
+# name; lasp1 runs on one GPU; scaling needs several GPUs
 # and a call of its own: `bash scripts/gpu_check.sh scaling` on nvidia-h200-x8 with
 # timeout_s=600, see attnlab/bench/scaling.py). Each step fits
 # the budget given below; split them over two calls when all do not fit one 10-minute call.
@@ -60,7 +62,15 @@ want() { [[ " $STEPS " == *" $1 "* ]]; }
 if want tests; then
 echo "== GPU tests"
 set -o pipefail
-timeout ${GPU_TEST_TIMEOUT:-280} python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log"
+# GPU_TEST_WORKERS > 1 runs the tests in that many processes (pytest-xdist), each allocating
+# GPU memory as it needs it instead of preallocating 75 % of the card.
+workers=()
+if [ "${GPU_TEST_WORKERS:-1}" -gt 1 ]; then
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false
+  workers=(-n "$GPU_TEST_WORKERS")
+fi
+timeout ${GPU_TEST_TIMEOUT:-280} python3 -m pytest -m gpu -q -p no:cacheprovider "${workers[@]}" \
+  tests 2>&1 | tee "$OUT/gpu_tests.log"
 rc=$?
 set +o pipefail
 echo "gpu tests exit status: $rc"
@@ -107,6 +117,41 @@ timeout "$MODEL_TIMEOUT" python3 -m attnlab.bench.model --out "$OUT/bench_model.
   2>&1 | tee "$OUT/bench_model.log"
 [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
 fi
+
+if want mosaic; then
+echo "== Mosaic GPU forward against cuDNN, tokamax and pallas_triton (H=16, D=128, B*S=32K, bf16)"
+timeout "${MOSAIC_TIMEOUT:-150}" python3 -m attnlab.cli bench attention --shapes 8192,32768 \
+  --batch-tokens 32768 --heads 16 --head-dim 128 --dtype bfloat16 --causal both \
+  --passes "${MOSAIC_PASSES:-fwd}" --bwd-causal-only --repeats 10 \
+  --impls pallas_mosaic_gpu,pallas_triton --out "$OUT/bench_mosaic.json" 2>&1 \
+  | tee "$OUT/bench_mosaic.log"
+[ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+fi
+
+if want star; then
+echo "== Star Attention prefill (context phase) against full causal, 32K-128K, blocks 8K/16K"
+timeout "${STAR_TIMEOUT:-120}" python3 -m attnlab.bench.star --out "$OUT/bench_star.json" 2>&1 \
+  | tee "$OUT/bench_star.log"
+[ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+fi
+
+if want mla; then
+echo "== MLA latent decode (B=32, N=128, d_c=512, d_R=64; MLA_SWEEP=1: the Triton config sweep)"
+sweep=(); [ "${MLA_SWEEP:-0}" = 1 ] && sweep=(--sweep --seq-lens "${MLA_SWEEP_LENS:-32768}")
+timeout "${MLA_TIMEOUT:-120}" python3 -m attnlab.bench.mla --repeats 10 "${sweep[@]}" \
+  --out "$OUT/bench_mla.json" 2>&1 | tee "$OUT/bench_mla.log"
+[ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+fi
+
+for step in $STEPS; do
+  case $step in full-*)
+    name=${step#full-}
+    echo "== experiments/$name.py --preset full"
+    timeout "${FULL_TIMEOUT:-590}" python3 "experiments/$name.py" --preset full --out "$OUT" \
+      2>&1 | tee "$OUT/${name}_full.log"
+    [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+  esac
+done
 
 if want sp && [ -f attnlab/bench/sp.py ]; then
 echo "== bench sequence parallelism (needs >= 2 GPUs)"

@@ -17,12 +17,17 @@ dim d_R, per-head no-RoPE dim d_n and value dim d_v; every sequence's cache hold
 
 Each implementation is checked against ``impl="xla"`` before it is timed.
 
+``--sweep`` times the Triton kernel under each :data:`SWEEP` config instead (rows of kind
+``config``, the config's fields in ``config``), to pick the defaults of
+:class:`~pallas_kernels.gpu.mla_decode.MlaDecodeConfig` on a GPU.
+
 Standalone: ``python -m attnlab.bench.mla --out mla.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +39,14 @@ from attnlab.bench.decode import copy_bandwidth
 from attnlab.bench.harness import ints, max_abs_err, run_record, time_call, write_json
 from attnlab.ops import decode_attention, mla
 from attnlab.ops.attention import platform
+from pallas_kernels.gpu.mla_decode import MlaDecodeConfig
+
+# (block_kv, block_rows, num_warps, num_stages, keys_per_split) candidates of ``--sweep``.
+SWEEP = tuple(
+    (kv, rows, w, st, None)
+    for kv in (32, 64) for rows in (32, 64) for w in (4, 8) for st in (1, 2, 3)
+    if not (rows == 32 and w == 8)
+) + ((64, 64, 8, 2, 2048), (64, 64, 8, 2, 8192), (32, 64, 8, 2, 8192))
 
 
 def _inputs(key, b, s, n, d_c, d_r, d_n, d_v, dtype):
@@ -47,7 +60,7 @@ def _inputs(key, b, s, n, d_c, d_r, d_n, d_v, dtype):
 
 
 def bench_one(s: int, *, b: int, n: int, d_c: int, d_r: int, d_n: int, d_v: int,
-              dtype: Any, impls: Sequence[str], repeats: int, copy_gbps: float,
+              dtype: Any, impls: Sequence[Any], repeats: int, copy_gbps: float,
               materialize: bool, materialize_batch: int = 4) -> list[dict[str, Any]]:
     """Rows for one cache length: each latent implementation, then the materialized cache."""
     q_nope, q_rope, cache, w_uk, w_uv = _inputs(jax.random.key(s), b, s, n, d_c, d_r, d_n,
@@ -56,14 +69,20 @@ def bench_one(s: int, *, b: int, n: int, d_c: int, d_r: int, d_n: int, d_v: int,
     nbytes = (cache.size + q_nope.size + q_rope.size + b * n * d_v) * item
     rows = []
 
-    def fn(impl):
-        return jax.jit(lambda *a: mla.mla_decode(*a, impl=impl))
+    def fn(impl, config=None):
+        return jax.jit(lambda *a: mla.mla_decode(*a, impl=impl, config=config))
 
     want = fn("xla")(q_nope, q_rope, cache, w_uk, w_uv)
     for impl in impls:
-        row = dict(kind="latent", impl=impl, S=s, bytes=nbytes)
+        config = None
+        if isinstance(impl, MlaDecodeConfig):
+            config, impl = impl, "pallas_triton"
+        row = dict(kind="latent" if config is None else "config", impl=impl, S=s,
+                   bytes=nbytes)
+        if config is not None:
+            row["config"] = dataclasses.asdict(config)
         try:
-            f = fn(impl)
+            f = fn(impl, config)
             row["max_abs_err_vs_xla"] = err = max_abs_err(f(q_nope, q_rope, cache, w_uk, w_uv),
                                                          want)
             if not err < 5e-2:
@@ -122,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--materialize-up-to", type=int, default=8192,
                    help="time the materialized cache for S up to this (memory)")
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--sweep", action="store_true",
+                   help="time the Triton kernel under each SWEEP config (GPU)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -132,12 +153,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     dims = dict(b=args.batch, n=args.heads, d_c=args.d_c, d_r=args.d_r, d_n=args.d_n,
                 d_v=args.d_v)
     copy = copy_bandwidth(1 << 30 if platform() == "gpu" else 1 << 22)
+    impls: list[Any] = args.impls.split(",")
+    if args.sweep:
+        impls = [MlaDecodeConfig(block_kv=kv, block_rows=r, num_warps=w, num_stages=st,
+                                 keys_per_split=kps) for kv, r, w, st, kps in SWEEP]
     rows = []
     for s in args.seq_lens:
-        rows += bench_one(s, **dims, dtype=jnp.bfloat16, impls=args.impls.split(","),
+        rows += bench_one(s, **dims, dtype=jnp.bfloat16, impls=impls,
                           repeats=args.repeats, copy_gbps=copy["GBps"],
-                          materialize=s <= args.materialize_up_to)
-        for r in rows[-4:]:
+                          materialize=s <= args.materialize_up_to and not args.sweep)
+        for r in rows[-len(impls) - 2:]:
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
     for s in args.seq_lens:  # speed-up per token over the best materialized decode
         lat = [r for r in rows if r["S"] == s and r["kind"] == "latent" and r.get("ms")]
