@@ -232,7 +232,7 @@ def chunked_reference(q, k, v, log_decay, scale, chunk: int = 64):
 
     def step(s, x):
         qc, kc, vc = x  # [B, C, N, *]
-        a = jnp.einsum("bink,bjnk->bnij", qc * scale, kc, precision="highest") * d
+        a = jnp.einsum("bink,bjnk->bnij", qc * scale, kc, precision="highest") * d[None]
         o = jnp.einsum("bnij,bjnv->binv", a, vc, precision="highest")
         o = o + jnp.einsum("binh,bnhv->binv", qc * scale * pw.T[None, :, :, None], s,
                            precision="highest")

@@ -8,6 +8,8 @@ global shapes, not a shard's) and what is allowed.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,8 +20,17 @@ from jax.sharding import PartitionSpec as P
 import sharding
 from sharding.hybrid import HybridParallel
 
-MESH = jax.make_mesh((2, 4), ("data", "sp"), axis_types=(AxisType.Auto,) * 2)
-MESH_TP = jax.make_mesh((4, 2), ("sp", "tp"), axis_types=(AxisType.Auto,) * 2)
+
+@functools.cache
+def mesh() -> jax.sharding.Mesh:
+    """(data 2, sp 4): made at first use, so that collecting this file on a machine with
+    fewer devices (one GPU, running only the gpu-marked tests) does not fail."""
+    return jax.make_mesh((2, 4), ("data", "sp"), axis_types=(AxisType.Auto,) * 2)
+
+
+@functools.cache
+def mesh_tp() -> jax.sharding.Mesh:
+    return jax.make_mesh((4, 2), ("sp", "tp"), axis_types=(AxisType.Auto,) * 2)
 
 
 def _x(*shape, dtype=jnp.float32):
@@ -33,19 +44,19 @@ SEG = jnp.zeros((2, 16), jnp.int32)
 
 def _attention(**kwargs):
     args = kwargs.pop("args", (X, X, X))
-    return lambda: sharding.attention(*args, **{"mesh": MESH, **kwargs})
+    return lambda: sharding.attention(*args, **{"mesh": mesh(), **kwargs})
 
 
 def _star_query(*args, **kwargs):
-    return lambda: sharding.star_query(*args, **{"mesh": MESH, **kwargs})
+    return lambda: sharding.star_query(*args, **{"mesh": mesh(), **kwargs})
 
 
 def _star(*args, **kwargs):
-    return lambda: sharding.star_attention(*args, **{"mesh": MESH, **kwargs})
+    return lambda: sharding.star_attention(*args, **{"mesh": mesh(), **kwargs})
 
 
 def _lasp(fn=sharding.lasp_attention, args=(X, X, X), **kwargs):
-    return lambda: fn(*args, **{"decay": 0.5, "mesh": MESH, **kwargs})
+    return lambda: fn(*args, **{"decay": 0.5, "mesh": mesh(), **kwargs})
 
 
 def _ring_in_shard_map(segment_ids):
@@ -53,7 +64,7 @@ def _ring_in_shard_map(segment_ids):
         return sharding.ring_attention(q, k, v, segment_ids=seg, axis_name="sp")
 
     spec = P(None, "sp")
-    return lambda: jax.shard_map(f, mesh=MESH, in_specs=(spec,) * 4, out_specs=spec)(
+    return lambda: jax.shard_map(f, mesh=mesh(), in_specs=(spec,) * 4, out_specs=spec)(
         X, X, X, segment_ids)
 
 
@@ -76,15 +87,15 @@ CASES = [
     ("attention-batch-axes-tuple", _attention(args=(X3, X3, X3), batch_axis=("data",)),
      "batch B=3 is not divisible by the 'data' mesh axis of size 2"),
     ("attention-heads-not-divisible",
-     lambda: sharding.attention(_x(1, 8, 3, 8), _x(1, 8, 1, 8), _x(1, 8, 1, 8), mesh=MESH_TP,
+     lambda: sharding.attention(_x(1, 8, 3, 8), _x(1, 8, 1, 8), _x(1, 8, 1, 8), mesh=mesh_tp(),
                                 head_axis="tp"),
      "heads N=3 is not divisible by the 'tp' mesh axis of size 2; use a multiple of 2"),
     ("attention-kv-heads-not-divisible",
-     lambda: sharding.attention(_x(1, 8, 2, 8), _x(1, 8, 1, 8), _x(1, 8, 1, 8), mesh=MESH_TP,
+     lambda: sharding.attention(_x(1, 8, 2, 8), _x(1, 8, 1, 8), _x(1, 8, 1, 8), mesh=mesh_tp(),
                                 head_axis="tp"),
      "kv heads K=1 is not divisible by the 'tp' mesh axis of size 2"),
     ("attention-traced-scale",
-     lambda: jax.jit(lambda q, s: sharding.attention(q, q, q, mesh=MESH, scale=s))(X, 0.5),
+     lambda: jax.jit(lambda q, s: sharding.attention(q, q, q, mesh=mesh(), scale=s))(X, 0.5),
      "scale must be a static Python float, got a traced float32 array"),
     ("attention-head_dim-0", _attention(args=(X[..., :0],) * 3),
      "head dims must be at least 1, got q/k head_dim 0 and v head_dim 0"),
@@ -143,17 +154,17 @@ CASES = [
     ("lasp2-initial_state", _lasp(sharding.lasp2_attention, initial_state=jnp.zeros((2, 2, 8))),
      r"initial_state must have shape \[B, N, H, Hv\] = \(2, 2, 8, 8\), got \(2, 2, 8\)"),
     ("lasp-traced-scale",
-     lambda: jax.jit(lambda q, s: sharding.lasp_attention(q, q, q, decay=0.5, mesh=MESH,
+     lambda: jax.jit(lambda q, s: sharding.lasp_attention(q, q, q, decay=0.5, mesh=mesh(),
                                                           scale=s))(X, 0.5),
      "scale must be a static Python float, got a traced"),
     # ---- HybridParallel (a model's plan)
-    ("HybridParallel-batch_axis", lambda: HybridParallel(mesh=MESH, batch_axis="dp"),
+    ("HybridParallel-batch_axis", lambda: HybridParallel(mesh=mesh(), batch_axis="dp"),
      r"batch_axis='dp' is not an axis of the mesh, whose axes are \('data', 'sp'\)"),
     ("HybridParallel-mesh", lambda: HybridParallel(mesh=None),
      "mesh must be a jax.sharding.Mesh .* got None of type NoneType"),
-    ("HybridParallel-impl", lambda: HybridParallel(mesh=MESH, impl=None),
+    ("HybridParallel-impl", lambda: HybridParallel(mesh=mesh(), impl=None),
      "impl must be an implementation name such as 'auto', got None"),
-    ("HybridParallel-strategy", lambda: HybridParallel(mesh=MESH, softmax_strategy="star"),
+    ("HybridParallel-strategy", lambda: HybridParallel(mesh=mesh(), softmax_strategy="star"),
      r"softmax_strategy 'star' is not one of \('ring', 'striped', 'zigzag', 'ulysses'\)"),
 ]
 
