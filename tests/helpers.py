@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import socket
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.extend.core import jaxprs_in_params
 
 from attnlab.testing import (  # noqa: F401  (re-exported: tests import them from here)
@@ -231,3 +233,16 @@ def run_processes(commands: Sequence[Sequence[str]], *, cwd: Path, env: Mapping[
             if p.poll() is None:
                 p.kill()
     return [(p.returncode, out) for p, out in zip(procs, outs, strict=True)]
+
+
+def bad_input_test(cases: Sequence[tuple[str, Callable[[], Any], str]]) -> Callable[..., None]:
+    """A ``test(call, match)`` over ``cases``, rows (id, call, match): each ``call()`` must raise
+    ``ValueError`` whose message matches the regex ``match``. A test module assigns it to a
+    ``test_`` name."""
+
+    @pytest.mark.parametrize("call, match", [c[1:] for c in cases], ids=[c[0] for c in cases])
+    def test_bad_input(call: Callable[[], Any], match: str) -> None:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+    return test_bad_input

@@ -11,12 +11,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 import sharding
 from sharding.hybrid import HybridParallel
+from tests.helpers import bad_input_test
 
 MESH = jax.make_mesh((2, 4), ("data", "sp"), axis_types=(AxisType.Auto,) * 2)
 MESH_TP = jax.make_mesh((4, 2), ("sp", "tp"), axis_types=(AxisType.Auto,) * 2)
@@ -158,7 +158,4 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("call, match", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input(call, match):
-    with pytest.raises(ValueError, match=match):
-        call()
+test_bad_input = bad_input_test(CASES)
