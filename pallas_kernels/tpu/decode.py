@@ -46,6 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common.checks import (
+    DefaultConfig,
     check_config,
     check_decode_inputs,
     group_rows,
@@ -73,7 +74,7 @@ DECODE_SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class TpuDecodeConfig:
+class TpuDecodeConfig(DefaultConfig):
     """Tiling of the TPU decode kernel (untuned: no TPU to tune on).
 
     Attributes:
@@ -99,10 +100,6 @@ class TpuDecodeConfig:
                 f"keys_per_split={self.keys_per_split} must be a multiple of block_kv="
                 f"{self.block_kv}; try {round_up(self.keys_per_split, self.block_kv)}"
             )
-
-    @classmethod
-    def get_default(cls) -> TpuDecodeConfig:
-        return cls()
 
 
 def cache_head_dim(heads: int, dim: int) -> int:

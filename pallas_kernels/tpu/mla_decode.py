@@ -54,10 +54,6 @@ class TpuMlaDecodeConfig(TpuDecodeConfig):
     block_kv: int = 256
     keys_per_split: int = 2048
 
-    @classmethod
-    def get_default(cls) -> TpuMlaDecodeConfig:
-        return cls()
-
 
 def _kernel(
     len_ref,  # [B] int32 (SMEM): valid cache length per sequence
