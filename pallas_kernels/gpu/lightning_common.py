@@ -50,7 +50,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common.checks import check_config
 from pallas_kernels.common.lightning import (
@@ -62,6 +61,7 @@ from pallas_kernels.common.static_args import check_int
 from pallas_kernels.gpu._common import (
     MAX_HEAD_DIM,
     TILE_RULE,
+    compiler_params,
     dot_precision,
     kernel_head_dim,
     pad_axis,
@@ -265,9 +265,7 @@ def run_state_pass(kernel, name: str, q_dtype, k, v, ld, h0, rel, *, t, config, 
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(
-            num_warps=config.num_warps_state, num_stages=config.num_stages_state
-        ),
+        compiler_params=compiler_params(config, "state"),
         interpret=interpret,
         name=name,
     )(ld, rel, k, v, h0)
