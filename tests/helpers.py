@@ -1,4 +1,5 @@
-"""Test-only helpers: the float64 NumPy oracles, loss functions, collective checks.
+"""Test-only helpers: the float64 NumPy oracles, loss functions, collective checks, worker
+processes.
 
 The tolerance table, the attention case grid and the random inputs are those of
 ``attnlab.testing`` (shared with the benchmarks' correctness checks); they are re-exported here.
@@ -6,9 +7,16 @@ The tolerance table, the attention case grid and the random inputs are those of
 
 from __future__ import annotations
 
+import socket
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.extend.core import jaxprs_in_params
 
 from attnlab.testing import (  # noqa: F401  (re-exported: tests import them from here)
@@ -198,3 +206,43 @@ def assert_cache_chunks_match_full(attn, x, pos, cache,
     np.testing.assert_array_equal(cache["length"], [x.shape[1]] * x.shape[0])
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-4, rtol=1e-4)
     return cache
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a coordinator address)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(commands: Sequence[Sequence[str]], *, cwd: Path, env: Mapping[str, str],
+                  timeout: float) -> list[tuple[int, str]]:
+    """Runs ``commands`` side by side (e.g. the processes of one multi-process program);
+    returns each one's (return code, stdout and stderr together).
+
+    Raises ``subprocess.TimeoutExpired`` when one runs past ``timeout`` seconds; a process
+    still running then is killed, never left behind."""
+    procs = [subprocess.Popen(list(cmd), cwd=cwd, env=dict(env), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for cmd in commands]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [(p.returncode, out) for p, out in zip(procs, outs, strict=True)]
+
+
+def bad_input_test(cases: Sequence[tuple[str, Callable[[], Any], str]]) -> Callable[..., None]:
+    """A ``test(call, match)`` over ``cases``, rows (id, call, match): each ``call()`` must raise
+    ``ValueError`` whose message matches the regex ``match``. A test module assigns it to a
+    ``test_`` name."""
+
+    @pytest.mark.parametrize("call, match", [c[1:] for c in cases], ids=[c[0] for c in cases])
+    def test_bad_input(call: Callable[[], Any], match: str) -> None:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+    return test_bad_input

@@ -298,24 +298,39 @@ def _retrieval_row(rng: np.random.Generator, seq_len: int, statements: list[np.n
     return np.concatenate(parts).astype(np.int32)
 
 
-def _retrieval_batch(task, step: int, batch_size: int, split: str) -> Batch:
-    check_batch_request(step, batch_size, split)
-    rng = rng_for(task.seed, step, split)
-    docs = []
-    for _ in range(batch_size):
-        tokens = task.row(rng)
-        loss = np.zeros(len(tokens), np.float32)
-        loss[-task.value_len:] = 1.0
-        docs.append((tokens, loss))
-    return pack_documents(docs, batch_size, task.seq_len)
+class _RetrievalTask:
+    """What the token-level retrieval tasks (:class:`NeedleInHaystack`,
+    :class:`VariableTracking`) share: a subclass is a frozen dataclass with ``seq_len``,
+    ``seed`` and ``value_len`` and a ``row(rng)`` of T + 1 tokens whose last ``value_len``
+    are the answer."""
 
+    __slots__ = ()
 
-def _retrieval_prompts(task, step: int, batch_size: int,
-                       split: str) -> tuple[np.ndarray, np.ndarray]:
-    check_batch_request(step, batch_size, split)
-    rng = rng_for(task.seed, step, split)
-    rows = np.stack([task.row(rng) for _ in range(batch_size)])
-    return rows[:, :-task.value_len], rows[:, -task.value_len:]
+    @property
+    def context_len(self) -> int:
+        """Tokens before ``QUERY`` (BOS and the haystack)."""
+        return self.seq_len + 1 - _QUERY_LEN - self.value_len
+
+    def batch(self, step: int, batch_size: int, split: str = "train") -> Batch:
+        """Batch ``step`` of ``split`` [batch_size, seq_len], one example per row."""
+        check_batch_request(step, batch_size, split)
+        rng = rng_for(self.seed, step, split)
+        docs = []
+        for _ in range(batch_size):
+            tokens = self.row(rng)
+            loss = np.zeros(len(tokens), np.float32)
+            loss[-self.value_len:] = 1.0
+            docs.append((tokens, loss))
+        return pack_documents(docs, batch_size, self.seq_len)
+
+    def prompts(self, step: int, batch_size: int, split: str = "validation"
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """(prompts [B, T + 1 - value_len], answers [B, value_len]) int32: batch ``step``'s
+        examples cut before their answers, for generation."""
+        check_batch_request(step, batch_size, split)
+        rng = rng_for(self.seed, step, split)
+        rows = np.stack([self.row(rng) for _ in range(batch_size)])
+        return rows[:, :-self.value_len], rows[:, -self.value_len:]
 
 
 def _check_retrieval(seq_len: int, seed: int, value_len: int, statement_tokens: int,
@@ -327,7 +342,7 @@ def _check_retrieval(seq_len: int, seed: int, value_len: int, statement_tokens: 
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class NeedleInHaystack:
+class NeedleInHaystack(_RetrievalTask):
     """Needle(s) in a haystack, token-level (RULER's NIAH single and multi-key variants).
 
     ``BOS f f .. NEEDLE k1 v1 .. f .. NEEDLE k2 v2 .. f QUERY k2 v2``: ``num_needles`` needles
@@ -356,11 +371,6 @@ class NeedleInHaystack:
             raise ValueError(f"num_needles={self.num_needles} exceeds the "
                              f"{RETRIEVAL_NAMES[1] - RETRIEVAL_NAMES[0]} distinct keys")
 
-    @property
-    def context_len(self) -> int:
-        """Tokens before ``QUERY`` (BOS and the haystack)."""
-        return self.seq_len + 1 - _QUERY_LEN - self.value_len
-
     def row(self, rng: np.random.Generator) -> np.ndarray:
         """One example, T + 1 tokens; the last ``value_len`` are the answer."""
         keys = rng.choice(np.arange(*RETRIEVAL_NAMES), self.num_needles, replace=False)
@@ -369,19 +379,9 @@ class NeedleInHaystack:
         asked = int(rng.integers(self.num_needles))
         return _retrieval_row(rng, self.seq_len, needles, int(keys[asked]), vals[asked])
 
-    def batch(self, step: int, batch_size: int, split: str = "train") -> Batch:
-        """Batch ``step`` of ``split`` [batch_size, seq_len], one example per row."""
-        return _retrieval_batch(self, step, batch_size, split)
-
-    def prompts(self, step: int, batch_size: int, split: str = "validation"
-                ) -> tuple[np.ndarray, np.ndarray]:
-        """(prompts [B, T + 1 - value_len], answers [B, value_len]) int32: batch ``step``'s
-        examples cut before their answers, for generation."""
-        return _retrieval_prompts(self, step, batch_size, split)
-
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class VariableTracking:
+class VariableTracking(_RetrievalTask):
     """Variable tracking, token-level (RULER's VT): multi-hop chains of assignments.
 
     A chain is ``ASSIGN x1 v`` then ``ASSIGN x2 x1`` .. ``ASSIGN xh x(h-1)`` (``hops``
@@ -414,11 +414,6 @@ class VariableTracking:
             raise ValueError(f"hops * num_chains = {self.hops * self.num_chains} exceeds the "
                              f"{RETRIEVAL_NAMES[1] - RETRIEVAL_NAMES[0]} distinct variables")
 
-    @property
-    def context_len(self) -> int:
-        """Tokens before ``QUERY`` (BOS and the haystack)."""
-        return self.seq_len + 1 - _QUERY_LEN - self.value_len
-
     def row(self, rng: np.random.Generator) -> np.ndarray:
         """One example, T + 1 tokens; the last ``value_len`` are the answer."""
         h, n = self.hops, self.num_chains
@@ -437,13 +432,3 @@ class VariableTracking:
         asked = int(rng.integers(n))
         return _retrieval_row(rng, self.seq_len, statements, int(names[asked, -1]),
                               vals[asked])
-
-    def batch(self, step: int, batch_size: int, split: str = "train") -> Batch:
-        """Batch ``step`` of ``split`` [batch_size, seq_len], one example per row."""
-        return _retrieval_batch(self, step, batch_size, split)
-
-    def prompts(self, step: int, batch_size: int, split: str = "validation"
-                ) -> tuple[np.ndarray, np.ndarray]:
-        """(prompts [B, T + 1 - value_len], answers [B, value_len]) int32, as
-        :meth:`NeedleInHaystack.prompts`."""
-        return _retrieval_prompts(self, step, batch_size, split)

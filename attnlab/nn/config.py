@@ -15,7 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.common.static_args import check_int, check_static_float
+from pallas_kernels.common.static_args import check_int, check_static_float, check_type
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -112,14 +112,11 @@ class Config:
             set_("logits_soft_cap", check_static_float("logits_soft_cap", self.logits_soft_cap,
                                                        positive=True))
         set_("norm_eps", check_static_float("norm_eps", self.norm_eps, minimum=0.0))
-        if not isinstance(self.attention_impl, str):
-            raise ValueError(f"attention_impl must be an implementation name such as 'auto', "
-                             f"got {self.attention_impl!r}")
-        if self.layer_pattern is not None and not isinstance(self.layer_pattern, str):
-            raise ValueError(f"layer_pattern must be a string of mechanism letters such as "
-                             f"'LLLS', or None, got {self.layer_pattern!r}")
-        if not isinstance(self.tie_embeddings, (bool, np.bool_)):
-            raise ValueError(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+        check_type("attention_impl", self.attention_impl, str,
+                   "an implementation name such as 'auto'")
+        check_type("layer_pattern", self.layer_pattern, str,
+                   "a string of mechanism letters such as 'LLLS', or None", allow_none=True)
+        check_type("tie_embeddings", self.tie_embeddings, (bool, np.bool_), "a bool")
         for name in ("dtype", "param_dtype"):
             _check_float_dtype(name, getattr(self, name))
         if self.num_kv_heads is None:

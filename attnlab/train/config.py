@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from attnlab.data import DATASETS
-from pallas_kernels.common.static_args import check_int, check_static_float
+from pallas_kernels.common.static_args import check_int, check_static_float, check_type
 from sharding.api import STRATEGIES
 
 # Compute dtypes a run may ask for; parameters and optimizer state stay float32.
@@ -111,17 +111,14 @@ class TrainConfig:
             if value >= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1) (an Adam moment decay), got {value}")
             set_(name, value)
-        if not isinstance(self.fast_compile, bool):
-            raise ValueError(f"fast_compile must be a bool, got {self.fast_compile!r}")
+        check_type("fast_compile", self.fast_compile, bool, "a bool")
         if not isinstance(self.task, str) or self.task not in DATASETS:
             raise ValueError(f"task={self.task!r} is not a dataset; choose one of "
                              f"{', '.join(DATASETS)}")
-        if not isinstance(self.task_options, Mapping):
-            raise ValueError(f"task_options must be a mapping of option names to values, got "
-                             f"{self.task_options!r}")
-        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):
-            raise ValueError(f"checkpoint_dir must be a path string or None, got "
-                             f"{self.checkpoint_dir!r}")
+        check_type("task_options", self.task_options, Mapping,
+                   "a mapping of option names to values")
+        check_type("checkpoint_dir", self.checkpoint_dir, str, "a path string or None",
+                   allow_none=True)
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}; "
                              "lower warmup_steps")

@@ -93,6 +93,19 @@ def check_latent_decode_inputs(
         raise ValueError(f"kv_lengths must have shape ({b},), got {jnp.shape(kv_lengths)}")
 
 
+class DefaultConfig:
+    """Base of a config dataclass whose defaults are its field defaults: ``get_default()``
+    (what :func:`check_config` calls for a missing config) is ``cls()``. A config whose
+    default depends on the call (head dim, dtype) defines its own ``get_default``."""
+
+    __slots__ = ()
+
+    @classmethod
+    def get_default(cls: type[C]) -> C:
+        """The config with every field at its default."""
+        return cls()
+
+
 def check_config(config: C | None, cls: type[C], *default_args: Any) -> C:
     """``config``, or ``cls.get_default(*default_args)`` when None.
 

@@ -74,6 +74,32 @@ def check_lightning_inputs(
     return b, t, n, h, hv
 
 
+def check_lightning_kernel_inputs(
+    q: Any, k: Any, v: Any, log_decay: Any, initial_state: Any, segment_ids: Any, *,
+    dtypes: Sequence[Any], max_head_dim: int, kernels: str, padding: str,
+) -> tuple[int, int, int, int, int]:
+    """:func:`check_lightning_inputs` plus the head dims a kernel family takes, 1 to
+    ``max_head_dim``; returns (B, T, N, H, Hv).
+
+    ``kernels`` names the family and ``padding`` says how it pads head dims inside, for the
+    message (e.g. ``"TPU lightning kernels"``, ``"padded inside to multiples of 8"``).
+
+    Raises:
+      ValueError: what :func:`check_lightning_inputs` raises, or H or Hv outside
+        [1, max_head_dim] (naming the fallback implementations).
+    """
+    b, t, n, h, hv = check_lightning_inputs(
+        q, k, v, log_decay, initial_state, segment_ids, dtypes=dtypes
+    )
+    for name, dim in (("head_dim H", h), ("value head_dim Hv", hv)):
+        if not 1 <= dim <= max_head_dim:
+            raise ValueError(
+                f"{name} is {dim}; the {kernels} take head dims from 1 to {max_head_dim} "
+                f"({padding}); use impl='xla' or 'reference' for larger ones"
+            )
+    return b, t, n, h, hv
+
+
 def chunk_run_ids(segment_ids: jax.Array, t_pad: int, chunk: int) -> jax.Array:
     """Per-token run index relative to the run that enters its chunk: [B, t_pad] int32.
 

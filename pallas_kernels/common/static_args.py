@@ -122,4 +122,14 @@ def check_bool(name: str, value: Any) -> bool:
     return bool(value)
 
 
-__all__ = ["check_bool", "check_int", "check_static_float", "is_int"]
+def check_type(name: str, value: Any, types: type | tuple[type, ...], what: str, *,
+               allow_none: bool = False) -> Any:
+    """``value`` itself if it is an instance of ``types`` (or None with ``allow_none``), else
+    ``ValueError(f"{name} must be {what}, got {value!r}")``: ``what`` says what was expected
+    in words (with its "or None" where None is allowed)."""
+    if not (isinstance(value, types) or (allow_none and value is None)):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return value
+
+
+__all__ = ["check_bool", "check_int", "check_static_float", "check_type", "is_int"]

@@ -10,6 +10,7 @@ from here, never from one another.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,15 @@ M_INIT = 0.5 * MASK_VALUE
 MIN_BLOCK = 16
 # Why config block sizes are checked as they are (shown in the configs' error messages).
 TILE_RULE = f"Triton tiles are; {MIN_BLOCK} is the smallest its dot accepts"
+
+
+def compiler_params(config: Any, pass_: str | None = None) -> plgpu.CompilerParams:
+    """Triton parameters of one launch from its config: ``num_warps`` and ``num_stages``, or
+    for a ``pass_`` with its own (``"bwd"``, ``"state"``) ``num_warps_<pass_>`` and
+    ``num_stages_<pass_>``, as the configs name them."""
+    suffix = "" if pass_ is None else f"_{pass_}"
+    return plgpu.CompilerParams(num_warps=getattr(config, f"num_warps{suffix}"),
+                                num_stages=getattr(config, f"num_stages{suffix}"))
 
 
 def round_up(length: int, block: int) -> int:

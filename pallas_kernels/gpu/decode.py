@@ -57,6 +57,7 @@ from pallas_kernels.gpu._common import (
     MAX_HEAD_DIM,
     MIN_BLOCK,
     TILE_RULE,
+    compiler_params,
     dot,
     dot_precision,
     finish_split,
@@ -244,9 +245,7 @@ def _partials(q, k, v, kv_lengths, *, spec, scale, soft_cap, config, interpret):
             jax.ShapeDtypeStruct((p, b, kc, rows, hv), jnp.float32),
             jax.ShapeDtypeStruct((p, b, kc, rows), jnp.float32),
         ],
-        compiler_params=plgpu.CompilerParams(
-            num_warps=config.num_warps, num_stages=config.num_stages
-        ),
+        compiler_params=compiler_params(config),
         interpret=interpret,
         name="decode_attention_splitk",
     )(kv_lengths, q_rows, k, v)

@@ -35,12 +35,12 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, finite_or_zero, tile_mask
 from pallas_kernels.gpu._common import (
     LN2,
     LOG2E,
+    compiler_params,
     dot,
     dot_precision,
     kernel_head_dim,
@@ -250,9 +250,7 @@ def flash_backward(
     tp, sp = tiles.bwd_tp, tiles.bwd_sp
     kv_len = None if sp == s else s
     precision = dot_precision(q.dtype)
-    params = plgpu.CompilerParams(
-        num_warps=config.num_warps_bwd, num_stages=config.num_stages_bwd
-    )
+    params = compiler_params(config, "bwd")
 
     # Per-row terms, laid out [B, N, Tp] so kernels read them contiguously. Padded rows get
     # delta = 0 and dO = 0, so they contribute nothing; lse2 = 0 keeps their p finite.

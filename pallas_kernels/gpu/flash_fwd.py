@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common.checks import check_attention_inputs
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, finite_or_zero, tile_mask
@@ -38,6 +37,7 @@ from pallas_kernels.gpu._common import (
     LN2,
     M_INIT,
     MAX_HEAD_DIM,
+    compiler_params,
     dot,
     dot_precision,
     kernel_head_dim,
@@ -190,9 +190,7 @@ def _forward(
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(
-            num_warps=config.num_warps, num_stages=config.num_stages
-        ),
+        compiler_params=compiler_params(config),
         interpret=interpret,
         name="flash_attention_fwd",
     )(plan.fwd_bounds, plan.fwd_kind, q_pos, kv_pos, q_seg, kv_seg, q, k, v)

@@ -20,11 +20,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common.lightning import scale_state
 from pallas_kernels.common.masks import finite_or_zero
-from pallas_kernels.gpu._common import dot, dot_precision
+from pallas_kernels.gpu._common import compiler_params, dot, dot_precision
 from pallas_kernels.gpu.lightning_common import (
     LANES,
     intra_decay,
@@ -188,9 +187,7 @@ def run_bwd(q, k, v, do, ld, rel, states, dstates, *, t, scale, config, interpre
             jax.ShapeDtypeStruct(k.shape, k.dtype),
             jax.ShapeDtypeStruct(v.shape, v.dtype),
         ],
-        compiler_params=plgpu.CompilerParams(
-            num_warps=config.num_warps_bwd, num_stages=config.num_stages_bwd
-        ),
+        compiler_params=compiler_params(config, "bwd"),
         interpret=interpret,
         name="lightning_bwd",
     )(ld, rel, q, k, v, do, states, dstates, tail if seeded else None, dht)

@@ -50,11 +50,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common.checks import check_config
 from pallas_kernels.common.lightning import (
-    check_lightning_inputs,
+    check_lightning_kernel_inputs,
     decay_power,
     decayed_state_scan,
 )
@@ -62,6 +61,7 @@ from pallas_kernels.common.static_args import check_int
 from pallas_kernels.gpu._common import (
     MAX_HEAD_DIM,
     TILE_RULE,
+    compiler_params,
     dot_precision,
     kernel_head_dim,
     pad_axis,
@@ -265,9 +265,7 @@ def run_state_pass(kernel, name: str, q_dtype, k, v, ld, h0, rel, *, t, config, 
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(
-            num_warps=config.num_warps_state, num_stages=config.num_stages_state
-        ),
+        compiler_params=compiler_params(config, "state"),
         interpret=interpret,
         name=name,
     )(ld, rel, k, v, h0)
@@ -335,15 +333,10 @@ def unpad(x: jax.Array, *sizes: int) -> jax.Array:
 
 
 def check_args(q, k, v, log_decay, initial_state, segment_ids) -> None:
-    """``check_lightning_inputs`` plus the head dims the kernels take, 1 to ``MAX_HEAD_DIM``
-    (the entry points of lightning_chunk and lightning_phases)."""
-    _, _, _, h, hv = check_lightning_inputs(
-        q, k, v, log_decay, initial_state, segment_ids, dtypes=SUPPORTED_DTYPES
+    """``check_lightning_kernel_inputs`` with the head dims the Triton kernels take, 1 to
+    ``MAX_HEAD_DIM`` (the entry points of lightning_chunk and lightning_phases)."""
+    check_lightning_kernel_inputs(
+        q, k, v, log_decay, initial_state, segment_ids, dtypes=SUPPORTED_DTYPES,
+        max_head_dim=MAX_HEAD_DIM, kernels="lightning kernels",
+        padding=f"padded inside to a power of two >= {MIN_DIM}",
     )
-    for name, dim in (("head_dim H", h), ("value head_dim Hv", hv)):
-        if not 1 <= dim <= MAX_HEAD_DIM:
-            raise ValueError(
-                f"{name} is {dim}; the lightning kernels take head dims from 1 to "
-                f"{MAX_HEAD_DIM} (padded inside to a power of two >= {MIN_DIM}); use "
-                "impl='xla' or 'reference' for larger ones"
-            )

@@ -33,11 +33,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common.lightning import scale_state
 from pallas_kernels.common.masks import finite_or_zero
-from pallas_kernels.gpu._common import dot, dot_precision
+from pallas_kernels.gpu._common import compiler_params, dot, dot_precision
 from pallas_kernels.gpu.lightning_common import (
     FUSED_TARGET_PROGRAMS,
     LANES,
@@ -246,9 +245,7 @@ def _run_fwd(q, k, v, ld, rel, states, *, t, scale, config, interpret):
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, chunk, None, bv), lambda bi, ni, c, vb: (bi, c, ni, vb)),
         out_shape=jax.ShapeDtypeStruct((b, tp, n, hv), q.dtype),
-        compiler_params=plgpu.CompilerParams(
-            num_warps=config.num_warps, num_stages=config.num_stages
-        ),
+        compiler_params=compiler_params(config),
         interpret=interpret,
         name="lightning_fwd",
     )(ld, rel, q, k, v, states)
@@ -285,9 +282,7 @@ def segment_locals(k, v, ld, rel, *, t, chunk, seg_chunks, count, config, interp
         out_specs=pl.BlockSpec((None, None, None, bk, bv),
                                lambda bi, ni, si, kb, vb: (bi, ni, si, kb, vb)),
         out_shape=jax.ShapeDtypeStruct((b, n, count, h, hv), jnp.float32),
-        compiler_params=plgpu.CompilerParams(
-            num_warps=config.num_warps_state, num_stages=config.num_stages_state
-        ),
+        compiler_params=compiler_params(config, "state"),
         interpret=interpret,
         name="lightning_segment_states",
     )(ld, rel, k, v)
@@ -345,9 +340,7 @@ def run_fused_fwd(q, k, v, ld, h0, rel, log_decay, *, t, scale, config, interpre
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(
-            num_warps=config.num_warps, num_stages=config.num_stages
-        ),
+        compiler_params=compiler_params(config),
         interpret=interpret,
         name="lightning_fused_fwd",
     )(ld, rel, q, k, v, starts)

@@ -46,6 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common.checks import (
+    DefaultConfig,
     check_config,
     check_decode_inputs,
     group_rows,
@@ -73,7 +74,7 @@ DECODE_SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class TpuDecodeConfig:
+class TpuDecodeConfig(DefaultConfig):
     """Tiling of the TPU decode kernel (untuned: no TPU to tune on).
 
     Attributes:
@@ -99,10 +100,6 @@ class TpuDecodeConfig:
                 f"keys_per_split={self.keys_per_split} must be a multiple of block_kv="
                 f"{self.block_kv}; try {round_up(self.keys_per_split, self.block_kv)}"
             )
-
-    @classmethod
-    def get_default(cls) -> TpuDecodeConfig:
-        return cls()
 
 
 def cache_head_dim(heads: int, dim: int) -> int:
@@ -185,6 +182,24 @@ def split_decode_step(
         lse_ref[...] = jnp.where(seen, m_ref[...] + jnp.log(l_safe), -jnp.inf)
 
 
+def split_tiling(
+    group: int, t: int, s: int, config: TpuDecodeConfig
+) -> tuple[int, int, int, int, int, jax.Array]:
+    """The split-K layout of a program's ``group * t`` query rows (t-major) over ``s`` keys:
+    (rows, Rp (rows padded to the sublane count), bkv (keys per tile), tiles per split, P
+    (splits), row_t ([Rp, NUM_LANES] int32: the query index t of each row, lane-broadcast;
+    padded rows repeat the last))."""
+    rows = group * t
+    rp = round_up(rows, NUM_SUBLANES)
+    bkv = min(config.block_kv, round_up(s, NUM_SUBLANES))
+    n_tiles = -(-s // bkv)
+    tiles_per_split = max(1, min(config.keys_per_split // bkv, n_tiles))
+    p = -(-n_tiles // tiles_per_split)
+    row_t = jnp.minimum(jnp.arange(rp, dtype=jnp.int32) // group, t - 1)
+    row_t = jnp.broadcast_to(row_t[:, None], (rp, NUM_LANES))
+    return rows, rp, bkv, tiles_per_split, p, row_t
+
+
 def clamped_kv_block(len_ref, batch, split, i, *, spec: MaskSpec, t: int, s: int, bkv: int,
                      tiles_per_split: int) -> jax.Array:
     """The key block a split-K decode step reads, clamped into the range sequence ``batch``
@@ -225,19 +240,12 @@ def _partials(q, k, v, kv_lengths, *, spec, scale, soft_cap, config, interpret):
     s, kk, kv, hv_in = k.shape[1], k.shape[2], v.shape[2], v.shape[3]
     kc, g, rk, rv = head_groups(n, kk, kv)  # programs run per query group
     h, hv = cache_head_dim(kk, h_in), cache_head_dim(kv, hv_in)
-    rows = g * t
-    rp = round_up(rows, NUM_SUBLANES)
-    bkv = min(config.block_kv, round_up(s, NUM_SUBLANES))
-    n_tiles = -(-s // bkv)
-    tiles_per_split = max(1, min(config.keys_per_split // bkv, n_tiles))
-    p = -(-n_tiles // tiles_per_split)
+    rows, rp, bkv, tiles_per_split, p, row_t = split_tiling(g, t, s, config)
 
     # [B, Kc, T*G, H] (t-major rows), padded to Rp rows (and to the key cache's head dim): a
     # small copy of q.
     q_rows = group_rows(q, kc)
     q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rp - rows), (0, h - h_in)))
-    row_t = jnp.minimum(jnp.arange(rp, dtype=jnp.int32) // g, t - 1)
-    row_t = jnp.broadcast_to(row_t[:, None], (rp, NUM_LANES))
     # Views (no copy unless a head dim is padded): head c is the column block c of width H.
     k2 = pad_axis(k, 3, h).reshape(b, s, kk * h)
     v2 = pad_axis(v, 3, hv).reshape(b, s, kv * hv)

@@ -45,7 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common.checks import check_attention_inputs, check_config
+from pallas_kernels.common.checks import DefaultConfig, check_attention_inputs, check_config
 from pallas_kernels.common.masks import (
     FULL,
     MASK_VALUE,
@@ -74,7 +74,7 @@ SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class TpuFlashConfig:
+class TpuFlashConfig(DefaultConfig):
     """Block sizes of the TPU flash attention kernels (untuned: no TPU to tune on).
 
     A block is the number of queries (``block_q*``) or keys (``block_kv*``) in one tile.
@@ -111,11 +111,6 @@ class TpuFlashConfig:
                     f"{name}={value} is not legal on TPU: it must be a multiple of {multiple} "
                     f"(the {what}); try {name}={round_up(value, multiple)}"
                 )
-
-    @classmethod
-    def get_default(cls) -> TpuFlashConfig:
-        """The default block sizes."""
-        return cls()
 
 
 # ----------------------------------------------------------------------------- layout

@@ -46,7 +46,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common.checks import check_config
 from pallas_kernels.common.lightning import (
-    check_lightning_inputs,
+    check_lightning_kernel_inputs,
     chunk_run_ids,
     decay_power,
     scale_state,
@@ -448,16 +448,11 @@ def lightning_attention(
     Example:
       >>> o, s = lightning_attention(q, k, v, log_decay, interpret=pltpu.InterpretParams())
     """
-    b, t, n, h, hv = check_lightning_inputs(
-        q, k, v, log_decay, initial_state, segment_ids, dtypes=SUPPORTED_DTYPES
+    b, t, n, h, hv = check_lightning_kernel_inputs(
+        q, k, v, log_decay, initial_state, segment_ids, dtypes=SUPPORTED_DTYPES,
+        max_head_dim=MAX_HEAD_DIM, kernels="TPU lightning kernels",
+        padding=f"padded inside to multiples of {NUM_SUBLANES}",
     )
-    for name, dim in (("head_dim H", h), ("value head_dim Hv", hv)):
-        if not 1 <= dim <= MAX_HEAD_DIM:
-            raise ValueError(
-                f"{name} is {dim}; the TPU lightning kernels take head dims from 1 to "
-                f"{MAX_HEAD_DIM} (padded inside to multiples of {NUM_SUBLANES}); use "
-                "impl='xla' or 'reference' for larger ones"
-            )
     config = check_config(config, TpuLightningConfig, kernel_dims(h, hv)[0], q.dtype)
     return _lightning_jit(
         q, k, v, jnp.asarray(log_decay), initial_state,

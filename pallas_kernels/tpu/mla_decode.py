@@ -32,11 +32,14 @@ from pallas_kernels.common.checks import check_latent_decode_inputs
 from pallas_kernels.common.masks import MaskSpec
 from pallas_kernels.tpu._common import (
     NUM_LANES,
-    NUM_SUBLANES,
     compiler_params,
-    round_up,
 )
-from pallas_kernels.tpu.decode import TpuDecodeConfig, clamped_kv_block, split_decode_step
+from pallas_kernels.tpu.decode import (
+    TpuDecodeConfig,
+    clamped_kv_block,
+    split_decode_step,
+    split_tiling,
+)
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
 SEMANTICS = ("parallel", "parallel", "arbitrary")
@@ -50,10 +53,6 @@ class TpuMlaDecodeConfig(TpuDecodeConfig):
 
     block_kv: int = 256
     keys_per_split: int = 2048
-
-    @classmethod
-    def get_default(cls) -> TpuMlaDecodeConfig:
-        return cls()
 
 
 def _kernel(
@@ -79,15 +78,8 @@ def _kernel(
 def _partials(q, cache, kv_lengths, *, v_dim, spec, scale, config, interpret):
     b, t, n, d = q.shape
     s = cache.shape[1]
-    rows = n * t
-    rp = round_up(rows, NUM_SUBLANES)
-    bkv = min(config.block_kv, round_up(s, NUM_SUBLANES))
-    n_tiles = -(-s // bkv)
-    tiles_per_split = max(1, min(config.keys_per_split // bkv, n_tiles))
-    p = -(-n_tiles // tiles_per_split)
+    rows, rp, bkv, tiles_per_split, p, row_t = split_tiling(n, t, s, config)
     q_rows = jnp.pad(q.reshape(b, rows, d), ((0, 0), (0, rp - rows), (0, 0)))
-    row_t = jnp.minimum(jnp.arange(rp, dtype=jnp.int32) // n, t - 1)
-    row_t = jnp.broadcast_to(row_t[:, None], (rp, NUM_LANES))
 
     def kv_map(bi, si, i, len_ref):
         return bi, clamped_kv_block(len_ref, bi, si, i, spec=spec, t=t, s=s, bkv=bkv,

@@ -8,9 +8,9 @@ and an id outside the vocabulary would read a wrong embedding row (-1: the last)
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from attnlab import data
+from tests.helpers import bad_input_test
 
 MQAR = data.MQAR(seq_len=64)
 ONES = np.ones(3, np.float32)
@@ -77,7 +77,4 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("call, match", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input(call, match):
-    with pytest.raises(ValueError, match=match):
-        call()
+test_bad_input = bad_input_test(CASES)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
 from attnlab.nn import (
@@ -25,6 +24,7 @@ from attnlab.nn import (
 )
 from attnlab.nn import init_caches as make_caches
 from attnlab.nn.layers import Linear
+from tests.helpers import bad_input_test
 
 CFG = Config(vocab_size=64, d_model=32, num_layers=2, num_heads=2, max_seq_len=16)
 MODEL = nnx.eval_shape(lambda: Transformer(CFG, rngs=nnx.Rngs(0)))
@@ -184,10 +184,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("call, match", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input(call, match):
-    with pytest.raises(ValueError, match=match):
-        call()
+test_bad_input = bad_input_test(CASES)
 
 
 def test_numpy_integers_are_sizes():

@@ -11,6 +11,7 @@ linear-attention row of the tolerance table of ``attnlab.testing``.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -187,6 +188,41 @@ def kernel_bad_args(change: Mapping[str, Any]) -> tuple:
     h0 = jnp.zeros(change["state_shape"]) if "state_shape" in change else None
     seg = jnp.zeros(change["seg_shape"], jnp.int32) if "seg_shape" in change else None
     return q, k, v, ld, h0, seg
+
+
+def kernel_bad_inputs_test(
+    fn: Callable[..., Any], *, kernels: str, padding: str, bad_dtype: tuple[Any, str]
+) -> Callable[[dict[str, Any], str], None]:
+    """A ``test_bad_inputs(change, match)`` for a lightning kernel wrapper ``fn(q, k, v,
+    log_decay, initial_state=, segment_ids=)``, parametrized over the cases every wrapper
+    refuses alike (inputs from :func:`kernel_bad_args`): head dims over 256, whose message
+    names ``kernels`` and ``padding`` (the family and how it pads head dims inside), the
+    checks of ``pallas_kernels.common.lightning.check_lightning_inputs``, and ``bad_dtype``,
+    (a dtype the family refuses, the message's start)."""
+    dtype, dtype_match = bad_dtype
+    cases = [
+        (dict(h=264), rf"head_dim H is 264; the {kernels} take head dims from 1 to 256 "
+                      rf"\({re.escape(padding)}\); use impl='xla'"),
+        (dict(hv=257), f"value head_dim Hv is 257; the {kernels} take head dims from 1"),
+        (dict(hv=300), f"value head_dim Hv is 300; the {kernels} take head dims"),
+        (dict(dtype=dtype), dtype_match),
+        (dict(dtype_k=jnp.bfloat16), "must share one dtype"),
+        (dict(log_decay_shape=(2,)), r"log_decay must be a float array of shape \(3,\)"),
+        (dict(log_decay_shape=(3, 1)), r"log_decay must be a float array of shape \(3,\)"),
+        (dict(state_shape=(1, 3, 8, 8)), r"initial_state must have shape"),
+        (dict(state_shape=(1, 3, 16, 8)), r"initial_state must have shape"),
+        (dict(seg_shape=(1, 7)), r"segment_ids must be an integer array of shape"),
+        (dict(seg_shape=(2, 16)), r"segment_ids must be an integer array of shape"),
+        (dict(v_len=5), "k must have q's shape"),
+    ]
+
+    @pytest.mark.parametrize("change, match", cases)
+    def test_bad_inputs(change: dict[str, Any], match: str) -> None:
+        q, k, v, ld, h0, seg = kernel_bad_args(change)
+        with pytest.raises(ValueError, match=match):
+            fn(q, k, v, ld, initial_state=h0, segment_ids=seg)
+
+    return test_bad_inputs
 
 
 class LightningTestBase(ImplTestBase):

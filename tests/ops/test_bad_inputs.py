@@ -17,6 +17,7 @@ import pytest
 
 from attnlab import ops
 from attnlab.ops import mla, star
+from tests.helpers import bad_input_test
 
 B, T, N, H = 1, 4, 2, 8
 
@@ -253,10 +254,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("call, match", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input(call, match):
-    with pytest.raises(ValueError, match=match):
-        call()
+test_bad_input = bad_input_test(CASES)
 
 
 # ----------------------------------------------------------------------------- good inputs

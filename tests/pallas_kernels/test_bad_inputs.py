@@ -26,6 +26,7 @@ from pallas_kernels.tpu import lightning_chunk as tpu_lightning
 from pallas_kernels.tpu.decode import TpuDecodeConfig
 from pallas_kernels.tpu.flash import TpuFlashConfig
 from pallas_kernels.tpu.lightning_chunk import TpuLightningConfig
+from tests.helpers import bad_input_test
 
 TRITON = r"\(Triton tiles are; 16 is the smallest its dot accepts\)"
 
@@ -263,8 +264,4 @@ ENTRY_CASES += [
 ]
 
 
-@pytest.mark.parametrize("call, match", [c[1:] for c in ENTRY_CASES],
-                         ids=[c[0] for c in ENTRY_CASES])
-def test_bad_entry_point_call(call, match):
-    with pytest.raises(ValueError, match=match):
-        call()
+test_bad_entry_point_call = bad_input_test(ENTRY_CASES)

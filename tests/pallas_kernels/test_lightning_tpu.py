@@ -17,7 +17,11 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.tpu.lightning_chunk import TpuLightningConfig, lightning_attention
 from tests.helpers import primitives_around_kernels
-from tests.ops.lightning_base import HEAD_DIM_NAMES, LightningTestBase, kernel_bad_args
+from tests.ops.lightning_base import (
+    HEAD_DIM_NAMES,
+    LightningTestBase,
+    kernel_bad_inputs_test,
+)
 
 INTERPRET = pltpu.InterpretParams()
 
@@ -37,23 +41,10 @@ def _interpreted(q, k, v, ld, **kw):
     return lightning_attention(q, k, v, ld, interpret=INTERPRET, **kw)
 
 
-@pytest.mark.parametrize(
-    "change, match",
-    [
-        (dict(h=264), r"head_dim H is 264; the TPU lightning kernels take head dims from 1 to "
-                      r"256 \(padded inside to multiples of 8\); use impl='xla'"),
-        (dict(hv=300), "value head_dim Hv is 300; the TPU lightning kernels take head dims"),
-        (dict(dtype=jnp.float16), "must share one dtype out of float32, bfloat16"),
-        (dict(dtype_k=jnp.bfloat16), "must share one dtype"),
-        (dict(log_decay_shape=(3, 1)), r"log_decay must be a float array of shape \(3,\)"),
-        (dict(state_shape=(1, 3, 8, 8)), r"initial_state must have shape"),
-        (dict(seg_shape=(2, 16)), r"segment_ids must be an integer array of shape"),
-    ],
+test_bad_inputs = kernel_bad_inputs_test(
+    _interpreted, kernels="TPU lightning kernels", padding="padded inside to multiples of 8",
+    bad_dtype=(jnp.float16, "must share one dtype out of float32, bfloat16"),
 )
-def test_bad_inputs(change, match):
-    q, k, v, ld, h0, seg = kernel_bad_args(change)
-    with pytest.raises(ValueError, match=match):
-        _interpreted(q, k, v, ld, initial_state=h0, segment_ids=seg)
 
 
 def test_wrong_config_type():

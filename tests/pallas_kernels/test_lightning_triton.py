@@ -7,6 +7,7 @@ the kernels compiled at realistic sizes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,7 @@ from tests.ops.lightning_base import (
     LightningTestBase,
     assert_close_rel,
     check_case,
-    kernel_bad_args,
+    kernel_bad_inputs_test,
 )
 from tests.ops.masked_garbage import FILLS, check_lightning_garbage, lightning_scenario
 
@@ -93,24 +94,10 @@ def test_fused_forward_masked_garbage(scenario, key):
                             compiler_options=FAST_COMPILE)
 
 
-@pytest.mark.parametrize(
-    "change, match",
-    [
-        (dict(h=264), r"head_dim H is 264; the lightning kernels take head dims from 1 to 256 "
-                      r"\(padded inside to a power of two >= 16\); use impl='xla'"),
-        (dict(hv=257), "value head_dim Hv is 257; the lightning kernels take head dims from 1"),
-        (dict(dtype_k=jnp.bfloat16), "must share one dtype"),
-        (dict(dtype=jnp.int32), "must share one dtype"),
-        (dict(log_decay_shape=(2,)), r"log_decay must be a float array of shape \(3,\)"),
-        (dict(state_shape=(1, 3, 16, 8)), r"initial_state must have shape"),
-        (dict(seg_shape=(1, 7)), r"segment_ids must be an integer array of shape"),
-        (dict(v_len=5), "k must have q's shape"),
-    ],
+test_bad_inputs = kernel_bad_inputs_test(
+    functools.partial(lightning_attention, interpret=True), kernels="lightning kernels",
+    padding="padded inside to a power of two >= 16", bad_dtype=(jnp.int32, "must share one dtype"),
 )
-def test_bad_inputs(change, match):
-    q, k, v, ld, h0, seg = kernel_bad_args(change)
-    with pytest.raises(ValueError, match=match):
-        lightning_attention(q, k, v, ld, initial_state=h0, segment_ids=seg, interpret=True)
 
 
 @pytest.mark.parametrize("h, hv, padded", [(64, 64, False), (128, 64, False), (64, 128, False),

@@ -13,12 +13,12 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 import sharding
 from sharding.hybrid import HybridParallel
+from tests.helpers import bad_input_test
 
 
 @functools.cache
@@ -169,7 +169,4 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("call, match", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input(call, match):
-    with pytest.raises(ValueError, match=match):
-        call()
+test_bad_input = bad_input_test(CASES)

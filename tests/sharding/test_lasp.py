@@ -7,8 +7,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import socket
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -22,6 +20,7 @@ from jax.sharding import AxisType
 from attnlab.ops import lightning as L
 from sharding.lasp import lasp_attention
 from sharding.lasp2 import lasp2_attention
+from tests.helpers import free_port, run_processes
 from tests.pallas_kernels.test_lightning_triton import FUSED_CPU_CONFIG
 
 ALGOS = {"lasp": lasp_attention, "lasp2": lasp2_attention}
@@ -268,31 +267,14 @@ print("OK", jax.process_index())
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_local_processes(tmp_path):
     script = tmp_path / "lasp_two_process.py"
     script.write_text(textwrap.dedent(_TWO_PROCESS))
-    addr = f"127.0.0.1:{_free_port()}"
+    addr = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-    procs = [
-        subprocess.Popen([sys.executable, str(script), addr, str(i)], cwd=ROOT, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)
-    ]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=300)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, out[-3000:]
+    results = run_processes([[sys.executable, str(script), addr, str(i)] for i in range(2)],
+                            cwd=ROOT, env=env, timeout=300)
+    for i, (returncode, out) in enumerate(results):
+        assert returncode == 0, out[-3000:]
         assert f"OK {i}" in out, out[-3000:]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,15 +12,9 @@ import numpy as np
 import pytest
 
 from attnlab.ops import reference, star
-from tests.helpers import fwd_tol, grad_tol
+from tests.helpers import free_port, fwd_tol, grad_tol, run_processes
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _expected():
@@ -39,27 +31,16 @@ def _expected():
 
 @pytest.mark.slow
 def test_two_processes_match_single_process(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.sharding.mp_worker", str(port), str(i),
-             str(tmp_path / f"p{i}.npz")],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for i in range(2)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=240)[0])
-    finally:
-        for p in procs:  # never leave a hung worker behind
-            if p.poll() is None:
-                p.kill()
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i} failed:\n{logs[i][-3000:]}"
+    results = run_processes(
+        [[sys.executable, "-m", "tests.sharding.mp_worker", str(port), str(i),
+          str(tmp_path / f"p{i}.npz")] for i in range(2)],
+        cwd=ROOT, env=env, timeout=240,
+    )
+    for i, (returncode, log) in enumerate(results):
+        assert returncode == 0, f"process {i} failed:\n{log[-3000:]}"
     out, (dq, dk, dv) = _expected()
     for i in range(2):
         got = np.load(tmp_path / f"p{i}.npz")

@@ -20,22 +20,19 @@ import jax.numpy as jnp
 from attnlab.ops._registry import Implementation
 from attnlab.ops._vma import like_vma
 from attnlab.ops.attention import AttentionArgs
+from pallas_kernels.common.checks import DefaultConfig
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, finite_or_zero, mask_and, visible
 from pallas_kernels.common.static_args import check_int
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class XlaConfig:
+class XlaConfig(DefaultConfig):
     """Block size of the XLA path (keys per scan step)."""
 
     block_kv: int = 512
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_kv", check_int("block_kv", self.block_kv))
-
-    @classmethod
-    def get_default(cls) -> XlaConfig:
-        return cls()
 
 
 def _pad_axis(x: jax.Array, axis: int, pad: int, value=0) -> jax.Array:

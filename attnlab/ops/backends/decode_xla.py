@@ -12,12 +12,13 @@ import jax.numpy as jnp
 from attnlab.ops._registry import Implementation
 from attnlab.ops.decode import DecodeArgs, query_positions
 from attnlab.ops.merge import merge_n
+from pallas_kernels.common.checks import DefaultConfig
 from pallas_kernels.common.masks import MASK_VALUE, finite_or_zero, visible, weighted_sum
 from pallas_kernels.common.static_args import check_int
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class XlaDecodeConfig:
+class XlaDecodeConfig(DefaultConfig):
     """Chunking of the ``"xla"`` implementation.
 
     Attributes:
@@ -32,10 +33,6 @@ class XlaDecodeConfig:
     def __post_init__(self) -> None:
         kps = check_int("keys_per_split", self.keys_per_split)
         object.__setattr__(self, "keys_per_split", kps)
-
-    @classmethod
-    def get_default(cls) -> XlaDecodeConfig:
-        return cls()
 
 
 def _fn(q, k, v, a: DecodeArgs) -> tuple[jax.Array, jax.Array]:

@@ -10,23 +10,20 @@ import jax.numpy as jnp
 
 from attnlab.ops._registry import Implementation
 from attnlab.ops.lightning import LightningArgs, matmul_dtype, segment_starts
+from pallas_kernels.common.checks import DefaultConfig
 from pallas_kernels.common.lightning import decay_power, decayed_state_scan, scale_state
 from pallas_kernels.common.masks import finite_or_zero, weighted_sum
 from pallas_kernels.common.static_args import check_int
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class XlaLightningConfig:
+class XlaLightningConfig(DefaultConfig):
     """Chunk length of the ``"xla"`` path (tokens per intra-block; the T x C score tile)."""
 
     chunk_size: int = 64
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "chunk_size", check_int("chunk_size", self.chunk_size))
-
-    @classmethod
-    def get_default(cls) -> XlaLightningConfig:
-        return cls()
 
 
 # ----------------------------------------------------------------------------- decay slopes
