@@ -41,13 +41,20 @@ def test_quickstart_notebook_runs(capsys):
     assert values["MLA d_c=16"] == 16 + 16 < values["GQA"]  # d_c + d_R
     # Without recall: H_4 / 4 = 25/48 by elimination when every key is asked once, 1/4 otherwise.
     assert abs(g["elimination"] - 25 / 48) < 0.03 and abs(g["guess"] - 0.25) < 0.03
-    recall = g["recall"]  # the committed CPU run: only all-softmax recalls at 2 pairs
-    assert recall["softmax"][0] > 0.9 > max(recall[m][0] for m in recall if m != "softmax")
+    recall = g["recall"]  # the committed H100 run: at the most pairs the hybrid recalls at
+    # least as well as softmax (within 10 points) and far better than all-lightning
+    assert recall["hybrid 7:1"][-1] >= recall["softmax"][-1] - 0.1
+    assert recall["hybrid 7:1"][-1] >= recall["lightning"][-1] + 0.3
+    throughput = g["throughput"]  # 2K to 64K tokens for the three models, from one run
+    assert set(throughput) == {"softmax", "lightning", "hybrid 7:1"}
+    for rows in throughput.values():
+        assert [r["seq_len"] for r in rows] == [2048, 16384, 65536]
     # Star Attention generation: one block is global attention, 4 devices equal one.
     assert "one block is global attention: True" in out
     np.testing.assert_array_equal(np.asarray(g["one_block"]), np.asarray(g["full"]))
     np.testing.assert_array_equal(np.asarray(g["sharded_tokens"]), np.asarray(g["star_tokens"]))
     assert _max_err(g["sharded_logits"], g["star_logits"]) < 1e-4
-    accuracy = g["star_accuracy"]  # the committed CPU run: one block is global, exactly
-    assert set(accuracy) == {"niah", "multikey", "vt 2 hops"}
-    assert all(a["star, 1 block"] == a["global"] for a in accuracy.values())
+    accuracy = g["star_accuracy"]  # the committed H100 run (bfloat16): one block is global
+    # up to near ties that round the other way (under 2 % of the answers)
+    assert set(accuracy) == {"niah", "multikey", "vt 2 hops", "vt 3 hops"}
+    assert all(abs(a["star, 1 block"] - a["global"]) < 0.02 for a in accuracy.values())
