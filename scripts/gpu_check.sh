@@ -58,6 +58,14 @@ MODEL_TIMEOUT=${MODEL_TIMEOUT:-300}
 SP_TIMEOUT=${SP_TIMEOUT:-500}
 SCALING_TIMEOUT=${SCALING_TIMEOUT:-570}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
+# step LOG LIMIT CMD...: CMD under a time limit of LIMIT seconds, its output also in
+# $OUT/LOG.log; a failure (or the limit) marks the whole run failed, and the next step runs.
+step() {
+  local log=$1 limit=$2
+  shift 2
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$log.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+}
 
 if want tests; then
 echo "== GPU tests"
@@ -85,17 +93,15 @@ fi
 if want bench; then
 echo "== bench attention (H=16, D=128, B*S=32768, bf16; fwd both masks, fwd+bwd causal)"
 # The bench rewrites its JSON after every (S, causal, pass) group, so a timeout keeps what ran.
-timeout 310 python3 -m attnlab.cli bench attention --shapes 2048,8192,32768 \
+step bench_attention 310 python3 -m attnlab.cli bench attention --shapes 2048,8192,32768 \
   --batch-tokens 32768 --heads 16 --head-dim 128 --dtype bfloat16 \
   --causal both --passes fwd,fwdbwd --bwd-causal-only --repeats 20 \
-  --out "$OUT/bench_attention_h100.json" 2>&1 | tee "$OUT/bench_attention.log"
-[ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+  --out "$OUT/bench_attention_h100.json"
 fi
 
 if want decode && [ -f attnlab/bench/decode.py ]; then
 echo "== bench decode (T=1, GQA 8, bf16, KV 32K-128K)"
-timeout 120 python3 -m attnlab.bench.decode --out "$OUT/bench_decode_h100.json" 2>&1 \
-  | tee "$OUT/bench_decode.log" || status=1
+step bench_decode 120 python3 -m attnlab.bench.decode --out "$OUT/bench_decode_h100.json"
 fi
 
 if want memory; then
@@ -106,81 +112,67 @@ fi
 
 if want lightning && [ -f attnlab/bench/lightning.py ]; then
 echo "== bench lightning (H=16, D=128, bf16, B*T=65536; fla chunk_lightning_attn when carried)"
-timeout "$LIGHTNING_TIMEOUT" python3 -m attnlab.bench.lightning --out "$OUT/bench_lightning.json" \
-  2>&1 | tee "$OUT/bench_lightning.log"
-[ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+step bench_lightning "$LIGHTNING_TIMEOUT" python3 -m attnlab.bench.lightning \
+  --out "$OUT/bench_lightning.json"
 fi
 
 if want model && [ -f attnlab/bench/model.py ]; then
 echo "== bench model (350M softmax at 4K; 7:1 lightning hybrid vs softmax at 32K)"
-timeout "$MODEL_TIMEOUT" python3 -m attnlab.bench.model --out "$OUT/bench_model.json" \
-  2>&1 | tee "$OUT/bench_model.log"
-[ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+step bench_model "$MODEL_TIMEOUT" python3 -m attnlab.bench.model --out "$OUT/bench_model.json"
 fi
 
 if want mosaic; then
 echo "== Mosaic GPU forward against cuDNN, tokamax and pallas_triton (H=16, D=128, B*S=32K, bf16)"
-timeout "${MOSAIC_TIMEOUT:-150}" python3 -m attnlab.cli bench attention --shapes 8192,32768 \
-  --batch-tokens 32768 --heads 16 --head-dim 128 --dtype bfloat16 --causal both \
-  --passes "${MOSAIC_PASSES:-fwd}" --bwd-causal-only --repeats 10 \
-  --impls pallas_mosaic_gpu,pallas_triton --out "$OUT/bench_mosaic.json" 2>&1 \
-  | tee "$OUT/bench_mosaic.log"
-[ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+step bench_mosaic "${MOSAIC_TIMEOUT:-150}" python3 -m attnlab.cli bench attention \
+  --shapes 8192,32768 --batch-tokens 32768 --heads 16 --head-dim 128 --dtype bfloat16 \
+  --causal both --passes "${MOSAIC_PASSES:-fwd}" --bwd-causal-only --repeats 10 \
+  --impls pallas_mosaic_gpu,pallas_triton --out "$OUT/bench_mosaic.json"
 fi
 
 if want star; then
 echo "== Star Attention prefill (context phase) against full causal, 32K-128K, blocks 8K/16K"
-timeout "${STAR_TIMEOUT:-120}" python3 -m attnlab.bench.star --out "$OUT/bench_star.json" 2>&1 \
-  | tee "$OUT/bench_star.log"
-[ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+step bench_star "${STAR_TIMEOUT:-120}" python3 -m attnlab.bench.star --out "$OUT/bench_star.json"
 fi
 
 if want mla; then
 echo "== MLA latent decode (B=32, N=128, d_c=512, d_R=64; MLA_SWEEP=1: the Triton config sweep)"
 sweep=(); [ "${MLA_SWEEP:-0}" = 1 ] && sweep=(--sweep --seq-lens "${MLA_SWEEP_LENS:-32768}")
-timeout "${MLA_TIMEOUT:-120}" python3 -m attnlab.bench.mla --repeats 10 "${sweep[@]}" \
-  --out "$OUT/bench_mla.json" 2>&1 | tee "$OUT/bench_mla.log"
-[ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+step bench_mla "${MLA_TIMEOUT:-120}" python3 -m attnlab.bench.mla --repeats 10 "${sweep[@]}" \
+  --out "$OUT/bench_mla.json"
 fi
 
-for step in $STEPS; do
-  case $step in full-*)
-    name=${step#full-}
+for s in $STEPS; do
+  case $s in full-*)
+    name=${s#full-}
     echo "== experiments/$name.py --preset full"
-    timeout "${FULL_TIMEOUT:-590}" python3 "experiments/$name.py" --preset full --out "$OUT" \
-      2>&1 | tee "$OUT/${name}_full.log"
-    [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+    step "${name}_full" "${FULL_TIMEOUT:-590}" python3 "experiments/$name.py" --preset full \
+      --out "$OUT"
   esac
 done
 
 if want sp && [ -f attnlab/bench/sp.py ]; then
 echo "== bench sequence parallelism (needs >= 2 GPUs)"
-timeout "$SP_TIMEOUT" python3 -m attnlab.bench.sp --out "$OUT/bench_sp.json" \
-  2>&1 | tee "$OUT/bench_sp.log"
-[ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+step bench_sp "$SP_TIMEOUT" python3 -m attnlab.bench.sp --out "$OUT/bench_sp.json"
 fi
 
 if want lasp; then
 echo "== LASP / LASP-2 on 2 GPUs at 2T vs 1 GPU at T, with data_parallel and the per-block pieces"
-timeout "${LASP_TIMEOUT:-240}" python3 -m attnlab.bench.lightning --lasp --seq-lens 32768,65536 \
-  --repeats 5 --out "$OUT/bench_lasp.json" 2>&1 | tee "$OUT/bench_lasp.log"
-[ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+step bench_lasp "${LASP_TIMEOUT:-240}" python3 -m attnlab.bench.lightning --lasp \
+  --seq-lens 32768,65536 --repeats 5 --out "$OUT/bench_lasp.json"
 fi
 
 if want lasp1; then
 echo "== LASP / LASP-2 on a one-device mesh (collectives are no-ops): the compute each adds per device"
-timeout "${LASP_TIMEOUT:-240}" python3 -m attnlab.bench.lightning --lasp --lasp-devices 1 \
-  --seq-lens 32768,65536 --repeats 10 --out "$OUT/bench_lasp_1dev.json" 2>&1 \
-  | tee "$OUT/bench_lasp_1dev.log"
-[ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+step bench_lasp_1dev "${LASP_TIMEOUT:-240}" python3 -m attnlab.bench.lightning --lasp \
+  --lasp-devices 1 --seq-lens 32768,65536 --repeats 10 --out "$OUT/bench_lasp_1dev.json"
 fi
 
 if want scaling && [ -f attnlab/bench/scaling.py ]; then
 echo "== bench scaling (meshes 1, 2, 4, 8 and 2x4 of the visible GPUs; ring, zigzag, striped,"
 echo "   Ulysses, LASP, LASP-2; budget SCALING_TIMEOUT - 30 s, JSON rewritten after every row)"
-timeout "$SCALING_TIMEOUT" python3 -m attnlab.bench.scaling --budget-s $((SCALING_TIMEOUT - 30)) \
-  --out "$OUT/bench_scaling.json" --plot "$OUT/bench_scaling.png" 2>&1 | tee "$OUT/bench_scaling.log"
-[ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+step bench_scaling "$SCALING_TIMEOUT" python3 -m attnlab.bench.scaling \
+  --budget-s $((SCALING_TIMEOUT - 30)) --out "$OUT/bench_scaling.json" \
+  --plot "$OUT/bench_scaling.png"
 fi
 
 echo "gpu_check: done (status $status)"

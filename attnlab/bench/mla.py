@@ -36,7 +36,14 @@ import jax
 import jax.numpy as jnp
 
 from attnlab.bench.decode import copy_bandwidth
-from attnlab.bench.harness import ints, max_abs_err, run_record, time_call, write_json
+from attnlab.bench.harness import (
+    add_timing_args,
+    ints,
+    max_abs_err,
+    run_record,
+    time_call,
+    write_json,
+)
 from attnlab.ops import decode_attention, mla
 from attnlab.ops.attention import platform
 from pallas_kernels.gpu.mla_decode import MlaDecodeConfig
@@ -61,7 +68,8 @@ def _inputs(key, b, s, n, d_c, d_r, d_n, d_v, dtype):
 
 def bench_one(s: int, *, b: int, n: int, d_c: int, d_r: int, d_n: int, d_v: int,
               dtype: Any, impls: Sequence[Any], repeats: int, copy_gbps: float,
-              materialize: bool, materialize_batch: int = 4) -> list[dict[str, Any]]:
+              materialize: bool, materialize_batch: int = 4,
+              warmup: int = 2) -> list[dict[str, Any]]:
     """Rows for one cache length: each latent implementation, then the materialized cache."""
     q_nope, q_rope, cache, w_uk, w_uv = _inputs(jax.random.key(s), b, s, n, d_c, d_r, d_n,
                                                 d_v, dtype)
@@ -88,7 +96,8 @@ def bench_one(s: int, *, b: int, n: int, d_c: int, d_r: int, d_n: int, d_v: int,
             if not err < 5e-2:
                 row["status"] = "FAILED"
             else:
-                t = time_call(f, q_nope, q_rope, cache, w_uk, w_uv, repeats=repeats)
+                t = time_call(f, q_nope, q_rope, cache, w_uk, w_uv, repeats=repeats,
+                              warmup=warmup)
                 row.update(status="ok", ms=t.median_ms,
                            GBps=nbytes / (t.median_ms * 1e-3) / 1e9)
                 row["ratio_copy"] = row["GBps"] / copy_gbps
@@ -116,7 +125,7 @@ def bench_one(s: int, *, b: int, n: int, d_c: int, d_r: int, d_n: int, d_v: int,
             row = dict(kind="materialized", impl=impl, S=s, timed_batch=mb,
                        bytes=(kk.size + v.size) * item)
             row["max_abs_err_vs_xla"] = max_abs_err(f(qq, kk, v), want_m)
-            t = time_call(f, qq, kk, v, repeats=repeats)
+            t = time_call(f, qq, kk, v, repeats=repeats, warmup=warmup)
             row.update(status="ok", ms_timed_batch=t.median_ms, ms=t.median_ms * b / mb,
                        GBps=row["bytes"] / (t.median_ms * 1e-3) / 1e9)
             rows.append(row)
@@ -140,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--impls", default="pallas_triton,xla")
     p.add_argument("--materialize-up-to", type=int, default=8192,
                    help="time the materialized cache for S up to this (memory)")
-    p.add_argument("--repeats", type=int, default=20)
+    add_timing_args(p, repeats=20)
     p.add_argument("--sweep", action="store_true",
                    help="time the Triton kernel under each SWEEP config (GPU)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU)")
@@ -160,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for s in args.seq_lens:
         rows += bench_one(s, **dims, dtype=jnp.bfloat16, impls=impls,
-                          repeats=args.repeats, copy_gbps=copy["GBps"],
+                          repeats=args.repeats, warmup=args.warmup, copy_gbps=copy["GBps"],
                           materialize=s <= args.materialize_up_to and not args.sweep)
         for r in rows[-len(impls) - 2:]:
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from attnlab.bench.harness import (
+    add_shape_args,
+    add_timing_args,
     check_dtype,
     ints,
     max_abs_err,
@@ -94,7 +96,8 @@ def check(kind: str, impl: str, *, t_check: int, n: int, h: int, dtype: Any) -> 
 
 def bench(seq_lens: Sequence[int], blocks: Sequence[int], *, batch: int, heads: int,
           head_dim: int, dtype: Any, impls: Sequence[str], repeats: int, t_check: int,
-          anchors: bool, out: str | None = None, argv: Sequence[str] = ()) -> dict[str, Any]:
+          anchors: bool, warmup: int = 2, out: str | None = None,
+          argv: Sequence[str] = ()) -> dict[str, Any]:
     """Rows for every (T, kind, block, implementation); the record is rewritten to ``out``
     after each T (a run stopped by a time limit keeps what it measured)."""
     plat = platform()
@@ -122,7 +125,8 @@ def bench(seq_lens: Sequence[int], blocks: Sequence[int], *, batch: int, heads: 
                 row.update(status="FAILED", check=failed[(kind, impl)])
             else:
                 try:
-                    tm = time_call(jax.jit(_fn(kind, impl, bs)), q, k, v, repeats=repeats)
+                    tm = time_call(jax.jit(_fn(kind, impl, bs)), q, k, v, repeats=repeats,
+                                   warmup=warmup)
                     flops = (star_flops(batch, t, heads, head_dim, bs) if kind == "star"
                              else full_flops(batch, t, heads, head_dim))
                     row.update(status="ok", ms=tm.median_ms,
@@ -156,14 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seq-lens", type=ints, default=[32768, 65536, 131072])
     p.add_argument("--blocks", type=ints, default=[8192, 16384])
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--dtype", default="bfloat16")
+    add_shape_args(p, heads=16)
     p.add_argument("--impls", default="pallas_triton",
                    help="attnlab implementations (comma-separated)")
     p.add_argument("--no-anchors", action="store_true", help="do not time cuDNN")
     p.add_argument("--t-check", type=int, default=2048, help="length of the correctness check")
-    p.add_argument("--repeats", type=int, default=10)
+    add_timing_args(p, repeats=10)
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -173,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     record = bench(args.seq_lens, args.blocks, batch=args.batch, heads=args.heads,
                    head_dim=args.head_dim, dtype=check_dtype(args.dtype),
                    impls=names(args.impls) or [], repeats=args.repeats, t_check=args.t_check,
-                   anchors=not args.no_anchors, out=args.out, argv=argv)
+                   anchors=not args.no_anchors, warmup=args.warmup, out=args.out, argv=argv)
     print({k: record[k] for k in ("device_kind", "jax_version")})
     return 0
 

@@ -1,0 +1,29 @@
+"""attnlab.bench.mla: the latent decode benchmark's record (smoke on CPU) and its sweep grid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from attnlab.bench import mla as bm
+from pallas_kernels.gpu.mla_decode import MlaDecodeConfig
+
+
+def test_smoke_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "mla.json"
+    assert bm.main(["--smoke", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["dims"] == dict(b=2, n=4, d_c=32, d_r=16, d_n=16, d_v=16)
+    kinds = [(r["kind"], r["impl"]) for r in rec["rows"]]
+    assert kinds == [("latent", "pallas_triton"), ("latent", "xla"),
+                     ("materialized", "pallas_triton"), ("materialized", "xla")]
+    for r in rec["rows"]:
+        assert r["status"] == "ok" and r["ms"] > 0 and r["max_abs_err_vs_xla"] < 5e-2, r
+    assert all(r["speedup_vs_materialized"] > 0 for r in rec["rows"] if r["kind"] == "latent")
+
+
+def test_sweep_grid_is_valid_configs() -> None:
+    configs = [MlaDecodeConfig(block_kv=kv, block_rows=r, num_warps=w, num_stages=st,
+                               keys_per_split=kps) for kv, r, w, st, kps in bm.SWEEP]
+    assert len(set(configs)) == len(bm.SWEEP) >= 12
+    assert MlaDecodeConfig() in configs  # the default is among those timed
