@@ -53,9 +53,10 @@ from pallas_kernels.gpu._common import (
     split_range,
     split_step,
 )
-from pallas_kernels.gpu.decode import DecodeConfig
 
-SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# The latent kernel is a split-K decode kernel: the decode kernel's dtypes and config fields.
+from pallas_kernels.gpu.decode import SUPPORTED_DTYPES, DecodeConfig
+
 # About this many programs in flight (several waves of an H100's 132 SMs).
 TARGET_PROGRAMS = 512
 MIN_SPLIT = 256
