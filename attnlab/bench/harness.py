@@ -172,6 +172,58 @@ def time_call(fn: Callable[..., Any], *args: Any, repeats: int = 20, warmup: int
     return Timing(statistics.median(times), tuple(times), first)
 
 
+def repeated_program(fn: Callable[..., Any], calls: int, *, chain: bool = False
+                     ) -> Callable[..., Any]:
+    """``(zeros, *args) -> out``: ``fn(*args)`` run ``calls`` times in a ``lax.fori_loop``,
+    for jit.
+
+    ``zeros`` is a [calls] float32 array of zeros passed at run time: call i's first argument
+    is ``args[0] + zeros[i] * s`` with ``s`` one element of call i - 1's output, so every call
+    depends on the one before and XLA can neither hoist ``fn`` out of the loop nor fold the
+    perturbation away (it cannot know ``zeros`` is zero). ``chain=True`` feeds each output
+    back as the next call's first argument instead (``fn`` maps x to an x of the same shape,
+    like the copy ``x + 1``). The first argument must be floating point. Returns the last
+    output.
+    """
+    if calls < 1:
+        raise ValueError(f"calls must be >= 1, got {calls}")
+
+    def program(zeros: jax.Array, first: Any, *rest: Any) -> Any:
+        if chain:
+            return jax.lax.fori_loop(
+                0, calls, lambda i, x: fn(x + zeros[i].astype(x.dtype), *rest), first)
+
+        def body(i: Any, carry: tuple[jax.Array, Any]) -> tuple[jax.Array, Any]:
+            s, _ = carry
+            out = fn(first + (zeros[i] * s).astype(first.dtype), *rest)
+            return jax.tree.leaves(out)[0].ravel()[0].astype(jnp.float32), out
+
+        like = jax.eval_shape(fn, first, *rest)
+        init = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), like)
+        return jax.lax.fori_loop(0, calls, body, (jnp.float32(0), init))[1]
+
+    return program
+
+
+def time_in_program(fn: Callable[..., Any], *args: Any, calls: int = 8, repeats: int = 10,
+                    warmup: int = 2, chain: bool = False) -> Timing:
+    """Device time per call of ``fn``: :func:`repeated_program` of ``calls`` calls jitted and
+    timed as one (:func:`time_call`), divided by ``calls``.
+
+    One call per dispatch (:func:`time_call`) also counts the host's dispatch and the gap
+    before the next launch, which dominate calls of a few hundred microseconds (decoding
+    one token, say). A generation loop on the device runs its steps back to back; this
+    measures that (the loop's own cost per step, a few microseconds, is counted).
+
+    Returns:
+      A :class:`Timing` whose times are per call.
+    """
+    zeros = jnp.zeros((calls,), jnp.float32)
+    t = time_call(jax.jit(repeated_program(fn, calls, chain=chain)), zeros, *args,
+                  repeats=repeats, warmup=warmup)
+    return Timing(t.median_ms / calls, tuple(x / calls for x in t.times_ms), t.first_call_s)
+
+
 def time_or_error(
     fn: Callable[..., Any], args: Sequence[Any], repeats: int, *, warmup: int = 2
 ) -> dict[str, Any]:

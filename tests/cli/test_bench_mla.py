@@ -19,7 +19,12 @@ def test_smoke_writes_json(tmp_path: Path) -> None:
                      ("materialized", "pallas_triton"), ("materialized", "xla")]
     for r in rec["rows"]:
         assert r["status"] == "ok" and r["ms"] > 0 and r["max_abs_err_vs_xla"] < 5e-2, r
-    assert all(r["speedup_vs_materialized"] > 0 for r in rec["rows"] if r["kind"] == "latent")
+        assert r["ms_in_program"] > 0 and r["GBps_in_program"] > 0, r
+    for r in rec["rows"]:
+        if r["kind"] == "latent":
+            assert r["speedup_vs_materialized"] > 0 and r["ratio_copy_in_program"] > 0, r
+            assert r["speedup_vs_materialized_in_program"] > 0, r
+    assert rec["copy"]["GBps_in_program"] > 0
 
 
 def test_sweep_grid_is_valid_configs() -> None:
