@@ -4,9 +4,9 @@
 #
 # Run from the repo root there (the device tool's working tree):
 #   bash scripts/gpu_check.sh [steps]         # carry [".whl"] as well to time tokamax
-# steps: any of tests, info, bench, decode, memory, lightning, model, mosaic, star, mla, sp, lasp,
-# lasp1, scaling, and full-<experiment> (experiments/<experiment>.py --preset full, its JSON and
-# PNG into $OUT; one 10-minute call each)
+# steps: any of tests, info, bench, decode, memory, lightning, model, mosaic, mosaic-sweep, star,
+# mla, sp, lasp, lasp1, scaling, and full-<experiment> (experiments/<experiment>.py --preset
+# full, its JSON and PNG into $OUT; one 10-minute call each)
 # (default: the first five; the others are the later issues' benchmarks and are asked for by
 # name; lasp1 runs on one GPU; scaling needs several GPUs
 # and a call of its own: `bash scripts/gpu_check.sh scaling` on nvidia-h200-x8 with
@@ -127,6 +127,12 @@ step bench_mosaic "${MOSAIC_TIMEOUT:-150}" python3 -m attnlab.cli bench attentio
   --shapes 8192,32768 --batch-tokens 32768 --heads 16 --head-dim 128 --dtype bfloat16 \
   --causal both --passes "${MOSAIC_PASSES:-fwd}" --bwd-causal-only --repeats 10 \
   --impls pallas_mosaic_gpu,pallas_triton --out "$OUT/bench_mosaic.json"
+fi
+
+if want mosaic-sweep; then
+echo "== Mosaic GPU forward tiles (block_kv, compute warpgroups, pipeline depth) against cuDNN"
+step mosaic_sweep "${MOSAIC_SWEEP_TIMEOUT:-450}" python3 scripts/mosaic_sweep.py \
+  --budget-s $((${MOSAIC_SWEEP_TIMEOUT:-450} - 60)) --out "$OUT/mosaic_sweep.json"
 fi
 
 if want star; then

@@ -1,0 +1,118 @@
+"""Tile sweep of the Mosaic GPU flash-attention forward (Hopper only): which
+``MosaicFlashConfig`` is fastest, against cuDNN timed in the same run.
+
+    python scripts/mosaic_sweep.py --out $OUT/mosaic_sweep.json
+
+For each (S, causal) it checks every candidate against ``impl="xla"`` on the same inputs, then
+times it (median of ``--repeats``); a candidate that does not compile (shared memory, say) or
+disagrees is recorded with its error and not timed. ``--smoke`` runs tiny shapes in the
+Mosaic GPU interpreter on CPU (the code path, not the speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+
+from attnlab.bench.harness import (
+    add_timing_args,
+    attention_flops,
+    ints,
+    max_abs_err,
+    run_record,
+    short_error,
+    tflops_per_s,
+    time_call,
+    write_json,
+)
+from attnlab.ops import attention
+from attnlab.testing import tolerance
+from pallas_kernels.gpu.mgpu_common import MosaicFlashConfig
+
+
+def candidates() -> list[MosaicFlashConfig]:
+    """Key tile x compute warpgroups x pipeline depth."""
+    return [MosaicFlashConfig(block_kv=kv, compute_wgs=w, max_concurrent_steps=st)
+            for kv, w, st in itertools.product((64, 128), (2, 1), (2, 3, 4))]
+
+
+def sweep(seq_lens, *, batch_tokens: int, heads: int, head_dim: int, repeats: int,
+          warmup: int, budget_s: float, out: str | None, argv) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    record = run_record(argv, dims=dict(batch_tokens=batch_tokens, heads=heads,
+                                        head_dim=head_dim), dtype="bfloat16", rows=rows)
+    t0 = time.perf_counter()
+    tol = tolerance(jnp.bfloat16, "gpu").out
+    for s, causal in itertools.product(seq_lens, (True, False)):
+        b = max(1, batch_tokens // s)
+        kq, kk, kv = jax.random.split(jax.random.key(s), 3)
+        q, k, v = (jax.random.normal(x, (b, s, heads, head_dim), jnp.bfloat16)
+                   for x in (kq, kk, kv))
+        want = jax.jit(lambda q, k, v, c=causal: attention(q, k, v, is_causal=c, impl="xla"))(
+            q, k, v)
+        flops = attention_flops(b, s, heads, head_dim, causal=causal)
+        named = [("cudnn", None)] + [("pallas_mosaic_gpu", c) for c in candidates()]
+        for impl, cfg in named:
+            row: dict[str, Any] = dict(S=s, B=b, causal=causal, impl=impl,
+                                       config=None if cfg is None else dataclasses.asdict(cfg))
+            if time.perf_counter() - t0 > budget_s:
+                row["status"] = "skipped (time budget)"
+                rows.append(row)
+                continue
+            try:
+                f = jax.jit(lambda q, k, v, impl=impl, cfg=cfg, c=causal: attention(
+                    q, k, v, is_causal=c, impl=impl, config=cfg))
+                row["max_abs_err"] = err = max_abs_err(f(q, k, v), want)
+                if not err <= tol * 4:  # bf16 outputs of O(1) values against xla's bf16
+                    row["status"] = f"wrong: max abs err {err:.3g}"
+                else:
+                    ms = time_call(f, q, k, v, repeats=repeats, warmup=warmup).median_ms
+                    row.update(status="ok", ms=ms, tflops=tflops_per_s(flops, ms))
+            except Exception as e:  # noqa: BLE001 - a config that does not compile: record it
+                row["status"] = f"error: {short_error(e)}"
+            rows.append(row)
+            print({k_: (round(x, 3) if isinstance(x, float) else x) for k_, x in row.items()},
+                  flush=True)
+        ref = [r for r in rows if r["S"] == s and r["causal"] == causal and r.get("ms")]
+        cudnn = [r["ms"] for r in ref if r["impl"] == "cudnn"]
+        for r in ref:
+            if cudnn:
+                r["ratio_cudnn"] = cudnn[0] / r["ms"]
+        if out:
+            write_json(out, record)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="python scripts/mosaic_sweep.py",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--seq-lens", type=ints, default=[8192, 32768])
+    p.add_argument("--batch-tokens", type=int, default=32768)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--budget-s", type=float, default=400.0)
+    add_timing_args(p, repeats=10)
+    p.add_argument("--out", default=None)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, interpreted on CPU")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.seq_lens, a.batch_tokens, a.heads, a.head_dim, a.repeats = [128], 128, 1, 64, 1
+    sweep(a.seq_lens, batch_tokens=a.batch_tokens, heads=a.heads, head_dim=a.head_dim,
+          repeats=a.repeats, warmup=a.warmup, budget_s=a.budget_s, out=a.out, argv=argv)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
