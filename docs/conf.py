@@ -60,6 +60,8 @@ nitpick_ignore_regex = [
                              r"|Sharding|Any|Callable|Sequence|Mapping|Iterable|Iterator"
                              r"|Path|Self|NoneType|ellipsis|Literal|Protocol|TypeVar|Console"
                              r"|PRNGKeyArray|Module|GradientTransformation|Rngs)"),
+    # type variables of generic helpers
+    (r"py:class", r"pallas_kernels\.common\.checks\.C"),
 ]
 
 html_theme = "alabaster"

@@ -132,6 +132,9 @@ def train(p: Preset, log: Progress) -> tuple[Transformer, dict[str, Any]]:
     """``p.steps`` AdamW steps on the tasks in turn (through the curriculum's lengths, then
     ``context_len``); returns the model and the loss curves."""
     lengths = (*p.curriculum, p.context_len)
+    if list(lengths) != sorted(set(lengths)) or lengths[0] < 1:
+        raise ValueError(f"curriculum must be increasing positive lengths shorter than "
+                         f"context_len={p.context_len}, got {p.curriculum}")
     stages = [[make_task(name, c) for name in p.tasks] for c in lengths]
     tasks = stages[-1]
     tc = TrainConfig(steps=p.steps, batch_size=p.batch_size, seq_len=tasks[0].seq_len, lr=p.lr,

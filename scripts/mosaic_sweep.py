@@ -1,5 +1,6 @@
 """Tile sweep of the Mosaic GPU flash-attention forward (Hopper only): which
-``MosaicFlashConfig`` is fastest, against cuDNN timed in the same run.
+``MosaicFlashConfig`` (key tile, pipeline depth, compute warpgroups, their turns on the
+tensor cores) is fastest, against cuDNN timed in the same run.
 
     python scripts/mosaic_sweep.py --out $OUT/mosaic_sweep.json
 
@@ -42,9 +43,16 @@ from pallas_kernels.gpu.mgpu_common import MosaicFlashConfig
 
 
 def candidates() -> list[MosaicFlashConfig]:
-    """Key tile x compute warpgroups x pipeline depth."""
-    return [MosaicFlashConfig(block_kv=kv, compute_wgs=w, max_concurrent_steps=st)
-            for kv, w, st in itertools.product((64, 128), (2, 1), (2, 3, 4))]
+    """Key tile x pipeline depth x (two compute warpgroups with and without turns on the
+    tensor cores, one compute warpgroup); the default first."""
+    out = [MosaicFlashConfig()]
+    for kv, st, (w, pp) in itertools.product((64, 128), (2, 3),
+                                             ((2, True), (2, False), (1, False))):
+        cfg = MosaicFlashConfig(block_kv=kv, compute_wgs=w, max_concurrent_steps=st,
+                                pingpong=pp)
+        if cfg not in out:
+            out.append(cfg)
+    return out
 
 
 def sweep(seq_lens, *, batch_tokens: int, heads: int, head_dim: int, repeats: int,

@@ -96,9 +96,12 @@ def test_star_attention_full_preset_code_path():
     shrunk copy: runs and records every method."""
     p = dataclasses.replace(star_attention.PRESETS["full"], d_model=32, num_layers=2,
                             num_heads=2, mlp_dim=64, steps=8, warmup_steps=2, batch_size=4,
-                            context_len=64, eval_lengths=(64, 128), eval_batches=1,
-                            eval_batch_size=4)
+                            context_len=64, curriculum=(32,), eval_lengths=(64, 128),
+                            eval_batches=1, eval_batch_size=4)
     result = star_attention.run(p, Progress(quiet=True))
+    assert result["training"]["curriculum"] == [32, 64]
+    with pytest.raises(ValueError, match="curriculum must be increasing"):
+        star_attention.train(dataclasses.replace(p, curriculum=(128,)), Progress(quiet=True))
     rows = result["evaluation"]
     assert [(r["task"], r["context_len"]) for r in rows] == [
         (t, c) for c in (64, 128) for t in p.tasks]

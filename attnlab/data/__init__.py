@@ -17,6 +17,7 @@ from attnlab.data.tasks import (
     Induction,
     NeedleInHaystack,
     Passkey,
+    RetrievalTask,
     VariableTracking,
     calendar_answer,
 )
@@ -47,7 +48,7 @@ def make_dataset(name: str, *, seq_len: int, seed: int = 0, **kwargs: Any) -> An
 
 __all__ = [
     "DATASETS", "EOS", "MQAR", "VOCAB_SIZE", "Batch", "Calendar", "Induction",
-    "NeedleInHaystack", "Passkey", "VariableTracking",
+    "NeedleInHaystack", "Passkey", "RetrievalTask", "VariableTracking",
     "StdlibCorpus", "calendar_answer", "decode", "encode", "make_dataset", "pack_documents",
     "positions_from_segments", "rows_from_windows", "stdlib_files",
 ]

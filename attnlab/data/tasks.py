@@ -298,7 +298,7 @@ def _retrieval_row(rng: np.random.Generator, seq_len: int, statements: list[np.n
     return np.concatenate(parts).astype(np.int32)
 
 
-class _RetrievalTask:
+class RetrievalTask:
     """What the token-level retrieval tasks (:class:`NeedleInHaystack`,
     :class:`VariableTracking`) share: a subclass is a frozen dataclass with ``seq_len``,
     ``seed`` and ``value_len`` and a ``row(rng)`` of T + 1 tokens whose last ``value_len``
@@ -342,7 +342,7 @@ def _check_retrieval(seq_len: int, seed: int, value_len: int, statement_tokens: 
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class NeedleInHaystack(_RetrievalTask):
+class NeedleInHaystack(RetrievalTask):
     """Needle(s) in a haystack, token-level (RULER's NIAH single and multi-key variants).
 
     ``BOS f f .. NEEDLE k1 v1 .. f .. NEEDLE k2 v2 .. f QUERY k2 v2``: ``num_needles`` needles
@@ -381,7 +381,7 @@ class NeedleInHaystack(_RetrievalTask):
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class VariableTracking(_RetrievalTask):
+class VariableTracking(RetrievalTask):
     """Variable tracking, token-level (RULER's VT): multi-hop chains of assignments.
 
     A chain is ``ASSIGN x1 v`` then ``ASSIGN x2 x1`` .. ``ASSIGN xh x(h-1)`` (``hops``

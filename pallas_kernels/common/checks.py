@@ -95,7 +95,7 @@ def check_latent_decode_inputs(
 
 class DefaultConfig:
     """Base of a config dataclass whose defaults are its field defaults: ``get_default()``
-    (what :func:`check_config` calls for a missing config) is ``cls()``. A config whose
+    (what ``check_config`` calls for a missing config) is ``cls()``. A config whose
     default depends on the call (head dim, dtype) defines its own ``get_default``."""
 
     __slots__ = ()

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.common.static_args import check_int
+from pallas_kernels.common.static_args import check_bool, check_int
 
 # wgmma works on 64-row slabs per warpgroup (m64nNk16): every compute warpgroup owns 64 queries.
 WG_ROWS = 64
@@ -70,6 +70,9 @@ class MosaicFlashConfig:
       compute_wgs: compute warpgroups per block, each owning 64 queries (1 or 2); the block
         has one more warpgroup, the producer, that only issues TMA copies of K and V.
       max_concurrent_steps: K/V tiles in flight (SMEM slots of the producer's pipeline), >= 2.
+      pingpong: with two compute warpgroups, take turns on the tensor cores
+        (FlashAttention-3's inter-warpgroup schedule): one warpgroup's softmax runs while the
+        other's matmuls do. No effect with one compute warpgroup.
 
     The query tile of a block is ``64 * compute_wgs``. Sequences need not be multiples of the
     tiles (the wrapper pads them and masks the padding).
@@ -78,6 +81,7 @@ class MosaicFlashConfig:
     block_kv: int = 64
     compute_wgs: int = 2
     max_concurrent_steps: int = 2
+    pingpong: bool = True
 
     def __post_init__(self) -> None:
         rules = {
@@ -87,6 +91,7 @@ class MosaicFlashConfig:
         }
         for name, rule in rules.items():
             object.__setattr__(self, name, check_int(name, getattr(self, name), **rule))
+        object.__setattr__(self, "pingpong", check_bool("pingpong", self.pingpong))
 
     @property
     def block_q(self) -> int:

@@ -5,8 +5,10 @@ One block (a CTA) computes ``64 * compute_wgs`` queries of one (batch, query hea
 K and V tiles into a ring of ``max_concurrent_steps`` SMEM slots; each compute warpgroup owns
 64 queries and, per key tile, waits for the slot, computes ``S = Q K^T`` with wgmma, releases
 the K slot, runs the online softmax in registers, stages ``P`` in SMEM and computes ``P V``
-with wgmma, then releases the V slot (FlashAttention-3's producer/consumer split, without its
-intra-warpgroup ping-pong).
+with wgmma, then releases the V slot (FlashAttention-3's producer/consumer split). With two
+compute warpgroups and ``config.pingpong`` they take turns on the tensor cores through a
+schedule barrier (FlashAttention-3's inter-warpgroup ping-pong): one warpgroup's softmax runs
+while the other's matmuls do.
 
 The mask is a value (:class:`~pallas_kernels.common.masks.MaskSpec` with global positions and
 segment ids). The wrapper turns it into per-block loop bounds with
@@ -96,6 +98,7 @@ def _fwd_kernel(
     v_bar,  # steps barriers: V tile landed in slot
     k_free,  # steps barriers (W arrivals): every compute warpgroup is done with the K slot
     v_free,  # steps barriers (W arrivals): likewise for the V slot
+    sched,  # one barrier (W arrivals): the compute warpgroups' turns on the tensor cores
     spec: MaskSpec,
     scale: float,
     soft_cap: float | None,
@@ -105,6 +108,7 @@ def _fwd_kernel(
     compute_wgs: int,
     steps: int,
     layouts: bool,
+    pingpong: bool,
 ):
     def cast(x, layout):
         # Register layout hints for the Mosaic GPU compiler; they change no value. JAX
@@ -120,6 +124,10 @@ def _fwd_kernel(
     start, run_start, run_stop, stop = (bounds_ref[bm, qb, i] for i in range(4))
     bk = k_smem.shape[-1]
     hv = v_smem.shape[-1]
+
+    def take_turn():  # both compute warpgroups arrive; each waits for the other
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(sched)
 
     @pl.when(wg < compute_wgs)
     def _compute():
@@ -149,6 +157,8 @@ def _fwd_kernel(
 
             def qk(acc_ref):
                 plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.at[slot])
+                if pingpong:  # the other warpgroup's PV may start while this QK^T runs
+                    take_turn()
                 plgpu.wgmma_wait(0)
                 return acc_ref[...]
 
@@ -186,6 +196,8 @@ def _fwd_kernel(
             row_sum = alpha * row_sum + p.sum(axis=1)
             p_smem[wg] = p.astype(p_smem.dtype)
             plgpu.commit_smem()
+            if pingpong:  # softmax done: wait for the tensor cores' turn
+                take_turn()
 
             def pv(acc_ref):
                 plgpu.wgmma(acc_ref, p_smem.at[wg], v_tile)
@@ -203,10 +215,16 @@ def _fwd_kernel(
             cast(jnp.full((WG_ROWS, hv), 0.0, jnp.float32), plgpu.Layout.WGMMA),
         )
         # In the producer's order: masked edge, FULL run (no elementwise mask), masked edge.
+        # Both warpgroups of a block walk the same tiles, so they take equally many turns;
+        # warpgroup 1 starts one turn late and warpgroup 0 ends one turn late.
+        if pingpong:
+            pl.when(wg == 1)(take_turn)
         edge = functools.partial(step, masked=True)
         carry = lax.fori_loop(start, run_start, edge, carry)
         carry = lax.fori_loop(run_start, run_stop, functools.partial(step, masked=False), carry)
         m, row_sum, acc = lax.fori_loop(run_stop, stop, edge, carry)
+        if pingpong:
+            pl.when(wg == 0)(take_turn)
 
         seen = row_sum > 0.0
         l_safe = jnp.where(seen, row_sum, 1.0)
@@ -292,13 +310,14 @@ def _forward(
         v_bar=plgpu.Barrier(num_barriers=steps),
         k_free=plgpu.Barrier(num_arrivals=wgs, num_barriers=steps),
         v_free=plgpu.Barrier(num_arrivals=wgs, num_barriers=steps),
+        sched=plgpu.Barrier(num_arrivals=wgs),
     )
     if hv != h:  # else the output tile reuses the queries' SMEM (they are done by then)
         scratch["o_smem"] = smem_tile((wgs, WG_ROWS, hv), dtype)
     kernel = functools.partial(
         _fwd_kernel, spec=spec, scale=scale, soft_cap=soft_cap, gk=n // kk, gv=n // kv_heads,
         kv_len=None if sp == s else s, compute_wgs=wgs, steps=steps,
-        layouts=interpret is None,
+        layouts=interpret is None, pingpong=config.pingpong and wgs == 2,
     )
 
     def body(*refs, **scratch_refs):

@@ -428,7 +428,7 @@ def flash_attention(
       spec: the static mask (causal, window).
       scale: logits scale.
       soft_cap: c: logits become c * tanh(logits / c); None for no cap.
-      config: block sizes; :meth:`TpuFlashConfig.get_default` if None.
+      config: block sizes; :class:`TpuFlashConfig` with its defaults if None.
       interpret: False to compile with Mosaic (TPU only); an ``InterpretParams`` (or True for
         the default one) to run in TPU interpret mode on CPU, the only mode verified so far.
       return_entropy: (static) also compute each row's attention entropy

@@ -78,13 +78,15 @@ class TestPallasMosaicGpuInterpreted(MosaicGpuTestBase):
 
 
 def test_two_compute_warpgroups_and_deep_pipeline(key):
-    """The default shape (two consumer warpgroups sharing one producer) and a 3-slot ring over
-    more key tiles than slots, with a causal window and GQA: out and LSE."""
+    """The default shape (two consumer warpgroups sharing one producer, taking turns on the
+    tensor cores), the same without the turns, and one warpgroup with a 3-slot ring over more
+    key tiles than slots, with a causal window and GQA: out and LSE."""
     q, k, v = random_qkv(key, 1, 40, 256, 2, 1, 64, jnp.bfloat16)
     kw = dict(is_causal=True, q_offset=200, local_window_size=(220, None),
               return_residuals=True)
     want, want_lse = attention(q, k, v, impl="reference", **kw)
-    for cfg in (MosaicFlashConfig(), MosaicFlashConfig(compute_wgs=1, max_concurrent_steps=3)):
+    for cfg in (MosaicFlashConfig(), MosaicFlashConfig(pingpong=False),
+                MosaicFlashConfig(compute_wgs=1, max_concurrent_steps=3)):
         out, lse = jax.jit(lambda q, k, v, c=cfg: attention(q, k, v, impl=IMPL, config=c, **kw))(
             q, k, v)
         np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32),
@@ -210,6 +212,7 @@ def test_auto_never_picks_it():
         (dict(block_kv=100), "block_kv must be"),
         (dict(compute_wgs=3), "compute_wgs must be"),
         (dict(max_concurrent_steps=1), "max_concurrent_steps must be"),
+        (dict(pingpong=1), "pingpong must be a bool, got 1"),
     ],
 )
 def test_config_validation(kwargs, match):
