@@ -47,7 +47,7 @@ def candidates() -> list[MosaicFlashConfig]:
     tensor cores, one compute warpgroup); the default first."""
     out = [MosaicFlashConfig()]
     for kv, st, (w, pp) in itertools.product((64, 128), (2, 3),
-                                             ((2, True), (2, False), (1, False))):
+                                             ((2, False), (2, True), (1, False))):
         cfg = MosaicFlashConfig(block_kv=kv, compute_wgs=w, max_concurrent_steps=st,
                                 pingpong=pp)
         if cfg not in out:

@@ -72,7 +72,8 @@ class MosaicFlashConfig:
       max_concurrent_steps: K/V tiles in flight (SMEM slots of the producer's pipeline), >= 2.
       pingpong: with two compute warpgroups, take turns on the tensor cores
         (FlashAttention-3's inter-warpgroup schedule): one warpgroup's softmax runs while the
-        other's matmuls do. No effect with one compute warpgroup.
+        other's matmuls do. No effect with one compute warpgroup. Off by default until it is
+        compiled and timed on an H100 (it is checked in the interpreter and lowered for CUDA).
 
     The query tile of a block is ``64 * compute_wgs``. Sequences need not be multiples of the
     tiles (the wrapper pads them and masks the padding).
@@ -81,7 +82,7 @@ class MosaicFlashConfig:
     block_kv: int = 64
     compute_wgs: int = 2
     max_concurrent_steps: int = 2
-    pingpong: bool = True
+    pingpong: bool = False
 
     def __post_init__(self) -> None:
         rules = {

@@ -6,9 +6,9 @@ K and V tiles into a ring of ``max_concurrent_steps`` SMEM slots; each compute w
 64 queries and, per key tile, waits for the slot, computes ``S = Q K^T`` with wgmma, releases
 the K slot, runs the online softmax in registers, stages ``P`` in SMEM and computes ``P V``
 with wgmma, then releases the V slot (FlashAttention-3's producer/consumer split). With two
-compute warpgroups and ``config.pingpong`` they take turns on the tensor cores through a
-schedule barrier (FlashAttention-3's inter-warpgroup ping-pong): one warpgroup's softmax runs
-while the other's matmuls do.
+compute warpgroups and ``config.pingpong`` (off by default until timed on an H100) they take
+turns on the tensor cores through a schedule barrier (FlashAttention-3's inter-warpgroup
+ping-pong): one warpgroup's softmax runs while the other's matmuls do.
 
 The mask is a value (:class:`~pallas_kernels.common.masks.MaskSpec` with global positions and
 segment ids). The wrapper turns it into per-block loop bounds with

@@ -85,7 +85,7 @@ def test_two_compute_warpgroups_and_deep_pipeline(key):
     kw = dict(is_causal=True, q_offset=200, local_window_size=(220, None),
               return_residuals=True)
     want, want_lse = attention(q, k, v, impl="reference", **kw)
-    for cfg in (MosaicFlashConfig(), MosaicFlashConfig(pingpong=False),
+    for cfg in (MosaicFlashConfig(), MosaicFlashConfig(pingpong=True),
                 MosaicFlashConfig(compute_wgs=1, max_concurrent_steps=3)):
         out, lse = jax.jit(lambda q, k, v, c=cfg: attention(q, k, v, impl=IMPL, config=c, **kw))(
             q, k, v)
