@@ -107,6 +107,15 @@ class TestPallasMosaicGpuCompiled(MosaicGpuTestBase):
     DTYPES = {"bfloat16": None, "float16": None}
 
 
+@pytest.mark.gpu
+class TestPallasMosaicGpuPingPongCompiled(TestPallasMosaicGpuCompiled):
+    """The grid compiled with the two compute warpgroups taking turns on the tensor cores
+    (``pingpong=True``, off by default until timed), bfloat16."""
+
+    CONFIG = MosaicFlashConfig(pingpong=True)
+    DTYPES = {"bfloat16": None}
+
+
 # ----------------------------------------------------------------------------- lowering
 
 
