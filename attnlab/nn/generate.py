@@ -128,11 +128,11 @@ def _generate(graphdef, state, prompt, rng, temperature, top_k, *,
     b, t0 = prompt.shape
     caches = init_caches(model, b, t0 + max_new_tokens)
     logits, caches = _prefill(model, prompt, caches)
-    return _decode_loop(model, prompt, logits[:, -1], caches, rng, temperature, top_k,
+    return decode_loop(model, prompt, logits[:, -1], caches, rng, temperature, top_k,
                         max_new_tokens=max_new_tokens)[0]
 
 
-def _decode_loop(model: Transformer, prompt: jax.Array, logits: jax.Array, caches: list[Any],
+def decode_loop(model: Transformer, prompt: jax.Array, logits: jax.Array, caches: list[Any],
                  rng: jax.Array, temperature: jax.Array, top_k: jax.Array, *,
                  max_new_tokens: int, keep_logits: bool = False
                  ) -> tuple[jax.Array, jax.Array | None]:
@@ -211,7 +211,7 @@ def generate(
     Example:
       >>> out = generate(model, prompt, 32, temperature=0.8, top_k=40, rng=jax.random.key(1))
     """
-    prompt, temperature = _check_request(model, prompt, max_new_tokens, temperature, top_k)
+    prompt, temperature = check_request(model, prompt, max_new_tokens, temperature, top_k)
     if max_new_tokens == 0:
         return prompt
     rng = jax.random.key(0) if rng is None else rng
@@ -223,7 +223,7 @@ def generate(
     )
 
 
-def _check_request(model: Transformer, prompt: Any, max_new_tokens: Any, temperature: Any,
+def check_request(model: Transformer, prompt: Any, max_new_tokens: Any, temperature: Any,
                    top_k: Any) -> tuple[jax.Array, float]:
     """(prompt as int32 [B, T0], temperature as float) after :func:`generate`'s checks."""
     cfg = model.cfg

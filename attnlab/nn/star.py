@@ -22,7 +22,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from attnlab.nn.attention import SoftmaxAttention
-from attnlab.nn.generate import _check_request, _decode_loop
+from attnlab.nn.generate import check_request, decode_loop
 from attnlab.nn.star_cache import init_star_caches
 from attnlab.nn.transformer import Transformer
 from attnlab.ops.star import StarConfig
@@ -114,7 +114,7 @@ def star_generate(
     if not isinstance(star, StarConfig):
         raise ValueError(f"star must be an attnlab.ops.star.StarConfig, got "
                          f"{type(star).__name__}")
-    prompt, temperature = _check_request(model, prompt, max_new_tokens, temperature, top_k)
+    prompt, temperature = check_request(model, prompt, max_new_tokens, temperature, top_k)
     check_star_model(model)
     b, t0 = prompt.shape
     c = _context_length(t0, star, context_length)
@@ -169,7 +169,7 @@ def _star_generate(graphdef, state, prompt, rng, temperature, top_k, *, max_new_
     query = prompt[:, c:]
     positions = c + jnp.broadcast_to(jnp.arange(t0 - c, dtype=jnp.int32), query.shape)
     logits, caches = model(query, positions=positions, caches=caches)
-    return _decode_loop(model, prompt, logits[:, -1], caches, rng, temperature, top_k,
+    return decode_loop(model, prompt, logits[:, -1], caches, rng, temperature, top_k,
                         max_new_tokens=max_new_tokens, keep_logits=keep_logits)
 
 
