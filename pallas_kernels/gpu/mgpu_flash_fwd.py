@@ -6,7 +6,7 @@ K and V tiles into a ring of ``max_concurrent_steps`` SMEM slots; each compute w
 64 queries and, per key tile, waits for the slot, computes ``S = Q K^T`` with wgmma, releases
 the K slot, runs the online softmax in registers, stages ``P`` in SMEM and computes ``P V``
 with wgmma, then releases the V slot (FlashAttention-3's producer/consumer split). With two
-compute warpgroups and ``config.pingpong`` (off by default until timed on an H100) they take
+compute warpgroups and ``config.pingpong`` (off by default: slower on an H100) they take
 turns on the tensor cores through a schedule barrier (FlashAttention-3's inter-warpgroup
 ping-pong): one warpgroup's softmax runs while the other's matmuls do.
 
