@@ -14,7 +14,8 @@ from flax import nnx
 
 from attnlab.nn.config import Config
 from attnlab.nn.layers import Linear
-from attnlab.nn.registry import check_inputs, check_no_cache, register
+from attnlab.nn.registry import Mechanism, check_inputs, check_no_cache, register
+from attnlab.nn.registry import check_impl as _check_impl
 from attnlab.nn.star_cache import StarCache
 from attnlab.ops.attention import attention
 from attnlab.ops.attention import implementations as attention_implementations
@@ -32,12 +33,7 @@ Cache = dict[str, jax.Array]
 
 def check_impl(impl: str) -> None:
     """ValueError unless ``impl`` names a softmax attention implementation (or auto/pallas)."""
-    known = {"auto", "pallas", *attention_implementations()}
-    if impl not in known:
-        raise ValueError(
-            f"attention_impl={impl!r} is not an attention implementation; choose one of "
-            f"{sorted(known)}"
-        )
+    _check_impl(impl, attention_implementations(), "an attention")
 
 
 def keys_seen(cfg: Config, seq_len: int) -> int:
@@ -47,7 +43,7 @@ def keys_seen(cfg: Config, seq_len: int) -> int:
 
 
 @register("S", "softmax", ops=("attention", "decode"), experiment=None)
-class SoftmaxAttention(nnx.Module):
+class SoftmaxAttention(Mechanism):
     """Causal softmax attention with GQA/MQA, (partial) RoPE, sliding window and soft-cap.
 
     Reads ``cfg.num_heads``, ``num_kv_heads``, ``head_dim``, ``rope_theta``, ``rope_fraction``,
@@ -77,12 +73,12 @@ class SoftmaxAttention(nnx.Module):
       >>> y, _ = attn(x, positions=jnp.broadcast_to(jnp.arange(T), (B, T)))
     """
 
+    implementations = staticmethod(attention_implementations)
+    impl_kind = "an attention"
+
     def __init__(self, cfg: Config, *, layer_idx: int, rngs: nnx.Rngs,
                  parallel: HybridParallel | None = None) -> None:
-        check_impl(cfg.attention_impl)
-        self.cfg = cfg
-        self.layer_idx = layer_idx
-        self.parallel = parallel  # static (part of the graph definition), not a parameter
+        super().__init__(cfg, layer_idx=layer_idx, parallel=parallel)
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         self.q_proj = Linear(d, n * h, **kw)

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from attnlab.nn.config import Config
-from attnlab.nn.registry import check_inputs, check_no_cache, register
+from attnlab.nn.registry import Mechanism, check_inputs, check_no_cache, register
 from attnlab.ops import lightning as _L
 from pallas_kernels.common.static_args import check_int
 
@@ -32,7 +32,7 @@ Cache = dict[str, jax.Array]
 
 
 @register("L", "lightning", ops=("lightning_attention",), experiment="minimax_hybrid")
-class LightningAttention(nnx.Module):
+class LightningAttention(Mechanism):
     """MiniMax-01 lightning attention layer with a recurrent-state cache.
 
     Reads ``cfg.d_model``, ``num_heads``, ``head_dim``, ``num_layers``, ``norm_eps``,
@@ -52,16 +52,15 @@ class LightningAttention(nnx.Module):
     Example:
       >>> attn = LightningAttention(cfg, layer_idx=0, rngs=nnx.Rngs(0))
       >>> y, _ = attn(x, positions=jnp.broadcast_to(jnp.arange(T), (B, T)))
+      >>> attn.init_cache(B)["state"].shape  # (B, N, H, H) at any length: no KV cache
     """
+
+    implementations = staticmethod(_L.implementations)
+    impl_kind = "a lightning attention"
 
     def __init__(self, cfg: Config, *, layer_idx: int, rngs: nnx.Rngs,
                  parallel: HybridParallel | None = None) -> None:
-        impls = {"auto", "pallas", *_L.implementations()}
-        if cfg.attention_impl not in impls:
-            raise ValueError(
-                f"attention_impl={cfg.attention_impl!r} is not a lightning attention "
-                f"implementation; choose one of {sorted(impls)}"
-            )
+        super().__init__(cfg, layer_idx=layer_idx, parallel=parallel)
         n, h, d = cfg.num_heads, cfg.head_dim, cfg.d_model
         lin = dict(use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         self.qkv = nnx.Linear(d, 3 * n * h, **lin)
@@ -75,7 +74,6 @@ class LightningAttention(nnx.Module):
         self.num_heads, self.head_dim, self.d_model = n, h, d
         self.impl = cfg.attention_impl
         self.dtype = cfg.dtype
-        self.parallel = parallel  # static (part of the graph definition), not a parameter
 
     def __call__(
         self,

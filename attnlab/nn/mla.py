@@ -32,12 +32,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attnlab.nn.attention import check_impl, keys_seen
+from attnlab.nn.attention import keys_seen
 from attnlab.nn.config import Config
 from attnlab.nn.layers import Linear
-from attnlab.nn.registry import check_inputs, check_no_cache, register
+from attnlab.nn.registry import Mechanism, check_inputs, check_no_cache, register
 from attnlab.ops import mla
 from attnlab.ops.attention import attention
+from attnlab.ops.attention import implementations as attention_implementations
 from attnlab.ops.decode import MAX_QUERIES, decode_attention
 from attnlab.ops.decode import implementations as decode_implementations
 from attnlab.ops.rope import rope
@@ -76,7 +77,7 @@ def _softmax_decode_impl(impl: str) -> str:
 
 
 @register("M", "mla", ops=("attention", "mla_decode"), experiment="transmla")
-class MultiHeadLatentAttention(nnx.Module):
+class MultiHeadLatentAttention(Mechanism):
     """Causal MLA: low-rank joint KV latent, decoupled RoPE key, absorbed latent decoding.
 
     Reads ``cfg.num_heads``, ``kv_lora_rank``, ``qk_rope_head_dim``, ``qk_nope_head_dim``,
@@ -88,21 +89,22 @@ class MultiHeadLatentAttention(nnx.Module):
 
     Example:
       >>> attn = MultiHeadLatentAttention(cfg, layer_idx=0, rngs=nnx.Rngs(0))
-      >>> y, _ = attn(x, positions=jnp.broadcast_to(jnp.arange(T), (B, T)))
+      >>> cache = attn.init_cache(B, max_len=L)  # {"latent": [B, L, d_c + d_R], "length"}
+      >>> y, cache = attn(x, positions=jnp.broadcast_to(jnp.arange(T), (B, T)), cache=cache)
     """
+
+    implementations = staticmethod(attention_implementations)
+    impl_kind = "an attention"
 
     def __init__(self, cfg: Config, *, layer_idx: int, rngs: nnx.Rngs,
                  parallel: HybridParallel | None = None) -> None:
-        check_impl(cfg.attention_impl)
+        super().__init__(cfg, layer_idx=layer_idx, parallel=parallel)
         if cfg.mla_rope == "per_head" and cfg.rope_dim > cfg.qk_nope_head_dim:
             raise ValueError(
                 f"mla_rope='per_head' rotates rope_dim={cfg.rope_dim} dims of each head but "
                 f"qk_nope_head_dim={cfg.qk_nope_head_dim}; lower rope_fraction or raise "
                 "qk_nope_head_dim"
             )
-        self.cfg = cfg
-        self.layer_idx = layer_idx
-        self.parallel = parallel
         d, n = cfg.d_model, cfg.num_heads
         d_c, d_r, d_n, d_v = (cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim,
                               cfg.v_head_dim)

@@ -16,6 +16,8 @@ A mechanism is an NNX module class with this contract (every attention module fo
   * ``module.init_cache(batch_size, max_len, dtype)`` -> an empty cache pytree;
   * ``Mechanism.cache_bytes_per_token(cfg, dtype_bytes=2)`` -> float (0 for constant-state
     mechanisms such as lightning, whose fixed state is ``state_bytes``);
+  * it subclasses :class:`Mechanism`, whose ``__init__`` checks ``cfg.attention_impl``
+    against the mechanism's op and keeps ``cfg``, ``layer_idx`` and ``parallel``;
 
 Registering: ``@register("S", "softmax", ops=("attention", "decode"), experiment=None)`` on
 the class, once. The letter is what ``layer_pattern`` uses (letters exist only here); the
@@ -31,10 +33,11 @@ five pieces of every mechanism.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax.numpy as jnp
+from flax import nnx
 
 _BY_LETTER: dict[str, type] = {}
 _BY_NAME: dict[str, type] = {}
@@ -82,6 +85,38 @@ def get(letter_or_name: str) -> Any:
         known = ", ".join(f"{k}={v}" for k, v in mechanisms().items())
         raise ValueError(f"unknown attention mechanism {letter_or_name!r}; known: {known}")
     return cls
+
+
+def check_impl(impl: str, implementations: Iterable[str], what: str) -> None:
+    """ValueError unless ``impl`` is "auto", "pallas" or one of ``implementations`` (of
+    ``what``, e.g. "an attention", for the message)."""
+    known = {"auto", "pallas", *implementations}
+    if impl not in known:
+        raise ValueError(
+            f"attention_impl={impl!r} is not {what} implementation; choose one of "
+            f"{sorted(known)}"
+        )
+
+
+class Mechanism(nnx.Module):
+    """Base class of the registered modules: the contract's common start.
+
+    A subclass names its op's implementations (``implementations``, a function returning
+    their names, and ``impl_kind`` for messages, e.g. "an attention");
+    ``super().__init__(cfg, layer_idx=layer_idx, parallel=parallel)`` checks
+    ``cfg.attention_impl`` against them (:func:`check_impl`) and keeps ``cfg``,
+    ``layer_idx`` and ``parallel`` as static attributes (part of the graph definition, not
+    parameters).
+    """
+
+    implementations: Callable[[], Iterable[str]]
+    impl_kind: str
+
+    def __init__(self, cfg: Any, *, layer_idx: int, parallel: Any = None) -> None:
+        check_impl(cfg.attention_impl, type(self).implementations(), self.impl_kind)
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        self.parallel = parallel
 
 
 def check_inputs(x: Any, d_model: int, positions: Any, segment_ids: Any) -> tuple[int, int]:
