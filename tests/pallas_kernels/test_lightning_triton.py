@@ -174,33 +174,32 @@ def test_config_defaults():
 # ----------------------------------------------------------------------------- GPU (compiled)
 
 
+def _gpu_case(name: str, dtype, *, h: int, hv: int | None = None, **kw):
+    """A compiled case (id ``gpu_<dtype>_<name>``): B=1, T=2048, N=2 unless set in ``kw``."""
+    kw = dict(b=1, t=2048, n=2) | kw
+    short = {jnp.bfloat16: "bf16", jnp.float16: "f16", jnp.float32: "f32"}[dtype]
+    return pytest.param(LightningCase(f"gpu_{name}", h=h, hv=hv or h, **kw), dtype,
+                        id=f"gpu_{short}_{name}")
+
+
+FOUR_DECAYS = (0.3, 0.9, 0.999, 1.0)
 GPU_CASES = [
-    pytest.param(LightningCase("gpu_h128", b=1, t=2048, n=4, h=128, hv=128,
-                               decays=(0.3, 0.9, 0.999, 1.0), initial_state=True, segments=4),
-                 jnp.bfloat16, id="gpu_bf16_h128"),
-    pytest.param(LightningCase("gpu_h64_ragged", b=2, t=4000, n=2, h=64, hv=64,
-                               decays=(0.5, 0.99), initial_state=True),
-                 jnp.bfloat16, id="gpu_bf16_h64_ragged"),
-    pytest.param(LightningCase("gpu_h64", b=1, t=2048, n=2, h=64, hv=128, decays=(0.9, 1.0),
-                               segments=3),
-                 jnp.float16, id="gpu_f16_h64"),
-    pytest.param(LightningCase("gpu_h128_f32", b=1, t=2048, n=2, h=128, hv=128,
-                               decays=(0.95, 1.0), initial_state=True),
-                 jnp.float32, id="gpu_f32_h128"),
+    _gpu_case("h128", jnp.bfloat16, h=128, n=4, decays=FOUR_DECAYS, initial_state=True,
+              segments=4),
+    _gpu_case("h64_ragged", jnp.bfloat16, h=64, b=2, t=4000, decays=(0.5, 0.99),
+              initial_state=True),
+    _gpu_case("h64", jnp.float16, h=64, hv=128, decays=(0.9, 1.0), segments=3),
+    _gpu_case("h128_f32", jnp.float32, h=128, decays=(0.95, 1.0), initial_state=True),
     # Head dims padded inside the wrappers (80 and 96 run at 128; 192 at 256, whose
     # untuned config no GPU run had checked when this case was added).
-    pytest.param(LightningCase("gpu_h80", b=1, t=2048, n=4, h=80, hv=80,
-                               decays=(0.3, 0.9, 0.999, 1.0), initial_state=True, segments=4),
-                 jnp.bfloat16, id="gpu_bf16_h80"),
-    pytest.param(LightningCase("gpu_h96_ragged", b=2, t=2000, n=2, h=96, hv=96,
-                               decays=(0.5, 0.99), initial_state=True),
-                 jnp.bfloat16, id="gpu_bf16_h96_ragged"),
-    pytest.param(LightningCase("gpu_h96_f32", b=1, t=2048, n=2, h=96, hv=80,
-                               decays=(0.95, 1.0), initial_state=True, segments=3),
-                 jnp.float32, id="gpu_f32_h96_hv80"),
-    pytest.param(LightningCase("gpu_h192_hv128", b=1, t=2048, n=2, h=192, hv=128,
-                               decays=(0.9, 1.0), initial_state=True),
-                 jnp.bfloat16, id="gpu_bf16_h192_hv128"),
+    _gpu_case("h80", jnp.bfloat16, h=80, n=4, decays=FOUR_DECAYS, initial_state=True,
+              segments=4),
+    _gpu_case("h96_ragged", jnp.bfloat16, h=96, b=2, t=2000, decays=(0.5, 0.99),
+              initial_state=True),
+    _gpu_case("h96_hv80", jnp.float32, h=96, hv=80, decays=(0.95, 1.0), initial_state=True,
+              segments=3),
+    _gpu_case("h192_hv128", jnp.bfloat16, h=192, hv=128, decays=(0.9, 1.0),
+              initial_state=True),
 ]
 
 
