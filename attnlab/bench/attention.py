@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -399,8 +399,20 @@ def fill_ratios(group: list[Row]) -> None:
             r.ratio_xla = r.tflops / by_name[ANCHOR_XLA].tflops
 
 
-def bench_record(cfg: BenchConfig, rows: Sequence[Row], argv: Sequence[str]) -> dict[str, Any]:
-    """The JSON record of a bench run (the harness's environment, date, argv; config, rows)."""
+def bench_record(cfg: BenchConfig, rows: Sequence[Row], argv: Sequence[str],
+                 ceiling: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON record of a bench run (the harness's environment, date, argv; config, rows).
+
+    With ``ceiling`` (:func:`attnlab.bench.harness.matmul_ceiling`, measured in the same run)
+    the record keeps it as ``matmul_ceiling`` and each timed row gets ``fraction_of_matmul``,
+    its TFLOP/s over the ceiling's.
+    """
     conf = dataclasses.asdict(cfg)
     conf["kv_heads"] = cfg.n_kv_heads
-    return run_record(argv, config=conf, flops=FLOPS_RULE, rows=[r.to_json() for r in rows])
+    out = [r.to_json() for r in rows]
+    if ceiling is None:
+        return run_record(argv, config=conf, flops=FLOPS_RULE, rows=out)
+    for r in out:
+        r["fraction_of_matmul"] = None if r["tflops"] is None else r["tflops"] / ceiling["tflops"]
+    return run_record(argv, config=conf, flops=FLOPS_RULE, matmul_ceiling=dict(ceiling),
+                      rows=out)

@@ -172,6 +172,29 @@ def time_call(fn: Callable[..., Any], *args: Any, repeats: int = 20, warmup: int
     return Timing(statistics.median(times), tuple(times), first)
 
 
+def matmul_ceiling(n: int = 8192, dtype: str = "bfloat16", *, repeats: int = 20,
+                   warmup: int = 2, seed: int = 0) -> dict[str, Any]:
+    """The device's dense matmul rate, the roof an attention kernel's TFLOP/s is read
+    against: ``jit(a @ b)`` of two [n, n] ``dtype`` matrices (float32 accumulation inside,
+    output in ``dtype``), 2 n^3 FLOPs per call, timed by :func:`time_call`.
+
+    Returns:
+      {"n", "dtype", "ms": median ms, "tflops": TFLOP/s}.
+
+    Example:
+      >>> matmul_ceiling()["tflops"]  # about 800 on an H100 SXM in bfloat16
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    ka, kb = jax.random.split(jax.random.key(seed))
+    a = jax.random.normal(ka, (n, n), check_dtype(dtype))
+    b = jax.random.normal(kb, (n, n), check_dtype(dtype))
+    t = time_call(jax.jit(jnp.matmul), a, b, repeats=repeats, warmup=warmup)
+    del a, b
+    return {"n": n, "dtype": dtype, "ms": t.median_ms,
+            "tflops": tflops_per_s(2.0 * n**3, t.median_ms)}
+
+
 def repeated_program(fn: Callable[..., Any], calls: int, *, chain: bool = False
                      ) -> Callable[..., Any]:
     """``(zeros, *args) -> out``: ``fn(*args)`` run ``calls`` times in a ``lax.fori_loop``,

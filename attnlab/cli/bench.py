@@ -118,8 +118,9 @@ def bench_config_from_args(
         parser.error(str(e))
 
 
-def bench_table(rows: Sequence[Row], title: str) -> Any:
-    """A rich table of bench rows; the ratio is to cuDNN when it was timed, else to jax.nn xla."""
+def bench_table(rows: Sequence[Row], title: str, ceiling_tflops: float | None = None) -> Any:
+    """A rich table of bench rows; the ratio is to cuDNN when it was timed, else to jax.nn xla;
+    with ``ceiling_tflops``, a column of each rate's fraction of that matmul ceiling."""
     from rich.markup import escape
     from rich.table import Table
 
@@ -133,6 +134,7 @@ def bench_table(rows: Sequence[Row], title: str) -> Any:
     for col, just in (("impl", "left"), ("S", "right"), ("B", "right"), ("causal", "left"),
                       ("pass", "left"), ("ms", "right"), (unit, "right"),
                       ("vs cuDNN" if vs_cudnn else f"vs {harness.ANCHOR_XLA}", "right"),
+                      *((("of matmul", "right"),) if ceiling_tflops else ()),
                       ("max err", "right"), ("status", "left")):
         table.add_column(escape(col), justify=just, no_wrap=col != "status",  # type: ignore[arg-type]
                          overflow="fold" if col == "status" else "ellipsis")
@@ -145,17 +147,20 @@ def bench_table(rows: Sequence[Row], title: str) -> Any:
         table.add_row(
             escape(r.impl), str(r.S), str(r.B), "yes" if r.causal else "no", r.pass_,
             fmt(r.ms, ".3f"), fmt(None if r.tflops is None else r.tflops * mult, ".1f"),
-            fmt(ratio, ".2f"), fmt(r.max_abs_err, ".1e"), status,
+            fmt(ratio, ".2f"),
+            *((fmt(None if r.tflops is None else r.tflops / ceiling_tflops, ".2f"),)
+              if ceiling_tflops else ()),
+            fmt(r.max_abs_err, ".1e"), status,
         )
     return table
 
 
 def run_bench(
     cfg: BenchConfig, console: Console, *, out: str | None = None,
-    argv: Sequence[str] = (), log_rows: bool = True,
+    argv: Sequence[str] = (), log_rows: bool = True, ceiling: dict[str, Any] | None = None,
 ) -> list[Row]:
     """Runs :func:`attnlab.bench.attention.bench_attention` under a progress bar, saving JSON to
-    ``out`` after every (S, causal, pass) group."""
+    ``out`` after every (S, causal, pass) group (with the matmul ``ceiling`` when given)."""
     from attnlab.bench import attention, harness
 
     def on_row(r: Row) -> None:
@@ -168,7 +173,7 @@ def run_bench(
 
     def on_group(rows: list[Row]) -> None:
         if out:
-            harness.write_json(out, attention.bench_record(cfg, rows, argv))
+            harness.write_json(out, attention.bench_record(cfg, rows, argv, ceiling))
 
     with progress(console) as prog:
         task = prog.add_task("bench", total=None)
@@ -199,10 +204,15 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         f"median of {cfg.repeats} after {cfg.warmup} warm-up calls"
     )
     argv = ["attnlab", *args.argv]
-    rows = run_bench(cfg, console, out=out, argv=argv)
+    # The roof: a dense matmul of the bench's dtype (a small one on CPU, where only the
+    # column's presence is of use).
+    ceiling = harness.matmul_ceiling(512 if env["platform"] == "cpu" else 8192, cfg.dtype)
+    console.print(f"matmul ceiling: {ceiling['tflops']:.1f} TFLOP/s ({ceiling['n']}^3 "
+                  f"{cfg.dtype} matmul, the same run)", highlight=False, markup=False)
+    rows = run_bench(cfg, console, out=out, argv=argv, ceiling=ceiling)
     console.print(bench_table(rows, "attention: fwd counts 4*B*S*S*N*H FLOPs (halved causal), "
-                                    "fwdbwd 3.5x"))
-    harness.write_json(out, attention.bench_record(cfg, rows, argv))
+                                    "fwdbwd 3.5x", ceiling["tflops"]))
+    harness.write_json(out, attention.bench_record(cfg, rows, argv, ceiling))
     console.print(f"wrote {out}", highlight=False, markup=False)
     failed = [r for r in rows if r.status == harness.FAILED]
     if failed:

@@ -38,3 +38,13 @@ def test_time_in_program_is_per_call() -> None:
     assert t.median_ms > 0 and len(t.times_ms) == 3
     with pytest.raises(ValueError, match="calls must be >= 1, got 0"):
         harness.repeated_program(lambda x: x, 0)
+
+
+def test_matmul_ceiling_counts_2n3_flops():
+    c = harness.matmul_ceiling(64, "float32", repeats=2, warmup=1)
+    assert c["n"] == 64 and c["dtype"] == "float32"
+    assert c["tflops"] == pytest.approx(2 * 64**3 / (c["ms"] * 1e-3) / 1e12)
+    with pytest.raises(ValueError, match="n must be >= 1, got 0"):
+        harness.matmul_ceiling(0)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        harness.matmul_ceiling(8, "int8")

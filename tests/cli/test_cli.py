@@ -65,6 +65,11 @@ def test_bench_tiny_cpu_writes_json(tmp_path: Path) -> None:
         assert r["max_abs_err"] < 1e-4, r
         assert r["ms"] > 0 and r["tflops"] > 0
         assert r["ratio_cudnn"] is None  # no cuDNN on CPU
+        # Each rate read against the matmul ceiling measured in the same run.
+        assert r["fraction_of_matmul"] == pytest.approx(
+            r["tflops"] / rec["matmul_ceiling"]["tflops"])
+    assert rec["matmul_ceiling"]["n"] == 512 and rec["matmul_ceiling"]["dtype"] == "float32"
+    assert rec["matmul_ceiling"]["tflops"] > 0
     (xla_anchor,) = [r for r in rows if r["impl"] == harness.ANCHOR_XLA and r["pass"] == "fwd"]
     assert xla_anchor["ratio_xla"] == pytest.approx(1.0)
 
