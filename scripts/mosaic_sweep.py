@@ -39,18 +39,19 @@ from attnlab.bench.harness import (
 )
 from attnlab.ops import attention
 from attnlab.testing import tolerance
-from pallas_kernels.gpu.mgpu_common import MosaicFlashConfig
+from pallas_kernels.gpu.mgpu_common import SMEM_BYTES, MosaicFlashConfig
 
 
 def candidates() -> list[MosaicFlashConfig]:
     """Key tile x pipeline depth x (two compute warpgroups with and without turns on the
-    tensor cores, one compute warpgroup); the default first."""
+    tensor cores, one compute warpgroup) x P in registers or in SMEM; the default first,
+    configs whose tiles do not fit the shared memory at head dim 128 left out."""
     out = [MosaicFlashConfig()]
-    for kv, st, (w, pp) in itertools.product((64, 128), (2, 3),
-                                             ((2, False), (2, True), (1, False))):
+    for kv, st, (w, pp), regs in itertools.product(
+            (64, 128), (2, 3), ((2, False), (2, True), (1, False)), (True, False)):
         cfg = MosaicFlashConfig(block_kv=kv, compute_wgs=w, max_concurrent_steps=st,
-                                pingpong=pp)
-        if cfg not in out:
+                                pingpong=pp, p_in_registers=regs)
+        if cfg not in out and cfg.smem_bytes(128, 128) <= SMEM_BYTES:
             out.append(cfg)
     return out
 

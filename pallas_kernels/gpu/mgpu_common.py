@@ -75,6 +75,11 @@ class MosaicFlashConfig:
         other's matmuls do. No effect with one compute warpgroup. Off by default: compiled on
         an H100 (JAX 0.11.2) it passes the attention grid but runs 12-17 % slower than
         without it at H=16, D=128, 8K-32K (``experiments/results/mosaic_sweep_h100_*.json``).
+      p_in_registers: the PV wgmma reads the probabilities from registers (its A operand in
+        the wgmma register layout) and accumulates into the running output (``ACC.init``),
+        as FlashAttention-3 does; False stages P in SMEM and adds a fresh PV product to the
+        output in registers (one more [64, Hv] float32 array live, one SMEM store and fence
+        per step).
 
     The query tile of a block is ``64 * compute_wgs``. Sequences need not be multiples of the
     tiles (the wrapper pads them and masks the padding).
@@ -84,6 +89,7 @@ class MosaicFlashConfig:
     compute_wgs: int = 2
     max_concurrent_steps: int = 2
     pingpong: bool = False
+    p_in_registers: bool = True
 
     def __post_init__(self) -> None:
         rules = {
@@ -93,7 +99,8 @@ class MosaicFlashConfig:
         }
         for name, rule in rules.items():
             object.__setattr__(self, name, check_int(name, getattr(self, name), **rule))
-        object.__setattr__(self, "pingpong", check_bool("pingpong", self.pingpong))
+        for name in ("pingpong", "p_in_registers"):
+            object.__setattr__(self, name, check_bool(name, getattr(self, name)))
 
     @property
     def block_q(self) -> int:
@@ -113,7 +120,8 @@ class MosaicFlashConfig:
         """Shared memory the forward kernel allocates at padded head dims (h, hv)."""
         wgs, bk, steps = self.compute_wgs, self.block_kv, self.max_concurrent_steps
         out = 0 if hv == h else WG_ROWS * hv  # the output reuses the queries' tile if it fits
-        per_wg = WG_ROWS * h + out + WG_ROWS * bk + bk * hv  # q, out, p, clean v
+        p = 0 if self.p_in_registers else WG_ROWS * bk
+        per_wg = WG_ROWS * h + out + p + bk * hv  # q, out, p, clean v
         kv = steps * (h * bk + bk * hv)
         # + each warpgroup's f32 LSE row and int32 position / segment-id rows.
         return (wgs * per_wg + kv) * itemsize + wgs * (3 * WG_ROWS + 2 * bk) * 4

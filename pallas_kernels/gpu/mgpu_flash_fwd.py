@@ -84,7 +84,7 @@ def _fwd_kernel(
     *,
     q_smem,  # [W, 64, H] SMEM: each compute warpgroup's queries
     o_smem,  # [W, 64, Hv] SMEM: each compute warpgroup's output tile (q_smem when H == Hv)
-    p_smem,  # [W, 64, bk] SMEM: probabilities, the A operand of the PV wgmma
+    p_smem,  # [W, 64, bk] SMEM: probabilities, the PV wgmma's A operand, or None (registers)
     vc_smem,  # [W, bk, Hv] SMEM: V read through finite_or_zero on masked tiles
     lse_smem,  # [W, 64] f32 SMEM
     q_meta_smem,  # [W, R, 64] int32 SMEM: the warpgroup's query positions (and segment ids)
@@ -194,9 +194,21 @@ def _fwd_kernel(
             alpha = jnp.exp2(m - m_new)
             p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
             row_sum = alpha * row_sum + p.sum(axis=1)
+            if p_smem is None:  # compiled, config.p_in_registers: P is the A operand in
+                # registers, and P V accumulates into the rescaled output itself.
+                if pingpong:  # softmax done: wait for the tensor cores' turn
+                    take_turn()
+
+                def pv_acc(acc_ref):
+                    plgpu.wgmma(acc_ref, p.astype(v_tile.dtype), v_tile)
+
+                acc = pl.run_state(pv_acc)(
+                    plgpu.ACC.init(lax.broadcast_in_dim(alpha, acc.shape, [0]) * acc))
+                plgpu.barrier_arrive(v_free.at[slot])
+                return m_new, row_sum, acc
             p_smem[wg] = p.astype(p_smem.dtype)
             plgpu.commit_smem()
-            if pingpong:  # softmax done: wait for the tensor cores' turn
+            if pingpong:
                 take_turn()
 
             def pv(acc_ref):
@@ -296,7 +308,6 @@ def _forward(
     rows = q_meta.shape[1]
     scratch = dict(
         q_smem=smem_tile((wgs, WG_ROWS, h), dtype),
-        p_smem=smem_tile((wgs, WG_ROWS, bk), dtype),
         vc_smem=smem_tile((wgs, bk, hv), dtype),
         lse_smem=plgpu.SMEM((wgs, WG_ROWS), jnp.float32),
         q_meta_smem=plgpu.SMEM((wgs, rows, WG_ROWS), jnp.int32),
@@ -314,6 +325,10 @@ def _forward(
     )
     if hv != h:  # else the output tile reuses the queries' SMEM (they are done by then)
         scratch["o_smem"] = smem_tile((wgs, WG_ROWS, hv), dtype)
+    # JAX 0.10.2's interpreter takes wgmma operands from SMEM only (and has no rule for the
+    # run_state that accumulates in place): interpreted kernels always stage P in SMEM.
+    if not config.p_in_registers or interpret is not None:
+        scratch["p_smem"] = smem_tile((wgs, WG_ROWS, bk), dtype)
     kernel = functools.partial(
         _fwd_kernel, spec=spec, scale=scale, soft_cap=soft_cap, gk=n // kk, gv=n // kv_heads,
         kv_len=None if sp == s else s, compute_wgs=wgs, steps=steps,
@@ -322,6 +337,7 @@ def _forward(
 
     def body(*refs, **scratch_refs):
         scratch_refs.setdefault("o_smem", scratch_refs["q_smem"])
+        scratch_refs.setdefault("p_smem", None)
         kernel(*refs, **scratch_refs)
 
     out, lse = plgpu.kernel(
