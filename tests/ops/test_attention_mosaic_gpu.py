@@ -120,6 +120,15 @@ class TestPallasMosaicGpuPingPongCompiled(TestPallasMosaicGpuCompiled):
     DTYPES = {"bfloat16": None}
 
 
+@pytest.mark.gpu
+class TestPallasMosaicGpuPInSmemCompiled(TestPallasMosaicGpuCompiled):
+    """The grid compiled with P staged in SMEM (``p_in_registers=False``, the path the CPU
+    interpreter runs), bfloat16."""
+
+    CONFIG = MosaicFlashConfig(p_in_registers=False)
+    DTYPES = {"bfloat16": None}
+
+
 # ----------------------------------------------------------------------------- lowering
 
 
@@ -226,6 +235,7 @@ def test_auto_never_picks_it():
         (dict(compute_wgs=3), "compute_wgs must be"),
         (dict(max_concurrent_steps=1), "max_concurrent_steps must be"),
         (dict(pingpong=1), "pingpong must be a bool, got 1"),
+        (dict(p_in_registers="yes"), "p_in_registers must be a bool"),
     ],
 )
 def test_config_validation(kwargs, match):
@@ -239,6 +249,9 @@ def test_config_defaults_fit_shared_memory():
         cfg.check_fits(h, h)
     with pytest.raises(ValueError, match="KiB of shared memory at head dims 256/256"):
         MosaicFlashConfig(block_kv=128, compute_wgs=2, max_concurrent_steps=3).check_fits(256, 256)
+    # P kept in registers frees each compute warpgroup's [64, block_kv] bf16 SMEM tile.
+    regs, smem = MosaicFlashConfig(), MosaicFlashConfig(p_in_registers=False)
+    assert smem.smem_bytes(128, 128) - regs.smem_bytes(128, 128) == 2 * 64 * 64 * 2
 
 
 def test_kernel_wrapper_rejects_bad_inputs():
