@@ -4,7 +4,8 @@
 #
 # Run from the repo root there (the device tool's working tree):
 #   bash scripts/gpu_check.sh [steps]         # carry [".whl"] as well to time tokamax
-# steps: any of tests, info, bench, decode, memory, lightning, model, mosaic, mosaic-sweep, star,
+# steps: any of tests, info, bench, decode, memory, lightning, model, mosaic, mosaic-sweep,
+# mosaic-cases, star,
 # mla, sp, lasp, lasp1, scaling, and full-<experiment> (experiments/<experiment>.py --preset
 # full, its JSON and PNG into $OUT; one 10-minute call each)
 # (default: the first five; the others are the later issues' benchmarks and are asked for by
@@ -133,6 +134,12 @@ if want mosaic-sweep; then
 echo "== Mosaic GPU forward tiles (block_kv, compute warpgroups, pipeline depth) against cuDNN"
 step mosaic_sweep "${MOSAIC_SWEEP_TIMEOUT:-450}" python3 scripts/mosaic_sweep.py \
   --budget-s $((${MOSAIC_SWEEP_TIMEOUT:-450} - 60)) --out "$OUT/mosaic_sweep.json"
+fi
+
+if want mosaic-cases; then
+echo "== Mosaic GPU forward on GQA, a 4K window, segment ids and soft-cap against cuDNN and Triton"
+step mosaic_cases "${MOSAIC_CASES_TIMEOUT:-240}" python3 scripts/mosaic_cases.py \
+  --out "$OUT/mosaic_cases.json"
 fi
 
 if want star; then

@@ -267,3 +267,21 @@ def test_kernel_wrapper_rejects_bad_inputs():
                                  **common)
     with pytest.raises(ValueError, match="config must be a MosaicFlashConfig"):
         mgpu_flash_attention_fwd(q, k, v, pos, pos, config=object(), **common)
+
+
+def test_cases_script_counts_the_pairs_each_mask_keeps():
+    """``scripts/mosaic_cases.py`` (timed on an H100 by ``gpu_check.sh mosaic-cases``) counts
+    TFLOP/s over the (query, key) pairs its masks keep."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "mosaic_cases.py"
+    spec = importlib.util.spec_from_file_location("mosaic_cases", path)
+    mc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mc)
+    assert mc.kept_pairs(8, None, 1) == 36  # causal: 1 + 2 + ... + 8
+    assert mc.kept_pairs(8, 2, 1) == 1 + 2 + 3 * 6  # a window of 2 keys back
+    assert mc.kept_pairs(8, None, 2) == 2 * 10  # two documents of 4, each causal
+    names = [c["name"] for c in mc.cases(32768, 16)]
+    assert names == ["gqa", "window", "segments", "soft_cap"]
+    assert mc.cases(32768, 16)[1]["kw"]["local_window_size"] == (4096, 0)
