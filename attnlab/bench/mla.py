@@ -180,10 +180,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  keys_per_split=kps) for kv, r, w, st, kps in SWEEP]
     rows = []
     for s in args.seq_lens:
-        rows += bench_one(s, **dims, dtype=jnp.bfloat16, impls=impls,
-                          repeats=args.repeats, warmup=args.warmup, copy=copy,
-                          materialize=s <= args.materialize_up_to and not args.sweep)
-        for r in rows[-len(impls) - 2:]:
+        new = bench_one(s, **dims, dtype=jnp.bfloat16, impls=impls,
+                        repeats=args.repeats, warmup=args.warmup, copy=copy,
+                        materialize=s <= args.materialize_up_to and not args.sweep)
+        rows += new
+        for r in new:
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
     for s in args.seq_lens:  # speed-up per token over the best materialized decode
         lat = [r for r in rows if r["S"] == s and r["kind"] == "latent" and r.get("ms")]
