@@ -4,8 +4,10 @@ One block (a CTA) computes ``64 * compute_wgs`` queries of one (batch, query hea
 ``compute_wgs + 1`` warpgroups: the last one is the producer, which only issues TMA copies of
 K and V tiles into a ring of ``max_concurrent_steps`` SMEM slots; each compute warpgroup owns
 64 queries and, per key tile, waits for the slot, computes ``S = Q K^T`` with wgmma, releases
-the K slot, runs the online softmax in registers, stages ``P`` in SMEM and computes ``P V``
-with wgmma, then releases the V slot (FlashAttention-3's producer/consumer split). With two
+the K slot, runs the online softmax in registers, computes ``P V`` with wgmma from ``P`` in
+registers into the rescaled output (``P`` staged in SMEM when interpreted or with
+``config.p_in_registers=False``), then releases the V slot (FlashAttention-3's
+producer/consumer split). With two
 compute warpgroups and ``config.pingpong`` (off by default: slower on an H100) they take
 turns on the tensor cores through a schedule barrier (FlashAttention-3's inter-warpgroup
 ping-pong): one warpgroup's softmax runs while the other's matmuls do.
