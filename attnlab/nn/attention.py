@@ -73,7 +73,7 @@ class SoftmaxAttention(Mechanism):
       >>> y, _ = attn(x, positions=jnp.broadcast_to(jnp.arange(T), (B, T)))
     """
 
-    implementations = staticmethod(attention_implementations)
+    _implementations = staticmethod(attention_implementations)
     impl_kind = "an attention"
 
     def __init__(self, cfg: Config, *, layer_idx: int, rngs: nnx.Rngs,

@@ -55,7 +55,7 @@ class LightningAttention(Mechanism):
       >>> attn.init_cache(B)["state"].shape  # (B, N, H, H) at any length: no KV cache
     """
 
-    implementations = staticmethod(_L.implementations)
+    _implementations = staticmethod(_L.implementations)
     impl_kind = "a lightning attention"
 
     def __init__(self, cfg: Config, *, layer_idx: int, rngs: nnx.Rngs,

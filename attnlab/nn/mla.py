@@ -93,7 +93,7 @@ class MultiHeadLatentAttention(Mechanism):
       >>> y, cache = attn(x, positions=jnp.broadcast_to(jnp.arange(T), (B, T)), cache=cache)
     """
 
-    implementations = staticmethod(attention_implementations)
+    _implementations = staticmethod(attention_implementations)
     impl_kind = "an attention"
 
     def __init__(self, cfg: Config, *, layer_idx: int, rngs: nnx.Rngs,

@@ -101,19 +101,19 @@ def check_impl(impl: str, implementations: Iterable[str], what: str) -> None:
 class Mechanism(nnx.Module):
     """Base class of the registered modules: the contract's common start.
 
-    A subclass names its op's implementations (``implementations``, a function returning
+    A subclass names its op's implementations (``_implementations``, a function returning
     their names, and ``impl_kind`` for messages, e.g. "an attention");
     ``super().__init__(cfg, layer_idx=layer_idx, parallel=parallel)`` checks
-    ``cfg.attention_impl`` against them (:func:`check_impl`) and keeps ``cfg``,
+    ``cfg.attention_impl`` against them (``check_impl``) and keeps ``cfg``,
     ``layer_idx`` and ``parallel`` as static attributes (part of the graph definition, not
     parameters).
     """
 
-    implementations: Callable[[], Iterable[str]]
+    _implementations: Callable[[], Iterable[str]]
     impl_kind: str
 
     def __init__(self, cfg: Any, *, layer_idx: int, parallel: Any = None) -> None:
-        check_impl(cfg.attention_impl, type(self).implementations(), self.impl_kind)
+        check_impl(cfg.attention_impl, type(self)._implementations(), self.impl_kind)
         self.cfg = cfg
         self.layer_idx = layer_idx
         self.parallel = parallel
