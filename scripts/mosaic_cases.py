@@ -33,15 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnlab.bench.harness import (
-    add_timing_args,
-    max_abs_err,
-    run_record,
-    short_error,
-    tflops_per_s,
-    time_call,
-    write_json,
-)
+from attnlab.bench import harness
 from attnlab.ops import attention, explain
 from attnlab.testing import random_qkv, tolerance
 
@@ -77,8 +69,8 @@ def _call(q, k, v, seg, *, impl: str, kw: dict[str, Any]):
 def run(batch_tokens: int, long: int, short: int, heads: int, head_dim: int, *, repeats: int,
         warmup: int, out: str | None, argv) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
-    record = run_record(argv, dims=dict(batch_tokens=batch_tokens, head_dim=head_dim),
-                        dtype="bfloat16", rows=rows)
+    record = harness.run_record(argv, dims=dict(batch_tokens=batch_tokens, head_dim=head_dim),
+                                dtype="bfloat16", rows=rows)
     tol = tolerance(jnp.bfloat16, "gpu").out
     for case in cases(long, heads):
         s, n, kh, kw = case["s"] or short, case["n"], case["k"], dict(case["kw"])
@@ -99,14 +91,15 @@ def run(batch_tokens: int, long: int, short: int, heads: int, head_dim: int, *, 
             else:
                 try:
                     f = jax.jit(functools.partial(_call, impl=impl, kw=kw))
-                    row["max_abs_err"] = err = max_abs_err(f(*args), want)
+                    row["max_abs_err"] = err = harness.max_abs_err(f(*args), want)
                     if not err <= tol * 4:  # bf16 outputs of O(1) values against xla's bf16
                         row["status"] = f"wrong: max abs err {err:.3g}"
                     else:
-                        ms = time_call(f, *args, repeats=repeats, warmup=warmup).median_ms
-                        row.update(status="ok", ms=ms, tflops=tflops_per_s(flops, ms))
+                        ms = harness.time_call(f, *args, repeats=repeats,
+                                               warmup=warmup).median_ms
+                        row.update(status="ok", ms=ms, tflops=harness.tflops_per_s(flops, ms))
                 except Exception as e:  # noqa: BLE001 - record it and go on
-                    row["status"] = f"error: {short_error(e)}"
+                    row["status"] = f"error: {harness.short_error(e)}"
             rows.append(row)
             print({k_: (round(x, 3) if isinstance(x, float) else x) for k_, x in row.items()},
                   flush=True)
@@ -117,7 +110,7 @@ def run(batch_tokens: int, long: int, short: int, heads: int, head_dim: int, *, 
                     if anchor in timed:
                         r[f"ratio_{anchor}"] = timed[anchor] / r["ms"]
         if out:
-            write_json(out, record)
+            harness.write_json(out, record)
     return record
 
 
@@ -130,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--short", type=int, default=8192, help="S of the segments, soft-cap cases")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--head-dim", type=int, default=128)
-    add_timing_args(p, repeats=10)
+    harness.add_timing_args(p, repeats=10)
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true", help="tiny shapes, interpreted on CPU")
     a = p.parse_args(argv)
