@@ -73,7 +73,7 @@ class MosaicFlashConfig:
       pingpong: with two compute warpgroups, take turns on the tensor cores
         (FlashAttention-3's inter-warpgroup schedule): one warpgroup's softmax runs while the
         other's matmuls do. No effect with one compute warpgroup. Off by default: compiled on
-        an H100 (JAX 0.11.2) it passes the attention grid but runs 12-17 % slower than
+        an H100 (JAX 0.11.2) it passes the attention grid but runs 5-17 % slower than
         without it at H=16, D=128, 8K-32K (``experiments/results/mosaic_sweep_h100_*.json``).
       p_in_registers: the PV wgmma reads the probabilities from registers (its A operand in
         the wgmma register layout) and accumulates into the running output (``ACC.init``),
