@@ -88,18 +88,10 @@ def run(batch_tokens: int, long: int, short: int, heads: int, head_dim: int, *, 
             why = explain(q, k, v, segment_ids=seg, **kw).get(impl)
             if why:
                 row["status"] = f"unsupported: {why}"
-            else:
-                try:
-                    f = jax.jit(functools.partial(_call, impl=impl, kw=kw))
-                    row["max_abs_err"] = err = harness.max_abs_err(f(*args), want)
-                    if not err <= tol * 4:  # bf16 outputs of O(1) values against xla's bf16
-                        row["status"] = f"wrong: max abs err {err:.3g}"
-                    else:
-                        ms = harness.time_call(f, *args, repeats=repeats,
-                                               warmup=warmup).median_ms
-                        row.update(status="ok", ms=ms, tflops=harness.tflops_per_s(flops, ms))
-                except Exception as e:  # noqa: BLE001 - record it and go on
-                    row["status"] = f"error: {harness.short_error(e)}"
+            else:  # bf16 outputs of O(1) values against xla's bf16: 4 output tolerances
+                row.update(harness.check_then_time(
+                    functools.partial(_call, impl=impl, kw=kw), args, want, tol * 4,
+                    flops=flops, repeats=repeats, warmup=warmup))
             rows.append(row)
             print({k_: (round(x, 3) if isinstance(x, float) else x) for k_, x in row.items()},
                   flush=True)

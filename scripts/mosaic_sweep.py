@@ -29,16 +29,13 @@ import jax.numpy as jnp
 from attnlab.bench.harness import (
     add_timing_args,
     attention_flops,
+    check_then_time,
     ints,
-    max_abs_err,
     run_record,
-    short_error,
-    tflops_per_s,
-    time_call,
     write_json,
 )
 from attnlab.ops import attention
-from attnlab.testing import tolerance
+from attnlab.testing import random_qkv, tolerance
 from pallas_kernels.gpu.mgpu_common import SMEM_BYTES, MosaicFlashConfig
 
 
@@ -65,9 +62,7 @@ def sweep(seq_lens, *, batch_tokens: int, heads: int, head_dim: int, repeats: in
     tol = tolerance(jnp.bfloat16, "gpu").out
     for s, causal in itertools.product(seq_lens, (True, False)):
         b = max(1, batch_tokens // s)
-        kq, kk, kv = jax.random.split(jax.random.key(s), 3)
-        q, k, v = (jax.random.normal(x, (b, s, heads, head_dim), jnp.bfloat16)
-                   for x in (kq, kk, kv))
+        q, k, v = random_qkv(jax.random.key(s), b, s, s, heads, heads, head_dim, jnp.bfloat16)
         want = jax.jit(lambda q, k, v, c=causal: attention(q, k, v, is_causal=c, impl="xla"))(
             q, k, v)
         flops = attention_flops(b, s, heads, head_dim, causal=causal)
@@ -79,17 +74,11 @@ def sweep(seq_lens, *, batch_tokens: int, heads: int, head_dim: int, repeats: in
                 row["status"] = "skipped (time budget)"
                 rows.append(row)
                 continue
-            try:
-                f = jax.jit(lambda q, k, v, impl=impl, cfg=cfg, c=causal: attention(
-                    q, k, v, is_causal=c, impl=impl, config=cfg))
-                row["max_abs_err"] = err = max_abs_err(f(q, k, v), want)
-                if not err <= tol * 4:  # bf16 outputs of O(1) values against xla's bf16
-                    row["status"] = f"wrong: max abs err {err:.3g}"
-                else:
-                    ms = time_call(f, q, k, v, repeats=repeats, warmup=warmup).median_ms
-                    row.update(status="ok", ms=ms, tflops=tflops_per_s(flops, ms))
-            except Exception as e:  # noqa: BLE001 - a config that does not compile: record it
-                row["status"] = f"error: {short_error(e)}"
+            # bf16 outputs of O(1) values against xla's bf16: 4 output tolerances.
+            row.update(check_then_time(
+                lambda q, k, v, impl=impl, cfg=cfg, c=causal: attention(
+                    q, k, v, is_causal=c, impl=impl, config=cfg),
+                (q, k, v), want, tol * 4, flops=flops, repeats=repeats, warmup=warmup))
             rows.append(row)
             print({k_: (round(x, 3) if isinstance(x, float) else x) for k_, x in row.items()},
                   flush=True)

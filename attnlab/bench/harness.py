@@ -247,6 +247,26 @@ def time_in_program(fn: Callable[..., Any], *args: Any, calls: int = 8, repeats:
     return Timing(t.median_ms / calls, tuple(x / calls for x in t.times_ms), t.first_call_s)
 
 
+def check_then_time(fn: Callable[..., Any], args: Sequence[Any], want: Any, atol: float, *,
+                    flops: float, repeats: int, warmup: int = 2) -> dict[str, Any]:
+    """``jit(fn)(*args)`` checked against ``want`` (max abs error <= ``atol``), then timed:
+    ``{"max_abs_err", "status": "ok", "ms", "tflops"}`` (``flops`` per call). A wrong output
+    is not timed (``status`` "wrong: ..."); an exception (a config that does not compile, out
+    of memory) is recorded as ``status`` "error: ..." instead of raised."""
+    row: dict[str, Any] = {}
+    try:
+        f = jax.jit(fn)
+        row["max_abs_err"] = err = max_abs_err(f(*args), want)
+        if not err <= atol:
+            row["status"] = f"wrong: max abs err {err:.3g}"
+            return row
+        ms = time_call(f, *args, repeats=repeats, warmup=warmup).median_ms
+        row.update(status="ok", ms=ms, tflops=tflops_per_s(flops, ms))
+    except Exception as e:  # noqa: BLE001 - record it and go on
+        row["status"] = f"error: {short_error(e)}"
+    return row
+
+
 def time_or_error(
     fn: Callable[..., Any], args: Sequence[Any], repeats: int, *, warmup: int = 2
 ) -> dict[str, Any]:

@@ -46,7 +46,7 @@ from attnlab.bench.harness import (
 )
 from attnlab.ops import attention, platform, star
 from attnlab.ops import reference as attention_reference
-from attnlab.testing import tolerance
+from attnlab.testing import random_qkv, tolerance
 
 CUDNN = "cudnn (jax.nn)"
 
@@ -74,15 +74,10 @@ def _fn(kind: str, impl: str, block: int):
     return lambda q, k, v: attention(q, k, v, is_causal=True, impl=impl)
 
 
-def _inputs(key: jax.Array, b: int, t: int, n: int, h: int, dtype: Any):
-    kq, kk, kv = jax.random.split(key, 3)
-    return tuple(jax.random.normal(k_, (b, t, n, h), dtype) for k_ in (kq, kk, kv))
-
-
 def check(kind: str, impl: str, *, t_check: int, n: int, h: int, dtype: Any) -> float | None:
     """``kind``/``impl`` against the dense reference at T = ``t_check`` (blocks of
     t_check / 4): None when within the dtype's output tolerance, else the max abs error."""
-    q, k, v = _inputs(jax.random.key(1), 1, t_check, n, h, dtype)
+    q, k, v = random_qkv(jax.random.key(1), 1, t_check, t_check, n, n, h, dtype)
     block = t_check // 4
     got = jax.jit(_fn(kind, impl, block))(q, k, v)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
@@ -116,7 +111,7 @@ def bench(seq_lens: Sequence[int], blocks: Sequence[int], *, batch: int, heads: 
     record = run_record(argv, dims=dict(batch=batch, heads=heads, head_dim=head_dim),
                         dtype=jnp.dtype(dtype).name, t_check=t_check, rows=rows)
     for t in seq_lens:
-        q, k, v = _inputs(jax.random.key(t), batch, t, heads, head_dim, dtype)
+        q, k, v = random_qkv(jax.random.key(t), batch, t, t, heads, heads, head_dim, dtype)
         cases = [("full", impl, None) for impl in full_impls]
         cases += [("star", impl, bs) for bs in blocks if t % bs == 0 and t > bs for impl in impls]
         for kind, impl, bs in cases:

@@ -48,3 +48,15 @@ def test_matmul_ceiling_counts_2n3_flops():
         harness.matmul_ceiling(0)
     with pytest.raises(ValueError, match="dtype must be one of"):
         harness.matmul_ceiling(8, "int8")
+
+
+def test_check_then_time_times_only_a_right_output():
+    x = jnp.arange(4.0)
+    ok = harness.check_then_time(lambda x: x * 2, (x,), x * 2, 1e-6, flops=8, repeats=2,
+                                 warmup=1)
+    assert ok["status"] == "ok" and ok["max_abs_err"] == 0.0 and ok["ms"] > 0
+    assert ok["tflops"] == pytest.approx(8 / (ok["ms"] * 1e-3) / 1e12)
+    wrong = harness.check_then_time(lambda x: x + 1, (x,), x, 0.5, flops=8, repeats=2)
+    assert wrong == {"max_abs_err": 1.0, "status": "wrong: max abs err 1"}
+    err = harness.check_then_time(lambda x: x @ x[:3], (x,), x, 0.5, flops=8, repeats=2)
+    assert err["status"].startswith("error: ")
