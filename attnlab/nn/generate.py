@@ -129,13 +129,13 @@ def _generate(graphdef, state, prompt, rng, temperature, top_k, *,
     caches = init_caches(model, b, t0 + max_new_tokens)
     logits, caches = _prefill(model, prompt, caches)
     return decode_loop(model, prompt, logits[:, -1], caches, rng, temperature, top_k,
-                        max_new_tokens=max_new_tokens)[0]
+                       max_new_tokens=max_new_tokens)[0]
 
 
 def decode_loop(model: Transformer, prompt: jax.Array, logits: jax.Array, caches: list[Any],
-                 rng: jax.Array, temperature: jax.Array, top_k: jax.Array, *,
-                 max_new_tokens: int, keep_logits: bool = False
-                 ) -> tuple[jax.Array, jax.Array | None]:
+                rng: jax.Array, temperature: jax.Array, top_k: jax.Array, *,
+                max_new_tokens: int, keep_logits: bool = False
+                ) -> tuple[jax.Array, jax.Array | None]:
     """Samples ``max_new_tokens`` tokens after ``prompt`` [B, T0], whose caches are filled and
     whose last logits [B, V] are given: a ``lax.fori_loop`` of one-token decode steps.
 
@@ -224,7 +224,7 @@ def generate(
 
 
 def check_request(model: Transformer, prompt: Any, max_new_tokens: Any, temperature: Any,
-                   top_k: Any) -> tuple[jax.Array, float]:
+                  top_k: Any) -> tuple[jax.Array, float]:
     """(prompt as int32 [B, T0], temperature as float) after :func:`generate`'s checks."""
     cfg = model.cfg
     prompt = jnp.asarray(prompt)

@@ -170,7 +170,7 @@ def _star_generate(graphdef, state, prompt, rng, temperature, top_k, *, max_new_
     positions = c + jnp.broadcast_to(jnp.arange(t0 - c, dtype=jnp.int32), query.shape)
     logits, caches = model(query, positions=positions, caches=caches)
     return decode_loop(model, prompt, logits[:, -1], caches, rng, temperature, top_k,
-                        max_new_tokens=max_new_tokens, keep_logits=keep_logits)
+                       max_new_tokens=max_new_tokens, keep_logits=keep_logits)
 
 
 __all__ = ["StarConfig", "check_star_model", "star_generate"]
