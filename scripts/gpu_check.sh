@@ -5,7 +5,7 @@
 # Run from the repo root there (the device tool's working tree):
 #   bash scripts/gpu_check.sh [steps]         # carry [".whl"] as well to time tokamax
 # steps: any of tests, info, bench, decode, memory, lightning, model, mosaic, mosaic-sweep,
-# mosaic-cases, star,
+# mosaic-cases, star, mla-tests (the gpu-marked MLA decode tests),
 # mla, sp, lasp, lasp1, scaling, and full-<experiment> (experiments/<experiment>.py --preset
 # full, its JSON and PNG into $OUT; one 10-minute call each)
 # (default: the first five; the others are the later issues' benchmarks and are asked for by
@@ -147,11 +147,21 @@ echo "== Star Attention prefill (context phase) against full causal, 32K-128K, b
 step bench_star "${STAR_TIMEOUT:-120}" python3 -m attnlab.bench.star --out "$OUT/bench_star.json"
 fi
 
+if want mla-tests; then
+echo "== MLA latent decode kernels compiled (gpu-marked tests)"
+XLA_PYTHON_CLIENT_PREALLOCATE=false step mla_tests "${MLA_TESTS_TIMEOUT:-200}" python3 -m pytest \
+  -m gpu -q -p no:cacheprovider tests/ops/test_mla_mosaic_gpu.py tests/ops/test_mla.py
+fi
+
 if want mla; then
-echo "== MLA latent decode (B=32, N=128, d_c=512, d_R=64; MLA_SWEEP=1: the Triton config sweep)"
-sweep=(); [ "${MLA_SWEEP:-0}" = 1 ] && sweep=(--sweep --seq-lens "${MLA_SWEEP_LENS:-32768}")
-step bench_mla "${MLA_TIMEOUT:-120}" python3 -m attnlab.bench.mla --repeats 10 "${sweep[@]}" \
-  --out "$OUT/bench_mla.json"
+echo "== MLA latent decode (B=32, N=128, d_c=512, d_R=64; MLA_SWEEP=1: the Triton config sweep,"
+echo "   MLA_SWEEP=mosaic: the Mosaic GPU kernel's)"
+sweep=()
+[ "${MLA_SWEEP:-0}" = 1 ] && sweep=(--sweep --seq-lens "${MLA_SWEEP_LENS:-32768}")
+[ "${MLA_SWEEP:-0}" = mosaic ] && sweep=(--sweep-mosaic --seq-lens "${MLA_SWEEP_LENS:-8192,32768}")
+name=bench_mla; [ "${MLA_SWEEP:-0}" != 0 ] && name=bench_mla_sweep_${MLA_SWEEP/1/triton}
+step "$name" "${MLA_TIMEOUT:-200}" python3 -m attnlab.bench.mla --repeats 10 "${sweep[@]}" \
+  --out "$OUT/$name.json"
 fi
 
 for s in $STEPS; do

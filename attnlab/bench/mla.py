@@ -22,7 +22,9 @@ Each implementation is checked against ``impl="xla"`` before it is timed.
 
 ``--sweep`` times the Triton kernel under each :data:`SWEEP` config instead (rows of kind
 ``config``, the config's fields in ``config``), to pick the defaults of
-:class:`~pallas_kernels.gpu.mla_decode.MlaDecodeConfig` on a GPU.
+:class:`~pallas_kernels.gpu.mla_decode.MlaDecodeConfig` on a GPU; ``--sweep-mosaic`` the
+Mosaic GPU kernel under each :data:`MOSAIC_SWEEP` config
+(:class:`~pallas_kernels.gpu.mgpu_mla_decode.MosaicMlaDecodeConfig`).
 
 Standalone: ``python -m attnlab.bench.mla --out mla.json``.
 """
@@ -51,6 +53,7 @@ from attnlab.bench.harness import (
 )
 from attnlab.ops import decode_attention, mla
 from attnlab.ops.attention import platform
+from pallas_kernels.gpu.mgpu_mla_decode import MosaicMlaDecodeConfig
 from pallas_kernels.gpu.mla_decode import MlaDecodeConfig
 
 # (block_kv, block_rows, num_warps, num_stages, keys_per_split) candidates of ``--sweep``.
@@ -59,6 +62,10 @@ SWEEP = tuple(
     for kv in (32, 64) for rows in (32, 64) for w in (4, 8) for st in (1, 2, 3)
     if not (rows == 32 and w == 8)
 ) + ((64, 64, 8, 2, 2048), (64, 64, 8, 2, 8192), (32, 64, 8, 2, 8192))
+# (num_splits, approx_math) candidates of ``--sweep-mosaic`` (None: one wave of blocks).
+MOSAIC_SWEEP = tuple((p, a) for p in (None, 1, 4, 8) for a in (False, True))
+# The implementation a swept config belongs to.
+CONFIG_IMPL = {MlaDecodeConfig: "pallas_triton", MosaicMlaDecodeConfig: "pallas_mosaic_gpu"}
 
 
 def _inputs(key, b, s, n, d_c, d_r, d_n, d_v, dtype):
@@ -88,8 +95,8 @@ def bench_one(s: int, *, b: int, n: int, d_c: int, d_r: int, d_n: int, d_v: int,
     want = fn("xla")(q_nope, q_rope, cache, w_uk, w_uv)
     for impl in impls:
         config = None
-        if isinstance(impl, MlaDecodeConfig):
-            config, impl = impl, "pallas_triton"
+        if not isinstance(impl, str):  # a config: the sweep of its kernel
+            config, impl = impl, CONFIG_IMPL[type(impl)]
         row = dict(kind="latent" if config is None else "config", impl=impl, S=s,
                    bytes=nbytes)
         if config is not None:
@@ -158,12 +165,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--d-r", type=int, default=64)
     p.add_argument("--d-n", type=int, default=128)
     p.add_argument("--d-v", type=int, default=128)
-    p.add_argument("--impls", default="pallas_triton,xla")
+    p.add_argument("--impls", default="pallas_triton,pallas_mosaic_gpu,xla")
     p.add_argument("--materialize-up-to", type=int, default=8192,
                    help="time the materialized cache for S up to this (memory)")
     add_timing_args(p, repeats=20)
     p.add_argument("--sweep", action="store_true",
                    help="time the Triton kernel under each SWEEP config (GPU)")
+    p.add_argument("--sweep-mosaic", action="store_true",
+                   help="time the Mosaic GPU kernel under each MOSAIC_SWEEP config (H100)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -171,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.seq_lens, args.batch, args.heads = [64], 2, 4
         args.d_c, args.d_r, args.d_n, args.d_v, args.repeats = 32, 16, 16, 16, 2
         args.materialize_up_to = 64
+        # The Mosaic GPU kernel interpreted takes seconds a call: its CPU checks are tests.
+        args.impls = args.impls.replace("pallas_mosaic_gpu,", "")
     dims = dict(b=args.batch, n=args.heads, d_c=args.d_c, d_r=args.d_r, d_n=args.d_n,
                 d_v=args.d_v)
     copy = copy_bandwidth(1 << 30 if platform() == "gpu" else 1 << 22)
@@ -178,11 +189,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.sweep:
         impls = [MlaDecodeConfig(block_kv=kv, block_rows=r, num_warps=w, num_stages=st,
                                  keys_per_split=kps) for kv, r, w, st, kps in SWEEP]
+    if args.sweep_mosaic:
+        impls = [MosaicMlaDecodeConfig(num_splits=p, approx_math=a) for p, a in MOSAIC_SWEEP]
     rows = []
     for s in args.seq_lens:
         new = bench_one(s, **dims, dtype=jnp.bfloat16, impls=impls,
                         repeats=args.repeats, warmup=args.warmup, copy=copy,
-                        materialize=s <= args.materialize_up_to and not args.sweep)
+                        materialize=(s <= args.materialize_up_to and not args.sweep
+                                     and not args.sweep_mosaic))
         rows += new
         for r in new:
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})

@@ -207,7 +207,7 @@ REGISTRY = Registry(
     reference=Implementation(
         name="reference", fn=_reference_latent,
         description="decode reference over the latent cache as one shared K/V head"),
-    adapters=backends("mla_decode", "xla", "pallas_triton", "pallas_tpu"),
+    adapters=backends("mla_decode", "xla", "pallas_triton", "pallas_mosaic_gpu", "pallas_tpu"),
 )
 implementations, explain, auto_choice = (REGISTRY.implementations, REGISTRY.explain,
                                          REGISTRY.auto_choice)

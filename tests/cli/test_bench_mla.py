@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from attnlab.bench import mla as bm
+from pallas_kernels.gpu.mgpu_mla_decode import MosaicMlaDecodeConfig
 from pallas_kernels.gpu.mla_decode import MlaDecodeConfig
 
 
@@ -32,3 +33,10 @@ def test_sweep_grid_is_valid_configs() -> None:
                                keys_per_split=kps) for kv, r, w, st, kps in bm.SWEEP]
     assert len(set(configs)) == len(bm.SWEEP) >= 12
     assert MlaDecodeConfig() in configs  # the default is among those timed
+
+
+def test_mosaic_sweep_grid_is_valid_configs() -> None:
+    configs = [MosaicMlaDecodeConfig(num_splits=p, approx_math=a) for p, a in bm.MOSAIC_SWEEP]
+    assert len(set(configs)) == len(bm.MOSAIC_SWEEP) >= 6
+    assert MosaicMlaDecodeConfig() in configs
+    assert {bm.CONFIG_IMPL[type(c)] for c in configs} == {"pallas_mosaic_gpu"}

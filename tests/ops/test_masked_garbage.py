@@ -209,7 +209,8 @@ def test_lasp2_over_the_fused_triton_kernels(key):
 
 
 @pytest.mark.parametrize("fill", sorted(FILLS))
-@pytest.mark.parametrize("impl", ["reference", "xla", "pallas_triton", "pallas_tpu"])
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas_triton", "pallas_tpu",
+                                  "pallas_mosaic_gpu"])
 def test_mla_latent_decode_uninitialized_cache(impl, fill, key):
     """MLA's latent decode (one cache that is keys and values): NaN or +inf in every slot no
     query sees (past the length, before the window) changes no output or LSE, nor (xla,
@@ -222,8 +223,9 @@ def test_mla_latent_decode_uninitialized_cache(impl, fill, key):
     config = {"pallas_triton": MlaDecodeConfig(block_kv=16, block_rows=16, keys_per_split=32),
               "pallas_tpu": TpuMlaDecodeConfig(block_kv=16, keys_per_split=32)}.get(impl)
     k1, k2, k3 = jax.random.split(key, 3)
-    q = jax.random.normal(k1, (b, t, n, d_c + d_r))
-    cache = jax.random.normal(k2, (b, s, d_c + d_r))
+    dtype = jnp.bfloat16 if impl == "pallas_mosaic_gpu" else jnp.float32  # wgmma: 16-bit
+    q = jax.random.normal(k1, (b, t, n, d_c + d_r), dtype)
+    cache = jax.random.normal(k2, (b, s, d_c + d_r), dtype)
     slot = np.arange(s)[None, :]
     bad = (slot >= lengths[:, None]) | (slot < lengths[:, None] - t - window)
     grads = impl in ("reference", "xla")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 from jax.experimental.pallas import tpu as pltpu
 
 from attnlab.ops._registry import platform
@@ -42,4 +43,29 @@ def head_dims_over(name: str, q: Any, v: Any, limit: int) -> str | None:
     h, hv = q.shape[-1], v.shape[-1]
     if max(h, hv) > limit:
         return f"{name} takes head dims up to {limit}, got q/k {h} and v {hv}; use impl='xla'"
+    return None
+
+
+# Device kinds (jax.Device.device_kind) of sm_90 chips, for abstract meshes that name no
+# compute capability.
+_HOPPER_KINDS = ("H100", "H200", "H800", "H20", "GH200")
+
+
+def not_hopper(name: str, plat: str) -> str | None:
+    """None if the GPU the program is for is a Hopper (sm_90: wgmma, TMA), else why the Mosaic
+    GPU kernel ``name`` cannot run there."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    if device is not None:
+        kind = device.device_kind
+        ok = any(h in kind for h in _HOPPER_KINDS)
+    else:
+        try:
+            dev = jax.devices(plat)[0]
+        except RuntimeError:  # explain(..., plat="gpu") on a machine without one: no device
+            return None  # to judge; the kind is checked where the program is traced for it
+        kind = dev.device_kind
+        ok = str(getattr(dev, "compute_capability", "")).startswith("9")
+    if not ok:
+        return (f"{name} needs a Hopper GPU (sm_90: wgmma, TMA), got {kind}; use "
+                "impl='pallas_triton'")
     return None

@@ -21,7 +21,7 @@ import jax
 
 from attnlab.ops._registry import Implementation
 from attnlab.ops.attention import AttentionArgs, block_args
-from attnlab.ops.backends import head_dims_over, mosaic_gpu_interpret
+from attnlab.ops.backends import head_dims_over, mosaic_gpu_interpret, not_hopper
 from attnlab.ops.backends.attention_triton import block_bwd
 from pallas_kernels.common.masks import SegmentIds
 from pallas_kernels.gpu.mgpu_common import (
@@ -31,29 +31,6 @@ from pallas_kernels.gpu.mgpu_common import (
     MosaicFlashConfig,
 )
 from pallas_kernels.gpu.mgpu_flash_fwd import mgpu_flash_attention_fwd
-
-# Device kinds (jax.Device.device_kind) of sm_90 chips, for abstract meshes that name no
-# compute capability.
-_HOPPER_KINDS = ("H100", "H200", "H800", "H20", "GH200")
-
-
-def _hopper(plat: str) -> str | None:
-    """None if the GPU the program is for is a Hopper (sm_90), else the reason."""
-    device = jax.sharding.get_abstract_mesh().abstract_device
-    if device is not None:
-        kind = device.device_kind
-        ok = any(h in kind for h in _HOPPER_KINDS)
-    else:
-        try:
-            dev = jax.devices(plat)[0]
-        except RuntimeError:  # explain(..., plat="gpu") on a machine without one: no device
-            return None  # to judge; the kind is checked where the program is traced for it
-        kind = dev.device_kind
-        ok = str(getattr(dev, "compute_capability", "")).startswith("9")
-    if not ok:
-        return (f"pallas_mosaic_gpu needs a Hopper GPU (sm_90: wgmma, TMA), got {kind}; use "
-                "impl='pallas_triton'")
-    return None
 
 
 def unsupported(q, k, v, a: AttentionArgs, plat: str) -> str | None:
@@ -65,7 +42,7 @@ def unsupported(q, k, v, a: AttentionArgs, plat: str) -> str | None:
         return "pallas_mosaic_gpu takes no bias; use impl='xla' or 'reference' for a logits bias"
     why = head_dims_over("pallas_mosaic_gpu", q, v, MAX_HEAD_DIM)
     if why is None and plat == "gpu":
-        why = _hopper(plat)
+        why = not_hopper("pallas_mosaic_gpu", plat)
     return why
 
 
