@@ -62,8 +62,9 @@ SWEEP = tuple(
     for kv in (32, 64) for rows in (32, 64) for w in (4, 8) for st in (1, 2, 3)
     if not (rows == 32 and w == 8)
 ) + ((64, 64, 8, 2, 2048), (64, 64, 8, 2, 8192), (32, 64, 8, 2, 8192))
-# (num_splits, approx_math) candidates of ``--sweep-mosaic`` (None: one wave of blocks).
-MOSAIC_SWEEP = tuple((p, a) for p in (None, 1, 4, 8) for a in (False, True))
+# (num_splits, approx_math, overlap) candidates of ``--sweep-mosaic`` (None: one wave).
+MOSAIC_SWEEP = tuple((p, a, o) for p in (None, 4) for a in (False, True)
+                     for o in (False, True))
 # The implementation a swept config belongs to.
 CONFIG_IMPL = {MlaDecodeConfig: "pallas_triton", MosaicMlaDecodeConfig: "pallas_mosaic_gpu"}
 
@@ -190,7 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         impls = [MlaDecodeConfig(block_kv=kv, block_rows=r, num_warps=w, num_stages=st,
                                  keys_per_split=kps) for kv, r, w, st, kps in SWEEP]
     if args.sweep_mosaic:
-        impls = [MosaicMlaDecodeConfig(num_splits=p, approx_math=a) for p, a in MOSAIC_SWEEP]
+        impls = [MosaicMlaDecodeConfig(num_splits=p, approx_math=a, overlap=o)
+                 for p, a, o in MOSAIC_SWEEP]
     rows = []
     for s in args.seq_lens:
         new = bench_one(s, **dims, dtype=jnp.bfloat16, impls=impls,

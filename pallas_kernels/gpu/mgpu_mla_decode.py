@@ -86,12 +86,17 @@ class MosaicMlaDecodeConfig:
         (``B * row_blocks * num_splits`` blocks, one per SM: a block takes most of the
         SM's shared memory).
       approx_math: Mosaic GPU's approximate ``exp2`` and division (``CompilerParams``).
+      overlap: warpgroup 0 issues the next tile's logits wgmmas before this tile's softmax
+        and PV, so the tensor cores compute them while it runs the softmax
+        (FlashAttention-3's intra-warpgroup overlap; one more [64, block_kv] float32
+        accumulator in registers).
     """
 
     block_kv: int = 64
     max_concurrent_steps: int = 2
     num_splits: int | None = None
     approx_math: bool = False
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         rules = {
@@ -103,7 +108,8 @@ class MosaicMlaDecodeConfig:
             object.__setattr__(self, name, check_int(name, getattr(self, name), **rule))
         if self.num_splits is not None:
             object.__setattr__(self, "num_splits", check_int("num_splits", self.num_splits))
-        object.__setattr__(self, "approx_math", check_bool("approx_math", self.approx_math))
+        for name in ("approx_math", "overlap"):
+            object.__setattr__(self, name, check_bool(name, getattr(self, name)))
 
     @classmethod
     def get_default(cls) -> MosaicMlaDecodeConfig:
@@ -160,6 +166,7 @@ def _kernel(
     num_splits: int,
     steps: int,
     compiled: bool,
+    overlap: bool,
 ):
     def cast(x, layout):
         return plgpu.layout_cast(x, layout) if compiled else x
@@ -181,7 +188,9 @@ def _kernel(
     wl = spec.window_left
     lo_seen = lo if wl is None else jnp.maximum(lo, q_first - wl)
     j0 = lax.div(lo_seen, jnp.int32(bk))
-    j1 = jnp.maximum(lax.div(hi + bk - 1, jnp.int32(bk)), j0)
+    # At least one tile per block (all masked in an empty split): the overlapped pipeline
+    # computes the first tile's logits before its loop.
+    j1 = jnp.maximum(lax.div(hi + bk - 1, jnp.int32(bk)), j0 + 1)
     # Tiles that every row sees whole (no elementwise mask): [run_start, run_stop).
     full_lo = lo if wl is None else jnp.maximum(lo, q_last - wl)
     full_hi = jnp.minimum(hi, q_first + 1)
@@ -245,21 +254,26 @@ def _kernel(
         for i in range(3):
             plgpu.barrier_wait(q_bar.at[i])
 
-        def step(j, carry, *, masked: bool):
-            m, row_sum, acc = carry
+        def issue_logits(acc_ref, j):  # the three wgmmas of tile j's logits, not awaited
             slot = slot_of(j)
             for bar in c_bar:
                 plgpu.barrier_wait(bar.at[slot])
+            for i in range(3):
+                k_t = (plgpu.transpose_ref(c_smem[i].at[slot], (1, 0)) if compiled
+                       else ct_smem[i].at[slot])
+                plgpu.wgmma(acc_ref, q_smem[i], k_t)
 
-            def qk(acc_ref):
-                for i in range(3):
-                    k_t = (plgpu.transpose_ref(c_smem[i].at[slot], (1, 0)) if compiled
-                           else ct_smem[i].at[slot])
-                    plgpu.wgmma(acc_ref, q_smem[i], k_t)
+        def logits(j):
+            def body(acc_ref):
+                issue_logits(acc_ref, j)
                 plgpu.wgmma_wait(0)
                 return acc_ref[...]
 
-            raw = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, bk), jnp.float32))
+            return pl.run_scoped(body, plgpu.ACC((WG_ROWS, bk), jnp.float32))
+
+        def softmax_pv(j, raw, carry, masked: bool):
+            m, row_sum, acc = carry
+            slot = slot_of(j)
             s_ = raw * (scale * LOG2E)
             if masked:
                 s_ = jnp.where(tile_mask(j), s_, MASK_VALUE)
@@ -282,17 +296,43 @@ def _kernel(
             plgpu.barrier_arrive(c_free.at[slot])
             return m_new, row_sum, acc
 
+        def step(j, carry, *, masked: bool):
+            return softmax_pv(j, logits(j), carry, masked)
+
+        def step_ahead(j, carry, *, masked: bool):
+            """Tile j's softmax and PV while the tensor cores compute tile j + 1's logits
+            (FlashAttention-3's intra-warpgroup overlap); the carry holds the logits."""
+            *state, raw = carry
+
+            def body(next_ref):
+                issue_logits(next_ref, j + 1)
+                out = softmax_pv(j, raw, state, masked)
+                plgpu.wgmma_wait(0)
+                return (*out, next_ref[...])
+
+            return pl.run_scoped(body, plgpu.ACC((WG_ROWS, bk), jnp.float32))
+
         carry = (cast(jnp.full((WG_ROWS,), M_INIT, jnp.float32), _ROW),
                  cast(jnp.full((WG_ROWS,), 0.0, jnp.float32), _ROW),
                  cast(acc0, plgpu.Layout.WGMMA))
-        edge = functools.partial(step, masked=True)
-        carry = lax.fori_loop(j0, run_start, edge, carry)
-        carry = lax.fori_loop(run_start, run_stop, functools.partial(step, masked=False), carry)
-        m, row_sum, acc = lax.fori_loop(run_stop, j1, edge, carry)
+        if overlap:  # the last tile runs alone, masked (the mask is exact on any tile)
+            last = j1 - 1
+            carry = (*carry, logits(j0))
+            bounds = (j0, jnp.minimum(run_start, last), jnp.minimum(run_stop, last), last)
+            one = step_ahead
+        else:
+            bounds = (j0, run_start, run_stop, j1)
+            one = step
+        edge = functools.partial(one, masked=True)
+        carry = lax.fori_loop(bounds[0], bounds[1], edge, carry)
+        carry = lax.fori_loop(bounds[1], bounds[2], functools.partial(one, masked=False), carry)
+        carry = lax.fori_loop(bounds[2], bounds[3], edge, carry)
+        if overlap:
+            *carry, raw = carry
+            carry = softmax_pv(last, raw, carry, masked=True)
+        m, row_sum, acc = carry
 
-        @pl.when(j1 > j0)
-        def _():
-            plgpu.barrier_wait(p_free)
+        plgpu.barrier_wait(p_free)  # warpgroup 1's last PV
 
         seen = row_sum > 0.0
         inv_l = 1.0 / jnp.where(seen, row_sum, 1.0)
@@ -398,7 +438,8 @@ def _partials(q, cache, kv_lengths, *, v_dim, spec, scale, config, interpret):
         scratch["ct_smem"] = [smem_tile((steps, w, bk), dtype) for w in widths]
         args.append(jnp.swapaxes(cache, 1, 2))
     kernel = functools.partial(_kernel, spec=spec, scale=scale, t=t, n=n, s=cache.shape[1],
-                               num_splits=p, steps=steps, compiled=compiled)
+                               num_splits=p, steps=steps, compiled=compiled,
+                               overlap=config.overlap)
 
     def body(len_ref, q_ref, c_ref, *refs, **scratch_refs):
         ct_ref = None if compiled else refs[0]

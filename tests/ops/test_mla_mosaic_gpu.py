@@ -64,6 +64,20 @@ def test_interpreted_float16_three_slots(key):
            MosaicMlaDecodeConfig(max_concurrent_steps=3, num_splits=2), key, dtype=jnp.float16)
 
 
+@pytest.mark.parametrize(
+    "t, s, lengths, window, splits",
+    [
+        (1, 400, (400, 1), None, 2),  # several tiles; a split with one key; an empty split
+        (3, 150, (150, 0), 9, 3),  # a window: masked tiles at both ends, an empty sequence
+        (2, 12, (12,), None, 1),  # one tile
+    ],
+)
+def test_interpreted_overlapped_logits(t, s, lengths, window, splits, key):
+    """``overlap=True``: the next tile's logits are issued before this tile's softmax."""
+    _check(len(lengths), t, 8, s, 128, 64, lengths, window,
+           MosaicMlaDecodeConfig(num_splits=splits, overlap=True), key)
+
+
 def test_lowers_for_hopper():
     """Under an abstract H100 mesh the op dispatches to the kernel with the interpreter off and
     Pallas's Mosaic GPU lowering accepts it (transposed K views, in-place accumulation, the
@@ -104,6 +118,7 @@ def test_shared_memory_estimate_is_what_mosaic_allocates():
         (dict(max_concurrent_steps=1), "max_concurrent_steps must be an int >= 2"),
         (dict(num_splits=0), "num_splits must be a positive int"),
         (dict(approx_math=1), "approx_math must be a bool"),
+        (dict(overlap=None), "overlap must be a bool"),
     ],
 )
 def test_config_validation(kwargs, match):
@@ -157,6 +172,9 @@ def test_wrapper_rejects_bad_inputs():
         (2, 2, 40, 3000, 96, 32, (3000, 1500), None, MosaicMlaDecodeConfig(num_splits=1)),
         (2, 1, 16, 2048, 256, 64, (2048, 2000), None,
          MosaicMlaDecodeConfig(max_concurrent_steps=3)),
+        (4, 1, 128, 8192, 512, 64, (8192, 1, 2731, 0), None, MosaicMlaDecodeConfig(overlap=True)),
+        (4, 3, 128, 4099, 512, 64, (4099, 77, 1366, 8), 500,
+         MosaicMlaDecodeConfig(overlap=True, num_splits=5)),
     ],
 )
 def test_compiled(b, t, n, s, d_c, d_r, lengths, window, config, key):
