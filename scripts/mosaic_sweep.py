@@ -41,9 +41,11 @@ from pallas_kernels.gpu.mgpu_common import SMEM_BYTES, MosaicFlashConfig
 
 def candidates() -> list[MosaicFlashConfig]:
     """Key tile x pipeline depth x (two compute warpgroups with and without turns on the
-    tensor cores, one compute warpgroup) x P in registers or in SMEM; the default first,
+    tensor cores, one compute warpgroup) x P in registers or in SMEM; the default first, then
+    the default with approximate math and/or the overlapped logits,
     configs whose tiles do not fit the shared memory at head dim 128 left out."""
-    out = [MosaicFlashConfig()]
+    out = [MosaicFlashConfig(), MosaicFlashConfig(approx_math=True),
+           MosaicFlashConfig(overlap=True), MosaicFlashConfig(overlap=True, approx_math=True)]
     for kv, st, (w, pp), regs in itertools.product(
             (64, 128), (2, 3), ((2, False), (2, True), (1, False)), (True, False)):
         cfg = MosaicFlashConfig(block_kv=kv, compute_wgs=w, max_concurrent_steps=st,

@@ -80,6 +80,12 @@ class MosaicFlashConfig:
         as FlashAttention-3 does; False stages P in SMEM and adds a fresh PV product to the
         output in registers (one more [64, Hv] float32 array live, one SMEM store and fence
         per step).
+      approx_math: Mosaic GPU's approximate ``exp2`` and division (``CompilerParams``), as
+        JAX's own Mosaic GPU attention compiles.
+      overlap: each compute warpgroup issues the next key tile's ``Q K^T`` wgmma before this
+        tile's softmax and PV, so the tensor cores compute it while the softmax runs
+        (FlashAttention-3's intra-warpgroup overlap; one more [64, block_kv] float32
+        accumulator in registers). Not with ``pingpong``.
 
     The query tile of a block is ``64 * compute_wgs``. Sequences need not be multiples of the
     tiles (the wrapper pads them and masks the padding).
@@ -90,6 +96,8 @@ class MosaicFlashConfig:
     max_concurrent_steps: int = 2
     pingpong: bool = False
     p_in_registers: bool = True
+    approx_math: bool = False
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         rules = {
@@ -99,8 +107,11 @@ class MosaicFlashConfig:
         }
         for name, rule in rules.items():
             object.__setattr__(self, name, check_int(name, getattr(self, name), **rule))
-        for name in ("pingpong", "p_in_registers"):
+        for name in ("pingpong", "p_in_registers", "approx_math", "overlap"):
             object.__setattr__(self, name, check_bool(name, getattr(self, name)))
+        if self.pingpong and self.overlap:
+            raise ValueError(
+                "pingpong and overlap are two schedules of the tensor cores; choose one")
 
     @property
     def block_q(self) -> int:

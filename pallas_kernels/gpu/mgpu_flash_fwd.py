@@ -111,6 +111,7 @@ def _fwd_kernel(
     steps: int,
     layouts: bool,
     pingpong: bool,
+    overlap: bool,
 ):
     def cast(x, layout):
         # Register layout hints for the Mosaic GPU compiler; they change no value. JAX
@@ -126,6 +127,14 @@ def _fwd_kernel(
     start, run_start, run_stop, stop = (bounds_ref[bm, qb, i] for i in range(4))
     bk = k_smem.shape[-1]
     hv = v_smem.shape[-1]
+    if overlap:  # at least one tile (all masked for rows that see no key): the pipeline
+        # computes the first tile's logits before its loop.
+        start = jnp.minimum(start, jnp.int32(kt_ref.shape[-1] // bk - 1))
+        stop = jnp.maximum(stop, start + 1)
+        run_start, run_stop = (jnp.clip(x, start, stop) for x in (run_start, run_stop))
+
+    def slot_of(j):
+        return lax.rem(j - start, jnp.int32(steps))
 
     def take_turn():  # both compute warpgroups arrive; each waits for the other
         plgpu.barrier_arrive(sched)
@@ -147,25 +156,30 @@ def _fwd_kernel(
         q_seg = cast(q_meta_smem[wg, 1], _ROW) if segmented else None
         plgpu.barrier_wait(q_bar.at[wg])
 
-        def step(j, carry, *, masked: bool):
-            m, row_sum, acc = carry
-            slot = lax.rem(j - start, jnp.int32(steps))
-            if masked:  # positions (and ids) of the tile's keys, while K and V land
-                plgpu.copy_gmem_to_smem(
-                    kv_meta_ref.at[bm, :, pl.ds(j * bk, bk)], kv_meta_smem.at[wg],
-                    kv_meta_bar.at[wg],
-                )
-            plgpu.barrier_wait(k_bar.at[slot])
+        def issue_logits(acc_ref, j):  # tile j's Q K^T wgmma, not awaited
+            plgpu.barrier_wait(k_bar.at[slot_of(j)])
+            plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.at[slot_of(j)])
 
+        def logits(j):
             def qk(acc_ref):
-                plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.at[slot])
+                issue_logits(acc_ref, j)
                 if pingpong:  # the other warpgroup's PV may start while this QK^T runs
                     take_turn()
                 plgpu.wgmma_wait(0)
                 return acc_ref[...]
 
             raw = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, bk), jnp.float32))
-            plgpu.barrier_arrive(k_free.at[slot])
+            plgpu.barrier_arrive(k_free.at[slot_of(j)])
+            return raw
+
+        def softmax_pv(j, raw, carry, masked: bool):
+            m, row_sum, acc = carry
+            slot = slot_of(j)
+            if masked:  # positions (and ids) of the tile's keys
+                plgpu.copy_gmem_to_smem(
+                    kv_meta_ref.at[bm, :, pl.ds(j * bk, bk)], kv_meta_smem.at[wg],
+                    kv_meta_bar.at[wg],
+                )
             s, _ = log2_logits(raw, scale, soft_cap)
             plgpu.barrier_wait(v_bar.at[slot])
             v_tile = v_smem.at[slot]
@@ -223,6 +237,24 @@ def _fwd_kernel(
             acc = lax.broadcast_in_dim(alpha, acc.shape, [0]) * acc + acc_pv
             return m_new, row_sum, acc
 
+        def step(j, carry, *, masked: bool):
+            return softmax_pv(j, logits(j), carry, masked)
+
+        def step_ahead(j, carry, *, masked: bool):
+            """Tile j's softmax and PV while the tensor cores compute tile j + 1's logits
+            (FlashAttention-3's intra-warpgroup overlap); the carry holds the logits."""
+            *state, raw = carry
+
+            def body(next_ref):
+                issue_logits(next_ref, j + 1)
+                out = softmax_pv(j, raw, state, masked)
+                plgpu.wgmma_wait(0)
+                return (*out, next_ref[...])
+
+            *out, raw_next = pl.run_scoped(body, plgpu.ACC((WG_ROWS, bk), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot_of(j + 1)])
+            return (*out, raw_next)
+
         carry = (
             cast(jnp.full((WG_ROWS,), M_INIT, jnp.float32), _ROW),
             cast(jnp.full((WG_ROWS,), 0.0, jnp.float32), _ROW),
@@ -233,10 +265,22 @@ def _fwd_kernel(
         # warpgroup 1 starts one turn late and warpgroup 0 ends one turn late.
         if pingpong:
             pl.when(wg == 1)(take_turn)
-        edge = functools.partial(step, masked=True)
-        carry = lax.fori_loop(start, run_start, edge, carry)
-        carry = lax.fori_loop(run_start, run_stop, functools.partial(step, masked=False), carry)
-        m, row_sum, acc = lax.fori_loop(run_stop, stop, edge, carry)
+        if overlap:  # the last tile runs alone, masked (the mask is exact on any tile)
+            last = stop - 1
+            carry = (*carry, logits(start))
+            loops = (start, jnp.minimum(run_start, last), jnp.minimum(run_stop, last), last)
+            one = step_ahead
+        else:
+            loops = (start, run_start, run_stop, stop)
+            one = step
+        edge = functools.partial(one, masked=True)
+        carry = lax.fori_loop(loops[0], loops[1], edge, carry)
+        carry = lax.fori_loop(loops[1], loops[2], functools.partial(one, masked=False), carry)
+        carry = lax.fori_loop(loops[2], loops[3], edge, carry)
+        if overlap:
+            *carry, raw = carry
+            carry = softmax_pv(last, raw, carry, masked=True)
+        m, row_sum, acc = carry
         if pingpong:
             pl.when(wg == 0)(take_turn)
 
@@ -257,7 +301,7 @@ def _fwd_kernel(
         vh = lax.div(n_idx, jnp.int32(gv))
 
         def load(j, _):
-            slot = lax.rem(j - start, jnp.int32(steps))
+            slot = slot_of(j)
 
             @pl.when(j - start >= steps)  # wait until every consumer released the slot
             def _():
@@ -280,7 +324,7 @@ def _fwd_kernel(
 
         # Observe the consumers' last releases, so every barrier phase is seen by its waiter.
         def drain(j, _):
-            slot = lax.rem(j - start, jnp.int32(steps))
+            slot = slot_of(j)
             plgpu.barrier_wait(k_free.at[slot])
             plgpu.barrier_wait(v_free.at[slot])
             return _
@@ -335,6 +379,7 @@ def _forward(
         _fwd_kernel, spec=spec, scale=scale, soft_cap=soft_cap, gk=n // kk, gv=n // kv_heads,
         kv_len=None if sp == s else s, compute_wgs=wgs, steps=steps,
         layouts=interpret is None, pingpong=config.pingpong and wgs == 2,
+        overlap=config.overlap,
     )
 
     def body(*refs, **scratch_refs):
@@ -355,6 +400,7 @@ def _forward(
         scratch_types=scratch,
         interpret=interpret,
         kernel_name="mgpu_flash_attention_fwd",
+        compiler_params=plgpu.CompilerParams(approx_math=config.approx_math),
     )(bounds, q_meta, kv_meta, q, kt, v)
     return out[:, :t, :, :hv_out], jnp.swapaxes(lse[:, :, :t], 1, 2)
 

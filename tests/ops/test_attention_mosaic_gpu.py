@@ -77,6 +77,17 @@ class TestPallasMosaicGpuInterpreted(MosaicGpuTestBase):
         super().test_jit_vmap_grad_traced_offsets(key)
 
 
+class TestPallasMosaicGpuOverlapInterpreted(MosaicGpuTestBase):
+    """The next tile's logits issued before this tile's softmax (``overlap=True``), on the
+    case whose blocks see no key (the pipeline then walks one fully masked tile)."""
+
+    CONFIG = MosaicFlashConfig(compute_wgs=1, overlap=True)
+    INTERPRET = True
+    DTYPES = {"bfloat16": ("all_masked_rows",)}
+    test_masked_garbage_never_reaches_a_row = None
+    test_jit_vmap_grad_traced_offsets = TestPallasMosaicGpuInterpreted.test_jit_vmap_grad_traced_offsets
+
+
 def test_two_compute_warpgroups_and_deep_pipeline(key):
     """The default shape (two consumer warpgroups sharing one producer, taking turns on the
     tensor cores), the same without the turns, and one warpgroup with a 3-slot ring over more
@@ -86,7 +97,8 @@ def test_two_compute_warpgroups_and_deep_pipeline(key):
               return_residuals=True)
     want, want_lse = attention(q, k, v, impl="reference", **kw)
     for cfg in (MosaicFlashConfig(), MosaicFlashConfig(pingpong=True),
-                MosaicFlashConfig(compute_wgs=1, max_concurrent_steps=3)):
+                MosaicFlashConfig(compute_wgs=1, max_concurrent_steps=3),
+                MosaicFlashConfig(overlap=True, max_concurrent_steps=3)):
         out, lse = jax.jit(lambda q, k, v, c=cfg: attention(q, k, v, impl=IMPL, config=c, **kw))(
             q, k, v)
         np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32),
@@ -117,6 +129,15 @@ class TestPallasMosaicGpuPingPongCompiled(TestPallasMosaicGpuCompiled):
 
     CONFIG = MosaicFlashConfig(pingpong=True)
     CASES = tuple(c for c in TestPallasMosaicGpuCompiled.CASES if c.h <= 128)
+    DTYPES = {"bfloat16": None}
+
+
+@pytest.mark.gpu
+class TestPallasMosaicGpuOverlapCompiled(TestPallasMosaicGpuCompiled):
+    """The grid compiled with each warpgroup's next ``Q K^T`` issued before its softmax
+    (``overlap=True``) and approximate math, bfloat16."""
+
+    CONFIG = MosaicFlashConfig(overlap=True, approx_math=True)
     DTYPES = {"bfloat16": None}
 
 
@@ -236,6 +257,8 @@ def test_auto_never_picks_it():
         (dict(max_concurrent_steps=1), "max_concurrent_steps must be"),
         (dict(pingpong=1), "pingpong must be a bool, got 1"),
         (dict(p_in_registers="yes"), "p_in_registers must be a bool"),
+        (dict(overlap=0), "overlap must be a bool"),
+        (dict(pingpong=True, overlap=True), "pingpong and overlap are two schedules"),
     ],
 )
 def test_config_validation(kwargs, match):
