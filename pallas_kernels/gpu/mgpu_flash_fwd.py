@@ -26,8 +26,9 @@ The kernel is written within what JAX 0.10.2's Mosaic GPU interpreter runs (see
 ``pallas_kernels/gpu/README.md``), so the code the CPU tests interpret is the code a GPU
 compiles:
 
-* K is transposed in HBM by the wrapper ([B, K, H, S]): the QK^T wgmma reads ``K^T`` tiles as
-  they are, with no ``transpose_ref`` (the interpreter has no transposed-ref transform).
+* Compiled, the QK^T wgmma reads K tiles through a transposed SMEM view (``transpose_ref``);
+  the interpreter has no transposed-ref transform, so interpreted kernels read ``K^T`` tiles
+  from a copy of K transposed in HBM by the wrapper ([B, K, H, S]).
 * ``P`` goes through SMEM to the PV wgmma (the interpreter's wgmma takes SMEM operands
   only; FlashAttention-3 feeds P from registers).
 * Each wgmma accumulates into a fresh accumulator that is added to the running output in
@@ -79,7 +80,7 @@ def _fwd_kernel(
     q_meta_ref,  # [Bm, R, Tp] int32 (GMEM): row 0 query positions, row 1 segment ids (R = 2)
     kv_meta_ref,  # [Bm, R, Sp] int32 (GMEM): the same for the keys
     q_ref,  # [B, Tp, N, H] (GMEM)
-    kt_ref,  # [B, Kk, H, Sp] (GMEM) keys, transposed
+    k_ref,  # [B, Sp, Kk, H] (GMEM) keys; interpreted: [B, Kk, H, Sp], transposed
     v_ref,  # [B, Sp, Kv, Hv] (GMEM)
     o_ref,  # [B, Tp, N, Hv] (GMEM) out
     lse_ref,  # [B, N, Tp] f32 (GMEM) out: natural-log LSE, -inf for rows that see no key
@@ -91,7 +92,8 @@ def _fwd_kernel(
     lse_smem,  # [W, 64] f32 SMEM
     q_meta_smem,  # [W, R, 64] int32 SMEM: the warpgroup's query positions (and segment ids)
     kv_meta_smem,  # [W, R, bk] int32 SMEM: a masked tile's key positions (and segment ids)
-    k_smem,  # [steps, H, bk] SMEM: the producer's ring of K^T tiles
+    k_smem,  # [steps, bk, H] SMEM: the producer's ring of K tiles ([steps, H, bk] K^T tiles
+    # when interpreted)
     v_smem,  # [steps, bk, Hv] SMEM: the producer's ring of V tiles
     q_bar,  # W barriers: Q tile landed
     q_meta_bar,  # W barriers: query metadata landed
@@ -125,11 +127,11 @@ def _fwd_kernel(
     segmented = q_meta_ref.shape[1] == 2
     bm = b_idx if bounds_ref.shape[0] > 1 else 0
     start, run_start, run_stop, stop = (bounds_ref[bm, qb, i] for i in range(4))
-    bk = k_smem.shape[-1]
+    bk = v_smem.shape[1]
     hv = v_smem.shape[-1]
     if overlap:  # at least one tile (all masked for rows that see no key): the pipeline
         # computes the first tile's logits before its loop.
-        start = jnp.minimum(start, jnp.int32(kt_ref.shape[-1] // bk - 1))
+        start = jnp.minimum(start, jnp.int32(v_ref.shape[1] // bk - 1))
         stop = jnp.maximum(stop, start + 1)
         run_start, run_stop = (jnp.clip(x, start, stop) for x in (run_start, run_stop))
 
@@ -158,7 +160,9 @@ def _fwd_kernel(
 
         def issue_logits(acc_ref, j):  # tile j's Q K^T wgmma, not awaited
             plgpu.barrier_wait(k_bar.at[slot_of(j)])
-            plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.at[slot_of(j)])
+            k_tile = k_smem.at[slot_of(j)]  # K^T: a transposed view, or (interpreted) as is
+            plgpu.wgmma(acc_ref, q_smem.at[wg],
+                        plgpu.transpose_ref(k_tile, (1, 0)) if layouts else k_tile)
 
         def logits(j):
             def qk(acc_ref):
@@ -308,7 +312,9 @@ def _fwd_kernel(
                 plgpu.barrier_wait(k_free.at[slot])
 
             plgpu.copy_gmem_to_smem(
-                kt_ref.at[b_idx, kh, :, pl.ds(j * bk, bk)], k_smem.at[slot], k_bar.at[slot]
+                (k_ref.at[b_idx, pl.ds(j * bk, bk), kh] if layouts
+                 else k_ref.at[b_idx, kh, :, pl.ds(j * bk, bk)]),
+                k_smem.at[slot], k_bar.at[slot]
             )
 
             @pl.when(j - start >= steps)
@@ -343,7 +349,9 @@ def _forward(
     bq, bk, wgs = config.block_q, config.block_kv, config.compute_wgs
     tp, sp = round_up(t, bq), round_up(s, bk)
     q = pad_axis(pad_axis(q, 3, h), 1, tp)
-    kt = jnp.transpose(pad_axis(pad_axis(k, 3, h), 1, sp), (0, 2, 3, 1))  # [B, Kk, H, Sp]
+    k = pad_axis(pad_axis(k, 3, h), 1, sp)
+    if interpret is not None:  # the interpreter has no transposed refs: K^T tiles from HBM
+        k = jnp.transpose(k, (0, 2, 3, 1))  # [B, Kk, H, Sp]
     v = pad_axis(pad_axis(v, 3, hv), 1, sp)
     q_meta, kv_meta = (
         pad_axis(_pack_meta(pos, seg), 2, length, "edge")
@@ -358,7 +366,7 @@ def _forward(
         lse_smem=plgpu.SMEM((wgs, WG_ROWS), jnp.float32),
         q_meta_smem=plgpu.SMEM((wgs, rows, WG_ROWS), jnp.int32),
         kv_meta_smem=plgpu.SMEM((wgs, rows, bk), jnp.int32),
-        k_smem=smem_tile((steps, h, bk), dtype),
+        k_smem=smem_tile((steps, h, bk) if interpret is not None else (steps, bk, h), dtype),
         v_smem=smem_tile((steps, bk, hv), dtype),
         q_bar=plgpu.Barrier(num_barriers=wgs),
         q_meta_bar=plgpu.Barrier(num_barriers=wgs),
@@ -401,7 +409,7 @@ def _forward(
         interpret=interpret,
         kernel_name="mgpu_flash_attention_fwd",
         compiler_params=plgpu.CompilerParams(approx_math=config.approx_math),
-    )(bounds, q_meta, kv_meta, q, kt, v)
+    )(bounds, q_meta, kv_meta, q, k, v)
     return out[:, :t, :, :hv_out], jnp.swapaxes(lse[:, :, :t], 1, 2)
 
 
