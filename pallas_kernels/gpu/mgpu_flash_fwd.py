@@ -167,13 +167,15 @@ def _fwd_kernel(
         def logits(j):
             def qk(acc_ref):
                 issue_logits(acc_ref, j)
-                if pingpong:  # the other warpgroup's PV may start while this QK^T runs
-                    take_turn()
+                if pingpong:  # QK^T issued: the other warpgroup's PV may go
+                    plgpu.barrier_arrive(sched)
                 plgpu.wgmma_wait(0)
                 return acc_ref[...]
 
             raw = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, bk), jnp.float32))
             plgpu.barrier_arrive(k_free.at[slot_of(j)])
+            if pingpong:  # the other warpgroup's QK^T is issued too
+                plgpu.barrier_wait(sched)
             return raw
 
         def softmax_pv(j, raw, carry, masked: bool):
@@ -185,9 +187,9 @@ def _fwd_kernel(
                     kv_meta_bar.at[wg],
                 )
             s, _ = log2_logits(raw, scale, soft_cap)
-            plgpu.barrier_wait(v_bar.at[slot])
             v_tile = v_smem.at[slot]
             if masked:
+                plgpu.barrier_wait(v_bar.at[slot])  # for the clean copy below
                 shape = (WG_ROWS, bk)
                 plgpu.barrier_wait(kv_meta_bar.at[wg])
                 kv_pos = cast(kv_meta_smem[wg, 0], _COL)
@@ -214,22 +216,37 @@ def _fwd_kernel(
             alpha = jnp.exp2(m - m_new)
             p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
             row_sum = alpha * row_sum + p.sum(axis=1)
+
+            def v_ready():
+                if not masked:
+                    plgpu.barrier_wait(v_bar.at[slot])
+
             if p_smem is None:  # compiled, config.p_in_registers: P is the A operand in
                 # registers, and P V accumulates into the rescaled output itself.
-                if pingpong:  # softmax done: wait for the tensor cores' turn
-                    take_turn()
+                p16 = p.astype(v_tile.dtype)
+                acc = lax.broadcast_in_dim(alpha, acc.shape, [0]) * acc
+                if pingpong:  # softmax done (kept before the barriers, as tokamax's
+                    # kernel does); wait for the tensor cores' turn
+                    acc, row_sum, m_new, p16 = lax.optimization_barrier(
+                        (acc, row_sum, m_new, p16))
+                    plgpu.barrier_arrive(sched)
+                v_ready()
+                if pingpong:
+                    plgpu.barrier_wait(sched)
 
                 def pv_acc(acc_ref):
-                    plgpu.wgmma(acc_ref, p.astype(v_tile.dtype), v_tile)
+                    plgpu.wgmma(acc_ref, p16, v_tile)
 
-                acc = pl.run_state(pv_acc)(
-                    plgpu.ACC.init(lax.broadcast_in_dim(alpha, acc.shape, [0]) * acc))
+                acc = pl.run_state(pv_acc)(plgpu.ACC.init(acc))
                 plgpu.barrier_arrive(v_free.at[slot])
                 return m_new, row_sum, acc
             p_smem[wg] = p.astype(p_smem.dtype)
             plgpu.commit_smem()
             if pingpong:
-                take_turn()
+                plgpu.barrier_arrive(sched)
+            v_ready()
+            if pingpong:
+                plgpu.barrier_wait(sched)
 
             def pv(acc_ref):
                 plgpu.wgmma(acc_ref, p_smem.at[wg], v_tile)
