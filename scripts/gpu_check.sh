@@ -133,7 +133,8 @@ fi
 if want mosaic-sweep; then
 echo "== Mosaic GPU forward tiles (block_kv, compute warpgroups, pipeline depth) against cuDNN"
 step mosaic_sweep "${MOSAIC_SWEEP_TIMEOUT:-450}" python3 scripts/mosaic_sweep.py \
-  --budget-s $((${MOSAIC_SWEEP_TIMEOUT:-450} - 60)) --out "$OUT/mosaic_sweep.json"
+  --budget-s $((${MOSAIC_SWEEP_TIMEOUT:-450} - 60)) ${MOSAIC_SWEEP_MAX:+--max-candidates $MOSAIC_SWEEP_MAX} \
+  --out "$OUT/mosaic_sweep.json"
 fi
 
 if want mosaic-cases; then

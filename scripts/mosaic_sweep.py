@@ -41,11 +41,11 @@ from pallas_kernels.gpu.mgpu_common import SMEM_BYTES, MosaicFlashConfig
 
 def candidates() -> list[MosaicFlashConfig]:
     """Key tile x pipeline depth x (two compute warpgroups with and without turns on the
-    tensor cores, one compute warpgroup) x P in registers or in SMEM; the default first, then
-    the default with approximate math and/or the overlapped logits,
+    tensor cores, one compute warpgroup) x P in registers or in SMEM; first the default, the
+    overlapped logits and ping-pong, each with and without approximate math,
     configs whose tiles do not fit the shared memory at head dim 128 left out."""
-    out = [MosaicFlashConfig(), MosaicFlashConfig(approx_math=True),
-           MosaicFlashConfig(overlap=True), MosaicFlashConfig(overlap=True, approx_math=True)]
+    out = [MosaicFlashConfig(**kw, approx_math=a)
+           for kw in ({}, dict(overlap=True), dict(pingpong=True)) for a in (False, True)]
     for kv, st, (w, pp), regs in itertools.product(
             (64, 128), (2, 3), ((2, False), (2, True), (1, False)), (True, False)):
         cfg = MosaicFlashConfig(block_kv=kv, compute_wgs=w, max_concurrent_steps=st,
@@ -56,7 +56,8 @@ def candidates() -> list[MosaicFlashConfig]:
 
 
 def sweep(seq_lens, *, batch_tokens: int, heads: int, head_dim: int, repeats: int,
-          warmup: int, budget_s: float, out: str | None, argv) -> dict[str, Any]:
+          warmup: int, budget_s: float, out: str | None, argv,
+          max_candidates: int | None = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     record = run_record(argv, dims=dict(batch_tokens=batch_tokens, heads=heads,
                                         head_dim=head_dim), dtype="bfloat16", rows=rows)
@@ -68,7 +69,8 @@ def sweep(seq_lens, *, batch_tokens: int, heads: int, head_dim: int, repeats: in
         want = jax.jit(lambda q, k, v, c=causal: attention(q, k, v, is_causal=c, impl="xla"))(
             q, k, v)
         flops = attention_flops(b, s, heads, head_dim, causal=causal)
-        named = [("cudnn", None)] + [("pallas_mosaic_gpu", c) for c in candidates()]
+        named = [("cudnn", None)] + [("pallas_mosaic_gpu", c)
+                                     for c in candidates()[:max_candidates]]
         for impl, cfg in named:
             row: dict[str, Any] = dict(S=s, B=b, causal=causal, impl=impl,
                                        config=None if cfg is None else dataclasses.asdict(cfg))
@@ -103,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--budget-s", type=float, default=400.0)
+    p.add_argument("--max-candidates", type=int, default=None,
+                   help="time only the first N candidates (the default and its variants first)")
     add_timing_args(p, repeats=10)
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true", help="tiny shapes, interpreted on CPU")
@@ -110,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.smoke:
         a.seq_lens, a.batch_tokens, a.heads, a.head_dim, a.repeats = [128], 128, 1, 64, 1
     sweep(a.seq_lens, batch_tokens=a.batch_tokens, heads=a.heads, head_dim=a.head_dim,
-          repeats=a.repeats, warmup=a.warmup, budget_s=a.budget_s, out=a.out, argv=argv)
+          repeats=a.repeats, warmup=a.warmup, budget_s=a.budget_s, out=a.out, argv=argv,
+          max_candidates=a.max_candidates)
     return 0
 
 
