@@ -14,10 +14,14 @@ code the tests interpret is the code a Hopper GPU compiles.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.common.static_args import check_bool, check_int
@@ -171,3 +175,62 @@ def finite_or_zero(x: jax.Array) -> jax.Array:
     tested in float32."""
     finite = jnp.abs(x.astype(jnp.float32)) < jnp.inf
     return jnp.where(finite, x, jnp.zeros_like(x))
+
+
+def walk_tiles(
+    bounds: tuple[Any, Any, Any, Any], carry: tuple[Any, ...], *,
+    logits: Callable[[Any], jax.Array],
+    issue_logits: Callable[[Any, Any], None],
+    softmax_pv: Callable[..., tuple[Any, ...]],
+    block_kv: int,
+    overlap: bool,
+    logits_done: Callable[[Any], None] | None = None,
+) -> tuple[Any, ...]:
+    """A compute warpgroup's online softmax over key tiles ``[start, stop)``.
+
+    ``bounds`` = (start, run_start, run_stop, stop): the tiles before and after the run
+    ``[run_start, run_stop)`` are masked (``softmax_pv(..., masked=True)``), the run is not.
+    ``logits(j)`` returns tile j's raw logits; ``issue_logits(acc_ref, j)`` issues their
+    wgmmas into ``acc_ref`` without waiting; ``softmax_pv(j, raw, carry, masked)`` runs the
+    softmax and the PV wgmma and returns the new carry; ``logits_done(j)`` (optional) is
+    called once the logits of tile j, issued ahead, have landed.
+
+    With ``overlap``, tile j + 1's logits are issued before tile j's softmax and PV, so the
+    tensor cores compute them while the softmax runs (FlashAttention-3's intra-warpgroup
+    overlap): the first tile's logits are computed before the loop (``stop > start`` is
+    required) and the last tile runs on its own, masked (the mask is exact on any tile).
+    """
+    start, run_start, run_stop, stop = bounds
+
+    def step(j, carry, *, masked: bool):
+        return softmax_pv(j, logits(j), carry, masked)
+
+    def step_ahead(j, carry, *, masked: bool):
+        *state, raw = carry
+
+        def body(next_ref):
+            issue_logits(next_ref, j + 1)
+            out = softmax_pv(j, raw, tuple(state), masked)
+            plgpu.wgmma_wait(0)
+            return (*out, next_ref[...])
+
+        *out, raw_next = pl.run_scoped(body, plgpu.ACC((WG_ROWS, block_kv), jnp.float32))
+        if logits_done is not None:
+            logits_done(j + 1)
+        return (*out, raw_next)
+
+    if overlap:
+        last = stop - 1
+        carry = (*carry, logits(start))
+        loops = (start, jnp.minimum(run_start, last), jnp.minimum(run_stop, last), last)
+        one = step_ahead
+    else:
+        loops, one = bounds, step
+    edge = functools.partial(one, masked=True)
+    carry = lax.fori_loop(loops[0], loops[1], edge, carry)
+    carry = lax.fori_loop(loops[1], loops[2], functools.partial(one, masked=False), carry)
+    carry = lax.fori_loop(loops[2], loops[3], edge, carry)
+    if overlap:
+        *carry, raw = carry
+        carry = softmax_pv(last, raw, tuple(carry), True)
+    return carry

@@ -69,6 +69,7 @@ from pallas_kernels.gpu.mgpu_common import (
     finite_or_zero,
     padded_head_dim,
     smem_tile,
+    walk_tiles,
 )
 
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per query row of a wgmma tile
@@ -178,7 +179,7 @@ def _fwd_kernel(
                 plgpu.barrier_wait(sched)
             return raw
 
-        def softmax_pv(j, raw, carry, masked: bool):
+        def softmax_pv(j, raw, carry, masked):
             m, row_sum, acc = carry
             slot = slot_of(j)
             if masked:  # positions (and ids) of the tile's keys
@@ -258,24 +259,6 @@ def _fwd_kernel(
             acc = lax.broadcast_in_dim(alpha, acc.shape, [0]) * acc + acc_pv
             return m_new, row_sum, acc
 
-        def step(j, carry, *, masked: bool):
-            return softmax_pv(j, logits(j), carry, masked)
-
-        def step_ahead(j, carry, *, masked: bool):
-            """Tile j's softmax and PV while the tensor cores compute tile j + 1's logits
-            (FlashAttention-3's intra-warpgroup overlap); the carry holds the logits."""
-            *state, raw = carry
-
-            def body(next_ref):
-                issue_logits(next_ref, j + 1)
-                out = softmax_pv(j, raw, state, masked)
-                plgpu.wgmma_wait(0)
-                return (*out, next_ref[...])
-
-            *out, raw_next = pl.run_scoped(body, plgpu.ACC((WG_ROWS, bk), jnp.float32))
-            plgpu.barrier_arrive(k_free.at[slot_of(j + 1)])
-            return (*out, raw_next)
-
         carry = (
             cast(jnp.full((WG_ROWS,), M_INIT, jnp.float32), _ROW),
             cast(jnp.full((WG_ROWS,), 0.0, jnp.float32), _ROW),
@@ -286,21 +269,10 @@ def _fwd_kernel(
         # warpgroup 1 starts one turn late and warpgroup 0 ends one turn late.
         if pingpong:
             pl.when(wg == 1)(take_turn)
-        if overlap:  # the last tile runs alone, masked (the mask is exact on any tile)
-            last = stop - 1
-            carry = (*carry, logits(start))
-            loops = (start, jnp.minimum(run_start, last), jnp.minimum(run_stop, last), last)
-            one = step_ahead
-        else:
-            loops = (start, run_start, run_stop, stop)
-            one = step
-        edge = functools.partial(one, masked=True)
-        carry = lax.fori_loop(loops[0], loops[1], edge, carry)
-        carry = lax.fori_loop(loops[1], loops[2], functools.partial(one, masked=False), carry)
-        carry = lax.fori_loop(loops[2], loops[3], edge, carry)
-        if overlap:
-            *carry, raw = carry
-            carry = softmax_pv(last, raw, carry, masked=True)
+        carry = walk_tiles(
+            (start, run_start, run_stop, stop), carry, logits=logits,
+            issue_logits=issue_logits, softmax_pv=softmax_pv, block_kv=bk, overlap=overlap,
+            logits_done=lambda j: plgpu.barrier_arrive(k_free.at[slot_of(j)]))
         m, row_sum, acc = carry
         if pingpong:
             pl.when(wg == 0)(take_turn)

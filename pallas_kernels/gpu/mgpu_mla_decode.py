@@ -63,6 +63,7 @@ from pallas_kernels.gpu.mgpu_common import (
     WG_ROWS,
     finite_or_zero,
     smem_tile,
+    walk_tiles,
 )
 
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per query row of a wgmma tile
@@ -271,7 +272,7 @@ def _kernel(
 
             return pl.run_scoped(body, plgpu.ACC((WG_ROWS, bk), jnp.float32))
 
-        def softmax_pv(j, raw, carry, masked: bool):
+        def softmax_pv(j, raw, carry, masked):
             m, row_sum, acc = carry
             slot = slot_of(j)
             s_ = raw * (scale * LOG2E)
@@ -296,40 +297,12 @@ def _kernel(
             plgpu.barrier_arrive(c_free.at[slot])
             return m_new, row_sum, acc
 
-        def step(j, carry, *, masked: bool):
-            return softmax_pv(j, logits(j), carry, masked)
-
-        def step_ahead(j, carry, *, masked: bool):
-            """Tile j's softmax and PV while the tensor cores compute tile j + 1's logits
-            (FlashAttention-3's intra-warpgroup overlap); the carry holds the logits."""
-            *state, raw = carry
-
-            def body(next_ref):
-                issue_logits(next_ref, j + 1)
-                out = softmax_pv(j, raw, state, masked)
-                plgpu.wgmma_wait(0)
-                return (*out, next_ref[...])
-
-            return pl.run_scoped(body, plgpu.ACC((WG_ROWS, bk), jnp.float32))
-
         carry = (cast(jnp.full((WG_ROWS,), M_INIT, jnp.float32), _ROW),
                  cast(jnp.full((WG_ROWS,), 0.0, jnp.float32), _ROW),
                  cast(acc0, plgpu.Layout.WGMMA))
-        if overlap:  # the last tile runs alone, masked (the mask is exact on any tile)
-            last = j1 - 1
-            carry = (*carry, logits(j0))
-            bounds = (j0, jnp.minimum(run_start, last), jnp.minimum(run_stop, last), last)
-            one = step_ahead
-        else:
-            bounds = (j0, run_start, run_stop, j1)
-            one = step
-        edge = functools.partial(one, masked=True)
-        carry = lax.fori_loop(bounds[0], bounds[1], edge, carry)
-        carry = lax.fori_loop(bounds[1], bounds[2], functools.partial(one, masked=False), carry)
-        carry = lax.fori_loop(bounds[2], bounds[3], edge, carry)
-        if overlap:
-            *carry, raw = carry
-            carry = softmax_pv(last, raw, carry, masked=True)
+        carry = walk_tiles((j0, run_start, run_stop, j1), carry, logits=logits,
+                           issue_logits=issue_logits, softmax_pv=softmax_pv, block_kv=bk,
+                           overlap=overlap)
         m, row_sum, acc = carry
 
         plgpu.barrier_wait(p_free)  # warpgroup 1's last PV
