@@ -90,6 +90,11 @@ class MosaicFlashConfig:
         tile's softmax and PV, so the tensor cores compute it while the softmax runs
         (FlashAttention-3's intra-warpgroup overlap; one more [64, block_kv] float32
         accumulator in registers). Not with ``pingpong``.
+      mosaic_backward: the gradients from the Mosaic GPU backward
+        (:mod:`~pallas_kernels.gpu.mgpu_flash_bwd`, this config's ``compute_wgs``,
+        ``block_kv``, ``max_concurrent_steps`` and ``approx_math``) where it takes the call
+        (head dims up to 128, one key head per value head); else, and by default, the Triton
+        backward kernels with their own tiles.
 
     The query tile of a block is ``64 * compute_wgs``. Sequences need not be multiples of the
     tiles (the wrapper pads them and masks the padding).
@@ -102,6 +107,7 @@ class MosaicFlashConfig:
     p_in_registers: bool = True
     approx_math: bool = False
     overlap: bool = False
+    mosaic_backward: bool = False
 
     def __post_init__(self) -> None:
         rules = {
@@ -111,7 +117,7 @@ class MosaicFlashConfig:
         }
         for name, rule in rules.items():
             object.__setattr__(self, name, check_int(name, getattr(self, name), **rule))
-        for name in ("pingpong", "p_in_registers", "approx_math", "overlap"):
+        for name in ("pingpong", "p_in_registers", "approx_math", "overlap", "mosaic_backward"):
             object.__setattr__(self, name, check_bool(name, getattr(self, name)))
         if self.pingpong and self.overlap:
             raise ValueError(

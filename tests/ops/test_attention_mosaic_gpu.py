@@ -88,6 +88,76 @@ class TestPallasMosaicGpuOverlapInterpreted(MosaicGpuTestBase):
     test_jit_vmap_grad_traced_offsets = TestPallasMosaicGpuInterpreted.test_jit_vmap_grad_traced_offsets
 
 
+class TestPallasMosaicGpuBackwardInterpreted(MosaicGpuTestBase):
+    """The gradients from the Mosaic GPU backward (``mosaic_backward=True``): GQA with
+    packed documents, soft-cap and rows that see no key (with the forward's NaN-free
+    contract: the planted-NaN scenario)."""
+
+    CONFIG = MosaicFlashConfig(compute_wgs=1, mosaic_backward=True)
+    INTERPRET = True
+    DTYPES = {"bfloat16": ("segments", "softcap", "all_masked_rows")}
+    test_jit_vmap_grad_traced_offsets = TestPallasMosaicGpuInterpreted.test_jit_vmap_grad_traced_offsets
+
+
+def test_backward_two_warpgroups_window_softcap_segments(key):
+    """The Mosaic GPU backward with two compute warpgroups, a three-slot ring, a two-sided
+    window, soft-cap, packed documents and a query offset, against the reference's VJP."""
+    from attnlab.ops.attention import SegmentIds
+
+    q, k, v = random_qkv(key, 2, 70, 90, 4, 2, 96, jnp.bfloat16)
+    seg = jnp.asarray(np.sort(np.random.RandomState(0).randint(0, 3, (2, 90)), -1), jnp.int32)
+    kw = dict(local_window_size=(30, 8), logits_soft_cap=5.0, q_offset=20,
+              segment_ids=SegmentIds(seg[:, 20:], seg))
+    dout = jax.random.normal(jax.random.fold_in(key, 1), (2, 70, 4, 96), jnp.float32)
+
+    def grads(impl, config=None, dtype=jnp.bfloat16):
+        def loss(q, k, v):
+            out = attention(q, k, v, impl=impl, config=config, **kw)
+            return jnp.sum(out.astype(jnp.float32) * dout)
+        return jax.grad(loss, argnums=(0, 1, 2))(*(x.astype(dtype) for x in (q, k, v)))
+
+    got = grads(IMPL, MosaicFlashConfig(mosaic_backward=True, max_concurrent_steps=3))
+    want = grads("reference", dtype=jnp.float32)
+    for name, g, w in zip("qkv", got, want):
+        np.testing.assert_allclose(np.asarray(g, np.float32), w, atol=6e-2, rtol=5e-2,
+                                   err_msg=name)
+
+
+def test_backward_refuses_what_it_cannot_take():
+    """Head dims over 128 and separate key/value head counts: the kernel says so (the op
+    then runs the Triton backward)."""
+    from pallas_kernels.gpu.mgpu_flash_bwd import mgpu_flash_attention_bwd, unsupported_reason
+
+    q, k, v = random_qkv(jax.random.key(0), 1, 16, 16, 2, 2, 192, jnp.bfloat16)
+    assert unsupported_reason(q, k, v) == "head dims over 128"
+    assert unsupported_reason(q[..., :64], k[..., :64], v[:, :, :1, :64]) == (
+        "separate key and value head counts")
+    pos = np.arange(16, dtype=np.int32)
+    with pytest.raises(ValueError, match="does not take head dims over 128; use the Triton"):
+        mgpu_flash_attention_bwd(q, k, v, q, jnp.zeros((1, 16, 2)), q, jnp.zeros((1, 16, 2)),
+                                 pos, pos, spec=MaskSpec(), scale=0.1)
+
+
+def test_backward_lowers_for_hopper():
+    """With ``mosaic_backward`` the gradient program holds three Mosaic GPU kernels (forward,
+    dQ, dK/dV) and no Triton backward."""
+    q = jax.ShapeDtypeStruct((2, 1000, 8, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, 1000, 2, 128), jnp.bfloat16)
+    cfg = MosaicFlashConfig(mosaic_backward=True)
+
+    def loss(q, k, v):
+        return jnp.sum(attention(q, k, v, impl=IMPL, config=cfg, is_causal=True,
+                                 logits_soft_cap=20.0).astype(jnp.float32))
+
+    with jax.sharding.use_abstract_mesh(h100_mesh()):
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.custom_call @mosaic_gpu_v2(") == 3
+    for name in ("mgpu_flash_attention_bwd_dq", "mgpu_flash_attention_bwd_dkv"):
+        assert name in text, name
+    assert "flash_attention_bwd_dq\"" not in text
+
+
 def test_two_compute_warpgroups_and_deep_pipeline(key):
     """The default shape (two consumer warpgroups sharing one producer, taking turns on the
     tensor cores), the same without the turns, and one warpgroup with a 3-slot ring over more
@@ -138,6 +208,15 @@ class TestPallasMosaicGpuOverlapCompiled(TestPallasMosaicGpuCompiled):
     (``overlap=True``) and approximate math, bfloat16."""
 
     CONFIG = MosaicFlashConfig(overlap=True, approx_math=True)
+    DTYPES = {"bfloat16": None}
+
+
+@pytest.mark.gpu
+class TestPallasMosaicGpuBackwardCompiled(TestPallasMosaicGpuCompiled):
+    """The grid's gradients from the Mosaic GPU backward (``mosaic_backward=True``; head dims
+    over 128 and separate key/value head counts fall back to the Triton backward), bfloat16."""
+
+    CONFIG = MosaicFlashConfig(mosaic_backward=True)
     DTYPES = {"bfloat16": None}
 
 
@@ -259,6 +338,7 @@ def test_auto_never_picks_it():
         (dict(p_in_registers="yes"), "p_in_registers must be a bool"),
         (dict(overlap=0), "overlap must be a bool"),
         (dict(pingpong=True, overlap=True), "pingpong and overlap are two schedules"),
+        (dict(mosaic_backward=1), "mosaic_backward must be a bool"),
     ],
 )
 def test_config_validation(kwargs, match):

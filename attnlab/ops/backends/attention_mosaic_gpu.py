@@ -30,6 +30,8 @@ from pallas_kernels.gpu.mgpu_common import (
     SUPPORTED_DTYPES,
     MosaicFlashConfig,
 )
+from pallas_kernels.gpu.mgpu_flash_bwd import mgpu_flash_attention_bwd
+from pallas_kernels.gpu.mgpu_flash_bwd import unsupported_reason as mgpu_bwd_unsupported
 from pallas_kernels.gpu.mgpu_flash_fwd import mgpu_flash_attention_fwd
 
 
@@ -63,8 +65,8 @@ def _attention_bwd(spec, scale, soft_cap, config, res, cts):
     q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = res
     seg = None if q_seg is None else SegmentIds(q_seg, kv_seg)
     a = block_args(spec=spec, q_positions=q_pos, kv_positions=kv_pos, segment_ids=seg,
-                   scale=scale, logits_soft_cap=soft_cap)
-    dq, dk, dv = block_bwd(q, k, v, out, lse, *cts, a)
+                   scale=scale, logits_soft_cap=soft_cap, config=config)
+    dq, dk, dv = _block_bwd(q, k, v, out, lse, *cts, a)
     return dq, dk, dv, None, None, None, None
 
 
@@ -80,7 +82,17 @@ def _fn(q, k, v, a: AttentionArgs):
 
 
 def _block_bwd(q, k, v, out, lse, dout, dlse, a: AttentionArgs):
-    # The Triton kernels take their own (default) tiles, not this forward's config.
+    """The Mosaic GPU backward where the config asks for it and it takes the call (head dims
+    up to 128, one key head per value head), else the Triton kernels (with their own default
+    tiles, not this forward's config)."""
+    cfg = a.config
+    if cfg is not None and cfg.mosaic_backward and mgpu_bwd_unsupported(q, k, v) is None:
+        seg = a.segment_ids
+        return mgpu_flash_attention_bwd(
+            q, k, v, out, lse, dout, dlse, a.q_positions, a.kv_positions,
+            None if seg is None else seg.q, None if seg is None else seg.kv, spec=a.spec,
+            scale=a.scale, soft_cap=a.logits_soft_cap, config=cfg,
+            interpret=mosaic_gpu_interpret())
     return block_bwd(q, k, v, out, lse, dout, dlse, a._replace(config=None))
 
 
