@@ -132,9 +132,11 @@ fi
 
 if want mosaic-sweep; then
 echo "== Mosaic GPU forward tiles (block_kv, compute warpgroups, pipeline depth) against cuDNN"
-step mosaic_sweep "${MOSAIC_SWEEP_TIMEOUT:-450}" python3 scripts/mosaic_sweep.py \
+# MOSAIC_SWEEP_PASS=fwdbwd: causal forward+backward, the Triton against the Mosaic backward.
+pass=${MOSAIC_SWEEP_PASS:-fwd}
+step "mosaic_sweep_$pass" "${MOSAIC_SWEEP_TIMEOUT:-450}" python3 scripts/mosaic_sweep.py \
   --budget-s $((${MOSAIC_SWEEP_TIMEOUT:-450} - 60)) ${MOSAIC_SWEEP_MAX:+--max-candidates $MOSAIC_SWEEP_MAX} \
-  --out "$OUT/mosaic_sweep.json"
+  --pass "$pass" --out "$OUT/mosaic_sweep_$pass.json"
 fi
 
 if want mosaic-cases; then

@@ -3,6 +3,8 @@
 tensor cores) is fastest, against cuDNN timed in the same run.
 
     python scripts/mosaic_sweep.py --out $OUT/mosaic_sweep.json
+    python scripts/mosaic_sweep.py --pass fwdbwd --out $OUT/mosaic_sweep_bwd.json  # causal
+      forward+backward: the Triton backward against the Mosaic GPU one
 
 For each (S, causal) it checks every candidate against ``impl="xla"`` on the same inputs, then
 times it (median of ``--repeats``); a candidate that does not compile (shared memory, say) or
@@ -31,6 +33,7 @@ from attnlab.bench.harness import (
     attention_flops,
     check_then_time,
     ints,
+    pass_fn,
     run_record,
     write_json,
 )
@@ -55,22 +58,38 @@ def candidates() -> list[MosaicFlashConfig]:
     return out
 
 
+def backward_candidates() -> list[MosaicFlashConfig]:
+    """``--pass fwdbwd``: the default forward with the Triton backward, then with the Mosaic
+    GPU backward at one and two compute warpgroups, with and without approximate math."""
+    return [MosaicFlashConfig()] + [
+        MosaicFlashConfig(mosaic_backward=True, compute_wgs=w, approx_math=a)
+        for w in (2, 1) for a in (False, True)]
+
+
 def sweep(seq_lens, *, batch_tokens: int, heads: int, head_dim: int, repeats: int,
           warmup: int, budget_s: float, out: str | None, argv,
-          max_candidates: int | None = None) -> dict[str, Any]:
+          max_candidates: int | None = None, pass_: str = "fwd") -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     record = run_record(argv, dims=dict(batch_tokens=batch_tokens, heads=heads,
-                                        head_dim=head_dim), dtype="bfloat16", rows=rows)
+                                        head_dim=head_dim), dtype="bfloat16", passes=pass_,
+                        rows=rows)
     t0 = time.perf_counter()
     tol = tolerance(jnp.bfloat16, "gpu").out
-    for s, causal in itertools.product(seq_lens, (True, False)):
+    backward = pass_ == "fwdbwd"
+    for s, causal in itertools.product(seq_lens, (True,) if backward else (True, False)):
         b = max(1, batch_tokens // s)
         q, k, v = random_qkv(jax.random.key(s), b, s, s, heads, heads, head_dim, jnp.bfloat16)
-        want = jax.jit(lambda q, k, v, c=causal: attention(q, k, v, is_causal=c, impl="xla"))(
-            q, k, v)
-        flops = attention_flops(b, s, heads, head_dim, causal=causal)
-        named = [("cudnn", None)] + [("pallas_mosaic_gpu", c)
-                                     for c in candidates()[:max_candidates]]
+        ct = jax.random.normal(jax.random.key(s + 1), q.shape, jnp.bfloat16)
+        args = (q, k, v, ct)
+
+        def op(impl, cfg=None, c=causal):
+            return pass_fn(lambda qa, ka, va: attention(qa, ka, va, is_causal=c, impl=impl,
+                                                        config=cfg), pass_)
+
+        want = jax.jit(op("xla"))(*args)
+        flops = attention_flops(b, s, heads, head_dim, causal=causal) * (3.5 if backward else 1)
+        configs = backward_candidates() if backward else candidates()
+        named = [("cudnn", None)] + [("pallas_mosaic_gpu", c) for c in configs[:max_candidates]]
         for impl, cfg in named:
             row: dict[str, Any] = dict(S=s, B=b, causal=causal, impl=impl,
                                        config=None if cfg is None else dataclasses.asdict(cfg))
@@ -78,11 +97,9 @@ def sweep(seq_lens, *, batch_tokens: int, heads: int, head_dim: int, repeats: in
                 row["status"] = "skipped (time budget)"
                 rows.append(row)
                 continue
-            # bf16 outputs of O(1) values against xla's bf16: 4 output tolerances.
-            row.update(check_then_time(
-                lambda q, k, v, impl=impl, cfg=cfg, c=causal: attention(
-                    q, k, v, is_causal=c, impl=impl, config=cfg),
-                (q, k, v), want, tol * 4, flops=flops, repeats=repeats, warmup=warmup))
+            # bf16 outputs (and gradients) of O(1) values against xla's: 4 tolerances.
+            row.update(check_then_time(op(impl, cfg), args, want, tol * 4 * (1 + 3 * backward),
+                                       flops=flops, repeats=repeats, warmup=warmup))
             rows.append(row)
             print({k_: (round(x, 3) if isinstance(x, float) else x) for k_, x in row.items()},
                   flush=True)
@@ -108,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-candidates", type=int, default=None,
                    help="time only the first N candidates (the default and its variants first)")
     add_timing_args(p, repeats=10)
+    p.add_argument("--pass", dest="pass_", choices=("fwd", "fwdbwd"), default="fwd",
+                   help="fwdbwd: causal forward+backward, the Triton against the Mosaic GPU "
+                   "backward")
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true", help="tiny shapes, interpreted on CPU")
     a = p.parse_args(argv)
@@ -115,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         a.seq_lens, a.batch_tokens, a.heads, a.head_dim, a.repeats = [128], 128, 1, 64, 1
     sweep(a.seq_lens, batch_tokens=a.batch_tokens, heads=a.heads, head_dim=a.head_dim,
           repeats=a.repeats, warmup=a.warmup, budget_s=a.budget_s, out=a.out, argv=argv,
-          max_candidates=a.max_candidates)
+          max_candidates=a.max_candidates, pass_=a.pass_)
     return 0
 
 
