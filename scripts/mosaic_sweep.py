@@ -44,11 +44,13 @@ from pallas_kernels.gpu.mgpu_common import SMEM_BYTES, MosaicFlashConfig
 
 def candidates() -> list[MosaicFlashConfig]:
     """Key tile x pipeline depth x (two compute warpgroups with and without turns on the
-    tensor cores, one compute warpgroup) x P in registers or in SMEM; first the default, the
-    overlapped logits and ping-pong, each with and without approximate math,
+    tensor cores, one compute warpgroup) x P in registers or in SMEM; first the default, K
+    through transposed views, with it the overlapped logits and ping-pong, each with and
+    without approximate math,
     configs whose tiles do not fit the shared memory at head dim 128 left out."""
     out = [MosaicFlashConfig(**kw, approx_math=a)
-           for kw in ({}, dict(overlap=True), dict(pingpong=True)) for a in (False, True)]
+           for kw in ({}, dict(k_view=True), dict(overlap=True, k_view=True),
+                      dict(pingpong=True, k_view=True)) for a in (False, True)]
     for kv, st, (w, pp), regs in itertools.product(
             (64, 128), (2, 3), ((2, False), (2, True), (1, False)), (True, False)):
         cfg = MosaicFlashConfig(block_kv=kv, compute_wgs=w, max_concurrent_steps=st,

@@ -90,6 +90,8 @@ class MosaicFlashConfig:
         tile's softmax and PV, so the tensor cores compute it while the softmax runs
         (FlashAttention-3's intra-warpgroup overlap; one more [64, block_kv] float32
         accumulator in registers). Not with ``pingpong``.
+      k_view: compiled, the ``Q K^T`` wgmma reads K tiles through a transposed SMEM view
+        instead of ``K^T`` tiles of a copy transposed in HBM (one pass over K less per call).
       mosaic_backward: the gradients from the Mosaic GPU backward
         (:mod:`~pallas_kernels.gpu.mgpu_flash_bwd`, this config's ``compute_wgs``,
         ``block_kv``, ``max_concurrent_steps`` and ``approx_math``) where it takes the call
@@ -107,6 +109,7 @@ class MosaicFlashConfig:
     p_in_registers: bool = True
     approx_math: bool = False
     overlap: bool = False
+    k_view: bool = False
     mosaic_backward: bool = False
 
     def __post_init__(self) -> None:
@@ -117,7 +120,8 @@ class MosaicFlashConfig:
         }
         for name, rule in rules.items():
             object.__setattr__(self, name, check_int(name, getattr(self, name), **rule))
-        for name in ("pingpong", "p_in_registers", "approx_math", "overlap", "mosaic_backward"):
+        for name in ("pingpong", "p_in_registers", "approx_math", "overlap", "k_view",
+                     "mosaic_backward"):
             object.__setattr__(self, name, check_bool(name, getattr(self, name)))
         if self.pingpong and self.overlap:
             raise ValueError(

@@ -26,9 +26,10 @@ The kernel is written within what JAX 0.10.2's Mosaic GPU interpreter runs (see
 ``pallas_kernels/gpu/README.md``), so the code the CPU tests interpret is the code a GPU
 compiles:
 
-* Compiled, the QK^T wgmma reads K tiles through a transposed SMEM view (``transpose_ref``);
-  the interpreter has no transposed-ref transform, so interpreted kernels read ``K^T`` tiles
-  from a copy of K transposed in HBM by the wrapper ([B, K, H, S]).
+* The QK^T wgmma reads ``K^T`` tiles from a copy of K transposed in HBM by the wrapper
+  ([B, K, H, S]); compiled with ``config.k_view`` it reads K tiles through a transposed SMEM
+  view (``transpose_ref``) instead, saving that pass (the interpreter has no transposed-ref
+  transform).
 * ``P`` goes through SMEM to the PV wgmma (the interpreter's wgmma takes SMEM operands
   only; FlashAttention-3 feeds P from registers).
 * Each wgmma accumulates into a fresh accumulator that is added to the running output in
@@ -113,6 +114,7 @@ def _fwd_kernel(
     compute_wgs: int,
     steps: int,
     layouts: bool,
+    k_view: bool,
     pingpong: bool,
     overlap: bool,
 ):
@@ -163,7 +165,7 @@ def _fwd_kernel(
             plgpu.barrier_wait(k_bar.at[slot_of(j)])
             k_tile = k_smem.at[slot_of(j)]  # K^T: a transposed view, or (interpreted) as is
             plgpu.wgmma(acc_ref, q_smem.at[wg],
-                        plgpu.transpose_ref(k_tile, (1, 0)) if layouts else k_tile)
+                        plgpu.transpose_ref(k_tile, (1, 0)) if k_view else k_tile)
 
         def logits(j):
             def qk(acc_ref):
@@ -301,7 +303,7 @@ def _fwd_kernel(
                 plgpu.barrier_wait(k_free.at[slot])
 
             plgpu.copy_gmem_to_smem(
-                (k_ref.at[b_idx, pl.ds(j * bk, bk), kh] if layouts
+                (k_ref.at[b_idx, pl.ds(j * bk, bk), kh] if k_view
                  else k_ref.at[b_idx, kh, :, pl.ds(j * bk, bk)]),
                 k_smem.at[slot], k_bar.at[slot]
             )
@@ -339,7 +341,10 @@ def _forward(
     tp, sp = round_up(t, bq), round_up(s, bk)
     q = pad_axis(pad_axis(q, 3, h), 1, tp)
     k = pad_axis(pad_axis(k, 3, h), 1, sp)
-    if interpret is not None:  # the interpreter has no transposed refs: K^T tiles from HBM
+    # K through a transposed SMEM view (compiled, config.k_view), else K^T tiles from a copy
+    # transposed in HBM (the interpreter has no transposed refs).
+    k_view = config.k_view and interpret is None
+    if not k_view:
         k = jnp.transpose(k, (0, 2, 3, 1))  # [B, Kk, H, Sp]
     v = pad_axis(pad_axis(v, 3, hv), 1, sp)
     q_meta, kv_meta = (
@@ -355,7 +360,7 @@ def _forward(
         lse_smem=plgpu.SMEM((wgs, WG_ROWS), jnp.float32),
         q_meta_smem=plgpu.SMEM((wgs, rows, WG_ROWS), jnp.int32),
         kv_meta_smem=plgpu.SMEM((wgs, rows, bk), jnp.int32),
-        k_smem=smem_tile((steps, h, bk) if interpret is not None else (steps, bk, h), dtype),
+        k_smem=smem_tile((steps, bk, h) if k_view else (steps, h, bk), dtype),
         v_smem=smem_tile((steps, bk, hv), dtype),
         q_bar=plgpu.Barrier(num_barriers=wgs),
         q_meta_bar=plgpu.Barrier(num_barriers=wgs),
@@ -375,7 +380,7 @@ def _forward(
     kernel = functools.partial(
         _fwd_kernel, spec=spec, scale=scale, soft_cap=soft_cap, gk=n // kk, gv=n // kv_heads,
         kv_len=None if sp == s else s, compute_wgs=wgs, steps=steps,
-        layouts=interpret is None, pingpong=config.pingpong and wgs == 2,
+        layouts=interpret is None, k_view=k_view, pingpong=config.pingpong and wgs == 2,
         overlap=config.overlap,
     )
 

@@ -140,10 +140,11 @@ def test_backward_refuses_what_it_cannot_take():
 
 def test_backward_lowers_for_hopper():
     """With ``mosaic_backward`` the gradient program holds three Mosaic GPU kernels (forward,
-    dQ, dK/dV) and no Triton backward."""
+    dQ, dK/dV) and no Triton backward; the forward here with K through transposed views and
+    the overlapped logits."""
     q = jax.ShapeDtypeStruct((2, 1000, 8, 128), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((2, 1000, 2, 128), jnp.bfloat16)
-    cfg = MosaicFlashConfig(mosaic_backward=True)
+    cfg = MosaicFlashConfig(mosaic_backward=True, k_view=True, overlap=True)
 
     def loss(q, k, v):
         return jnp.sum(attention(q, k, v, impl=IMPL, config=cfg, is_causal=True,
@@ -205,9 +206,10 @@ class TestPallasMosaicGpuPingPongCompiled(TestPallasMosaicGpuCompiled):
 @pytest.mark.gpu
 class TestPallasMosaicGpuOverlapCompiled(TestPallasMosaicGpuCompiled):
     """The grid compiled with each warpgroup's next ``Q K^T`` issued before its softmax
-    (``overlap=True``) and approximate math, bfloat16."""
+    (``overlap=True``), K read through transposed SMEM views and approximate math,
+    bfloat16."""
 
-    CONFIG = MosaicFlashConfig(overlap=True, approx_math=True)
+    CONFIG = MosaicFlashConfig(overlap=True, approx_math=True, k_view=True)
     DTYPES = {"bfloat16": None}
 
 
@@ -339,6 +341,7 @@ def test_auto_never_picks_it():
         (dict(overlap=0), "overlap must be a bool"),
         (dict(pingpong=True, overlap=True), "pingpong and overlap are two schedules"),
         (dict(mosaic_backward=1), "mosaic_backward must be a bool"),
+        (dict(k_view="no"), "k_view must be a bool"),
     ],
 )
 def test_config_validation(kwargs, match):
