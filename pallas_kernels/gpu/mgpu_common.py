@@ -244,3 +244,44 @@ def walk_tiles(
         *carry, raw = carry
         carry = softmax_pv(last, raw, tuple(carry), True)
     return carry
+
+
+def launch(body: Callable[..., None], *, out_type: Any, grid: dict[str, int], compute_wgs: int,
+           scratch: dict[str, Any], interpret: Any, name: str, **params: Any) -> Callable:
+    """``plgpu.kernel`` of a warp-specialized kernel: ``compute_wgs`` compute warpgroups and
+    a producer (threads named "wg"), the grid as name -> size, compiler ``params`` (e.g.
+    ``approx_math``)."""
+    return plgpu.kernel(
+        body, out_type=out_type, grid=tuple(grid.values()), grid_names=tuple(grid),
+        num_threads=compute_wgs + 1, thread_name="wg", scratch_types=scratch,
+        interpret=interpret, kernel_name=name,
+        compiler_params=plgpu.CompilerParams(**params),
+    )
+
+
+def pack_meta(pos: jax.Array, seg: jax.Array | None) -> jax.Array:
+    """[Bm, R, L] int32: positions [L] (row 0) and segment ids [B, L] (row 1, if given), one
+    array so that a tile's positions and ids are one TMA copy."""
+    if seg is None:
+        return pos[None, None, :]
+    return jnp.stack([jnp.broadcast_to(pos[None, :], seg.shape), seg], axis=1)
+
+
+def layout_hints(compiled: bool) -> Callable[[jax.Array, Any], jax.Array]:
+    """``cast(x, layout)``: a register layout hint for the Mosaic GPU compiler (it changes no
+    value) when ``compiled``; the identity when interpreted (JAX 0.10.2's interpreter has no
+    rule for ``layout_cast``)."""
+    def cast(x, layout):
+        return plgpu.layout_cast(x, layout) if compiled else x
+
+    return cast
+
+
+def block_coords(grid_names: tuple[str, str, str], bounds_ref, meta_ref):
+    """A block's grid indices (heads, blocks, batch order as ``grid_names``), its warpgroup,
+    whether the masks carry segment ids, the batch row of the metadata and its loop bounds
+    ``bounds_ref[bm, block]`` = (start, run_start, run_stop, stop)."""
+    head, block, batch = (lax.axis_index(a) for a in grid_names)
+    bm = batch if bounds_ref.shape[0] > 1 else 0
+    bounds = tuple(bounds_ref[bm, block, i] for i in range(4))
+    return (head, block, batch), lax.axis_index("wg"), meta_ref.shape[1] == 2, bm, bounds

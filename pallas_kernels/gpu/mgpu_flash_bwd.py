@@ -44,15 +44,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, tile_mask, tile_metadata
+from pallas_kernels.gpu import mgpu_common as mc
 from pallas_kernels.gpu._common import LOG2E, log2_logits, pad_axis, round_up
 from pallas_kernels.gpu.flash_common import loop_bounds
-from pallas_kernels.gpu.mgpu_common import (
-    WG_ROWS,
-    MosaicFlashConfig,
-    finite_or_zero,
-    padded_head_dim,
-    smem_tile,
-)
+from pallas_kernels.gpu.mgpu_common import WG_ROWS, MosaicFlashConfig
 
 _ROW = plgpu.Layout.WGMMA.reduce(1)
 _COL = plgpu.Layout.WGMMA.reduce(0)
@@ -99,6 +94,33 @@ def _wait_tile(bar, slot, steps: int, compiled: bool):
         plgpu.barrier_wait(bar.at[slot + steps])
 
 
+def _own_rows(block, wg, compute_wgs: int, bar, copies):
+    """A compute warpgroup's start: its register share, its 64 rows of the block (first
+    index and slice), and the copies ``copies(rows)`` = (src, dst) pairs into SMEM, awaited
+    one by one on its barrier ``bar.at[wg]``."""
+    if compute_wgs == 2:  # FlashAttention-3's register split of 3 warpgroups
+        plgpu.set_max_registers(232, action="increase")
+    r0 = block * (WG_ROWS * compute_wgs) + wg * WG_ROWS
+    rows = pl.ds(r0, WG_ROWS)
+    for src, dst in copies(rows):
+        plgpu.copy_gmem_to_smem(src, dst, bar.at[wg])
+        plgpu.barrier_wait(bar.at[wg])
+    return r0, rows
+
+
+def _write_out(copies):
+    """SMEM tiles written by this warpgroup to GMEM: (src, dst) pairs, awaited."""
+    plgpu.commit_smem()
+    for src, dst in copies:
+        plgpu.copy_smem_to_gmem(src, dst)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _producer_registers(compute_wgs: int):
+    if compute_wgs == 2:  # the producer only issues copies: it gives registers away
+        plgpu.set_max_registers(40, action="decrease")
+
+
 def _dq_kernel(
     bounds_ref,  # [Bm, nq, 4] int32 (GMEM): kv_start, run_start, run_stop, kv_stop per block
     q_meta_ref,  # [Bm, R, Tp] int32 (GMEM): positions (and segment ids) of the queries
@@ -116,14 +138,10 @@ def _dq_kernel(
     spec: MaskSpec, scale: float, soft_cap: float | None, g: int, kv_len: int | None,
     compute_wgs: int, steps: int, compiled: bool,
 ):
-    def cast(x, layout):
-        return plgpu.layout_cast(x, layout) if compiled else x
-
-    n_idx, qb, b_idx = (lax.axis_index(a) for a in ("heads", "q_blocks", "batch"))
-    wg = lax.axis_index("wg")
-    segmented = q_meta_ref.shape[1] == 2
-    bm = b_idx if bounds_ref.shape[0] > 1 else 0
-    start, run_start, run_stop, stop = (bounds_ref[bm, qb, i] for i in range(4))
+    cast = mc.layout_hints(compiled)
+    (n_idx, qb, b_idx), wg, segmented, bm, bounds = mc.block_coords(
+        ("heads", "q_blocks", "batch"), bounds_ref, q_meta_ref)
+    start, run_start, run_stop, stop = bounds
     bk, h = k_smem.shape[1], k_smem.shape[2]
     kh = lax.div(n_idx, jnp.int32(g))
 
@@ -132,16 +150,11 @@ def _dq_kernel(
 
     @pl.when(wg < compute_wgs)
     def _compute():
-        if compute_wgs == 2:
-            plgpu.set_max_registers(232, action="increase")
-        q0 = qb * (WG_ROWS * compute_wgs) + wg * WG_ROWS
-        rows = pl.ds(q0, WG_ROWS)
-        for src, dst in ((q_ref.at[b_idx, rows, n_idx], q_smem.at[wg]),
-                         (do_ref.at[b_idx, rows, n_idx], do_smem.at[wg]),
-                         (rows_ref.at[b_idx, n_idx, :, rows], rows_smem.at[wg]),
-                         (q_meta_ref.at[bm, :, rows], q_meta_smem.at[wg])):
-            plgpu.copy_gmem_to_smem(src, dst, q_bar.at[wg])
-            plgpu.barrier_wait(q_bar.at[wg])
+        _, rows = _own_rows(qb, wg, compute_wgs, q_bar, lambda rows: (
+            (q_ref.at[b_idx, rows, n_idx], q_smem.at[wg]),
+            (do_ref.at[b_idx, rows, n_idx], do_smem.at[wg]),
+            (rows_ref.at[b_idx, n_idx, :, rows], rows_smem.at[wg]),
+            (q_meta_ref.at[bm, :, rows], q_meta_smem.at[wg])))
         lse2 = cast(rows_smem[wg, 0], _ROW)
         delta = cast(rows_smem[wg, 1], _ROW)
         q_pos = cast(q_meta_smem[wg, 0], _ROW)
@@ -185,7 +198,7 @@ def _dq_kernel(
                 ds = ds * (1.0 - t * t)
             if mask is not None:  # ds is 0 on masked keys, but 0 * NaN is NaN
                 ds = jnp.where(mask, ds, 0.0)
-                kc_smem[wg] = finite_or_zero(k_tile[...])
+                kc_smem[wg] = mc.finite_or_zero(k_tile[...])
                 plgpu.commit_smem()
                 k_tile = kc_smem.at[wg]
             dq = _accumulate(dq, ds, k_tile, None if compiled else ds_smem.at[wg], compiled)
@@ -198,14 +211,11 @@ def _dq_kernel(
         dq = lax.fori_loop(run_start, run_stop, functools.partial(step, masked=False), dq)
         dq = lax.fori_loop(run_stop, stop, edge, dq)
         q_smem[wg] = (dq * scale).astype(q_smem.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[b_idx, rows, n_idx])
-        plgpu.wait_smem_to_gmem(0)
+        _write_out([(q_smem.at[wg], dq_ref.at[b_idx, rows, n_idx])])
 
     @pl.when(wg == compute_wgs)
     def _produce():
-        if compute_wgs == 2:
-            plgpu.set_max_registers(40, action="decrease")
+        _producer_registers(compute_wgs)
         parts = [(k_ref, k_smem, k_bar, False), (v_ref, v_smem, v_bar, False)]
         if not compiled:
             parts += [(kt_ref, kt_smem, k_bar, True), (vt_ref, vt_smem, v_bar, True)]
@@ -252,14 +262,10 @@ def _dkv_kernel(
     spec: MaskSpec, scale: float, soft_cap: float | None, g: int, kv_len: int | None,
     q_len: int | None, compute_wgs: int, steps: int, compiled: bool,
 ):
-    def cast(x, layout):
-        return plgpu.layout_cast(x, layout) if compiled else x
-
-    kh, kb, b_idx = (lax.axis_index(a) for a in ("heads", "kv_blocks", "batch"))
-    wg = lax.axis_index("wg")
-    segmented = q_meta_ref.shape[1] == 2
-    bm = b_idx if bounds_ref.shape[0] > 1 else 0
-    start, run_start, run_stop, stop = (bounds_ref[bm, kb, i] for i in range(4))
+    cast = mc.layout_hints(compiled)
+    (kh, kb, b_idx), wg, segmented, bm, bounds = mc.block_coords(
+        ("heads", "kv_blocks", "batch"), bounds_ref, q_meta_ref)
+    start, run_start, run_stop, stop = bounds
     bq = q_smem.shape[1]
     h, hv = k_smem.shape[2], v_smem.shape[2]
     per_head = stop - start  # query tiles per head; the walk is heads x tiles
@@ -269,15 +275,10 @@ def _dkv_kernel(
 
     @pl.when(wg < compute_wgs)
     def _compute():
-        if compute_wgs == 2:
-            plgpu.set_max_registers(232, action="increase")
-        k0 = kb * (WG_ROWS * compute_wgs) + wg * WG_ROWS
-        keys = pl.ds(k0, WG_ROWS)
-        for src, dst in ((k_ref.at[b_idx, keys, kh], k_smem.at[wg]),
-                         (v_ref.at[b_idx, keys, kh], v_smem.at[wg]),
-                         (kv_meta_ref.at[bm, :, keys], kv_meta_smem.at[wg])):
-            plgpu.copy_gmem_to_smem(src, dst, kv_bar.at[wg])
-            plgpu.barrier_wait(kv_bar.at[wg])
+        k0, keys = _own_rows(kb, wg, compute_wgs, kv_bar, lambda keys: (
+            (k_ref.at[b_idx, keys, kh], k_smem.at[wg]),
+            (v_ref.at[b_idx, keys, kh], v_smem.at[wg]),
+            (kv_meta_ref.at[bm, :, keys], kv_meta_smem.at[wg])))
         kv_pos = cast(kv_meta_smem[wg, 0], _ROW)
         kv_seg = cast(kv_meta_smem[wg, 1], _ROW) if segmented else None
         shape = (WG_ROWS, bq)
@@ -318,8 +319,8 @@ def _dkv_kernel(
             if mask is not None:  # p and ds are 0 on masked pairs, but 0 * NaN is NaN
                 pt = jnp.where(mask, pt, 0.0)
                 dst = jnp.where(mask, dst, 0.0)
-                qc_smem[wg] = finite_or_zero(q_tile[...])
-                doc_smem[wg] = finite_or_zero(do_tile[...])
+                qc_smem[wg] = mc.finite_or_zero(q_tile[...])
+                doc_smem[wg] = mc.finite_or_zero(do_tile[...])
                 plgpu.commit_smem()
                 q_tile, do_tile = qc_smem.at[wg], doc_smem.at[wg]
             staging = None if compiled else a_smem.at[wg]
@@ -340,15 +341,12 @@ def _dkv_kernel(
         dk, dv = lax.fori_loop(0, g, head, tuple(zeros))
         k_smem[wg] = (dk * scale).astype(k_smem.dtype)  # K and V are done: their tiles
         v_smem[wg] = dv.astype(v_smem.dtype)  # carry the gradients out
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(k_smem.at[wg], dk_ref.at[b_idx, keys, kh])
-        plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[b_idx, keys, kh])
-        plgpu.wait_smem_to_gmem(0)
+        _write_out([(k_smem.at[wg], dk_ref.at[b_idx, keys, kh]),
+                    (v_smem.at[wg], dv_ref.at[b_idx, keys, kh])])
 
     @pl.when(wg == compute_wgs)
     def _produce():
-        if compute_wgs == 2:
-            plgpu.set_max_registers(40, action="decrease")
+        _producer_registers(compute_wgs)
         total = g * per_head
 
         def load(c, _):
@@ -381,19 +379,13 @@ def _dkv_kernel(
         lax.fori_loop(jnp.maximum(0, total - steps), total, drain, None)
 
 
-def _pack_meta(pos, seg):
-    if seg is None:
-        return pos[None, None, :]
-    return jnp.stack([jnp.broadcast_to(pos[None, :], seg.shape), seg], axis=1)
-
-
 @functools.partial(jax.jit, static_argnames=("spec", "scale", "soft_cap", "config", "interpret"))
 def _backward(q, k, v, out, lse, d_out, d_lse, q_pos, kv_pos, q_seg, kv_seg, *, spec, scale,
               soft_cap, config: MosaicFlashConfig, interpret):
     b, t, n, h_in = q.shape
     s, kk, hv_in = k.shape[1], k.shape[2], v.shape[-1]
     g = n // kk
-    h, hv = padded_head_dim(h_in), padded_head_dim(hv_in)
+    h, hv = mc.padded_head_dim(h_in), mc.padded_head_dim(hv_in)
     wgs, bk, steps = config.compute_wgs, config.block_kv, config.max_concurrent_steps
     blk = WG_ROWS * wgs  # queries of a dQ block, keys of a dK/dV block
     tp = round_up(t, max(blk, BLOCK_Q_DKV))
@@ -413,7 +405,7 @@ def _backward(q, k, v, out, lse, d_out, d_lse, q_pos, kv_pos, q_seg, kv_seg, *, 
 
     qp, dop = pad(q, h, tp), pad(d_out, hv, tp)
     kp, vp = pad(k, h, sp), pad(v, hv, sp)
-    q_meta, kv_meta = (pad_axis(_pack_meta(pos, seg), 2, length, "edge")
+    q_meta, kv_meta = (pad_axis(mc.pack_meta(pos, seg), 2, length, "edge")
                        for pos, seg, length in ((q_pos, q_seg, tp), (kv_pos, kv_seg, sp)))
     r = q_meta.shape[1]
 
@@ -425,14 +417,14 @@ def _backward(q, k, v, out, lse, d_out, d_lse, q_pos, kv_pos, q_seg, kv_seg, *, 
     dq_bounds = loop_bounds(meta.kind, meta.kv_start, meta.kv_stop)
     ring = 1 if compiled else 2  # interpreted: one more barrier phase per tile (K^T / V^T)
     dq_scratch = dict(
-        q_smem=smem_tile((wgs, WG_ROWS, h), dtype),
-        do_smem=smem_tile((wgs, WG_ROWS, hv), dtype),
+        q_smem=mc.smem_tile((wgs, WG_ROWS, h), dtype),
+        do_smem=mc.smem_tile((wgs, WG_ROWS, hv), dtype),
         rows_smem=plgpu.SMEM((wgs, 2, WG_ROWS), jnp.float32),
         q_meta_smem=plgpu.SMEM((wgs, r, WG_ROWS), jnp.int32),
         kv_meta_smem=plgpu.SMEM((wgs, r, bk), jnp.int32),
-        k_smem=smem_tile((steps, bk, h), dtype),
-        v_smem=smem_tile((steps, bk, hv), dtype),
-        kc_smem=smem_tile((wgs, bk, h), dtype),
+        k_smem=mc.smem_tile((steps, bk, h), dtype),
+        v_smem=mc.smem_tile((steps, bk, hv), dtype),
+        kc_smem=mc.smem_tile((wgs, bk, h), dtype),
         q_bar=plgpu.Barrier(num_barriers=wgs),
         kv_meta_bar=plgpu.Barrier(num_barriers=wgs),
         k_bar=plgpu.Barrier(num_barriers=ring * steps),
@@ -440,9 +432,9 @@ def _backward(q, k, v, out, lse, d_out, d_lse, q_pos, kv_pos, q_seg, kv_seg, *, 
         kv_free=plgpu.Barrier(num_arrivals=wgs, num_barriers=steps),
     )
     if not compiled:
-        dq_scratch.update(kt_smem=smem_tile((steps, h, bk), dtype),
-                          vt_smem=smem_tile((steps, hv, bk), dtype),
-                          ds_smem=smem_tile((wgs, WG_ROWS, bk), dtype))
+        dq_scratch.update(kt_smem=mc.smem_tile((steps, h, bk), dtype),
+                          vt_smem=mc.smem_tile((steps, hv, bk), dtype),
+                          ds_smem=mc.smem_tile((wgs, WG_ROWS, bk), dtype))
     common = dict(spec=spec, scale=scale, soft_cap=soft_cap, g=g,
                   kv_len=None if sp == s else s, compute_wgs=wgs, steps=steps,
                   compiled=compiled)
@@ -461,18 +453,13 @@ def _backward(q, k, v, out, lse, d_out, d_lse, q_pos, kv_pos, q_seg, kv_seg, *, 
     dq_args = [dq_bounds, q_meta, kv_meta, qp, kp, vp, dop, rows]
     if not compiled:
         dq_args += [transposed(kp), transposed(vp)]
-    dq = plgpu.kernel(
+    dq = mc.launch(
         with_defaults(functools.partial(_dq_kernel, **common),
                       ("kt_smem", "vt_smem", "ds_smem")),
         out_type=jax.ShapeDtypeStruct((b, tp, n, h), dtype),
-        grid=(n, tp // blk, b),
-        grid_names=("heads", "q_blocks", "batch"),
-        num_threads=wgs + 1,
-        thread_name="wg",
-        scratch_types=dq_scratch,
-        interpret=interpret,
-        kernel_name="mgpu_flash_attention_bwd_dq",
-        compiler_params=plgpu.CompilerParams(approx_math=config.approx_math),
+        grid=dict(heads=n, q_blocks=tp // blk, batch=b), compute_wgs=wgs, scratch=dq_scratch,
+        interpret=interpret, name="mgpu_flash_attention_bwd_dq",
+        approx_math=config.approx_math,
     )(*dq_args)
 
     # dK/dV: blocks of `blk` keys, query tiles of BLOCK_Q_DKV.
@@ -481,15 +468,15 @@ def _backward(q, k, v, out, lse, d_out, d_lse, q_pos, kv_pos, q_seg, kv_seg, *, 
     kind_t = jnp.swapaxes(meta.kind, 1, 2)
     dkv_bounds = loop_bounds(kind_t, meta.q_start, meta.q_stop)
     dkv_scratch = dict(
-        k_smem=smem_tile((wgs, WG_ROWS, h), dtype),
-        v_smem=smem_tile((wgs, WG_ROWS, hv), dtype),
+        k_smem=mc.smem_tile((wgs, WG_ROWS, h), dtype),
+        v_smem=mc.smem_tile((wgs, WG_ROWS, hv), dtype),
         kv_meta_smem=plgpu.SMEM((wgs, r, WG_ROWS), jnp.int32),
-        q_smem=smem_tile((steps, bq, h), dtype),
-        do_smem=smem_tile((steps, bq, hv), dtype),
+        q_smem=mc.smem_tile((steps, bq, h), dtype),
+        do_smem=mc.smem_tile((steps, bq, hv), dtype),
         rows_smem=plgpu.SMEM((steps, 2, bq), jnp.float32),
         q_meta_smem=plgpu.SMEM((steps, r, bq), jnp.int32),
-        qc_smem=smem_tile((wgs, bq, h), dtype),
-        doc_smem=smem_tile((wgs, bq, hv), dtype),
+        qc_smem=mc.smem_tile((wgs, bq, h), dtype),
+        doc_smem=mc.smem_tile((wgs, bq, hv), dtype),
         kv_bar=plgpu.Barrier(num_barriers=wgs),
         q_bar=plgpu.Barrier(num_barriers=ring * steps),
         do_bar=plgpu.Barrier(num_barriers=ring * steps),
@@ -497,26 +484,21 @@ def _backward(q, k, v, out, lse, d_out, d_lse, q_pos, kv_pos, q_seg, kv_seg, *, 
         q_free=plgpu.Barrier(num_arrivals=wgs, num_barriers=steps),
     )
     if not compiled:
-        dkv_scratch.update(qt_smem=smem_tile((steps, h, bq), dtype),
-                           dot_smem=smem_tile((steps, hv, bq), dtype),
-                           a_smem=smem_tile((wgs, WG_ROWS, bq), dtype))
+        dkv_scratch.update(qt_smem=mc.smem_tile((steps, h, bq), dtype),
+                           dot_smem=mc.smem_tile((steps, hv, bq), dtype),
+                           a_smem=mc.smem_tile((wgs, WG_ROWS, bq), dtype))
 
     dkv_args = [dkv_bounds, q_meta, kv_meta, qp, kp, vp, dop, rows]
     if not compiled:
         dkv_args += [transposed(qp), transposed(dop)]
-    dk, dv = plgpu.kernel(
+    dk, dv = mc.launch(
         with_defaults(functools.partial(_dkv_kernel, q_len=None if tp == t else t, **common),
                       ("qt_smem", "dot_smem", "a_smem")),
         out_type=(jax.ShapeDtypeStruct((b, sp, kk, h), k.dtype),
                   jax.ShapeDtypeStruct((b, sp, kk, hv), v.dtype)),
-        grid=(kk, sp // blk, b),
-        grid_names=("heads", "kv_blocks", "batch"),
-        num_threads=wgs + 1,
-        thread_name="wg",
-        scratch_types=dkv_scratch,
-        interpret=interpret,
-        kernel_name="mgpu_flash_attention_bwd_dkv",
-        compiler_params=plgpu.CompilerParams(approx_math=config.approx_math),
+        grid=dict(heads=kk, kv_blocks=sp // blk, batch=b), compute_wgs=wgs,
+        scratch=dkv_scratch, interpret=interpret, name="mgpu_flash_attention_bwd_dkv",
+        approx_math=config.approx_math,
     )(*dkv_args)
     return dq[:, :t, :, :h_in], dk[:, :s, :, :h_in], dv[:, :s, :, :hv_in]
 
@@ -524,7 +506,7 @@ def _backward(q, k, v, out, lse, d_out, d_lse, q_pos, kv_pos, q_seg, kv_seg, *, 
 def unsupported_reason(q, k, v) -> str | None:
     """Why the Mosaic GPU backward cannot take these inputs (the caller then runs the Triton
     backward), or None."""
-    if max(padded_head_dim(q.shape[-1]), padded_head_dim(v.shape[-1])) > MAX_BWD_HEAD_DIM:
+    if max(mc.padded_head_dim(q.shape[-1]), mc.padded_head_dim(v.shape[-1])) > MAX_BWD_HEAD_DIM:
         return f"head dims over {MAX_BWD_HEAD_DIM}"
     if k.shape[2] != v.shape[2]:
         return "separate key and value head counts"

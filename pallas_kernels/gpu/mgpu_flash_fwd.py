@@ -67,7 +67,11 @@ from pallas_kernels.gpu.mgpu_common import (
     SUPPORTED_DTYPES,
     WG_ROWS,
     MosaicFlashConfig,
+    block_coords,
     finite_or_zero,
+    launch,
+    layout_hints,
+    pack_meta,
     padded_head_dim,
     smem_tile,
     walk_tiles,
@@ -118,18 +122,10 @@ def _fwd_kernel(
     pingpong: bool,
     overlap: bool,
 ):
-    def cast(x, layout):
-        # Register layout hints for the Mosaic GPU compiler; they change no value. JAX
-        # 0.10.2's interpreter has no rule for layout_cast, so interpreted kernels omit them.
-        return plgpu.layout_cast(x, layout) if layouts else x
-
-    n_idx = lax.axis_index("heads")
-    qb = lax.axis_index("q_blocks")
-    b_idx = lax.axis_index("batch")
-    wg = lax.axis_index("wg")
-    segmented = q_meta_ref.shape[1] == 2
-    bm = b_idx if bounds_ref.shape[0] > 1 else 0
-    start, run_start, run_stop, stop = (bounds_ref[bm, qb, i] for i in range(4))
+    cast = layout_hints(layouts)
+    (n_idx, qb, b_idx), wg, segmented, bm, bounds = block_coords(
+        ("heads", "q_blocks", "batch"), bounds_ref, q_meta_ref)
+    start, run_start, run_stop, stop = bounds
     bk = v_smem.shape[1]
     hv = v_smem.shape[-1]
     if overlap:  # at least one tile (all masked for rows that see no key): the pipeline
@@ -348,7 +344,7 @@ def _forward(
         k = jnp.transpose(k, (0, 2, 3, 1))  # [B, Kk, H, Sp]
     v = pad_axis(pad_axis(v, 3, hv), 1, sp)
     q_meta, kv_meta = (
-        pad_axis(_pack_meta(pos, seg), 2, length, "edge")
+        pad_axis(pack_meta(pos, seg), 2, length, "edge")
         for pos, seg, length in ((q_pos, q_seg, tp), (kv_pos, kv_seg, sp))
     )
     steps = config.max_concurrent_steps
@@ -389,30 +385,16 @@ def _forward(
         scratch_refs.setdefault("p_smem", None)
         kernel(*refs, **scratch_refs)
 
-    out, lse = plgpu.kernel(
+    out, lse = launch(
         body,
         out_type=(
             jax.ShapeDtypeStruct((b, tp, n, hv), dtype),
             jax.ShapeDtypeStruct((b, n, tp), jnp.float32),
         ),
-        grid=(n, tp // bq, b),
-        grid_names=("heads", "q_blocks", "batch"),
-        num_threads=wgs + 1,
-        thread_name="wg",
-        scratch_types=scratch,
-        interpret=interpret,
-        kernel_name="mgpu_flash_attention_fwd",
-        compiler_params=plgpu.CompilerParams(approx_math=config.approx_math),
+        grid=dict(heads=n, q_blocks=tp // bq, batch=b), compute_wgs=wgs, scratch=scratch,
+        interpret=interpret, name="mgpu_flash_attention_fwd", approx_math=config.approx_math,
     )(bounds, q_meta, kv_meta, q, k, v)
     return out[:, :t, :, :hv_out], jnp.swapaxes(lse[:, :, :t], 1, 2)
-
-
-def _pack_meta(pos: jax.Array, seg: jax.Array | None) -> jax.Array:
-    """[Bm, R, L] int32: positions [L] (row 0) and segment ids [B, L] (row 1, if given), one
-    array so that a masked tile's key metadata is one TMA copy."""
-    if seg is None:
-        return pos[None, None, :]
-    return jnp.stack([jnp.broadcast_to(pos[None, :], seg.shape), seg], axis=1)
 
 
 def block_bounds(

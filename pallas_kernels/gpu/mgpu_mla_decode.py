@@ -62,6 +62,8 @@ from pallas_kernels.gpu.mgpu_common import (
     SUPPORTED_DTYPES,
     WG_ROWS,
     finite_or_zero,
+    launch,
+    layout_hints,
     smem_tile,
     walk_tiles,
 )
@@ -169,8 +171,7 @@ def _kernel(
     compiled: bool,
     overlap: bool,
 ):
-    def cast(x, layout):
-        return plgpu.layout_cast(x, layout) if compiled else x
+    cast = layout_hints(compiled)
 
     rb, split, b_idx = (lax.axis_index(a) for a in ("rows", "splits", "batch"))
     wg = lax.axis_index("wg")
@@ -420,21 +421,16 @@ def _partials(q, cache, kv_lengths, *, v_dim, spec, scale, config, interpret):
         scratch_refs.setdefault("ct_smem", None)
         kernel(len_ref, q_ref, c_ref, ct_ref, o_ref, lse_ref, **scratch_refs)
 
-    o, lse = plgpu.kernel(
+    o, lse = launch(
         body,
         out_type=(jax.ShapeDtypeStruct((p, b, rp, 2 * half), dtype),
                   jax.ShapeDtypeStruct((p, b, rp), jnp.float32)),
-        grid=(row_blocks, p, b),  # a sequence's row blocks side by side: they share tiles
-        grid_names=("rows", "splits", "batch"),
-        num_threads=3,
-        thread_name="wg",
-        scratch_types=scratch,
-        interpret=interpret,
-        kernel_name="mgpu_mla_latent_decode",
+        # a sequence's row blocks side by side: they share tiles
+        grid=dict(rows=row_blocks, splits=p, batch=b), compute_wgs=2, scratch=scratch,
+        interpret=interpret, name="mgpu_mla_latent_decode",
         # The row reductions of wgmma tiles stay within warps: no cross-warp SMEM scratch
         # (Pallas reserves 2 KiB for it by default; the tiles need all but 2 KiB of SMEM).
-        compiler_params=plgpu.CompilerParams(reduction_scratch_bytes=0,
-                                             approx_math=config.approx_math),
+        reduction_scratch_bytes=0, approx_math=config.approx_math,
     )(*args)
     o = o[:, :, :rows, :v_dim].reshape(p, b, t, n, v_dim)
     return o, lse[:, :, :rows].reshape(p, b, t, n)

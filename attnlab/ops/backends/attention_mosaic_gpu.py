@@ -24,25 +24,18 @@ from attnlab.ops.attention import AttentionArgs, block_args
 from attnlab.ops.backends import head_dims_over, mosaic_gpu_interpret, not_hopper
 from attnlab.ops.backends.attention_triton import block_bwd
 from pallas_kernels.common.masks import SegmentIds
-from pallas_kernels.gpu.mgpu_common import (
-    FLOAT32_REASON,
-    MAX_HEAD_DIM,
-    SUPPORTED_DTYPES,
-    MosaicFlashConfig,
-)
-from pallas_kernels.gpu.mgpu_flash_bwd import mgpu_flash_attention_bwd
-from pallas_kernels.gpu.mgpu_flash_bwd import unsupported_reason as mgpu_bwd_unsupported
+from pallas_kernels.gpu import mgpu_common, mgpu_flash_bwd
 from pallas_kernels.gpu.mgpu_flash_fwd import mgpu_flash_attention_fwd
 
 
 def unsupported(q, k, v, a: AttentionArgs, plat: str) -> str | None:
     """None if the Mosaic GPU forward (and the Triton backward) compute the call on ``plat``."""
-    if q.dtype not in SUPPORTED_DTYPES:
+    if q.dtype not in mgpu_common.SUPPORTED_DTYPES:
         return (f"pallas_mosaic_gpu takes bfloat16 or float16 inputs, got {q.dtype}: "
-                f"{FLOAT32_REASON}; use impl='pallas_triton' or 'xla'")
+                f"{mgpu_common.FLOAT32_REASON}; use impl='pallas_triton' or 'xla'")
     if a.bias is not None:
         return "pallas_mosaic_gpu takes no bias; use impl='xla' or 'reference' for a logits bias"
-    why = head_dims_over("pallas_mosaic_gpu", q, v, MAX_HEAD_DIM)
+    why = head_dims_over("pallas_mosaic_gpu", q, v, mgpu_common.MAX_HEAD_DIM)
     if why is None and plat == "gpu":
         why = not_hopper("pallas_mosaic_gpu", plat)
     return why
@@ -86,9 +79,10 @@ def _block_bwd(q, k, v, out, lse, dout, dlse, a: AttentionArgs):
     up to 128, one key head per value head), else the Triton kernels (with their own default
     tiles, not this forward's config)."""
     cfg = a.config
-    if cfg is not None and cfg.mosaic_backward and mgpu_bwd_unsupported(q, k, v) is None:
+    mosaic = cfg is not None and cfg.mosaic_backward
+    if mosaic and mgpu_flash_bwd.unsupported_reason(q, k, v) is None:
         seg = a.segment_ids
-        return mgpu_flash_attention_bwd(
+        return mgpu_flash_bwd.mgpu_flash_attention_bwd(
             q, k, v, out, lse, dout, dlse, a.q_positions, a.kv_positions,
             None if seg is None else seg.q, None if seg is None else seg.kv, spec=a.spec,
             scale=a.scale, soft_cap=a.logits_soft_cap, config=cfg,
@@ -98,7 +92,7 @@ def _block_bwd(q, k, v, out, lse, dout, dlse, a: AttentionArgs):
 
 IMPLEMENTATION = Implementation(
     name="pallas_mosaic_gpu", fn=_fn, bwd=_block_bwd, unsupported=unsupported,
-    platforms=("gpu", "cpu"), config_cls=MosaicFlashConfig,
+    platforms=("gpu", "cpu"), config_cls=mgpu_common.MosaicFlashConfig,
     description="Pallas Mosaic GPU flash attention forward for Hopper (wgmma, TMA, warp "
     "specialization), Triton backward; bf16/fp16, LSE; verified in interpret mode, untimed",
 )
