@@ -90,12 +90,12 @@ class TestPallasMosaicGpuOverlapInterpreted(MosaicGpuTestBase):
 
 class TestPallasMosaicGpuBackwardInterpreted(MosaicGpuTestBase):
     """The gradients from the Mosaic GPU backward (``mosaic_backward=True``): GQA with
-    packed documents, soft-cap and rows that see no key (with the forward's NaN-free
+    packed documents and rows that see no key (with the forward's NaN-free
     contract: the planted-NaN scenario)."""
 
     CONFIG = MosaicFlashConfig(compute_wgs=1, mosaic_backward=True)
     INTERPRET = True
-    DTYPES = {"bfloat16": ("segments", "softcap", "all_masked_rows")}
+    DTYPES = {"bfloat16": ("segments", "all_masked_rows")}  # soft-cap: the test below
     test_jit_vmap_grad_traced_offsets = TestPallasMosaicGpuInterpreted.test_jit_vmap_grad_traced_offsets
 
 
@@ -104,11 +104,11 @@ def test_backward_two_warpgroups_window_softcap_segments(key):
     window, soft-cap, packed documents and a query offset, against the reference's VJP."""
     from attnlab.ops.attention import SegmentIds
 
-    q, k, v = random_qkv(key, 2, 70, 90, 4, 2, 96, jnp.bfloat16)
-    seg = jnp.asarray(np.sort(np.random.RandomState(0).randint(0, 3, (2, 90)), -1), jnp.int32)
+    q, k, v = random_qkv(key, 1, 70, 90, 4, 2, 96, jnp.bfloat16)
+    seg = jnp.asarray(np.sort(np.random.RandomState(0).randint(0, 3, (1, 90)), -1), jnp.int32)
     kw = dict(local_window_size=(30, 8), logits_soft_cap=5.0, q_offset=20,
               segment_ids=SegmentIds(seg[:, 20:], seg))
-    dout = jax.random.normal(jax.random.fold_in(key, 1), (2, 70, 4, 96), jnp.float32)
+    dout = jax.random.normal(jax.random.fold_in(key, 1), (1, 70, 4, 96), jnp.float32)
 
     def grads(impl, config=None, dtype=jnp.bfloat16):
         def loss(q, k, v):

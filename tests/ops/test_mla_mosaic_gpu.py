@@ -52,7 +52,7 @@ def _check(b, t, n, s, d_c, d_r, lengths, window, config, key, dtype=jnp.bfloat1
         (2, 3, 6, 150, 24, 8, (150, 0), 9, 3),  # padded dims, an empty sequence, a window
         (2, 1, 70, 100, 64, 32, (100, 37), None, None),  # two row blocks, automatic splits
         (1, 2, 16, 12, 128, 64, (12,), None, 1),  # a cache shorter than a tile
-        (2, 4, 32, 300, 512, 64, (300, 130), 100, 2),  # DeepSeek's d_c + d_R, ragged, window
+        (2, 2, 32, 300, 512, 64, (300, 130), 100, 2),  # DeepSeek's d_c + d_R, ragged, window
     ],
 )
 def test_interpreted_matches_reference(b, t, n, s, d_c, d_r, lengths, window, splits, key):
