@@ -76,6 +76,16 @@ def log2_logits(raw: jax.Array, scale: float, soft_cap: float | None):
     return t * (soft_cap * LOG2E), t
 
 
+def backward_row_terms(out: jax.Array, lse: jax.Array, d_out: jax.Array, d_lse: jax.Array):
+    """The flash backward's per-row terms [B, T, N] float32: ``lse2``, the log2-domain LSE (0
+    for rows that see no key, which keeps their p finite), and ``delta = rowsum(dO * O) -
+    dLSE`` (the LSE cotangent folds in because d lse / d z = p)."""
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    delta = delta - d_lse.astype(jnp.float32)
+    lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, 0.0)
+    return lse2, delta
+
+
 def dot(a: jax.Array, b: jax.Array, *, ta: bool = False, tb: bool = False, precision=None):
     """a @ b in the inputs' dtype with f32 accumulation; ``ta``/``tb`` transpose an operand."""
     dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))

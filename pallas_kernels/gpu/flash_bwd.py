@@ -40,6 +40,7 @@ from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, finite_or_zero, ti
 from pallas_kernels.gpu._common import (
     LN2,
     LOG2E,
+    backward_row_terms,
     compiler_params,
     dot,
     dot_precision,
@@ -254,9 +255,7 @@ def flash_backward(
 
     # Per-row terms, laid out [B, N, Tp] so kernels read them contiguously. Padded rows get
     # delta = 0 and dO = 0, so they contribute nothing; lse2 = 0 keeps their p finite.
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-    delta = delta - d_lse.astype(jnp.float32)
-    lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, 0.0)
+    lse2, delta = backward_row_terms(out, lse, d_out, d_lse)
     delta = pad_axis(jnp.swapaxes(delta, 1, 2), 2, tp)
     lse2 = pad_axis(jnp.swapaxes(lse2, 1, 2), 2, tp)
     e_dh = e_c = None

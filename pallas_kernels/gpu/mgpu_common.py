@@ -187,6 +187,36 @@ def finite_or_zero(x: jax.Array) -> jax.Array:
     return jnp.where(finite, x, jnp.zeros_like(x))
 
 
+def product(a_ref, b_ref, shape: tuple[int, int]) -> jax.Array:
+    """a @ b (both SMEM refs, B possibly a transposed view) into a fresh float32
+    accumulator."""
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, a_ref, b_ref)
+        plgpu.wgmma_wait(0)
+        return acc_ref[...]
+
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def accumulate(acc: jax.Array, a: jax.Array | None, b_ref, compiled: bool,
+               a_smem=None) -> jax.Array:
+    """acc + a @ b. ``a`` is a register array (compiled, the wgmma's A operand from registers;
+    interpreted, where wgmma takes SMEM operands only, staged in ``a_smem``), or None when the
+    A operand already is in SMEM (``a_smem``). Compiled, the product accumulates in place
+    (``ACC.init``); interpreted (no ``run_state`` there) a fresh product is added."""
+    if compiled:
+        operand = a_smem if a is None else a.astype(b_ref.dtype)
+
+        def body(acc_ref):
+            plgpu.wgmma(acc_ref, operand, b_ref)
+
+        return pl.run_state(body)(plgpu.ACC.init(acc))
+    if a is not None:
+        a_smem[...] = a.astype(a_smem.dtype)
+        plgpu.commit_smem()
+    return acc + product(a_smem, b_ref, acc.shape)
+
+
 def walk_tiles(
     bounds: tuple[Any, Any, Any, Any], carry: tuple[Any, ...], *,
     logits: Callable[[Any], jax.Array],

@@ -45,7 +45,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.common.masks import MASK_VALUE, MaskSpec, tile_mask, tile_metadata
 from pallas_kernels.gpu import mgpu_common as mc
-from pallas_kernels.gpu._common import LOG2E, log2_logits, pad_axis, round_up
+from pallas_kernels.gpu._common import backward_row_terms, log2_logits, pad_axis, round_up
 from pallas_kernels.gpu.flash_common import loop_bounds
 from pallas_kernels.gpu.mgpu_common import WG_ROWS, MosaicFlashConfig
 
@@ -55,29 +55,6 @@ _COL = plgpu.Layout.WGMMA.reduce(0)
 MAX_BWD_HEAD_DIM = 128
 # The query tile of the dK/dV kernel's ring.
 BLOCK_Q_DKV = 64
-
-
-def _product(a_ref, b_ref, shape):
-    """a @ b (both SMEM) into a fresh float32 accumulator."""
-    def body(acc_ref):
-        plgpu.wgmma(acc_ref, a_ref, b_ref)
-        plgpu.wgmma_wait(0)
-        return acc_ref[...]
-
-    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
-
-
-def _accumulate(acc, a, b_ref, a_smem, compiled: bool):
-    """acc + a @ b: compiled, ``a`` is the wgmma's A operand from registers and the product
-    accumulates in place; interpreted, ``a`` is staged in ``a_smem``."""
-    if compiled:
-        def body(acc_ref):
-            plgpu.wgmma(acc_ref, a.astype(b_ref.dtype), b_ref)
-
-        return pl.run_state(body)(plgpu.ACC.init(acc))
-    a_smem[...] = a.astype(a_smem.dtype)
-    plgpu.commit_smem()
-    return acc + _product(a_smem, b_ref, acc.shape)
 
 
 def _transposed(natural, copies, slot, compiled: bool):
@@ -172,8 +149,8 @@ def _dq_kernel(
             _wait_tile(k_bar, slot, steps, compiled)
             _wait_tile(v_bar, slot, steps, compiled)
             k_tile = k_smem.at[slot]
-            raw = _product(q_smem.at[wg], _transposed(k_tile, kt_smem, slot, compiled), shape)
-            dp = _product(do_smem.at[wg], _transposed(v_smem.at[slot], vt_smem, slot, compiled),
+            raw = mc.product(q_smem.at[wg], _transposed(k_tile, kt_smem, slot, compiled), shape)
+            dp = mc.product(do_smem.at[wg], _transposed(v_smem.at[slot], vt_smem, slot, compiled),
                           shape)
             s, t = log2_logits(raw, scale, soft_cap)
             mask = None
@@ -201,7 +178,7 @@ def _dq_kernel(
                 kc_smem[wg] = mc.finite_or_zero(k_tile[...])
                 plgpu.commit_smem()
                 k_tile = kc_smem.at[wg]
-            dq = _accumulate(dq, ds, k_tile, None if compiled else ds_smem.at[wg], compiled)
+            dq = mc.accumulate(dq, ds, k_tile, compiled, None if compiled else ds_smem.at[wg])
             plgpu.barrier_arrive(kv_free.at[slot])
             return dq
 
@@ -297,8 +274,8 @@ def _dkv_kernel(
             plgpu.barrier_wait(rows_bar.at[slot])
             plgpu.barrier_wait(rows_bar.at[slot + steps])
             q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
-            raw = _product(k_smem.at[wg], _transposed(q_tile, qt_smem, slot, compiled), shape)
-            dpt = _product(v_smem.at[wg], _transposed(do_tile, dot_smem, slot, compiled), shape)
+            raw = mc.product(k_smem.at[wg], _transposed(q_tile, qt_smem, slot, compiled), shape)
+            dpt = mc.product(v_smem.at[wg], _transposed(do_tile, dot_smem, slot, compiled), shape)
             s, t = log2_logits(raw, scale, soft_cap)
             mask = None
             if masked:
@@ -324,8 +301,8 @@ def _dkv_kernel(
                 plgpu.commit_smem()
                 q_tile, do_tile = qc_smem.at[wg], doc_smem.at[wg]
             staging = None if compiled else a_smem.at[wg]
-            dv = _accumulate(dv, pt, do_tile, staging, compiled)
-            dk = _accumulate(dk, dst, q_tile, staging, compiled)
+            dv = mc.accumulate(dv, pt, do_tile, compiled, staging)
+            dk = mc.accumulate(dk, dst, q_tile, compiled, staging)
             plgpu.barrier_arrive(q_free.at[slot])
             return dk, dv
 
@@ -395,9 +372,7 @@ def _backward(q, k, v, out, lse, d_out, d_lse, q_pos, kv_pos, q_seg, kv_seg, *, 
 
     # Row terms [B, N, 2, Tp]: lse2 (0 for rows that see no key, which keeps p finite) and
     # delta = rowsum(dO * O) - dLSE; padded rows get 0 and dO = 0, so they contribute nothing.
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-    delta = delta - d_lse.astype(jnp.float32)
-    lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, 0.0)
+    lse2, delta = backward_row_terms(out, lse, d_out, d_lse)
     rows = pad_axis(jnp.stack([lse2, delta], axis=-1).transpose(0, 2, 3, 1), 3, tp)
 
     def pad(x, d, length):

@@ -61,6 +61,7 @@ from pallas_kernels.gpu.mgpu_common import (
     SMEM_BYTES,
     SUPPORTED_DTYPES,
     WG_ROWS,
+    accumulate,
     finite_or_zero,
     launch,
     layout_hints,
@@ -220,20 +221,9 @@ def _kernel(
         plgpu.commit_smem()
 
     def pv(acc, alpha, v_ref):
-        """alpha * acc + P V (P from SMEM), accumulating in place when compiled."""
-        scaled = lax.broadcast_in_dim(alpha, acc.shape, [0]) * acc
-        if compiled:
-            def body(acc_ref):
-                plgpu.wgmma(acc_ref, p_smem, v_ref)
-
-            return pl.run_state(body)(plgpu.ACC.init(scaled))
-
-        def fresh(acc_ref):
-            plgpu.wgmma(acc_ref, p_smem, v_ref)
-            plgpu.wgmma_wait(0)
-            return acc_ref[...]
-
-        return scaled + pl.run_scoped(fresh, plgpu.ACC((WG_ROWS, half), jnp.float32))
+        """alpha * acc + P V (P from SMEM)."""
+        return accumulate(lax.broadcast_in_dim(alpha, acc.shape, [0]) * acc, None, v_ref,
+                          compiled, p_smem)
 
     def finish(acc, inv_l, part):
         """Writes this warpgroup's output half through the (now free) query tile."""
