@@ -73,6 +73,8 @@ _ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per query row of a wgmma tile
 # The largest latent rank: each of the two warpgroups keeps a [64, d_c / 2] float32 output
 # in registers (128 of a thread's registers at 512).
 MAX_LATENT_DIM = 512
+# The cache's row count must be a multiple of this (the swizzled tiles span 8 rows).
+CACHE_ROW_MULTIPLE = 8
 # Streaming multiprocessors of an H100/H200 SXM: the automatic split count fills one wave.
 NUM_SMS = 132
 
@@ -365,6 +367,21 @@ def _kernel(
         lax.fori_loop(jnp.maximum(j0, j1 - steps), j1, drain, None)
 
 
+def cache_length_problem(s: int, config: MosaicMlaDecodeConfig | None = None) -> str | None:
+    """Why a cache of ``s`` rows cannot be read by the kernel's TMA tiles, or None.
+
+    The tiles' swizzled SMEM layout spans 8 rows, and Mosaic GPU needs the cache's row count
+    to be a multiple of it. A cache shorter than one tile is padded (a small copy); a longer
+    one is never copied silently."""
+    bk = (config or MosaicMlaDecodeConfig.get_default()).block_kv
+    if s >= bk and s % CACHE_ROW_MULTIPLE:
+        return (f"pallas_mosaic_gpu reads cache rows in TMA tiles that need the cache length to "
+                f"be a multiple of {CACHE_ROW_MULTIPLE}, got {s}; allocate the cache with a "
+                f"length rounded up to a multiple of {CACHE_ROW_MULTIPLE} (the rows past "
+                "kv_lengths are never read), or use impl='pallas_triton'")
+    return None
+
+
 @functools.partial(jax.jit, static_argnames=("v_dim", "spec", "scale", "config", "interpret"))
 def _partials(q, cache, kv_lengths, *, v_dim, spec, scale, config, interpret):
     b, t, n, d = q.shape
@@ -450,7 +467,8 @@ def decode_partials(
 
     Raises:
       ValueError: inconsistent shapes, dtypes or dims, d_c over 512, a config whose tiles do
-        not fit in shared memory.
+        not fit in shared memory, a cache length of a tile or more that is not a multiple of 8
+        (:func:`cache_length_problem`).
     """
     check_latent_decode_inputs(q, cache, kv_lengths, v_dim, SUPPORTED_DTYPES)
     if v_dim > MAX_LATENT_DIM:
@@ -459,6 +477,9 @@ def decode_partials(
     config = MosaicMlaDecodeConfig.get_default() if config is None else config
     if not isinstance(config, MosaicMlaDecodeConfig):
         raise ValueError(f"config must be a MosaicMlaDecodeConfig, got {type(config).__name__}")
+    why = cache_length_problem(cache.shape[1], config)
+    if why:
+        raise ValueError(why)
     half, dr = kernel_dims(v_dim, q.shape[-1] - v_dim)
     need = config.smem_bytes(half, dr)
     if need > SMEM_BYTES:

@@ -48,11 +48,11 @@ def _check(b, t, n, s, d_c, d_r, lengths, window, config, key, dtype=jnp.bfloat1
 @pytest.mark.parametrize(
     "b, t, n, s, d_c, d_r, lengths, window, splits",
     [
-        (1, 1, 4, 150, 128, 64, (150,), None, 2),  # kernel dims, a shifted last tile
-        (2, 3, 6, 150, 24, 8, (150, 0), 9, 3),  # padded dims, an empty sequence, a window
-        (2, 1, 70, 100, 64, 32, (100, 37), None, None),  # two row blocks, automatic splits
+        (1, 1, 4, 152, 128, 64, (150,), None, 2),  # kernel dims, a shifted last tile
+        (2, 3, 6, 152, 24, 8, (150, 0), 9, 3),  # padded dims, an empty sequence, a window
+        (2, 1, 70, 104, 64, 32, (100, 37), None, None),  # two row blocks, automatic splits
         (1, 2, 16, 12, 128, 64, (12,), None, 1),  # a cache shorter than a tile
-        (2, 2, 32, 300, 512, 64, (300, 130), 100, 2),  # DeepSeek's d_c + d_R, ragged, window
+        (2, 2, 32, 304, 512, 64, (300, 130), 100, 2),  # DeepSeek's d_c + d_R, ragged, window
     ],
 )
 def test_interpreted_matches_reference(b, t, n, s, d_c, d_r, lengths, window, splits, key):
@@ -68,7 +68,7 @@ def test_interpreted_float16_three_slots(key):
     "t, s, lengths, window, splits",
     [
         (1, 400, (400, 1), None, 2),  # several tiles; a split with one key; an empty split
-        (3, 150, (150, 0), 9, 3),  # a window: masked tiles at both ends, an empty sequence
+        (3, 152, (150, 0), 9, 3),  # a window: masked tiles at both ends, an empty sequence
         (2, 12, (12,), None, 1),  # one tile
     ],
 )
@@ -141,11 +141,13 @@ def test_automatic_splits_fill_one_wave():
          "takes a latent rank \\(v_dim\\) up to 512, got 576"),
         ((1, 1, 4, 96), jnp.float32, dict(v_dim=64), "takes bfloat16 or float16 inputs"),
         ((1, 1, 4, 64), jnp.bfloat16, dict(v_dim=64), "need a RoPE part"),
+        ((1, 1, 4, 96), jnp.bfloat16, dict(v_dim=64, cache_len=4099),
+         "need the cache length to be a multiple of 8, got 4099; allocate the cache"),
     ],
 )
 def test_unsupported_calls_say_why(q_shape, dtype, kwargs, match):
     q = jnp.zeros(q_shape, dtype)
-    cache = jnp.zeros((1, 16, q_shape[-1]), dtype)
+    cache = jnp.zeros((1, kwargs.pop("cache_len", 16), q_shape[-1]), dtype)
     with pytest.raises(NotImplementedError, match=match):
         mla.latent_decode(q, cache, impl=IMPL, **kwargs)
 
@@ -158,6 +160,9 @@ def test_wrapper_rejects_bad_inputs():
     with pytest.raises(ValueError, match="config must be a MosaicMlaDecodeConfig"):
         decode_partials(q[..., :96], jnp.zeros((1, 16, 96), jnp.bfloat16), jnp.array([16]),
                         v_dim=64, spec=MaskSpec(causal=True), scale=0.1, config=object())
+    with pytest.raises(ValueError, match="multiple of 8, got 100"):
+        decode_partials(q[..., :96], jnp.zeros((1, 100, 96), jnp.bfloat16), jnp.array([16]),
+                        v_dim=64, spec=MaskSpec(causal=True), scale=0.1)
 
 
 @pytest.mark.gpu
@@ -166,14 +171,14 @@ def test_wrapper_rejects_bad_inputs():
     "b, t, n, s, d_c, d_r, lengths, window, config",
     [
         (4, 1, 128, 8192, 512, 64, (8192, 1, 2731, 0), None, MosaicMlaDecodeConfig()),
-        (4, 4, 128, 4099, 512, 64, (4099, 4, 1366, 0), None, MosaicMlaDecodeConfig()),
+        (4, 4, 128, 4104, 512, 64, (4099, 4, 1366, 0), None, MosaicMlaDecodeConfig()),
         (4, 1, 128, 8192, 512, 64, (8192, 77, 5000, 8192), 1000,
          MosaicMlaDecodeConfig(num_splits=3, approx_math=True)),
         (2, 2, 40, 3000, 96, 32, (3000, 1500), None, MosaicMlaDecodeConfig(num_splits=1)),
         (2, 1, 16, 2048, 256, 64, (2048, 2000), None,
          MosaicMlaDecodeConfig(max_concurrent_steps=3)),
         (4, 1, 128, 8192, 512, 64, (8192, 1, 2731, 0), None, MosaicMlaDecodeConfig(overlap=True)),
-        (4, 3, 128, 4099, 512, 64, (4099, 77, 1366, 8), 500,
+        (4, 3, 128, 4104, 512, 64, (4099, 77, 1366, 8), 500,
          MosaicMlaDecodeConfig(overlap=True, num_splits=5)),
     ],
 )

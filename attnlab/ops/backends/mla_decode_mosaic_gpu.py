@@ -12,6 +12,7 @@ from pallas_kernels.gpu.mgpu_common import SUPPORTED_DTYPES
 from pallas_kernels.gpu.mgpu_mla_decode import (
     MAX_LATENT_DIM,
     MosaicMlaDecodeConfig,
+    cache_length_problem,
     decode_partials,
 )
 
@@ -22,6 +23,9 @@ def unsupported(q, cache, _cache, a: LatentDecodeArgs, plat: str) -> str | None:
     if why is None and a.v_dim > MAX_LATENT_DIM:
         why = (f"pallas_mosaic_gpu takes a latent rank (v_dim) up to {MAX_LATENT_DIM}, got "
                f"{a.v_dim}; use impl='pallas_triton'")
+    if why is None:
+        why = cache_length_problem(
+            cache.shape[1], a.config if isinstance(a.config, MosaicMlaDecodeConfig) else None)
     if why is None and plat == "gpu":
         why = not_hopper("pallas_mosaic_gpu", plat)
     return why
