@@ -86,17 +86,22 @@ class TestPallasMosaicGpuOverlapInterpreted(MosaicGpuTestBase):
     DTYPES = {"bfloat16": ("all_masked_rows",)}
     test_masked_garbage_never_reaches_a_row = None
     test_jit_vmap_grad_traced_offsets = TestPallasMosaicGpuInterpreted.test_jit_vmap_grad_traced_offsets
+    # Runs without a config, so the same call as TestPallasMosaicGpuInterpreted's.
+    test_default_config_short_ragged_sequences = None
 
 
 class TestPallasMosaicGpuBackwardInterpreted(MosaicGpuTestBase):
     """The gradients from the Mosaic GPU backward (``mosaic_backward=True``): GQA with
-    packed documents and rows that see no key (with the forward's NaN-free
-    contract: the planted-NaN scenario)."""
+    rows that see no key, and packed documents with padding under the forward's NaN-free
+    contract (the planted-NaN scenario)."""
 
     CONFIG = MosaicFlashConfig(compute_wgs=1, mosaic_backward=True)
     INTERPRET = True
-    DTYPES = {"bfloat16": ("segments", "all_masked_rows")}  # soft-cap: the test below
+    # Segments and soft-cap: test_backward_two_warpgroups_window_softcap_segments below.
+    DTYPES = {"bfloat16": ("all_masked_rows",)}
     test_jit_vmap_grad_traced_offsets = TestPallasMosaicGpuInterpreted.test_jit_vmap_grad_traced_offsets
+    # Runs without a config, so the same call as TestPallasMosaicGpuInterpreted's.
+    test_default_config_short_ragged_sequences = None
 
 
 def test_backward_two_warpgroups_window_softcap_segments(key):
