@@ -377,8 +377,8 @@ def cache_length_problem(s: int, config: MosaicMlaDecodeConfig | None = None) ->
     if s >= bk and s % CACHE_ROW_MULTIPLE:
         return (f"pallas_mosaic_gpu reads cache rows in TMA tiles that need the cache length to "
                 f"be a multiple of {CACHE_ROW_MULTIPLE}, got {s}; allocate the cache with a "
-                f"length rounded up to a multiple of {CACHE_ROW_MULTIPLE} (the rows past "
-                "kv_lengths are never read), or use impl='pallas_triton'")
+                f"length rounded up to a multiple of {CACHE_ROW_MULTIPLE} (rows past kv_lengths "
+                "are masked), or use impl='pallas_triton'")
     return None
 
 
