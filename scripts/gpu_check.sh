@@ -5,7 +5,8 @@
 # Run from the repo root there (the device tool's working tree):
 #   bash scripts/gpu_check.sh [steps]         # carry [".whl"] as well to time tokamax
 # steps: any of tests, info, bench, decode, memory, lightning, model, mosaic, mosaic-sweep,
-# mosaic-cases, star, mla-tests (the gpu-marked MLA decode tests),
+# mosaic-cases, star, mla-tests (the gpu-marked MLA decode tests), ncu (Nsight Compute
+# profiles of the MLA decode and the causal forward, scripts/ncu_kernels.py),
 # mla, sp, lasp, lasp1, scaling, and full-<experiment> (experiments/<experiment>.py --preset
 # full, its JSON and PNG into $OUT; one 10-minute call each)
 # (default: the first five; the others are the later issues' benchmarks and are asked for by
@@ -165,6 +166,26 @@ sweep=()
 name=bench_mla; [ "${MLA_SWEEP:-0}" != 0 ] && name=bench_mla_sweep_${MLA_SWEEP/1/triton}
 step "$name" "${MLA_TIMEOUT:-200}" python3 -m attnlab.bench.mla --repeats 10 "${sweep[@]}" \
   --out "$OUT/$name.json"
+fi
+
+if want ncu; then
+echo "== Nsight Compute: the MLA latent decode alone at 8K and 32K; the causal forward at 8K"
+echo "   (cuDNN, the Mosaic GPU kernel with 64- and 128-key tiles); one call each, warmed up"
+sections=(--section SpeedOfLight --section Occupancy --section LaunchStats
+          --section WarpStateStats --section MemoryWorkloadAnalysis)
+ncu_one() {
+  local name=$1
+  shift
+  timeout "${NCU_TIMEOUT:-120}" ncu --profile-from-start off "${sections[@]}" \
+    python3 scripts/ncu_kernels.py "$@" > "$OUT/ncu_$name.txt" 2>&1 || status=1
+  grep -E "^  [a-z_A-Z].*\(|Duration|DRAM Throughput|Compute \(SM\) Throughput" \
+    "$OUT/ncu_$name.txt" | head -n 40
+}
+ncu_one mla_8k mla --seq-len 8192
+ncu_one mla_32k mla --seq-len 32768
+ncu_one attention_cudnn attention --impl cudnn
+ncu_one attention_mosaic64 attention --approx-math
+ncu_one attention_mosaic128 attention --approx-math --block-kv 128
 fi
 
 for s in $STEPS; do

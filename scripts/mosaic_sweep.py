@@ -43,27 +43,30 @@ from pallas_kernels.gpu.mgpu_common import SMEM_BYTES, MosaicFlashConfig
 
 
 def candidates() -> list[MosaicFlashConfig]:
-    """Key tile x pipeline depth x (two compute warpgroups with and without turns on the
-    tensor cores, one compute warpgroup) x P in registers or in SMEM; first the default, K
-    through transposed views, with it the overlapped logits and ping-pong, each with and
-    without approximate math,
-    configs whose tiles do not fit the shared memory at head dim 128 left out."""
-    out = [MosaicFlashConfig(**kw, approx_math=a)
-           for kw in ({}, dict(k_view=True), dict(overlap=True, k_view=True),
-                      dict(pingpong=True, k_view=True)) for a in (False, True)]
+    """First 128-key tiles with two compute warpgroups (JAX's own Mosaic GPU attention's
+    shape), with approximate math, with and without turns on the tensor cores and K through
+    transposed views, and 64-key tiles with the same, the best of earlier runs; then the
+    overlapped logits, and key tile x pipeline depth x (two compute warpgroups with and
+    without turns, one) x P in registers or in SMEM; configs whose tiles do not fit the
+    shared memory at head dim 128 left out."""
+    out = [MosaicFlashConfig(block_kv=bk, approx_math=True, **kw)
+           for kw in ({}, dict(pingpong=True), dict(k_view=True)) for bk in (128, 64)]
+    out += [MosaicFlashConfig(block_kv=128), MosaicFlashConfig(),
+            MosaicFlashConfig(overlap=True, k_view=True, approx_math=True)]
     for kv, st, (w, pp), regs in itertools.product(
             (64, 128), (2, 3), ((2, False), (2, True), (1, False)), (True, False)):
         cfg = MosaicFlashConfig(block_kv=kv, compute_wgs=w, max_concurrent_steps=st,
                                 pingpong=pp, p_in_registers=regs)
         if cfg not in out and cfg.smem_bytes(128, 128) <= SMEM_BYTES:
             out.append(cfg)
-    return out
+    return [c for c in out if c.smem_bytes(128, 128) <= SMEM_BYTES]
 
 
 def backward_candidates() -> list[MosaicFlashConfig]:
-    """``--pass fwdbwd``: the default forward with the Triton backward, then with the Mosaic
-    GPU backward at one and two compute warpgroups, with and without approximate math."""
-    return [MosaicFlashConfig()] + [
+    """``--pass fwdbwd``: the default forward and 128-key tiles with the Triton backward,
+    then the default with the Mosaic GPU backward at one and two compute warpgroups, with and
+    without approximate math."""
+    return [MosaicFlashConfig(), MosaicFlashConfig(block_kv=128, approx_math=True)] + [
         MosaicFlashConfig(mosaic_backward=True, compute_wgs=w, approx_math=a)
         for w in (2, 1) for a in (False, True)]
 

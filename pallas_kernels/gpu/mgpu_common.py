@@ -146,7 +146,7 @@ class MosaicFlashConfig:
         wgs, bk, steps = self.compute_wgs, self.block_kv, self.max_concurrent_steps
         out = 0 if hv == h else WG_ROWS * hv  # the output reuses the queries' tile if it fits
         p = 0 if self.p_in_registers else WG_ROWS * bk
-        per_wg = WG_ROWS * h + out + p + bk * hv  # q, out, p, clean v
+        per_wg = WG_ROWS * h + out + p  # q, out, p
         kv = steps * (h * bk + bk * hv)
         # + each warpgroup's f32 LSE row and int32 position / segment-id rows.
         return (wgs * per_wg + kv) * itemsize + wgs * (3 * WG_ROWS + 2 * bk) * 4

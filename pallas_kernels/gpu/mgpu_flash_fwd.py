@@ -94,7 +94,6 @@ def _fwd_kernel(
     q_smem,  # [W, 64, H] SMEM: each compute warpgroup's queries
     o_smem,  # [W, 64, Hv] SMEM: each compute warpgroup's output tile (q_smem when H == Hv)
     p_smem,  # [W, 64, bk] SMEM: probabilities, the PV wgmma's A operand, or None (registers)
-    vc_smem,  # [W, bk, Hv] SMEM: V read through finite_or_zero on masked tiles
     lse_smem,  # [W, 64] f32 SMEM
     q_meta_smem,  # [W, R, 64] int32 SMEM: the warpgroup's query positions (and segment ids)
     kv_meta_smem,  # [W, R, bk] int32 SMEM: a masked tile's key positions (and segment ids)
@@ -188,7 +187,7 @@ def _fwd_kernel(
             s, _ = log2_logits(raw, scale, soft_cap)
             v_tile = v_smem.at[slot]
             if masked:
-                plgpu.barrier_wait(v_bar.at[slot])  # for the clean copy below
+                plgpu.barrier_wait(v_bar.at[slot])  # before it is made finite below
                 shape = (WG_ROWS, bk)
                 plgpu.barrier_wait(kv_meta_bar.at[wg])
                 kv_pos = cast(kv_meta_smem[wg, 0], _COL)
@@ -207,10 +206,12 @@ def _fwd_kernel(
                 )
                 if mask is not None:
                     s = jnp.where(mask, s, MASK_VALUE)
-                    # p is 0 on masked keys, but 0 * NaN is NaN: the PV wgmma reads a clean copy.
-                    vc_smem[wg] = finite_or_zero(v_tile[...])
+                    # p is 0 on masked keys, but 0 * NaN is NaN: the slot's values are made
+                    # finite in place. Both compute warpgroups may rewrite the slot at once;
+                    # they write the same finite values, and each reads it for its PV only
+                    # after its own rewrite, so no NaN is left for either to read.
+                    v_tile[...] = finite_or_zero(v_tile[...])
                     plgpu.commit_smem()
-                    v_tile = vc_smem.at[wg]
             m_new = jnp.maximum(m, s.max(axis=1))
             alpha = jnp.exp2(m - m_new)
             p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -352,7 +353,6 @@ def _forward(
     rows = q_meta.shape[1]
     scratch = dict(
         q_smem=smem_tile((wgs, WG_ROWS, h), dtype),
-        vc_smem=smem_tile((wgs, bk, hv), dtype),
         lse_smem=plgpu.SMEM((wgs, WG_ROWS), jnp.float32),
         q_meta_smem=plgpu.SMEM((wgs, rows, WG_ROWS), jnp.int32),
         kv_meta_smem=plgpu.SMEM((wgs, rows, bk), jnp.int32),

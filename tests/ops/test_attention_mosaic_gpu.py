@@ -165,16 +165,17 @@ def test_backward_lowers_for_hopper():
 
 
 def test_two_compute_warpgroups_and_deep_pipeline(key):
-    """The default shape (two consumer warpgroups sharing one producer, taking turns on the
-    tensor cores), the same without the turns, and one warpgroup with a 3-slot ring over more
-    key tiles than slots, with a causal window and GQA: out and LSE."""
+    """The default shape (two consumer warpgroups sharing one producer), the same taking turns
+    on the tensor cores, one warpgroup with a 3-slot ring over more key tiles than slots, the
+    overlapped logits, and 128-key tiles, with a causal window and GQA: out and LSE."""
     q, k, v = random_qkv(key, 1, 40, 256, 2, 1, 64, jnp.bfloat16)
     kw = dict(is_causal=True, q_offset=200, local_window_size=(220, None),
               return_residuals=True)
     want, want_lse = attention(q, k, v, impl="reference", **kw)
     for cfg in (MosaicFlashConfig(), MosaicFlashConfig(pingpong=True),
                 MosaicFlashConfig(compute_wgs=1, max_concurrent_steps=3),
-                MosaicFlashConfig(overlap=True, max_concurrent_steps=3)):
+                MosaicFlashConfig(overlap=True, max_concurrent_steps=3),
+                MosaicFlashConfig(block_kv=128)):
         out, lse = jax.jit(lambda q, k, v, c=cfg: attention(q, k, v, impl=IMPL, config=c, **kw))(
             q, k, v)
         np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32),
@@ -228,6 +229,16 @@ class TestPallasMosaicGpuBackwardCompiled(TestPallasMosaicGpuCompiled):
 
 
 @pytest.mark.gpu
+class TestPallasMosaicGpuWideTilesCompiled(TestPallasMosaicGpuCompiled):
+    """The grid compiled with 128-key tiles and approximate math (the shape of JAX's own Mosaic
+    GPU attention), bfloat16; head dim 256 left out (its tiles do not fit)."""
+
+    CONFIG = MosaicFlashConfig(block_kv=128, approx_math=True)
+    CASES = tuple(c for c in TestPallasMosaicGpuCompiled.CASES if c.h <= 128)
+    DTYPES = {"bfloat16": None}
+
+
+@pytest.mark.gpu
 class TestPallasMosaicGpuPInSmemCompiled(TestPallasMosaicGpuCompiled):
     """The grid compiled with P staged in SMEM (``p_in_registers=False``, the path the CPU
     interpreter runs), bfloat16."""
@@ -247,9 +258,12 @@ class TestPallasMosaicGpuPInSmemCompiled(TestPallasMosaicGpuCompiled):
                                               segment_ids=True)),
         (jnp.bfloat16, 256, 256, 4, 1, 300, dict(is_causal=True, q_offset=100)),
         (jnp.bfloat16, 192, 128, 2, 2, 256, dict(is_causal=True)),
+        (jnp.bfloat16, 128, 128, 8, 2, 1000, dict(
+            is_causal=True, config=MosaicFlashConfig(block_kv=128, pingpong=True,
+                                                     approx_math=True))),
     ],
     ids=["bf16-h128-gqa-causal", "f16-h64-window-softcap-segments", "bf16-h256-mqa-offset",
-         "bf16-mla-192-128"],
+         "bf16-mla-192-128", "bf16-h128-wide-tiles-pingpong"],
 )
 def test_lowers_for_hopper(dtype, h, hv, n, kh, t, kwargs, key):
     """Under an abstract H100 mesh the op dispatches to the Mosaic GPU kernel with the
