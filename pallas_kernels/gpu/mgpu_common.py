@@ -307,11 +307,17 @@ def layout_hints(compiled: bool) -> Callable[[jax.Array, Any], jax.Array]:
     return cast
 
 
-def block_coords(grid_names: tuple[str, str, str], bounds_ref, meta_ref):
+def block_coords(grid_names: tuple[str, str, str], bounds_ref, meta_ref, *,
+                 reverse: bool = False):
     """A block's grid indices (heads, blocks, batch order as ``grid_names``), its warpgroup,
     whether the masks carry segment ids, the batch row of the metadata and its loop bounds
-    ``bounds_ref[bm, block]`` = (start, run_start, run_stop, stop)."""
+    ``bounds_ref[bm, block]`` = (start, run_start, run_stop, stop).
+
+    ``reverse``: blocks launch last to first (a causal forward's longest rows first, so the
+    GPU's last wave holds the shortest)."""
     head, block, batch = (lax.axis_index(a) for a in grid_names)
+    if reverse:
+        block = jnp.int32(bounds_ref.shape[1] - 1) - block
     bm = batch if bounds_ref.shape[0] > 1 else 0
     bounds = tuple(bounds_ref[bm, block, i] for i in range(4))
     return (head, block, batch), lax.axis_index("wg"), meta_ref.shape[1] == 2, bm, bounds

@@ -123,7 +123,7 @@ def _fwd_kernel(
 ):
     cast = layout_hints(layouts)
     (n_idx, qb, b_idx), wg, segmented, bm, bounds = block_coords(
-        ("heads", "q_blocks", "batch"), bounds_ref, q_meta_ref)
+        ("heads", "q_blocks", "batch"), bounds_ref, q_meta_ref, reverse=spec.causal)
     start, run_start, run_stop, stop = bounds
     bk = v_smem.shape[1]
     hv = v_smem.shape[-1]
