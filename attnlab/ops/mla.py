@@ -208,9 +208,9 @@ REGISTRY = Registry(
         name="reference", fn=_reference_latent,
         description="decode reference over the latent cache as one shared K/V head"),
     adapters=backends("mla_decode", "xla", "pallas_triton", "pallas_mosaic_gpu", "pallas_tpu"),
-    # On an H100 the Mosaic GPU kernel takes 0.37x the Triton kernel's time per step at 8K
-    # and 0.32x at 32K (bench_mla_h100_2026-12-07_mosaic.json); where it refuses (not sm90,
-    # float32, d_c over 512, a cache length not a multiple of 8) the Triton kernel runs.
+    # On an H100 the Mosaic GPU kernel takes 0.34x the Triton kernel's time per step at 8K
+    # and 0.32x at 32K in program (bench_mla_h100_2026-12-08_kernel.json); where it refuses
+    # (not sm90, float32, d_c over 512, a cache length not a multiple of 8) Triton runs.
     auto_order={**KERNEL_FIRST, "gpu": ("pallas_mosaic_gpu", "pallas_triton", "xla")},
 )
 implementations, explain, auto_choice = (REGISTRY.implementations, REGISTRY.explain,
