@@ -1,11 +1,12 @@
-# Two commands: `make demo` (the main job) and `make test`; `make docs` builds the API
-# reference. All (re)build .venv from pyproject.toml when it is missing or older than it.
+# Two commands: `make demo` (the main job) and `make test` (`make test-all` for CI);
+# `make docs` builds the API reference. All (re)build .venv from pyproject.toml when it is
+# missing or older than it.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test docs lint info bench-gpu clean
+.PHONY: demo test test-all docs lint info bench-gpu clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "attnlab needs Python >= 3.11"'
@@ -17,7 +18,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/attnlab demo
 
+# `make test`: everything but the `slow`-marked tests (the developer's loop, under 20 minutes
+# on 2 cores); `make test-all`: all of them (what CI runs).
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -n 2 --durations=15 -m "not slow" tests
+
+test-all: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
 

@@ -33,7 +33,9 @@ from tests.helpers import HAS_CUDA  # noqa: E402
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
-    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    config.addinivalue_line(
+        "markers", "slow: takes more than a few seconds and repeats what faster tests cover; "
+        "`make test` leaves them out, `make test-all` (CI) runs them")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -47,6 +47,7 @@ def _value_and_grad(fn):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
 def test_attention_every_mask_kind(impl, key):
     q, k, v = random_qkv(key, 1, 40, 40, 4, 2, 32)
@@ -91,6 +92,7 @@ def test_dot_product_attention_drop_in(key):
     _close(*_both(f, q, k, v))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ring", "striped", "zigzag", "ulysses"])
 def test_softmax_sequence_parallel(strategy, key):
     mesh = jax.make_mesh((4,), ("sp",), devices=jax.devices()[:4])
@@ -112,6 +114,7 @@ def test_star_and_lasp(key):
     _close(*_both(jax.jit(f), q, k, v), tol=1e-4)
 
 
+@pytest.mark.slow
 def test_model_train_step_and_generation():
     cfg = Config(d_model=32, num_layers=3, num_heads=4, num_kv_heads=2, layer_pattern="SLM",
                  max_seq_len=32)

@@ -77,6 +77,7 @@ class TestPallasMosaicGpuInterpreted(MosaicGpuTestBase):
         super().test_jit_vmap_grad_traced_offsets(key)
 
 
+@pytest.mark.slow
 class TestPallasMosaicGpuOverlapInterpreted(MosaicGpuTestBase):
     """The next tile's logits issued before this tile's softmax (``overlap=True``), on the
     case whose blocks see no key (the pipeline then walks one fully masked tile)."""
@@ -90,6 +91,7 @@ class TestPallasMosaicGpuOverlapInterpreted(MosaicGpuTestBase):
     test_default_config_short_ragged_sequences = None
 
 
+@pytest.mark.slow
 class TestPallasMosaicGpuBackwardInterpreted(MosaicGpuTestBase):
     """The gradients from the Mosaic GPU backward (``mosaic_backward=True``): GQA with
     rows that see no key, and packed documents with padding under the forward's NaN-free
@@ -104,6 +106,7 @@ class TestPallasMosaicGpuBackwardInterpreted(MosaicGpuTestBase):
     test_default_config_short_ragged_sequences = None
 
 
+@pytest.mark.slow
 def test_backward_two_warpgroups_window_softcap_segments(key):
     """The Mosaic GPU backward with two compute warpgroups, a three-slot ring, a two-sided
     window, soft-cap, packed documents and a query offset, against the reference's VJP."""

@@ -22,6 +22,7 @@ from sharding.star import star_attention, star_query
 from tests.ops.attention_base import FAST_COMPILE
 from tests.ops.masked_garbage import (
     DECODE_SCENARIOS,
+    FILL_PARAMS,
     FILLS,
     LIGHTNING_SCENARIOS,
     SOFTMAX_SCENARIOS,
@@ -39,7 +40,7 @@ from tests.pallas_kernels.test_lightning_triton import FUSED_CPU_CONFIG
 # ----------------------------------------------------------------------------- references
 
 
-@pytest.mark.parametrize("fill", sorted(FILLS))
+@pytest.mark.parametrize("fill", FILL_PARAMS)
 @pytest.mark.parametrize("scenario", SOFTMAX_SCENARIOS)
 def test_attention_reference(scenario, fill, key):
     def fn(q, k, v, **kw):
@@ -49,7 +50,7 @@ def test_attention_reference(scenario, fill, key):
     check_softmax_garbage(fn, softmax_scenario(scenario, key), FILLS[fill], entropy=True)
 
 
-@pytest.mark.parametrize("fill", sorted(FILLS))
+@pytest.mark.parametrize("fill", FILL_PARAMS)
 @pytest.mark.parametrize("scenario", sorted(DECODE_SCENARIOS))
 def test_decode_reference(scenario, fill, key):
     def fn(q, k, v, **kw):
@@ -58,7 +59,7 @@ def test_decode_reference(scenario, fill, key):
     check_softmax_garbage(fn, decode_scenario(scenario, key), FILLS[fill])
 
 
-@pytest.mark.parametrize("fill", sorted(FILLS))
+@pytest.mark.parametrize("fill", FILL_PARAMS)
 @pytest.mark.parametrize("scenario", LIGHTNING_SCENARIOS)
 def test_lightning_reference(scenario, fill, key):
     def fn(q, k, v, **kw):
@@ -208,7 +209,7 @@ def test_lasp2_over_the_fused_triton_kernels(key):
 # ----------------------------------------------------------------------------- MLA decode
 
 
-@pytest.mark.parametrize("fill", sorted(FILLS))
+@pytest.mark.parametrize("fill", FILL_PARAMS)
 @pytest.mark.parametrize("impl", ["reference", "xla", "pallas_triton", "pallas_tpu",
                                   "pallas_mosaic_gpu"])
 def test_mla_latent_decode_uninitialized_cache(impl, fill, key):

@@ -49,7 +49,8 @@ def _check(b, t, n, s, d_c, d_r, lengths, window, config, key, dtype=jnp.bfloat1
     "b, t, n, s, d_c, d_r, lengths, window, splits",
     [
         (1, 1, 4, 152, 128, 64, (150,), None, 2),  # kernel dims, a shifted last tile
-        (2, 3, 6, 152, 24, 8, (150, 0), 9, 3),  # padded dims, an empty sequence, a window
+        pytest.param(2, 3, 6, 152, 24, 8, (150, 0), 9, 3,  # padded dims, an empty sequence,
+                     marks=pytest.mark.slow),  # a window
         (2, 1, 70, 104, 64, 32, (100, 37), None, None),  # two row blocks, automatic splits
         (1, 2, 16, 12, 128, 64, (12,), None, 1),  # a cache shorter than a tile
         (2, 2, 32, 304, 512, 64, (300, 130), 100, 2),  # DeepSeek's d_c + d_R, ragged, window
@@ -59,11 +60,13 @@ def test_interpreted_matches_reference(b, t, n, s, d_c, d_r, lengths, window, sp
     _check(b, t, n, s, d_c, d_r, lengths, window, MosaicMlaDecodeConfig(num_splits=splits), key)
 
 
+@pytest.mark.slow
 def test_interpreted_float16_three_slots(key):
     _check(2, 1, 8, 400, 128, 64, (400, 199), None,
            MosaicMlaDecodeConfig(max_concurrent_steps=3, num_splits=2), key, dtype=jnp.float16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "t, s, lengths, window, splits",
     [

@@ -10,6 +10,7 @@ import pytest
 from attnlab.bench import model as bench_model
 
 
+@pytest.mark.slow
 def test_smoke_writes_rows_and_records_errors(tmp_path: Path) -> None:
     out = tmp_path / "bench_model.json"
     rc = bench_model.main(["--smoke", "--out", str(out), "--only", "softmax_4k,hybrid_32k",
