@@ -169,15 +169,19 @@ def check_fully_masked_rows(impl, key, h: int, config=None, compiler_options=Non
         np.testing.assert_array_equal(g, 0.0)
 
 
-def grid(cases: tuple[Case, ...], dtypes: Mapping[str, tuple[str, ...] | None]) -> list:
+def grid(cases: tuple[Case, ...], dtypes: Mapping[str, tuple[str, ...] | None],
+         slow_dtypes: tuple[str, ...] = ()) -> list:
     """pytest params (case, dtype) with ids ``name-dtype``: for each dtype, the named cases
-    (None: all of ``cases``)."""
+    (None: all of ``cases``); marked ``slow`` in ``slow_dtypes`` or where the case says so
+    (its ``slow`` attribute)."""
     params = []
     for dtype, names in dtypes.items():
         short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[dtype]
         for case in cases:
             if names is None or case.name in names:
-                params.append(pytest.param(case, jnp.dtype(dtype), id=f"{case.name}-{short}"))
+                slow = dtype in slow_dtypes or getattr(case, "slow", False)
+                params.append(pytest.param(case, jnp.dtype(dtype), id=f"{case.name}-{short}",
+                                           marks=pytest.mark.slow if slow else ()))
     return params
 
 
@@ -261,6 +265,7 @@ class AttentionTestBase(ImplTestBase):
     CASES: ClassVar[tuple[Case, ...]] = ATTENTION_CASES
     DTYPES: ClassVar[Mapping[str, tuple[str, ...] | None]] = {"float32": None, "bfloat16": None}
     ENTROPY: ClassVar[Mapping[str, tuple[str, ...] | None]] = {"float32": None}
+    SLOW_DTYPES: ClassVar[tuple[str, ...]] = ()  # their grid cases run in `make test-all`
     SUPPORTS_BIAS: ClassVar[bool] = False
     HEAD_DIM: ClassVar[int] = 16
     DTYPE: ClassVar[Any] = jnp.float32
@@ -269,7 +274,7 @@ class AttentionTestBase(ImplTestBase):
         """Parametrizes ``case, dtype`` from this class's grid (the entropy test from its own)."""
         if {"case", "dtype"} <= set(metafunc.fixturenames):
             dtypes = self.ENTROPY if "entropy" in metafunc.function.__name__ else self.DTYPES
-            metafunc.parametrize("case, dtype", grid(self.CASES, dtypes))
+            metafunc.parametrize("case, dtype", grid(self.CASES, dtypes, self.SLOW_DTYPES))
 
     # --------------------------------------------------------------------------- the grid
 

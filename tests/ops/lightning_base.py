@@ -48,6 +48,7 @@ class LightningCase:
     initial_state: bool = False
     segments: int = 0
     chunk: int = 16  # chunk_size of impl="xla"
+    slow: bool = False  # run in `make test-all` only
 
     def __repr__(self) -> str:
         return self.name
@@ -74,17 +75,20 @@ class LightningCase:
 # Head dims the kernels pad inside (Triton: to a power of two >= 16, so 40 -> 64, 80 and
 # 96 -> 128, 192 -> 256; TPU: to a multiple of 8, so 5 -> 8, 13 -> 16) and 32, which both take
 # as it is; padded initial states and sliced final states and gradients. Tiny (T = 20: a
-# whole chunk of 16 and a ragged one): the kernels' subclasses run them all interpreted.
+# whole chunk of 16 and a ragged one): the kernels' subclasses run them all interpreted
+# (dims 40, 80, 96 and 40/80 in `make test-all`).
 HEAD_DIM_CASES = (
     LightningCase("dims_32", b=1, t=20, n=2, h=32, hv=32, decays=(0.9, 1.0),
                   initial_state=True),
-    LightningCase("dims_40", b=1, t=20, n=2, h=40, hv=40, initial_state=True, segments=2),
-    LightningCase("dims_80", b=1, t=20, n=1, h=80, hv=80, decays=(0.95,), initial_state=True),
-    LightningCase("dims_96", b=1, t=20, n=1, h=96, hv=96, segments=2),
+    LightningCase("dims_40", b=1, t=20, n=2, h=40, hv=40, initial_state=True, segments=2,
+                  slow=True),
+    LightningCase("dims_80", b=1, t=20, n=1, h=80, hv=80, decays=(0.95,), initial_state=True,
+                  slow=True),
+    LightningCase("dims_96", b=1, t=20, n=1, h=96, hv=96, segments=2, slow=True),
     LightningCase("dims_192_128", b=1, t=20, n=1, h=192, hv=128, decays=(0.9,),
                   initial_state=True),
     LightningCase("dims_40_80", b=1, t=20, n=2, h=40, hv=80, decays=(0.5, 1.0),
-                  initial_state=True, segments=2),
+                  initial_state=True, segments=2, slow=True),
     LightningCase("dims_5_13", b=1, t=20, n=2, h=5, hv=13, initial_state=True),
 )
 

@@ -68,6 +68,7 @@ class TestPallasMosaicGpuInterpreted(MosaicGpuTestBase):
     # ~20-30 s each interpreted (forward, Triton backward, reference); every other case (and
     # these) runs compiled in TestPallasMosaicGpuCompiled.
     DTYPES = {"bfloat16": ("segments", "all_masked_rows"), "float16": ("offsets",)}
+    SLOW_DTYPES = ("float16",)
 
     @pytest.mark.gpu
     def test_jit_vmap_grad_traced_offsets(self, key):
@@ -167,23 +168,28 @@ def test_backward_lowers_for_hopper():
     assert "flash_attention_bwd_dq\"" not in text
 
 
-def test_two_compute_warpgroups_and_deep_pipeline(key):
-    """The default shape (two consumer warpgroups sharing one producer), the same taking turns
-    on the tensor cores, one warpgroup with a 3-slot ring over more key tiles than slots, the
-    overlapped logits, and 128-key tiles, with a causal window and GQA: out and LSE."""
+@pytest.mark.parametrize("cfg", [
+    MosaicFlashConfig(),
+    MosaicFlashConfig(block_kv=128),
+    pytest.param(MosaicFlashConfig(pingpong=True), marks=pytest.mark.slow),
+    pytest.param(MosaicFlashConfig(compute_wgs=1, max_concurrent_steps=3),
+                 marks=pytest.mark.slow),
+    pytest.param(MosaicFlashConfig(overlap=True, max_concurrent_steps=3),
+                 marks=pytest.mark.slow),
+], ids=["default", "block_kv_128", "pingpong", "one_wg_three_slots", "overlap"])
+def test_two_compute_warpgroups_and_deep_pipeline(cfg, key):
+    """The default shape (two consumer warpgroups sharing one producer), 128-key tiles, and
+    (in `make test-all`) the warpgroups taking turns on the tensor cores, one warpgroup with a
+    3-slot ring over more key tiles than slots and the overlapped logits, with a causal window
+    and GQA: out and LSE."""
     q, k, v = random_qkv(key, 1, 40, 256, 2, 1, 64, jnp.bfloat16)
     kw = dict(is_causal=True, q_offset=200, local_window_size=(220, None),
               return_residuals=True)
     want, want_lse = attention(q, k, v, impl="reference", **kw)
-    for cfg in (MosaicFlashConfig(), MosaicFlashConfig(pingpong=True),
-                MosaicFlashConfig(compute_wgs=1, max_concurrent_steps=3),
-                MosaicFlashConfig(overlap=True, max_concurrent_steps=3),
-                MosaicFlashConfig(block_kv=128)):
-        out, lse = jax.jit(lambda q, k, v, c=cfg: attention(q, k, v, impl=IMPL, config=c, **kw))(
-            q, k, v)
-        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32),
-                                   atol=3e-2, rtol=0)
-        assert_lse_close(lse, want_lse, 2e-2)
+    out, lse = jax.jit(lambda q, k, v: attention(q, k, v, impl=IMPL, config=cfg, **kw))(q, k, v)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32),
+                               atol=3e-2, rtol=0)
+    assert_lse_close(lse, want_lse, 2e-2)
 
 
 @pytest.mark.gpu
