@@ -169,17 +169,23 @@ def check_fully_masked_rows(impl, key, h: int, config=None, compiler_options=Non
         np.testing.assert_array_equal(g, 0.0)
 
 
+# The grid cases an interpreted kernel's class runs in `make test` (FAST_CASES).
+INTERPRETED_FAST_CASES = ("causal", "causal_mqa", "segments", "softcap", "ragged",
+                          "all_masked_rows", "mla_dims", "kv_heads_differ", "head_dim_80")
+
+
 def grid(cases: tuple[Case, ...], dtypes: Mapping[str, tuple[str, ...] | None],
-         slow_dtypes: tuple[str, ...] = ()) -> list:
+         slow_dtypes: tuple[str, ...] = (), fast_cases: tuple[str, ...] | None = None) -> list:
     """pytest params (case, dtype) with ids ``name-dtype``: for each dtype, the named cases
-    (None: all of ``cases``); marked ``slow`` in ``slow_dtypes`` or where the case says so
-    (its ``slow`` attribute)."""
+    (None: all of ``cases``); marked ``slow`` in ``slow_dtypes``, where the case says so (its
+    ``slow`` attribute), or for cases not in ``fast_cases`` (None: all are fast)."""
     params = []
     for dtype, names in dtypes.items():
         short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[dtype]
         for case in cases:
             if names is None or case.name in names:
-                slow = dtype in slow_dtypes or getattr(case, "slow", False)
+                slow = (dtype in slow_dtypes or getattr(case, "slow", False)
+                        or (fast_cases is not None and case.name not in fast_cases))
                 params.append(pytest.param(case, jnp.dtype(dtype), id=f"{case.name}-{short}",
                                            marks=pytest.mark.slow if slow else ()))
     return params
@@ -266,6 +272,7 @@ class AttentionTestBase(ImplTestBase):
     DTYPES: ClassVar[Mapping[str, tuple[str, ...] | None]] = {"float32": None, "bfloat16": None}
     ENTROPY: ClassVar[Mapping[str, tuple[str, ...] | None]] = {"float32": None}
     SLOW_DTYPES: ClassVar[tuple[str, ...]] = ()  # their grid cases run in `make test-all`
+    FAST_CASES: ClassVar[tuple[str, ...] | None] = None  # None: every case in `make test`
     SUPPORTS_BIAS: ClassVar[bool] = False
     HEAD_DIM: ClassVar[int] = 16
     DTYPE: ClassVar[Any] = jnp.float32
@@ -274,7 +281,8 @@ class AttentionTestBase(ImplTestBase):
         """Parametrizes ``case, dtype`` from this class's grid (the entropy test from its own)."""
         if {"case", "dtype"} <= set(metafunc.fixturenames):
             dtypes = self.ENTROPY if "entropy" in metafunc.function.__name__ else self.DTYPES
-            metafunc.parametrize("case, dtype", grid(self.CASES, dtypes, self.SLOW_DTYPES))
+            metafunc.parametrize("case, dtype",
+                                 grid(self.CASES, dtypes, self.SLOW_DTYPES, self.FAST_CASES))
 
     # --------------------------------------------------------------------------- the grid
 

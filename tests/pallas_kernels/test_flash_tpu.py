@@ -22,7 +22,12 @@ from attnlab.testing import cases
 from pallas_kernels.tpu.flash import TpuFlashConfig, flash_attention
 from tests.helpers import random_qkv, random_segments
 from tests.lowering import TPU_KINDS, kernels, lower_for_tpu, tpu_mesh
-from tests.ops.attention_base import FAST_COMPILE, AttentionTestBase, check_against_reference
+from tests.ops.attention_base import (
+    FAST_COMPILE,
+    INTERPRETED_FAST_CASES,
+    AttentionTestBase,
+    check_against_reference,
+)
 from tests.ops.attention_grad_base import AttentionBwdTestBase
 
 # Sublane-sized query blocks (forward) and key blocks (dK/dV) so the grid's short sequences
@@ -46,6 +51,9 @@ class TestPallasTpuInterpreted(AttentionTestBase):
     IMPL = "pallas_tpu"
     CONFIG = GRID_CONFIG
     INTERPRET = True
+    # `make test` runs these grid cases interpreted; the rest (plain full and cross
+    # attention, windows, offsets, packed full, head dims 40 and 96) in `make test-all`.
+    FAST_CASES = INTERPRETED_FAST_CASES
     DTYPES = {
         "float32": None,
         "bfloat16": ("causal_mqa", "segments", "kv_heads_differ", "mla_dims"),

@@ -24,7 +24,7 @@ from attnlab.testing import Case, cases
 from pallas_kernels.gpu.flash_common import FlashConfig
 from pallas_kernels.gpu.flash_fwd import flash_attention
 from tests.helpers import HAS_CUDA, random_qkv, random_segments
-from tests.ops.attention_base import AttentionTestBase, assert_lse_close
+from tests.ops.attention_base import INTERPRETED_FAST_CASES, AttentionTestBase, assert_lse_close
 from tests.ops.attention_grad_base import AttentionBwdTestBase
 
 IMPL = "pallas_triton"
@@ -41,6 +41,9 @@ class TestPallasTritonInterpreted(AttentionTestBase):
     IMPL = IMPL
     CONFIG = SMALL_TILES
     INTERPRET = True
+    # `make test` runs these grid cases interpreted; the rest (plain full and cross
+    # attention, windows, offsets, packed full, head dims 40 and 96) in `make test-all`.
+    FAST_CASES = INTERPRETED_FAST_CASES
     DTYPES = {"float32": None, "bfloat16": ("causal_mqa", "segments", "softcap", "ragged")}
     ENTROPY = {"float32": ("segments", "softcap", "all_masked_rows", "ragged")}
 
