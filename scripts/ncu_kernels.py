@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-splits", type=int, default=None)
     p.add_argument("--approx-math", action="store_true")
     p.add_argument("--pingpong", action="store_true")
+    p.add_argument("--batch-tokens", type=int, default=32768, help="attention: B * S")
     args = p.parse_args(argv)
     rng = np.random.default_rng(0)
     s = args.seq_len
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
                                                      impl=args.impl, config=cfg))
         call_args = (q, cache)
     else:
-        b, h, d = 32768 // s, 16, 128
+        b, h, d = max(1, args.batch_tokens // s), 16, 128
         q, k, v = (jnp.asarray(rng.standard_normal((b, s, h, d), np.float32), jnp.bfloat16)
                    for _ in range(3))
         cfg = None

@@ -41,3 +41,18 @@ def test_mosaic_sweep_grid_is_valid_configs() -> None:
     assert len(set(configs)) == len(bm.MOSAIC_SWEEP) >= 5
     assert MosaicMlaDecodeConfig() in configs
     assert {bm.CONFIG_IMPL[type(c)] for c in configs} == {"pallas_mosaic_gpu"}
+
+
+def test_ncu_script_runs_both_calls_on_cpu() -> None:
+    """``scripts/ncu_kernels.py`` (the calls Nsight Compute profiles on the GPU) runs its MLA
+    decode and its causal attention through the XLA path on CPU."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "ncu_kernels.py"
+    spec = importlib.util.spec_from_file_location("ncu_kernels", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["mla", "--seq-len", "64", "--impl", "xla"]) == 0
+    assert mod.main(["attention", "--seq-len", "64", "--batch-tokens", "64",
+                     "--impl", "xla"]) == 0
