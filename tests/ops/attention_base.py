@@ -169,23 +169,22 @@ def check_fully_masked_rows(impl, key, h: int, config=None, compiler_options=Non
         np.testing.assert_array_equal(g, 0.0)
 
 
-# The grid cases an interpreted kernel's class runs in `make test` (FAST_CASES).
-INTERPRETED_FAST_CASES = ("causal", "causal_mqa", "segments", "softcap", "ragged",
-                          "all_masked_rows", "mla_dims", "kv_heads_differ", "head_dim_80")
+# The grid cases an interpreted kernel's class leaves to `make test-all` (SLOW_CASES): plain
+# full and cross attention, windows, offsets, packed full, head dims 40 and 96.
+INTERPRETED_SLOW_CASES = ("full", "mha_cross", "window", "causal_window", "offsets",
+                          "segments_full", "head_dim_40", "head_dim_96")
 
 
 def grid(cases: tuple[Case, ...], dtypes: Mapping[str, tuple[str, ...] | None],
-         slow_dtypes: tuple[str, ...] = (), fast_cases: tuple[str, ...] | None = None) -> list:
+         slow_dtypes: tuple[str, ...] = (), slow_cases: tuple[str, ...] = ()) -> list:
     """pytest params (case, dtype) with ids ``name-dtype``: for each dtype, the named cases
-    (None: all of ``cases``); marked ``slow`` in ``slow_dtypes``, where the case says so (its
-    ``slow`` attribute), or for cases not in ``fast_cases`` (None: all are fast)."""
+    (None: all of ``cases``); marked ``slow`` in ``slow_dtypes`` and for ``slow_cases``."""
     params = []
     for dtype, names in dtypes.items():
         short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[dtype]
         for case in cases:
             if names is None or case.name in names:
-                slow = (dtype in slow_dtypes or getattr(case, "slow", False)
-                        or (fast_cases is not None and case.name not in fast_cases))
+                slow = dtype in slow_dtypes or case.name in slow_cases
                 params.append(pytest.param(case, jnp.dtype(dtype), id=f"{case.name}-{short}",
                                            marks=pytest.mark.slow if slow else ()))
     return params
@@ -235,11 +234,13 @@ class ImplTestBase:
         several).
       INTERPRET: the kernel runs interpreted here (Pallas interpreter or TPU interpret mode),
         so programs are compiled with ``FAST_COMPILE``; False where it is compiled (GPU).
+      SLOW_CASES: names of grid cases marked ``slow`` (`make test-all` runs them).
     """
 
     IMPL: ClassVar[str]
     CONFIG: ClassVar[Any] = None
     INTERPRET: ClassVar[bool] = False
+    SLOW_CASES: ClassVar[tuple[str, ...]] = ()  # grid cases run in `make test-all` only
 
     @property
     def options(self) -> dict[str, Any] | None:
@@ -272,7 +273,6 @@ class AttentionTestBase(ImplTestBase):
     DTYPES: ClassVar[Mapping[str, tuple[str, ...] | None]] = {"float32": None, "bfloat16": None}
     ENTROPY: ClassVar[Mapping[str, tuple[str, ...] | None]] = {"float32": None}
     SLOW_DTYPES: ClassVar[tuple[str, ...]] = ()  # their grid cases run in `make test-all`
-    FAST_CASES: ClassVar[tuple[str, ...] | None] = None  # None: every case in `make test`
     SUPPORTS_BIAS: ClassVar[bool] = False
     HEAD_DIM: ClassVar[int] = 16
     DTYPE: ClassVar[Any] = jnp.float32
@@ -282,7 +282,7 @@ class AttentionTestBase(ImplTestBase):
         if {"case", "dtype"} <= set(metafunc.fixturenames):
             dtypes = self.ENTROPY if "entropy" in metafunc.function.__name__ else self.DTYPES
             metafunc.parametrize("case, dtype",
-                                 grid(self.CASES, dtypes, self.SLOW_DTYPES, self.FAST_CASES))
+                                 grid(self.CASES, dtypes, self.SLOW_DTYPES, self.SLOW_CASES))
 
     # --------------------------------------------------------------------------- the grid
 

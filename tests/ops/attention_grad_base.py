@@ -60,15 +60,13 @@ class AttentionBwdTestBase(ImplTestBase):
     """
 
     CASES: ClassVar[Sequence[Case]] = (*ATTENTION_CASES, WINDOW_SOFTCAP)
-    # True: every case but the first is marked slow (interpreted kernels; `make test-all`).
-    SLOW_AFTER_FIRST: ClassVar[bool] = False
 
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
         if "case" in metafunc.fixturenames:
             metafunc.parametrize("case", [
                 pytest.param(c, id=repr(c),
-                             marks=pytest.mark.slow if self.SLOW_AFTER_FIRST and i else ())
-                for i, c in enumerate(self.CASES)])
+                             marks=pytest.mark.slow if c.name in self.SLOW_CASES else ())
+                for c in self.CASES])
 
     def test_block_shares_sum_to_gradient(self, case, key):
         k1, k2 = jax.random.split(key)

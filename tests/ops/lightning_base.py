@@ -48,7 +48,6 @@ class LightningCase:
     initial_state: bool = False
     segments: int = 0
     chunk: int = 16  # chunk_size of impl="xla"
-    slow: bool = False  # run in `make test-all` only
 
     def __repr__(self) -> str:
         return self.name
@@ -80,15 +79,13 @@ class LightningCase:
 HEAD_DIM_CASES = (
     LightningCase("dims_32", b=1, t=20, n=2, h=32, hv=32, decays=(0.9, 1.0),
                   initial_state=True),
-    LightningCase("dims_40", b=1, t=20, n=2, h=40, hv=40, initial_state=True, segments=2,
-                  slow=True),
-    LightningCase("dims_80", b=1, t=20, n=1, h=80, hv=80, decays=(0.95,), initial_state=True,
-                  slow=True),
-    LightningCase("dims_96", b=1, t=20, n=1, h=96, hv=96, segments=2, slow=True),
+    LightningCase("dims_40", b=1, t=20, n=2, h=40, hv=40, initial_state=True, segments=2),
+    LightningCase("dims_80", b=1, t=20, n=1, h=80, hv=80, decays=(0.95,), initial_state=True),
+    LightningCase("dims_96", b=1, t=20, n=1, h=96, hv=96, segments=2),
     LightningCase("dims_192_128", b=1, t=20, n=1, h=192, hv=128, decays=(0.9,),
                   initial_state=True),
     LightningCase("dims_40_80", b=1, t=20, n=2, h=40, hv=80, decays=(0.5, 1.0),
-                  initial_state=True, segments=2, slow=True),
+                  initial_state=True, segments=2),
     LightningCase("dims_5_13", b=1, t=20, n=2, h=5, hv=13, initial_state=True),
 )
 
@@ -240,10 +237,12 @@ class LightningTestBase(ImplTestBase):
     CASES: ClassVar[tuple[LightningCase, ...]] = LIGHTNING_CASES
     DTYPES: ClassVar[Mapping[str, tuple[str, ...] | None]] = {"float32": None}
     MAX_HEAD_DIM: ClassVar[int | None] = None
+    SLOW_CASES: ClassVar[tuple[str, ...]] = ("dims_40", "dims_80", "dims_96", "dims_40_80")
 
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
         if {"case", "dtype"} <= set(metafunc.fixturenames):
-            metafunc.parametrize("case, dtype", grid(self.CASES, self.DTYPES))
+            metafunc.parametrize("case, dtype",
+                                 grid(self.CASES, self.DTYPES, slow_cases=self.SLOW_CASES))
 
     def config_for(self, case: LightningCase) -> Any:
         """The config a grid case runs with (the xla subclass takes the case's chunk)."""

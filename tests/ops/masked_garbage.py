@@ -28,16 +28,21 @@ import pytest
 from attnlab.testing import linear_tolerance, random_qkv, tolerance
 
 FILLS = {"nan": float("nan"), "inf": float("inf")}
-# The fills as a parameter: NaN in `make test`, +inf too in `make test-all`.
-FILL_PARAMS = [pytest.param(f, id=f, marks=pytest.mark.slow if f == "inf" else ())
-               for f in sorted(FILLS)]
+
+
+def fill_marks(fill: str) -> tuple:
+    """NaN runs in `make test`; +inf, its twin, in `make test-all`."""
+    return (pytest.mark.slow,) if fill == "inf" else ()
+
+
+# The fills as a parameter.
+FILL_PARAMS = [pytest.param(f, id=f, marks=fill_marks(f)) for f in sorted(FILLS)]
 
 
 def garbage_grid(scenarios, bf16: str) -> list:
     """pytest params (scenario, fill, dtype): every scenario with NaN and with +inf in float32,
     and the scenario ``bf16`` with NaN in bfloat16 (16-bit operands read finite)."""
-    grid = [pytest.param(s, f, jnp.float32, id=f"{s}-{f}",
-                         marks=pytest.mark.slow if f == "inf" else ())  # NaN in make test
+    grid = [pytest.param(s, f, jnp.float32, id=f"{s}-{f}", marks=fill_marks(f))
             for s in scenarios for f in FILLS]
     return grid + [pytest.param(bf16, "nan", jnp.bfloat16, id=f"{bf16}-nan-bf16")]
 

@@ -24,7 +24,7 @@ from tests.helpers import random_qkv, random_segments
 from tests.lowering import TPU_KINDS, kernels, lower_for_tpu, tpu_mesh
 from tests.ops.attention_base import (
     FAST_COMPILE,
-    INTERPRETED_FAST_CASES,
+    INTERPRETED_SLOW_CASES,
     AttentionTestBase,
     check_against_reference,
 )
@@ -51,9 +51,7 @@ class TestPallasTpuInterpreted(AttentionTestBase):
     IMPL = "pallas_tpu"
     CONFIG = GRID_CONFIG
     INTERPRET = True
-    # `make test` runs these grid cases interpreted; the rest (plain full and cross
-    # attention, windows, offsets, packed full, head dims 40 and 96) in `make test-all`.
-    FAST_CASES = INTERPRETED_FAST_CASES
+    SLOW_CASES = INTERPRETED_SLOW_CASES
     DTYPES = {
         "float32": None,
         "bfloat16": ("causal_mqa", "segments", "kv_heads_differ", "mla_dims"),
@@ -72,10 +70,10 @@ class TestPallasTpuBwdInterpreted(AttentionBwdTestBase):
     IMPL = "pallas_tpu"
     CONFIG = GRID_CONFIG
     INTERPRET = True
-    SLOW_AFTER_FIRST = True
     CASES = cases(
         "causal", "segments", "all_masked_rows", "head_dim_80", "mla_dims", "kv_heads_differ"
     )
+    SLOW_CASES = tuple(c.name for c in CASES[1:])  # the first in `make test`
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from attnlab.testing import Case, cases
 from pallas_kernels.gpu.flash_common import FlashConfig
 from pallas_kernels.gpu.flash_fwd import flash_attention
 from tests.helpers import HAS_CUDA, random_qkv, random_segments
-from tests.ops.attention_base import INTERPRETED_FAST_CASES, AttentionTestBase, assert_lse_close
+from tests.ops.attention_base import INTERPRETED_SLOW_CASES, AttentionTestBase, assert_lse_close
 from tests.ops.attention_grad_base import AttentionBwdTestBase
 
 IMPL = "pallas_triton"
@@ -41,9 +41,7 @@ class TestPallasTritonInterpreted(AttentionTestBase):
     IMPL = IMPL
     CONFIG = SMALL_TILES
     INTERPRET = True
-    # `make test` runs these grid cases interpreted; the rest (plain full and cross
-    # attention, windows, offsets, packed full, head dims 40 and 96) in `make test-all`.
-    FAST_CASES = INTERPRETED_FAST_CASES
+    SLOW_CASES = INTERPRETED_SLOW_CASES
     DTYPES = {"float32": None, "bfloat16": ("causal_mqa", "segments", "softcap", "ragged")}
     ENTROPY = {"float32": ("segments", "softcap", "all_masked_rows", "ragged")}
 
@@ -55,8 +53,8 @@ class TestPallasTritonBwdInterpreted(AttentionBwdTestBase):
     IMPL = IMPL
     CONFIG = SMALL_TILES
     INTERPRET = True
-    SLOW_AFTER_FIRST = True
     CASES = cases("causal", "segments", "all_masked_rows", "mla_dims", "kv_heads_differ")
+    SLOW_CASES = tuple(c.name for c in CASES[1:])  # the first in `make test`
 
 
 @pytest.mark.gpu
